@@ -1,0 +1,368 @@
+//! One counter: a window stamp and the request and token counts of that window, in one atomic
+//! word that a single compare-and-swap changes.
+//!
+//! Layout of the 128-bit word, high to low:
+//!
+//! ```text
+//! | window: u32 | reserved: u32 | requests: u32 | tokens: u32 |
+//! ```
+//!
+//! The window stamp lives beside the counts so that rolling into a new window and counting in it
+//! is one atomic step: no thread can add to a window another thread has just reset, and no lock
+//! is needed. Counts are u32 because every limit is (the Envoy API carries `requests_per_unit` as
+//! u32); they saturate instead of wrapping. The reserved word is zero today and is where another
+//! algorithm (a sliding window's previous count) would keep its state. `u32::MAX` as a window
+//! marks a counter the sweeper has retired: an increment can never land in a counter that has
+//! left the table.
+
+use portable_atomic::{AtomicU128, Ordering};
+
+use super::window::Window;
+
+const RETIRED: u32 = u32::MAX;
+
+/// Requests and tokens, counted or charged together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub requests: u32,
+    pub tokens: u32,
+}
+
+impl Counts {
+    pub const ZERO: Counts = Counts {
+        requests: 0,
+        tokens: 0,
+    };
+
+    pub fn is_zero(self) -> bool {
+        self == Counts::ZERO
+    }
+}
+
+/// The limits checked against one counter: either may be absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests: Option<u32>,
+    pub tokens: Option<u32>,
+}
+
+/// Which of a counter's limits a charge would break.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Over {
+    pub requests: bool,
+    pub tokens: bool,
+}
+
+impl Over {
+    pub fn any(self) -> bool {
+        self.requests || self.tokens
+    }
+
+    /// Which limits `charge` would break on top of `used`.
+    pub fn check(used: Counts, charge: Counts, limits: Limits) -> Over {
+        Over {
+            requests: breaks(used.requests, charge.requests, limits.requests),
+            tokens: breaks(used.tokens, charge.tokens, limits.tokens),
+        }
+    }
+}
+
+/// What a counter said to a charge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reading {
+    /// The counts of the window after the charge, or as they stand when the charge was refused.
+    pub counts: Counts,
+    pub over: Over,
+    /// Whether the charge was added.
+    pub counted: bool,
+}
+
+/// The counter was retired by the sweeper between lookup and use; look it up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retired;
+
+#[derive(Debug)]
+pub struct Counter {
+    word: AtomicU128,
+}
+
+fn pack(window: u32, counts: Counts) -> u128 {
+    (u128::from(window) << 96) | (u128::from(counts.requests) << 32) | u128::from(counts.tokens)
+}
+
+fn unpack(word: u128) -> (u32, Counts) {
+    let counts = Counts {
+        requests: (word >> 32) as u32,
+        tokens: word as u32,
+    };
+    ((word >> 96) as u32, counts)
+}
+
+/// A zero charge only checks: it is over when the budget is already spent.
+fn breaks(used: u32, charge: u32, limit: Option<u32>) -> bool {
+    match limit {
+        None => false,
+        Some(limit) if charge == 0 => used >= limit,
+        Some(limit) => u64::from(used) + u64::from(charge) > u64::from(limit),
+    }
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter::new()
+    }
+}
+
+impl Counter {
+    pub fn new() -> Self {
+        Counter {
+            word: AtomicU128::new(0),
+        }
+    }
+
+    /// The counts of `window`: zero when the counter holds an older window.
+    pub fn counts(&self, window: Window) -> Counts {
+        let (stamp, counts) = unpack(self.word.load(Ordering::Acquire));
+        if stamp == RETIRED || stamp < window.0 {
+            Counts::ZERO
+        } else {
+            counts
+        }
+    }
+
+    /// Adds `charge` to `window` unless `enforce` is set and a limit would break; then nothing is
+    /// added. A shadow (not enforced) charge is always added, saturating.
+    pub fn charge(
+        &self,
+        window: Window,
+        charge: Counts,
+        limits: Limits,
+        enforce: bool,
+    ) -> Result<Reading, Retired> {
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            let (stamp, mut counts) = unpack(current);
+            if stamp == RETIRED {
+                return Err(Retired);
+            }
+            // Another thread may already have rolled into the next window on a clock read a
+            // moment later than ours: count in the newer window rather than reset it.
+            let stamp = if stamp < window.0 {
+                counts = Counts::ZERO;
+                window.0
+            } else {
+                stamp
+            };
+            let over = Over::check(counts, charge, limits);
+            if (enforce && over.any()) || charge.is_zero() {
+                return Ok(Reading {
+                    counts,
+                    over,
+                    counted: false,
+                });
+            }
+            let after = Counts {
+                requests: counts.requests.saturating_add(charge.requests),
+                tokens: counts.tokens.saturating_add(charge.tokens),
+            };
+            match self.word.compare_exchange_weak(
+                current,
+                pack(stamp, after),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Reading {
+                        counts: after,
+                        over,
+                        counted: true,
+                    });
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Gives back `amount` counted earlier in `window`, never below zero. Nothing happens when the
+    /// window has already rolled over: those hits belong to a window that is gone.
+    pub fn refund(&self, window: Window, amount: Counts) -> Result<Counts, Retired> {
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            let (stamp, counts) = unpack(current);
+            if stamp == RETIRED {
+                return Err(Retired);
+            }
+            if stamp != window.0 {
+                return Ok(if stamp > window.0 {
+                    counts
+                } else {
+                    Counts::ZERO
+                });
+            }
+            let after = Counts {
+                requests: counts.requests.saturating_sub(amount.requests),
+                tokens: counts.tokens.saturating_sub(amount.tokens),
+            };
+            match self.word.compare_exchange_weak(
+                current,
+                pack(stamp, after),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(after),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Retires the counter if its window ended before `current`. Once retired it accepts no more
+    /// charges, so the sweeper can drop it without losing a count.
+    pub fn retire_if_idle(&self, current: Window) -> bool {
+        let word = self.word.load(Ordering::Acquire);
+        let (stamp, _) = unpack(word);
+        if stamp == RETIRED {
+            return true;
+        }
+        if stamp >= current.0 {
+            return false;
+        }
+        self.word
+            .compare_exchange(
+                word,
+                pack(RETIRED, Counts::ZERO),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        unpack(self.word.load(Ordering::Acquire)).0 == RETIRED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const W: Window = Window(100);
+    fn req(n: u32) -> Counts {
+        Counts {
+            requests: n,
+            tokens: 0,
+        }
+    }
+    fn limit(requests: u32, tokens: u32) -> Limits {
+        Limits {
+            requests: Some(requests),
+            tokens: Some(tokens),
+        }
+    }
+
+    #[test]
+    fn counts_up_to_the_limit_and_refuses_without_counting() {
+        let c = Counter::new();
+        let l = Limits {
+            requests: Some(2),
+            tokens: None,
+        };
+        assert!(c.charge(W, req(1), l, true).unwrap().counted);
+        assert!(c.charge(W, req(1), l, true).unwrap().counted);
+        let r = c.charge(W, req(1), l, true).unwrap();
+        assert!(!r.counted && r.over.requests);
+        assert_eq!(c.counts(W), req(2));
+    }
+
+    #[test]
+    fn a_new_window_starts_from_zero() {
+        let c = Counter::new();
+        let l = limit(1, 10);
+        assert!(c.charge(W, req(1), l, true).unwrap().counted);
+        assert!(!c.charge(W, req(1), l, true).unwrap().counted);
+        assert_eq!(c.counts(Window(101)), Counts::ZERO);
+        let r = c.charge(Window(101), req(1), l, true).unwrap();
+        assert!(r.counted);
+        assert_eq!(r.counts, req(1));
+        // A late reader of the old window counts in the newer one instead of resetting it.
+        let r = c.charge(W, req(1), l, true).unwrap();
+        assert!(!r.counted && r.over.requests);
+    }
+
+    #[test]
+    fn one_charge_checks_requests_and_tokens_together() {
+        let c = Counter::new();
+        let l = limit(10, 100);
+        let charge = Counts {
+            requests: 1,
+            tokens: 60,
+        };
+        assert!(c.charge(W, charge, l, true).unwrap().counted);
+        let r = c.charge(W, charge, l, true).unwrap();
+        assert!(!r.counted);
+        assert_eq!(
+            r.over,
+            Over {
+                requests: false,
+                tokens: true
+            }
+        );
+        assert_eq!(
+            c.counts(W),
+            Counts {
+                requests: 1,
+                tokens: 60
+            }
+        );
+    }
+
+    #[test]
+    fn a_zero_charge_checks_without_counting() {
+        let c = Counter::new();
+        let l = limit(1, 1);
+        let r = c.charge(W, Counts::ZERO, l, true).unwrap();
+        assert!(!r.over.any() && !r.counted);
+        c.charge(W, req(1), l, true).unwrap();
+        assert!(c.charge(W, Counts::ZERO, l, true).unwrap().over.requests);
+        // A limit of zero blocks everything, checks included.
+        let blocked = Counter::new();
+        assert!(
+            blocked
+                .charge(W, Counts::ZERO, limit(0, 0), true)
+                .unwrap()
+                .over
+                .requests
+        );
+    }
+
+    #[test]
+    fn shadow_charges_count_past_the_limit_and_saturate() {
+        let c = Counter::new();
+        let l = limit(1, 1);
+        c.charge(W, req(u32::MAX), l, false).unwrap();
+        let r = c.charge(W, req(5), l, false).unwrap();
+        assert!(r.counted && r.over.requests);
+        assert_eq!(r.counts.requests, u32::MAX);
+    }
+
+    #[test]
+    fn refunds_stop_at_zero_and_ignore_past_windows() {
+        let c = Counter::new();
+        c.charge(W, req(3), Limits::default(), true).unwrap();
+        assert_eq!(c.refund(W, req(5)).unwrap(), Counts::ZERO);
+        c.charge(W, req(3), Limits::default(), true).unwrap();
+        assert_eq!(c.refund(Window(99), req(3)).unwrap(), req(3));
+        assert_eq!(c.counts(W), req(3));
+    }
+
+    #[test]
+    fn a_retired_counter_takes_no_charge() {
+        let c = Counter::new();
+        c.charge(W, req(1), Limits::default(), true).unwrap();
+        assert!(!c.retire_if_idle(W));
+        assert!(c.retire_if_idle(Window(101)));
+        assert_eq!(
+            c.charge(Window(101), req(1), Limits::default(), true),
+            Err(Retired)
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! How counting works: the only code on the request path that touches shared state. A request
+//! arrives here as a list of demands (one per counter it touches); the limiter charges them with
+//! compare-and-swap, and if the request is denied it gives back what it charged, so a denied
+//! request consumes nothing.
+
+pub mod clock;
+pub mod counter;
+pub mod table;
+pub mod window;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use counter::{Counter, Counts, Limits, Over, Reading};
+pub use table::{CounterKey, CounterRef, CounterTable};
+pub use window::{Unit, Window};
+
+/// How a limit takes part in the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Enforcement {
+    /// Over the limit denies the request.
+    #[default]
+    Enforce,
+    /// Counted and reported, never denies (envoyproxy/ratelimit's `shadow_mode`).
+    Shadow,
+    /// The request is denied only when every quota limit it touches is over
+    /// (envoyproxy/ratelimit's `quota_mode`).
+    Quota,
+}
+
+/// One counter a request touches, and what it asks of it.
+#[derive(Debug, Clone, Copy)]
+pub struct Demand<'a> {
+    pub counter: CounterRef<'a>,
+    pub limits: Limits,
+    pub charge: Counts,
+    /// Give `charge` back instead of taking it (Envoy's `is_negative_hits`).
+    pub refund: bool,
+    pub enforcement: Enforcement,
+}
+
+/// What one demand came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcome {
+    /// Counts of the current window once the request is settled.
+    pub counts: Counts,
+    pub over: Over,
+    /// Whether this request's charge stayed counted.
+    pub counted: bool,
+    pub until_reset: Duration,
+}
+
+/// The counters and the clock. Cheap to share: clone the `Arc`.
+pub struct Limiter {
+    table: CounterTable,
+    clock: Arc<dyn Clock>,
+}
+
+impl Limiter {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Limiter {
+            table: CounterTable::new(),
+            clock,
+        }
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    pub fn counters(&self) -> &CounterTable {
+        &self.table
+    }
+
+    /// Settles a request: charges every demand, or none. Returns whether the request is allowed
+    /// and fills `outcomes` (same order and length as `demands`). Takes no lock and allocates
+    /// only to create a counter that does not exist yet.
+    pub fn decide(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
+        debug_assert_eq!(demands.len(), outcomes.len());
+        let now = self.clock.now_ms();
+        let table = self.table.pin();
+        let mut allowed = true;
+        let (mut quota_limits, mut quota_open) = (0usize, 0usize);
+
+        for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
+            let unit = demand.counter.unit;
+            let window = unit.window_at(now);
+            outcome.until_reset = unit.until_reset(now);
+            if demand.refund {
+                outcome.counts =
+                    table.with_counter(demand.counter, |c| c.refund(window, demand.charge));
+                outcome.over = Over::default();
+                outcome.counted = false;
+                continue;
+            }
+            // Once the request is denied, later demands are only read, so a key over its own
+            // limit never takes from a budget it shares with others.
+            let reading = if allowed {
+                let enforce = demand.enforcement != Enforcement::Shadow;
+                table.with_counter(demand.counter, |c| {
+                    c.charge(window, demand.charge, demand.limits, enforce)
+                })
+            } else {
+                let counts = table
+                    .get(demand.counter)
+                    .map_or(Counts::ZERO, |c| c.counts(window));
+                Reading {
+                    counts,
+                    over: Over::check(counts, demand.charge, demand.limits),
+                    counted: false,
+                }
+            };
+            outcome.counts = reading.counts;
+            outcome.over = reading.over;
+            outcome.counted = reading.counted;
+            match demand.enforcement {
+                Enforcement::Enforce if reading.over.any() => allowed = false,
+                Enforcement::Quota => {
+                    quota_limits += 1;
+                    quota_open += usize::from(!reading.over.any());
+                }
+                _ => {}
+            }
+        }
+        if quota_limits > 0 && quota_open == 0 {
+            allowed = false;
+        }
+        if !allowed {
+            for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
+                if outcome.counted {
+                    // Another request may have seen these hits for a moment; the counts end exact.
+                    let window = demand.counter.unit.window_at(now);
+                    outcome.counts =
+                        table.with_counter(demand.counter, |c| c.refund(window, demand.charge));
+                    outcome.counted = false;
+                }
+            }
+        }
+        allowed
+    }
+}

@@ -1,0 +1,252 @@
+//! The table of live counters: one per (limit scope, unit, descriptor values), found without
+//! allocating and without a lock.
+
+use std::hash::{Hash, Hasher};
+
+use papaya::{Equivalent, HashMap};
+
+use super::counter::{Counter, Retired};
+use super::window::Unit;
+
+/// Which counter a request touches. `scope` names the limit (a rule's stable id, or a request's
+/// override); `parts` are the descriptor values that make one caller's counter differ from
+/// another's.
+#[derive(Debug, Clone, Copy)]
+pub struct CounterRef<'a> {
+    pub scope: u64,
+    pub unit: Unit,
+    pub parts: &'a [&'a str],
+}
+
+/// The owned form of a [`CounterRef`], kept as the table's key: parts are stored length-prefixed
+/// in one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterKey {
+    scope: u64,
+    unit: Unit,
+    parts: Box<[u8]>,
+}
+
+impl CounterKey {
+    pub fn scope(&self) -> u64 {
+        self.scope
+    }
+
+    pub fn unit(&self) -> Unit {
+        self.unit
+    }
+
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        let mut rest = &self.parts[..];
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let (part, tail) = tail.split_at(len);
+            rest = tail;
+            // Built only from &str in `from_ref`.
+            std::str::from_utf8(part).ok()
+        })
+    }
+}
+
+impl<'a> CounterRef<'a> {
+    fn to_key(self) -> CounterKey {
+        let len = self.parts.iter().map(|p| p.len() + 4).sum();
+        let mut parts = Vec::with_capacity(len);
+        for part in self.parts {
+            parts.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            parts.extend_from_slice(part.as_bytes());
+        }
+        CounterKey {
+            scope: self.scope,
+            unit: self.unit,
+            parts: parts.into_boxed_slice(),
+        }
+    }
+}
+
+fn hash_parts<'p, H: Hasher>(
+    state: &mut H,
+    scope: u64,
+    unit: Unit,
+    parts: impl Iterator<Item = &'p str>,
+) {
+    state.write_u64(scope);
+    state.write_u8(unit as u8);
+    for part in parts {
+        state.write_usize(part.len());
+        state.write(part.as_bytes());
+    }
+}
+
+// Both forms must hash alike, so the table can be searched with a borrowed key.
+impl Hash for CounterKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_parts(state, self.scope, self.unit, self.parts());
+    }
+}
+
+impl Hash for CounterRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        hash_parts(state, self.scope, self.unit, self.parts.iter().copied());
+    }
+}
+
+impl Equivalent<CounterKey> for CounterRef<'_> {
+    fn equivalent(&self, key: &CounterKey) -> bool {
+        self.scope == key.scope
+            && self.unit == key.unit
+            && self.parts.iter().copied().eq(key.parts())
+    }
+}
+
+pub struct CounterTable {
+    map: HashMap<CounterKey, Counter, foldhash::fast::RandomState>,
+}
+
+impl Default for CounterTable {
+    fn default() -> Self {
+        CounterTable::new()
+    }
+}
+
+impl CounterTable {
+    pub fn new() -> Self {
+        CounterTable {
+            map: HashMap::with_hasher(foldhash::fast::RandomState::default()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A view of the table for one request: counters it returns stay valid while it lives.
+    pub fn pin(&self) -> PinnedTable<'_> {
+        PinnedTable {
+            map: self.map.pin(),
+        }
+    }
+
+    /// Drops every counter whose window has ended. A counter is retired before it is removed, so
+    /// a request that found it a moment earlier cannot count into it unseen.
+    pub fn sweep(&self, now_ms: u64) -> usize {
+        let map = self.map.pin();
+        let before = map.len();
+        map.retain(|key, counter| !counter.retire_if_idle(key.unit.window_at(now_ms)));
+        before.saturating_sub(map.len())
+    }
+
+    /// Removes the counters of one scope whose parts satisfy `matches`.
+    pub fn remove_where(&self, mut matches: impl FnMut(&CounterKey) -> bool) -> usize {
+        let map = self.map.pin();
+        let before = map.len();
+        map.retain(|key, _| !matches(key));
+        before.saturating_sub(map.len())
+    }
+
+    /// Every live counter, for inspection (admin API, sync).
+    pub fn for_each(&self, mut visit: impl FnMut(&CounterKey, &Counter)) {
+        for (key, counter) in self.map.pin().iter() {
+            visit(key, counter);
+        }
+    }
+}
+
+type Pinned<'t> = papaya::HashMapRef<
+    't,
+    CounterKey,
+    Counter,
+    foldhash::fast::RandomState,
+    papaya::LocalGuard<'t>,
+>;
+
+pub struct PinnedTable<'t> {
+    map: Pinned<'t>,
+}
+
+impl<'t> PinnedTable<'t> {
+    /// Runs `op` on the counter for `key`, creating it when missing. Allocates only to create.
+    pub fn with_counter<T>(
+        &self,
+        key: CounterRef<'_>,
+        mut op: impl FnMut(&Counter) -> Result<T, Retired>,
+    ) -> T {
+        loop {
+            let counter = match self.map.get(&key) {
+                Some(counter) => counter,
+                None => self.map.get_or_insert(key.to_key(), Counter::new()),
+            };
+            match op(counter) {
+                Ok(value) => return value,
+                Err(Retired) => {
+                    self.map.remove_if(&key, |_, c| c.is_retired()).ok();
+                }
+            }
+        }
+    }
+
+    /// The counter for `key`, if one is live.
+    pub fn get(&self, key: CounterRef<'_>) -> Option<&Counter> {
+        self.map.get(&key).filter(|c| !c.is_retired())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::counter::{Counts, Limits};
+    use super::super::window::Window;
+    use super::*;
+    use std::hash::BuildHasher;
+
+    fn key<'a>(parts: &'a [&'a str]) -> CounterRef<'a> {
+        CounterRef {
+            scope: 7,
+            unit: Unit::Minute,
+            parts,
+        }
+    }
+
+    #[test]
+    fn owned_and_borrowed_keys_agree() {
+        let parts = ["k1", "gpt-4o"];
+        let owned = key(&parts).to_key();
+        assert!(key(&parts).equivalent(&owned));
+        assert!(!key(&["k1", "gpt-4"]).equivalent(&owned));
+        // Length prefixes keep ("ab","c") apart from ("a","bc").
+        assert!(!key(&["ab", "c"]).equivalent(&key(&["a", "bc"]).to_key()));
+        let state = foldhash::fast::RandomState::default();
+        assert_eq!(state.hash_one(key(&parts)), state.hash_one(&owned));
+        assert_eq!(owned.parts().collect::<Vec<_>>(), parts);
+    }
+
+    #[test]
+    fn sweep_drops_only_ended_windows() {
+        let table = CounterTable::new();
+        let now = 10 * 60_000;
+        let one = Counts {
+            requests: 1,
+            tokens: 0,
+        };
+        let pinned = table.pin();
+        for (parts, at) in [(["old"], now - 60_000), (["live"], now)] {
+            pinned.with_counter(key(&parts), |c| {
+                c.charge(Unit::Minute.window_at(at), one, Limits::default(), true)
+            });
+        }
+        drop(pinned);
+        assert_eq!(table.sweep(now), 1);
+        assert_eq!(table.len(), 1);
+        let pinned = table.pin();
+        assert!(pinned.get(key(&["live"])).is_some());
+        // A swept key starts again from zero.
+        let reading = pinned.with_counter(key(&["old"]), |c| {
+            c.charge(Window(10), one, Limits::default(), true)
+        });
+        assert_eq!(reading.counts, one);
+    }
+}
