@@ -1,5 +1,9 @@
 //! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API.
 #![forbid(unsafe_code)]
 
+pub mod decision;
+pub mod grpc;
 pub mod limiter;
 pub mod rules;
+pub mod server;
+pub mod settings;

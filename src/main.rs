@@ -1,1 +1,117 @@
-fn main() {}
+//! Wiring and graceful shutdown; everything else lives in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use sluice::limiter::SystemClock;
+use sluice::rules::{self, ConfigError};
+use sluice::settings::{Cli, Command, LogFormat, Settings};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { dir } => validate(&dir),
+        Command::Serve(settings) => match serve(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn print_errors(errors: &[ConfigError]) {
+    for error in errors {
+        eprintln!("{error}");
+    }
+}
+
+fn validate(dir: &std::path::Path) -> ExitCode {
+    match rules::load_dir(dir) {
+        Ok(set) => {
+            println!(
+                "{}: {} domains, {} rules: ok",
+                dir.display(),
+                set.domains().count(),
+                set.rule_count()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            print_errors(&errors);
+            eprintln!("{}: {} errors", dir.display(), errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_level)
+        .with_context(|| format!("invalid --log-level `{}`", settings.log_level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match settings.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings)?;
+    let rules = match rules::load_dir(&settings.config) {
+        Ok(rules) => rules,
+        Err(errors) => {
+            print_errors(&errors);
+            anyhow::bail!(
+                "refusing to start: {} errors in {}",
+                errors.len(),
+                settings.config.display()
+            );
+        }
+    };
+    tracing::info!(
+        config = %settings.config.display(),
+        domains = rules.domains().count(),
+        rules = rules.rule_count(),
+        "rules loaded"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let grace = settings.shutdown_grace;
+        let mut running = sluice::server::start(settings, rules, Arc::new(SystemClock)).await?;
+        tokio::select! {
+            signal = shutdown_signal() => {
+                tracing::info!(signal, "shutting down");
+            }
+            ended = running.serving() => {
+                return match ended {
+                    Ok(result) => result.map_err(Into::into),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        }
+        match tokio::time::timeout(grace, running.stop()).await {
+            Ok(result) => result.map_err(anyhow::Error::from),
+            Err(_) => {
+                tracing::warn!(?grace, "calls still in flight after the grace period; exiting");
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

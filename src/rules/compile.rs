@@ -9,7 +9,7 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use super::locate::{YamlPath, locate};
 use super::matcher::{Level, Node, Pattern, Selector};
 use super::raw::{RawDescriptor, RawFile, RawLimit};
-use super::{ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile};
+use super::{ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile, stable_id};
 use crate::limiter::{Enforcement, Unit};
 
 /// Compiles one rule file into its domain.
@@ -186,7 +186,7 @@ impl Compiler<'_> {
         }
         let rule = policy.map(|policy| {
             let rule = Arc::new(Rule {
-                id: stable_id(&self.domain, &ancestry.identity),
+                id: stable_id(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
                 path: ancestry.stats_path.join(".").into(),
                 file: self.file.path.clone(),
@@ -407,24 +407,6 @@ fn selector(raw: &RawDescriptor) -> (Selector, String) {
 fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
     let v = |d: &RawDescriptor| d.value.clone().filter(|v| !v.is_empty());
     v(a) == v(b)
-}
-
-/// FNV-1a over the domain and descriptor path: the same rule gets the same id in every process
-/// and across reloads, so its counters survive.
-fn stable_id(domain: &str, identity: &[String]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(domain.as_bytes());
-    for part in identity {
-        eat(&[0]);
-        eat(part.as_bytes());
-    }
-    hash
 }
 
 fn yaml_to_struct(map: &serde_yaml::Mapping) -> Result<Struct, String> {

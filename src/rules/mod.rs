@@ -165,6 +165,25 @@ impl RuleSet {
     }
 }
 
+/// FNV-1a over a domain and the parts of a descriptor path: the same rule gets the same id in
+/// every process and across reloads, so its counters survive. Allocation-free, so the request
+/// path can name override counters with it too.
+pub fn stable_id<'a>(domain: &str, parts: impl IntoIterator<Item = &'a str>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            hash ^= u64::from(*b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(domain.as_bytes());
+    for part in parts {
+        eat(&[0]);
+        eat(part.as_bytes());
+    }
+    hash
+}
+
 /// A problem in a rule file, placed as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

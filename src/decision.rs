@@ -1,0 +1,320 @@
+//! One rate-limit decision, from request descriptors to per-descriptor answers: find each
+//! descriptor's rule, drop replaced limits, turn what is left into counter demands, let the
+//! limiter settle them, and report for each descriptor the limit closest to (or over) its end.
+//!
+//! Independent of the wire format: the gRPC service and the admin API both call [`decide`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use crate::limiter::{Counts, Demand, Enforcement, Limiter, Limits, Outcome, Unit};
+use crate::rules::{Entry, Limit, Measure, Policy, Rule, RuleSet, stable_id};
+
+/// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitOverride {
+    pub per_unit: u32,
+    pub unit: Unit,
+}
+
+/// One request descriptor, as the decision needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a, E> {
+    pub entries: &'a [E],
+    /// What this call adds: already resolved from request and descriptor `hits_addend`.
+    pub hits: u64,
+    /// Give `hits` back instead of taking them.
+    pub refund: bool,
+    pub limit_override: Option<LimitOverride>,
+}
+
+/// The limit a status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedLimit<'r> {
+    pub name: Option<&'r str>,
+    pub per_unit: u32,
+    pub unit: Unit,
+    pub measure: Measure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    OverLimit,
+}
+
+/// The answer for one descriptor.
+#[derive(Debug, Clone)]
+pub struct Status<'r> {
+    pub code: Code,
+    /// `None` when no rule matched, or the rule is unlimited.
+    pub limit: Option<ReportedLimit<'r>>,
+    pub remaining: u32,
+    pub until_reset: Duration,
+    pub rule: Option<&'r Arc<Rule>>,
+}
+
+impl Status<'_> {
+    fn unmatched() -> Self {
+        Status {
+            code: Code::Ok,
+            limit: None,
+            remaining: 0,
+            until_reset: Duration::ZERO,
+            rule: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Verdict<'r> {
+    pub allowed: bool,
+    pub known_domain: bool,
+    /// One per descriptor, in request order.
+    pub statuses: SmallVec<[Status<'r>; 4]>,
+}
+
+/// How the process is told to treat every rule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// Global shadow mode: count and report, never deny.
+    pub shadow: bool,
+}
+
+/// Which limit of a descriptor a demand serves.
+#[derive(Clone, Copy)]
+struct Source<'r> {
+    ask: usize,
+    requests: Option<&'r Limit>,
+    tokens: Option<&'r Limit>,
+    over_ride: Option<LimitOverride>,
+}
+
+/// Decides one request. Allocates nothing for up to 8 descriptors of up to 8 entries when their
+/// counters exist, beyond the counters' own creation.
+pub fn decide<'r, E: Entry>(
+    rules: &'r RuleSet,
+    limiter: &Limiter,
+    domain: &str,
+    asks: &[Ask<'_, E>],
+    mode: Mode,
+) -> Verdict<'r> {
+    let Some(domain_rules) = rules.domain(domain) else {
+        return Verdict {
+            allowed: true,
+            known_domain: false,
+            statuses: asks.iter().map(|_| Status::unmatched()).collect(),
+        };
+    };
+    let matched: SmallVec<[Option<&'r Arc<Rule>>; 8]> = asks
+        .iter()
+        .map(|ask| domain_rules.tree.find(ask.entries))
+        .collect();
+    let replaced = |limit: &Limit| -> bool {
+        let Some(name) = limit.name.as_deref() else {
+            return false;
+        };
+        matched
+            .iter()
+            .flatten()
+            .flat_map(|rule| rule.limits())
+            .any(|other| other.replaces.iter().any(|r| &**r == name))
+    };
+
+    // The values that tell one caller's counter from another's, per descriptor.
+    let parts: SmallVec<[SmallVec<[&str; 8]>; 8]> = asks
+        .iter()
+        .zip(&matched)
+        .map(|(ask, rule)| {
+            ask.entries
+                .iter()
+                .enumerate()
+                .map(|(level, entry)| {
+                    let shared = rule
+                        .filter(|_| ask.limit_override.is_none())
+                        .and_then(|r| r.shared_values.get(level))
+                        .and_then(Option::as_deref);
+                    shared.unwrap_or(entry.value())
+                })
+                .collect()
+        })
+        .collect();
+
+    let mut demands: SmallVec<[Demand<'_>; 16]> = SmallVec::new();
+    let mut sources: SmallVec<[Source<'r>; 16]> = SmallVec::new();
+    for (i, ask) in asks.iter().enumerate() {
+        let rule = matched[i];
+        let enforcement = match rule {
+            _ if mode.shadow => Enforcement::Shadow,
+            Some(rule) => rule.enforcement,
+            None => Enforcement::Enforce,
+        };
+        let hits = u32::try_from(ask.hits).unwrap_or(u32::MAX);
+        if let Some(over_ride) = ask.limit_override {
+            let keys = ask.entries.iter().map(Entry::key);
+            demands.push(Demand {
+                counter: crate::limiter::CounterRef {
+                    scope: stable_id(domain, std::iter::once("\0override").chain(keys)),
+                    unit: over_ride.unit,
+                    parts: &parts[i],
+                },
+                limits: Limits {
+                    requests: Some(over_ride.per_unit),
+                    tokens: None,
+                },
+                charge: Counts {
+                    requests: hits,
+                    tokens: 0,
+                },
+                refund: ask.refund,
+                enforcement,
+            });
+            sources.push(Source {
+                ask: i,
+                requests: None,
+                tokens: None,
+                over_ride: Some(over_ride),
+            });
+            continue;
+        }
+        let Some(Policy::Limited(windows)) = rule.map(|r| &r.policy) else {
+            continue;
+        };
+        let rule = rule.expect("limited policy comes from a rule");
+        for window in windows.iter() {
+            let requests = window.requests.as_ref().filter(|l| !replaced(l));
+            let tokens = window.tokens.as_ref().filter(|l| !replaced(l));
+            if requests.is_none() && tokens.is_none() {
+                continue;
+            }
+            let per_call = match requests.map(|l| l.measure) {
+                Some(Measure::Requests) => u32::from(hits > 0),
+                Some(_) => hits,
+                None => 0,
+            };
+            demands.push(Demand {
+                counter: crate::limiter::CounterRef {
+                    scope: rule.id,
+                    unit: window.unit,
+                    parts: &parts[i],
+                },
+                limits: Limits {
+                    requests: requests.map(|l| l.per_unit),
+                    tokens: tokens.map(|l| l.per_unit),
+                },
+                charge: Counts {
+                    requests: per_call,
+                    tokens: if tokens.is_some() { hits } else { 0 },
+                },
+                refund: ask.refund,
+                enforcement,
+            });
+            sources.push(Source {
+                ask: i,
+                requests,
+                tokens,
+                over_ride: None,
+            });
+        }
+    }
+
+    let mut outcomes: SmallVec<[Outcome; 16]> = SmallVec::from_elem(Outcome::default(), demands.len());
+    let allowed = limiter.decide(&demands, &mut outcomes) || mode.shadow;
+
+    let statuses = asks
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            let Some(rule) = matched[i].filter(|_| asks[i].limit_override.is_none()) else {
+                return closest(i, &sources, &outcomes, &demands, None);
+            };
+            match rule.policy {
+                Policy::Unlimited => Status {
+                    code: Code::Ok,
+                    limit: None,
+                    remaining: u32::MAX,
+                    until_reset: Duration::ZERO,
+                    rule: Some(rule),
+                },
+                Policy::Limited(_) => closest(i, &sources, &outcomes, &demands, Some(rule)),
+            }
+        })
+        .collect();
+    Verdict {
+        allowed,
+        known_domain: true,
+        statuses,
+    }
+}
+
+/// The status of descriptor `ask`: its limit that is over, or else nearest to being used up.
+fn closest<'r>(
+    ask: usize,
+    sources: &[Source<'r>],
+    outcomes: &[Outcome],
+    demands: &[Demand<'_>],
+    rule: Option<&'r Arc<Rule>>,
+) -> Status<'r> {
+    let mut best: Option<(bool, u32, u32, ReportedLimit<'r>, usize)> = None;
+    for (d, source) in sources.iter().enumerate().filter(|(_, s)| s.ask == ask) {
+        let outcome = &outcomes[d];
+        let slots = [
+            (
+                source.requests.map(reported).or(source.over_ride.map(|o| ReportedLimit {
+                    name: None,
+                    per_unit: o.per_unit,
+                    unit: o.unit,
+                    measure: Measure::Hits,
+                })),
+                outcome.counts.requests,
+                outcome.over.requests,
+            ),
+            (source.tokens.map(reported), outcome.counts.tokens, outcome.over.tokens),
+        ];
+        for (limit, used, over) in slots {
+            let Some(limit) = limit else { continue };
+            // Compare used/limit fractions without floats: a/b > c/d  <=>  a*d > c*b.
+            let nearer = match &best {
+                None => true,
+                Some((best_over, best_used, best_limit, _, _)) => {
+                    (over && !best_over)
+                        || (over == *best_over
+                            && u64::from(used) * u64::from(*best_limit)
+                                > u64::from(*best_used) * u64::from(limit.per_unit))
+                }
+            };
+            if nearer {
+                best = Some((over, used, limit.per_unit, limit, d));
+            }
+        }
+    }
+    let Some((over, used, per_unit, limit, d)) = best else {
+        return Status {
+            rule,
+            ..Status::unmatched()
+        };
+    };
+    let enforced = demands[d].enforcement != Enforcement::Shadow;
+    Status {
+        code: if over && enforced {
+            Code::OverLimit
+        } else {
+            Code::Ok
+        },
+        limit: Some(limit),
+        remaining: per_unit.saturating_sub(used),
+        until_reset: outcomes[d].until_reset,
+        rule,
+    }
+}
+
+fn reported(limit: &Limit) -> ReportedLimit<'_> {
+    ReportedLimit {
+        name: limit.name.as_deref(),
+        per_unit: limit.per_unit,
+        unit: limit.unit,
+        measure: limit.measure,
+    }
+}

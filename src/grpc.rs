@@ -1,0 +1,223 @@
+//! The Envoy protocol at the edge: validates `ShouldRateLimit` requests, turns them into a
+//! decision, and the decision into Envoy's response. Nothing else lives here.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code as ProtoCode, DescriptorStatus, RateLimit as ProtoLimit, rate_limit::Unit as ProtoUnit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
+use smallvec::SmallVec;
+use tonic::{Request, Response, Status};
+
+use crate::decision::{Ask, Code, LimitOverride, Verdict, decide};
+use crate::limiter::Unit;
+use crate::rules::Entry;
+use crate::server::App;
+use crate::settings::RequestLimits;
+
+impl Entry for ProtoEntry {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+pub struct RateLimitGrpc {
+    app: Arc<App>,
+}
+
+impl RateLimitGrpc {
+    pub fn new(app: Arc<App>) -> Self {
+        RateLimitGrpc { app }
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RateLimitGrpc {
+    async fn should_rate_limit(
+        &self,
+        request: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let request = request.into_inner();
+        let asks = validate(&request, &self.app.settings.request_limits)?;
+        // Envoy reads UNKNOWN as "allow"; a bug here must surface as UNAVAILABLE, which Envoy
+        // hands to its `failure_mode_deny` setting.
+        std::panic::catch_unwind(AssertUnwindSafe(|| respond(&self.app, &request, &asks)))
+            .map(Response::new)
+            .map_err(|_| {
+                tracing::error!("internal error while deciding a request");
+                Status::unavailable("sluice: internal error")
+            })
+    }
+}
+
+fn respond(app: &App, request: &RateLimitRequest, asks: &[Ask<'_, ProtoEntry>]) -> RateLimitResponse {
+    let rules = app.rules.load();
+    let verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
+    if !verdict.known_domain {
+        tracing::debug!(domain = %request.domain, "request for an unknown domain");
+        app.stats.unknown_domain();
+    }
+    to_response(&verdict)
+}
+
+/// Checks a request against the protocol and the configured bounds, and resolves each
+/// descriptor's hits: the descriptor's `hits_addend` wins when set (0 means check only),
+/// else the request's, where 0 means 1.
+pub fn validate<'a>(
+    request: &'a RateLimitRequest,
+    bounds: &RequestLimits,
+) -> Result<SmallVec<[Ask<'a, ProtoEntry>; 8]>, Status> {
+    let invalid = |message: String| Err(Status::invalid_argument(message));
+    let max_bytes = bounds.max_value_bytes as usize;
+    if request.domain.is_empty() {
+        return invalid("domain must not be empty".into());
+    }
+    if request.domain.len() > max_bytes {
+        return invalid(format!("domain is longer than {max_bytes} bytes"));
+    }
+    if request.descriptors.is_empty() {
+        return invalid("at least one descriptor is required".into());
+    }
+    if request.descriptors.len() > bounds.max_descriptors as usize {
+        return invalid(format!(
+            "{} descriptors; at most {} are accepted",
+            request.descriptors.len(),
+            bounds.max_descriptors
+        ));
+    }
+    let request_hits = match request.hits_addend {
+        0 => 1,
+        n => u64::from(n),
+    };
+    let mut asks = SmallVec::new();
+    for (i, descriptor) in request.descriptors.iter().enumerate() {
+        asks.push(validate_descriptor(i, descriptor, request_hits, bounds)?);
+    }
+    Ok(asks)
+}
+
+fn validate_descriptor<'a>(
+    i: usize,
+    descriptor: &'a RateLimitDescriptor,
+    request_hits: u64,
+    bounds: &RequestLimits,
+) -> Result<Ask<'a, ProtoEntry>, Status> {
+    let invalid = |message: String| Err(Status::invalid_argument(format!("descriptors[{i}]: {message}")));
+    let max_bytes = bounds.max_value_bytes as usize;
+    if descriptor.entries.is_empty() {
+        return invalid("at least one entry is required".into());
+    }
+    if descriptor.entries.len() > bounds.max_entries as usize {
+        return invalid(format!(
+            "{} entries; at most {} are accepted",
+            descriptor.entries.len(),
+            bounds.max_entries
+        ));
+    }
+    for (j, entry) in descriptor.entries.iter().enumerate() {
+        if entry.key.is_empty() {
+            return invalid(format!("entries[{j}]: key must not be empty"));
+        }
+        if entry.key.len() > max_bytes || entry.value.len() > max_bytes {
+            return invalid(format!("entries[{j}]: key or value is longer than {max_bytes} bytes"));
+        }
+    }
+    let limit_override = match &descriptor.limit {
+        None => None,
+        Some(o) => match proto_unit(o.unit) {
+            Some(unit) => Some(LimitOverride {
+                per_unit: o.requests_per_unit,
+                unit,
+            }),
+            None => return invalid(format!("limit: unit {} is not a known unit", o.unit)),
+        },
+    };
+    Ok(Ask {
+        entries: &descriptor.entries,
+        hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
+        refund: descriptor.is_negative_hits,
+        limit_override,
+    })
+}
+
+fn proto_unit(unit: i32) -> Option<Unit> {
+    Some(match ProtoUnit::try_from(unit).ok()? {
+        ProtoUnit::Unknown => return None,
+        ProtoUnit::Second => Unit::Second,
+        ProtoUnit::Minute => Unit::Minute,
+        ProtoUnit::Hour => Unit::Hour,
+        ProtoUnit::Day => Unit::Day,
+        ProtoUnit::Week => Unit::Week,
+        ProtoUnit::Month => Unit::Month,
+        ProtoUnit::Year => Unit::Year,
+    })
+}
+
+fn unit_to_proto(unit: Unit) -> ProtoUnit {
+    match unit {
+        Unit::Second => ProtoUnit::Second,
+        Unit::Minute => ProtoUnit::Minute,
+        Unit::Hour => ProtoUnit::Hour,
+        Unit::Day => ProtoUnit::Day,
+        Unit::Week => ProtoUnit::Week,
+        Unit::Month => ProtoUnit::Month,
+        Unit::Year => ProtoUnit::Year,
+    }
+}
+
+fn code(code: Code) -> i32 {
+    match code {
+        Code::Ok => ProtoCode::Ok as i32,
+        Code::OverLimit => ProtoCode::OverLimit as i32,
+    }
+}
+
+pub fn to_response(verdict: &Verdict<'_>) -> RateLimitResponse {
+    let statuses = verdict
+        .statuses
+        .iter()
+        .map(|status| DescriptorStatus {
+            code: code(status.code),
+            current_limit: status.limit.map(|limit| ProtoLimit {
+                name: limit.name.unwrap_or_default().to_string(),
+                requests_per_unit: limit.per_unit,
+                unit: unit_to_proto(limit.unit) as i32,
+            }),
+            limit_remaining: status.remaining,
+            duration_until_reset: status.limit.map(|_| ProtoDuration {
+                seconds: status.until_reset.as_secs() as i64,
+                nanos: status.until_reset.subsec_nanos() as i32,
+            }),
+            quota: None,
+        })
+        .collect();
+    // Metadata of every matched rule, merged in descriptor order (later keys win).
+    let mut metadata: Option<Struct> = None;
+    for rule in verdict.statuses.iter().filter_map(|s| s.rule) {
+        if let Some(extra) = &rule.metadata {
+            let merged = metadata.get_or_insert_with(Struct::default);
+            merged
+                .fields
+                .extend(extra.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    RateLimitResponse {
+        overall_code: code(if verdict.allowed {
+            Code::Ok
+        } else {
+            Code::OverLimit
+        }),
+        statuses,
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}

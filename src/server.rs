@@ -1,0 +1,163 @@
+//! The running server: shared state, the gRPC listener with its health service, and the
+//! background sweep. `main` and the integration tests both start it through [`start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use crate::decision::Mode;
+use crate::grpc::RateLimitGrpc;
+use crate::limiter::{Clock, Limiter};
+use crate::rules::RuleSet;
+use crate::settings::Settings;
+
+/// Everything a request needs, shared by every connection.
+pub struct App {
+    /// The rules in force: one atomic load per request; a reload swaps in a new set while
+    /// requests in flight finish on the one they loaded.
+    pub rules: ArcSwap<RuleSet>,
+    pub limiter: Limiter,
+    pub settings: Settings,
+    pub stats: Stats,
+}
+
+impl App {
+    pub fn new(settings: Settings, rules: RuleSet, clock: Arc<dyn Clock>) -> App {
+        App {
+            rules: ArcSwap::from_pointee(rules),
+            limiter: Limiter::new(clock),
+            settings,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        Mode {
+            shadow: self.settings.shadow_mode,
+        }
+    }
+}
+
+/// Process-wide event counts that are not per rule.
+#[derive(Debug, Default)]
+pub struct Stats {
+    unknown_domains: AtomicU64,
+}
+
+impl Stats {
+    pub fn unknown_domain(&self) {
+        self.unknown_domains.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn unknown_domains(&self) -> u64 {
+        self.unknown_domains.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen for gRPC on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A started server. Dropping it does not stop it: call [`Running::stop`].
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub app: Arc<App>,
+    shutdown: oneshot::Sender<()>,
+    serving: JoinHandle<Result<(), ServerError>>,
+    sweeping: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting calls, lets calls in flight finish, and waits for the server to end.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        let _ = self.shutdown.send(());
+        self.sweeping.abort();
+        match self.serving.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Waits until the server ends on its own (it only does on error).
+    pub fn serving(&mut self) -> &mut JoinHandle<Result<(), ServerError>> {
+        &mut self.serving
+    }
+}
+
+/// Binds the gRPC address and starts serving `rules`.
+pub async fn start(
+    settings: Settings,
+    rules: RuleSet,
+    clock: Arc<dyn Clock>,
+) -> Result<Running, ServerError> {
+    let addr = settings.grpc_addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let app = Arc::new(App::new(settings, rules, clock));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let service = RateLimitServiceServer::new(RateLimitGrpc::new(app.clone()));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let serving = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stopped.await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            })
+            .await
+            .map_err(ServerError::from)
+    });
+    let sweeping = tokio::spawn(sweep(app.clone()));
+    tracing::info!(%grpc_addr, "serving ShouldRateLimit over gRPC");
+    Ok(Running {
+        grpc_addr,
+        app,
+        shutdown,
+        serving,
+        sweeping,
+    })
+}
+
+/// Drops counters whose window has ended, so memory follows active keys.
+async fn sweep(app: Arc<App>) {
+    let mut every = tokio::time::interval(app.settings.sweep_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = app.limiter.clock().now_ms();
+        let dropped = app.limiter.counters().sweep(now);
+        if dropped > 0 {
+            tracing::debug!(dropped, live = app.limiter.counters().len(), "swept idle counters");
+        }
+    }
+}

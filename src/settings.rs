@@ -1,0 +1,132 @@
+//! Process knobs, from flags or their environment variables, validated at start. Never rule
+//! content: that lives in the rule files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A rate-limit server for Envoy's ShouldRateLimit gRPC API, with LLM token limits."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve ShouldRateLimit over gRPC, enforcing the rules of a directory.
+    Serve(Settings),
+    /// Check the rule files of a directory; exit 1 and print every error if any is wrong.
+    Validate {
+        /// Directory of rule files (*.yaml, *.yml).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Directory of rule files (*.yaml, *.yml).
+    #[arg(long, env = "SLUICE_CONFIG", default_value = "config")]
+    pub config: PathBuf,
+
+    /// Address of the gRPC server (ShouldRateLimit and grpc.health.v1).
+    #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the HTTP server (health, metrics and admin API).
+    #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Global shadow mode: count and report every limit, never deny.
+    #[arg(
+        long,
+        env = "SLUICE_SHADOW_MODE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub shadow_mode: bool,
+
+    /// How often counters of ended windows are dropped.
+    #[arg(long, env = "SLUICE_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// How long in-flight calls may take to finish after SIGTERM or SIGINT.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    #[command(flatten)]
+    pub request_limits: RequestLimits,
+}
+
+/// Bounds on what one ShouldRateLimit call may carry; larger calls get INVALID_ARGUMENT.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct RequestLimits {
+    /// Most descriptors in one request.
+    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_descriptors: u32,
+
+    /// Most entries in one descriptor.
+    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_entries: u32,
+
+    /// Longest domain, entry key or entry value, in bytes.
+    #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub max_value_bytes: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_descriptors: 64,
+            max_entries: 32,
+            max_value_bytes: 4096,
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+impl Settings {
+    /// Settings for a server on loopback with ephemeral ports: what tests and examples start.
+    pub fn local(config: PathBuf) -> Settings {
+        Settings {
+            config,
+            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
+            http_addr: "127.0.0.1:0".parse().expect("valid address"),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            shadow_mode: false,
+            sweep_interval: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            request_limits: RequestLimits::default(),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Shared by the integration tests: a real sluice server on an ephemeral loopback port, rules
+//! written to a temporary directory, a manual clock, and a real gRPC client.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use sluice::limiter::ManualClock;
+use sluice::server::Running;
+use sluice::settings::Settings;
+use tonic::transport::Channel;
+
+/// 2026-01-01T00:00:00Z: the start of a second, minute, hour and day window.
+pub const T0: u64 = 1_767_225_600_000;
+
+/// Every call in the tests is bounded by this.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub clock: Arc<ManualClock>,
+    pub client: RateLimitServiceClient<Channel>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn write_rules(dir: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).expect("write rule file");
+    }
+}
+
+pub async fn start(files: &[(&str, &str)]) -> TestServer {
+    start_with(files, |_| {}).await
+}
+
+pub async fn start_with(files: &[(&str, &str)], configure: impl FnOnce(&mut Settings)) -> TestServer {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_rules(dir.path(), files);
+    let mut settings = Settings::local(dir.path().to_path_buf());
+    configure(&mut settings);
+    let rules = sluice::rules::load_dir(dir.path()).unwrap_or_else(|errors| {
+        panic!("test rules do not load: {errors:?}");
+    });
+    let clock = Arc::new(ManualClock::new(T0));
+    let running = sluice::server::start(settings, rules, clock.clone())
+        .await
+        .expect("server starts");
+    let client = connect(running.grpc_addr).await;
+    TestServer {
+        running: Some(running),
+        clock,
+        client,
+        dir,
+    }
+}
+
+pub async fn connect(addr: std::net::SocketAddr) -> RateLimitServiceClient<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
+    RateLimitServiceClient::new(endpoint.connect().await.expect("connect to sluice"))
+}
+
+impl TestServer {
+    pub async fn call(&self, request: RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
+        let mut client = self.client.clone();
+        tokio::time::timeout(CALL_TIMEOUT, client.should_rate_limit(request))
+            .await
+            .expect("call finished in time")
+            .map(tonic::Response::into_inner)
+    }
+
+    pub async fn ok(&self, request: RateLimitRequest) -> RateLimitResponse {
+        self.call(request).await.expect("call succeeds")
+    }
+
+    /// Calls `n` times and counts the OK answers.
+    pub async fn admitted(&self, n: usize, request: &RateLimitRequest) -> usize {
+        let mut admitted = 0;
+        for _ in 0..n {
+            if is_ok(&self.ok(request.clone()).await) {
+                admitted += 1;
+            }
+        }
+        admitted
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(CALL_TIMEOUT, running.stop())
+                .await
+                .expect("server stops in time")
+                .expect("server stops cleanly");
+        }
+    }
+}
+
+pub fn entries(pairs: &[(&str, &str)]) -> Vec<Entry> {
+    pairs
+        .iter()
+        .map(|(k, v)| Entry {
+            key: k.to_string(),
+            value: v.to_string(),
+        })
+        .collect()
+}
+
+pub fn descriptor(pairs: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries(pairs),
+        ..Default::default()
+    }
+}
+
+pub fn request(domain: &str, descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.to_string(),
+        descriptors: descriptors.iter().map(|d| descriptor(d)).collect(),
+        hits_addend: 0,
+    }
+}
+
+pub fn is_ok(response: &RateLimitResponse) -> bool {
+    response.overall_code == Code::Ok as i32
+}
+
+pub fn code(response: &RateLimitResponse, i: usize) -> Code {
+    Code::try_from(response.statuses[i].code).expect("known code")
+}
+
+pub fn remaining(response: &RateLimitResponse, i: usize) -> u32 {
+    response.statuses[i].limit_remaining
+}
+
+pub fn limit_of(response: &RateLimitResponse, i: usize) -> Option<u32> {
+    response.statuses[i]
+        .current_limit
+        .as_ref()
+        .map(|l| l.requests_per_unit)
+}

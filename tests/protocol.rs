@@ -1,0 +1,445 @@
+//! ShouldRateLimit semantics over real gRPC against a real sluice server.
+
+mod common;
+
+use common::*;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ProtoUnit;
+use envoy_types::pb::google::protobuf::UInt64Value;
+
+const API: &str = r#"
+domain: api
+descriptors:
+  - key: api_key
+    rate_limit:
+      name: per_key
+      unit: minute
+      requests_per_unit: 3
+  - key: endpoint
+    rate_limit:
+      unit: minute
+      requests_per_unit: 10
+"#;
+
+fn with_hits(mut request: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest, hits: u32) -> envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+    request.hits_addend = hits;
+    request
+}
+
+#[tokio::test]
+async fn limits_are_enforced_per_key() {
+    let server = start(&[("api.yaml", API)]).await;
+    let k1 = request("api", &[&[("api_key", "k1")]]);
+    let k2 = request("api", &[&[("api_key", "k2")]]);
+    assert_eq!(server.admitted(5, &k1).await, 3);
+    assert_eq!(server.admitted(5, &k2).await, 3);
+    let denied = server.ok(k1).await;
+    assert_eq!(code(&denied, 0), Code::OverLimit);
+    assert_eq!(denied.overall_code, Code::OverLimit as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn windows_roll_over_on_the_clock() {
+    let server = start(&[("api.yaml", API)]).await;
+    let k1 = request("api", &[&[("api_key", "k1")]]);
+    assert_eq!(server.admitted(4, &k1).await, 3);
+    server.clock.advance_ms(59_999);
+    assert_eq!(server.admitted(1, &k1).await, 0, "still the same minute");
+    server.clock.advance_ms(1);
+    assert_eq!(server.admitted(4, &k1).await, 3, "a new minute");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn statuses_report_limit_remaining_and_reset() {
+    let server = start(&[("api.yaml", API)]).await;
+    server.clock.set_ms(T0 + 15_250);
+    let response = server
+        .ok(request("api", &[&[("api_key", "k1")], &[("nothing", "here")], &[("endpoint", "e")]]))
+        .await;
+    assert!(is_ok(&response));
+    assert_eq!(response.statuses.len(), 3, "one status per descriptor, in order");
+    let first = &response.statuses[0];
+    let limit = first.current_limit.as_ref().expect("limit reported");
+    assert_eq!(limit.name, "per_key");
+    assert_eq!(limit.requests_per_unit, 3);
+    assert_eq!(limit.unit, ProtoUnit::Minute as i32);
+    assert_eq!(first.limit_remaining, 2);
+    let reset = first.duration_until_reset.as_ref().expect("reset reported");
+    assert_eq!((reset.seconds, reset.nanos), (44, 750_000_000));
+    // A descriptor no rule matches: OK, no limit.
+    assert_eq!(code(&response, 1), Code::Ok);
+    assert!(response.statuses[1].current_limit.is_none());
+    assert_eq!(limit_of(&response, 2), Some(10));
+    assert_eq!(remaining(&response, 2), 9);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hits_addend_request_and_descriptor_level() {
+    let server = start(&[("api.yaml", API)]).await;
+    // Request level: 0 means 1.
+    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 0)).await;
+    assert_eq!(remaining(&r, 0), 9);
+    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4)).await;
+    assert_eq!(remaining(&r, 0), 5);
+    // Descriptor level wins over request level.
+    let mut req = with_hits(request("api", &[&[("endpoint", "e")]]), 4);
+    req.descriptors[0].hits_addend = Some(UInt64Value { value: 2 });
+    assert_eq!(remaining(&server.ok(req).await, 0), 3);
+    // Descriptor level 0: check without counting.
+    let mut check = with_hits(request("api", &[&[("endpoint", "e")]]), 4);
+    check.descriptors[0].hits_addend = Some(UInt64Value { value: 0 });
+    let r = server.ok(check.clone()).await;
+    assert!(is_ok(&r));
+    assert_eq!(remaining(&r, 0), 3, "a check counts nothing");
+    // More hits than remain: denied, nothing consumed.
+    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4)).await;
+    assert!(!is_ok(&r));
+    assert_eq!(remaining(&r, 0), 3);
+    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 3)).await;
+    assert!(is_ok(&r));
+    assert_eq!(remaining(&r, 0), 0);
+    // Budget spent: a check answers OVER_LIMIT.
+    let r = server.ok(check).await;
+    assert!(!is_ok(&r));
+    assert_eq!(code(&r, 0), Code::OverLimit);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_descriptor_limit_overrides_the_configured_one() {
+    let server = start(&[("api.yaml", API)]).await;
+    let mut req = request("api", &[&[("api_key", "k1")]]);
+    req.descriptors[0].limit = Some(RateLimitOverride {
+        requests_per_unit: 1,
+        unit: ProtoUnit::Second as i32,
+    });
+    let first = server.ok(req.clone()).await;
+    assert!(is_ok(&first));
+    let limit = first.statuses[0].current_limit.clone().expect("limit");
+    assert_eq!((limit.requests_per_unit, limit.unit), (1, ProtoUnit::Second as i32));
+    assert!(!is_ok(&server.ok(req.clone()).await));
+    server.clock.advance_ms(1_000);
+    assert!(is_ok(&server.ok(req.clone()).await), "the override's own window");
+    // Also on a descriptor no rule matches, as long as the domain exists.
+    let mut free = request("api", &[&[("tenant", "t1")]]);
+    free.descriptors[0].limit = req.descriptors[0].limit;
+    assert!(is_ok(&server.ok(free.clone()).await));
+    assert!(!is_ok(&server.ok(free.clone()).await));
+    // An unknown domain stays unknown, override or not.
+    free.domain = "nowhere".into();
+    assert!(is_ok(&server.ok(free.clone()).await));
+    assert!(is_ok(&server.ok(free).await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn negative_hits_give_back_and_never_go_below_zero() {
+    let server = start(&[("api.yaml", API)]).await;
+    let k1 = request("api", &[&[("api_key", "k1")]]);
+    assert_eq!(server.admitted(4, &k1).await, 3);
+    let mut refund = with_hits(k1.clone(), 2);
+    refund.descriptors[0].is_negative_hits = true;
+    let r = server.ok(refund.clone()).await;
+    assert!(is_ok(&r));
+    assert_eq!(remaining(&r, 0), 2);
+    assert_eq!(server.admitted(4, &k1).await, 2);
+    refund.hits_addend = 100;
+    assert_eq!(remaining(&server.ok(refund).await, 0), 3, "never below zero");
+    assert_eq!(server.admitted(5, &k1).await, 3);
+    server.stop().await;
+}
+
+const SHADOW: &str = r#"
+domain: shadow
+descriptors:
+  - key: user
+    shadow_mode: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 2
+  - key: team
+    rate_limit:
+      unit: minute
+      requests_per_unit: 2
+"#;
+
+#[tokio::test]
+async fn shadow_mode_counts_and_reports_but_allows() {
+    let server = start(&[("shadow.yaml", SHADOW)]).await;
+    let user = request("shadow", &[&[("user", "u")]]);
+    assert_eq!(server.admitted(5, &user).await, 5);
+    let r = server.ok(user).await;
+    assert_eq!(code(&r, 0), Code::Ok);
+    assert_eq!(remaining(&r, 0), 0, "counted all the same");
+    assert_eq!(server.admitted(3, &request("shadow", &[&[("team", "t")]])).await, 2);
+    server.stop().await;
+
+    let global = start_with(&[("shadow.yaml", SHADOW)], |s| s.shadow_mode = true).await;
+    let team = request("shadow", &[&[("team", "t")]]);
+    assert_eq!(global.admitted(5, &team).await, 5, "global shadow mode never denies");
+    assert_eq!(remaining(&global.ok(team).await, 0), 0);
+    global.stop().await;
+}
+
+#[tokio::test]
+async fn unlimited_answers_ok_with_max_remaining() {
+    let rules = "domain: internal\ndescriptors:\n  - key: ldap\n    rate_limit:\n      unlimited: true\n";
+    let server = start(&[("internal.yaml", rules)]).await;
+    let ldap = request("internal", &[&[("ldap", "x")]]);
+    assert_eq!(server.admitted(50, &ldap).await, 50);
+    let r = server.ok(ldap).await;
+    assert_eq!(code(&r, 0), Code::Ok);
+    assert_eq!(remaining(&r, 0), u32::MAX);
+    assert!(r.statuses[0].current_limit.is_none());
+    server.stop().await;
+}
+
+const SEVERAL: &str = r#"
+domain: llm
+descriptors:
+  - key: api_key
+    limits:
+      - name: rpm
+        unit: minute
+        requests: 2
+      - name: tpm
+        unit: minute
+        tokens: 100
+      - name: rpd
+        unit: day
+        requests: 3
+"#;
+
+#[tokio::test]
+async fn several_limits_on_one_rule() {
+    let server = start(&[("llm.yaml", SEVERAL)]).await;
+    let call = |hits| with_hits(request("llm", &[&[("api_key", "k")]]), hits);
+    let r = server.ok(call(60)).await;
+    assert!(is_ok(&r));
+    // 60 of 100 tokens is nearer its end than 1 of 2 requests.
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tpm");
+    assert_eq!(remaining(&r, 0), 40);
+    let r = server.ok(call(60)).await;
+    assert!(!is_ok(&r), "tokens would reach 120 of 100");
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tpm");
+    assert_eq!(remaining(&r, 0), 40, "denied: nothing consumed");
+    let r = server.ok(call(30)).await;
+    assert!(is_ok(&r));
+    // 2 of 2 requests is the closest now.
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "rpm");
+    assert_eq!(remaining(&r, 0), 0);
+    assert!(!is_ok(&server.ok(call(1)).await));
+    // Next minute: one more request fits the day's 3.
+    server.clock.advance_ms(60_000);
+    assert!(is_ok(&server.ok(call(1)).await));
+    let r = server.ok(call(1)).await;
+    assert!(!is_ok(&r));
+    let limit = r.statuses[0].current_limit.clone().unwrap();
+    assert_eq!((limit.name.as_str(), limit.unit), ("rpd", ProtoUnit::Day as i32));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_denied_request_consumes_nothing_anywhere() {
+    let server = start(&[("api.yaml", API)]).await;
+    let both = request("api", &[&[("api_key", "k1")], &[("endpoint", "shared")]]);
+    assert_eq!(server.admitted(10, &both).await, 3);
+    // The endpoint counted only the 3 admitted requests, not the 7 denied ones.
+    let endpoint = request("api", &[&[("endpoint", "shared")]]);
+    assert_eq!(remaining(&server.ok(endpoint.clone()).await, 0), 6);
+    // And the other way round: the endpoint over its limit leaves a key's budget untouched.
+    assert_eq!(server.admitted(10, &endpoint).await, 6);
+    let other = request("api", &[&[("api_key", "k2")], &[("endpoint", "shared")]]);
+    assert_eq!(server.admitted(5, &other).await, 0);
+    let k2 = request("api", &[&[("api_key", "k2")]]);
+    assert_eq!(remaining(&server.ok(k2).await, 0), 2, "k2 was charged only now");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_domains_are_allowed_and_counted() {
+    let server = start(&[("api.yaml", API)]).await;
+    let r = server.ok(request("elsewhere", &[&[("api_key", "k1")], &[("x", "y")]])).await;
+    assert!(is_ok(&r));
+    assert_eq!(r.statuses.len(), 2);
+    assert!(r.statuses.iter().all(|s| s.code == Code::Ok as i32 && s.current_limit.is_none()));
+    let app = &server.running.as_ref().unwrap().app;
+    assert_eq!(app.stats.unknown_domains(), 1);
+    server.stop().await;
+}
+
+const QUOTA: &str = r#"
+domain: quota
+descriptors:
+  - key: plan
+    value: free
+    quota_mode: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 1
+  - key: plan
+    value: bonus
+    quota_mode: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 2
+  - key: region
+    metadata:
+      tier: regional
+      weight: 2
+    rate_limit:
+      unit: minute
+      requests_per_unit: 100
+"#;
+
+#[tokio::test]
+async fn quota_mode_allows_until_every_quota_is_spent() {
+    let server = start(&[("quota.yaml", QUOTA)]).await;
+    let both = request("quota", &[&[("plan", "free")], &[("plan", "bonus")]]);
+    // Each admitted request draws from every quota with room: free has 1, bonus 2.
+    let first = server.ok(both.clone()).await;
+    assert!(is_ok(&first));
+    let second = server.ok(both.clone()).await;
+    assert!(is_ok(&second), "bonus still has room");
+    assert_eq!(code(&second, 0), Code::OverLimit, "free is spent and says so");
+    assert_eq!(code(&second, 1), Code::Ok);
+    let r = server.ok(both).await;
+    assert!(!is_ok(&r), "every quota is spent");
+    assert_eq!(code(&r, 0), Code::OverLimit);
+    assert_eq!(code(&r, 1), Code::OverLimit);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn matched_rule_metadata_is_returned() {
+    let server = start(&[("quota.yaml", QUOTA)]).await;
+    let r = server.ok(request("quota", &[&[("region", "eu")]])).await;
+    let metadata = r.dynamic_metadata.expect("metadata");
+    assert!(metadata.fields.contains_key("tier"));
+    assert!(metadata.fields.contains_key("weight"));
+    let r = server.ok(request("quota", &[&[("plan", "free")]])).await;
+    assert!(r.dynamic_metadata.is_none());
+    server.stop().await;
+}
+
+const WILDCARDS: &str = r#"
+domain: models
+descriptors:
+  - key: model
+    value: gpt-4*
+    rate_limit:
+      unit: minute
+      requests_per_unit: 2
+  - key: model
+    value: "*-mini"
+    share_threshold: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 3
+  - key: model
+    value: gpt-4o
+    rate_limit:
+      unit: minute
+      requests_per_unit: 1
+"#;
+
+#[tokio::test]
+async fn wildcard_values_match_and_share_when_asked() {
+    let server = start(&[("models.yaml", WILDCARDS)]).await;
+    let model = |m: &str| request("models", &[&[("model", m)]]);
+    // Each value matching gpt-4* has its own counter of 2.
+    assert_eq!(server.admitted(3, &model("gpt-4-turbo")).await, 2);
+    assert_eq!(server.admitted(3, &model("gpt-4.1")).await, 2);
+    // The exact value wins over the wildcard.
+    assert_eq!(server.admitted(3, &model("gpt-4o")).await, 1);
+    // share_threshold: every *-mini model draws from one counter of 3.
+    assert_eq!(server.admitted(2, &model("o3-mini")).await, 2);
+    assert_eq!(server.admitted(2, &model("o4-mini")).await, 1);
+    // No match at all.
+    assert_eq!(server.admitted(5, &model("claude")).await, 5);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_invalid_argument() {
+    let server = start_with(&[("api.yaml", API)], |s| {
+        s.request_limits.max_descriptors = 4;
+        s.request_limits.max_entries = 3;
+        s.request_limits.max_value_bytes = 64;
+    })
+    .await;
+    let good = request("api", &[&[("api_key", "k1")]]);
+    let mut cases = Vec::new();
+    let mut r = good.clone();
+    r.domain.clear();
+    cases.push(("empty domain", r));
+    let mut r = good.clone();
+    r.descriptors.clear();
+    cases.push(("no descriptors", r));
+    let mut r = good.clone();
+    r.descriptors[0].entries.clear();
+    cases.push(("a descriptor with no entries", r));
+    cases.push(("an entry with an empty key", request("api", &[&[("", "v")]])));
+    cases.push((
+        "too many descriptors",
+        request("api", &[&[("a", "1")], &[("a", "2")], &[("a", "3")], &[("a", "4")], &[("a", "5")]]),
+    ));
+    cases.push((
+        "too many entries",
+        request("api", &[&[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]]),
+    ));
+    let long = "x".repeat(65);
+    cases.push(("an oversized value", request("api", &[&[("api_key", &long)]])));
+    cases.push(("an oversized key", request("api", &[&[(&long, "v")]])));
+    let mut r = good.clone();
+    r.domain = long.clone();
+    cases.push(("an oversized domain", r));
+    let mut r = good.clone();
+    r.descriptors[0].limit = Some(RateLimitOverride {
+        requests_per_unit: 5,
+        unit: ProtoUnit::Unknown as i32,
+    });
+    cases.push(("an override with no unit", r));
+    let mut r = good.clone();
+    r.descriptors[0].limit = Some(RateLimitOverride {
+        requests_per_unit: 5,
+        unit: 99,
+    });
+    cases.push(("an override with an unknown unit", r));
+    for (what, bad) in cases {
+        let status = server.call(bad).await.expect_err(what);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what}: message");
+    }
+    // The server is still fine.
+    assert!(is_ok(&server.ok(good).await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_health_reports_serving() {
+    let server = start(&[("api.yaml", API)]).await;
+    let addr = server.running.as_ref().unwrap().grpc_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    }
+    server.stop().await;
+}
