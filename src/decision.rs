@@ -220,7 +220,8 @@ pub fn decide<'r, E: Entry>(
         }
     }
 
-    let mut outcomes: SmallVec<[Outcome; 16]> = SmallVec::from_elem(Outcome::default(), demands.len());
+    let mut outcomes: SmallVec<[Outcome; 16]> =
+        SmallVec::from_elem(Outcome::default(), demands.len());
     let allowed = limiter.decide(&demands, &mut outcomes) || mode.shadow;
 
     let statuses = asks
@@ -262,16 +263,23 @@ fn closest<'r>(
         let outcome = &outcomes[d];
         let slots = [
             (
-                source.requests.map(reported).or(source.over_ride.map(|o| ReportedLimit {
-                    name: None,
-                    per_unit: o.per_unit,
-                    unit: o.unit,
-                    measure: Measure::Hits,
-                })),
+                source
+                    .requests
+                    .map(reported)
+                    .or(source.over_ride.map(|o| ReportedLimit {
+                        name: None,
+                        per_unit: o.per_unit,
+                        unit: o.unit,
+                        measure: Measure::Hits,
+                    })),
                 outcome.counts.requests,
                 outcome.over.requests,
             ),
-            (source.tokens.map(reported), outcome.counts.tokens, outcome.over.tokens),
+            (
+                source.tokens.map(reported),
+                outcome.counts.tokens,
+                outcome.over.tokens,
+            ),
         ];
         for (limit, used, over) in slots {
             let Some(limit) = limit else { continue };

@@ -59,7 +59,11 @@ impl RateLimitService for RateLimitGrpc {
     }
 }
 
-fn respond(app: &App, request: &RateLimitRequest, asks: &[Ask<'_, ProtoEntry>]) -> RateLimitResponse {
+fn respond(
+    app: &App,
+    request: &RateLimitRequest,
+    asks: &[Ask<'_, ProtoEntry>],
+) -> RateLimitResponse {
     let rules = app.rules.load();
     let verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
     if !verdict.known_domain {
@@ -111,7 +115,11 @@ fn validate_descriptor<'a>(
     request_hits: u64,
     bounds: &RequestLimits,
 ) -> Result<Ask<'a, ProtoEntry>, Status> {
-    let invalid = |message: String| Err(Status::invalid_argument(format!("descriptors[{i}]: {message}")));
+    let invalid = |message: String| {
+        Err(Status::invalid_argument(format!(
+            "descriptors[{i}]: {message}"
+        )))
+    };
     let max_bytes = bounds.max_value_bytes as usize;
     if descriptor.entries.is_empty() {
         return invalid("at least one entry is required".into());
@@ -128,7 +136,9 @@ fn validate_descriptor<'a>(
             return invalid(format!("entries[{j}]: key must not be empty"));
         }
         if entry.key.len() > max_bytes || entry.value.len() > max_bytes {
-            return invalid(format!("entries[{j}]: key or value is longer than {max_bytes} bytes"));
+            return invalid(format!(
+                "entries[{j}]: key or value is longer than {max_bytes} bytes"
+            ));
         }
     }
     let limit_override = match &descriptor.limit {

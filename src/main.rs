@@ -99,7 +99,10 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         match tokio::time::timeout(grace, running.stop()).await {
             Ok(result) => result.map_err(anyhow::Error::from),
             Err(_) => {
-                tracing::warn!(?grace, "calls still in flight after the grace period; exiting");
+                tracing::warn!(
+                    ?grace,
+                    "calls still in flight after the grace period; exiting"
+                );
                 Ok(())
             }
         }

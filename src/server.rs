@@ -157,7 +157,11 @@ async fn sweep(app: Arc<App>) {
         let now = app.limiter.clock().now_ms();
         let dropped = app.limiter.counters().sweep(now);
         if dropped > 0 {
-            tracing::debug!(dropped, live = app.limiter.counters().len(), "swept idle counters");
+            tracing::debug!(
+                dropped,
+                live = app.limiter.counters().len(),
+                "swept idle counters"
+            );
         }
     }
 }

@@ -22,7 +22,10 @@ descriptors:
       requests_per_unit: 10
 "#;
 
-fn with_hits(mut request: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest, hits: u32) -> envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+fn with_hits(
+    mut request: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest,
+    hits: u32,
+) -> envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
     request.hits_addend = hits;
     request
 }
@@ -57,10 +60,21 @@ async fn statuses_report_limit_remaining_and_reset() {
     let server = start(&[("api.yaml", API)]).await;
     server.clock.set_ms(T0 + 15_250);
     let response = server
-        .ok(request("api", &[&[("api_key", "k1")], &[("nothing", "here")], &[("endpoint", "e")]]))
+        .ok(request(
+            "api",
+            &[
+                &[("api_key", "k1")],
+                &[("nothing", "here")],
+                &[("endpoint", "e")],
+            ],
+        ))
         .await;
     assert!(is_ok(&response));
-    assert_eq!(response.statuses.len(), 3, "one status per descriptor, in order");
+    assert_eq!(
+        response.statuses.len(),
+        3,
+        "one status per descriptor, in order"
+    );
     let first = &response.statuses[0];
     let limit = first.current_limit.as_ref().expect("limit reported");
     assert_eq!(limit.name, "per_key");
@@ -81,9 +95,13 @@ async fn statuses_report_limit_remaining_and_reset() {
 async fn hits_addend_request_and_descriptor_level() {
     let server = start(&[("api.yaml", API)]).await;
     // Request level: 0 means 1.
-    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 0)).await;
+    let r = server
+        .ok(with_hits(request("api", &[&[("endpoint", "e")]]), 0))
+        .await;
     assert_eq!(remaining(&r, 0), 9);
-    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4)).await;
+    let r = server
+        .ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4))
+        .await;
     assert_eq!(remaining(&r, 0), 5);
     // Descriptor level wins over request level.
     let mut req = with_hits(request("api", &[&[("endpoint", "e")]]), 4);
@@ -96,10 +114,14 @@ async fn hits_addend_request_and_descriptor_level() {
     assert!(is_ok(&r));
     assert_eq!(remaining(&r, 0), 3, "a check counts nothing");
     // More hits than remain: denied, nothing consumed.
-    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4)).await;
+    let r = server
+        .ok(with_hits(request("api", &[&[("endpoint", "e")]]), 4))
+        .await;
     assert!(!is_ok(&r));
     assert_eq!(remaining(&r, 0), 3);
-    let r = server.ok(with_hits(request("api", &[&[("endpoint", "e")]]), 3)).await;
+    let r = server
+        .ok(with_hits(request("api", &[&[("endpoint", "e")]]), 3))
+        .await;
     assert!(is_ok(&r));
     assert_eq!(remaining(&r, 0), 0);
     // Budget spent: a check answers OVER_LIMIT.
@@ -120,10 +142,16 @@ async fn a_descriptor_limit_overrides_the_configured_one() {
     let first = server.ok(req.clone()).await;
     assert!(is_ok(&first));
     let limit = first.statuses[0].current_limit.clone().expect("limit");
-    assert_eq!((limit.requests_per_unit, limit.unit), (1, ProtoUnit::Second as i32));
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit),
+        (1, ProtoUnit::Second as i32)
+    );
     assert!(!is_ok(&server.ok(req.clone()).await));
     server.clock.advance_ms(1_000);
-    assert!(is_ok(&server.ok(req.clone()).await), "the override's own window");
+    assert!(
+        is_ok(&server.ok(req.clone()).await),
+        "the override's own window"
+    );
     // Also on a descriptor no rule matches, as long as the domain exists.
     let mut free = request("api", &[&[("tenant", "t1")]]);
     free.descriptors[0].limit = req.descriptors[0].limit;
@@ -148,7 +176,11 @@ async fn negative_hits_give_back_and_never_go_below_zero() {
     assert_eq!(remaining(&r, 0), 2);
     assert_eq!(server.admitted(4, &k1).await, 2);
     refund.hits_addend = 100;
-    assert_eq!(remaining(&server.ok(refund).await, 0), 3, "never below zero");
+    assert_eq!(
+        remaining(&server.ok(refund).await, 0),
+        3,
+        "never below zero"
+    );
     assert_eq!(server.admitted(5, &k1).await, 3);
     server.stop().await;
 }
@@ -175,19 +207,29 @@ async fn shadow_mode_counts_and_reports_but_allows() {
     let r = server.ok(user).await;
     assert_eq!(code(&r, 0), Code::Ok);
     assert_eq!(remaining(&r, 0), 0, "counted all the same");
-    assert_eq!(server.admitted(3, &request("shadow", &[&[("team", "t")]])).await, 2);
+    assert_eq!(
+        server
+            .admitted(3, &request("shadow", &[&[("team", "t")]]))
+            .await,
+        2
+    );
     server.stop().await;
 
     let global = start_with(&[("shadow.yaml", SHADOW)], |s| s.shadow_mode = true).await;
     let team = request("shadow", &[&[("team", "t")]]);
-    assert_eq!(global.admitted(5, &team).await, 5, "global shadow mode never denies");
+    assert_eq!(
+        global.admitted(5, &team).await,
+        5,
+        "global shadow mode never denies"
+    );
     assert_eq!(remaining(&global.ok(team).await, 0), 0);
     global.stop().await;
 }
 
 #[tokio::test]
 async fn unlimited_answers_ok_with_max_remaining() {
-    let rules = "domain: internal\ndescriptors:\n  - key: ldap\n    rate_limit:\n      unlimited: true\n";
+    let rules =
+        "domain: internal\ndescriptors:\n  - key: ldap\n    rate_limit:\n      unlimited: true\n";
     let server = start(&[("internal.yaml", rules)]).await;
     let ldap = request("internal", &[&[("ldap", "x")]]);
     assert_eq!(server.admitted(50, &ldap).await, 50);
@@ -239,7 +281,10 @@ async fn several_limits_on_one_rule() {
     let r = server.ok(call(1)).await;
     assert!(!is_ok(&r));
     let limit = r.statuses[0].current_limit.clone().unwrap();
-    assert_eq!((limit.name.as_str(), limit.unit), ("rpd", ProtoUnit::Day as i32));
+    assert_eq!(
+        (limit.name.as_str(), limit.unit),
+        ("rpd", ProtoUnit::Day as i32)
+    );
     server.stop().await;
 }
 
@@ -256,17 +301,27 @@ async fn a_denied_request_consumes_nothing_anywhere() {
     let other = request("api", &[&[("api_key", "k2")], &[("endpoint", "shared")]]);
     assert_eq!(server.admitted(5, &other).await, 0);
     let k2 = request("api", &[&[("api_key", "k2")]]);
-    assert_eq!(remaining(&server.ok(k2).await, 0), 2, "k2 was charged only now");
+    assert_eq!(
+        remaining(&server.ok(k2).await, 0),
+        2,
+        "k2 was charged only now"
+    );
     server.stop().await;
 }
 
 #[tokio::test]
 async fn unknown_domains_are_allowed_and_counted() {
     let server = start(&[("api.yaml", API)]).await;
-    let r = server.ok(request("elsewhere", &[&[("api_key", "k1")], &[("x", "y")]])).await;
+    let r = server
+        .ok(request("elsewhere", &[&[("api_key", "k1")], &[("x", "y")]]))
+        .await;
     assert!(is_ok(&r));
     assert_eq!(r.statuses.len(), 2);
-    assert!(r.statuses.iter().all(|s| s.code == Code::Ok as i32 && s.current_limit.is_none()));
+    assert!(
+        r.statuses
+            .iter()
+            .all(|s| s.code == Code::Ok as i32 && s.current_limit.is_none())
+    );
     let app = &server.running.as_ref().unwrap().app;
     assert_eq!(app.stats.unknown_domains(), 1);
     server.stop().await;
@@ -305,7 +360,11 @@ async fn quota_mode_allows_until_every_quota_is_spent() {
     assert!(is_ok(&first));
     let second = server.ok(both.clone()).await;
     assert!(is_ok(&second), "bonus still has room");
-    assert_eq!(code(&second, 0), Code::OverLimit, "free is spent and says so");
+    assert_eq!(
+        code(&second, 0),
+        Code::OverLimit,
+        "free is spent and says so"
+    );
     assert_eq!(code(&second, 1), Code::Ok);
     let r = server.ok(both).await;
     assert!(!is_ok(&r), "every quota is spent");
@@ -383,17 +442,32 @@ async fn bad_requests_get_invalid_argument() {
     let mut r = good.clone();
     r.descriptors[0].entries.clear();
     cases.push(("a descriptor with no entries", r));
-    cases.push(("an entry with an empty key", request("api", &[&[("", "v")]])));
+    cases.push((
+        "an entry with an empty key",
+        request("api", &[&[("", "v")]]),
+    ));
     cases.push((
         "too many descriptors",
-        request("api", &[&[("a", "1")], &[("a", "2")], &[("a", "3")], &[("a", "4")], &[("a", "5")]]),
+        request(
+            "api",
+            &[
+                &[("a", "1")],
+                &[("a", "2")],
+                &[("a", "3")],
+                &[("a", "4")],
+                &[("a", "5")],
+            ],
+        ),
     ));
     cases.push((
         "too many entries",
         request("api", &[&[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]]),
     ));
     let long = "x".repeat(65);
-    cases.push(("an oversized value", request("api", &[&[("api_key", &long)]])));
+    cases.push((
+        "an oversized value",
+        request("api", &[&[("api_key", &long)]]),
+    ));
     cases.push(("an oversized key", request("api", &[&[(&long, "v")]])));
     let mut r = good.clone();
     r.domain = long.clone();
@@ -412,7 +486,11 @@ async fn bad_requests_get_invalid_argument() {
     cases.push(("an override with an unknown unit", r));
     for (what, bad) in cases {
         let status = server.call(bad).await.expect_err(what);
-        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
         assert!(!status.message().is_empty(), "{what}: message");
     }
     // The server is still fine.
@@ -439,7 +517,10 @@ async fn grpc_health_reports_serving() {
             .expect("health check")
             .into_inner()
             .status;
-        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
     server.stop().await;
 }

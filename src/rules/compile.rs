@@ -54,7 +54,12 @@ fn domain_line(text: &str) -> usize {
 /// serde_yaml prints `path: message at line L column C`; split it into our fields.
 fn yaml_error(file: &SourceFile, e: &serde_yaml::Error) -> ConfigError {
     let text = e.to_string();
-    let text = text.split(" at line ").next().unwrap_or(&text);
+    let suffix = e
+        .location()
+        .map(|l| format!(" at line {} column {}", l.line(), l.column()));
+    let text = suffix
+        .and_then(|suffix| text.strip_suffix(&suffix))
+        .unwrap_or(&text);
     let (field, message) = match text.split_once(": ") {
         Some((field, message)) if !field.contains(' ') => (Some(field.to_string()), message),
         _ => (None, text),
@@ -121,7 +126,9 @@ impl Compiler<'_> {
                         .unwrap_or(0);
                     self.error(
                         &at,
-                        format!("duplicate descriptor `{label}` at this level (first at line {first})"),
+                        format!(
+                            "duplicate descriptor `{label}` at this level (first at line {first})"
+                        ),
                     );
                 }
             }
@@ -152,16 +159,13 @@ impl Compiler<'_> {
                 "a descriptor cannot be in both shadow_mode and quota_mode".into(),
             );
         }
-        let metadata = raw
-            .metadata
-            .as_ref()
-            .and_then(|m| match yaml_to_struct(m) {
-                Ok(s) => Some(s),
-                Err(message) => {
-                    self.error(&at.field("metadata"), message);
-                    None
-                }
-            });
+        let metadata = raw.metadata.as_ref().and_then(|m| match yaml_to_struct(m) {
+            Ok(s) => Some(s),
+            Err(message) => {
+                self.error(&at.field("metadata"), message);
+                None
+            }
+        });
 
         let mut ancestry = ancestry.clone();
         let label = match value {
@@ -226,10 +230,13 @@ impl Compiler<'_> {
         if written.is_empty() {
             return None;
         }
-        if let Some((path, _)) = written.iter().find(|(_, l)| l.unlimited) {
-            if written.len() > 1 {
-                self.error(path, "an unlimited descriptor cannot have other limits".into());
-            }
+        if let Some((path, _)) = written.iter().find(|(_, l)| l.unlimited)
+            && written.len() > 1
+        {
+            self.error(
+                path,
+                "an unlimited descriptor cannot have other limits".into(),
+            );
         }
         let mut windows: Vec<RuleWindow> = Vec::new();
         let mut unlimited = false;
@@ -374,7 +381,11 @@ impl Compiler<'_> {
                 unit,
                 per_unit,
                 measure,
-                replaces: raw.replaces.iter().map(|r| r.name.as_str().into()).collect(),
+                replaces: raw
+                    .replaces
+                    .iter()
+                    .map(|r| r.name.as_str().into())
+                    .collect(),
             })
         })
     }

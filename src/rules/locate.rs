@@ -174,7 +174,10 @@ mod tests {
     #[test]
     fn finds_nodes_by_path() {
         let root = YamlPath::default().field("descriptors");
-        assert_eq!(locate(TEXT, &YamlPath::default().field("domain")), Some((1, 9)));
+        assert_eq!(
+            locate(TEXT, &YamlPath::default().field("domain")),
+            Some((1, 9))
+        );
         assert_eq!(locate(TEXT, &root.index(1)), Some((5, 5)));
         let unit = root.index(1).field("rate_limit").field("unit");
         assert_eq!(locate(TEXT, &unit), Some((7, 13)));

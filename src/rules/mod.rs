@@ -149,7 +149,11 @@ impl RuleSet {
             }
             set.domains.insert(domain.name.clone(), domain);
         }
-        if errors.is_empty() { Ok(set) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn domain(&self, name: &str) -> Option<&Domain> {
@@ -253,7 +257,11 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<ConfigError>> {
             Err(e) => errors.push(io_error(&path, e)),
         }
     }
-    if errors.is_empty() { Ok(files) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Reads and compiles a rule directory, reporting every error of every file.

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 /// One rule file: a domain and its descriptor tree (the envoyproxy/ratelimit format).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "rule file")]
 pub struct RawFile {
     pub domain: String,
     #[serde(default)]
@@ -13,7 +13,7 @@ pub struct RawFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "descriptor")]
 pub struct RawDescriptor {
     pub key: String,
     #[serde(default)]
@@ -40,7 +40,7 @@ pub struct RawDescriptor {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "limit")]
 pub struct RawLimit {
     #[serde(default)]
     pub unit: Option<String>,
@@ -62,7 +62,7 @@ pub struct RawLimit {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename = "replaces entry")]
 pub struct RawReplace {
     pub name: String,
 }

@@ -39,7 +39,10 @@ pub async fn start(files: &[(&str, &str)]) -> TestServer {
     start_with(files, |_| {}).await
 }
 
-pub async fn start_with(files: &[(&str, &str)], configure: impl FnOnce(&mut Settings)) -> TestServer {
+pub async fn start_with(
+    files: &[(&str, &str)],
+    configure: impl FnOnce(&mut Settings),
+) -> TestServer {
     let dir = tempfile::tempdir().expect("temp dir");
     write_rules(dir.path(), files);
     let mut settings = Settings::local(dir.path().to_path_buf());
@@ -60,6 +63,29 @@ pub async fn start_with(files: &[(&str, &str)], configure: impl FnOnce(&mut Sett
     }
 }
 
+/// A server on the rule files of an existing directory, e.g. a fixture directory.
+pub async fn start_on_dir(dir: &Path) -> TestServer {
+    let files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .expect("fixture dir")
+        .map(|e| e.expect("entry").path())
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).expect("fixture"))
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.as_str()))
+        .collect();
+    start(&files).await
+}
+
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
 pub async fn connect(addr: std::net::SocketAddr) -> RateLimitServiceClient<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
@@ -69,7 +95,10 @@ pub async fn connect(addr: std::net::SocketAddr) -> RateLimitServiceClient<Chann
 }
 
 impl TestServer {
-    pub async fn call(&self, request: RateLimitRequest) -> Result<RateLimitResponse, tonic::Status> {
+    pub async fn call(
+        &self,
+        request: RateLimitRequest,
+    ) -> Result<RateLimitResponse, tonic::Status> {
         let mut client = self.client.clone();
         tokio::time::timeout(CALL_TIMEOUT, client.should_rate_limit(request))
             .await
