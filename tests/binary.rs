@@ -75,6 +75,12 @@ const EXPECTED: &[(&str, usize, &str, &str)] = &[
         "`no_such_limit`",
     ),
     (
+        "semantic.yaml",
+        54,
+        "descriptors[8].rate_limit",
+        "cannot have other limits",
+    ),
+    (
         "unknown-field.yaml",
         4,
         "descriptors[0]",
