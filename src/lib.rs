@@ -1,6 +1,7 @@
 //! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API.
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod decision;
 pub mod grpc;
 pub mod limiter;

@@ -7,12 +7,13 @@ use anyhow::Context;
 use clap::Parser;
 use sluice::limiter::SystemClock;
 use sluice::rules::{self, ConfigError};
-use sluice::settings::{Cli, Command, LogFormat, Settings};
+use sluice::settings::{CheckArgs, Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { dir } => validate(&dir),
+        Command::Check(args) => check(args),
         Command::Serve(settings) => match serve(settings) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -43,6 +44,43 @@ fn validate(dir: &std::path::Path) -> ExitCode {
         Err(errors) => {
             print_errors(&errors);
             eprintln!("{}: {} errors", dir.display(), errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(args: CheckArgs) -> ExitCode {
+    let descriptors = match args
+        .descriptors
+        .iter()
+        .map(|d| sluice::client::parse_descriptor(d))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(descriptors) => descriptors,
+        Err(e) => {
+            eprintln!("sluice check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: args.domain,
+        descriptors,
+        hits_addend: args.hits,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("sluice check: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice::client::check(args.addr, request.clone(), args.timeout)) {
+        Ok(response) => {
+            print!("{}", sluice::client::describe(&request, &response));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice check: {e}");
             ExitCode::FAILURE
         }
     }

@@ -27,6 +27,31 @@ pub enum Command {
         /// Directory of rule files (*.yaml, *.yml).
         dir: PathBuf,
     },
+    /// Ask a running server once, as Envoy would, and print its answer.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Address of the sluice gRPC server.
+    #[arg(long, env = "SLUICE_ADDR", default_value = "127.0.0.1:8081")]
+    pub addr: SocketAddr,
+
+    /// The rate-limit domain.
+    #[arg(long)]
+    pub domain: String,
+
+    /// A descriptor as key=value,key2=value2; repeat for several.
+    #[arg(long = "descriptor", required = true)]
+    pub descriptors: Vec<String>,
+
+    /// Hits this call adds (Envoy's hits_addend; 0 means 1).
+    #[arg(long, default_value_t = 0)]
+    pub hits: u32,
+
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

