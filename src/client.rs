@@ -109,7 +109,10 @@ mod tests {
     fn descriptors_parse_from_pairs() {
         let d = parse_descriptor("api_key=k1, model=gpt-4o").unwrap();
         assert_eq!(d.entries.len(), 2);
-        assert_eq!((d.entries[1].key.as_str(), d.entries[1].value.as_str()), ("model", "gpt-4o"));
+        assert_eq!(
+            (d.entries[1].key.as_str(), d.entries[1].value.as_str()),
+            ("model", "gpt-4o")
+        );
         assert!(parse_descriptor("api_key").is_err());
     }
 }

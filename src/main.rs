@@ -67,14 +67,21 @@ fn check(args: CheckArgs) -> ExitCode {
         descriptors,
         hits_addend: args.hits,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("sluice check: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sluice::client::check(args.addr, request.clone(), args.timeout)) {
+    match runtime.block_on(sluice::client::check(
+        args.addr,
+        request.clone(),
+        args.timeout,
+    )) {
         Ok(response) => {
             print!("{}", sluice::client::describe(&request, &response));
             ExitCode::SUCCESS
