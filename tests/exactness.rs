@@ -12,6 +12,23 @@ use sluice::limiter::{
 };
 
 const THREADS: usize = 8;
+
+/// One request (1 per call) against `limit` on the counter `scope`/`parts`.
+fn one_request<'a>(scope: u64, unit: Unit, parts: &'a [&'a str], limit: u32) -> Demand<'a> {
+    Demand {
+        counter: CounterRef { scope, unit, parts },
+        limits: Limits {
+            requests: Some(limit),
+            tokens: None,
+        },
+        charge: Counts {
+            requests: 1,
+            tokens: 0,
+        },
+        refund: false,
+        enforcement: Enforcement::Enforce,
+    }
+}
 const WINDOWS: u64 = 40;
 
 /// Every thread tries `attempts` calls in each window; returns what each window admitted.
@@ -130,40 +147,8 @@ fn a_denied_multi_limit_request_rolls_back_under_contention() {
             scope.spawn(move || {
                 let key = [if t % 2 == 0 { "even" } else { "odd" }];
                 let demands = [
-                    Demand {
-                        counter: CounterRef {
-                            scope: 1,
-                            unit: Unit::Minute,
-                            parts: &key,
-                        },
-                        limits: Limits {
-                            requests: Some(300),
-                            tokens: None,
-                        },
-                        charge: Counts {
-                            requests: 1,
-                            tokens: 0,
-                        },
-                        refund: false,
-                        enforcement: Enforcement::Enforce,
-                    },
-                    Demand {
-                        counter: CounterRef {
-                            scope: 2,
-                            unit: Unit::Minute,
-                            parts: shared_parts,
-                        },
-                        limits: Limits {
-                            requests: Some(1_000),
-                            tokens: None,
-                        },
-                        charge: Counts {
-                            requests: 1,
-                            tokens: 0,
-                        },
-                        refund: false,
-                        enforcement: Enforcement::Enforce,
-                    },
+                    one_request(1, Unit::Minute, &key, 300),
+                    one_request(2, Unit::Minute, shared_parts, 1_000),
                 ];
                 let mut outcomes = [Outcome::default(); 2];
                 for _ in 0..1_000 {
