@@ -10,7 +10,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 use crate::limiter::{Counts, Demand, Enforcement, Limiter, Limits, Outcome, Unit};
-use crate::rules::{Entry, Limit, Measure, Policy, Rule, RuleSet, stable_id};
+use crate::rules::{Entry, Limit, Measure, Policy, Rule, RuleSet, override_scope};
 
 /// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +156,7 @@ pub fn decide<'r, E: Entry>(
             let keys = ask.entries.iter().map(Entry::key);
             demands.push(Demand {
                 counter: crate::limiter::CounterRef {
-                    scope: stable_id(domain, std::iter::once("\0override").chain(keys)),
+                    scope: override_scope(domain, keys),
                     unit: over_ride.unit,
                     parts: &parts[i],
                 },

@@ -5,6 +5,7 @@ pub mod client;
 pub mod decision;
 pub mod grpc;
 pub mod limiter;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod settings;

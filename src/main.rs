@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use sluice::limiter::SystemClock;
 use sluice::rules::{self, ConfigError};
+use sluice::server::ServerError;
 use sluice::settings::{CheckArgs, Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
@@ -106,30 +107,25 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
 
 fn serve(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings)?;
-    let rules = match rules::load_dir(&settings.config) {
-        Ok(rules) => rules,
-        Err(errors) => {
-            print_errors(&errors);
-            anyhow::bail!(
-                "refusing to start: {} errors in {}",
-                errors.len(),
-                settings.config.display()
-            );
-        }
-    };
-    tracing::info!(
-        config = %settings.config.display(),
-        domains = rules.domains().count(),
-        rules = rules.rule_count(),
-        "rules loaded"
-    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let grace = settings.shutdown_grace;
-        let mut running = sluice::server::start(settings, rules, Arc::new(SystemClock)).await?;
+        let config = settings.config.clone();
+        let mut running = match sluice::server::start(settings, Arc::new(SystemClock)).await {
+            Ok(running) => running,
+            Err(ServerError::Rules(errors)) => {
+                print_errors(&errors);
+                anyhow::bail!(
+                    "refusing to start: {} errors in {}",
+                    errors.len(),
+                    config.display()
+                );
+            }
+            Err(e) => return Err(e.into()),
+        };
         tokio::select! {
             signal = shutdown_signal() => {
                 tracing::info!(signal, "shutting down");

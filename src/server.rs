@@ -15,7 +15,8 @@ use tonic::transport::server::TcpIncoming;
 use crate::decision::Mode;
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::{Clock, Limiter};
-use crate::rules::RuleSet;
+use crate::reload::{self, Catalog, ReloadSettings, ReloadStatus};
+use crate::rules::{ConfigError, RuleSet};
 use crate::settings::Settings;
 
 /// Everything a request needs, shared by every connection.
@@ -26,6 +27,8 @@ pub struct App {
     pub limiter: Limiter,
     pub settings: Settings,
     pub stats: Stats,
+    /// What the last reloads did (generation, hash, per-file errors).
+    pub reload_status: ArcSwap<ReloadStatus>,
 }
 
 impl App {
@@ -35,6 +38,7 @@ impl App {
             limiter: Limiter::new(clock),
             settings,
             stats: Stats::default(),
+            reload_status: ArcSwap::from_pointee(ReloadStatus::default()),
         }
     }
 
@@ -63,6 +67,8 @@ impl Stats {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    #[error("refusing to start: {} errors in the rule files", .0.len())]
+    Rules(Vec<ConfigError>),
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -79,6 +85,7 @@ pub struct Running {
     shutdown: oneshot::Sender<()>,
     serving: JoinHandle<Result<(), ServerError>>,
     sweeping: JoinHandle<()>,
+    reloading: JoinHandle<()>,
 }
 
 impl Running {
@@ -86,6 +93,7 @@ impl Running {
     pub async fn stop(self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(());
         self.sweeping.abort();
+        self.reloading.abort();
         match self.serving.await {
             Ok(result) => result,
             Err(_) => Ok(()),
@@ -98,12 +106,16 @@ impl Running {
     }
 }
 
-/// Binds the gRPC address and starts serving `rules`.
-pub async fn start(
-    settings: Settings,
-    rules: RuleSet,
-    clock: Arc<dyn Clock>,
-) -> Result<Running, ServerError> {
+/// Loads the rules of `settings.config` (refusing any error), binds the gRPC address, and
+/// starts serving, reloading rules as they change.
+pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
+    let (catalog, rules) = Catalog::load(&settings.config).map_err(ServerError::Rules)?;
+    tracing::info!(
+        config = %settings.config.display(),
+        domains = rules.domains().count(),
+        rules = rules.rule_count(),
+        "rules loaded"
+    );
     let addr = settings.grpc_addr;
     let listener = TcpListener::bind(addr)
         .await
@@ -112,6 +124,7 @@ pub async fn start(
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
     let app = Arc::new(App::new(settings, rules, clock));
+    app.reload_status.store(Arc::new(catalog.status()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -138,6 +151,12 @@ pub async fn start(
             .map_err(ServerError::from)
     });
     let sweeping = tokio::spawn(sweep(app.clone()));
+    let reload_settings = ReloadSettings {
+        watch: app.settings.watch,
+        debounce: app.settings.reload_debounce,
+        rescan_every: app.settings.rescan_interval,
+    };
+    let reloading = tokio::spawn(reload::run(app.clone(), catalog, reload_settings));
     tracing::info!(%grpc_addr, "serving ShouldRateLimit over gRPC");
     Ok(Running {
         grpc_addr,
@@ -145,6 +164,7 @@ pub async fn start(
         shutdown,
         serving,
         sweeping,
+        reloading,
     })
 }
 

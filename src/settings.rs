@@ -93,6 +93,25 @@ pub struct Settings {
     )]
     pub shadow_mode: bool,
 
+    /// Watch the config directory and reload rules when files change.
+    #[arg(
+        long,
+        env = "SLUICE_WATCH",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub watch: bool,
+
+    /// Quiet time after the last file event before rules reload.
+    #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE", default_value = "200ms", value_parser = parse_duration)]
+    pub reload_debounce: Duration,
+
+    /// Rescan the config directory this often, whatever the file events say.
+    #[arg(long, env = "SLUICE_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub rescan_interval: Duration,
+
     /// How often counters of ended windows are dropped.
     #[arg(long, env = "SLUICE_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -149,6 +168,9 @@ impl Settings {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             shadow_mode: false,
+            watch: true,
+            reload_debounce: Duration::from_millis(200),
+            rescan_interval: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             request_limits: RequestLimits::default(),

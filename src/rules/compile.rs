@@ -9,7 +9,9 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use super::locate::{YamlPath, locate};
 use super::matcher::{Level, Node, Pattern, Selector};
 use super::raw::{RawDescriptor, RawFile, RawLimit};
-use super::{ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile, stable_id};
+use super::{
+    ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile, rule_scope,
+};
 use crate::limiter::{Enforcement, Unit};
 
 /// Compiles one rule file into its domain.
@@ -190,7 +192,7 @@ impl Compiler<'_> {
         }
         let rule = policy.map(|policy| {
             let rule = Arc::new(Rule {
-                id: stable_id(&self.domain, ancestry.identity.iter().map(String::as_str)),
+                id: rule_scope(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
                 path: ancestry.stats_path.join(".").into(),
                 file: self.file.path.clone(),

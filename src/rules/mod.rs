@@ -123,12 +123,13 @@ pub struct Domain {
 /// Every loaded domain. Immutable: a reload builds a new one and swaps it in.
 #[derive(Debug, Default)]
 pub struct RuleSet {
-    domains: HashMap<Box<str>, Domain>,
+    domains: HashMap<Box<str>, Arc<Domain>>,
 }
 
 impl RuleSet {
-    /// Puts compiled domains together; a domain defined by two files is an error naming both.
-    pub fn assemble(domains: Vec<Domain>) -> Result<RuleSet, Vec<ConfigError>> {
+    /// Puts compiled domains together, in the order given. A domain already defined by an
+    /// earlier file is left out, with an error that names both files.
+    pub fn assemble(domains: Vec<Arc<Domain>>) -> (RuleSet, Vec<ConfigError>) {
         let mut set = RuleSet::default();
         let mut errors = Vec::new();
         for domain in domains {
@@ -149,24 +150,41 @@ impl RuleSet {
             }
             set.domains.insert(domain.name.clone(), domain);
         }
-        if errors.is_empty() {
-            Ok(set)
-        } else {
-            Err(errors)
-        }
+        (set, errors)
     }
 
     pub fn domain(&self, name: &str) -> Option<&Domain> {
-        self.domains.get(name)
+        self.domains.get(name).map(|d| &**d)
     }
 
-    pub fn domains(&self) -> impl Iterator<Item = &Domain> {
+    pub fn domains(&self) -> impl Iterator<Item = &Arc<Domain>> {
         self.domains.values()
+    }
+
+    /// The counter scopes of every rule in the set.
+    pub fn rule_scopes(&self) -> std::collections::HashSet<u64> {
+        self.domains
+            .values()
+            .flat_map(|d| d.rules.iter().map(|r| r.id))
+            .collect()
     }
 
     pub fn rule_count(&self) -> usize {
         self.domains.values().map(|d| d.rules.len()).sum()
     }
+}
+
+/// Counter scopes with this bit set belong to a request's limit override, not to a rule.
+pub const OVERRIDE_SCOPE: u64 = 1 << 63;
+
+/// The counter scope of a rule: its stable id, with the override bit clear.
+pub fn rule_scope<'a>(domain: &str, path: impl IntoIterator<Item = &'a str>) -> u64 {
+    stable_id(domain, path) & !OVERRIDE_SCOPE
+}
+
+/// The counter scope of a limit override sent for descriptors with these keys.
+pub fn override_scope<'a>(domain: &str, keys: impl IntoIterator<Item = &'a str>) -> u64 {
+    stable_id(domain, keys) | OVERRIDE_SCOPE
 }
 
 /// FNV-1a over a domain and the parts of a descriptor path: the same rule gets the same id in
@@ -225,8 +243,9 @@ pub struct SourceFile {
 }
 
 /// The rule files of a directory: `*.yaml` and `*.yml`, not hidden, symlinks followed (as a
-/// Kubernetes ConfigMap volume lays them out), sorted by name.
-pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<ConfigError>> {
+/// Kubernetes ConfigMap volume lays them out), sorted by name. A file that cannot be read is an
+/// error of its own and does not keep the others from loading.
+pub fn read_dir(dir: &Path) -> Result<(Vec<SourceFile>, Vec<ConfigError>), ConfigError> {
     let io_error = |path: &Path, e: std::io::Error| ConfigError {
         file: path.to_path_buf(),
         line: None,
@@ -234,10 +253,10 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<ConfigError>> {
         field: None,
         message: format!("cannot read: {e}"),
     };
-    let entries = std::fs::read_dir(dir).map_err(|e| vec![io_error(dir, e)])?;
+    let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, e))?;
     let mut paths = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| vec![io_error(dir, e)])?;
+        let entry = entry.map_err(|e| io_error(dir, e))?;
         let path = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -257,30 +276,24 @@ pub fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, Vec<ConfigError>> {
             Err(e) => errors.push(io_error(&path, e)),
         }
     }
-    if errors.is_empty() {
-        Ok(files)
-    } else {
-        Err(errors)
-    }
+    Ok((files, errors))
 }
 
 /// Reads and compiles a rule directory, reporting every error of every file.
 pub fn load_dir(dir: &Path) -> Result<RuleSet, Vec<ConfigError>> {
-    let files = read_dir(dir)?;
+    let (files, mut errors) = read_dir(dir).map_err(|e| vec![e])?;
     let mut domains = Vec::new();
-    let mut errors = Vec::new();
     for file in &files {
         match compile_file(file) {
-            Ok(domain) => domains.push(domain),
+            Ok(domain) => domains.push(Arc::new(domain)),
             Err(mut file_errors) => errors.append(&mut file_errors),
         }
     }
-    match RuleSet::assemble(domains) {
-        Ok(set) if errors.is_empty() => Ok(set),
-        Ok(_) => Err(errors),
-        Err(mut domain_errors) => {
-            errors.append(&mut domain_errors);
-            Err(errors)
-        }
+    let (set, mut domain_errors) = RuleSet::assemble(domains);
+    errors.append(&mut domain_errors);
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(errors)
     }
 }

@@ -47,11 +47,8 @@ pub async fn start_with(
     write_rules(dir.path(), files);
     let mut settings = Settings::local(dir.path().to_path_buf());
     configure(&mut settings);
-    let rules = sluice::rules::load_dir(dir.path()).unwrap_or_else(|errors| {
-        panic!("test rules do not load: {errors:?}");
-    });
     let clock = Arc::new(ManualClock::new(T0));
-    let running = sluice::server::start(settings, rules, clock.clone())
+    let running = sluice::server::start(settings, clock.clone())
         .await
         .expect("server starts");
     let client = connect(running.grpc_addr).await;
