@@ -424,3 +424,38 @@ async fn sighup_reloads() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn a_file_claiming_another_files_domain_is_left_out() {
+    let server = start_watching(&[("a.yaml", &rules("api", "user", 5))]).await;
+    let newcomer = server.dir.path().join("b.yaml");
+    std::fs::write(&newcomer, rules("api", "user", 99)).unwrap();
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    loop {
+        let s = status(&server);
+        if let Some(file) = s
+            .files
+            .iter()
+            .find(|f| f.path == newcomer && !f.errors.is_empty())
+        {
+            assert!(
+                file.errors[0].message.contains("already defined in"),
+                "{:?}",
+                file.errors
+            );
+            assert!(file.domain.is_none(), "b serves nothing");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no conflict reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        limit_now(&server, "api", "user").await,
+        Some(5),
+        "a keeps its domain"
+    );
+    // Once a.yaml is gone, b.yaml's version applies.
+    std::fs::remove_file(server.dir.path().join("a.yaml")).unwrap();
+    wait_for_limit(&server, "api", "user", Some(99)).await;
+    server.stop().await;
+}
