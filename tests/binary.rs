@@ -162,38 +162,11 @@ fn serve_refuses_broken_rules_with_the_same_messages() {
     assert!(stderr.contains("refusing to start"), "{stderr}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn serve_answers_on_the_default_rules_and_stops_on_sigterm() {
-    let port = free_port();
     let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let mut child = tokio::process::Command::new(SLUICE)
-        .arg("serve")
-        .env("SLUICE_CONFIG", &config)
-        .env("SLUICE_GRPC_ADDR", format!("127.0.0.1:{port}"))
-        .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sluice serve");
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
-        if let Ok(channel) = endpoint.connect().await {
-            break envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel);
-        }
-        assert!(Instant::now() < deadline, "sluice did not start listening");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let config = config.to_str().unwrap();
+    let (mut child, mut client) = spawn_sluice(&[], &[("SLUICE_CONFIG", config)]).await;
     // The default rules: a partner key has 600 requests a minute.
     let call = request("llm_gateway", &[&[("api_key", "partner-team-key")]]);
     let response = client
@@ -211,12 +184,7 @@ async fn serve_answers_on_the_default_rules_and_stops_on_sigterm() {
         .into_inner();
     assert!(!is_ok(&response));
 
-    let pid = child.id().expect("pid");
-    let kill = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    signal(&child, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .expect("exits after SIGTERM")

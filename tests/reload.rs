@@ -355,36 +355,19 @@ async fn sighup_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.yaml");
     std::fs::write(&path, rules("api", "user", 5)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--watch", "false", "--rescan-interval", "1h"])
-        .arg("--config")
-        .arg(dir.path())
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{port}"),
-            "--http-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let deadline = Instant::now() + APPLY_TIMEOUT;
-    let mut client = loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
-        if let Ok(channel) = endpoint.connect().await {
-            break envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel);
-        }
-        assert!(Instant::now() < deadline, "sluice did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let config = dir.path().to_str().unwrap();
+    let (mut child, mut client) = spawn_sluice(
+        &[
+            "--watch",
+            "false",
+            "--rescan-interval",
+            "1h",
+            "--config",
+            config,
+        ],
+        &[],
+    )
+    .await;
     let mut limit = async || {
         let r = client
             .should_rate_limit(peek("api", "user"))
@@ -401,23 +384,13 @@ async fn sighup_reloads() {
         Some(5),
         "no watcher: nothing reloads by itself"
     );
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&child, "HUP");
     let deadline = Instant::now() + APPLY_TIMEOUT;
     while limit().await != Some(12) {
         assert!(Instant::now() < deadline, "SIGHUP did not reload");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    signal(&child, "TERM");
     let status = tokio::time::timeout(APPLY_TIMEOUT, child.wait())
         .await
         .unwrap()

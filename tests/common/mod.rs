@@ -171,3 +171,59 @@ pub fn limit_of(response: &RateLimitResponse, i: usize) -> Option<u32> {
         .as_ref()
         .map(|l| l.requests_per_unit)
 }
+
+/// A port that was free a moment ago, for a child process to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// A `sluice serve` process of the real binary on a free loopback port, and a client once it
+/// listens. `args` come after `serve`; the process is killed if the test drops it.
+pub async fn spawn_sluice(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (tokio::process::Child, RateLimitServiceClient<Channel>) {
+    let port = free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("serve")
+        .args(args)
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sluice serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .timeout(CALL_TIMEOUT);
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            return (child, RateLimitServiceClient::new(channel));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sluice serve exited at start: {status}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sluice did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a signal to a child process with kill(1).
+pub fn signal(child: &tokio::process::Child, name: &str) {
+    let pid = child.id().expect("running child").to_string();
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{name} {pid}");
+}
