@@ -124,16 +124,21 @@ pub fn decide<'r, E: Entry>(
     };
 
     // The values that tell one caller's counter from another's, per descriptor.
+    // An override's counter is named by its domain and entries, as no rule names it.
     let parts: SmallVec<[SmallVec<[&str; 8]>; 8]> = asks
         .iter()
         .zip(&matched)
         .map(|(ask, rule)| {
+            if ask.limit_override.is_some() {
+                return std::iter::once(domain)
+                    .chain(ask.entries.iter().flat_map(|e| [e.key(), e.value()]))
+                    .collect();
+            }
             ask.entries
                 .iter()
                 .enumerate()
                 .map(|(level, entry)| {
                     let shared = rule
-                        .filter(|_| ask.limit_override.is_none())
                         .and_then(|r| r.shared_values.get(level))
                         .and_then(Option::as_deref);
                     shared.unwrap_or(entry.value())

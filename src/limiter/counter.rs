@@ -14,6 +14,10 @@
 //! algorithm (a sliding window's previous count) would keep its state. `u32::MAX` as a window
 //! marks a counter the sweeper has retired: an increment can never land in a counter that has
 //! left the table.
+//!
+//! With a fleet store (Redis) configured, two more words ride along, written only by the sync
+//! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
+//! had counted in the window at the last sync. They are read, never written, by requests.
 
 use portable_atomic::{AtomicU128, Ordering};
 
@@ -36,6 +40,13 @@ impl Counts {
 
     pub fn is_zero(self) -> bool {
         self == Counts::ZERO
+    }
+
+    pub fn plus(self, other: Counts) -> Counts {
+        Counts {
+            requests: self.requests.saturating_add(other.requests),
+            tokens: self.tokens.saturating_add(other.tokens),
+        }
     }
 }
 
@@ -67,6 +78,93 @@ impl Over {
     }
 }
 
+/// How the rest of the fleet is seen, read once per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FleetView {
+    /// No fleet store: this process is the whole fleet.
+    #[default]
+    Alone,
+    /// The store answers: count against fleet totals, and between syncs take at most this
+    /// replica's share of what the fleet has left.
+    Synced { replicas: u32 },
+    /// The store is unreachable: enforce `limit / replicas` on local counts alone.
+    LocalShare { replicas: u32 },
+    /// The store is unreachable and the policy is to let everything through.
+    AllowAll,
+    /// The store is unreachable and the policy is to refuse anything limited.
+    DenyAll,
+}
+
+/// What the fleet had counted at the last sync, as this counter knows it.
+#[derive(Debug, Clone, Copy, Default)]
+struct FleetCounts {
+    pushed: Counts,
+    others: Counts,
+}
+
+fn ceil_div(a: u64, b: u64) -> u64 {
+    a.div_ceil(b.max(1))
+}
+
+/// Whether `charge` on top of `local` breaks `limit`, as the fleet view has it.
+fn breaks_in_fleet(
+    local: u32,
+    charge: u32,
+    limit: Option<u32>,
+    pushed: u32,
+    others: u32,
+    view: FleetView,
+) -> bool {
+    let Some(limit) = limit else { return false };
+    match view {
+        FleetView::Alone => breaks(local, charge, Some(limit)),
+        FleetView::AllowAll => false,
+        FleetView::DenyAll => true,
+        FleetView::LocalShare { replicas } => {
+            let share = ceil_div(u64::from(limit), u64::from(replicas)) as u32;
+            breaks(local, charge, Some(share))
+        }
+        FleetView::Synced { replicas } => {
+            if breaks(local.saturating_add(others), charge, Some(limit)) {
+                return true;
+            }
+            // Between syncs, take at most a fair share of what the fleet had left, so that N
+            // replicas deciding at once overshoot by a rounding at most.
+            let fleet_total = u64::from(others) + u64::from(pushed);
+            let left = u64::from(limit).saturating_sub(fleet_total);
+            let share = ceil_div(left, u64::from(replicas)).min(u64::from(u32::MAX)) as u32;
+            charge > 0 && breaks(local.saturating_sub(pushed), charge, Some(share))
+        }
+    }
+}
+
+fn judge(
+    local: Counts,
+    charge: Counts,
+    limits: Limits,
+    fleet: FleetCounts,
+    view: FleetView,
+) -> Over {
+    Over {
+        requests: breaks_in_fleet(
+            local.requests,
+            charge.requests,
+            limits.requests,
+            fleet.pushed.requests,
+            fleet.others.requests,
+            view,
+        ),
+        tokens: breaks_in_fleet(
+            local.tokens,
+            charge.tokens,
+            limits.tokens,
+            fleet.pushed.tokens,
+            fleet.others.tokens,
+            view,
+        ),
+    }
+}
+
 /// What a counter said to a charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reading {
@@ -84,6 +182,8 @@ pub struct Retired;
 #[derive(Debug)]
 pub struct Counter {
     word: AtomicU128,
+    pushed: AtomicU128,
+    others: AtomicU128,
 }
 
 fn pack(window: u32, counts: Counts) -> u128 {
@@ -117,6 +217,8 @@ impl Counter {
     pub fn new() -> Self {
         Counter {
             word: AtomicU128::new(0),
+            pushed: AtomicU128::new(0),
+            others: AtomicU128::new(0),
         }
     }
 
@@ -139,6 +241,23 @@ impl Counter {
         limits: Limits,
         enforce: bool,
     ) -> Result<Reading, Retired> {
+        self.charge_in_fleet(window, charge, limits, enforce, FleetView::Alone)
+    }
+
+    /// [`Counter::charge`], judged against the fleet as `view` sees it. The counts reported
+    /// are the fleet's: this replica's plus the others' at the last sync.
+    pub fn charge_in_fleet(
+        &self,
+        window: Window,
+        charge: Counts,
+        limits: Limits,
+        enforce: bool,
+        view: FleetView,
+    ) -> Result<Reading, Retired> {
+        let fleet = match view {
+            FleetView::Synced { .. } => self.fleet_counts(window),
+            _ => FleetCounts::default(),
+        };
         let mut current = self.word.load(Ordering::Acquire);
         loop {
             let (stamp, mut counts) = unpack(current);
@@ -153,10 +272,10 @@ impl Counter {
             } else {
                 stamp
             };
-            let over = Over::check(counts, charge, limits);
+            let over = judge(counts, charge, limits, fleet, view);
             if (enforce && over.any()) || charge.is_zero() {
                 return Ok(Reading {
-                    counts,
+                    counts: counts.plus(fleet.others),
                     over,
                     counted: false,
                 });
@@ -173,7 +292,7 @@ impl Counter {
             ) {
                 Ok(_) => {
                     return Ok(Reading {
-                        counts: after,
+                        counts: after.plus(fleet.others),
                         over,
                         counted: true,
                     });
@@ -215,6 +334,69 @@ impl Counter {
         }
     }
 
+    /// What `charge` would meet, without adding it: fleet counts and the limits it would break.
+    pub fn assess(
+        &self,
+        window: Window,
+        charge: Counts,
+        limits: Limits,
+        view: FleetView,
+    ) -> Reading {
+        let local = self.counts(window);
+        let fleet = match view {
+            FleetView::Synced { .. } => self.fleet_counts(window),
+            _ => FleetCounts::default(),
+        };
+        Reading {
+            counts: local.plus(fleet.others),
+            over: judge(local, charge, limits, fleet, view),
+            counted: false,
+        }
+    }
+
+    fn fleet_counts(&self, window: Window) -> FleetCounts {
+        let at = |word: &AtomicU128| {
+            let (stamp, counts) = unpack(word.load(Ordering::Acquire));
+            if stamp == window.0 {
+                counts
+            } else {
+                Counts::ZERO
+            }
+        };
+        FleetCounts {
+            pushed: at(&self.pushed),
+            others: at(&self.others),
+        }
+    }
+
+    /// This replica's own counts: window stamp and counts, as stored.
+    pub fn local(&self) -> (Window, Counts) {
+        let (stamp, counts) = unpack(self.word.load(Ordering::Acquire));
+        (Window(stamp), counts)
+    }
+
+    /// What was last pushed to the fleet store, for the window it was pushed in.
+    pub fn pushed(&self) -> (Window, Counts) {
+        let (stamp, counts) = unpack(self.pushed.load(Ordering::Acquire));
+        (Window(stamp), counts)
+    }
+
+    /// The rest of the fleet's counts in `window`, as of the last sync.
+    pub fn others(&self, window: Window) -> Counts {
+        self.fleet_counts(window).others
+    }
+
+    /// Records a sync: `pushed` of this replica's counts are in the store, and the store's
+    /// total was `fleet_total`. Only the sync task calls this.
+    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts) {
+        let others = Counts {
+            requests: fleet_total.requests.saturating_sub(pushed.requests),
+            tokens: fleet_total.tokens.saturating_sub(pushed.tokens),
+        };
+        self.pushed.store(pack(window.0, pushed), Ordering::Release);
+        self.others.store(pack(window.0, others), Ordering::Release);
+    }
+
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
     /// charges, so the sweeper can drop it without losing a count.
     pub fn retire_if_idle(&self, current: Window) -> bool {
@@ -223,7 +405,9 @@ impl Counter {
         if stamp == RETIRED {
             return true;
         }
-        if stamp >= current.0 {
+        // Kept while the rest of the fleet counts in the current window, so the sync keeps
+        // its view of the others fresh.
+        if stamp >= current.0 || unpack(self.others.load(Ordering::Acquire)).0 >= current.0 {
             return false;
         }
         self.word
@@ -364,5 +548,69 @@ mod tests {
             c.charge(Window(101), req(1), Limits::default(), true),
             Err(Retired)
         );
+    }
+
+    fn admitted(c: &Counter, limits: Limits, view: FleetView, tries: usize) -> usize {
+        (0..tries)
+            .filter(|_| {
+                c.charge_in_fleet(W, req(1), limits, true, view)
+                    .unwrap()
+                    .counted
+            })
+            .count()
+    }
+
+    #[test]
+    fn synced_replicas_take_a_fair_share_between_syncs() {
+        let l = Limits {
+            requests: Some(30),
+            tokens: None,
+        };
+        let view = FleetView::Synced { replicas: 3 };
+        let c = Counter::new();
+        // Never synced: at most a third of the limit.
+        assert_eq!(admitted(&c, l, view, 20), 10);
+        // The sync says the fleet holds 25, 10 of them ours: 5 left, a share of 2.
+        c.synced(W, req(10), req(25));
+        assert_eq!(c.others(W), req(15));
+        assert_eq!(admitted(&c, l, view, 20), 2);
+        let reading = c.assess(W, Counts::ZERO, l, view);
+        assert_eq!(reading.counts, req(27), "fleet counts are reported");
+        // The fleet is full: even a check says over.
+        c.synced(W, req(12), req(30));
+        assert!(c.assess(W, Counts::ZERO, l, view).over.requests);
+        // The rest of the fleet's counts belong to their window only.
+        assert_eq!(c.others(Window(101)), Counts::ZERO);
+    }
+
+    #[test]
+    fn outage_policies() {
+        let l = Limits {
+            requests: Some(30),
+            tokens: None,
+        };
+        assert_eq!(
+            admitted(
+                &Counter::new(),
+                l,
+                FleetView::LocalShare { replicas: 3 },
+                20
+            ),
+            10
+        );
+        assert_eq!(admitted(&Counter::new(), l, FleetView::AllowAll, 50), 50);
+        assert_eq!(admitted(&Counter::new(), l, FleetView::DenyAll, 5), 0);
+        // Unlimited slots stay unlimited whatever the policy.
+        let free = Limits::default();
+        assert_eq!(admitted(&Counter::new(), free, FleetView::DenyAll, 5), 5);
+    }
+
+    #[test]
+    fn counters_active_elsewhere_are_not_retired() {
+        let c = Counter::new();
+        c.charge(W, req(1), Limits::default(), true).unwrap();
+        c.synced(Window(101), Counts::ZERO, req(4));
+        assert!(!c.retire_if_idle(Window(101)));
+        assert!(c.retire_if_idle(Window(102)));
     }
 }

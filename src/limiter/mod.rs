@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, Limits, Over, Reading};
+pub use counter::{Counter, Counts, FleetView, Limits, Over, Reading};
 pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Unit, Window};
 
@@ -51,10 +51,48 @@ pub struct Outcome {
     pub until_reset: Duration,
 }
 
-/// The counters and the clock. Cheap to share: clone the `Arc`.
+/// The counters, the clock, and how the rest of the fleet is seen.
 pub struct Limiter {
     table: CounterTable,
     clock: Arc<dyn Clock>,
+    fleet: FleetState,
+}
+
+/// How the fleet looks to the request path, set by the sync task: one atomic word, read once
+/// per request.
+#[derive(Debug, Default)]
+pub struct FleetState(std::sync::atomic::AtomicU64);
+
+impl FleetState {
+    const ALONE: u64 = 0;
+    const SYNCED: u64 = 1;
+    const LOCAL_SHARE: u64 = 2;
+    const ALLOW_ALL: u64 = 3;
+    const DENY_ALL: u64 = 4;
+
+    pub fn set(&self, view: FleetView) {
+        let (tag, replicas) = match view {
+            FleetView::Alone => (Self::ALONE, 1),
+            FleetView::Synced { replicas } => (Self::SYNCED, replicas),
+            FleetView::LocalShare { replicas } => (Self::LOCAL_SHARE, replicas),
+            FleetView::AllowAll => (Self::ALLOW_ALL, 1),
+            FleetView::DenyAll => (Self::DENY_ALL, 1),
+        };
+        let word = (u64::from(replicas.max(1)) << 8) | tag;
+        self.0.store(word, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> FleetView {
+        let word = self.0.load(std::sync::atomic::Ordering::Acquire);
+        let replicas = ((word >> 8) as u32).max(1);
+        match word & 0xff {
+            Self::SYNCED => FleetView::Synced { replicas },
+            Self::LOCAL_SHARE => FleetView::LocalShare { replicas },
+            Self::ALLOW_ALL => FleetView::AllowAll,
+            Self::DENY_ALL => FleetView::DenyAll,
+            _ => FleetView::Alone,
+        }
+    }
 }
 
 impl Limiter {
@@ -62,7 +100,13 @@ impl Limiter {
         Limiter {
             table: CounterTable::new(),
             clock,
+            fleet: FleetState::default(),
         }
+    }
+
+    /// How the rest of the fleet is seen; the sync task sets it.
+    pub fn fleet(&self) -> &FleetState {
+        &self.fleet
     }
 
     pub fn clock(&self) -> &dyn Clock {
@@ -79,6 +123,7 @@ impl Limiter {
     pub fn decide(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
         debug_assert_eq!(demands.len(), outcomes.len());
         let now = self.clock.now_ms();
+        let view = self.fleet.get();
         let table = self.table.pin();
         let mut allowed = true;
         let (mut quota_limits, mut quota_open) = (0usize, 0usize);
@@ -88,8 +133,10 @@ impl Limiter {
             let window = unit.window_at(now);
             outcome.until_reset = unit.until_reset(now);
             if demand.refund {
-                outcome.counts =
-                    table.with_counter(demand.counter, |c| c.refund(window, demand.charge));
+                outcome.counts = table.with_counter(demand.counter, |c| {
+                    c.refund(window, demand.charge)
+                        .map(|own| own.plus(c.others(window)))
+                });
                 outcome.over = Over::default();
                 outcome.counted = false;
                 continue;
@@ -99,16 +146,16 @@ impl Limiter {
             let reading = if allowed {
                 let enforce = demand.enforcement != Enforcement::Shadow;
                 table.with_counter(demand.counter, |c| {
-                    c.charge(window, demand.charge, demand.limits, enforce)
+                    c.charge_in_fleet(window, demand.charge, demand.limits, enforce, view)
                 })
             } else {
-                let counts = table
-                    .get(demand.counter)
-                    .map_or(Counts::ZERO, |c| c.counts(window));
-                Reading {
-                    counts,
-                    over: Over::check(counts, demand.charge, demand.limits),
-                    counted: false,
+                match table.get(demand.counter) {
+                    Some(c) => c.assess(window, demand.charge, demand.limits, view),
+                    None => Reading {
+                        counts: Counts::ZERO,
+                        over: Over::check(Counts::ZERO, demand.charge, demand.limits),
+                        counted: false,
+                    },
                 }
             };
             outcome.counts = reading.counts;
@@ -131,8 +178,10 @@ impl Limiter {
                 if outcome.counted {
                     // Another request may have seen these hits for a moment; the counts end exact.
                     let window = demand.counter.unit.window_at(now);
-                    outcome.counts =
-                        table.with_counter(demand.counter, |c| c.refund(window, demand.charge));
+                    outcome.counts = table.with_counter(demand.counter, |c| {
+                        c.refund(window, demand.charge)
+                            .map(|own| own.plus(c.others(window)))
+                    });
                     outcome.counted = false;
                 }
             }

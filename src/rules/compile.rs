@@ -78,6 +78,7 @@ fn yaml_error(file: &SourceFile, e: &serde_yaml::Error) -> ConfigError {
 /// What the levels above a descriptor contribute to its rule.
 #[derive(Default, Clone)]
 struct Ancestry {
+    keys: Vec<Box<str>>,
     stats_path: Vec<String>,
     identity: Vec<String>,
     shared_values: Vec<Option<Box<str>>>,
@@ -175,6 +176,7 @@ impl Compiler<'_> {
             None => raw.key.clone(),
         };
         ancestry.stats_path.push(label);
+        ancestry.keys.push(raw.key.as_str().into());
         ancestry
             .identity
             .push(format!("{}={}", raw.key, value.unwrap_or("")));
@@ -207,6 +209,7 @@ impl Compiler<'_> {
                 },
                 detailed_metric: raw.detailed_metric,
                 value_to_metric: raw.value_to_metric,
+                keys: ancestry.keys.clone().into_boxed_slice(),
                 shared_values: ancestry.shared_values.clone().into_boxed_slice(),
                 metadata,
             });

@@ -93,6 +93,8 @@ pub struct Rule {
     pub enforcement: Enforcement,
     pub detailed_metric: bool,
     pub value_to_metric: bool,
+    /// The entry key of each level, from the top.
+    pub keys: Box<[Box<str>]>,
     /// Per level, the wildcard whose matches share one counter (`share_threshold`).
     pub shared_values: Box<[Option<Box<str>>]>,
     /// Added to the response's dynamic metadata when the rule matches.
