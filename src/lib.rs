@@ -9,3 +9,4 @@ pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod settings;
+pub mod sync;

@@ -18,6 +18,7 @@ use crate::limiter::{Clock, Limiter};
 use crate::reload::{self, Catalog, ReloadSettings, ReloadStatus};
 use crate::rules::{ConfigError, RuleSet};
 use crate::settings::Settings;
+use crate::sync::{self, Fleet};
 
 /// Everything a request needs, shared by every connection.
 pub struct App {
@@ -29,11 +30,19 @@ pub struct App {
     pub stats: Stats,
     /// What the last reloads did (generation, hash, per-file errors).
     pub reload_status: ArcSwap<ReloadStatus>,
+    /// The fleet store, when Redis is configured.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl App {
-    pub fn new(settings: Settings, rules: RuleSet, clock: Arc<dyn Clock>) -> App {
+    pub fn new(
+        settings: Settings,
+        rules: RuleSet,
+        clock: Arc<dyn Clock>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> App {
         App {
+            fleet,
             rules: ArcSwap::from_pointee(rules),
             limiter: Limiter::new(clock),
             settings,
@@ -74,6 +83,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("invalid Redis settings: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -86,14 +97,21 @@ pub struct Running {
     serving: JoinHandle<Result<(), ServerError>>,
     sweeping: JoinHandle<()>,
     reloading: JoinHandle<()>,
+    syncing: Option<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops accepting calls, lets calls in flight finish, and waits for the server to end.
-    pub async fn stop(self) -> Result<(), ServerError> {
+    pub async fn stop(mut self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(());
         self.sweeping.abort();
         self.reloading.abort();
+        if let Some(syncing) = self.syncing.take() {
+            syncing.abort();
+        }
+        if let Some(fleet) = &self.app.fleet {
+            fleet.leave().await;
+        }
         match self.serving.await {
             Ok(result) => result,
             Err(_) => Ok(()),
@@ -110,6 +128,10 @@ impl Running {
 /// starts serving, reloading rules as they change.
 pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     let (catalog, rules) = Catalog::load(&settings.config).map_err(ServerError::Rules)?;
+    let fleet = match settings.sync() {
+        Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
+        None => None,
+    };
     tracing::info!(
         config = %settings.config.display(),
         domains = rules.domains().count(),
@@ -123,7 +145,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     let grpc_addr = listener
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
-    let app = Arc::new(App::new(settings, rules, clock));
+    let app = Arc::new(App::new(settings, rules, clock, fleet.clone()));
     app.reload_status.store(Arc::new(catalog.status()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -157,6 +179,16 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         rescan_every: app.settings.rescan_interval,
     };
     let reloading = tokio::spawn(reload::run(app.clone(), catalog, reload_settings));
+    let syncing = fleet.map(|fleet| {
+        tracing::info!(
+            namespace = %fleet.settings.namespace,
+            cluster = fleet.settings.address.cluster,
+            interval = ?fleet.settings.interval,
+            policy = ?fleet.settings.policy,
+            "fleet-wide limits through Redis"
+        );
+        tokio::spawn(sync::run(app.clone(), fleet))
+    });
     tracing::info!(%grpc_addr, "serving ShouldRateLimit over gRPC");
     Ok(Running {
         grpc_addr,
@@ -165,6 +197,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         serving,
         sweeping,
         reloading,
+        syncing,
     })
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sluice",
@@ -112,6 +114,48 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub rescan_interval: Duration,
 
+    /// Redis for fleet-wide limits: redis://[user:password@]host:port[/db] or rediss:// (TLS).
+    /// With --redis-cluster, comma-separated seed URLs of the cluster. Unset: sluice runs alone.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// The Redis URLs are seeds of a Redis Cluster.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub redis_cluster: bool,
+
+    /// Prefix of every Redis key [default: the environment, else `default`].
+    #[arg(long, env = "REDIS_NAMESPACE")]
+    pub redis_namespace: Option<String>,
+
+    /// The environment this fleet serves (dev, staging, production); names Redis keys when
+    /// --redis-namespace is not set.
+    #[arg(long, env = "SLUICE_ENVIRONMENT")]
+    pub environment: Option<String>,
+
+    /// How often counts are pushed to Redis and fleet totals read back (10ms or more).
+    #[arg(long, env = "SLUICE_SYNC_INTERVAL", default_value = "1s", value_parser = parse_sync_interval)]
+    pub sync_interval: Duration,
+
+    /// Bound on every Redis call.
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// What the request path does while Redis cannot be reached.
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_FAILURE_POLICY",
+        value_enum,
+        default_value = "local_share"
+    )]
+    pub redis_failure_policy: FailurePolicy,
+
     /// How often counters of ended windows are dropped.
     #[arg(long, env = "SLUICE_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -150,6 +194,14 @@ impl Default for RequestLimits {
     }
 }
 
+fn parse_sync_interval(text: &str) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d < Duration::from_millis(10) {
+        return Err("must be 10ms or more".into());
+    }
+    Ok(d)
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d.is_zero() {
@@ -159,6 +211,29 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
+    /// The fleet sync settings, when a Redis URL is set.
+    pub fn sync(&self) -> Option<SyncSettings> {
+        let url = self.redis_url.as_ref()?;
+        Some(SyncSettings {
+            address: StoreAddress {
+                urls: url
+                    .split(',')
+                    .map(|u| u.trim().to_string())
+                    .filter(|u| !u.is_empty())
+                    .collect(),
+                cluster: self.redis_cluster,
+                timeout: self.redis_timeout,
+            },
+            namespace: self
+                .redis_namespace
+                .clone()
+                .or_else(|| self.environment.clone())
+                .unwrap_or_else(|| "default".into()),
+            interval: self.sync_interval,
+            policy: self.redis_failure_policy,
+        })
+    }
+
     /// Settings for a server on loopback with ephemeral ports: what tests and examples start.
     pub fn local(config: PathBuf) -> Settings {
         Settings {
@@ -169,6 +244,13 @@ impl Settings {
             log_format: LogFormat::Text,
             shadow_mode: false,
             watch: true,
+            redis_url: None,
+            redis_cluster: false,
+            redis_namespace: None,
+            environment: None,
+            sync_interval: Duration::from_secs(1),
+            redis_timeout: Duration::from_millis(250),
+            redis_failure_policy: FailurePolicy::LocalShare,
             reload_debounce: Duration::from_millis(200),
             rescan_interval: Duration::from_secs(30),
             sweep_interval: Duration::from_secs(10),

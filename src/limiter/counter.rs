@@ -132,7 +132,10 @@ fn breaks_in_fleet(
             // replicas deciding at once overshoot by a rounding at most.
             let fleet_total = u64::from(others) + u64::from(pushed);
             let left = u64::from(limit).saturating_sub(fleet_total);
-            let share = ceil_div(left, u64::from(replicas)).min(u64::from(u32::MAX)) as u32;
+            // Rounded down, but never to nothing while anything is left, so no replica starves.
+            let share = (left / u64::from(replicas.max(1)))
+                .max(u64::from(left > 0))
+                .min(u64::from(u32::MAX)) as u32;
             charge > 0 && breaks(local.saturating_sub(pushed), charge, Some(share))
         }
     }
@@ -570,12 +573,15 @@ mod tests {
         let c = Counter::new();
         // Never synced: at most a third of the limit.
         assert_eq!(admitted(&c, l, view, 20), 10);
-        // The sync says the fleet holds 25, 10 of them ours: 5 left, a share of 2.
+        // The sync says the fleet holds 25, 10 of them ours: 5 left, a share of 1.
         c.synced(W, req(10), req(25));
         assert_eq!(c.others(W), req(15));
-        assert_eq!(admitted(&c, l, view, 20), 2);
+        assert_eq!(admitted(&c, l, view, 20), 1);
         let reading = c.assess(W, Counts::ZERO, l, view);
-        assert_eq!(reading.counts, req(27), "fleet counts are reported");
+        assert_eq!(reading.counts, req(26), "fleet counts are reported");
+        // 2 left among 3 replicas: still one each, none starves.
+        c.synced(W, req(11), req(28));
+        assert_eq!(admitted(&c, l, view, 20), 1);
         // The fleet is full: even a check says over.
         c.synced(W, req(12), req(30));
         assert!(c.assess(W, Counts::ZERO, l, view).over.requests);

@@ -56,6 +56,9 @@ pub struct Limiter {
     table: CounterTable,
     clock: Arc<dyn Clock>,
     fleet: FleetState,
+    /// Wakes the sync task when a counter refused a charge while synced: its view of the fleet
+    /// is worth refreshing before the next interval.
+    pub sync_soon: tokio::sync::Notify,
 }
 
 /// How the fleet looks to the request path, set by the sync task: one atomic word, read once
@@ -101,6 +104,7 @@ impl Limiter {
             table: CounterTable::new(),
             clock,
             fleet: FleetState::default(),
+            sync_soon: tokio::sync::Notify::new(),
         }
     }
 
@@ -172,6 +176,9 @@ impl Limiter {
         }
         if quota_limits > 0 && quota_open == 0 {
             allowed = false;
+        }
+        if !allowed && matches!(view, FleetView::Synced { .. }) {
+            self.sync_soon.notify_one();
         }
         if !allowed {
             for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {

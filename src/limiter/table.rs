@@ -155,6 +155,19 @@ impl CounterTable {
             visit(key, counter);
         }
     }
+
+    /// A view that may be held across an await: the sync task holds it over a Redis round trip.
+    pub fn pin_owned(
+        &self,
+    ) -> papaya::HashMapRef<
+        '_,
+        CounterKey,
+        Counter,
+        foldhash::fast::RandomState,
+        papaya::OwnedGuard<'_>,
+    > {
+        self.map.pin_owned()
+    }
 }
 
 type Pinned<'t> = papaya::HashMapRef<

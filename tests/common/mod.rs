@@ -2,6 +2,8 @@
 //! written to a temporary directory, a manual clock, and a real gRPC client.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

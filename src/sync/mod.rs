@@ -1,0 +1,423 @@
+//! Fleet-wide limits: the only code that talks to Redis, always off the request path (strict
+//! rules aside). Every interval it pushes each counter's unsynced delta with HINCRBY, reads the
+//! fleet totals back from the replies, and stores them in the counters; counters with no local
+//! delta are refreshed with HMGET. Heartbeats in a sorted set tell each replica the fleet size.
+//! When Redis fails, the request path keeps answering under the configured policy, and the
+//! deltas are pushed once Redis answers again (if their window is still open).
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use clap::ValueEnum;
+use redis::RedisError;
+
+use crate::limiter::{Counter, CounterKey, Counts, FleetView, Unit, Window};
+use crate::rules::{OVERRIDE_SCOPE, Rule, RuleSet};
+use crate::server::App;
+pub use store::{Store, StoreAddress};
+
+/// What the request path does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum FailurePolicy {
+    /// Enforce `limit / last known fleet size` on this replica's own counts.
+    #[default]
+    #[value(name = "local_share")]
+    LocalShare,
+    /// Fail open: allow everything (and keep counting).
+    Allow,
+    /// Fail closed: deny anything that has a limit.
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub address: StoreAddress,
+    /// Prefix of every key, so environments and test runs never see each other's counts.
+    pub namespace: String,
+    pub interval: Duration,
+    pub policy: FailurePolicy,
+}
+
+/// What the sync task last did: for the admin API and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStatus {
+    pub reachable: bool,
+    /// Replicas seen by their heartbeats, this one included.
+    pub replicas: u32,
+    pub last_success_ms: Option<u64>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub rounds: u64,
+    pub failures: u64,
+    /// Duration of the last successful round.
+    pub last_round: Duration,
+    /// Counters pushed or refreshed in the last successful round.
+    pub counters: usize,
+}
+
+/// The fleet store as the rest of sluice uses it: its settings, its connection once made, and
+/// the sync status.
+pub struct Fleet {
+    pub settings: SyncSettings,
+    store: ArcSwapOption<Store>,
+    pub status: ArcSwap<SyncStatus>,
+    replica_id: String,
+}
+
+/// How long after its last heartbeat a replica stops counting in the fleet size.
+fn heartbeat_ttl(interval: Duration) -> Duration {
+    (interval * 5).max(Duration::from_secs(3))
+}
+
+/// Kept past a window's end, so a late push still finds its key.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
+impl Fleet {
+    pub fn new(settings: SyncSettings) -> Result<Fleet, RedisError> {
+        Store::validate(&settings.address)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "sluice".into());
+        Ok(Fleet {
+            replica_id: format!("{host}-{}-{nanos:x}", std::process::id()),
+            settings,
+            store: ArcSwapOption::empty(),
+            status: ArcSwap::from_pointee(SyncStatus::default()),
+        })
+    }
+
+    /// The store, connecting first if needed.
+    pub async fn store(&self) -> Result<Store, RedisError> {
+        if let Some(store) = self.store.load_full() {
+            return Ok((*store).clone());
+        }
+        let store = Store::connect(&self.settings.address).await?;
+        self.store.store(Some(Arc::new(store.clone())));
+        Ok(store)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.settings.address.timeout
+    }
+
+    /// The view the request path takes while the store does not answer.
+    pub fn outage_view(&self, replicas: u32) -> FleetView {
+        match self.settings.policy {
+            FailurePolicy::LocalShare => FleetView::LocalShare { replicas },
+            FailurePolicy::Allow => FleetView::AllowAll,
+            FailurePolicy::Deny => FleetView::DenyAll,
+        }
+    }
+
+    fn replicas_key(&self) -> String {
+        format!("{}:sluice:replicas", self.settings.namespace)
+    }
+
+    /// The key of a counter in one window:
+    /// `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
+    /// The descriptor path is the hash tag, so all windows of a counter share a cluster slot.
+    pub fn counter_key(&self, domain: &str, path: &str, unit: Unit, window: Window) -> String {
+        format!(
+            "{}:ratelimit:{domain}:{{{path}}}:{unit}:{}",
+            self.settings.namespace,
+            u64::from(window.0) * unit.seconds()
+        )
+    }
+
+    /// Sends a heartbeat and counts the replicas alive.
+    async fn heartbeat(&self, store: &mut Store, now_ms: u64) -> Result<u32, RedisError> {
+        let key = self.replicas_key();
+        let ttl = heartbeat_ttl(self.settings.interval).as_millis() as u64;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(&key)
+            .arg(now_ms)
+            .arg(&self.replica_id)
+            .ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({}", now_ms.saturating_sub(ttl)))
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(ttl * 2).ignore();
+        pipe.cmd("ZCARD").arg(&key);
+        let (replicas,): (u32,) = store.pipeline(&pipe, self.timeout()).await?;
+        Ok(replicas.max(1))
+    }
+
+    /// Leaves the fleet at shutdown, so the others take up its share at once.
+    pub async fn leave(&self) {
+        if let Ok(mut store) = self.store().await {
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(self.replicas_key()).arg(&self.replica_id);
+            let _: Result<i64, _> = store.command(&cmd, self.timeout()).await;
+        }
+    }
+
+    /// This fleet's counts of one counter in `window`.
+    pub async fn usage(
+        &self,
+        domain: &str,
+        path: &str,
+        unit: Unit,
+        window: Window,
+    ) -> Result<Counts, RedisError> {
+        let mut store = self.store().await?;
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.counter_key(domain, path, unit, window))
+            .arg("requests")
+            .arg("tokens");
+        let (requests, tokens): (Option<i64>, Option<i64>) =
+            store.command(&cmd, self.timeout()).await?;
+        Ok(Counts {
+            requests: clamp(requests.unwrap_or(0)),
+            tokens: clamp(tokens.unwrap_or(0)),
+        })
+    }
+
+    /// Deletes every window of one counter in the store (found with SCAN), returning how many
+    /// keys went.
+    pub async fn reset(&self, domain: &str, path: &str) -> Result<usize, RedisError> {
+        let mut store = self.store().await?;
+        let prefix = format!("{}:ratelimit:{domain}:{{{path}}}:", self.settings.namespace);
+        let pattern = format!("{}*", glob_escape(&prefix));
+        let keys = store.scan(&pattern, &prefix, self.timeout()).await?;
+        for key in &keys {
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(key);
+            let _: i64 = store.command(&cmd, self.timeout()).await?;
+        }
+        Ok(keys.len())
+    }
+}
+
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn clamp(n: i64) -> u32 {
+    n.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// The domain and descriptor path a counter is stored under, e.g.
+/// (`llm_gateway`, `api_key_k1.model_gpt-4o`).
+pub fn counter_path(key: &CounterKey, rules: &HashMap<u64, Arc<Rule>>) -> Option<(String, String)> {
+    let mut parts = key.parts();
+    if key.scope() & OVERRIDE_SCOPE != 0 {
+        let domain = parts.next()?.to_string();
+        let mut path = String::from("override");
+        while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+            path.push('.');
+            path.push_str(k);
+            path.push('_');
+            path.push_str(v);
+        }
+        return Some((domain, path));
+    }
+    let rule = rules.get(&key.scope())?;
+    Some((rule.domain.to_string(), rule_path(rule, parts)))
+}
+
+/// `key_value` per level, joined with dots.
+pub fn rule_path<'a>(rule: &Rule, values: impl Iterator<Item = &'a str>) -> String {
+    let mut path = String::new();
+    for (level, (key, value)) in rule.keys.iter().zip(values).enumerate() {
+        if level > 0 {
+            path.push('.');
+        }
+        path.push_str(key);
+        path.push('_');
+        path.push_str(value);
+    }
+    path
+}
+
+fn rules_by_scope(rules: &RuleSet) -> HashMap<u64, Arc<Rule>> {
+    rules
+        .domains()
+        .flat_map(|d| d.rules.iter().map(|r| (r.id, r.clone())))
+        .collect()
+}
+
+struct Work<'g> {
+    counter: &'g Counter,
+    window: Window,
+    /// This replica's counts in `window` when read.
+    own: Counts,
+    delta: (i64, i64),
+    key: String,
+    expire_at_ms: u64,
+}
+
+/// Pipelines are cut at this many counters, so one round never builds an unbounded request.
+const BATCH: usize = 500;
+
+/// Runs one sync round: heartbeat, then push or refresh every live counter.
+async fn round(
+    app: &App,
+    fleet: &Fleet,
+    index: &mut (Arc<RuleSet>, HashMap<u64, Arc<Rule>>),
+) -> Result<(u32, usize), RedisError> {
+    let mut store = fleet.store().await?;
+    let now = app.limiter.clock().now_ms();
+    let replicas = fleet.heartbeat(&mut store, now).await?;
+    let rules = app.rules.load_full();
+    if !Arc::ptr_eq(&rules, &index.0) {
+        *index = (rules.clone(), rules_by_scope(&rules));
+    }
+    let table = app.limiter.counters().pin_owned();
+    let mut work = Vec::new();
+    for (key, counter) in table.iter() {
+        let unit = key.unit();
+        let window = unit.window_at(now);
+        let (stamp, local) = counter.local();
+        let (pushed_in, pushed) = counter.pushed();
+        let own = if stamp == window { local } else { Counts::ZERO };
+        let base = if pushed_in == window {
+            pushed
+        } else {
+            Counts::ZERO
+        };
+        let Some((domain, path)) = counter_path(key, &index.1) else {
+            continue;
+        };
+        work.push(Work {
+            counter,
+            window,
+            own,
+            delta: (
+                i64::from(own.requests) - i64::from(base.requests),
+                i64::from(own.tokens) - i64::from(base.tokens),
+            ),
+            key: fleet.counter_key(&domain, &path, unit, window),
+            expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
+                + EXPIRY_MARGIN.as_millis() as u64,
+        });
+    }
+    for batch in work.chunks(BATCH) {
+        let mut pipe = redis::pipe();
+        for w in batch {
+            if w.delta == (0, 0) {
+                pipe.cmd("HMGET").arg(&w.key).arg("requests").arg("tokens");
+            } else {
+                pipe.cmd("HINCRBY")
+                    .arg(&w.key)
+                    .arg("requests")
+                    .arg(w.delta.0);
+                pipe.cmd("HINCRBY").arg(&w.key).arg("tokens").arg(w.delta.1);
+                pipe.cmd("PEXPIREAT")
+                    .arg(&w.key)
+                    .arg(w.expire_at_ms)
+                    .ignore();
+            }
+        }
+        let replies: Vec<redis::Value> = store.pipeline(&pipe, fleet.timeout() * 4).await?;
+        let mut replies = replies.into_iter();
+        for w in batch {
+            let total = if w.delta == (0, 0) {
+                let (r, t): (Option<i64>, Option<i64>) = redis::FromRedisValue::from_redis_value(
+                    replies.next().unwrap_or(redis::Value::Nil),
+                )?;
+                (r.unwrap_or(0), t.unwrap_or(0))
+            } else {
+                let r: i64 = redis::FromRedisValue::from_redis_value(
+                    replies.next().unwrap_or(redis::Value::Nil),
+                )?;
+                let t: i64 = redis::FromRedisValue::from_redis_value(
+                    replies.next().unwrap_or(redis::Value::Nil),
+                )?;
+                (r, t)
+            };
+            let total = Counts {
+                requests: clamp(total.0),
+                tokens: clamp(total.1),
+            };
+            w.counter.synced(w.window, w.own, total);
+        }
+    }
+    Ok((replicas, work.len()))
+}
+
+/// Syncs until the task is dropped: every interval, and sooner when a counter has used its
+/// share. Failures switch the request path to the failure policy and back.
+pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
+    let interval = fleet.settings.interval;
+    let earliest_gap = (interval / 10).max(Duration::from_millis(5));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut index = (Arc::new(RuleSet::default()), HashMap::new());
+    let mut replicas = 1u32;
+    let mut failing_since: Option<Instant> = None;
+    let mut last_log: Option<Instant> = None;
+    let mut last_round = Instant::now() - interval;
+    app.limiter.fleet().set(fleet.outage_view(1));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = app.limiter.sync_soon.notified() => {
+                let since = last_round.elapsed();
+                if since < earliest_gap {
+                    tokio::time::sleep(earliest_gap - since).await;
+                }
+            }
+        }
+        last_round = Instant::now();
+        let started = Instant::now();
+        let result = round(&app, &fleet, &mut index).await;
+        let mut status = (*fleet.status.load_full()).clone();
+        status.rounds += 1;
+        match result {
+            Ok((seen, counters)) => {
+                replicas = seen;
+                app.limiter.fleet().set(FleetView::Synced { replicas });
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(down_for = ?since.elapsed(), counters, "Redis answers again; counts pushed");
+                }
+                status.reachable = true;
+                status.replicas = replicas;
+                status.last_success_ms = Some(app.limiter.clock().now_ms());
+                status.last_error = None;
+                status.consecutive_failures = 0;
+                status.last_round = started.elapsed();
+                status.counters = counters;
+            }
+            Err(error) => {
+                app.limiter.fleet().set(fleet.outage_view(replicas));
+                let now = Instant::now();
+                if failing_since.is_none() {
+                    failing_since = Some(now);
+                }
+                // One line at the start of an outage, then one every 30 s.
+                if last_log.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(30))
+                    || status.consecutive_failures == 0
+                {
+                    tracing::error!(%error, failures = status.consecutive_failures + 1, policy = ?fleet.settings.policy, "Redis sync failed; deciding locally");
+                    last_log = Some(now);
+                }
+                status.reachable = false;
+                status.failures += 1;
+                status.consecutive_failures += 1;
+                status.last_error = Some(error.to_string());
+                let backoff = interval
+                    .saturating_mul(1 << status.consecutive_failures.min(6))
+                    .min(Duration::from_secs(2));
+                fleet.status.store(Arc::new(status));
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        }
+        fleet.status.store(Arc::new(status));
+    }
+}
