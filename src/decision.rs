@@ -128,22 +128,11 @@ pub fn decide<'r, E: Entry>(
     let parts: SmallVec<[SmallVec<[&str; 8]>; 8]> = asks
         .iter()
         .zip(&matched)
-        .map(|(ask, rule)| {
-            if ask.limit_override.is_some() {
-                return std::iter::once(domain)
-                    .chain(ask.entries.iter().flat_map(|e| [e.key(), e.value()]))
-                    .collect();
-            }
-            ask.entries
-                .iter()
-                .enumerate()
-                .map(|(level, entry)| {
-                    let shared = rule
-                        .and_then(|r| r.shared_values.get(level))
-                        .and_then(Option::as_deref);
-                    shared.unwrap_or(entry.value())
-                })
-                .collect()
+        .map(|(ask, rule)| match (ask.limit_override, rule) {
+            (None, Some(rule)) => counter_parts(rule, ask.entries).collect(),
+            _ => std::iter::once(domain)
+                .chain(ask.entries.iter().flat_map(|e| [e.key(), e.value()]))
+                .collect(),
         })
         .collect();
 
@@ -253,6 +242,20 @@ pub fn decide<'r, E: Entry>(
         known_domain: true,
         statuses,
     }
+}
+
+/// The values that tell one caller's counter of `rule` from another's: the request's values,
+/// or the wildcard itself at levels whose matches share a counter (`share_threshold`).
+pub fn counter_parts<'a, E: Entry>(
+    rule: &'a Rule,
+    entries: &'a [E],
+) -> impl Iterator<Item = &'a str> {
+    entries.iter().enumerate().map(|(level, entry)| {
+        rule.shared_values
+            .get(level)
+            .and_then(Option::as_deref)
+            .unwrap_or(entry.value())
+    })
 }
 
 /// The status of descriptor `ask`: its limit that is over, or else nearest to being used up.

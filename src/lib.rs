@@ -10,3 +10,4 @@ pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod sync;
+pub mod usage;

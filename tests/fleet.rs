@@ -219,3 +219,188 @@ async fn three_replicas_hold_one_limit_and_a_lone_one_is_not_starved() {
     assert_within_5_percent(&windows, "lone replica");
     stop_all(children).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
+    let namespace = unique_namespace("outage");
+    let (children, clients) = replicas(
+        3,
+        &redis,
+        &namespace,
+        dir.path(),
+        &["--redis-timeout", "100ms"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let call = request("fleet", &[&[("k", "shared-key")]]);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let load = {
+        let (clients, tally) = (clients.clone(), tally.clone());
+        tokio::spawn(async move {
+            drive(
+                &clients,
+                &call,
+                3 * u64::from(LIMIT),
+                Duration::from_secs(8),
+                tally,
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.kill();
+    let killed = now_ms();
+
+    // While Redis is down: counted calls on an hourly descriptor, all answered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally_call = request("fleet", &[&[("tally", "during-outage")]]);
+    let mut counted = 0u32;
+    for client in &clients {
+        for _ in 0..30 {
+            let answer = client.clone().should_rate_limit(tally_call.clone()).await;
+            assert!(is_ok(
+                &answer.expect("answered during the outage").into_inner()
+            ));
+            counted += 1;
+        }
+    }
+    let hour_start = now_ms() / 3_600_000 * 3_600;
+
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    redis.restart();
+    let restarted = now_ms();
+    load.await.unwrap();
+
+    let tally = tally.lock().await;
+    assert_eq!(tally.failures, 0, "no call failed");
+    // Windows wholly inside the outage (after a second to notice it): each replica enforces
+    // its local share, ceil(200 / 3) = 67, and together they stay near the limit.
+    let outage = tally.full_windows(killed + 1_000, restarted);
+    assert!(outage.len() >= 2, "outage windows: {outage:?}");
+    for (w, admitted) in &outage {
+        let per_replica: Vec<u64> = (0..3)
+            .map(|r| tally.by_replica.get(&(r, *w)).copied().unwrap_or(0))
+            .collect();
+        println!("outage window {w}: admitted {admitted}, per replica {per_replica:?}");
+        assert!(per_replica.iter().all(|n| *n <= 67), "{per_replica:?}");
+        assert!((190..=201).contains(admitted), "window {w}: {admitted}");
+    }
+
+    // After the restart, the counts made during the outage reach Redis.
+    let key = format!("{namespace}:ratelimit:fleet:{{tally_during-outage}}:hour:{hour_start}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let pushed: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+        if pushed == Some(counted) {
+            println!("{counted} calls counted during the outage are in Redis after its restart");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis holds {pushed:?} of {counted}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_all(children).await;
+}
+
+const PER_MINUTE: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n      requests_per_unit: 10\n";
+
+async fn in_process(redis: &RedisServer, namespace: &str) -> TestServer {
+    let (url, namespace) = (redis.url(), namespace.to_string());
+    start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
+        s.redis_url = Some(url);
+        s.redis_namespace = Some(namespace);
+        s.sync_interval = Duration::from_millis(20);
+    })
+    .await
+}
+
+async fn wait_synced(server: &TestServer) {
+    let fleet = server
+        .running
+        .as_ref()
+        .unwrap()
+        .app
+        .fleet
+        .clone()
+        .expect("fleet");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fleet.status.load().reachable {
+        assert!(Instant::now() < deadline, "never synced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_keep_counts_apart_and_keys_expire() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (ns_a, ns_b) = (unique_namespace("a"), unique_namespace("b"));
+    let a1 = in_process(&redis, &ns_a).await;
+    let a2 = in_process(&redis, &ns_a).await;
+    let b = in_process(&redis, &ns_b).await;
+    for s in [&a1, &a2, &b] {
+        wait_synced(s).await;
+    }
+    let call = request("ns", &[&[("user", "u1")]]);
+    // Two replicas of namespace a share 10 a minute.
+    assert_eq!(a1.admitted(5, &call).await, 5);
+    // Paced past the sync interval, a2 gets what a1 left, and no more.
+    let mut admitted = 0;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        admitted += a2.admitted(1, &call).await;
+    }
+    assert_eq!(admitted, 5, "a2 sees a1's counts");
+    // Namespace b counts alone.
+    assert_eq!(b.admitted(12, &call).await, 10);
+
+    let window_start = now_ms() / 60_000 * 60;
+    for (ns, want) in [(&ns_a, 10u32), (&ns_b, 10)] {
+        let key = format!("{ns}:ratelimit:ns:{{user_u1}}:minute:{window_start}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+            if count == Some(want) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{key}: {count:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Expires at the window's end plus a minute's margin.
+        let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key));
+        assert!(ttl > 60_000 && ttl <= 120_000, "{key}: pttl {ttl}");
+    }
+
+    // Usage and reset of one descriptor, here and in Redis.
+    let app = a1.running.as_ref().unwrap().app.clone();
+    let entries = [("user", "u1")];
+    let usage = sluice::usage::usage(&app, "ns", &entries)
+        .await
+        .expect("matches a rule");
+    assert_eq!(usage.path, "user_u1");
+    assert_eq!(usage.windows[0].local.requests, 5);
+    assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(10));
+    let cleared = sluice::usage::reset(&app, "ns", &entries)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((cleared.local_counters, cleared.fleet_keys), (1, 1));
+    let usage = sluice::usage::usage(&app, "ns", &entries).await.unwrap();
+    assert_eq!(usage.windows[0].local.requests, 0);
+    assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(0));
+    let b_key = format!("{ns_b}:ratelimit:ns:{{user_u1}}:minute:{window_start}");
+    let b_left: Option<u32> = redis.query(::redis::cmd("HGET").arg(&b_key).arg("requests"));
+    assert_eq!(b_left, Some(10), "namespace b untouched by a's reset");
+    for s in [a1, a2, b] {
+        s.stop().await;
+    }
+}

@@ -45,11 +45,20 @@ pub async fn start_with(
     files: &[(&str, &str)],
     configure: impl FnOnce(&mut Settings),
 ) -> TestServer {
+    start_at(T0, files, configure).await
+}
+
+/// A server whose manual clock starts at `now_ms`.
+pub async fn start_at(
+    now_ms: u64,
+    files: &[(&str, &str)],
+    configure: impl FnOnce(&mut Settings),
+) -> TestServer {
     let dir = tempfile::tempdir().expect("temp dir");
     write_rules(dir.path(), files);
     let mut settings = Settings::local(dir.path().to_path_buf());
     configure(&mut settings);
-    let clock = Arc::new(ManualClock::new(T0));
+    let clock = Arc::new(ManualClock::new(now_ms));
     let running = sluice::server::start(settings, clock.clone())
         .await
         .expect("server starts");
