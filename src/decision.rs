@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use crate::limiter::{Counts, Demand, Enforcement, Limiter, Limits, Outcome, Unit};
+use crate::limiter::{CounterKey, Counts, Demand, Enforcement, Limiter, Limits, Outcome, Unit};
 use crate::rules::{Entry, Limit, Measure, Policy, Rule, RuleSet, override_scope};
 
 /// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
@@ -72,8 +72,11 @@ impl Status<'_> {
 pub struct Verdict<'r> {
     pub allowed: bool,
     pub known_domain: bool,
-    /// One per descriptor, in request order.
+    /// One per descriptor, in request order. Descriptors of strict rules get theirs once the
+    /// strict work is done.
     pub statuses: SmallVec<[Status<'r>; 4]>,
+    /// Limits of strict rules, still to be settled in the fleet store.
+    pub strict: Option<Box<StrictWork>>,
 }
 
 /// How the process is told to treat every rule.
@@ -81,6 +84,53 @@ pub struct Verdict<'r> {
 pub struct Mode {
     /// Global shadow mode: count and report, never deny.
     pub shadow: bool,
+    /// Strict rules are settled in the fleet store (Redis is configured).
+    pub strict_in_store: bool,
+}
+
+/// A limit reported by a strict job, owned: it outlives the rule set it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedLimit {
+    pub name: Option<String>,
+    pub per_unit: u32,
+    pub unit: Unit,
+    pub measure: Measure,
+}
+
+impl From<&Limit> for OwnedLimit {
+    fn from(limit: &Limit) -> Self {
+        OwnedLimit {
+            name: limit.name.as_deref().map(str::to_string),
+            per_unit: limit.per_unit,
+            unit: limit.unit,
+            measure: limit.measure,
+        }
+    }
+}
+
+/// One window of a strict rule for one descriptor: checked and counted in the fleet store.
+#[derive(Debug, Clone)]
+pub struct StrictJob {
+    pub ask: usize,
+    pub domain: String,
+    /// The descriptor path naming its key in the store.
+    pub path: String,
+    /// Its local counter, for when the store cannot be reached.
+    pub counter: CounterKey,
+    pub limits: Limits,
+    pub charge: Counts,
+    pub refund: bool,
+    pub enforcement: Enforcement,
+    pub requests: Option<OwnedLimit>,
+    pub tokens: Option<OwnedLimit>,
+}
+
+/// What is left of a request once it is decided locally: its strict jobs, and the local
+/// charges to give back if a strict limit denies it.
+#[derive(Debug, Clone, Default)]
+pub struct StrictWork {
+    pub jobs: Vec<StrictJob>,
+    pub charged: Vec<(CounterKey, Counts)>,
 }
 
 /// Which limit of a descriptor a demand serves.
@@ -106,6 +156,7 @@ pub fn decide<'r, E: Entry>(
             allowed: true,
             known_domain: false,
             statuses: asks.iter().map(|_| Status::unmatched()).collect(),
+            strict: None,
         };
     };
     let matched: SmallVec<[Option<&'r Arc<Rule>>; 8]> = asks
@@ -138,6 +189,7 @@ pub fn decide<'r, E: Entry>(
 
     let mut demands: SmallVec<[Demand<'_>; 16]> = SmallVec::new();
     let mut sources: SmallVec<[Source<'r>; 16]> = SmallVec::new();
+    let mut strict: Vec<StrictJob> = Vec::new();
     for (i, ask) in asks.iter().enumerate() {
         let rule = matched[i];
         let enforcement = match rule {
@@ -188,7 +240,7 @@ pub fn decide<'r, E: Entry>(
                 Some(_) => hits,
                 None => 0,
             };
-            demands.push(Demand {
+            let demand = Demand {
                 counter: crate::limiter::CounterRef {
                     scope: rule.id,
                     unit: window.unit,
@@ -204,7 +256,23 @@ pub fn decide<'r, E: Entry>(
                 },
                 refund: ask.refund,
                 enforcement,
-            });
+            };
+            if rule.strict && mode.strict_in_store {
+                strict.push(StrictJob {
+                    ask: i,
+                    domain: rule.domain.to_string(),
+                    path: crate::sync::rule_path(rule, parts[i].iter().copied()),
+                    counter: demand.counter.to_key(),
+                    limits: demand.limits,
+                    charge: demand.charge,
+                    refund: demand.refund,
+                    enforcement,
+                    requests: requests.map(OwnedLimit::from),
+                    tokens: tokens.map(OwnedLimit::from),
+                });
+                continue;
+            }
+            demands.push(demand);
             sources.push(Source {
                 ask: i,
                 requests,
@@ -217,6 +285,18 @@ pub fn decide<'r, E: Entry>(
     let mut outcomes: SmallVec<[Outcome; 16]> =
         SmallVec::from_elem(Outcome::default(), demands.len());
     let allowed = limiter.decide(&demands, &mut outcomes) || mode.shadow;
+    let strict = (!strict.is_empty()).then(|| {
+        let charged = demands
+            .iter()
+            .zip(&outcomes)
+            .filter(|(d, o)| o.counted && !d.refund)
+            .map(|(d, _)| (d.counter.to_key(), d.charge))
+            .collect();
+        Box::new(StrictWork {
+            jobs: strict,
+            charged,
+        })
+    });
 
     let statuses = asks
         .iter()
@@ -241,7 +321,21 @@ pub fn decide<'r, E: Entry>(
         allowed,
         known_domain: true,
         statuses,
+        strict,
     }
+}
+
+/// Whether a limit (over?, used, per unit) is nearer its end than the best so far: over beats
+/// not over, then the larger used fraction.
+pub fn nearer(candidate: (bool, u32, u32), best: Option<(bool, u32, u32)>) -> bool {
+    let Some((best_over, best_used, best_limit)) = best else {
+        return true;
+    };
+    let (over, used, limit) = candidate;
+    // Compare used/limit fractions without floats: a/b > c/d  <=>  a*d > c*b.
+    (over && !best_over)
+        || (over == best_over
+            && u64::from(used) * u64::from(best_limit) > u64::from(best_used) * u64::from(limit))
 }
 
 /// The values that tell one caller's counter of `rule` from another's: the request's values,
@@ -291,17 +385,8 @@ fn closest<'r>(
         ];
         for (limit, used, over) in slots {
             let Some(limit) = limit else { continue };
-            // Compare used/limit fractions without floats: a/b > c/d  <=>  a*d > c*b.
-            let nearer = match &best {
-                None => true,
-                Some((best_over, best_used, best_limit, _, _)) => {
-                    (over && !best_over)
-                        || (over == *best_over
-                            && u64::from(used) * u64::from(*best_limit)
-                                > u64::from(*best_used) * u64::from(limit.per_unit))
-                }
-            };
-            if nearer {
+            let so_far = best.as_ref().map(|(o, u, l, _, _)| (*o, *u, *l));
+            if nearer((over, used, limit.per_unit), so_far) {
                 best = Some((over, used, limit.per_unit, limit, d));
             }
         }

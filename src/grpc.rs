@@ -15,11 +15,12 @@ use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 
-use crate::decision::{Ask, Code, LimitOverride, Verdict, decide};
-use crate::limiter::Unit;
+use crate::decision::{Ask, Code, LimitOverride, OwnedLimit, StrictWork, Verdict, decide, nearer};
+use crate::limiter::{Enforcement, Unit};
 use crate::rules::Entry;
 use crate::server::App;
 use crate::settings::RequestLimits;
+use crate::sync::strict;
 
 impl Entry for ProtoEntry {
     fn key(&self) -> &str {
@@ -50,12 +51,23 @@ impl RateLimitService for RateLimitGrpc {
         let asks = validate(&request, &self.app.settings.request_limits)?;
         // Envoy reads UNKNOWN as "allow"; a bug here must surface as UNAVAILABLE, which Envoy
         // hands to its `failure_mode_deny` setting.
-        std::panic::catch_unwind(AssertUnwindSafe(|| respond(&self.app, &request, &asks)))
+        let internal = || {
+            tracing::error!("internal error while deciding a request");
+            Status::unavailable("sluice: internal error")
+        };
+        let (response, strict) =
+            std::panic::catch_unwind(AssertUnwindSafe(|| respond(&self.app, &request, &asks)))
+                .map_err(|_| internal())?;
+        let (Some(work), Some(_)) = (strict, &self.app.fleet) else {
+            return Ok(Response::new(response));
+        };
+        // Strict rules wait on Redis: settled in a task of their own, so a panic there is
+        // caught too.
+        let app = self.app.clone();
+        tokio::spawn(async move { settle_strict(&app, response, &work).await })
+            .await
             .map(Response::new)
-            .map_err(|_| {
-                tracing::error!("internal error while deciding a request");
-                Status::unavailable("sluice: internal error")
-            })
+            .map_err(|_| internal())
     }
 }
 
@@ -63,14 +75,70 @@ fn respond(
     app: &App,
     request: &RateLimitRequest,
     asks: &[Ask<'_, ProtoEntry>],
-) -> RateLimitResponse {
+) -> (RateLimitResponse, Option<Box<StrictWork>>) {
     let rules = app.rules.load();
-    let verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
+    let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
     if !verdict.known_domain {
         tracing::debug!(domain = %request.domain, "request for an unknown domain");
         app.stats.unknown_domain();
     }
-    to_response(&verdict)
+    (to_response(&verdict), verdict.strict.take())
+}
+
+/// Settles the strict limits of a request decided locally, and reports them.
+async fn settle_strict(
+    app: &App,
+    mut response: RateLimitResponse,
+    work: &StrictWork,
+) -> RateLimitResponse {
+    let Some(fleet) = &app.fleet else {
+        return response;
+    };
+    let allowed = response.overall_code == ProtoCode::Ok as i32;
+    let (allowed, settled) =
+        strict::settle(fleet, &app.limiter, work, allowed, app.settings.shadow_mode).await;
+    response.overall_code = code(if allowed { Code::Ok } else { Code::OverLimit });
+    for (ask, status) in response.statuses.iter_mut().enumerate() {
+        let mut best: Option<((bool, u32, u32), &OwnedLimit, usize)> = None;
+        for (j, job) in work.jobs.iter().enumerate().filter(|(_, j)| j.ask == ask) {
+            let result = &settled[j];
+            let slots = [
+                (&job.requests, result.counts.requests, result.over.requests),
+                (&job.tokens, result.counts.tokens, result.over.tokens),
+            ];
+            for (limit, used, over) in slots {
+                let Some(limit) = limit else { continue };
+                let candidate = (over, used, limit.per_unit);
+                if nearer(candidate, best.map(|b| b.0)) {
+                    best = Some((candidate, limit, j));
+                }
+            }
+        }
+        let Some(((over, used, per_unit), limit, j)) = best else {
+            continue;
+        };
+        let enforced = work.jobs[j].enforcement != Enforcement::Shadow && !app.settings.shadow_mode;
+        let reset = settled[j].until_reset;
+        *status = DescriptorStatus {
+            code: code(if over && enforced {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            }),
+            current_limit: Some(ProtoLimit {
+                name: limit.name.clone().unwrap_or_default(),
+                requests_per_unit: limit.per_unit,
+                unit: unit_to_proto(limit.unit) as i32,
+            }),
+            limit_remaining: per_unit.saturating_sub(used),
+            duration_until_reset: Some(ProtoDuration {
+                seconds: reset.as_secs() as i64,
+                nanos: reset.subsec_nanos() as i32,
+            }),
+            quota: None,
+        };
+    }
+    response
 }
 
 /// Checks a request against the protocol and the configured bounds, and resolves each

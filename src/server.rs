@@ -54,6 +54,7 @@ impl App {
     pub fn mode(&self) -> Mode {
         Mode {
             shadow: self.settings.shadow_mode,
+            strict_in_store: self.fleet.is_some(),
         }
     }
 }

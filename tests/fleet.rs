@@ -404,3 +404,87 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
         s.stop().await;
     }
 }
+
+const STRICT: &str = "domain: strict\ndescriptors:\n  - key: k\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
+
+/// 120 concurrent calls on one descriptor, 40 through each replica; returns how many passed.
+async fn strict_round(clients: &[RateLimitServiceClient<Channel>], value: &str) -> usize {
+    let call = request("strict", &[&[("k", value)]]);
+    let mut calls = tokio::task::JoinSet::new();
+    for client in clients {
+        for _ in 0..40 {
+            let (mut client, call) = (client.clone(), call.clone());
+            calls.spawn(async move {
+                is_ok(
+                    &client
+                        .should_rate_limit(call)
+                        .await
+                        .expect("answered")
+                        .into_inner(),
+                )
+            });
+        }
+    }
+    let mut admitted = 0;
+    while let Some(ok) = calls.join_next().await {
+        admitted += usize::from(ok.unwrap());
+    }
+    admitted
+}
+
+/// Waits until every replica's strict calls land in Redis again.
+async fn until_scripts_land(
+    redis: &RedisServer,
+    namespace: &str,
+    clients: &[RateLimitServiceClient<Channel>],
+    round: &str,
+) {
+    let window_start = now_ms() / 60_000 * 60;
+    for (i, client) in clients.iter().enumerate() {
+        let value = format!("warm-{round}-{i}");
+        let key = format!("{namespace}:ratelimit:strict:{{k_{value}}}:minute:{window_start}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let call = request("strict", &[&[("k", &value)]]);
+            client
+                .clone()
+                .should_rate_limit(call)
+                .await
+                .expect("answered");
+            let seen: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+            if seen.is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {i} never reached Redis");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_rules_are_exact_across_replicas_and_survive_script_loss() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("strict.yaml", STRICT)]);
+    let namespace = unique_namespace("strict");
+    let (children, clients) = replicas(3, &redis, &namespace, dir.path(), &[]).await;
+    until_scripts_land(&redis, &namespace, &clients, "start").await;
+    let first = strict_round(&clients, "first").await;
+    println!("strict, 120 concurrent calls over 3 replicas: {first} admitted of 50");
+    assert_eq!(first, 50);
+
+    let flushed: String = redis.query(::redis::cmd("SCRIPT").arg("FLUSH"));
+    assert_eq!(flushed, "OK");
+    let after_flush = strict_round(&clients, "after-flush").await;
+    println!("after SCRIPT FLUSH: {after_flush} admitted of 50");
+    assert_eq!(after_flush, 50);
+
+    redis.restart();
+    until_scripts_land(&redis, &namespace, &clients, "restart").await;
+    let after_restart = strict_round(&clients, "after-restart").await;
+    println!("after a Redis restart: {after_restart} admitted of 50");
+    assert_eq!(after_restart, 50);
+    stop_all(children).await;
+}

@@ -121,13 +121,34 @@ impl Limiter {
         &self.table
     }
 
+    /// Gives back a charge counted earlier in the current window (a request denied after its
+    /// local counting, by a strict limit in Redis).
+    pub fn give_back(&self, key: &CounterKey, charge: Counts) {
+        let parts: Vec<&str> = key.parts().collect();
+        let counter = key.with_parts(&parts);
+        let window = counter.unit.window_at(self.clock.now_ms());
+        self.table
+            .pin()
+            .with_counter(counter, |c| c.refund(window, charge));
+    }
+
     /// Settles a request: charges every demand, or none. Returns whether the request is allowed
     /// and fills `outcomes` (same order and length as `demands`). Takes no lock and allocates
     /// only to create a counter that does not exist yet.
     pub fn decide(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
+        self.decide_in(self.fleet.get(), demands, outcomes)
+    }
+
+    /// [`Limiter::decide`] under a given view of the fleet (a strict limit whose Redis call
+    /// failed falls back to the outage view).
+    pub fn decide_in(
+        &self,
+        view: FleetView,
+        demands: &[Demand<'_>],
+        outcomes: &mut [Outcome],
+    ) -> bool {
         debug_assert_eq!(demands.len(), outcomes.len());
         let now = self.clock.now_ms();
-        let view = self.fleet.get();
         let table = self.table.pin();
         let mut allowed = true;
         let (mut quota_limits, mut quota_open) = (0usize, 0usize);

@@ -36,6 +36,14 @@ impl CounterKey {
         self.unit
     }
 
+    pub fn with_parts<'p>(&self, parts: &'p [&'p str]) -> CounterRef<'p> {
+        CounterRef {
+            scope: self.scope,
+            unit: self.unit,
+            parts,
+        }
+    }
+
     pub fn parts(&self) -> impl Iterator<Item = &str> {
         let mut rest = &self.parts[..];
         std::iter::from_fn(move || {
@@ -50,7 +58,7 @@ impl CounterKey {
 }
 
 impl<'a> CounterRef<'a> {
-    fn to_key(self) -> CounterKey {
+    pub fn to_key(self) -> CounterKey {
         let len = self.parts.iter().map(|p| p.len() + 4).sum();
         let mut parts = Vec::with_capacity(len);
         for part in self.parts {

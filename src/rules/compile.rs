@@ -162,6 +162,17 @@ impl Compiler<'_> {
                 "a descriptor cannot be in both shadow_mode and quota_mode".into(),
             );
         }
+        let strict = match raw.consistency.as_deref().map(str::trim) {
+            None | Some("approximate") => false,
+            Some("strict") => true,
+            Some(other) => {
+                self.error(
+                    &at.field("consistency"),
+                    format!("unknown consistency `{other}` (expected strict or approximate)"),
+                );
+                false
+            }
+        };
         let metadata = raw.metadata.as_ref().and_then(|m| match yaml_to_struct(m) {
             Ok(s) => Some(s),
             Err(message) => {
@@ -207,6 +218,7 @@ impl Compiler<'_> {
                 } else {
                     Enforcement::Enforce
                 },
+                strict,
                 detailed_metric: raw.detailed_metric,
                 value_to_metric: raw.value_to_metric,
                 keys: ancestry.keys.clone().into_boxed_slice(),

@@ -91,6 +91,9 @@ pub struct Rule {
     pub line: usize,
     pub policy: Policy,
     pub enforcement: Enforcement,
+    /// `consistency: strict`: with Redis, checked and counted atomically in Redis on the
+    /// request path instead of locally.
+    pub strict: bool,
     pub detailed_metric: bool,
     pub value_to_metric: bool,
     /// The entry key of each level, from the top.

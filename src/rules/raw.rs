@@ -37,6 +37,10 @@ pub struct RawDescriptor {
     pub share_threshold: bool,
     #[serde(default)]
     pub metadata: Option<serde_yaml::Mapping>,
+    /// sluice extension: `strict` decides in Redis on the request path, exactly;
+    /// `approximate` (the default) decides locally against synced fleet totals.
+    #[serde(default)]
+    pub consistency: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

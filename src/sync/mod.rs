@@ -6,6 +6,7 @@
 //! deltas are pushed once Redis answers again (if their window is still open).
 
 pub mod store;
+pub mod strict;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,6 +67,7 @@ pub struct Fleet {
     store: ArcSwapOption<Store>,
     pub status: ArcSwap<SyncStatus>,
     replica_id: String,
+    strict: redis::Script,
 }
 
 /// How long after its last heartbeat a replica stops counting in the fleet size.
@@ -88,6 +90,7 @@ impl Fleet {
             settings,
             store: ArcSwapOption::empty(),
             status: ArcSwap::from_pointee(SyncStatus::default()),
+            strict: store::strict_script(),
         })
     }
 
@@ -99,6 +102,10 @@ impl Fleet {
         let store = Store::connect(&self.settings.address).await?;
         self.store.store(Some(Arc::new(store.clone())));
         Ok(store)
+    }
+
+    fn strict_script(&self) -> &redis::Script {
+        &self.strict
     }
 
     fn timeout(&self) -> Duration {

@@ -150,8 +150,8 @@ impl Store {
 
 /// Atomically checks and takes a charge from the counter at `KEYS[1]`.
 /// ARGV: requests charge, requests limit (-1: none), tokens charge, tokens limit (-1: none),
-/// expiry (ms since the epoch). A charge of 0 only checks. Returns the counts after the call
-/// and 1 if the charge was taken, 0 if refused.
+/// expiry (ms since the epoch). A charge of 0 only checks; negative charges give back, never
+/// below zero. Returns the counts after the call and 1 if the charge was taken, 0 if refused.
 pub fn strict_script() -> Script {
     Script::new(
         r"
@@ -163,6 +163,13 @@ end
 local r = tonumber(redis.call('HGET', KEYS[1], 'requests') or '0')
 local t = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
 local cr, lr, ct, lt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if cr < 0 or ct < 0 then
+  r = math.max(0, r + cr)
+  t = math.max(0, t + ct)
+  redis.call('HSET', KEYS[1], 'requests', r, 'tokens', t)
+  redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+  return {r, t, 1}
+end
 if over(r, cr, lr) or over(t, ct, lt) then
   return {r, t, 0}
 end
