@@ -488,3 +488,135 @@ async fn strict_rules_are_exact_across_replicas_and_survive_script_loss() {
     assert_eq!(after_restart, 50);
     stop_all(children).await;
 }
+
+/// Three masters on loopback ports, slots split between them, joined into one cluster.
+fn start_cluster() -> Option<Vec<RedisServer>> {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_with(&[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ])
+        })
+        .collect::<Option<_>>()?;
+    let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+    for (node, (from, to)) in nodes.iter().zip(ranges) {
+        let ok: String = node.query(
+            ::redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(from)
+                .arg(to),
+        );
+        assert_eq!(ok, "OK");
+    }
+    for other in &nodes[1..] {
+        let ok: String = nodes[0].query(
+            ::redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(other.port),
+        );
+        assert_eq!(ok, "OK");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for node in &nodes {
+        loop {
+            let info: String = node.query(&::redis::cmd("CLUSTER").arg("INFO").clone());
+            if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not form: {info}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Some(nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_cluster_enforces_a_fleet_limit() {
+    let Some(nodes) = start_cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "domain: cl\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: minute\n      requests_per_unit: 100\n  - key: s\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
+    write_rules(dir.path(), &[("cl.yaml", rules)]);
+    let seeds = format!(
+        "redis://127.0.0.1:{},redis://127.0.0.1:{}",
+        nodes[0].port, nodes[1].port
+    );
+    let namespace = unique_namespace("cluster");
+    let (mut children, mut clients) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let args = [
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--redis-url",
+            &seeds,
+            "--redis-cluster",
+            "--redis-namespace",
+            &namespace,
+            "--sync-interval",
+            "20ms",
+        ];
+        let (child, client) = spawn_sluice(&args, &[]).await;
+        children.push(child);
+        clients.push(client);
+    }
+    // Approximate: 300 calls paced over ~1.5 s through both replicas, limit 100.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admitted = 0;
+    for n in 0..300 {
+        let call = request("cl", &[&[("k", "one-key")]]);
+        let answer = clients[n % 2]
+            .clone()
+            .should_rate_limit(call)
+            .await
+            .expect("answered");
+        admitted += usize::from(is_ok(&answer.into_inner()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!("cluster, approximate: {admitted} admitted of 100");
+    assert!((95..=105).contains(&admitted), "{admitted}");
+    // The count lives in the cluster, in the node that owns its slot.
+    let window_start = now_ms() / 60_000 * 60;
+    let key = format!("{namespace}:ratelimit:cl:{{k_one-key}}:minute:{window_start}");
+    let client =
+        ::redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{}", nodes[2].port)])
+            .unwrap();
+    let mut connection = client.get_connection().unwrap();
+    let stored: Option<u32> = ::redis::cmd("HGET")
+        .arg(&key)
+        .arg("requests")
+        .query(&mut connection)
+        .unwrap();
+    assert!(
+        stored.is_some_and(|n| (95..=105).contains(&n)),
+        "{key}: {stored:?}"
+    );
+
+    // Strict: exact, with 60 concurrent calls through both replicas.
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..60 {
+        let mut client = clients[n % 2].clone();
+        calls.spawn(async move {
+            let call = request("cl", &[&[("s", "one-key")]]);
+            is_ok(
+                &client
+                    .should_rate_limit(call)
+                    .await
+                    .expect("answered")
+                    .into_inner(),
+            )
+        });
+    }
+    let mut strict = 0;
+    while let Some(ok) = calls.join_next().await {
+        strict += usize::from(ok.unwrap());
+    }
+    println!("cluster, strict: {strict} admitted of 50");
+    assert_eq!(strict, 50);
+    stop_all(children).await;
+    drop(nodes);
+}
