@@ -620,3 +620,26 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
     stop_all(children).await;
     drop(nodes);
 }
+
+#[tokio::test]
+async fn a_password_in_the_url_reaches_a_protected_redis() {
+    let Some(redis) = RedisServer::start_with(&["--requirepass", "s3cret"]) else {
+        return;
+    };
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    let namespace = unique_namespace("auth");
+    let server = start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
+        s.redis_url = Some(url);
+        s.redis_namespace = Some(namespace);
+        s.sync_interval = Duration::from_millis(20);
+    })
+    .await;
+    wait_synced(&server).await;
+    assert_eq!(
+        server
+            .admitted(12, &request("ns", &[&[("user", "u")]]))
+            .await,
+        10
+    );
+    server.stop().await;
+}

@@ -83,7 +83,11 @@ impl RedisServer {
     }
 
     fn ping(&self) -> redis::RedisResult<String> {
-        redis::cmd("PING").query(&mut self.connection()?)
+        match redis::cmd("PING").query(&mut self.connection()?) {
+            // A password-protected server answers, so it is up.
+            Err(e) if e.to_string().contains("NOAUTH") => Ok("PONG".into()),
+            other => other,
+        }
     }
 
     /// Kills the server (SIGKILL: no goodbye, as a crash).
