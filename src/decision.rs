@@ -19,6 +19,20 @@ pub struct LimitOverride {
     pub unit: Unit,
 }
 
+/// What a descriptor's call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Purpose {
+    /// A request asking to pass: requests are counted, token budgets only checked.
+    #[default]
+    Call,
+    /// A request that reserves `tokens` up front (an estimate, e.g. its max tokens): they are
+    /// checked and counted now, and settled by the usage report.
+    Reserve { tokens: u64 },
+    /// A report of tokens used, sent at stream end: its hits are tokens, minus what the request
+    /// reserved. Never denied, never counted as a request.
+    Report { reserved: u64 },
+}
+
 /// One request descriptor, as the decision needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a, E> {
@@ -28,6 +42,7 @@ pub struct Ask<'a, E> {
     /// Give `hits` back instead of taking them.
     pub refund: bool,
     pub limit_override: Option<LimitOverride>,
+    pub purpose: Purpose,
 }
 
 /// The limit a status reports.
@@ -235,11 +250,8 @@ pub fn decide<'r, E: Entry>(
             if requests.is_none() && tokens.is_none() {
                 continue;
             }
-            let per_call = match requests.map(|l| l.measure) {
-                Some(Measure::Requests) => u32::from(hits > 0),
-                Some(_) => hits,
-                None => 0,
-            };
+            let (charge, refund, enforcement) =
+                charge_for(ask, requests, tokens.is_some(), hits, enforcement);
             let demand = Demand {
                 counter: crate::limiter::CounterRef {
                     scope: rule.id,
@@ -250,11 +262,8 @@ pub fn decide<'r, E: Entry>(
                     requests: requests.map(|l| l.per_unit),
                     tokens: tokens.map(|l| l.per_unit),
                 },
-                charge: Counts {
-                    requests: per_call,
-                    tokens: if tokens.is_some() { hits } else { 0 },
-                },
-                refund: ask.refund,
+                charge,
+                refund,
                 enforcement,
             };
             if rule.strict && mode.strict_in_store {
@@ -322,6 +331,61 @@ pub fn decide<'r, E: Entry>(
         known_domain: true,
         statuses,
         strict,
+    }
+}
+
+/// What one window of a rule is charged for a descriptor's call: the counts, whether they are
+/// given back, and how the limits take part.
+fn charge_for(
+    ask: &Ask<'_, impl Entry>,
+    requests: Option<&Limit>,
+    has_tokens: bool,
+    hits: u32,
+    enforcement: Enforcement,
+) -> (Counts, bool, Enforcement) {
+    let per_call = match requests.map(|l| l.measure) {
+        Some(Measure::Requests) => u32::from(hits > 0),
+        Some(_) => hits,
+        None => 0,
+    };
+    let tokens = |n: u64| {
+        if has_tokens {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        } else {
+            0
+        }
+    };
+    match ask.purpose {
+        Purpose::Call => (
+            Counts {
+                requests: per_call,
+                tokens: 0,
+            },
+            ask.refund,
+            enforcement,
+        ),
+        Purpose::Reserve { tokens: estimate } => (
+            Counts {
+                requests: per_call,
+                tokens: tokens(estimate),
+            },
+            ask.refund,
+            enforcement,
+        ),
+        // A report counts whatever it reports (even past the limit) and settles a reservation.
+        Purpose::Report { reserved } => {
+            let used = u64::from(hits);
+            let (amount, refund) = if used >= reserved {
+                (used - reserved, false)
+            } else {
+                (reserved - used, true)
+            };
+            let report = Counts {
+                requests: 0,
+                tokens: tokens(amount),
+            };
+            (report, refund, Enforcement::Shadow)
+        }
     }
 }
 

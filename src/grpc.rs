@@ -15,7 +15,9 @@ use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 
-use crate::decision::{Ask, Code, LimitOverride, OwnedLimit, StrictWork, Verdict, decide, nearer};
+use crate::decision::{
+    Ask, Code, LimitOverride, OwnedLimit, Purpose, StrictWork, Verdict, decide, nearer,
+};
 use crate::limiter::{Enforcement, Unit};
 use crate::rules::Entry;
 use crate::server::App;
@@ -219,13 +221,64 @@ fn validate_descriptor<'a>(
             None => return invalid(format!("limit: unit {} is not a known unit", o.unit)),
         },
     };
+    // sluice's reserved entries come after the descriptor's own and are not matched.
+    let own = descriptor
+        .entries
+        .iter()
+        .position(|e| e.key.starts_with(RESERVED_PREFIX))
+        .unwrap_or(descriptor.entries.len());
+    if own == 0 {
+        return invalid(format!(
+            "needs an entry besides the {RESERVED_PREFIX}* ones"
+        ));
+    }
+    let (mut report, mut estimate) = (false, None);
+    for (j, entry) in descriptor.entries.iter().enumerate().skip(own) {
+        match (entry.key.as_str(), entry.value.as_str()) {
+            (REPORT_KEY, "tokens") => report = true,
+            (ESTIMATE_KEY, value) => match value.trim().parse::<u64>() {
+                Ok(n) => estimate = Some(n),
+                Err(_) => {
+                    return invalid(format!(
+                        "entries[{j}]: {ESTIMATE_KEY} must be a number of tokens, not `{value}`"
+                    ));
+                }
+            },
+            (key, value) if key.starts_with(RESERVED_PREFIX) => {
+                return invalid(format!(
+                    "entries[{j}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N)"
+                ));
+            }
+            _ => {
+                return invalid(format!(
+                    "entries[{j}]: `{}` follows a {RESERVED_PREFIX}* entry; reserved entries go last",
+                    entry.key
+                ));
+            }
+        }
+    }
+    let purpose = match (report, estimate) {
+        (true, reserved) => Purpose::Report {
+            reserved: reserved.unwrap_or(0),
+        },
+        (false, Some(tokens)) => Purpose::Reserve { tokens },
+        (false, None) => Purpose::Call,
+    };
     Ok(Ask {
-        entries: &descriptor.entries,
+        entries: &descriptor.entries[..own],
         hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
         refund: descriptor.is_negative_hits,
         limit_override,
+        purpose,
     })
 }
+
+/// Entries whose keys start with this are sluice's own, not part of the descriptor matched.
+pub const RESERVED_PREFIX: &str = "sluice.";
+/// `sluice.report=tokens`: the descriptor reports tokens used (its hits), at stream end.
+pub const REPORT_KEY: &str = "sluice.report";
+/// `sluice.estimate=N`: the request reserves N tokens now; its report settles the difference.
+pub const ESTIMATE_KEY: &str = "sluice.estimate";
 
 fn proto_unit(unit: i32) -> Option<Unit> {
     Some(match ProtoUnit::try_from(unit).ok()? {

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use envoy_types::pb::google::protobuf::UInt64Value;
@@ -256,35 +257,110 @@ descriptors:
         requests: 3
 "#;
 
+fn report(domain: &str, pairs: &[(&str, &str)], tokens: u32) -> RateLimitRequest {
+    let mut with_report = pairs.to_vec();
+    with_report.push(("sluice.report", "tokens"));
+    with_hits(request(domain, &[&with_report]), tokens)
+}
+
 #[tokio::test]
-async fn several_limits_on_one_rule() {
+async fn several_limits_on_one_rule_with_tokens_from_usage_reports() {
     let server = start(&[("llm.yaml", SEVERAL)]).await;
-    let call = |hits| with_hits(request("llm", &[&[("api_key", "k")]]), hits);
-    let r = server.ok(call(60)).await;
+    let key = &[("api_key", "k")][..];
+    let call = || request("llm", &[key]);
+    // A call counts one request and only checks the token budget.
+    let r = server.ok(call()).await;
     assert!(is_ok(&r));
-    // 60 of 100 tokens is nearer its end than 1 of 2 requests.
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "rpm");
+    assert_eq!(remaining(&r, 0), 1);
+    // A usage report counts tokens, not requests.
+    let r = server.ok(report("llm", key, 60)).await;
+    assert!(is_ok(&r));
     assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tpm");
     assert_eq!(remaining(&r, 0), 40);
-    let r = server.ok(call(60)).await;
-    assert!(!is_ok(&r), "tokens would reach 120 of 100");
-    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tpm");
-    assert_eq!(remaining(&r, 0), 40, "denied: nothing consumed");
-    let r = server.ok(call(30)).await;
+    assert!(
+        is_ok(&server.ok(call()).await),
+        "60 of 100 tokens: still room"
+    );
+    // Reports are never denied, even past the limit.
+    let r = server.ok(report("llm", key, 60)).await;
     assert!(is_ok(&r));
-    // 2 of 2 requests is the closest now.
-    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "rpm");
+    assert_eq!(code(&r, 0), Code::Ok);
+    // 120 of 100 tokens and 2 of 2 requests: the tokens are further over.
+    let r = server.ok(call()).await;
+    assert!(!is_ok(&r));
+    assert_eq!(r.statuses[0].current_limit.as_ref().unwrap().name, "tpm");
     assert_eq!(remaining(&r, 0), 0);
-    assert!(!is_ok(&server.ok(call(1)).await));
     // Next minute: one more request fits the day's 3.
     server.clock.advance_ms(60_000);
-    assert!(is_ok(&server.ok(call(1)).await));
-    let r = server.ok(call(1)).await;
+    assert!(is_ok(&server.ok(call()).await));
+    let r = server.ok(call()).await;
     assert!(!is_ok(&r));
     let limit = r.statuses[0].current_limit.clone().unwrap();
     assert_eq!(
         (limit.name.as_str(), limit.unit),
         ("rpd", ProtoUnit::Day as i32)
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reservations_are_checked_up_front_and_settled_by_the_report() {
+    let tokens_only = "domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - unit: minute\n        tokens: 100\n";
+    let server = start(&[("llm.yaml", tokens_only)]).await;
+    let reserve = |n: &str| request("llm", &[&[("api_key", "k"), ("sluice.estimate", n)]]);
+    let r = server.ok(reserve("70")).await;
+    assert!(is_ok(&r), "70 of 100 tokens reserved");
+    assert!(
+        !is_ok(&server.ok(reserve("40")).await),
+        "40 more would not fit"
+    );
+    // The report says 30 were used: the 40 reserved beyond that come back.
+    let mut settle = report("llm", &[("api_key", "k")], 30);
+    settle.descriptors[0].entries.push(
+        envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry {
+            key: "sluice.estimate".into(),
+            value: "70".into(),
+        },
+    );
+    let r = server.ok(settle).await;
+    assert_eq!(remaining(&r, 0), 70, "30 of 100 tokens used");
+    assert!(is_ok(&server.ok(reserve("40")).await));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_reserved_entries_get_invalid_argument() {
+    let server = start(&[("llm.yaml", SEVERAL)]).await;
+    for (what, pairs) in [
+        ("only reserved entries", vec![("sluice.report", "tokens")]),
+        (
+            "an estimate that is no number",
+            vec![("api_key", "k"), ("sluice.estimate", "lots")],
+        ),
+        (
+            "an unknown reserved entry",
+            vec![("api_key", "k"), ("sluice.bogus", "1")],
+        ),
+        (
+            "an entry after a reserved one",
+            vec![
+                ("api_key", "k"),
+                ("sluice.report", "tokens"),
+                ("model", "m"),
+            ],
+        ),
+    ] {
+        let status = server
+            .call(request("llm", &[&pairs]))
+            .await
+            .expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+    }
     server.stop().await;
 }
 
