@@ -92,6 +92,30 @@ pub struct Verdict<'r> {
     pub statuses: SmallVec<[Status<'r>; 4]>,
     /// Limits of strict rules, still to be settled in the fleet store.
     pub strict: Option<Box<StrictWork>>,
+    /// The requests limit and the tokens limit nearest their end, over all descriptors: what
+    /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
+    pub headline: Headline<'r>,
+}
+
+/// One limit as a client should see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadlineLimit<'r> {
+    pub limit: ReportedLimit<'r>,
+    pub used: u32,
+    pub over: bool,
+    pub until_reset: Duration,
+}
+
+impl HeadlineLimit<'_> {
+    pub fn remaining(&self) -> u32 {
+        self.limit.per_unit.saturating_sub(self.used)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headline<'r> {
+    pub requests: Option<HeadlineLimit<'r>>,
+    pub tokens: Option<HeadlineLimit<'r>>,
 }
 
 /// How the process is told to treat every rule.
@@ -172,6 +196,7 @@ pub fn decide<'r, E: Entry>(
             known_domain: false,
             statuses: asks.iter().map(|_| Status::unmatched()).collect(),
             strict: None,
+            headline: Headline::default(),
         };
     };
     let matched: SmallVec<[Option<&'r Arc<Rule>>; 8]> = asks
@@ -326,12 +351,69 @@ pub fn decide<'r, E: Entry>(
             }
         })
         .collect();
+    let headline = headline(asks, &sources, &outcomes, &demands);
     Verdict {
         allowed,
         known_domain: true,
         statuses,
         strict,
+        headline,
     }
+}
+
+/// The requests and tokens limits nearest their end among enforced limits of calls (reports
+/// and shadow limits left out).
+fn headline<'r, E>(
+    asks: &[Ask<'_, E>],
+    sources: &[Source<'r>],
+    outcomes: &[Outcome],
+    demands: &[Demand<'_>],
+) -> Headline<'r> {
+    let mut headline = Headline::default();
+    for (d, source) in sources.iter().enumerate() {
+        if demands[d].enforcement == Enforcement::Shadow
+            || matches!(asks[source.ask].purpose, Purpose::Report { .. })
+        {
+            continue;
+        }
+        let outcome = &outcomes[d];
+        let requests = source
+            .requests
+            .map(reported)
+            .or(source.over_ride.map(|o| ReportedLimit {
+                name: None,
+                per_unit: o.per_unit,
+                unit: o.unit,
+                measure: Measure::Hits,
+            }));
+        let slots = [
+            (
+                &mut headline.requests,
+                requests,
+                outcome.counts.requests,
+                outcome.over.requests,
+            ),
+            (
+                &mut headline.tokens,
+                source.tokens.map(reported),
+                outcome.counts.tokens,
+                outcome.over.tokens,
+            ),
+        ];
+        for (best, limit, used, over) in slots {
+            let Some(limit) = limit else { continue };
+            let so_far = best.map(|b| (b.over, b.used, b.limit.per_unit));
+            if nearer((over, used, limit.per_unit), so_far) {
+                *best = Some(HeadlineLimit {
+                    limit,
+                    used,
+                    over,
+                    until_reset: outcome.until_reset,
+                });
+            }
+        }
+    }
+    headline
 }
 
 /// What one window of a rule is charged for a descriptor's call: the counts, whether they are

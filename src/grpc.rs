@@ -4,6 +4,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -11,7 +12,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value, value::Kind};
 use smallvec::SmallVec;
 use tonic::{Request, Response, Status};
 
@@ -84,7 +85,8 @@ fn respond(
         tracing::debug!(domain = %request.domain, "request for an unknown domain");
         app.stats.unknown_domain();
     }
-    (to_response(&verdict), verdict.strict.take())
+    let openai = app.settings.openai_headers;
+    (to_response(&verdict, asks, openai), verdict.strict.take())
 }
 
 /// Settles the strict limits of a request decided locally, and reports them.
@@ -312,7 +314,14 @@ fn code(code: Code) -> i32 {
     }
 }
 
-pub fn to_response(verdict: &Verdict<'_>) -> RateLimitResponse {
+/// Envoy's response. With `openai` set, OpenAI-style rate-limit headers are added to every
+/// answer and a denied one carries an OpenAI-style JSON error, so OpenAI-compatible SDKs back
+/// off correctly.
+pub fn to_response(
+    verdict: &Verdict<'_>,
+    asks: &[Ask<'_, ProtoEntry>],
+    openai: bool,
+) -> RateLimitResponse {
     let statuses = verdict
         .statuses
         .iter()
@@ -332,7 +341,7 @@ pub fn to_response(verdict: &Verdict<'_>) -> RateLimitResponse {
         })
         .collect();
     // Metadata of every matched rule, merged in descriptor order (later keys win).
-    let mut metadata: Option<Struct> = None;
+    let mut metadata: Option<Struct> = endpoint_utilization(verdict, asks);
     for rule in verdict.statuses.iter().filter_map(|s| s.rule) {
         if let Some(extra) = &rule.metadata {
             let merged = metadata.get_or_insert_with(Struct::default);
@@ -341,6 +350,11 @@ pub fn to_response(verdict: &Verdict<'_>) -> RateLimitResponse {
                 .extend(extra.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
     }
+    let (response_headers_to_add, raw_body) = if openai {
+        openai_answer(verdict)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     RateLimitResponse {
         overall_code: code(if verdict.allowed {
             Code::Ok
@@ -349,6 +363,149 @@ pub fn to_response(verdict: &Verdict<'_>) -> RateLimitResponse {
         }),
         statuses,
         dynamic_metadata: metadata,
+        response_headers_to_add,
+        raw_body,
         ..Default::default()
+    }
+}
+
+/// The entry key whose values name upstream endpoints.
+pub const ENDPOINT_KEY: &str = "endpoint";
+
+/// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used
+/// (0 to 1): `{"endpoint_utilization": {"openai": 0.42}}`, so Envoy can route away from an
+/// endpoint the fleet has saturated.
+fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> Option<Struct> {
+    let mut fields = std::collections::HashMap::new();
+    for (ask, status) in asks.iter().zip(&verdict.statuses) {
+        let (Some(endpoint), Some(limit)) = (
+            ask.entries.iter().find(|e| e.key == ENDPOINT_KEY),
+            status.limit,
+        ) else {
+            continue;
+        };
+        let used = limit.per_unit.saturating_sub(status.remaining);
+        let share = if limit.per_unit == 0 || status.code == Code::OverLimit {
+            1.0
+        } else {
+            (f64::from(used) / f64::from(limit.per_unit)).min(1.0)
+        };
+        fields.insert(endpoint.value.clone(), number(share));
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    let utilization = Value {
+        kind: Some(Kind::StructValue(Struct { fields })),
+    };
+    Some(Struct {
+        fields: [("endpoint_utilization".to_string(), utilization)].into(),
+    })
+}
+
+fn number(n: f64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+/// `1m30s`, `45s`, `250ms`: the reset format OpenAI's headers use.
+pub fn reset_text(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs_f64();
+    let (h, rest) = ((secs / 3600.0).floor(), secs % 3600.0);
+    let (m, s) = ((rest / 60.0).floor(), rest % 60.0);
+    let s = if (s - s.round()).abs() < 0.0005 {
+        format!("{}s", s.round())
+    } else {
+        format!("{s:.3}s").replace(".000s", "s")
+    };
+    match (h as u64, m as u64) {
+        (0, 0) => s,
+        (0, m) => format!("{m}m{s}"),
+        (h, m) => format!("{h}h{m}m{s}"),
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value,
+        ..Default::default()
+    }
+}
+
+fn openai_answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
+    let mut headers = Vec::new();
+    let lines = [
+        ("requests", verdict.headline.requests),
+        ("tokens", verdict.headline.tokens),
+    ];
+    for (what, line) in lines {
+        let Some(line) = line else { continue };
+        headers.push(header(
+            &format!("x-ratelimit-limit-{what}"),
+            line.limit.per_unit.to_string(),
+        ));
+        headers.push(header(
+            &format!("x-ratelimit-remaining-{what}"),
+            line.remaining().to_string(),
+        ));
+        headers.push(header(
+            &format!("x-ratelimit-reset-{what}"),
+            reset_text(line.until_reset),
+        ));
+    }
+    if verdict.allowed {
+        return (headers, Vec::new());
+    }
+    // What denied: the over limit that resets last decides when to retry.
+    let over = lines
+        .iter()
+        .filter_map(|(what, line)| line.filter(|l| l.over).map(|l| (*what, l)))
+        .max_by_key(|(_, l)| l.until_reset);
+    let Some((what, line)) = over else {
+        return (headers, Vec::new());
+    };
+    let retry = line.until_reset.as_millis().div_ceil(1000).max(1);
+    headers.push(header("retry-after", retry.to_string()));
+    headers.push(header("content-type", "application/json".into()));
+    let name = line
+        .limit
+        .name
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    let message = format!(
+        "Rate limit reached for {what} per {unit}{name}: limit {limit}, used {used}. Please try again in {retry}s.",
+        unit = line.limit.unit,
+        limit = line.limit.per_unit,
+        used = line.used,
+    );
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": "rate_limit_exceeded",
+            "param": null,
+            "code": "rate_limit_exceeded",
+        }
+    });
+    (headers, body.to_string().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reset_text;
+    use std::time::Duration;
+
+    #[test]
+    fn resets_read_like_openais() {
+        assert_eq!(reset_text(Duration::from_millis(250)), "250ms");
+        assert_eq!(reset_text(Duration::from_secs(45)), "45s");
+        assert_eq!(reset_text(Duration::from_millis(1_500)), "1.500s");
+        assert_eq!(reset_text(Duration::from_secs(90)), "1m30s");
+        assert_eq!(reset_text(Duration::from_secs(3_600 + 61)), "1h1m1s");
     }
 }

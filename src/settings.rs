@@ -95,6 +95,18 @@ pub struct Settings {
     )]
     pub shadow_mode: bool,
 
+    /// Add OpenAI-style rate-limit headers (x-ratelimit-*-requests, -tokens, retry-after) to
+    /// every answer, and an OpenAI-style JSON error body to denials.
+    #[arg(
+        long,
+        env = "SLUICE_OPENAI_HEADERS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub openai_headers: bool,
+
     /// Watch the config directory and reload rules when files change.
     #[arg(
         long,
@@ -243,6 +255,7 @@ impl Settings {
             log_level: "info".into(),
             log_format: LogFormat::Text,
             shadow_mode: false,
+            openai_headers: true,
             watch: true,
             redis_url: None,
             redis_cluster: false,

@@ -600,3 +600,63 @@ async fn grpc_health_reports_serving() {
     }
     server.stop().await;
 }
+
+fn header<'a>(
+    r: &'a envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse,
+    key: &str,
+) -> Option<&'a str> {
+    r.response_headers_to_add
+        .iter()
+        .find(|h| h.key == key)
+        .map(|h| h.value.as_str())
+}
+
+#[tokio::test]
+async fn openai_headers_body_and_endpoint_utilization() {
+    let rules = "domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - unit: minute\n        requests: 2\n      - unit: minute\n        tokens: 1000\n  - key: endpoint\n    limits:\n      - unit: minute\n        requests: 10\n";
+    let server = start(&[("llm.yaml", rules)]).await;
+    server.clock.set_ms(T0 + 20_000);
+    let call = request("llm", &[&[("api_key", "k")], &[("endpoint", "openai")]]);
+    let r = server.ok(call.clone()).await;
+    assert!(is_ok(&r));
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("2"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("1"));
+    assert_eq!(header(&r, "x-ratelimit-reset-requests"), Some("40s"));
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("1000"));
+    assert_eq!(header(&r, "retry-after"), None);
+    assert!(r.raw_body.is_empty());
+    let utilization = &r.dynamic_metadata.as_ref().unwrap().fields["endpoint_utilization"];
+    let Some(envoy_types::pb::google::protobuf::value::Kind::StructValue(per_endpoint)) =
+        &utilization.kind
+    else {
+        panic!("{utilization:?}")
+    };
+    assert_eq!(
+        per_endpoint.fields["openai"].kind,
+        Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(
+            0.1
+        ))
+    );
+    assert!(is_ok(&server.ok(call.clone()).await));
+    let denied = server.ok(call).await;
+    assert!(!is_ok(&denied));
+    assert_eq!(header(&denied, "retry-after"), Some("40"));
+    assert_eq!(header(&denied, "x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(header(&denied, "content-type"), Some("application/json"));
+    let body: serde_json::Value = serde_json::from_slice(&denied.raw_body).unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("requests per minute")
+            && message.contains("limit 2")
+            && message.contains("40s"),
+        "{message}"
+    );
+    server.stop().await;
+
+    let quiet = start_with(&[("llm.yaml", rules)], |s| s.openai_headers = false).await;
+    let r = quiet.ok(request("llm", &[&[("api_key", "k")]])).await;
+    assert!(r.response_headers_to_add.is_empty());
+    quiet.stop().await;
+}
