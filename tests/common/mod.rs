@@ -2,6 +2,7 @@
 //! written to a temporary directory, a manual clock, and a real gRPC client.
 #![allow(dead_code)]
 
+pub mod envoy;
 pub mod redis;
 
 use std::path::Path;
