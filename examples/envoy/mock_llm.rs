@@ -1,7 +1,8 @@
 //! A small OpenAI-compatible upstream for the Envoy example and the end-to-end tests:
 //! `POST /v1/chat/completions`, answered as JSON or, with `"stream": true`, as server-sent
 //! events, always with a `usage` block. The tokens it reports are `x-mock-total-tokens`
-//! (default 50), so a test knows what Envoy will report to sluice.
+//! (default 50), so a test knows what Envoy will report to sluice; `x-mock-delay-ms` holds the
+//! answer back, so several requests can be in flight at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,6 +28,13 @@ fn usage(headers: &HeaderMap) -> Value {
 }
 
 async fn completions(headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    let delay = headers
+        .get("x-mock-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0u64)
+        .min(10_000);
+    tokio::time::sleep(Duration::from_millis(delay)).await;
     let model = body["model"].as_str().unwrap_or("mock-model").to_string();
     let usage = usage(&headers);
     if body["stream"].as_bool() != Some(true) {
@@ -74,6 +82,9 @@ async fn main() {
         .route("/v1/chat/completions", post(completions))
         .route("/healthz", get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-    eprintln!("mock-llm listening on {}", listener.local_addr().expect("address"));
+    eprintln!(
+        "mock-llm listening on {}",
+        listener.local_addr().expect("address")
+    );
     axum::serve(listener, app).await.expect("serve");
 }

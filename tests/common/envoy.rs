@@ -54,7 +54,12 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    pub async fn start(binary: &Path, sluice_port: u16, upstream_port: u16, failure_mode_deny: bool) -> Envoy {
+    pub async fn start(
+        binary: &Path,
+        sluice_port: u16,
+        upstream_port: u16,
+        failure_mode_deny: bool,
+    ) -> Envoy {
         let template = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/envoy.yaml"),
         )
