@@ -1,0 +1,74 @@
+//! The examples users copy: the Istio manifests are valid YAML of the right kinds and agree with
+//! the Envoy example and its rules.
+
+use std::path::Path;
+
+use serde_yaml::Value;
+
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect()
+}
+
+use serde::Deserialize;
+
+#[test]
+fn istio_manifests_are_envoy_filters_that_match_the_envoy_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/istio");
+    let mut filters = 0;
+    let mut text = String::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        text.push_str(&std::fs::read_to_string(&path).unwrap());
+        for doc in documents(&path) {
+            assert_eq!(
+                doc["apiVersion"].as_str(),
+                Some("networking.istio.io/v1alpha3"),
+                "{}",
+                path.display()
+            );
+            assert_eq!(
+                doc["kind"].as_str(),
+                Some("EnvoyFilter"),
+                "{}",
+                path.display()
+            );
+            assert!(doc["metadata"]["name"].is_string());
+            let patches = doc["spec"]["configPatches"]
+                .as_sequence()
+                .expect("configPatches");
+            assert!(!patches.is_empty());
+            for patch in patches {
+                assert!(patch["applyTo"].is_string() && patch["patch"]["value"].is_mapping());
+            }
+            filters += 1;
+        }
+    }
+    assert_eq!(filters, 2);
+    // Same domain, same reserved descriptor entries, same usage metadata as the Envoy example.
+    let envoy = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/envoy.yaml"),
+    )
+    .unwrap();
+    for shared in [
+        "domain: llm_gateway",
+        "descriptor_key: sluice.report",
+        "descriptor_key: sluice.estimate",
+        "%DYNAMIC_METADATA(envoy.filters.http.lua:tokens)%",
+        "apply_on_stream_done: true",
+    ] {
+        assert!(text.contains(shared) && envoy.contains(shared), "{shared}");
+    }
+}
+
+#[test]
+fn the_envoy_example_rules_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/rules");
+    let rules = sluice::rules::load_dir(&dir).expect("example rules load");
+    assert!(rules.domain("llm_gateway").is_some());
+}
