@@ -660,3 +660,90 @@ async fn openai_headers_body_and_endpoint_utilization() {
     assert!(r.response_headers_to_add.is_empty());
     quiet.stop().await;
 }
+
+fn shorthand(unknown: &str) -> String {
+    format!(
+        r#"
+domain: llm_gateway
+api_keys:
+  tiers:
+    free: {{ rpm: 2, tpm: 1000 }}
+    pro: {{ rpm: 50, tpm: 100000, rpd: 1000 }}
+  default_tier: free
+  {unknown}
+  keys:
+    - key: plain-pro-key
+      tier: pro
+    - sha256: {hash}
+      tier: pro
+    - key: custom-key
+      rate_limit_rpm: 7
+      rate_limit_tpm: 700
+endpoints:
+  - id: openai
+    rpm_limit: 3000
+    tpm_limit: 2000000
+  - id: local-mock
+    rpm_limit: 10
+    tpm_limit: 999999999999
+"#,
+        hash = "4e598f5daafc2fda61641ddbb5956deb23fde6616366dc9dd5a7c9f47da4d787"
+    )
+}
+
+#[tokio::test]
+async fn llm_shorthand_tiers_hashed_keys_and_endpoints() {
+    let rules = shorthand("");
+    let server = start(&[("llm.yaml", &rules)]).await;
+    let limit = |r: &RateLimitRequest| {
+        let r = r.clone();
+        let server = &server;
+        async move { limit_of(&server.ok(r).await, 0) }
+    };
+    let key = |k: &str| request("llm_gateway", &[&[("api_key", k)]]);
+    assert_eq!(limit(&key("plain-pro-key")).await, Some(50));
+    // Given as a SHA-256 in the file, matched by hashing the key sent.
+    assert_eq!(limit(&key("hashed-secret")).await, Some(50));
+    assert_eq!(limit(&key("custom-key")).await, Some(7));
+    // Unknown keys get the default tier.
+    assert_eq!(server.admitted(3, &key("stranger")).await, 2);
+    let endpoint = |e: &str| request("llm_gateway", &[&[("endpoint", e)]]);
+    assert_eq!(limit(&endpoint("openai")).await, Some(3000));
+    // A TPM limit above the threshold: the endpoint is unlimited.
+    let r = server.ok(endpoint("local-mock")).await;
+    assert_eq!(remaining(&r, 0), u32::MAX);
+    server.stop().await;
+
+    let deny = shorthand("unknown_keys: deny");
+    let server = start(&[("llm.yaml", &deny)]).await;
+    assert_eq!(server.admitted(1, &key("stranger")).await, 0);
+    assert_eq!(server.admitted(1, &key("plain-pro-key")).await, 1);
+    server.stop().await;
+}
+
+#[test]
+fn llm_shorthand_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = "domain: d\napi_keys:\n  tiers:\n    free: { rpm: 1 }\n  keys:\n    - key: a\n      tier: gold\n    - sha256: nothex\n    - key: b\n      sha256: abc\nendpoints:\n  - id: big\n    tpm_limit: 5000000000\n    rpm_limit: 1\n";
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        format!("{bad}unlimited_tpm_above: 9000000000\n"),
+    )
+    .unwrap();
+    let errors = sluice::rules::load_dir(dir.path()).unwrap_err();
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let expect = [
+        ("api_keys.keys[0].tier", 7),
+        ("api_keys.keys[1].sha256", 8),
+        ("api_keys.keys[2]", 9),
+        ("endpoints[0].tpm_limit", 13),
+    ];
+    for (field, line) in expect {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.field.as_deref() == Some(field) && e.line == Some(line)),
+            "{field} at line {line}: {text:#?}"
+        );
+    }
+}

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+
 use super::Rule;
 
 /// A `value` with `*` wildcards, matched without allocating.
@@ -73,6 +75,8 @@ pub struct Level {
 #[derive(Debug, Default)]
 struct Branch {
     exact: HashMap<Box<str>, Node>,
+    /// Values given as SHA-256 hashes (API keys that rule files should not hold in clear).
+    hashed: HashMap<[u8; 32], Node>,
     wildcards: Vec<(Pattern, Node)>,
     any: Option<Box<Node>>,
 }
@@ -88,6 +92,8 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub enum Selector {
     Exact(Box<str>),
+    /// The SHA-256 of the value.
+    Hashed([u8; 32]),
     Wildcard(Pattern),
     AnyValue,
 }
@@ -102,6 +108,13 @@ impl Level {
         let branch = self.by_key.entry(key.into()).or_default();
         match selector {
             Selector::Exact(value) => match branch.exact.entry(value) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(node);
+                    true
+                }
+            },
+            Selector::Hashed(digest) => match branch.hashed.entry(digest) {
                 std::collections::hash_map::Entry::Occupied(_) => false,
                 std::collections::hash_map::Entry::Vacant(slot) => {
                     slot.insert(node);
@@ -133,6 +146,16 @@ impl Level {
             let node = branch
                 .exact
                 .get(entry.value())
+                .or_else(|| {
+                    // Hashed only when the file holds hashed values at this level.
+                    (!branch.hashed.is_empty())
+                        .then(|| {
+                            branch
+                                .hashed
+                                .get(&<[u8; 32]>::from(Sha256::digest(entry.value())))
+                        })
+                        .flatten()
+                })
                 .or_else(|| {
                     branch
                         .wildcards

@@ -10,6 +10,75 @@ pub struct RawFile {
     pub domain: String,
     #[serde(default)]
     pub descriptors: Vec<RawDescriptor>,
+    /// sluice's LLM shorthand: API keys and their tiers.
+    #[serde(default)]
+    pub api_keys: Option<RawApiKeys>,
+    /// sluice's LLM shorthand: upstream endpoints and their shared budgets.
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    /// An endpoint whose `tpm_limit` is above this is treated as unlimited (a mock, or an
+    /// endpoint with no real limit). Default 100,000,000.
+    #[serde(default)]
+    pub unlimited_tpm_above: Option<u64>,
+}
+
+/// Per-minute and per-day budgets of an API key tier.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename = "tier")]
+pub struct RawTier {
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    #[serde(default)]
+    pub tpm: Option<u32>,
+    #[serde(default)]
+    pub rpd: Option<u32>,
+    #[serde(default)]
+    pub tpd: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename = "api_keys")]
+pub struct RawApiKeys {
+    /// The descriptor entry key carrying the API key (default `api_key`).
+    #[serde(default)]
+    pub descriptor_key: Option<String>,
+    #[serde(default)]
+    pub tiers: std::collections::BTreeMap<String, RawTier>,
+    /// The tier of keys the table does not list.
+    #[serde(default)]
+    pub default_tier: Option<String>,
+    /// `deny`: keys the table does not list are refused (429).
+    #[serde(default)]
+    pub unknown_keys: Option<String>,
+    #[serde(default)]
+    pub keys: Vec<RawApiKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename = "api key")]
+pub struct RawApiKey {
+    /// The key in clear; or give `sha256`, the hex SHA-256 of the key.
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// The original design's per-key limits; they override the tier's.
+    #[serde(default)]
+    pub rate_limit_rpm: Option<u32>,
+    #[serde(default)]
+    pub rate_limit_tpm: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename = "endpoint")]
+pub struct RawEndpoint {
+    pub id: String,
+    #[serde(default)]
+    pub rpm_limit: Option<u32>,
+    #[serde(default)]
+    pub tpm_limit: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
