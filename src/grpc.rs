@@ -79,6 +79,15 @@ fn respond(
     request: &RateLimitRequest,
     asks: &[Ask<'_, ProtoEntry>],
 ) -> (RateLimitResponse, Option<Box<StrictWork>>) {
+    // One usage report per call, however many descriptors carry it.
+    let reported = asks
+        .iter()
+        .filter(|a| matches!(a.purpose, Purpose::Report { .. }))
+        .map(|a| a.hits)
+        .max();
+    if let Some(tokens) = reported {
+        app.stats.usage_report(tokens);
+    }
     let rules = app.rules.load();
     let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
     if !verdict.known_domain {

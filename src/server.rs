@@ -63,9 +63,24 @@ impl App {
 #[derive(Debug, Default)]
 pub struct Stats {
     unknown_domains: AtomicU64,
+    usage_reports: AtomicU64,
+    reported_tokens: AtomicU64,
 }
 
 impl Stats {
+    /// A usage report (tokens used, at stream end) and its tokens: counted apart from requests.
+    pub fn usage_report(&self, tokens: u64) {
+        self.usage_reports.fetch_add(1, Ordering::Relaxed);
+        self.reported_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    pub fn usage_reports(&self) -> (u64, u64) {
+        (
+            self.usage_reports.load(Ordering::Relaxed),
+            self.reported_tokens.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn unknown_domain(&self) {
         self.unknown_domains.fetch_add(1, Ordering::Relaxed);
     }

@@ -218,9 +218,15 @@ async fn tokens_run_out(stream: bool) {
         message.contains("tokens per minute") && message.contains("used 1200"),
         "{message}"
     );
-    // A denied call reports nothing: still 1200.
+    // A denied call reports nothing: still 1200, from two reports.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(stack.tokens_counted("k1").await, 1200);
+    let app = &stack.sluice.running.as_ref().unwrap().app;
+    assert_eq!(
+        app.stats.usage_reports(),
+        (2, 1200),
+        "one report per stream"
+    );
     stack.stop().await;
 }
 
