@@ -64,6 +64,8 @@ pub enum Code {
 #[derive(Debug, Clone)]
 pub struct Status<'r> {
     pub code: Code,
+    /// Whether the limit reported is over, enforced or not (shadow mode).
+    pub over: bool,
     /// `None` when no rule matched, or the rule is unlimited.
     pub limit: Option<ReportedLimit<'r>>,
     pub remaining: u32,
@@ -75,6 +77,7 @@ impl Status<'_> {
     fn unmatched() -> Self {
         Status {
             code: Code::Ok,
+            over: false,
             limit: None,
             remaining: 0,
             until_reset: Duration::ZERO,
@@ -342,6 +345,7 @@ pub fn decide<'r, E: Entry>(
             match rule.policy {
                 Policy::Unlimited => Status {
                     code: Code::Ok,
+                    over: false,
                     limit: None,
                     remaining: u32::MAX,
                     until_reset: Duration::ZERO,
@@ -550,6 +554,7 @@ fn closest<'r>(
         } else {
             Code::Ok
         },
+        over,
         limit: Some(limit),
         remaining: per_unit.saturating_sub(used),
         until_reset: outcomes[d].until_reset,

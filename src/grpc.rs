@@ -24,6 +24,7 @@ use crate::rules::Entry;
 use crate::server::App;
 use crate::settings::RequestLimits;
 use crate::sync::strict;
+use crate::telemetry::RuleMetrics;
 
 impl Entry for ProtoEntry {
     fn key(&self) -> &str {
@@ -50,8 +51,11 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let started = std::time::Instant::now();
         let request = request.into_inner();
-        let asks = validate(&request, &self.app.settings.request_limits)?;
+        let asks = validate(&request, &self.app.settings.request_limits).inspect_err(|_| {
+            self.app.metrics.invalid_requests.increment(1);
+        })?;
         // Envoy reads UNKNOWN as "allow"; a bug here must surface as UNAVAILABLE, which Envoy
         // hands to its `failure_mode_deny` setting.
         let internal = || {
@@ -62,15 +66,17 @@ impl RateLimitService for RateLimitGrpc {
             std::panic::catch_unwind(AssertUnwindSafe(|| respond(&self.app, &request, &asks)))
                 .map_err(|_| internal())?;
         let (Some(work), Some(_)) = (strict, &self.app.fleet) else {
+            self.app.record_answer(&response, started);
             return Ok(Response::new(response));
         };
         // Strict rules wait on Redis: settled in a task of their own, so a panic there is
         // caught too.
         let app = self.app.clone();
-        tokio::spawn(async move { settle_strict(&app, response, &work).await })
+        let response = tokio::spawn(async move { settle_strict(&app, response, &work).await })
             .await
-            .map(Response::new)
-            .map_err(|_| internal())
+            .map_err(|_| internal())?;
+        self.app.record_answer(&response, started);
+        Ok(Response::new(response))
     }
 }
 
@@ -87,15 +93,65 @@ fn respond(
         .max();
     if let Some(tokens) = reported {
         app.stats.usage_report(tokens);
+        app.metrics.usage_reports.increment(1);
+        app.metrics.reported_tokens.increment(tokens);
     }
     let rules = app.rules.load();
     let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
     if !verdict.known_domain {
         tracing::debug!(domain = %request.domain, "request for an unknown domain");
         app.stats.unknown_domain();
+        app.metrics.unknown_domain.increment(1);
     }
+    record_rules(
+        asks,
+        &verdict,
+        app.settings.near_limit_ratio,
+        app.settings.shadow_mode,
+    );
     let openai = app.settings.openai_headers;
     (to_response(&verdict, asks, openai), verdict.strict.take())
+}
+
+/// Counts each matched rule's hit: over, near or within its limit, shadowed, tokens reported.
+fn record_rules(
+    asks: &[Ask<'_, ProtoEntry>],
+    verdict: &Verdict<'_>,
+    near_ratio: f64,
+    global_shadow: bool,
+) {
+    for (ask, status) in asks.iter().zip(&verdict.statuses) {
+        let Some(rule) = status.rule else { continue };
+        let detailed;
+        let metrics = if rule.detailed_metric {
+            let values: Vec<&str> = ask.entries.iter().map(|e| e.value.as_str()).collect();
+            detailed = RuleMetrics::detailed(
+                &rule.domain,
+                &format!("{}[{}]", rule.metric_label, values.join(".")),
+            );
+            &detailed
+        } else {
+            &rule.metrics
+        };
+        if let Purpose::Report { .. } = ask.purpose {
+            metrics.tokens.increment(ask.hits);
+            continue;
+        }
+        metrics.hits.increment(ask.hits);
+        let Some(limit) = status.limit else { continue };
+        if status.over {
+            metrics.over_limit.increment(1);
+            if global_shadow || rule.enforcement == Enforcement::Shadow {
+                metrics.shadow_mode.increment(1);
+            }
+        } else if f64::from(limit.per_unit.saturating_sub(status.remaining))
+            >= near_ratio * f64::from(limit.per_unit)
+        {
+            metrics.near_limit.increment(1);
+        } else {
+            metrics.within_limit.increment(1);
+        }
+    }
 }
 
 /// Settles the strict limits of a request decided locally, and reports them.
@@ -291,7 +347,7 @@ pub const REPORT_KEY: &str = "sluice.report";
 /// `sluice.estimate=N`: the request reserves N tokens now; its report settles the difference.
 pub const ESTIMATE_KEY: &str = "sluice.estimate";
 
-fn proto_unit(unit: i32) -> Option<Unit> {
+pub fn proto_unit(unit: i32) -> Option<Unit> {
     Some(match ProtoUnit::try_from(unit).ok()? {
         ProtoUnit::Unknown => return None,
         ProtoUnit::Second => Unit::Second,
@@ -304,7 +360,7 @@ fn proto_unit(unit: i32) -> Option<Unit> {
     })
 }
 
-fn unit_to_proto(unit: Unit) -> ProtoUnit {
+pub fn unit_to_proto(unit: Unit) -> ProtoUnit {
     match unit {
         Unit::Second => ProtoUnit::Second,
         Unit::Minute => ProtoUnit::Minute,

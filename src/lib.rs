@@ -1,6 +1,7 @@
 //! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod client;
 pub mod decision;
 pub mod grpc;
@@ -10,4 +11,5 @@ pub mod rules;
 pub mod server;
 pub mod settings;
 pub mod sync;
+pub mod telemetry;
 pub mod usage;

@@ -308,7 +308,7 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, settings: ReloadSettings) 
                 if let Scan::Changed(set) = scan {
                     swap_in(&app, set, catalog.status().generation, reason);
                 }
-                app.reload_status.store(Arc::new(catalog.status()));
+                publish(&app, catalog.status());
                 catalog
             }
             Err(e) => {
@@ -317,6 +317,24 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, settings: ReloadSettings) 
             }
         };
     }
+}
+
+/// Makes a reload status visible: to the admin API, and as metrics.
+pub fn publish(app: &App, status: ReloadStatus) {
+    let metrics = &app.metrics;
+    let before = app.reload_status.load();
+    metrics.config_generation.set(status.generation as f64);
+    metrics
+        .reloads
+        .increment(status.applied.saturating_sub(before.applied));
+    metrics
+        .reload_failures
+        .increment(status.failed.saturating_sub(before.failed));
+    if let Some(ms) = status.last_success_ms {
+        metrics.last_reload.set(ms as f64 / 1000.0);
+    }
+    metrics.rules.set(app.rules.load().rule_count() as f64);
+    app.reload_status.store(Arc::new(status));
 }
 
 /// Swaps in a new rule set and drops the counters of rules that are gone.

@@ -19,6 +19,7 @@ use crate::reload::{self, Catalog, ReloadSettings, ReloadStatus};
 use crate::rules::{ConfigError, RuleSet};
 use crate::settings::Settings;
 use crate::sync::{self, Fleet};
+use crate::telemetry::ProcessMetrics;
 
 /// Everything a request needs, shared by every connection.
 pub struct App {
@@ -32,6 +33,7 @@ pub struct App {
     pub reload_status: ArcSwap<ReloadStatus>,
     /// The fleet store, when Redis is configured.
     pub fleet: Option<Arc<Fleet>>,
+    pub metrics: ProcessMetrics,
 }
 
 impl App {
@@ -48,6 +50,25 @@ impl App {
             settings,
             stats: Stats::default(),
             reload_status: ArcSwap::from_pointee(ReloadStatus::default()),
+            metrics: ProcessMetrics::register(),
+        }
+    }
+
+    /// Counts an answer and how long it took.
+    pub fn record_answer(
+        &self,
+        response: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse,
+        started: std::time::Instant,
+    ) {
+        self.metrics
+            .request_duration
+            .record(started.elapsed().as_secs_f64());
+        if response.overall_code
+            == envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code::Ok as i32
+        {
+            self.metrics.requests_ok.increment(1);
+        } else {
+            self.metrics.requests_over.increment(1);
         }
     }
 
@@ -94,6 +115,11 @@ impl Stats {
 pub enum ServerError {
     #[error("refusing to start: {} errors in the rule files", .0.len())]
     Rules(Vec<ConfigError>),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -108,18 +134,23 @@ pub enum ServerError {
 /// A started server. Dropping it does not stop it: call [`Running::stop`].
 pub struct Running {
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub app: Arc<App>,
     shutdown: oneshot::Sender<()>,
     serving: JoinHandle<Result<(), ServerError>>,
     sweeping: JoinHandle<()>,
     reloading: JoinHandle<()>,
     syncing: Option<JoinHandle<()>>,
+    http: JoinHandle<()>,
+    http_stop: Arc<tokio::sync::Notify>,
 }
 
 impl Running {
     /// Stops accepting calls, lets calls in flight finish, and waits for the server to end.
     pub async fn stop(mut self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(());
+        self.http_stop.notify_one();
+        let _ = (&mut self.http).await;
         self.sweeping.abort();
         self.reloading.abort();
         if let Some(syncing) = self.syncing.take() {
@@ -143,6 +174,8 @@ impl Running {
 /// Loads the rules of `settings.config` (refusing any error), binds the gRPC address, and
 /// starts serving, reloading rules as they change.
 pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
+    // Before the rules load: their metric handles bind to the recorder that exists then.
+    crate::telemetry::install();
     let (catalog, rules) = Catalog::load(&settings.config).map_err(ServerError::Rules)?;
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
@@ -161,8 +194,20 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     let grpc_addr = listener
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
+    let http_listener = TcpListener::bind(settings.http_addr)
+        .await
+        .map_err(|source| ServerError::BindHttp {
+            addr: settings.http_addr,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServerError::BindHttp {
+            addr: settings.http_addr,
+            source,
+        })?;
     let app = Arc::new(App::new(settings, rules, clock, fleet.clone()));
-    app.reload_status.store(Arc::new(catalog.status()));
+    crate::reload::publish(&app, catalog.status());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -188,6 +233,19 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             .await
             .map_err(ServerError::from)
     });
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    let http = {
+        let (router, stop) = (crate::admin::router(app.clone()), http_stop.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(http_listener, router)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "HTTP server failed");
+            }
+        })
+    };
+    tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
     let sweeping = tokio::spawn(sweep(app.clone()));
     let reload_settings = ReloadSettings {
         watch: app.settings.watch,
@@ -208,6 +266,9 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     tracing::info!(%grpc_addr, "serving ShouldRateLimit over gRPC");
     Ok(Running {
         grpc_addr,
+        http_addr,
+        http,
+        http_stop,
         app,
         shutdown,
         serving,
@@ -225,6 +286,9 @@ async fn sweep(app: Arc<App>) {
         every.tick().await;
         let now = app.limiter.clock().now_ms();
         let dropped = app.limiter.counters().sweep(now);
+        app.metrics
+            .active_counters
+            .set(app.limiter.counters().len() as f64);
         if dropped > 0 {
             tracing::debug!(
                 dropped,

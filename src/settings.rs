@@ -107,6 +107,19 @@ pub struct Settings {
     )]
     pub openai_headers: bool,
 
+    /// Bearer token of the mutating admin endpoints. Unset (and no --admin-token-file): they
+    /// are disabled.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin bearer token (e.g. a mounted Kubernetes Secret).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// A rule's hit counts as near its limit from this fraction of the limit on (metrics).
+    #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8, value_parser = parse_ratio)]
+    pub near_limit_ratio: f64,
+
     /// Watch the config directory and reload rules when files change.
     #[arg(
         long,
@@ -206,6 +219,14 @@ impl Default for RequestLimits {
     }
 }
 
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if !(r > 0.0 && r <= 1.0) {
+        return Err("must be more than 0 and at most 1".into());
+    }
+    Ok(r)
+}
+
 fn parse_sync_interval(text: &str) -> Result<Duration, String> {
     let d = parse_duration(text)?;
     if d < Duration::from_millis(10) {
@@ -223,6 +244,17 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
+    /// The admin token, from the flag or environment, else the token file (read on each use,
+    /// so a rotated Secret applies without a restart).
+    pub fn admin_token(&self) -> Option<String> {
+        if let Some(token) = self.admin_token.as_ref().filter(|t| !t.is_empty()) {
+            return Some(token.clone());
+        }
+        let file = self.admin_token_file.as_ref()?;
+        let token = std::fs::read_to_string(file).ok()?.trim().to_string();
+        (!token.is_empty()).then_some(token)
+    }
+
     /// The fleet sync settings, when a Redis URL is set.
     pub fn sync(&self) -> Option<SyncSettings> {
         let url = self.redis_url.as_ref()?;
@@ -256,6 +288,9 @@ impl Settings {
             log_format: LogFormat::Text,
             shadow_mode: false,
             openai_headers: true,
+            admin_token: None,
+            admin_token_file: None,
+            near_limit_ratio: 0.8,
             watch: true,
             redis_url: None,
             redis_cluster: false,

@@ -13,6 +13,7 @@ use super::{
     ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile, rule_scope,
 };
 use crate::limiter::{Enforcement, Unit};
+use crate::telemetry::RuleMetrics;
 
 /// Compiles one rule file into its domain.
 pub fn compile_file(file: &SourceFile) -> Result<Domain, Vec<ConfigError>> {
@@ -205,10 +206,13 @@ impl Compiler<'_> {
             return None;
         }
         let rule = policy.map(|policy| {
+            let path = ancestry.stats_path.join(".");
             let rule = Arc::new(Rule {
                 id: rule_scope(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
-                path: ancestry.stats_path.join(".").into(),
+                metrics: RuleMetrics::register(&self.domain, &path),
+                metric_label: path.as_str().into(),
+                path: path.into(),
                 file: self.file.path.clone(),
                 line: self.line_of(at),
                 policy,
@@ -536,14 +540,21 @@ impl Compiler<'_> {
         tree: &mut Level,
     ) {
         let identity = format!("{key}={value}");
+        // API keys appear as a short hash wherever the rule is named (metrics, admin API).
+        let label = match &selector {
+            Selector::Exact(v) if key != "endpoint" => {
+                format!("{key}=sha256:{}", short_hash(v.as_bytes()))
+            }
+            Selector::Hashed(digest) => format!("{key}=sha256:{}", hex(&digest[..6])),
+            _ if value.is_empty() => key.to_string(),
+            _ => format!("{key}_{value}"),
+        };
         let rule = Arc::new(Rule {
             id: rule_scope(&self.domain, [identity.as_str()]),
             domain: self.domain.as_str().into(),
-            path: if value.is_empty() {
-                key.into()
-            } else {
-                format!("{key}_{value}").into()
-            },
+            metrics: RuleMetrics::register(&self.domain, &label),
+            metric_label: label.as_str().into(),
+            path: label.into(),
             file: self.file.path.clone(),
             line: self.line_of(at),
             policy,
@@ -584,6 +595,16 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first 12 hex digits of a value's SHA-256: enough to tell keys apart, not to recover one.
+pub fn short_hash(value: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex(&Sha256::digest(value)[..6])
 }
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {

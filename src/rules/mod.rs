@@ -18,6 +18,7 @@ pub use compile::compile_file;
 pub use matcher::{Entry, Level, Pattern};
 
 use crate::limiter::{Enforcement, Unit};
+use crate::telemetry::RuleMetrics;
 
 /// What a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -102,6 +103,10 @@ pub struct Rule {
     pub shared_values: Box<[Option<Box<str>>]>,
     /// Added to the response's dynamic metadata when the rule matches.
     pub metadata: Option<Struct>,
+    /// Its counters, labelled by domain and `metric_label`.
+    pub metrics: RuleMetrics,
+    /// How metrics name the rule: its path, with API keys of the shorthand as a short hash.
+    pub metric_label: Box<str>,
 }
 
 impl Rule {

@@ -112,6 +112,12 @@ impl Fleet {
         self.settings.address.timeout
     }
 
+    /// Whether this replica cannot serve without Redis: with the `deny` policy it refuses
+    /// everything limited while Redis is down, so it is not ready.
+    pub fn required(&self) -> bool {
+        self.settings.policy == FailurePolicy::Deny
+    }
+
     /// The view the request path takes while the store does not answer.
     pub fn outage_view(&self, replicas: u32) -> FleetView {
         match self.settings.policy {
@@ -388,6 +394,13 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
         match result {
             Ok((seen, counters)) => {
                 replicas = seen;
+                app.metrics
+                    .sync_duration
+                    .record(started.elapsed().as_secs_f64());
+                app.metrics.sync_counters.set(counters as f64);
+                app.metrics.fleet_size.set(f64::from(replicas));
+                app.metrics.redis_up.set(1.0);
+                app.metrics.sync_lag.set(0.0);
                 app.limiter.fleet().set(FleetView::Synced { replicas });
                 if let Some(since) = failing_since.take() {
                     tracing::info!(down_for = ?since.elapsed(), counters, "Redis answers again; counts pushed");
@@ -402,6 +415,12 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
             }
             Err(error) => {
                 app.limiter.fleet().set(fleet.outage_view(replicas));
+                app.metrics.sync_errors.increment(1);
+                app.metrics.redis_up.set(0.0);
+                if let Some(ok) = status.last_success_ms {
+                    let lag = app.limiter.clock().now_ms().saturating_sub(ok);
+                    app.metrics.sync_lag.set(lag as f64 / 1000.0);
+                }
                 let now = Instant::now();
                 if failing_since.is_none() {
                     failing_since = Some(now);

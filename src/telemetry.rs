@@ -1,0 +1,138 @@
+//! Prometheus metrics: every name lives here. Per-rule handles are registered when rules load,
+//! so the request path increments an atomic and formats no label. Raw descriptor values (API
+//! keys) never become labels, unless a rule asks for them with `detailed_metric`.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub mod names {
+    pub const RULE_HITS: &str = "sluice_rule_hits_total";
+    pub const RULE_OVER_LIMIT: &str = "sluice_rule_over_limit_total";
+    pub const RULE_NEAR_LIMIT: &str = "sluice_rule_near_limit_total";
+    pub const RULE_WITHIN_LIMIT: &str = "sluice_rule_within_limit_total";
+    pub const RULE_SHADOW_MODE: &str = "sluice_rule_shadow_mode_total";
+    pub const RULE_TOKENS: &str = "sluice_rule_tokens_total";
+    pub const REQUESTS: &str = "sluice_requests_total";
+    pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
+    pub const UNKNOWN_DOMAIN: &str = "sluice_unknown_domain_total";
+    pub const INVALID_REQUESTS: &str = "sluice_invalid_requests_total";
+    pub const USAGE_REPORTS: &str = "sluice_usage_reports_total";
+    pub const REPORTED_TOKENS: &str = "sluice_reported_tokens_total";
+    pub const CONFIG_GENERATION: &str = "sluice_config_generation";
+    pub const RELOADS: &str = "sluice_config_reloads_total";
+    pub const RELOAD_FAILURES: &str = "sluice_config_reload_failures_total";
+    pub const LAST_RELOAD: &str = "sluice_config_last_reload_timestamp_seconds";
+    pub const RULES: &str = "sluice_rules";
+    pub const ACTIVE_COUNTERS: &str = "sluice_active_counters";
+    pub const SYNC_DURATION: &str = "sluice_sync_duration_seconds";
+    pub const SYNC_ERRORS: &str = "sluice_sync_errors_total";
+    pub const SYNC_LAG: &str = "sluice_sync_lag_seconds";
+    pub const SYNC_COUNTERS: &str = "sluice_sync_counters";
+    pub const FLEET_SIZE: &str = "sluice_fleet_replicas";
+    pub const REDIS_UP: &str = "sluice_redis_up";
+    pub const CAPACITY_FACTOR: &str = "sluice_capacity_factor";
+}
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's Prometheus recorder (once) and returns its handle. Handles
+/// registered before this are no-ops, so the server calls it before loading rules.
+pub fn install() -> &'static PrometheusHandle {
+    RECORDER.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 1.0,
+            ])
+            .expect("static buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program's): keep it.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// The counters of one rule, labelled by domain and rule (the descriptor path as written in
+/// the file, API keys of the shorthand as a short hash).
+#[derive(Debug, Clone)]
+pub struct RuleMetrics {
+    pub hits: Counter,
+    pub over_limit: Counter,
+    pub near_limit: Counter,
+    pub within_limit: Counter,
+    pub shadow_mode: Counter,
+    pub tokens: Counter,
+}
+
+impl RuleMetrics {
+    pub fn register(domain: &str, rule: &str) -> RuleMetrics {
+        let labels = [("domain", domain.to_string()), ("rule", rule.to_string())];
+        RuleMetrics {
+            hits: counter!(names::RULE_HITS, &labels),
+            over_limit: counter!(names::RULE_OVER_LIMIT, &labels),
+            near_limit: counter!(names::RULE_NEAR_LIMIT, &labels),
+            within_limit: counter!(names::RULE_WITHIN_LIMIT, &labels),
+            shadow_mode: counter!(names::RULE_SHADOW_MODE, &labels),
+            tokens: counter!(names::RULE_TOKENS, &labels),
+        }
+    }
+
+    /// For `detailed_metric` rules: the same counters with the request's values in the label.
+    /// Registered per call, so only rules that ask for it pay for it.
+    pub fn detailed(domain: &str, rule: &str) -> RuleMetrics {
+        RuleMetrics::register(domain, rule)
+    }
+}
+
+/// Process-wide handles, registered once at start.
+#[derive(Debug, Clone)]
+pub struct ProcessMetrics {
+    pub requests_ok: Counter,
+    pub requests_over: Counter,
+    pub request_duration: Histogram,
+    pub unknown_domain: Counter,
+    pub invalid_requests: Counter,
+    pub usage_reports: Counter,
+    pub reported_tokens: Counter,
+    pub config_generation: Gauge,
+    pub reloads: Counter,
+    pub reload_failures: Counter,
+    pub last_reload: Gauge,
+    pub rules: Gauge,
+    pub active_counters: Gauge,
+    pub sync_duration: Histogram,
+    pub sync_errors: Counter,
+    pub sync_lag: Gauge,
+    pub sync_counters: Gauge,
+    pub fleet_size: Gauge,
+    pub redis_up: Gauge,
+}
+
+impl ProcessMetrics {
+    pub fn register() -> ProcessMetrics {
+        ProcessMetrics {
+            requests_ok: counter!(names::REQUESTS, "code" => "ok"),
+            requests_over: counter!(names::REQUESTS, "code" => "over_limit"),
+            request_duration: histogram!(names::REQUEST_DURATION),
+            unknown_domain: counter!(names::UNKNOWN_DOMAIN),
+            invalid_requests: counter!(names::INVALID_REQUESTS),
+            usage_reports: counter!(names::USAGE_REPORTS),
+            reported_tokens: counter!(names::REPORTED_TOKENS),
+            config_generation: gauge!(names::CONFIG_GENERATION),
+            reloads: counter!(names::RELOADS),
+            reload_failures: counter!(names::RELOAD_FAILURES),
+            last_reload: gauge!(names::LAST_RELOAD),
+            rules: gauge!(names::RULES),
+            active_counters: gauge!(names::ACTIVE_COUNTERS),
+            sync_duration: histogram!(names::SYNC_DURATION),
+            sync_errors: counter!(names::SYNC_ERRORS),
+            sync_lag: gauge!(names::SYNC_LAG),
+            sync_counters: gauge!(names::SYNC_COUNTERS),
+            fleet_size: gauge!(names::FLEET_SIZE),
+            redis_up: gauge!(names::REDIS_UP),
+        }
+    }
+}
