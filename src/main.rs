@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Validate { dir } => validate(&dir),
         Command::Check(args) => check(args),
-        Command::Serve(settings) => match serve(settings) {
+        Command::Serve(settings) => match serve(*settings) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("sluice: {e:#}");

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve ShouldRateLimit over gRPC, enforcing the rules of a directory.
-    Serve(Settings),
+    Serve(Box<Settings>),
     /// Check the rule files of a directory; exit 1 and print every error if any is wrong.
     Validate {
         /// Directory of rule files (*.yaml, *.yml).
