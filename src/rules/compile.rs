@@ -543,9 +543,9 @@ impl Compiler<'_> {
         // API keys appear as a short hash wherever the rule is named (metrics, admin API).
         let label = match &selector {
             Selector::Exact(v) if key != "endpoint" => {
-                format!("{key}=sha256:{}", short_hash(v.as_bytes()))
+                format!("{key}_sha256_{}", short_hash(v.as_bytes()))
             }
-            Selector::Hashed(digest) => format!("{key}=sha256:{}", hex(&digest[..6])),
+            Selector::Hashed(digest) => format!("{key}_sha256_{}", hex(&digest[..6])),
             _ if value.is_empty() => key.to_string(),
             _ => format!("{key}_{value}"),
         };
