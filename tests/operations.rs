@@ -21,8 +21,11 @@ fn base(server: &TestServer) -> String {
     format!("http://{}", server.running.as_ref().unwrap().http_addr)
 }
 
-/// Every sample of the scrape: (name, labels, value).
-async fn scrape(server: &TestServer) -> Vec<(String, Vec<(String, String)>, f64)> {
+/// One sample of a scrape: name, sorted labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// Every sample of the scrape.
+async fn scrape(server: &TestServer) -> Vec<Sample> {
     let text = http()
         .get(format!("{}/metrics", base(server)))
         .send()
@@ -57,11 +60,7 @@ async fn scrape(server: &TestServer) -> Vec<(String, Vec<(String, String)>, f64)
         .collect()
 }
 
-fn sample(
-    samples: &[(String, Vec<(String, String)>, f64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|(n, l, _)| {
