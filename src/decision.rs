@@ -179,6 +179,8 @@ pub struct StrictWork {
 #[derive(Clone, Copy)]
 struct Source<'r> {
     ask: usize,
+    /// The rule's capacity factor when decided, in millionths.
+    scale: u32,
     requests: Option<&'r Limit>,
     tokens: Option<&'r Limit>,
     over_ride: Option<LimitOverride>,
@@ -262,6 +264,7 @@ pub fn decide<'r, E: Entry>(
             });
             sources.push(Source {
                 ask: i,
+                scale: crate::capacity::Factor::FULL,
                 requests: None,
                 tokens: None,
                 over_ride: Some(over_ride),
@@ -287,8 +290,8 @@ pub fn decide<'r, E: Entry>(
                     parts: &parts[i],
                 },
                 limits: Limits {
-                    requests: requests.map(|l| l.per_unit),
-                    tokens: tokens.map(|l| l.per_unit),
+                    requests: requests.map(|l| rule.capacity.apply(l.per_unit)),
+                    tokens: tokens.map(|l| rule.capacity.apply(l.per_unit)),
                 },
                 charge,
                 refund,
@@ -312,6 +315,7 @@ pub fn decide<'r, E: Entry>(
             demands.push(demand);
             sources.push(Source {
                 ask: i,
+                scale: rule.capacity.get(),
                 requests,
                 tokens,
                 over_ride: None,
@@ -383,7 +387,7 @@ fn headline<'r, E>(
         let outcome = &outcomes[d];
         let requests = source
             .requests
-            .map(reported)
+            .map(|l| reported(l, source.scale))
             .or(source.over_ride.map(|o| ReportedLimit {
                 name: None,
                 per_unit: o.per_unit,
@@ -399,7 +403,7 @@ fn headline<'r, E>(
             ),
             (
                 &mut headline.tokens,
-                source.tokens.map(reported),
+                source.tokens.map(|l| reported(l, source.scale)),
                 outcome.counts.tokens,
                 outcome.over.tokens,
             ),
@@ -517,7 +521,7 @@ fn closest<'r>(
             (
                 source
                     .requests
-                    .map(reported)
+                    .map(|l| reported(l, source.scale))
                     .or(source.over_ride.map(|o| ReportedLimit {
                         name: None,
                         per_unit: o.per_unit,
@@ -528,7 +532,7 @@ fn closest<'r>(
                 outcome.over.requests,
             ),
             (
-                source.tokens.map(reported),
+                source.tokens.map(|l| reported(l, source.scale)),
                 outcome.counts.tokens,
                 outcome.over.tokens,
             ),
@@ -562,10 +566,12 @@ fn closest<'r>(
     }
 }
 
-fn reported(limit: &Limit) -> ReportedLimit<'_> {
+fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
+    let per_unit = (u64::from(limit.per_unit) * u64::from(scale)
+        / u64::from(crate::capacity::Factor::FULL)) as u32;
     ReportedLimit {
         name: limit.name.as_deref(),
-        per_unit: limit.per_unit,
+        per_unit,
         unit: limit.unit,
         measure: limit.measure,
     }

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod capacity;
 pub mod client;
 pub mod decision;
 pub mod grpc;

@@ -342,6 +342,8 @@ fn swap_in(app: &App, set: RuleSet, generation: u64, reason: &str) {
     let live = set.rule_scopes();
     let (domains, rules) = (set.domains().count(), set.rule_count());
     app.rules.store(Arc::new(set));
+    // New rules start at full capacity: let the capacity task set their factors now.
+    app.capacity_changed.notify_one();
     let dropped = app
         .limiter
         .counters()

@@ -12,6 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::capacity::{Capacity, Recovery};
 use crate::decision::Mode;
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::{Clock, Limiter};
@@ -34,6 +35,10 @@ pub struct App {
     /// The fleet store, when Redis is configured.
     pub fleet: Option<Arc<Fleet>>,
     pub metrics: ProcessMetrics,
+    /// Capacity reductions announced, here or by the fleet.
+    pub capacity: Capacity,
+    /// Wakes the capacity task: an announcement arrived, or rules were reloaded.
+    pub capacity_changed: tokio::sync::Notify,
 }
 
 impl App {
@@ -51,6 +56,15 @@ impl App {
             stats: Stats::default(),
             reload_status: ArcSwap::from_pointee(ReloadStatus::default()),
             metrics: ProcessMetrics::register(),
+            capacity: Capacity::default(),
+            capacity_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn recovery(&self) -> Recovery {
+        Recovery {
+            factor: self.settings.capacity_recovery_factor,
+            every: self.settings.capacity_recovery_interval,
         }
     }
 
@@ -141,6 +155,7 @@ pub struct Running {
     sweeping: JoinHandle<()>,
     reloading: JoinHandle<()>,
     syncing: Option<JoinHandle<()>>,
+    capacity: JoinHandle<()>,
     http: JoinHandle<()>,
     http_stop: Arc<tokio::sync::Notify>,
 }
@@ -153,6 +168,7 @@ impl Running {
         let _ = (&mut self.http).await;
         self.sweeping.abort();
         self.reloading.abort();
+        self.capacity.abort();
         if let Some(syncing) = self.syncing.take() {
             syncing.abort();
         }
@@ -247,6 +263,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     };
     tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
     let sweeping = tokio::spawn(sweep(app.clone()));
+    let capacity = tokio::spawn(crate::capacity::run(app.clone()));
     let reload_settings = ReloadSettings {
         watch: app.settings.watch,
         debounce: app.settings.reload_debounce,
@@ -275,6 +292,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         sweeping,
         reloading,
         syncing,
+        capacity,
     })
 }
 

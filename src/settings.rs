@@ -116,6 +116,14 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// After a capacity reduction, limits grow back by this factor every --capacity-recovery-interval.
+    #[arg(long, env = "SLUICE_CAPACITY_RECOVERY_FACTOR", default_value_t = 1.1, value_parser = parse_growth)]
+    pub capacity_recovery_factor: f64,
+
+    /// How often a reduced capacity grows back.
+    #[arg(long, env = "SLUICE_CAPACITY_RECOVERY_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub capacity_recovery_interval: Duration,
+
     /// A rule's hit counts as near its limit from this fraction of the limit on (metrics).
     #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8, value_parser = parse_ratio)]
     pub near_limit_ratio: f64,
@@ -219,6 +227,14 @@ impl Default for RequestLimits {
     }
 }
 
+fn parse_growth(text: &str) -> Result<f64, String> {
+    let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if !(r > 1.0 && r <= 10.0) {
+        return Err("must be more than 1 and at most 10".into());
+    }
+    Ok(r)
+}
+
 fn parse_ratio(text: &str) -> Result<f64, String> {
     let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if !(r > 0.0 && r <= 1.0) {
@@ -291,6 +307,8 @@ impl Settings {
             admin_token: None,
             admin_token_file: None,
             near_limit_ratio: 0.8,
+            capacity_recovery_factor: 1.1,
+            capacity_recovery_interval: Duration::from_secs(30),
             watch: true,
             redis_url: None,
             redis_cluster: false,

@@ -473,3 +473,134 @@ async fn readyz_fails_without_rules_and_while_a_required_redis_is_down() {
     until_ready(&server, 200).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_reduction_reaches_every_replica_and_recovers() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "domain: cap\ndescriptors:\n  - key: endpoint\n    value: openai\n    rate_limit:\n      unit: minute\n      requests_per_unit: 100\n";
+    write_rules(dir.path(), &[("cap.yaml", rules)]);
+    let (url, ns) = (redis.url(), unique_namespace("capacity"));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let http_port = free_port().to_string();
+        let http_addr = format!("127.0.0.1:{http_port}");
+        let args = [
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--redis-url",
+            &url,
+            "--redis-namespace",
+            &ns,
+            "--sync-interval",
+            "50ms",
+            "--admin-token",
+            "t0ken",
+            "--http-addr",
+            &http_addr,
+            "--capacity-recovery-interval",
+            "2s",
+            "--capacity-recovery-factor",
+            "2",
+        ];
+        let (child, client) = spawn_sluice(&args, &[]).await;
+        replicas.push((child, client, format!("http://{http_addr}")));
+    }
+    let limit_on = |client: &envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut check = request("cap", &[&[("endpoint", "openai")]]);
+            check.descriptors[0].hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 0 });
+            limit_of(&client.should_rate_limit(check).await.unwrap().into_inner(), 0)
+        }
+    };
+    let until = |want: u32| {
+        let replicas = &replicas;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            for (_, client, _) in replicas {
+                while limit_on(client).await != Some(want) {
+                    assert!(Instant::now() < deadline, "a replica never reached {want}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    };
+    until(100).await;
+    // The global view for routing: 3 of 100 used fleet-wide, counted on both replicas.
+    for (_, client, _) in &replicas {
+        let mut client = client.clone();
+        client
+            .should_rate_limit(request("cap", &[&[("endpoint", "openai")]]))
+            .await
+            .unwrap();
+    }
+    let mut first = replicas[0].1.clone();
+    first
+        .should_rate_limit(request("cap", &[&[("endpoint", "openai")]]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u: Value = http()
+            .get(format!("{}/v1/utilization", replicas[1].2))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if u["openai"].as_f64() == Some(0.03) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "utilization {u}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Announced on one replica: both halve.
+    let reduce = json!({"domain": "cap", "rule": "endpoint_openai", "factor": 0.5});
+    let r = http()
+        .post(format!("{}/v1/capacity/reduce", replicas[0].2))
+        .bearer_auth("t0ken")
+        .json(&reduce)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let announced = Instant::now();
+    until(50).await;
+    let seen: Value = http()
+        .get(format!("{}/v1/capacity", replicas[1].2))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["reduced"][0]["factor"], 0.5);
+    assert_eq!(seen["reduced"][0]["limits"][0]["effective"], 50);
+    // Both recover to the configured limit (x2 every 2 s here).
+    until(100).await;
+    assert!(
+        announced.elapsed() >= Duration::from_millis(1_500),
+        "recovered after its interval"
+    );
+    let seen: Value = http()
+        .get(format!("{}/v1/capacity", replicas[0].2))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["reduced"].as_array().unwrap().len(), 0);
+    for (child, _, _) in replicas {
+        signal(&child, "TERM");
+        let mut child = child;
+        tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

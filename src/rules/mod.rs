@@ -105,6 +105,8 @@ pub struct Rule {
     pub metadata: Option<Struct>,
     /// Its counters, labelled by domain and `metric_label`.
     pub metrics: RuleMetrics,
+    /// The share of its limits in force (capacity reduction), set by the capacity task.
+    pub capacity: crate::capacity::Factor,
     /// How metrics name the rule: its path, with API keys of the shorthand as a short hash.
     pub metric_label: Box<str>,
 }

@@ -204,7 +204,11 @@ pub async fn spawn_sluice(
         .arg("serve")
         .args(args)
         .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
-        .args(["--http-addr", "127.0.0.1:0"])
+        .args(if args.contains(&"--http-addr") {
+            &[][..]
+        } else {
+            &["--http-addr", "127.0.0.1:0"][..]
+        })
         .envs(envs.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
