@@ -31,6 +31,7 @@ pub mod names {
     pub const SYNC_LAG: &str = "sluice_sync_lag_seconds";
     pub const SYNC_COUNTERS: &str = "sluice_sync_counters";
     pub const FLEET_SIZE: &str = "sluice_fleet_replicas";
+    pub const OVERSHOOT: &str = "sluice_fleet_overshoot";
     pub const REDIS_UP: &str = "sluice_redis_up";
     pub const CAPACITY_FACTOR: &str = "sluice_capacity_factor";
 }
@@ -109,6 +110,7 @@ pub struct ProcessMetrics {
     pub sync_counters: Gauge,
     pub fleet_size: Gauge,
     pub redis_up: Gauge,
+    pub overshoot: Gauge,
 }
 
 impl ProcessMetrics {
@@ -133,6 +135,7 @@ impl ProcessMetrics {
             sync_counters: gauge!(names::SYNC_COUNTERS),
             fleet_size: gauge!(names::FLEET_SIZE),
             redis_up: gauge!(names::REDIS_UP),
+            overshoot: gauge!(names::OVERSHOOT),
         }
     }
 }

@@ -348,6 +348,8 @@ fn rules_by_scope(rules: &RuleSet) -> HashMap<u64, Arc<Rule>> {
 
 struct Work<'g> {
     counter: &'g Counter,
+    /// The configured limits of the counter's window (none for overrides).
+    limits: crate::limiter::Limits,
     window: Window,
     /// This replica's counts in `window` when read.
     own: Counts,
@@ -388,7 +390,20 @@ async fn round(
         let Some((domain, path)) = counter_path(key, &index.1) else {
             continue;
         };
+        let limits = index
+            .1
+            .get(&key.scope())
+            .and_then(|rule| match &rule.policy {
+                crate::rules::Policy::Limited(windows) => windows.iter().find(|w| w.unit == unit),
+                crate::rules::Policy::Unlimited => None,
+            })
+            .map(|w| crate::limiter::Limits {
+                requests: w.requests.as_ref().map(|l| l.per_unit),
+                tokens: w.tokens.as_ref().map(|l| l.per_unit),
+            })
+            .unwrap_or_default();
         work.push(Work {
+            limits,
             counter,
             window,
             own,
@@ -401,6 +416,7 @@ async fn round(
                 + EXPIRY_MARGIN.as_millis() as u64,
         });
     }
+    let mut overshoot = 0u32;
     for batch in work.chunks(BATCH) {
         let mut pipe = redis::pipe();
         for w in batch {
@@ -440,8 +456,14 @@ async fn round(
                 tokens: clamp(total.1),
             };
             w.counter.synced(w.window, w.own, total);
+            // How far past a limit the fleet went: what the accuracy model bounds.
+            let past = |limit: Option<u32>, used: u32| limit.map_or(0, |l| used.saturating_sub(l));
+            overshoot = overshoot
+                .max(past(w.limits.requests, total.requests))
+                .max(past(w.limits.tokens, total.tokens));
         }
     }
+    app.metrics.overshoot.set(overshoot as f64);
     Ok((replicas, work.len()))
 }
 
