@@ -1,0 +1,108 @@
+//! The decision path (match + count) allocates nothing once the counter exists, proven with a
+//! counting global allocator. Counts are per thread, so other threads cannot disturb them.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use sluice::decision::{Ask, Mode, Purpose, decide};
+use sluice::limiter::{Limiter, ManualClock};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations_during(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+const RULES: &str = r#"
+domain: llm
+descriptors:
+  - key: api_key
+    limits:
+      - { unit: minute, requests: 1000000 }
+      - { unit: minute, tokens: 100000000 }
+      - { unit: day, requests: 100000000 }
+    descriptors:
+      - key: model
+        value: gpt-4*
+        limits:
+          - { unit: minute, requests: 1000000 }
+  - key: endpoint
+    value: openai
+    rate_limit: { unit: second, requests_per_unit: 1000000 }
+"#;
+
+#[test]
+fn deciding_on_existing_counters_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("llm.yaml"), RULES).unwrap();
+    let rules = sluice::rules::load_dir(dir.path()).unwrap();
+    let limiter = Limiter::new(Arc::new(ManualClock::new(1_767_225_600_000)));
+    let key = [("api_key", "k1")];
+    let model = [("api_key", "k1"), ("model", "gpt-4o")];
+    let endpoint = [("endpoint", "openai")];
+    let ask = |entries: &'static [(&'static str, &'static str)]| Ask {
+        entries,
+        hits: 1,
+        refund: false,
+        limit_override: None,
+        purpose: Purpose::Call,
+    };
+    let key: &'static [(&str, &str)] = Box::leak(Box::new(key));
+    let model: &'static [(&str, &str)] = Box::leak(Box::new(model));
+    let endpoint: &'static [(&str, &str)] = Box::leak(Box::new(endpoint));
+    let asks = [ask(key), ask(model), ask(endpoint)];
+    // The first call creates the counters: that allocates, and the allocator sees it.
+    let first = allocations_during(|| {
+        assert!(decide(&rules, &limiter, "llm", &asks, Mode::default()).allowed);
+    });
+    assert!(first > 0, "creating counters allocates, and is counted");
+    for _ in 0..3 {
+        let n = allocations_during(|| {
+            let verdict = decide(&rules, &limiter, "llm", &asks, Mode::default());
+            assert!(verdict.allowed);
+        });
+        assert_eq!(n, 0, "allocations on the decision path");
+    }
+    // One descriptor alone, and a denial with its rollback, allocate nothing either.
+    let n = allocations_during(|| {
+        decide(&rules, &limiter, "llm", &asks[..1], Mode::default());
+    });
+    assert_eq!(n, 0);
+    let tight = Ask {
+        hits: 2_000_000,
+        ..asks[2]
+    };
+    let n = allocations_during(|| {
+        let verdict = decide(&rules, &limiter, "llm", &[asks[0], tight], Mode::default());
+        assert!(!verdict.allowed);
+    });
+    assert_eq!(n, 0, "a denial rolls back without allocating");
+}
