@@ -186,8 +186,8 @@ struct Source<'r> {
     over_ride: Option<LimitOverride>,
 }
 
-/// Decides one request. Allocates nothing for up to 8 descriptors of up to 8 entries when their
-/// counters exist, beyond the counters' own creation.
+/// Decides one request. Allocates nothing for up to 4 descriptors of up to 4 entries (8 counter
+/// windows) when their counters exist; larger requests spill to the heap.
 pub fn decide<'r, E: Entry>(
     rules: &'r RuleSet,
     limiter: &Limiter,
@@ -204,7 +204,7 @@ pub fn decide<'r, E: Entry>(
             headline: Headline::default(),
         };
     };
-    let matched: SmallVec<[Option<&'r Arc<Rule>>; 8]> = asks
+    let matched: SmallVec<[Option<&'r Arc<Rule>>; 4]> = asks
         .iter()
         .map(|ask| domain_rules.tree.find(ask.entries))
         .collect();
@@ -220,20 +220,33 @@ pub fn decide<'r, E: Entry>(
     };
 
     // The values that tell one caller's counter from another's, per descriptor.
-    // An override's counter is named by its domain and entries, as no rule names it.
-    let parts: SmallVec<[SmallVec<[&str; 8]>; 8]> = asks
-        .iter()
-        .zip(&matched)
-        .map(|(ask, rule)| match (ask.limit_override, rule) {
-            (None, Some(rule)) => counter_parts(rule, ask.entries).collect(),
-            _ => std::iter::once(domain)
-                .chain(ask.entries.iter().flat_map(|e| [e.key(), e.value()]))
-                .collect(),
-        })
-        .collect();
+    // The values naming each descriptor's counters, in one flat buffer (a span per
+    // descriptor). An override's counter is named by its domain and entries, as no rule
+    // names it.
+    let mut values: SmallVec<[&str; 8]> = SmallVec::new();
+    let mut spans: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+    for (ask, rule) in asks.iter().zip(&matched) {
+        let start = values.len();
+        match (ask.limit_override, rule) {
+            (None, Some(rule)) => {
+                for value in counter_parts(rule, ask.entries) {
+                    values.push(value);
+                }
+            }
+            _ => {
+                values.push(domain);
+                for e in ask.entries {
+                    values.push(e.key());
+                    values.push(e.value());
+                }
+            }
+        }
+        spans.push((start, values.len()));
+    }
+    let parts = |i: usize| &values[spans[i].0..spans[i].1];
 
-    let mut demands: SmallVec<[Demand<'_>; 16]> = SmallVec::new();
-    let mut sources: SmallVec<[Source<'r>; 16]> = SmallVec::new();
+    let mut demands: SmallVec<[Demand<'_>; 8]> = SmallVec::new();
+    let mut sources: SmallVec<[Source<'r>; 8]> = SmallVec::new();
     let mut strict: Vec<StrictJob> = Vec::new();
     for (i, ask) in asks.iter().enumerate() {
         let rule = matched[i];
@@ -249,7 +262,7 @@ pub fn decide<'r, E: Entry>(
                 counter: crate::limiter::CounterRef {
                     scope: override_scope(domain, keys),
                     unit: over_ride.unit,
-                    parts: &parts[i],
+                    parts: parts(i),
                 },
                 limits: Limits {
                     requests: Some(over_ride.per_unit),
@@ -287,7 +300,7 @@ pub fn decide<'r, E: Entry>(
                 counter: crate::limiter::CounterRef {
                     scope: rule.id,
                     unit: window.unit,
-                    parts: &parts[i],
+                    parts: parts(i),
                 },
                 limits: Limits {
                     requests: requests.map(|l| rule.capacity.apply(l.per_unit)),
@@ -301,7 +314,7 @@ pub fn decide<'r, E: Entry>(
                 strict.push(StrictJob {
                     ask: i,
                     domain: rule.domain.to_string(),
-                    path: crate::sync::rule_path(rule, parts[i].iter().copied()),
+                    path: crate::sync::rule_path(rule, parts(i).iter().copied()),
                     counter: demand.counter.to_key(),
                     limits: demand.limits,
                     charge: demand.charge,
@@ -323,7 +336,7 @@ pub fn decide<'r, E: Entry>(
         }
     }
 
-    let mut outcomes: SmallVec<[Outcome; 16]> =
+    let mut outcomes: SmallVec<[Outcome; 8]> =
         SmallVec::from_elem(Outcome::default(), demands.len());
     let allowed = limiter.decide(&demands, &mut outcomes) || mode.shadow;
     let strict = (!strict.is_empty()).then(|| {

@@ -4,7 +4,6 @@
 //! the exact value, then wildcard values in file order, then the key alone; a rule applies only
 //! when the request descriptor ends exactly at its depth. The walk does not backtrack.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
@@ -65,6 +64,10 @@ impl Entry for (&str, &str) {
         self.1
     }
 }
+
+/// Maps looked up on every request: foldhash, not the standard SipHash (keys come from rule
+/// files, not from callers).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 /// One level of the descriptor tree.
 #[derive(Debug, Default)]

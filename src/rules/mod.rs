@@ -135,7 +135,7 @@ pub struct Domain {
 /// Every loaded domain. Immutable: a reload builds a new one and swaps it in.
 #[derive(Debug, Default)]
 pub struct RuleSet {
-    domains: HashMap<Box<str>, Arc<Domain>>,
+    domains: HashMap<Box<str>, Arc<Domain>, foldhash::fast::FixedState>,
 }
 
 impl RuleSet {

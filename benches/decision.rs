@@ -1,0 +1,250 @@
+//! The decision path alone (match + count, no gRPC), and the same work in the limitador
+//! crate's in-memory limiter and the governor crate, measured side by side in one run.
+//!
+//!     cargo bench --bench decision
+//!
+//! Limits are set high so every call is admitted and counted (the common path).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sluice::decision::{Ask, Mode, Purpose, decide};
+use sluice::limiter::{Limiter, SystemClock};
+use sluice::rules::RuleSet;
+
+fn rules(text: &str) -> RuleSet {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bench.yaml"), text).unwrap();
+    sluice::rules::load_dir(dir.path()).unwrap()
+}
+
+const ONE_RULE: &str = "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n";
+
+/// `n` exact-value rules plus the one the benchmark hits.
+fn many_rules(n: usize) -> String {
+    let mut text = String::from(ONE_RULE);
+    for i in 0..n {
+        text.push_str(&format!(
+            "  - key: tenant\n    value: t{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 4000000000 }}\n"
+        ));
+    }
+    text
+}
+
+/// Five descriptors, as an LLM gateway sends them.
+const FIVE: &str = r#"
+domain: bench
+descriptors:
+  - key: api_key
+    limits:
+      - { unit: minute, requests: 4000000000 }
+      - { unit: minute, tokens: 4000000000 }
+    descriptors:
+      - key: model
+        limits: [{ unit: minute, requests: 4000000000 }]
+  - key: endpoint
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: tenant
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: route
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+"#;
+
+fn ask<'a>(entries: &'a [(&'a str, &'a str)]) -> Ask<'a, (&'a str, &'a str)> {
+    Ask {
+        entries,
+        hits: 1,
+        refund: false,
+        limit_override: None,
+        purpose: Purpose::Call,
+    }
+}
+
+fn limiter() -> Limiter {
+    Limiter::new(Arc::new(SystemClock))
+}
+
+fn single_thread(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide");
+    group.throughput(Throughput::Elements(1));
+
+    let one = rules(ONE_RULE);
+    let lim = limiter();
+    let key = [("api_key", "k1")];
+    let asks = [ask(&key)];
+    group.bench_function("sluice/1 descriptor", |b| {
+        b.iter(|| black_box(decide(&one, &lim, "bench", black_box(&asks), Mode::default()).allowed))
+    });
+
+    let five = rules(FIVE);
+    let lim5 = limiter();
+    let entries: [&[(&str, &str)]; 5] = [
+        &[("api_key", "k1")],
+        &[("api_key", "k1"), ("model", "gpt-4o")],
+        &[("endpoint", "openai")],
+        &[("tenant", "acme")],
+        &[("route", "/v1/chat")],
+    ];
+    let asks5: Vec<_> = entries.iter().map(|e| ask(e)).collect();
+    group.throughput(Throughput::Elements(5));
+    group.bench_function("sluice/5 descriptors", |b| {
+        b.iter(|| {
+            black_box(decide(&five, &lim5, "bench", black_box(&asks5), Mode::default()).allowed)
+        })
+    });
+    group.throughput(Throughput::Elements(1));
+
+    for n in [10usize, 10_000] {
+        let set = rules(&many_rules(n));
+        let lim = limiter();
+        let tenant = [("tenant", "t7")];
+        let asks = [ask(&tenant)];
+        group.bench_with_input(BenchmarkId::new("sluice/rules", n), &n, |b, _| {
+            b.iter(|| {
+                black_box(decide(&set, &lim, "bench", black_box(&asks), Mode::default()).allowed)
+            })
+        });
+    }
+
+    for keys in [1usize, 1_000_000] {
+        let lim = limiter();
+        let names: Vec<String> = (0..keys).map(|i| format!("key-{i}")).collect();
+        let entries: Vec<[(&str, &str); 1]> =
+            names.iter().map(|n| [("api_key", n.as_str())]).collect();
+        for e in &entries {
+            decide(&one, &lim, "bench", &[ask(e)], Mode::default());
+        }
+        let mut i = 0usize;
+        group.bench_with_input(
+            BenchmarkId::new("sluice/active keys", keys),
+            &keys,
+            |b, _| {
+                b.iter(|| {
+                    // A prime stride walks the keys out of order, as traffic does.
+                    i = (i + 7_919) % entries.len();
+                    black_box(
+                        decide(&one, &lim, "bench", &[ask(&entries[i])], Mode::default()).allowed,
+                    )
+                })
+            },
+        );
+        if keys == 1_000_000 {
+            // The same 1,000,000 keys in limitador.
+            let rl = limitador::RateLimiter::new(2_000_000);
+            let ns: limitador::limit::Namespace = "bench".into();
+            rl.add_limit(limitador::limit::Limit::new(
+                "bench",
+                4_000_000_000,
+                60,
+                vec![],
+                vec![limitador::limit::Expression::parse("api_key").unwrap()],
+            ));
+            let contexts: Vec<limitador::limit::Context> = names
+                .iter()
+                .step_by(100)
+                .map(|n| {
+                    limitador::limit::Context::from(HashMap::from([(
+                        "api_key".to_string(),
+                        n.clone(),
+                    )]))
+                })
+                .collect();
+            let mut j = 0usize;
+            group.bench_with_input(
+                BenchmarkId::new("limitador/active keys (10,000)", keys),
+                &keys,
+                |b, _| {
+                    b.iter(|| {
+                        j = (j + 7_919) % contexts.len();
+                        black_box(
+                            rl.check_rate_limited_and_update(&ns, &contexts[j], 1)
+                                .unwrap()
+                                .limited,
+                        )
+                    })
+                },
+            );
+        }
+    }
+
+    // The limitador crate's in-memory limiter on the same work: one limit keyed by api_key.
+    let rl = limitador::RateLimiter::new(1_000);
+    let ns: limitador::limit::Namespace = "bench".into();
+    rl.add_limit(limitador::limit::Limit::new(
+        "bench",
+        4_000_000_000,
+        60,
+        vec![],
+        vec![limitador::limit::Expression::parse("api_key").unwrap()],
+    ));
+    let ctx =
+        limitador::limit::Context::from(HashMap::from([("api_key".to_string(), "k1".to_string())]));
+    group.bench_function("limitador/1 descriptor", |b| {
+        b.iter(|| {
+            black_box(
+                rl.check_rate_limited_and_update(&ns, black_box(&ctx), 1)
+                    .unwrap()
+                    .limited,
+            )
+        })
+    });
+
+    // governor's keyed limiter (GCRA): a check by key, no rule matching.
+    let gov = governor::RateLimiter::keyed(governor::Quota::per_second(
+        std::num::NonZeroU32::new(4_000_000_000).unwrap(),
+    ));
+    let gkey = "k1".to_string();
+    group.bench_function("governor/1 key", |b| {
+        b.iter(|| black_box(gov.check_key(black_box(&gkey)).is_ok()))
+    });
+    group.finish();
+}
+
+/// Two threads at once: on one key (one contended counter) and on distinct keys.
+fn two_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide, 2 threads");
+    group.throughput(Throughput::Elements(2));
+    let set = Arc::new(rules(ONE_RULE));
+    let lim = Arc::new(limiter());
+    for (label, distinct) in [("sluice/same key", false), ("sluice/distinct keys", true)] {
+        group.bench_function(label, |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for t in 0..2 {
+                        let (set, lim) = (set.clone(), lim.clone());
+                        s.spawn(move || {
+                            let name = if distinct {
+                                format!("key-{t}")
+                            } else {
+                                "shared".to_string()
+                            };
+                            let entries = [("api_key", name.as_str())];
+                            let asks = [ask(&entries)];
+                            for _ in 0..iters {
+                                black_box(
+                                    decide(&set, &lim, "bench", &asks, Mode::default()).allowed,
+                                );
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! { name = benches; config = config(); targets = single_thread, two_threads }
+criterion_main!(benches);

@@ -1,0 +1,340 @@
+//! Load over real gRPC: sluice against a no-op ShouldRateLimit server on the same tonic stack
+//! (the ceiling), in one run, at fixed concurrency. Reports requests/s, p50/p99/p999 latency and
+//! server CPU seconds per 100k requests; one key and 100k distinct keys; with and without Redis.
+//!
+//!     scripts/bench-load.sh            (builds the release binary, then runs this)
+//!
+//! Servers run as their own processes (the no-op one is this program, re-run with --noop), so
+//! their CPU time is read from /proc apart from the load generator's.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tonic::transport::Channel;
+
+const CONCURRENCY: usize = 64;
+const CONNECTIONS: usize = 4;
+
+struct Noop;
+
+#[tonic::async_trait]
+impl RateLimitService for Noop {
+    async fn should_rate_limit(
+        &self,
+        request: tonic::Request<RateLimitRequest>,
+    ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
+        let statuses = request
+            .into_inner()
+            .descriptors
+            .iter()
+            .map(|_| Default::default())
+            .collect();
+        Ok(tonic::Response::new(RateLimitResponse {
+            overall_code: 1,
+            statuses,
+            ..Default::default()
+        }))
+    }
+}
+
+fn noop_server(port: u16) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(RateLimitServiceServer::new(Noop))
+            .serve(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+    });
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+fn start(command: &mut Command, port: u16) -> Server {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server { child, port }
+}
+
+fn request(key: &str) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "bench".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "api_key".into(),
+                value: key.into(),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+struct Run {
+    requests: u64,
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    cpu_per_100k: f64,
+}
+
+/// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections for `duration`; `rate` (calls
+/// a second, spread evenly) or as fast as they can when `None`.
+async fn load(server: &Server, keys: usize, duration: Duration, rate: Option<f64>) -> Run {
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", server.port))
+                .unwrap();
+        channels.push(RateLimitServiceClient::new(
+            endpoint.connect().await.unwrap(),
+        ));
+    }
+    // Requests are built before the clock starts.
+    let requests: Arc<Vec<RateLimitRequest>> =
+        Arc::new((0..keys).map(|i| request(&format!("key-{i}"))).collect());
+    let cpu_before = cpu_seconds(server.child.id());
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for c in 0..CONCURRENCY {
+        let mut client: RateLimitServiceClient<Channel> = channels[c % CONNECTIONS].clone();
+        let requests = requests.clone();
+        callers.push(tokio::spawn(async move {
+            let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+            let gap = rate.map(|r| Duration::from_secs_f64(CONCURRENCY as f64 / r));
+            let mut next = Instant::now();
+            let mut i = c * 7_919;
+            while started.elapsed() < duration {
+                if let Some(gap) = gap {
+                    next += gap;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                i = (i + 7_919) % requests.len();
+                let sent = Instant::now();
+                let answer = client.should_rate_limit(requests[i].clone()).await;
+                assert!(answer.is_ok(), "{answer:?}");
+                latencies.record(sent.elapsed().as_micros() as u64).unwrap();
+            }
+            latencies
+        }));
+    }
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for caller in callers {
+        all.add(caller.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.child.id()) - cpu_before;
+    let requests = all.len();
+    Run {
+        requests,
+        rps: requests as f64 / elapsed,
+        p50: all.value_at_quantile(0.5) as f64 / 1000.0,
+        p99: all.value_at_quantile(0.99) as f64 / 1000.0,
+        p999: all.value_at_quantile(0.999) as f64 / 1000.0,
+        cpu_per_100k: cpu / requests as f64 * 100_000.0,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(port) = args
+        .iter()
+        .position(|a| a == "--noop")
+        .and_then(|i| args.get(i + 1))
+    {
+        return noop_server(port.parse().unwrap());
+    }
+    // `cargo test --all-targets` builds benches and runs them with no arguments: do nothing.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let seconds: u64 = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let duration = Duration::from_secs(seconds);
+    let sluice = std::env::var("SLUICE_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluice").into());
+    let redis = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bench.yaml"),
+        "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let redis_port = free_port();
+    let _redis = start(
+        Command::new(&redis).args([
+            "--port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]),
+        redis_port,
+    );
+    let noop = {
+        let port = free_port();
+        start(
+            Command::new(std::env::current_exe().unwrap()).args(["--noop", &port.to_string()]),
+            port,
+        )
+    };
+    let sluice_server = |with_redis: bool| {
+        let port = free_port();
+        let mut command = Command::new(&sluice);
+        command.args([
+            "serve",
+            "--config",
+            dir.path().to_str().unwrap(),
+            "--grpc-addr",
+            &format!("127.0.0.1:{port}"),
+            "--http-addr",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ]);
+        if with_redis {
+            command.args([
+                "--redis-url",
+                &format!("redis://127.0.0.1:{redis_port}"),
+                "--redis-namespace",
+                "bench",
+                "--sync-interval",
+                "1s",
+            ]);
+        }
+        start(&mut command, port)
+    };
+    let alone = sluice_server(false);
+    let synced = sluice_server(true);
+
+    println!(
+        "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>14}",
+        "run", "req/s", "p50 ms", "p99 ms", "p999 ms", "CPU s/100k"
+    );
+    let show = |name: &str, run: &Run| {
+        println!(
+            "{name:<34} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
+            run.rps, run.p50, run.p99, run.p999, run.cpu_per_100k
+        );
+    };
+    runtime.block_on(async {
+        let ceiling = load(&noop, 1, duration, None).await;
+        show("no-op server (ceiling)", &ceiling);
+        let one = load(&alone, 1, duration, None).await;
+        show("sluice, 1 key", &one);
+        let many = load(&alone, 100_000, duration, None).await;
+        show("sluice, 100k keys", &many);
+        let redis_one = load(&synced, 1, duration, None).await;
+        show("sluice + Redis sync, 1 key", &redis_one);
+        let redis_many = load(&synced, 100_000, duration, None).await;
+        show("sluice + Redis sync, 100k keys", &redis_many);
+        let half = load(&alone, 1, duration, Some(one.rps / 2.0)).await;
+        show("sluice, 1 key, at half saturation", &half);
+        println!();
+        println!(
+            "sluice / no-op throughput, 1 key:            {:.3}",
+            one.rps / ceiling.rps
+        );
+        println!(
+            "sluice / no-op throughput, 100k keys:        {:.3}",
+            many.rps / ceiling.rps
+        );
+        println!(
+            "with Redis / without, 1 key:                 {:.3}",
+            redis_one.rps / one.rps
+        );
+        println!(
+            "with Redis / without, 100k keys:             {:.3}",
+            redis_many.rps / many.rps
+        );
+        println!(
+            "p99 at half saturation ({:.0} req/s):         {:.3} ms",
+            half.rps, half.p99
+        );
+        println!(
+            "requests in the runs: {}",
+            ceiling.requests
+                + one.requests
+                + many.requests
+                + redis_one.requests
+                + redis_many.requests
+                + half.requests
+        );
+    });
+    drop((alone, synced, noop));
+}
