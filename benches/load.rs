@@ -115,6 +115,24 @@ fn start(command: &mut Command, port: u16) -> Server {
     Server { child, port }
 }
 
+/// Commands Redis has processed so far.
+fn redis_commands(port: u16) -> u64 {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+        return 0;
+    };
+    let Ok(mut connection) = client.get_connection() else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut connection)
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn request(key: &str) -> RateLimitRequest {
     RateLimitRequest {
         domain: "bench".into(),
@@ -299,10 +317,14 @@ fn main() {
         show("sluice, 1 key", &one);
         let many = load(&alone, 100_000, duration, None).await;
         show("sluice, 100k keys", &many);
+        let commands = redis_commands(redis_port);
         let redis_one = load(&synced, 1, duration, None).await;
         show("sluice + Redis sync, 1 key", &redis_one);
+        let one_ops = redis_commands(redis_port) - commands;
+        let commands = redis_commands(redis_port);
         let redis_many = load(&synced, 100_000, duration, None).await;
         show("sluice + Redis sync, 100k keys", &redis_many);
+        let many_ops = redis_commands(redis_port) - commands;
         let half = load(&alone, 1, duration, Some(one.rps / 2.0)).await;
         show("sluice, 1 key, at half saturation", &half);
         println!();

@@ -149,7 +149,7 @@ async fn rules(State(app): Shared) -> Json<Value> {
                         .collect();
                     json!({
                         "path": r.path.as_ref(),
-                        "line": r.line,
+                        "line": r.line(),
                         "unlimited": matches!(r.policy, Policy::Unlimited),
                         "limits": limits,
                         "shadow_mode": r.enforcement == crate::limiter::Enforcement::Shadow,
@@ -373,7 +373,7 @@ async fn explain(
             })
             .unwrap_or_default();
         out.push(json!({
-            "rule": {"path": rule.path.as_ref(), "file": rule.file, "line": rule.line, "strict": rule.strict,
+            "rule": {"path": rule.path.as_ref(), "file": rule.file, "line": rule.line(), "strict": rule.strict,
                      "shadow_mode": rule.enforcement == crate::limiter::Enforcement::Shadow,
                      "unlimited": matches!(rule.policy, Policy::Unlimited)},
             "windows": windows,

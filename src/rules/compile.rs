@@ -215,7 +215,7 @@ impl Compiler<'_> {
                 capacity: Default::default(),
                 path: path.into(),
                 file: self.file.path.clone(),
-                line: self.line_of(at),
+                yaml_path: at.clone(),
                 policy,
                 enforcement: if raw.shadow_mode {
                     Enforcement::Shadow
@@ -558,7 +558,7 @@ impl Compiler<'_> {
             capacity: Default::default(),
             path: label.into(),
             file: self.file.path.clone(),
-            line: self.line_of(at),
+            yaml_path: at.clone(),
             policy,
             enforcement: Enforcement::Enforce,
             strict: false,

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use envoy_types::pb::google::protobuf::Struct;
 
 pub use compile::compile_file;
+pub use locate::YamlPath;
 pub use matcher::{Entry, Level, Pattern};
 
 use crate::limiter::{Enforcement, Unit};
@@ -89,7 +90,9 @@ pub struct Rule {
     /// The descriptor path as envoyproxy/ratelimit names it in stats: `key_value.key`.
     pub path: Box<str>,
     pub file: PathBuf,
-    pub line: usize,
+    /// Where the rule is written: `descriptors[2].descriptors[0]`. Its line is found from
+    /// this only when asked ([`Rule::line`]), so loading stays linear in the file's size.
+    pub yaml_path: YamlPath,
     pub policy: Policy,
     pub enforcement: Enforcement,
     /// `consistency: strict`: with Redis, checked and counted atomically in Redis on the
@@ -112,6 +115,12 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The line the rule starts at, read from its file now (`None` if the file changed shape).
+    pub fn line(&self) -> Option<usize> {
+        let text = std::fs::read_to_string(&self.file).ok()?;
+        locate::locate(&text, &self.yaml_path).map(|(line, _)| line)
+    }
+
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         let windows: &[RuleWindow] = match &self.policy {
             Policy::Unlimited => &[],
