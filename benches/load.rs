@@ -345,6 +345,18 @@ fn main() {
             redis_many.rps / many.rps
         );
         println!(
+            "Redis commands/s, 1 key:     {:>9.0} for {:>9.0} req/s ({:.4} per request)",
+            one_ops as f64 / seconds as f64,
+            redis_one.rps,
+            one_ops as f64 / redis_one.requests as f64
+        );
+        println!(
+            "Redis commands/s, 100k keys: {:>9.0} for {:>9.0} req/s ({:.4} per request)",
+            many_ops as f64 / seconds as f64,
+            redis_many.rps,
+            many_ops as f64 / redis_many.requests as f64
+        );
+        println!(
             "p99 at half saturation ({:.0} req/s):         {:.3} ms",
             half.rps, half.p99
         );
