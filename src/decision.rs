@@ -186,6 +186,25 @@ struct Source<'r> {
     over_ride: Option<LimitOverride>,
 }
 
+impl<'r> Source<'r> {
+    /// The requests-like limit this demand serves, as a client sees it: the rule's, at its
+    /// capacity factor, or the request's override.
+    fn requests_limit(&self) -> Option<ReportedLimit<'r>> {
+        self.requests
+            .map(|l| reported(l, self.scale))
+            .or(self.over_ride.map(|o| ReportedLimit {
+                name: None,
+                per_unit: o.per_unit,
+                unit: o.unit,
+                measure: Measure::Hits,
+            }))
+    }
+
+    fn tokens_limit(&self) -> Option<ReportedLimit<'r>> {
+        self.tokens.map(|l| reported(l, self.scale))
+    }
+}
+
 /// Decides one request. Allocates nothing for up to 4 descriptors of up to 4 entries (8 counter
 /// windows) when their counters exist; larger requests spill to the heap.
 pub fn decide<'r, E: Entry>(
@@ -398,15 +417,7 @@ fn headline<'r, E>(
             continue;
         }
         let outcome = &outcomes[d];
-        let requests = source
-            .requests
-            .map(|l| reported(l, source.scale))
-            .or(source.over_ride.map(|o| ReportedLimit {
-                name: None,
-                per_unit: o.per_unit,
-                unit: o.unit,
-                measure: Measure::Hits,
-            }));
+        let requests = source.requests_limit();
         let slots = [
             (
                 &mut headline.requests,
@@ -416,7 +427,7 @@ fn headline<'r, E>(
             ),
             (
                 &mut headline.tokens,
-                source.tokens.map(|l| reported(l, source.scale)),
+                source.tokens_limit(),
                 outcome.counts.tokens,
                 outcome.over.tokens,
             ),
@@ -532,20 +543,12 @@ fn closest<'r>(
         let outcome = &outcomes[d];
         let slots = [
             (
-                source
-                    .requests
-                    .map(|l| reported(l, source.scale))
-                    .or(source.over_ride.map(|o| ReportedLimit {
-                        name: None,
-                        per_unit: o.per_unit,
-                        unit: o.unit,
-                        measure: Measure::Hits,
-                    })),
+                source.requests_limit(),
                 outcome.counts.requests,
                 outcome.over.requests,
             ),
             (
-                source.tokens.map(|l| reported(l, source.scale)),
+                source.tokens_limit(),
                 outcome.counts.tokens,
                 outcome.over.tokens,
             ),
