@@ -123,8 +123,18 @@ fn record_rules(
     for (ask, status) in asks.iter().zip(&verdict.statuses) {
         let Some(rule) = status.rule else { continue };
         let detailed;
-        let metrics = if rule.detailed_metric {
-            let values: Vec<&str> = ask.entries.iter().map(|e| e.value.as_str()).collect();
+        // Callers' values in a label only where a rule asks: every level's with
+        // detailed_metric, the rule's own level's with value_to_metric.
+        let metrics = if rule.detailed_metric || rule.value_to_metric {
+            let values: Vec<&str> = if rule.detailed_metric {
+                ask.entries.iter().map(|e| e.value.as_str()).collect()
+            } else {
+                ask.entries
+                    .last()
+                    .map(|e| e.value.as_str())
+                    .into_iter()
+                    .collect()
+            };
             detailed = RuleMetrics::detailed(
                 &rule.domain,
                 &format!("{}[{}]", rule.metric_label, values.join(".")),

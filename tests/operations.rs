@@ -89,6 +89,11 @@ descriptors:
     limits:
       - unit: minute
         tokens: 1000
+  - key: region
+    value_to_metric: true
+    rate_limit:
+      unit: minute
+      requests_per_unit: 100
 "#;
 
 #[tokio::test]
