@@ -259,6 +259,7 @@ async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
 
     // While Redis is down: counted calls on an hourly descriptor, all answered.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    clear_of_boundary(3_600_000, Duration::from_secs(20)).await;
     let tally_call = request("fleet", &[&[("tally", "during-outage")]]);
     let mut counted = 0u32;
     for client in &clients {
@@ -344,6 +345,8 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
         return;
     };
     let (ns_a, ns_b) = (unique_namespace("a"), unique_namespace("b"));
+    // The servers' manual clocks start now and stand still: all three in one minute.
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
     let a1 = in_process(&redis, &ns_a).await;
     let a2 = in_process(&redis, &ns_a).await;
     let b = in_process(&redis, &ns_b).await;
@@ -470,6 +473,7 @@ async fn strict_rules_are_exact_across_replicas_and_survive_script_loss() {
     write_rules(dir.path(), &[("strict.yaml", STRICT)]);
     let namespace = unique_namespace("strict");
     let (children, clients) = replicas(3, &redis, &namespace, dir.path(), &[]).await;
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
     until_scripts_land(&redis, &namespace, &clients, "start").await;
     let first = strict_round(&clients, "first").await;
     println!("strict, 120 concurrent calls over 3 replicas: {first} admitted of 50");
@@ -482,6 +486,7 @@ async fn strict_rules_are_exact_across_replicas_and_survive_script_loss() {
     assert_eq!(after_flush, 50);
 
     redis.restart();
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
     until_scripts_land(&redis, &namespace, &clients, "restart").await;
     let after_restart = strict_round(&clients, "after-restart").await;
     println!("after a Redis restart: {after_restart} admitted of 50");
@@ -566,6 +571,7 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
     }
     // Approximate: 300 calls paced over ~1.5 s through both replicas, limit 100.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
     let mut admitted = 0;
     for n in 0..300 {
         let call = request("cl", &[&[("k", "one-key")]]);

@@ -534,6 +534,7 @@ async fn a_capacity_reduction_reaches_every_replica_and_recovers() {
         }
     };
     until(100).await;
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(12)).await;
     // The global view for routing: 3 of 100 used fleet-wide, counted on both replicas.
     for (_, client, _) in &replicas {
         let mut client = client.clone();

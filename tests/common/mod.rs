@@ -260,3 +260,18 @@ pub fn configmap_version(dir: &Path, version: &str, files: &[(&str, &str)]) {
     std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
+
+/// Waits, if needed, so that the next `needed` of wall-clock time stays inside one window of
+/// `unit_ms`: tests that count against real minute windows must not straddle a boundary.
+pub async fn clear_of_boundary(unit_ms: u64, needed: Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let left = unit_ms - now % unit_ms;
+    if left < needed.as_millis() as u64 {
+        tokio::time::sleep(Duration::from_millis(left + 100)).await;
+    }
+}
+
+pub const MINUTE_MS: u64 = 60_000;
