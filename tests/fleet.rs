@@ -410,12 +410,15 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
 
 const STRICT: &str = "domain: strict\ndescriptors:\n  - key: k\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
 
-/// 120 concurrent calls on one descriptor, 40 through each replica; returns how many passed.
-async fn strict_round(clients: &[RateLimitServiceClient<Channel>], value: &str) -> usize {
-    let call = request("strict", &[&[("k", value)]]);
+/// `per_replica` calls through each replica, all at once; returns how many passed.
+async fn concurrently(
+    clients: &[RateLimitServiceClient<Channel>],
+    call: &RateLimitRequest,
+    per_replica: usize,
+) -> usize {
     let mut calls = tokio::task::JoinSet::new();
     for client in clients {
-        for _ in 0..40 {
+        for _ in 0..per_replica {
             let (mut client, call) = (client.clone(), call.clone());
             calls.spawn(async move {
                 is_ok(
@@ -433,6 +436,11 @@ async fn strict_round(clients: &[RateLimitServiceClient<Channel>], value: &str) 
         admitted += usize::from(ok.unwrap());
     }
     admitted
+}
+
+/// 120 concurrent calls on one descriptor, 40 through each replica; returns how many passed.
+async fn strict_round(clients: &[RateLimitServiceClient<Channel>], value: &str) -> usize {
+    concurrently(clients, &request("strict", &[&[("k", value)]]), 40).await
 }
 
 /// Waits until every replica's strict calls land in Redis again.
@@ -603,24 +611,7 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
     );
 
     // Strict: exact, with 60 concurrent calls through both replicas.
-    let mut calls = tokio::task::JoinSet::new();
-    for n in 0..60 {
-        let mut client = clients[n % 2].clone();
-        calls.spawn(async move {
-            let call = request("cl", &[&[("s", "one-key")]]);
-            is_ok(
-                &client
-                    .should_rate_limit(call)
-                    .await
-                    .expect("answered")
-                    .into_inner(),
-            )
-        });
-    }
-    let mut strict = 0;
-    while let Some(ok) = calls.join_next().await {
-        strict += usize::from(ok.unwrap());
-    }
+    let strict = concurrently(&clients, &request("cl", &[&[("s", "one-key")]]), 30).await;
     println!("cluster, strict: {strict} admitted of 50");
     assert_eq!(strict, 50);
     stop_all(children).await;
