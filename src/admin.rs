@@ -19,10 +19,8 @@ use envoy_types::pb::google::protobuf::UInt64Value;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::decision::decide;
-use crate::grpc::{to_response, validate};
 use crate::limiter::Unit;
-use crate::rules::{Measure, Policy};
+use crate::rules::Policy;
 use crate::server::App;
 
 type Shared = State<Arc<App>>;
@@ -121,18 +119,6 @@ async fn metrics(State(app): Shared) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
-fn unit_name(unit: Unit) -> &'static str {
-    unit.name()
-}
-
-fn measure_name(measure: Measure) -> &'static str {
-    match measure {
-        Measure::Hits => "requests_per_unit",
-        Measure::Requests => "requests",
-        Measure::Tokens => "tokens",
-    }
-}
-
 async fn rules(State(app): Shared) -> Json<Value> {
     let status = app.reload_status.load_full();
     let set = app.rules.load_full();
@@ -145,11 +131,12 @@ async fn rules(State(app): Shared) -> Json<Value> {
                 .map(|r| {
                     let limits: Vec<Value> = r
                         .limits()
-                        .map(|l| json!({"name": l.name.as_deref(), "unit": unit_name(l.unit), "limit": l.per_unit, "counts": measure_name(l.measure)}))
+                        .map(|l| json!({"name": l.name.as_deref(), "unit": l.unit.name(), "limit": l.per_unit, "counts": l.measure.field()}))
                         .collect();
                     json!({
                         "path": r.path.as_ref(),
-                        "line": r.line(),
+                        // Where in its file; `POST /v1/explain` gives the line of one rule.
+                        "at": r.yaml_path.to_string(),
                         "unlimited": matches!(r.policy, Policy::Unlimited),
                         "limits": limits,
                         "shadow_mode": r.enforcement == crate::limiter::Enforcement::Shadow,
@@ -258,9 +245,7 @@ fn to_proto(body: &CheckBody) -> Result<RateLimitRequest, Failure> {
     })
 }
 
-fn code_name(code: i32) -> &'static str {
-    if code == 1 { "OK" } else { "OVER_LIMIT" }
-}
+use crate::client::code_name;
 
 /// Answers like ShouldRateLimit. Counting needs the admin token; a dry run does not.
 async fn check(
@@ -273,18 +258,16 @@ async fn check(
         authorize(&app, &headers)?;
     }
     let request = to_proto(&body)?;
-    let asks = validate(&request, &app.settings.request_limits)
+    let response = crate::grpc::answer(&app, request)
+        .await
         .map_err(|s| Failure(StatusCode::BAD_REQUEST, s.message().to_string()))?;
-    let rules = app.rules.load();
-    let verdict = decide(&rules, &app.limiter, &request.domain, &asks, app.mode());
-    let response = to_response(&verdict, &asks, app.settings.openai_headers);
     let statuses: Vec<Value> = response
         .statuses
         .iter()
         .map(|s| {
             json!({
                 "code": code_name(s.code),
-                "current_limit": s.current_limit.as_ref().map(|l| json!({"name": l.name, "requests_per_unit": l.requests_per_unit, "unit": crate::grpc::proto_unit(l.unit).map(unit_name)})),
+                "current_limit": s.current_limit.as_ref().map(|l| json!({"name": l.name, "requests_per_unit": l.requests_per_unit, "unit": crate::grpc::proto_unit(l.unit).map(Unit::name)})),
                 "limit_remaining": s.limit_remaining,
                 "duration_until_reset_ms": s.duration_until_reset.as_ref().map(|d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000),
             })
@@ -357,7 +340,7 @@ async fn explain(
                             limit.as_ref().map(|l| {
                                 let used = fleet.unwrap_or(local).max(local);
                                 let is_replaced = l.name.as_deref().is_some_and(|n| replaced.contains(&n));
-                                json!({"name": l.name.as_deref(), "limit": l.per_unit, "counts": measure_name(l.measure),
+                                json!({"name": l.name.as_deref(), "limit": l.per_unit, "counts": l.measure.field(),
                                        "local": local, "fleet": fleet, "remaining": l.per_unit.saturating_sub(used),
                                        "replaced": is_replaced,
                                        "why": if is_replaced { "replaced by another matched limit: not evaluated" }
@@ -365,7 +348,7 @@ async fn explain(
                                               else { "within the limit" }})
                             })
                         };
-                        json!({"unit": unit_name(w.unit), "reset_ms": w.until_reset.as_millis() as u64,
+                        json!({"unit": w.unit.name(), "reset_ms": w.until_reset.as_millis() as u64,
                                "requests": slot(&w.requests_limit, w.local.requests, w.fleet.map(|f| f.requests)),
                                "tokens": slot(&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens))})
                     })
@@ -434,7 +417,7 @@ async fn usage(
                        "limit": limit.as_ref().map(|l| l.per_unit),
                        "remaining": limit.as_ref().map(|l| l.per_unit.saturating_sub(used))})
             };
-            json!({"unit": unit_name(w.unit), "reset_ms": w.until_reset.as_millis() as u64,
+            json!({"unit": w.unit.name(), "reset_ms": w.until_reset.as_millis() as u64,
                    "requests": side(&w.requests_limit, w.local.requests, w.fleet.map(|f| f.requests)),
                    "tokens": side(&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens))})
         })
@@ -548,7 +531,7 @@ async fn capacity(State(app): Shared) -> Json<Value> {
             }
             let limits: Vec<Value> = rule
                 .limits()
-                .map(|l| json!({"unit": unit_name(l.unit), "counts": measure_name(l.measure), "configured": l.per_unit, "effective": rule.capacity.apply(l.per_unit)}))
+                .map(|l| json!({"unit": l.unit.name(), "counts": l.measure.field(), "configured": l.per_unit, "effective": rule.capacity.apply(l.per_unit)}))
                 .collect();
             reduced.push(json!({"domain": domain.name.as_ref(), "rule": rule.path.as_ref(),
                 "factor": f64::from(factor) / f64::from(crate::capacity::Factor::FULL), "limits": limits}));

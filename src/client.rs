@@ -53,7 +53,8 @@ pub async fn check(
         .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
 }
 
-fn code_name(code: i32) -> &'static str {
+/// `OK`, `OVER_LIMIT` or `UNKNOWN`, as Envoy's enum names them.
+pub fn code_name(code: i32) -> &'static str {
     match Code::try_from(code) {
         Ok(Code::Ok) => "OK",
         Ok(Code::OverLimit) => "OVER_LIMIT",

@@ -51,33 +51,43 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let started = std::time::Instant::now();
-        let request = request.into_inner();
-        let asks = validate(&request, &self.app.settings.request_limits).inspect_err(|_| {
-            self.app.metrics.invalid_requests.increment(1);
-        })?;
-        // Envoy reads UNKNOWN as "allow"; a bug here must surface as UNAVAILABLE, which Envoy
-        // hands to its `failure_mode_deny` setting.
-        let internal = || {
-            tracing::error!("internal error while deciding a request");
-            Status::unavailable("sluice: internal error")
-        };
-        let (response, strict) =
-            std::panic::catch_unwind(AssertUnwindSafe(|| respond(&self.app, &request, &asks)))
-                .map_err(|_| internal())?;
-        let (Some(work), Some(_)) = (strict, &self.app.fleet) else {
-            self.app.record_answer(&response, started);
-            return Ok(Response::new(response));
-        };
-        // Strict rules wait on Redis: settled in a task of their own, so a panic there is
-        // caught too.
-        let app = self.app.clone();
-        let response = tokio::spawn(async move { settle_strict(&app, response, &work).await })
+        answer(&self.app, request.into_inner())
             .await
-            .map_err(|_| internal())?;
-        self.app.record_answer(&response, started);
-        Ok(Response::new(response))
+            .map(Response::new)
     }
+}
+
+/// Answers one RateLimitRequest: validation, the local decision, strict rules in Redis,
+/// metrics. The gRPC service and the admin API's `/v1/check` both answer through here.
+pub async fn answer(
+    app: &Arc<App>,
+    request: RateLimitRequest,
+) -> Result<RateLimitResponse, Status> {
+    let started = std::time::Instant::now();
+    let asks = validate(&request, &app.settings.request_limits).inspect_err(|_| {
+        app.metrics.invalid_requests.increment(1);
+    })?;
+    // Envoy reads UNKNOWN as "allow"; a bug here must surface as UNAVAILABLE, which Envoy
+    // hands to its `failure_mode_deny` setting.
+    let internal = || {
+        tracing::error!("internal error while deciding a request");
+        Status::unavailable("sluice: internal error")
+    };
+    let (response, strict) =
+        std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks)))
+            .map_err(|_| internal())?;
+    let (Some(work), Some(_)) = (strict, &app.fleet) else {
+        app.record_answer(&response, started);
+        return Ok(response);
+    };
+    // Strict rules wait on Redis: settled in a task of their own, so a panic there is
+    // caught too.
+    let settling = app.clone();
+    let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
+        .await
+        .map_err(|_| internal())?;
+    app.record_answer(&response, started);
+    Ok(response)
 }
 
 fn respond(

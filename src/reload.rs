@@ -305,10 +305,11 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, settings: ReloadSettings) 
         .await
         {
             Ok((catalog, scan)) => {
+                let status = catalog.status();
                 if let Scan::Changed(set) = scan {
-                    swap_in(&app, set, catalog.status().generation, reason);
+                    swap_in(&app, set, status.generation, reason);
                 }
-                publish(&app, catalog.status());
+                publish(&app, status);
                 catalog
             }
             Err(e) => {
