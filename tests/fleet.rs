@@ -170,14 +170,28 @@ async fn three_replicas_hold_one_limit_and_a_lone_one_is_not_starved() {
     let call = request("fleet", &[&[("k", "shared-key")]]);
 
     // Three replicas, load at 3x the limit spread over them, 7 seconds.
-    let namespace = unique_namespace("accuracy");
-    let (children, clients) = replicas(3, &redis, &namespace, dir.path(), &[]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // heartbeats: all three see each other
+    accuracy_phase(3, &redis, dir.path(), &call, "3 replicas").await;
+    // One replica alone under the same load: the fleet size follows, it is not starved.
+    accuracy_phase(1, &redis, dir.path(), &call, "lone replica").await;
+}
+
+/// `n` replicas in a namespace of their own, offered 3x the limit for 7 s: no call fails and
+/// every full window admits the limit within 5 %.
+async fn accuracy_phase(
+    n: usize,
+    redis: &RedisServer,
+    config: &std::path::Path,
+    call: &RateLimitRequest,
+    what: &str,
+) {
+    let namespace = unique_namespace(&what.replace(' ', "-"));
+    let (children, clients) = replicas(n, redis, &namespace, config, &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // heartbeats: the replicas see each other
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (from, started) = (now_ms(), Instant::now());
     drive(
         &clients,
-        &call,
+        call,
         3 * u64::from(LIMIT),
         Duration::from_secs(7),
         tally.clone(),
@@ -187,36 +201,14 @@ async fn three_replicas_hold_one_limit_and_a_lone_one_is_not_starved() {
     let tally = tally.lock().await;
     let windows = tally.full_windows(from, to);
     println!(
-        "3 replicas, {} calls in {:?}, {} failed; admitted per window (limit {LIMIT}): {:?}",
+        "{what}: {} calls in {:?}, {} failed; admitted per window (limit {LIMIT}): {:?}",
         tally.calls,
         started.elapsed(),
         tally.failures,
         windows
     );
     assert_eq!(tally.failures, 0);
-    assert_within_5_percent(&windows, "3 replicas");
-    stop_all(children).await;
-
-    // One replica alone under the same load: the fleet size follows, it is not starved.
-    let namespace = unique_namespace("lone");
-    let (children, clients) = replicas(1, &redis, &namespace, dir.path(), &[]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let from = now_ms();
-    drive(
-        &clients,
-        &call,
-        3 * u64::from(LIMIT),
-        Duration::from_secs(7),
-        tally.clone(),
-    )
-    .await;
-    let to = now_ms();
-    let tally = tally.lock().await;
-    let windows = tally.full_windows(from, to);
-    println!("1 replica: admitted per window (limit {LIMIT}): {windows:?}");
-    assert_eq!(tally.failures, 0);
-    assert_within_5_percent(&windows, "lone replica");
+    assert_within_5_percent(&windows, what);
     stop_all(children).await;
 }
 
