@@ -63,6 +63,20 @@ fn ask<'a>(entries: &'a [(&'a str, &'a str)]) -> Ask<'a, (&'a str, &'a str)> {
     }
 }
 
+/// limitador's in-memory limiter with the same work as sluice's rule: one high limit per
+/// minute, one counter per `api_key`.
+fn limitador_per_api_key(cache: u64) -> (limitador::RateLimiter, limitador::limit::Namespace) {
+    let limiter = limitador::RateLimiter::new(cache);
+    limiter.add_limit(limitador::limit::Limit::new(
+        "bench",
+        4_000_000_000,
+        60,
+        vec![],
+        vec![limitador::limit::Expression::parse("api_key").unwrap()],
+    ));
+    (limiter, "bench".into())
+}
+
 fn limiter() -> Limiter {
     Limiter::new(Arc::new(SystemClock))
 }
@@ -133,15 +147,7 @@ fn single_thread(c: &mut Criterion) {
         );
         if keys == 1_000_000 {
             // The same 1,000,000 keys in limitador.
-            let rl = limitador::RateLimiter::new(2_000_000);
-            let ns: limitador::limit::Namespace = "bench".into();
-            rl.add_limit(limitador::limit::Limit::new(
-                "bench",
-                4_000_000_000,
-                60,
-                vec![],
-                vec![limitador::limit::Expression::parse("api_key").unwrap()],
-            ));
+            let (rl, ns) = limitador_per_api_key(2_000_000);
             let contexts: Vec<limitador::limit::Context> = names
                 .iter()
                 .step_by(100)
@@ -171,15 +177,7 @@ fn single_thread(c: &mut Criterion) {
     }
 
     // The limitador crate's in-memory limiter on the same work: one limit keyed by api_key.
-    let rl = limitador::RateLimiter::new(1_000);
-    let ns: limitador::limit::Namespace = "bench".into();
-    rl.add_limit(limitador::limit::Limit::new(
-        "bench",
-        4_000_000_000,
-        60,
-        vec![],
-        vec![limitador::limit::Expression::parse("api_key").unwrap()],
-    ));
+    let (rl, ns) = limitador_per_api_key(1_000);
     let ctx =
         limitador::limit::Context::from(HashMap::from([("api_key".to_string(), "k1".to_string())]));
     group.bench_function("limitador/1 descriptor", |b| {
