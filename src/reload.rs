@@ -182,8 +182,10 @@ impl Catalog {
             }
         }
         let before = self.files.len();
+        let on_disk: std::collections::HashSet<&PathBuf> =
+            sources.iter().map(|s| &s.path).collect();
         self.files
-            .retain(|path, _| sources.iter().any(|s| &s.path == path) || path.exists());
+            .retain(|path, _| on_disk.contains(path) || path.exists());
         changed |= self.files.len() != before;
         if broken {
             self.status.failed += 1;

@@ -282,9 +282,10 @@ impl Fleet {
         let prefix = format!("{}:ratelimit:{domain}:{{{path}}}:", self.settings.namespace);
         let pattern = format!("{}*", glob_escape(&prefix));
         let keys = store.scan(&pattern, &prefix, self.timeout()).await?;
-        for key in &keys {
+        if !keys.is_empty() {
+            // One command: the keys share the descriptor path's hash tag, so one cluster slot.
             let mut cmd = redis::cmd("UNLINK");
-            cmd.arg(key);
+            cmd.arg(&keys);
             let _: i64 = store.command(&cmd, self.timeout()).await?;
         }
         Ok(keys.len())
