@@ -215,19 +215,26 @@ pub fn decide<'r, E: Entry>(
     mode: Mode,
 ) -> Verdict<'r> {
     let Some(domain_rules) = rules.domain(domain) else {
+        let mut statuses = SmallVec::new();
+        for _ in asks {
+            statuses.push(Status::unmatched());
+        }
         return Verdict {
             allowed: true,
             known_domain: false,
-            statuses: asks.iter().map(|_| Status::unmatched()).collect(),
+            statuses,
             strict: None,
             headline: Headline::default(),
         };
     };
-    let matched: SmallVec<[Option<&'r Arc<Rule>>; 4]> = asks
-        .iter()
-        .map(|ask| domain_rules.tree.find(ask.entries))
-        .collect();
+    let mut matched: SmallVec<[Option<&'r Arc<Rule>>; 4]> = SmallVec::new();
+    for ask in asks {
+        matched.push(domain_rules.tree.find(ask.entries));
+    }
     let replaced = |limit: &Limit| -> bool {
+        if !domain_rules.has_replaces {
+            return false;
+        }
         let Some(name) = limit.name.as_deref() else {
             return false;
         };
@@ -238,14 +245,13 @@ pub fn decide<'r, E: Entry>(
             .any(|other| other.replaces.iter().any(|r| &**r == name))
     };
 
-    // The values that tell one caller's counter from another's, per descriptor.
     // The values naming each descriptor's counters, in one flat buffer (a span per
     // descriptor). An override's counter is named by its domain and entries, as no rule
     // names it.
     let mut values: SmallVec<[&str; 8]> = SmallVec::new();
-    let mut spans: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+    let mut spans: SmallVec<[(u32, u32); 4]> = SmallVec::new();
     for (ask, rule) in asks.iter().zip(&matched) {
-        let start = values.len();
+        let start = values.len() as u32;
         match (ask.limit_override, rule) {
             (None, Some(rule)) => {
                 for value in counter_parts(rule, ask.entries) {
@@ -260,99 +266,30 @@ pub fn decide<'r, E: Entry>(
                 }
             }
         }
-        spans.push((start, values.len()));
+        spans.push((start, values.len() as u32));
     }
-    let parts = |i: usize| &values[spans[i].0..spans[i].1];
+    let parts = |i: usize| &values[spans[i].0 as usize..spans[i].1 as usize];
 
     let mut demands: SmallVec<[Demand<'_>; 8]> = SmallVec::new();
     let mut sources: SmallVec<[Source<'r>; 8]> = SmallVec::new();
+    // Each descriptor's demands, as a range of `demands` (they are pushed in request order).
+    let mut demand_spans: SmallVec<[(u32, u32); 4]> = SmallVec::new();
     let mut strict: Vec<StrictJob> = Vec::new();
     for (i, ask) in asks.iter().enumerate() {
-        let rule = matched[i];
-        let enforcement = match rule {
-            _ if mode.shadow => Enforcement::Shadow,
-            Some(rule) => rule.enforcement,
-            None => Enforcement::Enforce,
-        };
-        let hits = u32::try_from(ask.hits).unwrap_or(u32::MAX);
-        if let Some(over_ride) = ask.limit_override {
-            let keys = ask.entries.iter().map(Entry::key);
-            demands.push(Demand {
-                counter: crate::limiter::CounterRef {
-                    scope: override_scope(domain, keys),
-                    unit: over_ride.unit,
-                    parts: parts(i),
-                },
-                limits: Limits {
-                    requests: Some(over_ride.per_unit),
-                    tokens: None,
-                },
-                charge: Counts {
-                    requests: hits,
-                    tokens: 0,
-                },
-                refund: ask.refund,
-                enforcement,
-            });
-            sources.push(Source {
-                ask: i,
-                scale: crate::capacity::Factor::FULL,
-                requests: None,
-                tokens: None,
-                over_ride: Some(over_ride),
-            });
-            continue;
-        }
-        let Some(Policy::Limited(windows)) = rule.map(|r| &r.policy) else {
-            continue;
-        };
-        let rule = rule.expect("limited policy comes from a rule");
-        for window in windows.iter() {
-            let requests = window.requests.as_ref().filter(|l| !replaced(l));
-            let tokens = window.tokens.as_ref().filter(|l| !replaced(l));
-            if requests.is_none() && tokens.is_none() {
-                continue;
-            }
-            let (charge, refund, enforcement) =
-                charge_for(ask, requests, tokens.is_some(), hits, enforcement);
-            let demand = Demand {
-                counter: crate::limiter::CounterRef {
-                    scope: rule.id,
-                    unit: window.unit,
-                    parts: parts(i),
-                },
-                limits: Limits {
-                    requests: requests.map(|l| rule.capacity.apply(l.per_unit)),
-                    tokens: tokens.map(|l| rule.capacity.apply(l.per_unit)),
-                },
-                charge,
-                refund,
-                enforcement,
-            };
-            if rule.strict && mode.strict_in_store {
-                strict.push(StrictJob {
-                    ask: i,
-                    domain: rule.domain.to_string(),
-                    path: crate::sync::rule_path(rule, parts(i).iter().copied()),
-                    counter: demand.counter.to_key(),
-                    limits: demand.limits,
-                    charge: demand.charge,
-                    refund: demand.refund,
-                    enforcement,
-                    requests: requests.map(OwnedLimit::from),
-                    tokens: tokens.map(OwnedLimit::from),
-                });
-                continue;
-            }
-            demands.push(demand);
-            sources.push(Source {
-                ask: i,
-                scale: rule.capacity.get(),
-                requests,
-                tokens,
-                over_ride: None,
-            });
-        }
+        let first = demands.len() as u32;
+        plan_demands(
+            i,
+            ask,
+            matched[i],
+            parts(i),
+            domain,
+            mode,
+            &replaced,
+            &mut demands,
+            &mut sources,
+            &mut strict,
+        );
+        demand_spans.push((first, demands.len() as u32));
     }
 
     let mut outcomes: SmallVec<[Outcome; 8]> =
@@ -371,26 +308,28 @@ pub fn decide<'r, E: Entry>(
         })
     });
 
-    let statuses = asks
-        .iter()
-        .enumerate()
-        .map(|(i, _)| {
-            let Some(rule) = matched[i].filter(|_| asks[i].limit_override.is_none()) else {
-                return closest(i, &sources, &outcomes, &demands, None);
-            };
-            match rule.policy {
-                Policy::Unlimited => Status {
-                    code: Code::Ok,
-                    over: false,
-                    limit: None,
-                    remaining: u32::MAX,
-                    until_reset: Duration::ZERO,
-                    rule: Some(rule),
-                },
-                Policy::Limited(_) => closest(i, &sources, &outcomes, &demands, Some(rule)),
-            }
-        })
-        .collect();
+    let mut statuses = SmallVec::new();
+    for (i, ask) in asks.iter().enumerate() {
+        let (from, to) = (demand_spans[i].0 as usize, demand_spans[i].1 as usize);
+        let rule = matched[i].filter(|_| ask.limit_override.is_none());
+        let status = match rule {
+            Some(rule) if matches!(rule.policy, Policy::Unlimited) => Status {
+                code: Code::Ok,
+                over: false,
+                limit: None,
+                remaining: u32::MAX,
+                until_reset: Duration::ZERO,
+                rule: Some(rule),
+            },
+            _ => closest(
+                &sources[from..to],
+                &outcomes[from..to],
+                &demands[from..to],
+                rule,
+            ),
+        };
+        statuses.push(status);
+    }
     let headline = headline(asks, &sources, &outcomes, &demands);
     Verdict {
         allowed,
@@ -398,6 +337,107 @@ pub fn decide<'r, E: Entry>(
         statuses,
         strict,
         headline,
+    }
+}
+
+/// Turns one descriptor's matched limits into counter demands (and the strict jobs of its
+/// strict rules).
+#[allow(clippy::too_many_arguments)]
+fn plan_demands<'r, 'v, E: Entry>(
+    i: usize,
+    ask: &Ask<'_, E>,
+    rule: Option<&'r Arc<Rule>>,
+    parts: &'v [&'v str],
+    domain: &str,
+    mode: Mode,
+    replaced: &impl Fn(&Limit) -> bool,
+    demands: &mut SmallVec<[Demand<'v>; 8]>,
+    sources: &mut SmallVec<[Source<'r>; 8]>,
+    strict: &mut Vec<StrictJob>,
+) {
+    let enforcement = match rule {
+        _ if mode.shadow => Enforcement::Shadow,
+        Some(rule) => rule.enforcement,
+        None => Enforcement::Enforce,
+    };
+    let hits = u32::try_from(ask.hits).unwrap_or(u32::MAX);
+    if let Some(over_ride) = ask.limit_override {
+        let keys = ask.entries.iter().map(Entry::key);
+        demands.push(Demand {
+            counter: crate::limiter::CounterRef {
+                scope: override_scope(domain, keys),
+                unit: over_ride.unit,
+                parts,
+            },
+            limits: Limits {
+                requests: Some(over_ride.per_unit),
+                tokens: None,
+            },
+            charge: Counts {
+                requests: hits,
+                tokens: 0,
+            },
+            refund: ask.refund,
+            enforcement,
+        });
+        sources.push(Source {
+            ask: i,
+            scale: crate::capacity::Factor::FULL,
+            requests: None,
+            tokens: None,
+            over_ride: Some(over_ride),
+        });
+        return;
+    }
+    let Some(rule) = rule else { return };
+    let Policy::Limited(windows) = &rule.policy else {
+        return;
+    };
+    for window in windows.iter() {
+        let requests = window.requests.as_ref().filter(|l| !replaced(l));
+        let tokens = window.tokens.as_ref().filter(|l| !replaced(l));
+        if requests.is_none() && tokens.is_none() {
+            continue;
+        }
+        let (charge, refund, enforcement) =
+            charge_for(ask, requests, tokens.is_some(), hits, enforcement);
+        let demand = Demand {
+            counter: crate::limiter::CounterRef {
+                scope: rule.id,
+                unit: window.unit,
+                parts,
+            },
+            limits: Limits {
+                requests: requests.map(|l| rule.capacity.apply(l.per_unit)),
+                tokens: tokens.map(|l| rule.capacity.apply(l.per_unit)),
+            },
+            charge,
+            refund,
+            enforcement,
+        };
+        if rule.strict && mode.strict_in_store {
+            strict.push(StrictJob {
+                ask: i,
+                domain: rule.domain.to_string(),
+                path: crate::sync::rule_path(rule, parts.iter().copied()),
+                counter: demand.counter.to_key(),
+                limits: demand.limits,
+                charge: demand.charge,
+                refund: demand.refund,
+                enforcement,
+                requests: requests.map(OwnedLimit::from),
+                tokens: tokens.map(OwnedLimit::from),
+            });
+            continue;
+        }
+        demands.push(demand);
+        sources.push(Source {
+            ask: i,
+            scale: rule.capacity.get(),
+            requests,
+            tokens,
+            over_ride: None,
+        });
     }
 }
 
@@ -530,16 +570,16 @@ pub fn counter_parts<'a, E: Entry>(
     })
 }
 
-/// The status of descriptor `ask`: its limit that is over, or else nearest to being used up.
+/// The status of one descriptor from its demands: its limit that is over, or else the one
+/// nearest to being used up.
 fn closest<'r>(
-    ask: usize,
     sources: &[Source<'r>],
     outcomes: &[Outcome],
     demands: &[Demand<'_>],
     rule: Option<&'r Arc<Rule>>,
 ) -> Status<'r> {
     let mut best: Option<(bool, u32, u32, ReportedLimit<'r>, usize)> = None;
-    for (d, source) in sources.iter().enumerate().filter(|(_, s)| s.ask == ask) {
+    for (d, source) in sources.iter().enumerate() {
         let outcome = &outcomes[d];
         let slots = [
             (

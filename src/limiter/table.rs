@@ -4,6 +4,7 @@
 use std::hash::{Hash, Hasher};
 
 use papaya::{Equivalent, HashMap};
+use smallvec::SmallVec;
 
 use super::counter::{Counter, Retired};
 use super::window::Unit;
@@ -18,13 +19,37 @@ pub struct CounterRef<'a> {
     pub parts: &'a [&'a str],
 }
 
-/// The owned form of a [`CounterRef`], kept as the table's key: parts are stored length-prefixed
-/// in one allocation.
+/// The owned form of a [`CounterRef`], kept as the table's key. Parts are stored
+/// length-prefixed in one buffer, inline up to 32 bytes: the key then sits in the table's entry
+/// itself, so a lookup does not follow a second pointer (one cache miss fewer with many keys).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterKey {
     scope: u64,
     unit: Unit,
-    parts: Box<[u8]>,
+    parts: SmallVec<[u8; 32]>,
+}
+
+/// A part's length: one byte below 255, else 255 and four bytes.
+fn push_len(buf: &mut SmallVec<[u8; 32]>, len: usize) {
+    match u8::try_from(len) {
+        Ok(short) if short < u8::MAX => buf.push(short),
+        _ => {
+            buf.push(u8::MAX);
+            buf.extend_from_slice(&(len as u32).to_le_bytes());
+        }
+    }
+}
+
+/// Splits the first part off `rest`.
+fn next_part(rest: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&first, tail) = rest.split_first()?;
+    let (len, tail) = if first < u8::MAX {
+        (usize::from(first), tail)
+    } else {
+        let (len, tail) = tail.split_first_chunk::<4>()?;
+        (u32::from_le_bytes(*len) as usize, tail)
+    };
+    (tail.len() >= len).then(|| tail.split_at(len))
 }
 
 impl CounterKey {
@@ -47,11 +72,9 @@ impl CounterKey {
     pub fn parts(&self) -> impl Iterator<Item = &str> {
         let mut rest = &self.parts[..];
         std::iter::from_fn(move || {
-            let (len, tail) = rest.split_first_chunk::<4>()?;
-            let len = u32::from_le_bytes(*len) as usize;
-            let (part, tail) = tail.split_at(len);
+            let (part, tail) = next_part(rest)?;
             rest = tail;
-            // Built only from &str in `from_ref`.
+            // Built only from &str in `to_key`.
             std::str::from_utf8(part).ok()
         })
     }
@@ -59,16 +82,15 @@ impl CounterKey {
 
 impl<'a> CounterRef<'a> {
     pub fn to_key(self) -> CounterKey {
-        let len = self.parts.iter().map(|p| p.len() + 4).sum();
-        let mut parts = Vec::with_capacity(len);
+        let mut parts = SmallVec::new();
         for part in self.parts {
-            parts.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            push_len(&mut parts, part.len());
             parts.extend_from_slice(part.as_bytes());
         }
         CounterKey {
             scope: self.scope,
             unit: self.unit,
-            parts: parts.into_boxed_slice(),
+            parts,
         }
     }
 }
@@ -77,34 +99,53 @@ fn hash_parts<'p, H: Hasher>(
     state: &mut H,
     scope: u64,
     unit: Unit,
-    parts: impl Iterator<Item = &'p str>,
+    parts: impl Iterator<Item = &'p [u8]>,
 ) {
     state.write_u64(scope);
     state.write_u8(unit as u8);
     for part in parts {
         state.write_usize(part.len());
-        state.write(part.as_bytes());
+        state.write(part);
     }
 }
 
 // Both forms must hash alike, so the table can be searched with a borrowed key.
 impl Hash for CounterKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        hash_parts(state, self.scope, self.unit, self.parts());
+        let mut rest = &self.parts[..];
+        let parts = std::iter::from_fn(|| {
+            let (part, tail) = next_part(rest)?;
+            rest = tail;
+            Some(part)
+        });
+        hash_parts(state, self.scope, self.unit, parts);
     }
 }
 
 impl Hash for CounterRef<'_> {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        hash_parts(state, self.scope, self.unit, self.parts.iter().copied());
+        hash_parts(
+            state,
+            self.scope,
+            self.unit,
+            self.parts.iter().map(|p| p.as_bytes()),
+        );
     }
 }
 
 impl Equivalent<CounterKey> for CounterRef<'_> {
     fn equivalent(&self, key: &CounterKey) -> bool {
-        self.scope == key.scope
-            && self.unit == key.unit
-            && self.parts.iter().copied().eq(key.parts())
+        if self.scope != key.scope || self.unit != key.unit {
+            return false;
+        }
+        let mut rest = &key.parts[..];
+        for part in self.parts {
+            match next_part(rest) {
+                Some((stored, tail)) if stored == part.as_bytes() => rest = tail,
+                _ => return false,
+            }
+        }
+        rest.is_empty()
     }
 }
 
@@ -241,6 +282,14 @@ mod tests {
         // Length prefixes keep ("ab","c") apart from ("a","bc").
         assert!(!key(&["ab", "c"]).equivalent(&key(&["a", "bc"]).to_key()));
         let state = foldhash::fast::RandomState::default();
+        assert_eq!(state.hash_one(key(&parts)), state.hash_one(&owned));
+        assert_eq!(owned.parts().collect::<Vec<_>>(), parts);
+        // Parts of 255 bytes and more take a long length; the key spills past 32 bytes.
+        let long = "x".repeat(300);
+        let parts = ["k1", long.as_str(), ""];
+        let owned = key(&parts).to_key();
+        assert!(key(&parts).equivalent(&owned));
+        assert!(!key(&parts[..2]).equivalent(&owned));
         assert_eq!(state.hash_one(key(&parts)), state.hash_one(&owned));
         assert_eq!(owned.parts().collect::<Vec<_>>(), parts);
     }

@@ -45,6 +45,10 @@ pub fn compile_file(file: &SourceFile) -> Result<Domain, Vec<ConfigError>> {
         name: compiler.domain.into(),
         file: file.path.clone(),
         tree,
+        has_replaces: compiler
+            .rules
+            .iter()
+            .any(|r| r.limits().any(|l| !l.replaces.is_empty())),
         rules: compiler.rules,
     })
 }

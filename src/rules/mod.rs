@@ -139,6 +139,9 @@ pub struct Domain {
     pub line: usize,
     pub tree: Level,
     pub rules: Vec<Arc<Rule>>,
+    /// Whether any limit of the domain `replaces` another: when none does, a request skips
+    /// the search for replaced limits.
+    pub has_replaces: bool,
 }
 
 /// Every loaded domain. Immutable: a reload builds a new one and swaps it in.
