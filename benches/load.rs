@@ -147,6 +147,12 @@ fn request(key: &str) -> RateLimitRequest {
     }
 }
 
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
 struct Run {
     requests: u64,
     rps: f64,
@@ -156,9 +162,7 @@ struct Run {
     cpu_per_100k: f64,
 }
 
-/// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections for `duration`; `rate` (calls
-/// a second, spread evenly) or as fast as they can when `None`.
-async fn load(server: &Server, keys: usize, duration: Duration, rate: Option<f64>) -> Run {
+async fn clients(server: &Server) -> Vec<RateLimitServiceClient<Channel>> {
     let mut channels = Vec::new();
     for _ in 0..CONNECTIONS {
         let endpoint =
@@ -168,9 +172,79 @@ async fn load(server: &Server, keys: usize, duration: Duration, rate: Option<f64
             endpoint.connect().await.unwrap(),
         ));
     }
-    // Requests are built before the clock starts.
-    let requests: Arc<Vec<RateLimitRequest>> =
-        Arc::new((0..keys).map(|i| request(&format!("key-{i}"))).collect());
+    channels
+}
+
+/// Requests are built before the clock starts.
+fn requests(keys: usize) -> Arc<Vec<RateLimitRequest>> {
+    Arc::new((0..keys).map(|i| request(&format!("key-{i}"))).collect())
+}
+
+fn summary(all: &hdrhistogram::Histogram<u64>, elapsed: f64, cpu: f64) -> Run {
+    let requests = all.len();
+    Run {
+        requests,
+        rps: requests as f64 / elapsed,
+        p50: all.value_at_quantile(0.5) as f64 / 1000.0,
+        p99: all.value_at_quantile(0.99) as f64 / 1000.0,
+        p999: all.value_at_quantile(0.999) as f64 / 1000.0,
+        cpu_per_100k: cpu / requests as f64 * 100_000.0,
+    }
+}
+
+/// The same load from h2load (nghttp2's HTTP/2 benchmark, written in C): 4 connections of up
+/// to 16 streams on one thread, as fast as it can or at `rate` calls a second in all. A load
+/// generator this cheap leaves the shared cores to the server, so its latencies are the ones
+/// to read at a fixed rate. Returns `None` when h2load is not installed.
+fn h2load(server: &Server, duration: Duration, rate: Option<f64>) -> Option<Run> {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let message = request("key-0").encode_to_vec();
+    // One gRPC frame: uncompressed, its length, the message.
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let (body_path, log_path) = (dir.path().join("body"), dir.path().join("log"));
+    std::fs::write(&body_path, body).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+        server.port
+    );
+    let mut command = Command::new("h2load");
+    command
+        .args(["-c", "4", "-m", "16", "-t", "1", "-D"])
+        .arg(duration.as_secs().to_string())
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&body_path)
+        .arg(format!("--log-file={}", log_path.display()));
+    if let Some(rate) = rate {
+        command.arg(format!("--rps={}", (rate / 4.0).round() as u64));
+    }
+    let cpu_before = cpu_seconds(server.child.id());
+    let status = command
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    assert!(status.success(), "h2load failed: {status}");
+    let cpu = cpu_seconds(server.child.id()) - cpu_before;
+    // Each line: start time (µs), HTTP status, duration (µs).
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for line in std::fs::read_to_string(&log_path).unwrap().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields.get(1), Some(&"200"), "{line}");
+        all.record(fields[2].parse().unwrap()).unwrap();
+    }
+    Some(summary(&all, duration.as_secs_f64(), cpu))
+}
+
+/// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections for `duration`, each as fast as
+/// it can (closed loop): the saturation throughput.
+async fn load(server: &Server, keys: usize, duration: Duration) -> Run {
+    let channels = clients(server).await;
+    let requests = requests(keys);
     let cpu_before = cpu_seconds(server.child.id());
     let started = Instant::now();
     let mut callers = Vec::new();
@@ -179,14 +253,8 @@ async fn load(server: &Server, keys: usize, duration: Duration, rate: Option<f64
         let requests = requests.clone();
         callers.push(tokio::spawn(async move {
             let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-            let gap = rate.map(|r| Duration::from_secs_f64(CONCURRENCY as f64 / r));
-            let mut next = Instant::now();
             let mut i = c * 7_919;
             while started.elapsed() < duration {
-                if let Some(gap) = gap {
-                    next += gap;
-                    tokio::time::sleep_until(next.into()).await;
-                }
                 i = (i + 7_919) % requests.len();
                 let sent = Instant::now();
                 let answer = client.should_rate_limit(requests[i].clone()).await;
@@ -202,15 +270,7 @@ async fn load(server: &Server, keys: usize, duration: Duration, rate: Option<f64
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(server.child.id()) - cpu_before;
-    let requests = all.len();
-    Run {
-        requests,
-        rps: requests as f64 / elapsed,
-        p50: all.value_at_quantile(0.5) as f64 / 1000.0,
-        p99: all.value_at_quantile(0.99) as f64 / 1000.0,
-        p999: all.value_at_quantile(0.999) as f64 / 1000.0,
-        cpu_per_100k: cpu / requests as f64 * 100_000.0,
-    }
+    summary(&all, elapsed, cpu)
 }
 
 fn main() {
@@ -294,7 +354,6 @@ fn main() {
         start(&mut command, port)
     };
     let alone = sluice_server(false);
-    let synced = sluice_server(true);
 
     println!(
         "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores",
@@ -310,65 +369,105 @@ fn main() {
             run.rps, run.p50, run.p99, run.p999, run.cpu_per_100k
         );
     };
+    let rounds: usize = std::env::var("LOAD_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     runtime.block_on(async {
-        let ceiling = load(&noop, 1, duration, None).await;
-        show("no-op server (ceiling)", &ceiling);
-        let one = load(&alone, 1, duration, None).await;
-        show("sluice, 1 key", &one);
-        let many = load(&alone, 100_000, duration, None).await;
-        show("sluice, 100k keys", &many);
-        let commands = redis_commands(redis_port);
-        let redis_one = load(&synced, 1, duration, None).await;
-        show("sluice + Redis sync, 1 key", &redis_one);
-        let one_ops = redis_commands(redis_port) - commands;
-        let commands = redis_commands(redis_port);
-        let redis_many = load(&synced, 100_000, duration, None).await;
-        show("sluice + Redis sync, 100k keys", &redis_many);
-        let many_ops = redis_commands(redis_port) - commands;
-        let half = load(&alone, 1, duration, Some(one.rps / 2.0)).await;
-        show("sluice, 1 key, at half saturation", &half);
-        println!();
-        println!(
-            "sluice / no-op throughput, 1 key:            {:.3}",
-            one.rps / ceiling.rps
-        );
-        println!(
-            "sluice / no-op throughput, 100k keys:        {:.3}",
-            many.rps / ceiling.rps
-        );
-        println!(
-            "with Redis / without, 1 key:                 {:.3}",
-            redis_one.rps / one.rps
-        );
-        println!(
-            "with Redis / without, 100k keys:             {:.3}",
-            redis_many.rps / many.rps
-        );
-        println!(
-            "Redis commands/s, 1 key:     {:>9.0} for {:>9.0} req/s ({:.4} per request)",
-            one_ops as f64 / seconds as f64,
-            redis_one.rps,
-            one_ops as f64 / redis_one.requests as f64
-        );
-        println!(
-            "Redis commands/s, 100k keys: {:>9.0} for {:>9.0} req/s ({:.4} per request)",
-            many_ops as f64 / seconds as f64,
-            redis_many.rps,
-            many_ops as f64 / redis_many.requests as f64
-        );
-        println!(
-            "p99 at half saturation ({:.0} req/s):         {:.3} ms",
-            half.rps, half.p99
-        );
-        println!(
-            "requests in the runs: {}",
-            ceiling.requests
+        // Every configuration runs once per round, one after another, so each round's ratios
+        // compare runs minutes apart at most; the median over rounds damps the machine's noise.
+        let mut ratios: [Vec<f64>; 4] = Default::default();
+        let (mut one_ops, mut many_ops) = (0.0, 0.0);
+        let mut total = 0;
+        for round in 1..=rounds {
+            println!("round {round} of {rounds}");
+            // A fresh synced replica each round: the 1-key run must not sync the 100k
+            // counters of the round before.
+            let synced = sluice_server(true);
+            let ceiling = load(&noop, 1, duration).await;
+            show("no-op server (ceiling)", &ceiling);
+            let one = load(&alone, 1, duration).await;
+            show("sluice, 1 key", &one);
+            let many = load(&alone, 100_000, duration).await;
+            show("sluice, 100k keys", &many);
+            let commands = redis_commands(redis_port);
+            let redis_one = load(&synced, 1, duration).await;
+            show("sluice + Redis sync, 1 key", &redis_one);
+            let ops = (redis_commands(redis_port) - commands) as f64;
+            println!(
+                "{:<34} {:>10.0} commands/s, {:.4} per request",
+                "  Redis, 1 key",
+                ops / duration.as_secs_f64(),
+                ops / redis_one.requests as f64
+            );
+            one_ops += ops / redis_one.requests as f64;
+            let commands = redis_commands(redis_port);
+            let redis_many = load(&synced, 100_000, duration).await;
+            show("sluice + Redis sync, 100k keys", &redis_many);
+            let ops = (redis_commands(redis_port) - commands) as f64;
+            println!(
+                "{:<34} {:>10.0} commands/s, {:.4} per request",
+                "  Redis, 100k keys",
+                ops / duration.as_secs_f64(),
+                ops / redis_many.requests as f64
+            );
+            many_ops += ops / redis_many.requests as f64;
+            for (list, ratio) in ratios.iter_mut().zip([
+                one.rps / ceiling.rps,
+                many.rps / ceiling.rps,
+                redis_one.rps / one.rps,
+                redis_many.rps / many.rps,
+            ]) {
+                list.push(ratio);
+            }
+            total += ceiling.requests
                 + one.requests
                 + many.requests
                 + redis_one.requests
-                + redis_many.requests
-                + half.requests
+                + redis_many.requests;
+        }
+        println!();
+        println!("ratios, median over {rounds} rounds (each round's in brackets):");
+        let names = [
+            "sluice / no-op throughput, 1 key",
+            "sluice / no-op throughput, 100k keys",
+            "with Redis / without, 1 key",
+            "with Redis / without, 100k keys",
+        ];
+        for (name, list) in names.iter().zip(&ratios) {
+            let shown: Vec<String> = list.iter().map(|r| format!("{r:.3}")).collect();
+            println!("{name:<40} {:.3}  [{}]", median(list), shown.join(", "));
+        }
+        println!(
+            "Redis commands per request, mean over rounds: 1 key {:.4}, 100k keys {:.4}",
+            one_ops / rounds as f64,
+            many_ops / rounds as f64
+        );
+        println!("requests in the closed-loop runs: {total}");
+        println!();
+        // Latency at half of saturation, from h2load: saturation first, then half that rate,
+        // for sluice and for the no-op server alike.
+        let Some(saturated) = h2load(&alone, duration, None) else {
+            println!("h2load is not installed (Debian: nghttp2-client): latency runs skipped");
+            return;
+        };
+        show("h2load: sluice, saturated", &saturated);
+        let noop_saturated = h2load(&noop, duration, None).unwrap();
+        show("h2load: no-op, saturated", &noop_saturated);
+        let half_rate = saturated.rps / 2.0;
+        let half = h2load(&alone, duration, Some(half_rate)).unwrap();
+        show("h2load: sluice, half saturation", &half);
+        let noop_half = h2load(&noop, duration, Some(half_rate)).unwrap();
+        show("h2load: no-op, same rate", &noop_half);
+        println!();
+        println!(
+            "h2load sluice / no-op throughput:            {:.3}",
+            saturated.rps / noop_saturated.rps
+        );
+        println!(
+            "p99 at half saturation ({:.0} req/s):         sluice {:.3} ms, no-op {:.3} ms",
+            half.rps, half.p99, noop_half.p99
         );
     });
-    drop((alone, synced, noop));
+    drop((alone, noop));
 }

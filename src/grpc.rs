@@ -494,25 +494,28 @@ fn number(n: f64) -> Value {
     }
 }
 
-/// `1m30s`, `45s`, `250ms`: the reset format OpenAI's headers use.
+/// `1m30s`, `45s`, `250ms`: the reset format OpenAI's headers use. Whole numbers, one
+/// string: this is written for every answer.
 pub fn reset_text(d: std::time::Duration) -> String {
+    use std::fmt::Write;
     let ms = d.as_millis();
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    let secs = d.as_secs_f64();
-    let (h, rest) = ((secs / 3600.0).floor(), secs % 3600.0);
-    let (m, s) = ((rest / 60.0).floor(), rest % 60.0);
-    let s = if (s - s.round()).abs() < 0.0005 {
-        format!("{}s", s.round())
-    } else {
-        format!("{s:.3}s").replace(".000s", "s")
-    };
-    match (h as u64, m as u64) {
-        (0, 0) => s,
-        (0, m) => format!("{m}m{s}"),
-        (h, m) => format!("{h}h{m}m{s}"),
+    let (h, m, s, ms) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
+    let mut text = String::with_capacity(16);
+    if h > 0 {
+        write!(text, "{h}h").ok();
     }
+    if h > 0 || m > 0 {
+        write!(text, "{m}m").ok();
+    }
+    if ms == 0 {
+        write!(text, "{s}s").ok();
+    } else {
+        write!(text, "{s}.{ms:03}s").ok();
+    }
+    text
 }
 
 fn header(key: &str, value: String) -> HeaderValue {
@@ -524,25 +527,28 @@ fn header(key: &str, value: String) -> HeaderValue {
 }
 
 fn openai_answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
-    let mut headers = Vec::new();
+    let mut headers = Vec::with_capacity(8);
     let lines = [
         ("requests", verdict.headline.requests),
         ("tokens", verdict.headline.tokens),
     ];
-    for (what, line) in lines {
+    let names = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    for ((_, line), [limit, remaining, reset]) in lines.iter().zip(names) {
         let Some(line) = line else { continue };
-        headers.push(header(
-            &format!("x-ratelimit-limit-{what}"),
-            line.limit.per_unit.to_string(),
-        ));
-        headers.push(header(
-            &format!("x-ratelimit-remaining-{what}"),
-            line.remaining().to_string(),
-        ));
-        headers.push(header(
-            &format!("x-ratelimit-reset-{what}"),
-            reset_text(line.until_reset),
-        ));
+        headers.push(header(limit, line.limit.per_unit.to_string()));
+        headers.push(header(remaining, line.remaining().to_string()));
+        headers.push(header(reset, reset_text(line.until_reset)));
     }
     if verdict.allowed {
         return (headers, Vec::new());
@@ -592,5 +598,7 @@ mod tests {
         assert_eq!(reset_text(Duration::from_millis(1_500)), "1.500s");
         assert_eq!(reset_text(Duration::from_secs(90)), "1m30s");
         assert_eq!(reset_text(Duration::from_secs(3_600 + 61)), "1h1m1s");
+        assert_eq!(reset_text(Duration::from_secs(3_600)), "1h0m0s");
+        assert_eq!(reset_text(Duration::from_millis(61_005)), "1m1.005s");
     }
 }
