@@ -77,6 +77,19 @@ fn limitador_per_api_key(cache: u64) -> (limitador::RateLimiter, limitador::limi
     (limiter, "bench".into())
 }
 
+/// The LLM gateway's five descriptors (as in `FIVE`) for one API key, handed to `f`.
+fn with_gateway_asks<R>(key: &str, f: impl FnOnce(&[Ask<'_, (&str, &str)>]) -> R) -> R {
+    let by_key = [("api_key", key)];
+    let by_model = [("api_key", key), ("model", "gpt-4o")];
+    f(&[
+        ask(&by_key),
+        ask(&by_model),
+        ask(&[("endpoint", "openai")]),
+        ask(&[("tenant", "acme")]),
+        ask(&[("route", "/v1/chat")]),
+    ])
+}
+
 fn key_name(i: usize) -> String {
     let mut name = String::new();
     write_key_name(&mut name, i);
@@ -202,16 +215,9 @@ fn single_thread(c: &mut Criterion) {
     let lim5 = limiter();
     let keys = 1_000_000;
     for i in 0..keys {
-        let name = key_name(i);
-        let e: [&[(&str, &str)]; 5] = [
-            &[("api_key", &name)],
-            &[("api_key", &name), ("model", "gpt-4o")],
-            &[("endpoint", "openai")],
-            &[("tenant", "acme")],
-            &[("route", "/v1/chat")],
-        ];
-        let asks: Vec<_> = e.iter().map(|e| ask(e)).collect();
-        decide(&five, &lim5, "bench", &asks, Mode::default());
+        with_gateway_asks(&key_name(i), |asks| {
+            decide(&five, &lim5, "bench", asks, Mode::default());
+        });
     }
     let (mut i, mut name) = (0usize, String::with_capacity(16));
     group.throughput(Throughput::Elements(5));
@@ -220,15 +226,9 @@ fn single_thread(c: &mut Criterion) {
             i = (i + 7_919) % keys;
             name.clear();
             write_key_name(&mut name, i);
-            let e: [&[(&str, &str)]; 5] = [
-                &[("api_key", &name)],
-                &[("api_key", &name), ("model", "gpt-4o")],
-                &[("endpoint", "openai")],
-                &[("tenant", "acme")],
-                &[("route", "/v1/chat")],
-            ];
-            let asks = [ask(e[0]), ask(e[1]), ask(e[2]), ask(e[3]), ask(e[4])];
-            black_box(decide(&five, &lim5, "bench", &asks, Mode::default()).allowed)
+            with_gateway_asks(&name, |asks| {
+                black_box(decide(&five, &lim5, "bench", asks, Mode::default()).allowed)
+            })
         })
     });
     group.throughput(Throughput::Elements(1));

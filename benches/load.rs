@@ -390,28 +390,24 @@ fn main() {
             show("sluice, 1 key", &one);
             let many = load(&alone, 100_000, duration).await;
             show("sluice, 100k keys", &many);
-            let commands = redis_commands(redis_port);
-            let redis_one = load(&synced, 1, duration).await;
-            show("sluice + Redis sync, 1 key", &redis_one);
-            let ops = (redis_commands(redis_port) - commands) as f64;
-            println!(
-                "{:<34} {:>10.0} commands/s, {:.4} per request",
-                "  Redis, 1 key",
-                ops / duration.as_secs_f64(),
-                ops / redis_one.requests as f64
-            );
-            one_ops += ops / redis_one.requests as f64;
-            let commands = redis_commands(redis_port);
-            let redis_many = load(&synced, 100_000, duration).await;
-            show("sluice + Redis sync, 100k keys", &redis_many);
-            let ops = (redis_commands(redis_port) - commands) as f64;
-            println!(
-                "{:<34} {:>10.0} commands/s, {:.4} per request",
-                "  Redis, 100k keys",
-                ops / duration.as_secs_f64(),
-                ops / redis_many.requests as f64
-            );
-            many_ops += ops / redis_many.requests as f64;
+            // A synced run, and the Redis commands it caused per request.
+            let synced_run = async |keys: usize, label: &str| {
+                let commands = redis_commands(redis_port);
+                let run = load(&synced, keys, duration).await;
+                show(&format!("sluice + Redis sync, {label}"), &run);
+                let ops = (redis_commands(redis_port) - commands) as f64;
+                println!(
+                    "{:<34} {:>10.0} commands/s, {:.4} per request",
+                    format!("  Redis, {label}"),
+                    ops / duration.as_secs_f64(),
+                    ops / run.requests as f64
+                );
+                (ops / run.requests as f64, run)
+            };
+            let (ops, redis_one) = synced_run(1, "1 key").await;
+            one_ops += ops;
+            let (ops, redis_many) = synced_run(100_000, "100k keys").await;
+            many_ops += ops;
             for (list, ratio) in ratios.iter_mut().zip([
                 one.rps / ceiling.rps,
                 many.rps / ceiling.rps,
