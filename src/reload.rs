@@ -261,26 +261,41 @@ impl Catalog {
     }
 }
 
-/// How the reload task learns of changes.
+/// How often the reload task looks again without being told.
 #[derive(Debug, Clone, Copy)]
 pub struct ReloadSettings {
-    /// Watch the directory for file events.
-    pub watch: bool,
     /// Quiet time after the last event before reloading.
     pub debounce: Duration,
     /// Rescan this often whatever the events say.
     pub rescan_every: Duration,
 }
 
+/// File events on the config directory. Set up before the rules are first read, so an edit
+/// made while the server starts is not missed until the periodic rescan.
+pub struct Changes {
+    signalled: Arc<Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Changes {
+    /// Watches `dir` for changes; `None` relies on SIGHUP and the periodic rescan alone.
+    pub fn watch(dir: &Path, watch: bool) -> Changes {
+        let signalled = Arc::new(Notify::new());
+        let watcher = if watch {
+            watch_dir(dir, signalled.clone())
+        } else {
+            None
+        };
+        Changes {
+            signalled,
+            _watcher: watcher,
+        }
+    }
+}
+
 /// Reloads until the task is dropped: on file events (debounced), SIGHUP, and periodically.
-pub async fn run(app: Arc<App>, mut catalog: Catalog, settings: ReloadSettings) {
-    let dir = app.settings.config.clone();
-    let changed = Arc::new(Notify::new());
-    let _watcher = if settings.watch {
-        watch_dir(&dir, changed.clone())
-    } else {
-        None
-    };
+pub async fn run(app: Arc<App>, mut catalog: Catalog, changes: Changes, settings: ReloadSettings) {
+    let changed = &changes.signalled;
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -294,7 +309,7 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, settings: ReloadSettings) 
     loop {
         let reason = tokio::select! {
             _ = changed.notified() => {
-                settle(&changed, settings.debounce).await;
+                settle(changed, settings.debounce).await;
                 "file change"
             }
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",

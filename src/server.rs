@@ -192,6 +192,7 @@ impl Running {
 pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     // Before the rules load: their metric handles bind to the recorder that exists then.
     crate::telemetry::install();
+    let changes = reload::Changes::watch(&settings.config, settings.watch);
     let (catalog, rules) = Catalog::load(&settings.config).map_err(ServerError::Rules)?;
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
@@ -265,11 +266,10 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     let sweeping = tokio::spawn(sweep(app.clone()));
     let capacity = tokio::spawn(crate::capacity::run(app.clone()));
     let reload_settings = ReloadSettings {
-        watch: app.settings.watch,
         debounce: app.settings.reload_debounce,
         rescan_every: app.settings.rescan_interval,
     };
-    let reloading = tokio::spawn(reload::run(app.clone(), catalog, reload_settings));
+    let reloading = tokio::spawn(reload::run(app.clone(), catalog, changes, reload_settings));
     let syncing = fleet.map(|fleet| {
         tracing::info!(
             namespace = %fleet.settings.namespace,

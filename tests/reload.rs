@@ -69,33 +69,83 @@ fn rename_write(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Calls made in the background while a test edits rules.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    calls: Arc<AtomicU64>,
+    failures: Arc<AtomicU64>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Starts one client per request, each calling until told to stop, for at most
+    /// `MAX_CALLS` calls and `MAX_TIME`. A client stops at its first failed call: one is
+    /// enough to fail the test, and a closed channel fails at once, so carrying on would
+    /// spin without ever yielding to the runtime that wants to shut down.
+    fn start(server: &Arc<TestServer>, requests: Vec<RateLimitRequest>) -> Traffic {
+        const MAX_CALLS: u64 = 200_000;
+        const MAX_TIME: Duration = Duration::from_secs(120);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let clients = requests
+            .into_iter()
+            .map(|request| {
+                let (server, stop, calls, failures) = (
+                    server.clone(),
+                    stop.clone(),
+                    calls.clone(),
+                    failures.clone(),
+                );
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + MAX_TIME;
+                    for _ in 0..MAX_CALLS {
+                        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
+                            break;
+                        }
+                        let answered = server.call(request.clone()).await;
+                        calls.fetch_add(1, Ordering::Relaxed);
+                        if answered.is_err() {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            calls,
+            failures,
+            clients,
+        }
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients and returns (calls, failed calls).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.unwrap();
+        }
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_edited_under_traffic_applies_with_no_failed_call() {
     let server = Arc::new(start_watching(&[("api.yaml", &rules("api", "user", 5))]).await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let traffic = {
-        let (server, stop, calls, failures) = (
-            server.clone(),
-            stop.clone(),
-            calls.clone(),
-            failures.clone(),
-        );
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if server.call(peek("api", "user")).await.is_err() {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-                calls.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
+    let traffic = Traffic::start(&server, vec![peek("api", "user")]);
     std::fs::write(server.dir.path().join("api.yaml"), rules("api", "user", 7)).unwrap();
     wait_for_limit(&server, "api", "user", Some(7)).await;
-    stop.store(true, Ordering::Relaxed);
-    traffic.await.unwrap();
-    assert!(calls.load(Ordering::Relaxed) > 0);
-    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    let (calls, failures) = traffic.finish().await;
+    assert!(calls > 0);
+    assert_eq!(failures, 0);
     Arc::into_inner(server).unwrap().stop().await;
 }
 
@@ -280,34 +330,18 @@ async fn a_burst_of_writes_causes_few_reloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_calls_across_twenty_reloads_never_fail() {
     let server = Arc::new(start_watching(&[("api.yaml", &rules("api", "user", 1_000))]).await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let mut clients = Vec::new();
-    for c in 0..4 {
-        let (server, stop, calls, failures) = (
-            server.clone(),
-            stop.clone(),
-            calls.clone(),
-            failures.clone(),
-        );
-        clients.push(tokio::spawn(async move {
-            let call = request("api", &[&[("user", &format!("client-{c}"))]]);
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) && n < 200_000 {
-                if server.call(call.clone()).await.is_err() {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-                calls.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-            }
-        }));
-    }
+    let traffic = Traffic::start(
+        &server,
+        (0..4)
+            .map(|c| request("api", &[&[("user", &format!("client-{c}"))]]))
+            .collect(),
+    );
     let path = server.dir.path().join("api.yaml");
     let before = status(&server).generation;
     // Each reload lands between 500 calls or more, so the traffic spans all twenty.
     for n in 1..=20 {
         let deadline = Instant::now() + APPLY_TIMEOUT;
-        while calls.load(Ordering::Relaxed) < u64::from(n) * 500 {
+        while traffic.calls() < u64::from(n) * 500 {
             assert!(Instant::now() < deadline, "the clients stalled");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -316,15 +350,8 @@ async fn thousands_of_calls_across_twenty_reloads_never_fail() {
     }
     // Keep the clients going a little past the last reload.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.await.unwrap();
-    }
+    let (calls, failures) = traffic.finish().await;
     let generations = status(&server).generation - before;
-    let (calls, failures) = (
-        calls.load(Ordering::Relaxed),
-        failures.load(Ordering::Relaxed),
-    );
     println!("{calls} calls across {generations} reloads, {failures} failed");
     assert!(generations >= 20, "{generations} reloads");
     assert!(calls >= 10_000, "only {calls} calls");
