@@ -234,6 +234,28 @@ fn single_thread(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     drop(lim5);
 
+    // The machine's floor at 1,000,000 keys: one load from a random place in as much memory
+    // as 1,000,000 counters take (~142 MiB), that waits for the load before it (a pointer
+    // chase over one random cycle). A lookup that misses the cache costs at least this.
+    let slots = 142 * (1 << 20) / 8;
+    let mut cycle: Vec<u64> = (0..slots as u64).collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..slots).rev() {
+        // Sattolo's shuffle (j < i) makes the permutation one cycle through every slot.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        cycle.swap(i, (seed % i as u64) as usize);
+    }
+    let mut at = 0u64;
+    group.bench_function("reference/one dependent load in 142 MiB", |b| {
+        b.iter(|| {
+            at = cycle[at as usize];
+            black_box(at)
+        })
+    });
+    drop(cycle);
+
     // The limitador crate's in-memory limiter on the same work: one limit keyed by api_key.
     let (rl, ns) = limitador_per_api_key(1_000);
     let ctx =

@@ -192,11 +192,22 @@ fn summary(all: &hdrhistogram::Histogram<u64>, elapsed: f64, cpu: f64) -> Run {
     }
 }
 
-/// The same load from h2load (nghttp2's HTTP/2 benchmark, written in C): 4 connections of up
-/// to 16 streams on one thread, as fast as it can or at `rate` calls a second in all. A load
+/// How h2load drives a server.
+#[derive(Clone, Copy)]
+enum H2Load {
+    /// 4 connections of up to 16 streams each, as fast as they go: saturation.
+    Saturate,
+    /// Calls in flight fixed at connections × streams, each sent as the last one answers:
+    /// the fixed-concurrency load, at a lower level.
+    Fixed { connections: u32, streams: u32 },
+    /// 4 connections of up to 16 streams, started at `rate` calls a second in all (open loop).
+    Paced(f64),
+}
+
+/// Load from h2load (nghttp2's HTTP/2 benchmark, written in C), on one thread: a load
 /// generator this cheap leaves the shared cores to the server, so its latencies are the ones
-/// to read at a fixed rate. Returns `None` when h2load is not installed.
-fn h2load(server: &Server, duration: Duration, rate: Option<f64>) -> Option<Run> {
+/// to read. Returns `None` when h2load is not installed.
+fn h2load(server: &Server, duration: Duration, load: H2Load) -> Option<Run> {
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let message = request("key-0").encode_to_vec();
@@ -211,15 +222,27 @@ fn h2load(server: &Server, duration: Duration, rate: Option<f64>) -> Option<Run>
         server.port
     );
     let mut command = Command::new("h2load");
+    let (connections, streams) = match load {
+        H2Load::Fixed {
+            connections,
+            streams,
+        } => (connections, streams),
+        H2Load::Saturate | H2Load::Paced(_) => (4, 16),
+    };
     command
-        .args(["-c", "4", "-m", "16", "-t", "1", "-D"])
+        .arg(format!("--clients={connections}"))
+        .arg(format!("--max-concurrent-streams={streams}"))
+        .args(["-t", "1", "-D"])
         .arg(duration.as_secs().to_string())
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .arg("-d")
         .arg(&body_path)
         .arg(format!("--log-file={}", log_path.display()));
-    if let Some(rate) = rate {
-        command.arg(format!("--rps={}", (rate / 4.0).round() as u64));
+    if let H2Load::Paced(rate) = load {
+        command.arg(format!(
+            "--rps={}",
+            (rate / f64::from(connections)).round() as u64
+        ));
     }
     let cpu_before = cpu_seconds(server.child.id());
     let status = command
@@ -441,28 +464,62 @@ fn main() {
         );
         println!("requests in the closed-loop runs: {total}");
         println!();
-        // Latency at half of saturation, from h2load: saturation first, then half that rate,
-        // for sluice and for the no-op server alike.
-        let Some(saturated) = h2load(&alone, duration, None) else {
+        // Latency at half of saturation, from h2load, for sluice and the no-op server alike.
+        let Some(saturated) = h2load(&alone, duration, H2Load::Saturate) else {
             println!("h2load is not installed (Debian: nghttp2-client): latency runs skipped");
             return;
         };
         show("h2load: sluice, saturated", &saturated);
-        let noop_saturated = h2load(&noop, duration, None).unwrap();
+        let noop_saturated = h2load(&noop, duration, H2Load::Saturate).unwrap();
         show("h2load: no-op, saturated", &noop_saturated);
         let half_rate = saturated.rps / 2.0;
-        let half = h2load(&alone, duration, Some(half_rate)).unwrap();
-        show("h2load: sluice, half saturation", &half);
-        let noop_half = h2load(&noop, duration, Some(half_rate)).unwrap();
-        show("h2load: no-op, same rate", &noop_half);
+        // Fixed concurrency, as the rest of this benchmark: the fewest calls in flight whose
+        // throughput reaches half of saturation.
+        let mut fixed = None;
+        for (connections, streams) in [(1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (4, 8)] {
+            let level = H2Load::Fixed {
+                connections,
+                streams,
+            };
+            let run = h2load(&alone, duration, level).unwrap();
+            show(
+                &format!("h2load: sluice, {} in flight", connections * streams),
+                &run,
+            );
+            if run.rps >= half_rate {
+                fixed = Some((level, connections * streams, run));
+                break;
+            }
+        }
+        let fixed_noop = fixed.as_ref().map(|(level, in_flight, _)| {
+            let run = h2load(&noop, duration, *level).unwrap();
+            show(&format!("h2load: no-op, {in_flight} in flight"), &run);
+            run
+        });
+        // Open loop: calls started at half the saturation rate whether or not earlier ones
+        // have answered, so queueing behind h2load's bursts counts too.
+        let paced = h2load(&alone, duration, H2Load::Paced(half_rate)).unwrap();
+        show("h2load: sluice, paced at half", &paced);
+        let noop_paced = h2load(&noop, duration, H2Load::Paced(half_rate)).unwrap();
+        show("h2load: no-op, paced at the same rate", &noop_paced);
         println!();
         println!(
             "h2load sluice / no-op throughput:            {:.3}",
             saturated.rps / noop_saturated.rps
         );
+        match (&fixed, &fixed_noop) {
+            (Some((_, in_flight, run)), Some(noop_run)) => println!(
+                "p99 at half saturation, fixed concurrency ({in_flight} in flight, {:.0} req/s = {:.2} of saturation): sluice {:.3} ms, no-op {:.3} ms",
+                run.rps,
+                run.rps / saturated.rps,
+                run.p99,
+                noop_run.p99
+            ),
+            _ => println!("no fixed concurrency up to 32 in flight reached half of saturation"),
+        }
         println!(
-            "p99 at half saturation ({:.0} req/s):         sluice {:.3} ms, no-op {:.3} ms",
-            half.rps, half.p99, noop_half.p99
+            "p99 at half saturation, paced ({:.0} req/s): sluice {:.3} ms, no-op {:.3} ms",
+            paced.rps, paced.p99, noop_paced.p99
         );
     });
     drop((alone, noop));
