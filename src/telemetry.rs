@@ -51,9 +51,28 @@ pub fn install() -> &'static PrometheusHandle {
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (an embedding program's): keep it.
-        let _ = metrics::set_global_recorder(recorder);
+        if metrics::set_global_recorder(recorder).is_ok() {
+            keep_up(handle.clone());
+        }
         handle
     })
+}
+
+/// Histogram samples pile up in the recorder until drained: a scrape drains them, and so
+/// does upkeep. Without it a server nobody scrapes grows by ~20 bytes a request.
+fn keep_up(handle: PrometheusHandle) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start metrics upkeep; histograms are drained only by scrapes");
+    }
 }
 
 /// The counters of one rule, labelled by domain and rule (the descriptor path as written in
