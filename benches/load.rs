@@ -92,6 +92,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct Server {
     child: Child,
     port: u16,
+    /// sluice's HTTP port (metrics); 0 for the no-op server.
+    http_port: u16,
 }
 
 impl Drop for Server {
@@ -112,7 +114,29 @@ fn start(command: &mut Command, port: u16) -> Server {
         assert!(Instant::now() < deadline, "server did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Server { child, port }
+    Server {
+        child,
+        port,
+        http_port: 0,
+    }
+}
+
+/// A synced server's rounds so far, from its metrics: how many, and their seconds in all.
+async fn sync_rounds(server: &Server) -> (f64, f64) {
+    let url = format!("http://127.0.0.1:{}/metrics", server.http_port);
+    let text = match reqwest::get(url).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("sluice_sync_duration_seconds_count "),
+        value("sluice_sync_duration_seconds_sum "),
+    )
 }
 
 /// Commands Redis has processed so far.
@@ -276,9 +300,11 @@ async fn load(server: &Server, keys: usize, duration: Duration) -> Run {
         let requests = requests.clone();
         callers.push(tokio::spawn(async move {
             let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-            let mut i = c * 7_919;
+            // Each caller walks its own slice of the keys, so together they reach every key
+            // (once 100k calls are made) rather than trailing one another through the same few.
+            let mut i = c * requests.len() / CONCURRENCY;
             while started.elapsed() < duration {
-                i = (i + 7_919) % requests.len();
+                i = (i + 1) % requests.len();
                 let sent = Instant::now();
                 let answer = client.should_rate_limit(requests[i].clone()).await;
                 assert!(answer.is_ok(), "{answer:?}");
@@ -351,7 +377,7 @@ fn main() {
         )
     };
     let sluice_server = |with_redis: bool| {
-        let port = free_port();
+        let (port, http_port) = (free_port(), free_port());
         let mut command = Command::new(&sluice);
         command.args([
             "serve",
@@ -360,7 +386,7 @@ fn main() {
             "--grpc-addr",
             &format!("127.0.0.1:{port}"),
             "--http-addr",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{http_port}"),
             "--log-level",
             "warn",
         ]);
@@ -374,7 +400,9 @@ fn main() {
                 "1s",
             ]);
         }
-        start(&mut command, port)
+        let mut server = start(&mut command, port);
+        server.http_port = http_port;
+        server
     };
     let alone = sluice_server(false);
 
@@ -416,14 +444,18 @@ fn main() {
             // A synced run, and the Redis commands it caused per request.
             let synced_run = async |keys: usize, label: &str| {
                 let commands = redis_commands(redis_port);
+                let rounds_before = sync_rounds(&synced).await;
                 let run = load(&synced, keys, duration).await;
                 show(&format!("sluice + Redis sync, {label}"), &run);
                 let ops = (redis_commands(redis_port) - commands) as f64;
+                let rounds_after = sync_rounds(&synced).await;
+                let sync_rounds = rounds_after.0 - rounds_before.0;
                 println!(
-                    "{:<34} {:>10.0} commands/s, {:.4} per request",
+                    "{:<34} {:>10.0} commands/s, {:.4} per request; {sync_rounds} sync rounds, {:.3} s each",
                     format!("  Redis, {label}"),
                     ops / duration.as_secs_f64(),
-                    ops / run.requests as f64
+                    ops / run.requests as f64,
+                    (rounds_after.1 - rounds_before.1) / sync_rounds.max(1.0)
                 );
                 (ops / run.requests as f64, run)
             };
@@ -465,14 +497,22 @@ fn main() {
         println!("requests in the closed-loop runs: {total}");
         println!();
         // Latency at half of saturation, from h2load, for sluice and the no-op server alike.
-        let Some(saturated) = h2load(&alone, duration, H2Load::Saturate) else {
-            println!("h2load is not installed (Debian: nghttp2-client): latency runs skipped");
-            return;
-        };
-        show("h2load: sluice, saturated", &saturated);
-        let noop_saturated = h2load(&noop, duration, H2Load::Saturate).unwrap();
-        show("h2load: no-op, saturated", &noop_saturated);
-        let half_rate = saturated.rps / 2.0;
+        // Saturation first, in rounds as above: h2load's ratio and the rate to halve.
+        let mut saturated_ratios = Vec::new();
+        let mut saturated_rates = Vec::new();
+        for round in 1..=rounds {
+            let Some(saturated) = h2load(&alone, duration, H2Load::Saturate) else {
+                println!("h2load is not installed (Debian: nghttp2-client): latency runs skipped");
+                return;
+            };
+            show(&format!("h2load: sluice, saturated ({round})"), &saturated);
+            let noop_saturated = h2load(&noop, duration, H2Load::Saturate).unwrap();
+            show(&format!("h2load: no-op, saturated ({round})"), &noop_saturated);
+            saturated_ratios.push(saturated.rps / noop_saturated.rps);
+            saturated_rates.push(saturated.rps);
+        }
+        let saturation = median(&saturated_rates);
+        let half_rate = saturation / 2.0;
         // Fixed concurrency, as the rest of this benchmark: the fewest calls in flight whose
         // throughput reaches half of saturation.
         let mut fixed = None;
@@ -503,15 +543,17 @@ fn main() {
         let noop_paced = h2load(&noop, duration, H2Load::Paced(half_rate)).unwrap();
         show("h2load: no-op, paced at the same rate", &noop_paced);
         println!();
+        let shown: Vec<String> = saturated_ratios.iter().map(|r| format!("{r:.3}")).collect();
         println!(
-            "h2load sluice / no-op throughput:            {:.3}",
-            saturated.rps / noop_saturated.rps
+            "h2load sluice / no-op throughput, median of {rounds}: {:.3}  [{}]",
+            median(&saturated_ratios),
+            shown.join(", ")
         );
         match (&fixed, &fixed_noop) {
             (Some((_, in_flight, run)), Some(noop_run)) => println!(
                 "p99 at half saturation, fixed concurrency ({in_flight} in flight, {:.0} req/s = {:.2} of saturation): sluice {:.3} ms, no-op {:.3} ms",
                 run.rps,
-                run.rps / saturated.rps,
+                run.rps / saturation,
                 run.p99,
                 noop_run.p99
             ),

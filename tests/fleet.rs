@@ -400,6 +400,52 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritten() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let ns = unique_namespace("lost");
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let server = in_process(&redis, &ns).await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let key = format!(
+        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
+        now_ms() / 60_000 * 60
+    );
+    let stored = async |want: u32| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let count: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+            if count == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{key}: {count:?}, want {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(server.admitted(2, &call).await, 2);
+    stored(2).await;
+    // A requests-only rule: the tokens field is never written.
+    let tokens: bool = redis.query(::redis::cmd("HEXISTS").arg(&key).arg("tokens"));
+    assert!(!tokens, "{key} has a tokens field");
+    // The key goes (a flush, a failover to an empty replica); the next push recreates it.
+    let _: i64 = redis.query(::redis::cmd("DEL").arg(&key));
+    assert_eq!(server.admitted(1, &call).await, 1);
+    stored(1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key));
+        if ttl > 60_000 && ttl <= 120_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{key}: pttl {ttl}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
 const STRICT: &str = "domain: strict\ndescriptors:\n  - key: k\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
 
 /// `per_replica` calls through each replica, all at once; returns how many passed.

@@ -1,7 +1,9 @@
 //! Fleet-wide limits: the only code that talks to Redis, always off the request path (strict
 //! rules aside). Every interval it pushes each counter's unsynced delta with HINCRBY, reads the
 //! fleet totals back from the replies, and stores them in the counters; counters with no local
-//! delta are refreshed with HMGET. Heartbeats in a sorted set tell each replica the fleet size.
+//! delta are refreshed with HMGET. A key's expiry is set on its window's first push (and again
+//! if the key was lost mid-window); the `tokens` field is left alone by counters with no token
+//! limit. Heartbeats in a sorted set tell each replica the fleet size.
 //! When Redis fails, the request path keeps answering under the configured policy, and the
 //! deltas are pushed once Redis answers again (if their window is still open).
 
@@ -355,8 +357,96 @@ struct Work<'g> {
     /// This replica's counts in `window` when read.
     own: Counts,
     delta: (i64, i64),
+    /// Whether the fleet's tokens matter: the window limits them (or may: overrides), or this
+    /// replica counted some. Otherwise the `tokens` field is neither written nor read.
+    tokens: bool,
+    /// Nothing pushed in this window yet: the key may be new and needs its expiry.
+    first_push: bool,
     key: String,
     expire_at_ms: u64,
+}
+
+impl Work<'_> {
+    /// One command per field: HINCRBY what changed, HGET the rest; HMGET when nothing
+    /// changed. A requests-only counter with a delta costs one command a round.
+    fn queue(&self, pipe: &mut redis::Pipeline) {
+        if self.delta == (0, 0) {
+            let cmd = pipe.cmd("HMGET").arg(&self.key).arg("requests");
+            if self.tokens {
+                cmd.arg("tokens");
+            }
+            return;
+        }
+        let fields = [("requests", self.delta.0), ("tokens", self.delta.1)];
+        for (field, delta) in &fields[..if self.tokens { 2 } else { 1 }] {
+            if *delta == 0 {
+                pipe.cmd("HGET").arg(&self.key).arg(*field);
+            } else {
+                pipe.cmd("HINCRBY").arg(&self.key).arg(*field).arg(*delta);
+            }
+        }
+        if self.first_push {
+            self.expire(pipe);
+        }
+    }
+
+    fn expire(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("PEXPIREAT")
+            .arg(&self.key)
+            .arg(self.expire_at_ms)
+            .ignore();
+    }
+
+    /// The fleet's totals from this counter's replies (fields not read count as this
+    /// replica's own).
+    fn totals(
+        &self,
+        replies: &mut impl Iterator<Item = redis::Value>,
+    ) -> Result<Counts, RedisError> {
+        let mut next = || -> Result<i64, RedisError> {
+            let value: Option<i64> = redis::FromRedisValue::from_redis_value(
+                replies.next().unwrap_or(redis::Value::Nil),
+            )?;
+            Ok(value.unwrap_or(0))
+        };
+        let (requests, tokens) = if self.delta == (0, 0) {
+            let values: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(
+                replies.next().unwrap_or(redis::Value::Nil),
+            )?;
+            let field = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+            (
+                field(0),
+                if self.tokens {
+                    field(1)
+                } else {
+                    i64::from(self.own.tokens)
+                },
+            )
+        } else {
+            let requests = next()?;
+            (
+                requests,
+                if self.tokens {
+                    next()?
+                } else {
+                    i64::from(self.own.tokens)
+                },
+            )
+        };
+        Ok(Counts {
+            requests: clamp(requests),
+            tokens: clamp(tokens),
+        })
+    }
+
+    /// A push that found no key (the total is just this push) outside the window's first
+    /// push: the key was lost mid-window (a Redis restart, a flush) and has no expiry now.
+    fn recreated(&self, total: Counts) -> bool {
+        let fresh = |delta: i64, total: u32| delta > 0 && i64::from(total) == delta;
+        !self.first_push
+            && (fresh(self.delta.0, total.requests)
+                || (self.tokens && fresh(self.delta.1, total.tokens)))
+    }
 }
 
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
@@ -403,15 +493,19 @@ async fn round(
                 tokens: w.tokens.as_ref().map(|l| l.per_unit),
             })
             .unwrap_or_default();
+        let delta = (
+            i64::from(own.requests) - i64::from(base.requests),
+            i64::from(own.tokens) - i64::from(base.tokens),
+        );
+        let is_override = key.scope() & OVERRIDE_SCOPE != 0;
         work.push(Work {
             limits,
             counter,
             window,
             own,
-            delta: (
-                i64::from(own.requests) - i64::from(base.requests),
-                i64::from(own.tokens) - i64::from(base.tokens),
-            ),
+            delta,
+            tokens: is_override || limits.tokens.is_some() || own.tokens > 0,
+            first_push: pushed_in != window,
             key: fleet.counter_key(&domain, &path, unit, window),
             expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
                 + EXPIRY_MARGIN.as_millis() as u64,
@@ -421,47 +515,27 @@ async fn round(
     for batch in work.chunks(BATCH) {
         let mut pipe = redis::pipe();
         for w in batch {
-            if w.delta == (0, 0) {
-                pipe.cmd("HMGET").arg(&w.key).arg("requests").arg("tokens");
-            } else {
-                pipe.cmd("HINCRBY")
-                    .arg(&w.key)
-                    .arg("requests")
-                    .arg(w.delta.0);
-                pipe.cmd("HINCRBY").arg(&w.key).arg("tokens").arg(w.delta.1);
-                pipe.cmd("PEXPIREAT")
-                    .arg(&w.key)
-                    .arg(w.expire_at_ms)
-                    .ignore();
-            }
+            w.queue(&mut pipe);
         }
         let replies: Vec<redis::Value> = store.pipeline(&pipe, fleet.timeout() * 4).await?;
         let mut replies = replies.into_iter();
+        let mut lost = redis::pipe();
         for w in batch {
-            let total = if w.delta == (0, 0) {
-                let (r, t): (Option<i64>, Option<i64>) = redis::FromRedisValue::from_redis_value(
-                    replies.next().unwrap_or(redis::Value::Nil),
-                )?;
-                (r.unwrap_or(0), t.unwrap_or(0))
-            } else {
-                let r: i64 = redis::FromRedisValue::from_redis_value(
-                    replies.next().unwrap_or(redis::Value::Nil),
-                )?;
-                let t: i64 = redis::FromRedisValue::from_redis_value(
-                    replies.next().unwrap_or(redis::Value::Nil),
-                )?;
-                (r, t)
-            };
-            let total = Counts {
-                requests: clamp(total.0),
-                tokens: clamp(total.1),
-            };
+            let total = w.totals(&mut replies)?;
+            if w.recreated(total) {
+                w.expire(&mut lost);
+            }
             w.counter.synced(w.window, w.own, total);
             // How far past a limit the fleet went: what the accuracy model bounds.
             let past = |limit: Option<u32>, used: u32| limit.map_or(0, |l| used.saturating_sub(l));
             overshoot = overshoot
                 .max(past(w.limits.requests, total.requests))
                 .max(past(w.limits.tokens, total.tokens));
+        }
+        if !lost.is_empty() {
+            store
+                .pipeline::<redis::Value>(&lost, fleet.timeout() * 4)
+                .await?;
         }
     }
     app.metrics.overshoot.set(overshoot as f64);
