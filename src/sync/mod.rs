@@ -137,11 +137,27 @@ impl Fleet {
     /// `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
     /// The descriptor path is the hash tag, so all windows of a counter share a cluster slot.
     pub fn counter_key(&self, domain: &str, path: &str, unit: Unit, window: Window) -> String {
-        format!(
-            "{}:ratelimit:{domain}:{{{path}}}:{unit}:{}",
-            self.settings.namespace,
-            u64::from(window.0) * unit.seconds()
-        )
+        let mut key = String::new();
+        self.write_counter_key(&mut key, domain, |out| out.push_str(path), unit, window);
+        key
+    }
+
+    /// [`Fleet::counter_key`], appended to `out`, the path written by `path`.
+    fn write_counter_key(
+        &self,
+        out: &mut String,
+        domain: &str,
+        path: impl FnOnce(&mut String),
+        unit: Unit,
+        window: Window,
+    ) {
+        use std::fmt::Write;
+        out.push_str(&self.settings.namespace);
+        out.push_str(":ratelimit:");
+        out.push_str(domain);
+        out.push_str(":{");
+        path(out);
+        let _ = write!(out, "}}:{unit}:{}", u64::from(window.0) * unit.seconds());
     }
 
     /// Sends a heartbeat and counts the replicas alive.
@@ -309,40 +325,62 @@ fn clamp(n: i64) -> u32 {
     n.clamp(0, i64::from(u32::MAX)) as u32
 }
 
-/// The domain and descriptor path a counter is stored under, e.g.
-/// (`llm_gateway`, `api_key_k1.model_gpt-4o`).
-pub fn counter_path(key: &CounterKey, rules: &HashMap<u64, Arc<Rule>>) -> Option<(String, String)> {
-    let mut parts = key.parts();
+/// Appends a counter's Redis key in `window` to `out`, its descriptor path as
+/// `api_key_k1.model_gpt-4o` (overrides: `override.k_v`). False for a counter whose rule is no
+/// longer loaded.
+fn write_key_of(
+    fleet: &Fleet,
+    out: &mut String,
+    key: &CounterKey,
+    rule: Option<&Rule>,
+    window: Window,
+) -> bool {
+    let (unit, mut parts) = (key.unit(), key.parts());
     if key.scope() & OVERRIDE_SCOPE != 0 {
-        let domain = parts.next()?.to_string();
-        let mut path = String::from("override");
-        while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
-            path.push('.');
-            path.push_str(k);
-            path.push('_');
-            path.push_str(v);
-        }
-        return Some((domain, path));
+        let Some(domain) = parts.next() else {
+            return false;
+        };
+        let path = |out: &mut String| {
+            out.push_str("override");
+            while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                out.push('.');
+                out.push_str(k);
+                out.push('_');
+                out.push_str(v);
+            }
+        };
+        fleet.write_counter_key(out, domain, path, unit, window);
+        return true;
     }
-    let rule = rules.get(&key.scope())?;
-    Some((rule.domain.to_string(), rule_path(rule, parts)))
+    let Some(rule) = rule else {
+        return false;
+    };
+    let path = |out: &mut String| push_rule_path(out, rule, parts);
+    fleet.write_counter_key(out, &rule.domain, path, unit, window);
+    true
 }
 
 /// `key_value` per level, joined with dots.
 pub fn rule_path<'a>(rule: &Rule, values: impl Iterator<Item = &'a str>) -> String {
     let mut path = String::new();
-    for (level, (key, value)) in rule.keys.iter().zip(values).enumerate() {
-        if level > 0 {
-            path.push('.');
-        }
-        path.push_str(key);
-        path.push('_');
-        path.push_str(value);
-    }
+    push_rule_path(&mut path, rule, values);
     path
 }
 
-fn rules_by_scope(rules: &RuleSet) -> HashMap<u64, Arc<Rule>> {
+fn push_rule_path<'a>(out: &mut String, rule: &Rule, values: impl Iterator<Item = &'a str>) {
+    for (level, (key, value)) in rule.keys.iter().zip(values).enumerate() {
+        if level > 0 {
+            out.push('.');
+        }
+        out.push_str(key);
+        out.push('_');
+        out.push_str(value);
+    }
+}
+
+type RulesByScope = HashMap<u64, Arc<Rule>, foldhash::fast::FixedState>;
+
+fn rules_by_scope(rules: &RuleSet) -> RulesByScope {
     rules
         .domains()
         .flat_map(|d| d.rules.iter().map(|r| (r.id, r.clone())))
@@ -362,16 +400,18 @@ struct Work<'g> {
     tokens: bool,
     /// Nothing pushed in this window yet: the key may be new and needs its expiry.
     first_push: bool,
-    key: String,
+    /// Where the key's name is in the batch's `keys`.
+    key: std::ops::Range<usize>,
     expire_at_ms: u64,
 }
 
 impl Work<'_> {
     /// One command per field: HINCRBY what changed, HGET the rest; HMGET when nothing
     /// changed. A requests-only counter with a delta costs one command a round.
-    fn queue(&self, pipe: &mut redis::Pipeline) {
+    fn queue(&self, keys: &str, pipe: &mut redis::Pipeline) {
+        let key = &keys[self.key.clone()];
         if self.delta == (0, 0) {
-            let cmd = pipe.cmd("HMGET").arg(&self.key).arg("requests");
+            let cmd = pipe.cmd("HMGET").arg(key).arg("requests");
             if self.tokens {
                 cmd.arg("tokens");
             }
@@ -380,19 +420,19 @@ impl Work<'_> {
         let fields = [("requests", self.delta.0), ("tokens", self.delta.1)];
         for (field, delta) in &fields[..if self.tokens { 2 } else { 1 }] {
             if *delta == 0 {
-                pipe.cmd("HGET").arg(&self.key).arg(*field);
+                pipe.cmd("HGET").arg(key).arg(*field);
             } else {
-                pipe.cmd("HINCRBY").arg(&self.key).arg(*field).arg(*delta);
+                pipe.cmd("HINCRBY").arg(key).arg(*field).arg(*delta);
             }
         }
         if self.first_push {
-            self.expire(pipe);
+            self.expire(keys, pipe);
         }
     }
 
-    fn expire(&self, pipe: &mut redis::Pipeline) {
+    fn expire(&self, keys: &str, pipe: &mut redis::Pipeline) {
         pipe.cmd("PEXPIREAT")
-            .arg(&self.key)
+            .arg(&keys[self.key.clone()])
             .arg(self.expire_at_ms)
             .ignore();
     }
@@ -452,11 +492,12 @@ impl Work<'_> {
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
 const BATCH: usize = 500;
 
-/// Runs one sync round: heartbeat, then push or refresh every live counter.
+/// Runs one sync round: heartbeat, then push or refresh every live counter, a batch at a
+/// time (the batch's work and key names reuse their buffers).
 async fn round(
     app: &App,
     fleet: &Fleet,
-    index: &mut (Arc<RuleSet>, HashMap<u64, Arc<Rule>>),
+    index: &mut (Arc<RuleSet>, RulesByScope),
 ) -> Result<(u32, usize), RedisError> {
     let mut store = fleet.store().await?;
     let now = app.limiter.clock().now_ms();
@@ -466,64 +507,75 @@ async fn round(
         *index = (rules.clone(), rules_by_scope(&rules));
     }
     let table = app.limiter.counters().pin_owned();
-    let mut work = Vec::new();
-    for (key, counter) in table.iter() {
-        let unit = key.unit();
-        let window = unit.window_at(now);
-        let (stamp, local) = counter.local();
-        let (pushed_in, pushed) = counter.pushed();
-        let own = if stamp == window { local } else { Counts::ZERO };
-        let base = if pushed_in == window {
-            pushed
-        } else {
-            Counts::ZERO
-        };
-        let Some((domain, path)) = counter_path(key, &index.1) else {
-            continue;
-        };
-        let limits = index
-            .1
-            .get(&key.scope())
-            .and_then(|rule| match &rule.policy {
-                crate::rules::Policy::Limited(windows) => windows.iter().find(|w| w.unit == unit),
-                crate::rules::Policy::Unlimited => None,
-            })
-            .map(|w| crate::limiter::Limits {
-                requests: w.requests.as_ref().map(|l| l.per_unit),
-                tokens: w.tokens.as_ref().map(|l| l.per_unit),
-            })
-            .unwrap_or_default();
-        let delta = (
-            i64::from(own.requests) - i64::from(base.requests),
-            i64::from(own.tokens) - i64::from(base.tokens),
-        );
-        let is_override = key.scope() & OVERRIDE_SCOPE != 0;
-        work.push(Work {
-            limits,
-            counter,
-            window,
-            own,
-            delta,
-            tokens: is_override || limits.tokens.is_some() || own.tokens > 0,
-            first_push: pushed_in != window,
-            key: fleet.counter_key(&domain, &path, unit, window),
-            expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
-                + EXPIRY_MARGIN.as_millis() as u64,
-        });
-    }
-    let mut overshoot = 0u32;
-    for batch in work.chunks(BATCH) {
+    let mut entries = table.iter();
+    let (mut batch, mut keys) = (Vec::with_capacity(BATCH), String::new());
+    let (mut counters, mut overshoot) = (0, 0u32);
+    loop {
+        batch.clear();
+        keys.clear();
+        for (key, counter) in entries.by_ref() {
+            let unit = key.unit();
+            let window = unit.window_at(now);
+            let rule = index.1.get(&key.scope()).map(Arc::as_ref);
+            let start = keys.len();
+            if !write_key_of(fleet, &mut keys, key, rule, window) {
+                continue;
+            }
+            let (stamp, local) = counter.local();
+            let (pushed_in, pushed) = counter.pushed();
+            let own = if stamp == window { local } else { Counts::ZERO };
+            let base = if pushed_in == window {
+                pushed
+            } else {
+                Counts::ZERO
+            };
+            let limits = rule
+                .and_then(|rule| match &rule.policy {
+                    crate::rules::Policy::Limited(windows) => {
+                        windows.iter().find(|w| w.unit == unit)
+                    }
+                    crate::rules::Policy::Unlimited => None,
+                })
+                .map(|w| crate::limiter::Limits {
+                    requests: w.requests.as_ref().map(|l| l.per_unit),
+                    tokens: w.tokens.as_ref().map(|l| l.per_unit),
+                })
+                .unwrap_or_default();
+            let is_override = key.scope() & OVERRIDE_SCOPE != 0;
+            batch.push(Work {
+                limits,
+                counter,
+                window,
+                own,
+                delta: (
+                    i64::from(own.requests) - i64::from(base.requests),
+                    i64::from(own.tokens) - i64::from(base.tokens),
+                ),
+                tokens: is_override || limits.tokens.is_some() || own.tokens > 0,
+                first_push: pushed_in != window,
+                key: start..keys.len(),
+                expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
+                    + EXPIRY_MARGIN.as_millis() as u64,
+            });
+            if batch.len() == BATCH {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        counters += batch.len();
         let mut pipe = redis::pipe();
-        for w in batch {
-            w.queue(&mut pipe);
+        for w in &batch {
+            w.queue(&keys, &mut pipe);
         }
         let replies: Vec<redis::Value> = store.pipeline(&pipe, fleet.timeout() * 4).await?;
         let mut replies = replies.into_iter();
         let mut lost = redis::pipe();
-        for w in batch {
+        for w in &batch {
             let total = w.totals(&mut replies)?;
             if w.recreated(total) {
-                w.expire(&mut lost);
+                w.expire(&keys, &mut lost);
             }
             w.counter.synced(w.window, w.own, total);
             // How far past a limit the fleet went: what the accuracy model bounds.
@@ -539,7 +591,7 @@ async fn round(
         }
     }
     app.metrics.overshoot.set(overshoot as f64);
-    Ok((replicas, work.len()))
+    Ok((replicas, counters))
 }
 
 /// Syncs until the task is dropped: every interval, and sooner when a counter has used its
@@ -549,7 +601,7 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
     let earliest_gap = (interval / 10).max(Duration::from_millis(5));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut index = (Arc::new(RuleSet::default()), HashMap::new());
+    let mut index = (Arc::new(RuleSet::default()), RulesByScope::default());
     let mut replicas = 1u32;
     let mut failing_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
@@ -624,5 +676,68 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
             }
         }
         fleet.status.store(Arc::new(status));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::CounterRef;
+    use crate::rules::{SourceFile, compile_file, override_scope};
+
+    fn fleet() -> Fleet {
+        Fleet::new(SyncSettings {
+            address: StoreAddress {
+                urls: vec!["redis://127.0.0.1:1".into()],
+                cluster: false,
+                timeout: Duration::from_millis(100),
+            },
+            namespace: "prod".into(),
+            interval: Duration::from_secs(1),
+            policy: FailurePolicy::default(),
+        })
+        .unwrap()
+    }
+
+    fn key_of(key: &CounterKey, rule: Option<&Rule>) -> Option<String> {
+        let mut out = String::from("left alone|");
+        let window = key.unit().window_at(1_767_225_600_000);
+        write_key_of(&fleet(), &mut out, key, rule, window).then_some(out)
+    }
+
+    #[test]
+    fn counter_keys_name_domain_path_unit_and_window_start() {
+        let domain = compile_file(&SourceFile {
+            path: "llm.yaml".into(),
+            text: "domain: llm\ndescriptors:\n  - key: api_key\n    descriptors:\n      - key: model\n        rate_limit: { unit: minute, requests_per_unit: 5 }\n".into(),
+        })
+        .unwrap();
+        let rule = &domain.rules[0];
+        let key = CounterRef {
+            scope: rule.id,
+            unit: Unit::Minute,
+            parts: &["k1", "gpt-4o"],
+        }
+        .to_key();
+        assert_eq!(
+            key_of(&key, Some(rule)).as_deref(),
+            Some("left alone|prod:ratelimit:llm:{api_key_k1.model_gpt-4o}:minute:1767225600")
+        );
+        // A rule no longer loaded: no key, nothing written.
+        assert_eq!(key_of(&key, None), None);
+        let overridden = CounterRef {
+            scope: override_scope("llm", ["api_key"]),
+            unit: Unit::Hour,
+            parts: &["llm", "api_key", "k1"],
+        }
+        .to_key();
+        assert_eq!(
+            key_of(&overridden, None).as_deref(),
+            Some("left alone|prod:ratelimit:llm:{override.api_key_k1}:hour:1767225600")
+        );
+        assert_eq!(
+            fleet().counter_key("llm", "api_key_k1", Unit::Second, Window(1_767_225_600)),
+            "prod:ratelimit:llm:{api_key_k1}:second:1767225600"
+        );
     }
 }
