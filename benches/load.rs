@@ -171,6 +171,12 @@ fn request(key: &str) -> RateLimitRequest {
     }
 }
 
+/// Each round's figure, as `0.912, 0.874, 0.951`.
+fn listed(values: &[f64]) -> String {
+    let shown: Vec<String> = values.iter().map(|r| format!("{r:.3}")).collect();
+    shown.join(", ")
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -486,8 +492,7 @@ fn main() {
             "with Redis / without, 100k keys",
         ];
         for (name, list) in names.iter().zip(&ratios) {
-            let shown: Vec<String> = list.iter().map(|r| format!("{r:.3}")).collect();
-            println!("{name:<40} {:.3}  [{}]", median(list), shown.join(", "));
+            println!("{name:<40} {:.3}  [{}]", median(list), listed(list));
         }
         println!(
             "Redis commands per request, mean over rounds: 1 key {:.4}, 100k keys {:.4}",
@@ -543,11 +548,10 @@ fn main() {
         let noop_paced = h2load(&noop, duration, H2Load::Paced(half_rate)).unwrap();
         show("h2load: no-op, paced at the same rate", &noop_paced);
         println!();
-        let shown: Vec<String> = saturated_ratios.iter().map(|r| format!("{r:.3}")).collect();
         println!(
             "h2load sluice / no-op throughput, median of {rounds}: {:.3}  [{}]",
             median(&saturated_ratios),
-            shown.join(", ")
+            listed(&saturated_ratios)
         );
         match (&fixed, &fixed_noop) {
             (Some((_, in_flight, run)), Some(noop_run)) => println!(

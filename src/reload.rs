@@ -278,7 +278,8 @@ pub struct Changes {
 }
 
 impl Changes {
-    /// Watches `dir` for changes; `None` relies on SIGHUP and the periodic rescan alone.
+    /// Watches `dir` when `watch` is set; without a watch, SIGHUP and the periodic rescan
+    /// still reload.
     pub fn watch(dir: &Path, watch: bool) -> Changes {
         let signalled = Arc::new(Notify::new());
         let watcher = if watch {

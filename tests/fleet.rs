@@ -315,6 +315,19 @@ async fn in_process(redis: &RedisServer, namespace: &str) -> TestServer {
     .await
 }
 
+/// Waits until Redis holds `want` requests under `key`.
+async fn until_stored(redis: &RedisServer, key: &str, want: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count: Option<u32> = redis.query(::redis::cmd("HGET").arg(key).arg("requests"));
+        if count == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{key}: {count:?}, want {want}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_synced(server: &TestServer) {
     let fleet = server
         .running
@@ -361,15 +374,7 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
     let window_start = now_ms() / 60_000 * 60;
     for (ns, want) in [(&ns_a, 10u32), (&ns_b, 10)] {
         let key = format!("{ns}:ratelimit:ns:{{user_u1}}:minute:{window_start}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let count: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
-            if count == Some(want) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{key}: {count:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_stored(&redis, &key, want).await;
         // Expires at the window's end plus a minute's margin.
         let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key));
         assert!(ttl > 60_000 && ttl <= 120_000, "{key}: pttl {ttl}");
@@ -414,26 +419,15 @@ async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritte
         "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
         now_ms() / 60_000 * 60
     );
-    let stored = async |want: u32| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let count: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
-            if count == Some(want) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{key}: {count:?}, want {want}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
     assert_eq!(server.admitted(2, &call).await, 2);
-    stored(2).await;
+    until_stored(&redis, &key, 2).await;
     // A requests-only rule: the tokens field is never written.
     let tokens: bool = redis.query(::redis::cmd("HEXISTS").arg(&key).arg("tokens"));
     assert!(!tokens, "{key} has a tokens field");
     // The key goes (a flush, a failover to an empty replica); the next push recreates it.
     let _: i64 = redis.query(::redis::cmd("DEL").arg(&key));
     assert_eq!(server.admitted(1, &call).await, 1);
-    stored(1).await;
+    until_stored(&redis, &key, 1).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key));

@@ -395,8 +395,9 @@ struct Work<'g> {
     /// This replica's counts in `window` when read.
     own: Counts,
     delta: (i64, i64),
-    /// Whether the fleet's tokens matter: the window limits them (or may: overrides), or this
-    /// replica counted some. Otherwise the `tokens` field is neither written nor read.
+    /// Whether the fleet's tokens matter: the window limits them, or this replica counted
+    /// some (overrides limit requests only). Otherwise the `tokens` field is neither written
+    /// nor read.
     tokens: bool,
     /// Nothing pushed in this window yet: the key may be new and needs its expiry.
     first_push: bool,
@@ -443,36 +444,28 @@ impl Work<'_> {
         &self,
         replies: &mut impl Iterator<Item = redis::Value>,
     ) -> Result<Counts, RedisError> {
-        let mut next = || -> Result<i64, RedisError> {
-            let value: Option<i64> = redis::FromRedisValue::from_redis_value(
-                replies.next().unwrap_or(redis::Value::Nil),
-            )?;
-            Ok(value.unwrap_or(0))
-        };
-        let (requests, tokens) = if self.delta == (0, 0) {
-            let values: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(
-                replies.next().unwrap_or(redis::Value::Nil),
-            )?;
-            let field = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let (requests, tokens): (Option<i64>, Option<i64>) = if self.delta == (0, 0) {
+            let values: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(next())?;
             (
-                field(0),
-                if self.tokens {
-                    field(1)
-                } else {
-                    i64::from(self.own.tokens)
-                },
+                values.first().copied().flatten(),
+                values.get(1).copied().flatten(),
             )
         } else {
-            let requests = next()?;
-            (
-                requests,
-                if self.tokens {
-                    next()?
-                } else {
-                    i64::from(self.own.tokens)
-                },
-            )
+            let requests = redis::FromRedisValue::from_redis_value(next())?;
+            let tokens = if self.tokens {
+                redis::FromRedisValue::from_redis_value(next())?
+            } else {
+                None
+            };
+            (requests, tokens)
         };
+        let tokens = if self.tokens {
+            tokens.unwrap_or(0)
+        } else {
+            i64::from(self.own.tokens)
+        };
+        let requests = requests.unwrap_or(0);
         Ok(Counts {
             requests: clamp(requests),
             tokens: clamp(tokens),
@@ -541,7 +534,6 @@ async fn round(
                     tokens: w.tokens.as_ref().map(|l| l.per_unit),
                 })
                 .unwrap_or_default();
-            let is_override = key.scope() & OVERRIDE_SCOPE != 0;
             batch.push(Work {
                 limits,
                 counter,
@@ -551,7 +543,7 @@ async fn round(
                     i64::from(own.requests) - i64::from(base.requests),
                     i64::from(own.tokens) - i64::from(base.tokens),
                 ),
-                tokens: is_override || limits.tokens.is_some() || own.tokens > 0,
+                tokens: limits.tokens.is_some() || own.tokens > 0,
                 first_push: pushed_in != window,
                 key: start..keys.len(),
                 expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
