@@ -362,7 +362,7 @@ fn main() {
         .unwrap();
 
     let redis_port = free_port();
-    let _redis = start(
+    let redis_server = start(
         Command::new(&redis).args([
             "--port",
             &redis_port.to_string(),
@@ -450,18 +450,22 @@ fn main() {
             // A synced run, and the Redis commands it caused per request.
             let synced_run = async |keys: usize, label: &str| {
                 let commands = redis_commands(redis_port);
+                let redis_cpu = cpu_seconds(redis_server.child.id());
                 let rounds_before = sync_rounds(&synced).await;
                 let run = load(&synced, keys, duration).await;
                 show(&format!("sluice + Redis sync, {label}"), &run);
                 let ops = (redis_commands(redis_port) - commands) as f64;
+                // Redis runs on the same cores as sluice and the load: its CPU is taken from them.
+                let redis_cpu = cpu_seconds(redis_server.child.id()) - redis_cpu;
                 let rounds_after = sync_rounds(&synced).await;
                 let sync_rounds = rounds_after.0 - rounds_before.0;
                 println!(
-                    "{:<34} {:>10.0} commands/s, {:.4} per request; {sync_rounds} sync rounds, {:.3} s each",
+                    "{:<34} {:>10.0} commands/s, {:.4} per request; {sync_rounds} sync rounds, {:.3} s each; Redis CPU {:.3} s/100k",
                     format!("  Redis, {label}"),
                     ops / duration.as_secs_f64(),
                     ops / run.requests as f64,
-                    (rounds_after.1 - rounds_before.1) / sync_rounds.max(1.0)
+                    (rounds_after.1 - rounds_before.1) / sync_rounds.max(1.0),
+                    redis_cpu / run.requests as f64 * 100_000.0
                 );
                 (ops / run.requests as f64, run)
             };

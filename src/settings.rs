@@ -176,6 +176,13 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_SYNC_INTERVAL", default_value = "1s", value_parser = parse_sync_interval)]
     pub sync_interval: Duration,
 
+    /// How often a quiet counter is read back from Redis: one unchanged here and in the fleet
+    /// since it was last read, and under half of its limits. Such a counter is read after 1, 2
+    /// and 4 rounds of quiet, then at this period [default: 8 × --sync-interval]. Set it to
+    /// --sync-interval to read every counter every round.
+    #[arg(long, env = "SLUICE_SYNC_QUIET_REFRESH", value_parser = parse_duration)]
+    pub sync_quiet_refresh: Option<Duration>,
+
     /// Bound on every Redis call.
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub redis_timeout: Duration,
@@ -290,6 +297,9 @@ impl Settings {
                 .or_else(|| self.environment.clone())
                 .unwrap_or_else(|| "default".into()),
             interval: self.sync_interval,
+            quiet_refresh_rounds: self.sync_quiet_refresh.map_or(8, |every| {
+                (every.as_secs_f64() / self.sync_interval.as_secs_f64()).round() as u32
+            }),
             policy: self.redis_failure_policy,
         })
     }
@@ -315,6 +325,7 @@ impl Settings {
             redis_namespace: None,
             environment: None,
             sync_interval: Duration::from_secs(1),
+            sync_quiet_refresh: None,
             redis_timeout: Duration::from_millis(250),
             redis_failure_policy: FailurePolicy::LocalShare,
             reload_debounce: Duration::from_millis(200),

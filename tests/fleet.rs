@@ -440,6 +440,93 @@ async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritte
     server.stop().await;
 }
 
+/// Calls of `command` Redis has served, from `INFO commandstats`.
+fn calls_of(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis.query(::redis::cmd("INFO").arg("commandstats"));
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn sync_rounds(server: &TestServer) -> u64 {
+    let app = &server.running.as_ref().unwrap().app;
+    app.fleet.as_ref().expect("fleet").status.load().rounds
+}
+
+/// Waits for `n` more sync rounds; returns how many went by and the HMGETs (reads of counters
+/// with nothing to push) Redis served meanwhile.
+async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> (u64, u64) {
+    let (rounds, reads) = (sync_rounds(server), calls_of(redis, "hmget"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sync_rounds(server) < rounds + n {
+        assert!(Instant::now() < deadline, "sync rounds stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (
+        sync_rounds(server) - rounds,
+        calls_of(redis, "hmget") - reads,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_counters_are_read_back_less_often_and_wake_on_the_fleets_use() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let ns = unique_namespace("quiet");
+    let server = in_process(&redis, &ns).await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let key = format!(
+        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
+        now_ms() / 60_000 * 60
+    );
+    // 1 of 10: under half the limit, then nothing more here or elsewhere.
+    assert_eq!(server.admitted(1, &call).await, 1);
+    until_stored(&redis, &key, 1).await;
+    let (rounds, reads) = reads_over_rounds(&server, &redis, 48).await;
+    // Read after 1, 2, 4 quiet rounds, then every 8th: 8 in 48 rounds (a round or two more
+    // may slip in at the edges), where every round would be 48.
+    assert!(
+        (4..=rounds / 8 + 4).contains(&reads),
+        "{reads} reads in {rounds} rounds"
+    );
+
+    // Another replica takes 8 more (what its HINCRBY does). This one learns of it at its
+    // next scheduled read at the latest, then admits only what is left: 1 of 10.
+    let _: i64 = redis.query(::redis::cmd("HINCRBY").arg(&key).arg("requests").arg(8));
+    let _ = reads_over_rounds(&server, &redis, 9).await;
+    assert_eq!(server.admitted(5, &call).await, 1, "sees the fleet's 9");
+    // At half of the limit and over, read every round.
+    let (rounds, reads) = reads_over_rounds(&server, &redis, 20).await;
+    assert!(reads + 2 >= rounds, "{reads} reads in {rounds} rounds");
+    server.stop().await;
+
+    // --sync-quiet-refresh equal to the interval: every counter read every round.
+    let ns = unique_namespace("eager");
+    let (url, namespace) = (redis.url(), ns.clone());
+    let eager = start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
+        s.redis_url = Some(url);
+        s.redis_namespace = Some(namespace);
+        s.sync_interval = Duration::from_millis(20);
+        s.sync_quiet_refresh = Some(Duration::from_millis(20));
+    })
+    .await;
+    wait_synced(&eager).await;
+    assert_eq!(eager.admitted(1, &call).await, 1);
+    let key = key.replace(
+        &format!("{}:", key.split(':').next().unwrap()),
+        &format!("{ns}:"),
+    );
+    until_stored(&redis, &key, 1).await;
+    let (rounds, reads) = reads_over_rounds(&eager, &redis, 30).await;
+    assert!(reads + 2 >= rounds, "{reads} reads in {rounds} rounds");
+    eager.stop().await;
+}
+
 const STRICT: &str = "domain: strict\ndescriptors:\n  - key: k\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
 
 /// `per_replica` calls through each replica, all at once; returns how many passed.

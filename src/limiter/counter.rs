@@ -17,7 +17,9 @@
 //!
 //! With a fleet store (Redis) configured, two more words ride along, written only by the sync
 //! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
-//! had counted in the window at the last sync. They are read, never written, by requests.
+//! had counted in the window at the last sync. They are read, never written, by requests. The
+//! reserved half of `others` holds the sync round in which the counter last changed, here or in
+//! the fleet: the sync reads quiet counters back less often.
 
 use portable_atomic::{AtomicU128, Ordering};
 
@@ -191,6 +193,11 @@ pub struct Counter {
 
 fn pack(window: u32, counts: Counts) -> u128 {
     (u128::from(window) << 96) | (u128::from(counts.requests) << 32) | u128::from(counts.tokens)
+}
+
+/// `pack`, with the reserved word set.
+fn pack_noted(window: u32, note: u32, counts: Counts) -> u128 {
+    pack(window, counts) | (u128::from(note) << 64)
 }
 
 fn unpack(word: u128) -> (u32, Counts) {
@@ -390,14 +397,26 @@ impl Counter {
     }
 
     /// Records a sync: `pushed` of this replica's counts are in the store, and the store's
-    /// total was `fleet_total`. Only the sync task calls this.
-    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts) {
+    /// total was `fleet_total`; `changed_in` is the sync round in which the counter last
+    /// changed. Only the sync task calls this.
+    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts, changed_in: u32) {
         let others = Counts {
             requests: fleet_total.requests.saturating_sub(pushed.requests),
             tokens: fleet_total.tokens.saturating_sub(pushed.tokens),
         };
         self.pushed.store(pack(window.0, pushed), Ordering::Release);
-        self.others.store(pack(window.0, others), Ordering::Release);
+        self.others
+            .store(pack_noted(window.0, changed_in, others), Ordering::Release);
+    }
+
+    /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
+    /// the sync round in which the counter last changed (none before its first sync). Only the
+    /// sync task calls this.
+    pub fn last_synced(&self, window: Window) -> (Counts, Option<u32>) {
+        let word = self.others.load(Ordering::Acquire);
+        let changed_in = (word != 0).then_some((word >> 64) as u32);
+        let fleet = self.fleet_counts(window);
+        (fleet.pushed.plus(fleet.others), changed_in)
     }
 
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
@@ -409,8 +428,9 @@ impl Counter {
             return true;
         }
         // Kept while the rest of the fleet counts in the current window, so the sync keeps
-        // its view of the others fresh.
-        if stamp >= current.0 || unpack(self.others.load(Ordering::Acquire)).0 >= current.0 {
+        // its view of the others fresh. A sync that read nothing for it does not keep it.
+        let (others_stamp, others) = unpack(self.others.load(Ordering::Acquire));
+        if stamp >= current.0 || (others_stamp >= current.0 && !others.is_zero()) {
             return false;
         }
         self.word
@@ -574,16 +594,16 @@ mod tests {
         // Never synced: at most a third of the limit.
         assert_eq!(admitted(&c, l, view, 20), 10);
         // The sync says the fleet holds 25, 10 of them ours: 5 left, a share of 1.
-        c.synced(W, req(10), req(25));
+        c.synced(W, req(10), req(25), 0);
         assert_eq!(c.others(W), req(15));
         assert_eq!(admitted(&c, l, view, 20), 1);
         let reading = c.assess(W, Counts::ZERO, l, view);
         assert_eq!(reading.counts, req(26), "fleet counts are reported");
         // 2 left among 3 replicas: still one each, none starves.
-        c.synced(W, req(11), req(28));
+        c.synced(W, req(11), req(28), 0);
         assert_eq!(admitted(&c, l, view, 20), 1);
         // The fleet is full: even a check says over.
-        c.synced(W, req(12), req(30));
+        c.synced(W, req(12), req(30), 0);
         assert!(c.assess(W, Counts::ZERO, l, view).over.requests);
         // The rest of the fleet's counts belong to their window only.
         assert_eq!(c.others(Window(101)), Counts::ZERO);
@@ -615,8 +635,39 @@ mod tests {
     fn counters_active_elsewhere_are_not_retired() {
         let c = Counter::new();
         c.charge(W, req(1), Limits::default(), true).unwrap();
-        c.synced(Window(101), Counts::ZERO, req(4));
+        c.synced(Window(101), Counts::ZERO, req(4), 7);
         assert!(!c.retire_if_idle(Window(101)));
         assert!(c.retire_if_idle(Window(102)));
+    }
+
+    #[test]
+    fn a_sync_that_found_nothing_in_the_window_does_not_keep_a_counter() {
+        let c = Counter::new();
+        c.charge(W, req(1), Limits::default(), true).unwrap();
+        // The sync reads every live counter in the current window: finding it empty there must
+        // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
+        c.synced(Window(101), Counts::ZERO, Counts::ZERO, 7);
+        assert!(c.retire_if_idle(Window(101)));
+    }
+
+    #[test]
+    fn the_round_of_the_last_change_rides_beside_the_fleet_counts() {
+        let c = Counter::new();
+        c.charge(W, req(3), Limits::default(), true).unwrap();
+        assert_eq!(c.last_synced(W), (Counts::ZERO, None));
+        c.synced(W, req(3), req(5), 41);
+        assert_eq!(c.last_synced(W), (req(5), Some(41)));
+        assert_eq!(c.others(W), req(2));
+        // Another window: no total read for it yet, the round kept.
+        assert_eq!(c.last_synced(Window(101)), (Counts::ZERO, Some(41)));
+        let l = Limits {
+            requests: Some(5),
+            tokens: None,
+        };
+        // The note does not disturb the counts requests judge against.
+        let r = c
+            .charge_in_fleet(W, req(1), l, true, FleetView::Synced { replicas: 2 })
+            .unwrap();
+        assert!(!r.counted && r.over.requests);
     }
 }

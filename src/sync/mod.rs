@@ -42,6 +42,8 @@ pub struct SyncSettings {
     /// Prefix of every key, so environments and test runs never see each other's counts.
     pub namespace: String,
     pub interval: Duration,
+    /// Read a quiet counter back every this many rounds at most (1: every round).
+    pub quiet_refresh_rounds: u32,
     pub policy: FailurePolicy,
 }
 
@@ -401,6 +403,9 @@ struct Work<'g> {
     tokens: bool,
     /// Nothing pushed in this window yet: the key may be new and needs its expiry.
     first_push: bool,
+    /// The fleet's total at the last sync, and the round the counter last changed in.
+    seen: Counts,
+    changed_in: Option<u32>,
     /// Where the key's name is in the batch's `keys`.
     key: std::ops::Range<usize>,
     expire_at_ms: u64,
@@ -485,12 +490,41 @@ impl Work<'_> {
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
 const BATCH: usize = 500;
 
+/// Whether a quiet counter, last changed `age` rounds ago, is read back this round: after 1, 2
+/// and 4 quiet rounds, then every `every` rounds. Most counters of a busy fleet sit idle between
+/// their callers' calls; reading each back every round made Redis work follow the counters
+/// alive, not the counters in use.
+fn quiet_refresh_due(age: u32, every: u32) -> bool {
+    age <= 1 || age.is_multiple_of(every.max(1)) || (age < every && age.is_power_of_two())
+}
+
+/// Whether a counter is read back this round though nothing changed here: always while it is
+/// at half of a limit or more (where a stale total could let the fleet past the limit) or its
+/// limits are not known here (overrides), else on the quiet schedule.
+fn read_back(
+    seen: Counts,
+    limits: Option<crate::limiter::Limits>,
+    changed_in: Option<u32>,
+    round_no: u32,
+    every: u32,
+) -> bool {
+    let (Some(limits), Some(changed_in)) = (limits, changed_in) else {
+        return true;
+    };
+    let half =
+        |limit: Option<u32>, used: u32| limit.is_some_and(|l| u64::from(used) * 2 >= u64::from(l));
+    half(limits.requests, seen.requests)
+        || half(limits.tokens, seen.tokens)
+        || quiet_refresh_due(round_no.wrapping_sub(changed_in), every)
+}
+
 /// Runs one sync round: heartbeat, then push or refresh every live counter, a batch at a
 /// time (the batch's work and key names reuse their buffers).
 async fn round(
     app: &App,
     fleet: &Fleet,
     index: &mut (Arc<RuleSet>, RulesByScope),
+    round_no: u32,
 ) -> Result<(u32, usize), RedisError> {
     let mut store = fleet.store().await?;
     let now = app.limiter.clock().now_ms();
@@ -510,10 +544,6 @@ async fn round(
             let unit = key.unit();
             let window = unit.window_at(now);
             let rule = index.1.get(&key.scope()).map(Arc::as_ref);
-            let start = keys.len();
-            if !write_key_of(fleet, &mut keys, key, rule, window) {
-                continue;
-            }
             let (stamp, local) = counter.local();
             let (pushed_in, pushed) = counter.pushed();
             let own = if stamp == window { local } else { Counts::ZERO };
@@ -534,17 +564,31 @@ async fn round(
                     tokens: w.tokens.as_ref().map(|l| l.per_unit),
                 })
                 .unwrap_or_default();
+            let delta = (
+                i64::from(own.requests) - i64::from(base.requests),
+                i64::from(own.tokens) - i64::from(base.tokens),
+            );
+            let (seen, changed_in) = counter.last_synced(window);
+            // Overrides carry their limits in the request: not known here.
+            let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
+            let every = fleet.settings.quiet_refresh_rounds;
+            if delta == (0, 0) && !read_back(seen, known, changed_in, round_no, every) {
+                continue;
+            }
+            let start = keys.len();
+            if !write_key_of(fleet, &mut keys, key, rule, window) {
+                continue;
+            }
             batch.push(Work {
                 limits,
                 counter,
                 window,
                 own,
-                delta: (
-                    i64::from(own.requests) - i64::from(base.requests),
-                    i64::from(own.tokens) - i64::from(base.tokens),
-                ),
+                delta,
                 tokens: limits.tokens.is_some() || own.tokens > 0,
                 first_push: pushed_in != window,
+                seen,
+                changed_in,
                 key: start..keys.len(),
                 expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
                     + EXPIRY_MARGIN.as_millis() as u64,
@@ -569,7 +613,14 @@ async fn round(
             if w.recreated(total) {
                 w.expire(&keys, &mut lost);
             }
-            w.counter.synced(w.window, w.own, total);
+            let changed = w.delta != (0, 0) || total != w.seen;
+            let changed_in = if changed {
+                Some(round_no)
+            } else {
+                w.changed_in
+            };
+            w.counter
+                .synced(w.window, w.own, total, changed_in.unwrap_or(round_no));
             // How far past a limit the fleet went: what the accuracy model bounds.
             let past = |limit: Option<u32>, used: u32| limit.map_or(0, |l| used.saturating_sub(l));
             overshoot = overshoot
@@ -598,6 +649,7 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
     let mut failing_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
     let mut last_round = Instant::now() - interval;
+    let mut round_no = 0u32;
     app.limiter.fleet().set(fleet.outage_view(1));
     loop {
         tokio::select! {
@@ -611,7 +663,8 @@ pub async fn run(app: Arc<App>, fleet: Arc<Fleet>) {
         }
         last_round = Instant::now();
         let started = Instant::now();
-        let result = round(&app, &fleet, &mut index).await;
+        round_no = round_no.wrapping_add(1);
+        let result = round(&app, &fleet, &mut index, round_no).await;
         let mut status = (*fleet.status.load_full()).clone();
         status.rounds += 1;
         match result {
@@ -686,6 +739,7 @@ mod tests {
             },
             namespace: "prod".into(),
             interval: Duration::from_secs(1),
+            quiet_refresh_rounds: 8,
             policy: FailurePolicy::default(),
         })
         .unwrap()
@@ -695,6 +749,47 @@ mod tests {
         let mut out = String::from("left alone|");
         let window = key.unit().window_at(1_767_225_600_000);
         write_key_of(&fleet(), &mut out, key, rule, window).then_some(out)
+    }
+
+    #[test]
+    fn quiet_counters_are_read_after_1_2_4_then_every_8_rounds() {
+        let due: Vec<u32> = (0..=40).filter(|&age| quiet_refresh_due(age, 8)).collect();
+        assert_eq!(due, [0, 1, 2, 4, 8, 16, 24, 32, 40]);
+        assert!(
+            (0..40).all(|age| quiet_refresh_due(age, 1)),
+            "1: every round"
+        );
+        let due: Vec<u32> = (0..=12).filter(|&age| quiet_refresh_due(age, 3)).collect();
+        assert_eq!(due, [0, 1, 2, 3, 6, 9, 12]);
+    }
+
+    #[test]
+    fn counters_near_a_limit_or_of_unknown_limits_are_read_every_round() {
+        let limits = crate::limiter::Limits {
+            requests: Some(100),
+            tokens: Some(1000),
+        };
+        let counts = |requests, tokens| Counts { requests, tokens };
+        // Quiet for 3 rounds (not on the schedule), well under both limits: left unread.
+        assert!(!read_back(counts(49, 499), Some(limits), Some(10), 13, 8));
+        // At half of either limit: read.
+        assert!(read_back(counts(50, 0), Some(limits), Some(10), 13, 8));
+        assert!(read_back(counts(0, 500), Some(limits), Some(10), 13, 8));
+        // Limits not known here (an override), or never read: read.
+        assert!(read_back(counts(0, 0), None, Some(10), 13, 8));
+        assert!(read_back(counts(0, 0), Some(limits), None, 13, 8));
+        // On the schedule, and across the round counter's wrap.
+        assert!(read_back(counts(0, 0), Some(limits), Some(10), 14, 8));
+        assert!(read_back(counts(0, 0), Some(limits), Some(u32::MAX), 7, 8));
+        assert!(!read_back(counts(0, 0), Some(limits), Some(u32::MAX), 6, 8));
+        // Unlimited: never near a limit, so the schedule alone.
+        assert!(!read_back(
+            counts(9, 9),
+            Some(Default::default()),
+            Some(10),
+            13,
+            8
+        ));
     }
 
     #[test]
