@@ -527,6 +527,78 @@ async fn quiet_counters_are_read_back_less_often_and_wake_on_the_fleets_use() {
     eager.stop().await;
 }
 
+const BUSY: &str = "domain: busy\ndescriptors:\n  - key: far\n    rate_limit: { unit: minute, requests_per_unit: 1000000 }\n  - key: near\n    rate_limit: { unit: minute, requests_per_unit: 1000 }\n";
+
+/// Calls with `call` every 5 ms (so every round has something to push) for `n` sync rounds;
+/// returns the rounds that went by, the calls admitted, and the pushes (HINCRBYs) Redis served.
+async fn pushes_under_traffic(
+    server: &TestServer,
+    redis: &RedisServer,
+    call: &RateLimitRequest,
+    n: u64,
+) -> (u64, usize, u64) {
+    let (rounds, pushes) = (sync_rounds(server), calls_of(redis, "hincrby"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admitted = 0;
+    while sync_rounds(server) < rounds + n {
+        assert!(Instant::now() < deadline, "sync rounds stalled");
+        admitted += server.admitted(1, call).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (
+        sync_rounds(server) - rounds,
+        admitted,
+        calls_of(redis, "hincrby") - pushes,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_every_round() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
+    let ns = unique_namespace("busy");
+    let (url, namespace) = (redis.url(), ns.clone());
+    let server = start_at(now_ms(), &[("busy.yaml", BUSY)], move |s| {
+        s.redis_url = Some(url);
+        s.redis_namespace = Some(namespace);
+        s.sync_interval = Duration::from_millis(20);
+    })
+    .await;
+    wait_synced(&server).await;
+    let window = now_ms() / 60_000 * 60;
+    let key = |level: &str, value: &str| {
+        format!("{ns}:ratelimit:busy:{{{level}_{value}}}:minute:{window}")
+    };
+
+    // A counter's first sync is at once, whatever its limits.
+    let far = request("busy", &[&[("far", "f1")]]);
+    assert_eq!(server.admitted(1, &far).await, 1);
+    until_stored(&redis, &key("far", "f1"), 1).await;
+    // Busy and far from its limit: pushed on its turn, once every 8 rounds, not every round.
+    let (rounds, admitted, pushes) = pushes_under_traffic(&server, &redis, &far, 48).await;
+    assert!(
+        admitted as u64 >= rounds,
+        "{admitted} calls in {rounds} rounds"
+    );
+    assert!(
+        (rounds / 8 - 2..=rounds / 8 + 2).contains(&pushes),
+        "{pushes} pushes in {rounds} rounds"
+    );
+    // Nothing is lost by waiting: the rest arrives on its next turn.
+    until_stored(&redis, &key("far", "f1"), 1 + admitted as u32).await;
+
+    // At half of its limit or more: pushed every round it has something to push.
+    let near = request("busy", &[&[("near", "n1")]]);
+    assert_eq!(server.admitted(500, &near).await, 500);
+    until_stored(&redis, &key("near", "n1"), 500).await;
+    let (rounds, admitted, pushes) = pushes_under_traffic(&server, &redis, &near, 20).await;
+    assert!(pushes + 2 >= rounds, "{pushes} pushes in {rounds} rounds");
+    until_stored(&redis, &key("near", "n1"), 500 + admitted as u32).await;
+    server.stop().await;
+}
+
 const STRICT: &str = "domain: strict\ndescriptors:\n  - key: k\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
 
 /// `per_replica` calls through each replica, all at once; returns how many passed.

@@ -1,7 +1,9 @@
 //! Fleet-wide limits: the only code that talks to Redis, always off the request path (strict
-//! rules aside). Every interval it pushes each counter's unsynced delta with HINCRBY, reads the
+//! rules aside). Every interval it pushes counters' unsynced deltas with HINCRBY, reads the
 //! fleet totals back from the replies, and stores them in the counters; counters with no local
-//! delta are refreshed with HMGET. A key's expiry is set on its window's first push (and again
+//! delta are refreshed with HMGET. Near a limit a counter is synced every round; far from its
+//! limits, on its turn (see `push_now` and `read_back`), so Redis work follows counters near
+//! their limits and the counters in use per refresh period, not requests. A key's expiry is set on its window's first push (and again
 //! if the key was lost mid-window); the `tokens` field is left alone by counters with no token
 //! limit. Heartbeats in a sorted set tell each replica the fleet size.
 //! When Redis fails, the request path keeps answering under the configured policy, and the
@@ -518,8 +520,42 @@ fn read_back(
         || quiet_refresh_due(round_no.wrapping_sub(changed_in), every)
 }
 
-/// Runs one sync round: heartbeat, then push or refresh every live counter, a batch at a
-/// time (the batch's work and key names reuse their buffers).
+/// Whether a counter's pending count is pushed now rather than on its turn: always while its
+/// limits are not known here (overrides) or it was never synced; else when the fleet's count
+/// with this one's pending part reaches half of a limit, or the pending part reaches half of
+/// this replica's share of what the fleet has left (past the share it would be refused here).
+/// A counter far from its limits can wait: the share cap bounds what any replica admits
+/// unseen, however late its push.
+fn push_now(
+    seen: Counts,
+    pending: (i64, i64),
+    limits: Option<crate::limiter::Limits>,
+    changed_in: Option<u32>,
+    replicas: u32,
+) -> bool {
+    let (Some(limits), Some(_)) = (limits, changed_in) else {
+        return true;
+    };
+    let near = |limit: Option<u32>, seen: u32, pending: i64| {
+        let Some(limit) = limit else { return false };
+        let (limit, seen, pending) = (u64::from(limit), u64::from(seen), pending.max(0) as u64);
+        (seen + pending) * 2 >= limit
+            || pending * 2 * u64::from(replicas.max(1)) >= limit.saturating_sub(seen)
+    };
+    near(limits.requests, seen.requests, pending.0) || near(limits.tokens, seen.tokens, pending.1)
+}
+
+/// Whether this round is a counter's turn to push though far from its limits: every `every`
+/// rounds, at a round set by its key, so the pushes of many such counters spread evenly over
+/// the rounds instead of coming all at once.
+fn pushing_turn(key: &CounterKey, round_no: u32, every: u32) -> bool {
+    use std::hash::BuildHasher;
+    let spread = foldhash::fast::FixedState::default().hash_one(key) as u32;
+    round_no.wrapping_add(spread).is_multiple_of(every.max(1))
+}
+
+/// Runs one sync round: heartbeat, then push or refresh every live counter that is due, a batch
+/// at a time (the batch's work and key names reuse their buffers).
 async fn round(
     app: &App,
     fleet: &Fleet,
@@ -533,6 +569,7 @@ async fn round(
     if !Arc::ptr_eq(&rules, &index.0) {
         *index = (rules.clone(), rules_by_scope(&rules));
     }
+    let interval_ms = fleet.settings.interval.as_millis() as u64;
     let table = app.limiter.counters().pin_owned();
     let mut entries = table.iter();
     let (mut batch, mut keys) = (Vec::with_capacity(BATCH), String::new());
@@ -572,7 +609,16 @@ async fn round(
             // Overrides carry their limits in the request: not known here.
             let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
             let every = fleet.settings.quiet_refresh_rounds;
-            if delta == (0, 0) && !read_back(seen, known, changed_in, round_no, every) {
+            let window_end = (u64::from(window.0) + 1) * unit.millis();
+            let due = if delta == (0, 0) {
+                read_back(seen, known, changed_in, round_no, every)
+            } else {
+                // A window's last round pushes what is pending, so its fleet total is whole.
+                window_end <= now + interval_ms
+                    || push_now(seen, delta, known, changed_in, replicas)
+                    || pushing_turn(key, round_no, every)
+            };
+            if !due {
                 continue;
             }
             let start = keys.len();
@@ -590,8 +636,7 @@ async fn round(
                 seen,
                 changed_in,
                 key: start..keys.len(),
-                expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
-                    + EXPIRY_MARGIN.as_millis() as u64,
+                expire_at_ms: window_end + EXPIRY_MARGIN.as_millis() as u64,
             });
             if batch.len() == BATCH {
                 break;
@@ -790,6 +835,66 @@ mod tests {
             13,
             8
         ));
+    }
+
+    #[test]
+    fn pending_counts_wait_only_while_far_from_every_limit() {
+        let limits = crate::limiter::Limits {
+            requests: Some(120),
+            tokens: Some(1000),
+        };
+        let counts = |requests, tokens| Counts { requests, tokens };
+        let push =
+            |seen, pending, limits, changed_in| push_now(seen, pending, limits, changed_in, 3);
+        // 10 of 120 seen, 5 pending: far (half is 60; the share of 110 left is 36).
+        assert!(!push(counts(10, 0), (5, 0), Some(limits), Some(4)));
+        // Seen and pending together reach half a limit: now.
+        assert!(push(counts(50, 0), (10, 0), Some(limits), Some(4)));
+        assert!(push(counts(0, 400), (0, 100), Some(limits), Some(4)));
+        // Pending reaches half of this replica's share of what is left: (120 - 10) / 3 / 2.
+        assert!(!push(counts(10, 0), (18, 0), Some(limits), Some(4)));
+        assert!(push(counts(10, 0), (19, 0), Some(limits), Some(4)));
+        // Never synced, or limits not known here (an override): now.
+        assert!(push(counts(0, 0), (1, 0), Some(limits), None));
+        assert!(push(counts(0, 0), (1, 0), None, Some(4)));
+        // A refund (negative pending) brings nothing nearer a limit.
+        assert!(!push(counts(10, 0), (-5, 0), Some(limits), Some(4)));
+        // Unlimited: never near.
+        assert!(!push(
+            counts(9, 9),
+            (9, 9),
+            Some(Default::default()),
+            Some(4)
+        ));
+    }
+
+    #[test]
+    fn far_counters_take_turns_once_every_n_rounds() {
+        let keys: Vec<CounterKey> = (0..800)
+            .map(|i| {
+                let part = format!("k{i}");
+                CounterRef {
+                    scope: 7,
+                    unit: Unit::Minute,
+                    parts: &[part.as_str()],
+                }
+                .to_key()
+            })
+            .collect();
+        let mut per_round = [0usize; 8];
+        for key in &keys {
+            let turns: Vec<u32> = (100..116).filter(|&r| pushing_turn(key, r, 8)).collect();
+            assert_eq!(turns.len(), 2, "once every 8 rounds");
+            assert_eq!(turns[1] - turns[0], 8);
+            per_round[(turns[0] - 100) as usize] += 1;
+        }
+        // Spread over the rounds, not all in one: 100 a round on average.
+        assert!(
+            per_round.iter().all(|&n| (50..=150).contains(&n)),
+            "{per_round:?}"
+        );
+        // Every round when `every` is 1.
+        assert!((0..10).all(|r| pushing_turn(&keys[0], r, 1)));
     }
 
     #[test]
