@@ -455,19 +455,36 @@ fn sync_rounds(server: &TestServer) -> u64 {
     app.fleet.as_ref().expect("fleet").status.load().rounds
 }
 
-/// Waits for `n` more sync rounds; returns how many went by and the HMGETs (reads of counters
-/// with nothing to push) Redis served meanwhile.
-async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> (u64, u64) {
-    let (rounds, reads) = (sync_rounds(server), calls_of(redis, "hmget"));
+/// Waits for `n` more sync rounds, calling with `traffic` every 5 ms meanwhile (so every round
+/// has something to push); returns the rounds that went by, the calls admitted, and the calls of
+/// `command` Redis served: HMGET reads counters with nothing to push, HINCRBY pushes.
+async fn over_rounds(
+    server: &TestServer,
+    redis: &RedisServer,
+    n: u64,
+    command: &str,
+    traffic: Option<&RateLimitRequest>,
+) -> (u64, usize, u64) {
+    let (rounds, served) = (sync_rounds(server), calls_of(redis, command));
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admitted = 0;
     while sync_rounds(server) < rounds + n {
         assert!(Instant::now() < deadline, "sync rounds stalled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some(call) = traffic {
+            admitted += server.admitted(1, call).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     (
         sync_rounds(server) - rounds,
-        calls_of(redis, "hmget") - reads,
+        admitted,
+        calls_of(redis, command) - served,
     )
+}
+
+async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> (u64, u64) {
+    let (rounds, _, reads) = over_rounds(server, redis, n, "hmget", None).await;
+    (rounds, reads)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,29 +546,6 @@ async fn quiet_counters_are_read_back_less_often_and_wake_on_the_fleets_use() {
 
 const BUSY: &str = "domain: busy\ndescriptors:\n  - key: far\n    rate_limit: { unit: minute, requests_per_unit: 1000000 }\n  - key: near\n    rate_limit: { unit: minute, requests_per_unit: 1000 }\n";
 
-/// Calls with `call` every 5 ms (so every round has something to push) for `n` sync rounds;
-/// returns the rounds that went by, the calls admitted, and the pushes (HINCRBYs) Redis served.
-async fn pushes_under_traffic(
-    server: &TestServer,
-    redis: &RedisServer,
-    call: &RateLimitRequest,
-    n: u64,
-) -> (u64, usize, u64) {
-    let (rounds, pushes) = (sync_rounds(server), calls_of(redis, "hincrby"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut admitted = 0;
-    while sync_rounds(server) < rounds + n {
-        assert!(Instant::now() < deadline, "sync rounds stalled");
-        admitted += server.admitted(1, call).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    (
-        sync_rounds(server) - rounds,
-        admitted,
-        calls_of(redis, "hincrby") - pushes,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_every_round() {
     let Some(redis) = RedisServer::start() else {
@@ -577,7 +571,7 @@ async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_ev
     assert_eq!(server.admitted(1, &far).await, 1);
     until_stored(&redis, &key("far", "f1"), 1).await;
     // Busy and far from its limit: pushed on its turn, once every 8 rounds, not every round.
-    let (rounds, admitted, pushes) = pushes_under_traffic(&server, &redis, &far, 48).await;
+    let (rounds, admitted, pushes) = over_rounds(&server, &redis, 48, "hincrby", Some(&far)).await;
     assert!(
         admitted as u64 >= rounds,
         "{admitted} calls in {rounds} rounds"
@@ -593,7 +587,7 @@ async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_ev
     let near = request("busy", &[&[("near", "n1")]]);
     assert_eq!(server.admitted(500, &near).await, 500);
     until_stored(&redis, &key("near", "n1"), 500).await;
-    let (rounds, admitted, pushes) = pushes_under_traffic(&server, &redis, &near, 20).await;
+    let (rounds, admitted, pushes) = over_rounds(&server, &redis, 20, "hincrby", Some(&near)).await;
     assert!(pushes + 2 >= rounds, "{pushes} pushes in {rounds} rounds");
     until_stored(&redis, &key("near", "n1"), 500 + admitted as u32).await;
     server.stop().await;
