@@ -34,6 +34,17 @@ fn many_rules(n: usize) -> String {
     text
 }
 
+/// Ten top-level keys `d0`..`d9`, one rule each.
+fn ten_rules() -> String {
+    let mut text = String::from("domain: bench\ndescriptors:\n");
+    for i in 0..10 {
+        text.push_str(&format!(
+            "  - key: d{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 4000000000 }}\n"
+        ));
+    }
+    text
+}
+
 /// Five descriptors, as an LLM gateway sends them.
 const FIVE: &str = r#"
 domain: bench
@@ -133,6 +144,40 @@ fn single_thread(c: &mut Criterion) {
             black_box(decide(&five, &lim5, "bench", black_box(&asks5), Mode::default()).allowed)
         })
     });
+    group.throughput(Throughput::Elements(1));
+
+    // 1 to 10 descriptors a request, each its own rule and counter: the time per descriptor.
+    let ten = rules(&ten_rules());
+    let lim10 = limiter();
+    let values: Vec<(String, String)> = (0..10)
+        .map(|i| (format!("d{i}"), format!("v{i}")))
+        .collect();
+    let entries: Vec<[(&str, &str); 1]> = values
+        .iter()
+        .map(|(k, v)| [(k.as_str(), v.as_str())])
+        .collect();
+    let asks10: Vec<_> = entries.iter().map(|e| ask(e)).collect();
+    for n in [1usize, 2, 5, 10] {
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(
+            BenchmarkId::new("sluice/descriptors a request", n),
+            &n,
+            |b, &n| {
+                b.iter(|| {
+                    black_box(
+                        decide(
+                            &ten,
+                            &lim10,
+                            "bench",
+                            black_box(&asks10[..n]),
+                            Mode::default(),
+                        )
+                        .allowed,
+                    )
+                })
+            },
+        );
+    }
     group.throughput(Throughput::Elements(1));
 
     for n in [10usize, 10_000] {

@@ -1,5 +1,5 @@
 //! Resident memory per active counter: 1,000,000 keys counted through the decision path, and
-//! the growth of the process's resident set divided by their number.
+//! the growth of the process's resident set divided by their number; then per loaded rule.
 //!
 //!     cargo bench --bench memory
 
@@ -29,6 +29,29 @@ fn main() {
     )
     .unwrap();
     let rules = sluice::rules::load_dir(dir.path()).unwrap();
+    let mut kept = Vec::new();
+    // Loaded rules first, while the heap is fresh (memory freed later is reused, not returned):
+    // 10 and 10,000 exact-value rules (`tenant: tN`), kept while measured.
+    for n in [10usize, 10_000] {
+        let mut text = String::from("domain: rules\ndescriptors:\n");
+        for i in 0..n {
+            text.push_str(&format!(
+                "  - key: tenant\n    value: t{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 100 }}\n"
+            ));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("rules.yaml"), text).unwrap();
+        let before = resident_bytes();
+        let loaded = sluice::rules::load_dir(dir.path()).unwrap();
+        let grown = resident_bytes().saturating_sub(before);
+        println!(
+            "{n} rules loaded: {:.2} MiB resident, {:.0} bytes per rule",
+            grown as f64 / 1_048_576.0,
+            grown as f64 / n as f64
+        );
+        // Kept to the end: their memory, freed, would be reused by the counters below.
+        kept.push(loaded);
+    }
     let limiter = Limiter::new(Arc::new(SystemClock));
     for keys in [100_000usize, 1_000_000] {
         // The keys' own strings are made first, so they are not counted as the counters'.
