@@ -157,18 +157,40 @@ fn redis_commands(port: u16) -> u64 {
         .unwrap_or(0)
 }
 
-fn request(key: &str) -> RateLimitRequest {
+/// A request of one descriptor per entry, each descriptor of that one entry.
+fn request_of(entries: &[(&str, &str)]) -> RateLimitRequest {
     RateLimitRequest {
         domain: "bench".into(),
-        descriptors: vec![RateLimitDescriptor {
-            entries: vec![Entry {
-                key: "api_key".into(),
-                value: key.into(),
-            }],
-            ..Default::default()
-        }],
+        descriptors: entries
+            .iter()
+            .map(|(key, value)| RateLimitDescriptor {
+                entries: vec![Entry {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                }],
+                ..Default::default()
+            })
+            .collect(),
         hits_addend: 0,
     }
+}
+
+fn request(key: &str) -> RateLimitRequest {
+    request_of(&[("api_key", key)])
+}
+
+/// The rules every sluice here loads: one per `api_key` value, ten keys `d0`..`d9` (for
+/// requests of ten descriptors), and `tenants` exact-value rules `tenant: tN`.
+fn rules(tenants: usize) -> String {
+    let limit = "rate_limit: { unit: minute, requests_per_unit: 4000000000 }";
+    let mut text = format!("domain: bench\ndescriptors:\n  - key: api_key\n    {limit}\n");
+    for i in 0..10 {
+        text.push_str(&format!("  - key: d{i}\n    {limit}\n"));
+    }
+    for i in 0..tenants {
+        text.push_str(&format!("  - key: tenant\n    value: t{i}\n    {limit}\n"));
+    }
+    text
 }
 
 /// Each round's figure, as `0.912, 0.874, 0.951`.
@@ -205,9 +227,25 @@ async fn clients(server: &Server) -> Vec<RateLimitServiceClient<Channel>> {
     channels
 }
 
-/// Requests are built before the clock starts.
+/// Requests are built before the clock starts: one per API key.
 fn requests(keys: usize) -> Arc<Vec<RateLimitRequest>> {
     Arc::new((0..keys).map(|i| request(&format!("key-{i}"))).collect())
+}
+
+/// One request per tenant rule, `tenant=t0` .. `tenant=t{n-1}`.
+fn tenant_requests(n: usize) -> Arc<Vec<RateLimitRequest>> {
+    Arc::new(
+        (0..n)
+            .map(|i| request_of(&[("tenant", &format!("t{i}"))]))
+            .collect(),
+    )
+}
+
+/// One request of ten descriptors, `d0=v` .. `d9=v`, each matching its own rule.
+fn ten_descriptors() -> Arc<Vec<RateLimitRequest>> {
+    let keys: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+    let entries: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();
+    Arc::new(vec![request_of(&entries)])
 }
 
 fn summary(all: &hdrhistogram::Histogram<u64>, elapsed: f64, cpu: f64) -> Run {
@@ -295,9 +333,8 @@ fn h2load(server: &Server, duration: Duration, load: H2Load) -> Option<Run> {
 
 /// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections for `duration`, each as fast as
 /// it can (closed loop): the saturation throughput.
-async fn load(server: &Server, keys: usize, duration: Duration) -> Run {
+async fn load(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, duration: Duration) -> Run {
     let channels = clients(server).await;
-    let requests = requests(keys);
     let cpu_before = cpu_seconds(server.child.id());
     let started = Instant::now();
     let mut callers = Vec::new();
@@ -350,11 +387,9 @@ fn main() {
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluice").into());
     let redis = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.yaml"),
-        "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("bench.yaml"), rules(10)).unwrap();
+    let many_rules_dir = tempfile::tempdir().unwrap();
+    std::fs::write(many_rules_dir.path().join("bench.yaml"), rules(10_000)).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -382,13 +417,13 @@ fn main() {
             port,
         )
     };
-    let sluice_server = |with_redis: bool| {
+    let sluice_server_of = |config: &std::path::Path, with_redis: bool| {
         let (port, http_port) = (free_port(), free_port());
         let mut command = Command::new(&sluice);
         command.args([
             "serve",
             "--config",
-            dir.path().to_str().unwrap(),
+            config.to_str().unwrap(),
             "--grpc-addr",
             &format!("127.0.0.1:{port}"),
             "--http-addr",
@@ -410,7 +445,12 @@ fn main() {
         server.http_port = http_port;
         server
     };
+    let sluice_server = |with_redis: bool| sluice_server_of(dir.path(), with_redis);
     let alone = sluice_server(false);
+    let many_rules = sluice_server_of(many_rules_dir.path(), false);
+    let (one_key, many_keys) = (requests(1), requests(100_000));
+    let (ten_tenants, all_tenants) = (tenant_requests(10), tenant_requests(10_000));
+    let ten = ten_descriptors();
 
     println!(
         "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores",
@@ -433,7 +473,7 @@ fn main() {
     runtime.block_on(async {
         // Every configuration runs once per round, one after another, so each round's ratios
         // compare runs minutes apart at most; the median over rounds damps the machine's noise.
-        let mut ratios: [Vec<f64>; 5] = Default::default();
+        let mut ratios: [Vec<f64>; 8] = Default::default();
         let (mut one_ops, mut many_ops, mut warm_ops) = (0.0, 0.0, 0.0);
         let mut total = 0;
         for round in 1..=rounds {
@@ -441,18 +481,18 @@ fn main() {
             // A fresh synced replica each round: the 1-key run must not sync the 100k
             // counters of the round before.
             let synced = sluice_server(true);
-            let ceiling = load(&noop, 1, duration).await;
+            let ceiling = load(&noop, &one_key, duration).await;
             show("no-op server (ceiling)", &ceiling);
-            let one = load(&alone, 1, duration).await;
+            let one = load(&alone, &one_key, duration).await;
             show("sluice, 1 key", &one);
-            let many = load(&alone, 100_000, duration).await;
+            let many = load(&alone, &many_keys, duration).await;
             show("sluice, 100k keys", &many);
             // A synced run, and the Redis commands it caused per request.
-            let synced_run = async |keys: usize, label: &str| {
+            let synced_run = async |requests: &Arc<Vec<RateLimitRequest>>, label: &str| {
                 let commands = redis_commands(redis_port);
                 let redis_cpu = cpu_seconds(redis_server.child.id());
                 let rounds_before = sync_rounds(&synced).await;
-                let run = load(&synced, keys, duration).await;
+                let run = load(&synced, requests, duration).await;
                 show(&format!("sluice + Redis sync, {label}"), &run);
                 let ops = (redis_commands(redis_port) - commands) as f64;
                 // Redis runs on the same cores as sluice and the load: its CPU is taken from them.
@@ -469,21 +509,34 @@ fn main() {
                 );
                 (ops / run.requests as f64, run)
             };
-            let (ops, redis_one) = synced_run(1, "1 key").await;
+            let (ops, redis_one) = synced_run(&one_key, "1 key").await;
             one_ops += ops;
             // First contact: every counter is new to this replica, so each one's first sync
             // is immediate. Then the same load again on the same replica: the steady state,
             // where counters far from their limits push on their turn.
-            let (ops, redis_many) = synced_run(100_000, "100k keys, cold").await;
+            let (ops, redis_many) = synced_run(&many_keys, "100k keys, cold").await;
             many_ops += ops;
-            let (ops, redis_warm) = synced_run(100_000, "100k keys, warm").await;
+            let (ops, redis_warm) = synced_run(&many_keys, "100k keys, warm").await;
             warm_ops += ops;
+            // Scaling: 10 rules against 10,000 (each request hits one, all of them in turn),
+            // and ten descriptors a request against the no-op server given the same request.
+            let few_rules = load(&alone, &ten_tenants, duration).await;
+            show("sluice, 10 rules", &few_rules);
+            let all_rules = load(&many_rules, &all_tenants, duration).await;
+            show("sluice, 10,000 rules", &all_rules);
+            let noop_ten = load(&noop, &ten, duration).await;
+            show("no-op server, 10 descriptors", &noop_ten);
+            let sluice_ten = load(&alone, &ten, duration).await;
+            show("sluice, 10 descriptors", &sluice_ten);
             for (list, ratio) in ratios.iter_mut().zip([
                 one.rps / ceiling.rps,
                 many.rps / ceiling.rps,
                 redis_one.rps / one.rps,
                 redis_many.rps / many.rps,
                 redis_warm.rps / many.rps,
+                all_rules.rps / few_rules.rps,
+                sluice_ten.rps / noop_ten.rps,
+                sluice_ten.rps / one.rps,
             ]) {
                 list.push(ratio);
             }
@@ -492,7 +545,11 @@ fn main() {
                 + many.requests
                 + redis_one.requests
                 + redis_many.requests
-                + redis_warm.requests;
+                + redis_warm.requests
+                + few_rules.requests
+                + all_rules.requests
+                + noop_ten.requests
+                + sluice_ten.requests;
         }
         println!();
         println!("ratios, median over {rounds} rounds (each round's in brackets):");
@@ -502,6 +559,9 @@ fn main() {
             "with Redis / without, 1 key",
             "with Redis / without, 100k keys, cold",
             "with Redis / without, 100k keys, warm",
+            "sluice 10,000 rules / 10 rules",
+            "sluice / no-op, 10 descriptors",
+            "sluice 10 descriptors / 1 descriptor",
         ];
         for (name, list) in names.iter().zip(&ratios) {
             println!("{name:<42} {:.3}  [{}]", median(list), listed(list));
@@ -584,5 +644,5 @@ fn main() {
             paced.rps, paced.p99, noop_paced.p99
         );
     });
-    drop((alone, noop));
+    drop((alone, many_rules, noop));
 }
