@@ -176,11 +176,11 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_SYNC_INTERVAL", default_value = "1s", value_parser = parse_sync_interval)]
     pub sync_interval: Duration,
 
-    /// How often a counter far from its limits is synced [default: 8 × --sync-interval]. A
-    /// quiet one (unchanged here and in the fleet since it was last read, under half of its
-    /// limits) is read back after 1, 2 and 4 rounds, then at this period; a busy one pushes its
-    /// counts at this period while under half of each limit and of this replica's share. Set
-    /// it to --sync-interval to sync every counter every round.
+    /// How often a counter far from its limits is synced, its counts pushed or, with nothing
+    /// to push, its fleet total read back [default: 8 × --sync-interval]. Far: under half of
+    /// each limit, and what it has not pushed under half of this replica's share. Near a limit
+    /// a counter is synced every round. Set it to --sync-interval to sync every counter every
+    /// round.
     #[arg(long, env = "SLUICE_SYNC_QUIET_REFRESH", value_parser = parse_duration)]
     pub sync_quiet_refresh: Option<Duration>,
 

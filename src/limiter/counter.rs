@@ -19,7 +19,7 @@
 //! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
 //! had counted in the window at the last sync. They are read, never written, by requests. The
 //! reserved half of `others` holds the sync round in which the counter last changed, here or in
-//! the fleet: the sync reads quiet counters back less often.
+//! the fleet; a counter never synced has none, and the sync syncs it at once.
 
 use portable_atomic::{AtomicU128, Ordering};
 

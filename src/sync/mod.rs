@@ -1,11 +1,11 @@
 //! Fleet-wide limits: the only code that talks to Redis, always off the request path (strict
-//! rules aside). Every interval it pushes counters' unsynced deltas with HINCRBY, reads the
-//! fleet totals back from the replies, and stores them in the counters; counters with no local
-//! delta are refreshed with HMGET. Near a limit a counter is synced every round; far from its
-//! limits, on its turn (see `push_now` and `read_back`), so Redis work follows counters near
-//! their limits and the counters in use per refresh period, not requests. A key's expiry is set on its window's first push (and again
-//! if the key was lost mid-window); the `tokens` field is left alone by counters with no token
-//! limit. Heartbeats in a sorted set tell each replica the fleet size.
+//! rules aside). Every round it pushes counters' unsynced deltas with HINCRBY, reads the fleet
+//! totals back from the replies, and stores them in the counters; counters with no local delta
+//! are read back with HMGET. Near a limit a counter is synced every round; far from its limits,
+//! on its turn, once every few rounds (`sync_now`, `turn`): Redis work follows the counters in
+//! use and those near a limit, not requests. A key's expiry is set on its window's first push
+//! (and again if the key was lost mid-window); the `tokens` field is left alone by counters
+//! with no token limit. Heartbeats in a sorted set tell each replica the fleet size.
 //! When Redis fails, the request path keeps answering under the configured policy, and the
 //! deltas are pushed once Redis answers again (if their window is still open).
 
@@ -44,7 +44,7 @@ pub struct SyncSettings {
     /// Prefix of every key, so environments and test runs never see each other's counts.
     pub namespace: String,
     pub interval: Duration,
-    /// Read a quiet counter back every this many rounds at most (1: every round).
+    /// Sync a counter far from its limits once every this many rounds (1: every round).
     pub quiet_refresh_rounds: u32,
     pub policy: FailurePolicy,
 }
@@ -492,41 +492,14 @@ impl Work<'_> {
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
 const BATCH: usize = 500;
 
-/// Whether a quiet counter, last changed `age` rounds ago, is read back this round: after 1, 2
-/// and 4 quiet rounds, then every `every` rounds. Most counters of a busy fleet sit idle between
-/// their callers' calls; reading each back every round made Redis work follow the counters
-/// alive, not the counters in use.
-fn quiet_refresh_due(age: u32, every: u32) -> bool {
-    age <= 1 || age.is_multiple_of(every.max(1)) || (age < every && age.is_power_of_two())
-}
-
-/// Whether a counter is read back this round though nothing changed here: always while it is
-/// at half of a limit or more (where a stale total could let the fleet past the limit) or its
-/// limits are not known here (overrides), else on the quiet schedule.
-fn read_back(
-    seen: Counts,
-    limits: Option<crate::limiter::Limits>,
-    changed_in: Option<u32>,
-    round_no: u32,
-    every: u32,
-) -> bool {
-    let (Some(limits), Some(changed_in)) = (limits, changed_in) else {
-        return true;
-    };
-    let half =
-        |limit: Option<u32>, used: u32| limit.is_some_and(|l| u64::from(used) * 2 >= u64::from(l));
-    half(limits.requests, seen.requests)
-        || half(limits.tokens, seen.tokens)
-        || quiet_refresh_due(round_no.wrapping_sub(changed_in), every)
-}
-
-/// Whether a counter's pending count is pushed now rather than on its turn: always while its
-/// limits are not known here (overrides) or it was never synced; else when the fleet's count
-/// with this one's pending part reaches half of a limit, or the pending part reaches half of
-/// this replica's share of what the fleet has left (past the share it would be refused here).
-/// A counter far from its limits can wait: the share cap bounds what any replica admits
-/// unseen, however late its push.
-fn push_now(
+/// Whether a counter is synced this round rather than on its turn (pushed if it has a pending
+/// count, else read back): always while its limits are not known here (overrides) or it was
+/// never synced; else when the fleet's count with this one's pending part reaches half of a
+/// limit (where a stale total could let the fleet past it), or the pending part reaches half
+/// of this replica's share of what the fleet has left (past the share it would be refused
+/// here). A counter far from its limits can wait: the share cap bounds what any replica admits
+/// unseen, however late it syncs.
+fn sync_now(
     seen: Counts,
     pending: (i64, i64),
     limits: Option<crate::limiter::Limits>,
@@ -545,10 +518,12 @@ fn push_now(
     near(limits.requests, seen.requests, pending.0) || near(limits.tokens, seen.tokens, pending.1)
 }
 
-/// Whether this round is a counter's turn to push though far from its limits: every `every`
-/// rounds, at a round set by its key, so the pushes of many such counters spread evenly over
-/// the rounds instead of coming all at once.
-fn pushing_turn(key: &CounterKey, round_no: u32, every: u32) -> bool {
+/// Whether this round is the turn of a counter far from its limits: every `every` rounds, at a
+/// round set by its key, so the syncs of many such counters spread evenly over the rounds
+/// instead of coming all at once. Most counters of a busy fleet are far from their limits:
+/// syncing each every round made Redis work follow requests and counters alive, not the
+/// counters near a limit.
+fn turn(key: &CounterKey, round_no: u32, every: u32) -> bool {
     use std::hash::BuildHasher;
     let spread = foldhash::fast::FixedState::default().hash_one(key) as u32;
     round_no.wrapping_add(spread).is_multiple_of(every.max(1))
@@ -610,15 +585,12 @@ async fn round(
             let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
             let every = fleet.settings.quiet_refresh_rounds;
             let window_end = (u64::from(window.0) + 1) * unit.millis();
-            let due = if delta == (0, 0) {
-                read_back(seen, known, changed_in, round_no, every)
-            } else {
-                // A window's last round pushes what is pending, so its fleet total is whole.
-                window_end <= now + interval_ms
-                    || push_now(seen, delta, known, changed_in, replicas)
-                    || pushing_turn(key, round_no, every)
-            };
-            if !due {
+            // A window's last round pushes what is pending, so its fleet total is whole.
+            let closing = delta != (0, 0) && window_end <= now + interval_ms;
+            if !(closing
+                || sync_now(seen, delta, known, changed_in, replicas)
+                || turn(key, round_no, every))
+            {
                 continue;
             }
             let start = keys.len();
@@ -797,44 +769,23 @@ mod tests {
     }
 
     #[test]
-    fn quiet_counters_are_read_after_1_2_4_then_every_8_rounds() {
-        let due: Vec<u32> = (0..=40).filter(|&age| quiet_refresh_due(age, 8)).collect();
-        assert_eq!(due, [0, 1, 2, 4, 8, 16, 24, 32, 40]);
-        assert!(
-            (0..40).all(|age| quiet_refresh_due(age, 1)),
-            "1: every round"
-        );
-        let due: Vec<u32> = (0..=12).filter(|&age| quiet_refresh_due(age, 3)).collect();
-        assert_eq!(due, [0, 1, 2, 3, 6, 9, 12]);
-    }
-
-    #[test]
     fn counters_near_a_limit_or_of_unknown_limits_are_read_every_round() {
         let limits = crate::limiter::Limits {
             requests: Some(100),
             tokens: Some(1000),
         };
         let counts = |requests, tokens| Counts { requests, tokens };
-        // Quiet for 3 rounds (not on the schedule), well under both limits: left unread.
-        assert!(!read_back(counts(49, 499), Some(limits), Some(10), 13, 8));
-        // At half of either limit: read.
-        assert!(read_back(counts(50, 0), Some(limits), Some(10), 13, 8));
-        assert!(read_back(counts(0, 500), Some(limits), Some(10), 13, 8));
-        // Limits not known here (an override), or never read: read.
-        assert!(read_back(counts(0, 0), None, Some(10), 13, 8));
-        assert!(read_back(counts(0, 0), Some(limits), None, 13, 8));
-        // On the schedule, and across the round counter's wrap.
-        assert!(read_back(counts(0, 0), Some(limits), Some(10), 14, 8));
-        assert!(read_back(counts(0, 0), Some(limits), Some(u32::MAX), 7, 8));
-        assert!(!read_back(counts(0, 0), Some(limits), Some(u32::MAX), 6, 8));
-        // Unlimited: never near a limit, so the schedule alone.
-        assert!(!read_back(
-            counts(9, 9),
-            Some(Default::default()),
-            Some(10),
-            13,
-            8
-        ));
+        let read = |seen, limits, changed_in| sync_now(seen, (0, 0), limits, changed_in, 3);
+        // Well under both limits: left to its turn.
+        assert!(!read(counts(49, 499), Some(limits), Some(10)));
+        // At half of either limit: every round.
+        assert!(read(counts(50, 0), Some(limits), Some(10)));
+        assert!(read(counts(0, 500), Some(limits), Some(10)));
+        // Limits not known here (an override), or never synced: every round.
+        assert!(read(counts(0, 0), None, Some(10)));
+        assert!(read(counts(0, 0), Some(limits), None));
+        // Unlimited: never near a limit, so its turn alone.
+        assert!(!read(counts(9, 9), Some(Default::default()), Some(10)));
     }
 
     #[test]
@@ -845,7 +796,7 @@ mod tests {
         };
         let counts = |requests, tokens| Counts { requests, tokens };
         let push =
-            |seen, pending, limits, changed_in| push_now(seen, pending, limits, changed_in, 3);
+            |seen, pending, limits, changed_in| sync_now(seen, pending, limits, changed_in, 3);
         // 10 of 120 seen, 5 pending: far (half is 60; the share of 110 left is 36).
         assert!(!push(counts(10, 0), (5, 0), Some(limits), Some(4)));
         // Seen and pending together reach half a limit: now.
@@ -883,7 +834,7 @@ mod tests {
             .collect();
         let mut per_round = [0usize; 8];
         for key in &keys {
-            let turns: Vec<u32> = (100..116).filter(|&r| pushing_turn(key, r, 8)).collect();
+            let turns: Vec<u32> = (100..116).filter(|&r| turn(key, r, 8)).collect();
             assert_eq!(turns.len(), 2, "once every 8 rounds");
             assert_eq!(turns[1] - turns[0], 8);
             per_round[(turns[0] - 100) as usize] += 1;
@@ -894,7 +845,7 @@ mod tests {
             "{per_round:?}"
         );
         // Every round when `every` is 1.
-        assert!((0..10).all(|r| pushing_turn(&keys[0], r, 1)));
+        assert!((0..10).all(|r| turn(&keys[0], r, 1)));
     }
 
     #[test]
