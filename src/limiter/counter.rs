@@ -18,8 +18,8 @@
 //! With a fleet store (Redis) configured, two more words ride along, written only by the sync
 //! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
 //! had counted in the window at the last sync. They are read, never written, by requests. The
-//! reserved half of `others` holds the sync round in which the counter last changed, here or in
-//! the fleet; a counter never synced has none, and the sync syncs it at once.
+//! reserved half of `others` holds the round of the counter's last sync; a counter never synced
+//! has none, and the sync syncs it at once.
 
 use portable_atomic::{AtomicU128, Ordering};
 
@@ -397,26 +397,24 @@ impl Counter {
     }
 
     /// Records a sync: `pushed` of this replica's counts are in the store, and the store's
-    /// total was `fleet_total`; `changed_in` is the sync round in which the counter last
-    /// changed. Only the sync task calls this.
-    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts, changed_in: u32) {
+    /// total was `fleet_total`, in sync round `round`. Only the sync task calls this.
+    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts, round: u32) {
         let others = Counts {
             requests: fleet_total.requests.saturating_sub(pushed.requests),
             tokens: fleet_total.tokens.saturating_sub(pushed.tokens),
         };
         self.pushed.store(pack(window.0, pushed), Ordering::Release);
         self.others
-            .store(pack_noted(window.0, changed_in, others), Ordering::Release);
+            .store(pack_noted(window.0, round, others), Ordering::Release);
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
-    /// the sync round in which the counter last changed (none before its first sync). Only the
-    /// sync task calls this.
+    /// the round of that sync (none before the first). Only the sync task calls this.
     pub fn last_synced(&self, window: Window) -> (Counts, Option<u32>) {
         let word = self.others.load(Ordering::Acquire);
-        let changed_in = (word != 0).then_some((word >> 64) as u32);
+        let round = (word != 0).then_some((word >> 64) as u32);
         let fleet = self.fleet_counts(window);
-        (fleet.pushed.plus(fleet.others), changed_in)
+        (fleet.pushed.plus(fleet.others), round)
     }
 
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more

@@ -405,9 +405,6 @@ struct Work<'g> {
     tokens: bool,
     /// Nothing pushed in this window yet: the key may be new and needs its expiry.
     first_push: bool,
-    /// The fleet's total at the last sync, and the round the counter last changed in.
-    seen: Counts,
-    changed_in: Option<u32>,
     /// Where the key's name is in the batch's `keys`.
     key: std::ops::Range<usize>,
     expire_at_ms: u64,
@@ -503,10 +500,10 @@ fn sync_now(
     seen: Counts,
     pending: (i64, i64),
     limits: Option<crate::limiter::Limits>,
-    changed_in: Option<u32>,
+    synced_before: bool,
     replicas: u32,
 ) -> bool {
-    let (Some(limits), Some(_)) = (limits, changed_in) else {
+    let (Some(limits), true) = (limits, synced_before) else {
         return true;
     };
     let near = |limit: Option<u32>, seen: u32, pending: i64| {
@@ -544,7 +541,10 @@ async fn round(
     if !Arc::ptr_eq(&rules, &index.0) {
         *index = (rules.clone(), rules_by_scope(&rules));
     }
-    let interval_ms = fleet.settings.interval.as_millis() as u64;
+    let (interval_ms, every) = (
+        fleet.settings.interval.as_millis() as u64,
+        fleet.settings.quiet_refresh_rounds,
+    );
     let table = app.limiter.counters().pin_owned();
     let mut entries = table.iter();
     let (mut batch, mut keys) = (Vec::with_capacity(BATCH), String::new());
@@ -580,15 +580,14 @@ async fn round(
                 i64::from(own.requests) - i64::from(base.requests),
                 i64::from(own.tokens) - i64::from(base.tokens),
             );
-            let (seen, changed_in) = counter.last_synced(window);
+            let (seen, synced_in) = counter.last_synced(window);
             // Overrides carry their limits in the request: not known here.
             let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
-            let every = fleet.settings.quiet_refresh_rounds;
             let window_end = (u64::from(window.0) + 1) * unit.millis();
             // A window's last round pushes what is pending, so its fleet total is whole.
             let closing = delta != (0, 0) && window_end <= now + interval_ms;
             if !(closing
-                || sync_now(seen, delta, known, changed_in, replicas)
+                || sync_now(seen, delta, known, synced_in.is_some(), replicas)
                 || turn(key, round_no, every))
             {
                 continue;
@@ -605,8 +604,6 @@ async fn round(
                 delta,
                 tokens: limits.tokens.is_some() || own.tokens > 0,
                 first_push: pushed_in != window,
-                seen,
-                changed_in,
                 key: start..keys.len(),
                 expire_at_ms: window_end + EXPIRY_MARGIN.as_millis() as u64,
             });
@@ -630,14 +627,7 @@ async fn round(
             if w.recreated(total) {
                 w.expire(&keys, &mut lost);
             }
-            let changed = w.delta != (0, 0) || total != w.seen;
-            let changed_in = if changed {
-                Some(round_no)
-            } else {
-                w.changed_in
-            };
-            w.counter
-                .synced(w.window, w.own, total, changed_in.unwrap_or(round_no));
+            w.counter.synced(w.window, w.own, total, round_no);
             // How far past a limit the fleet went: what the accuracy model bounds.
             let past = |limit: Option<u32>, used: u32| limit.map_or(0, |l| used.saturating_sub(l));
             overshoot = overshoot
@@ -775,7 +765,9 @@ mod tests {
             tokens: Some(1000),
         };
         let counts = |requests, tokens| Counts { requests, tokens };
-        let read = |seen, limits, changed_in| sync_now(seen, (0, 0), limits, changed_in, 3);
+        let read = |seen, limits, synced_in: Option<u32>| {
+            sync_now(seen, (0, 0), limits, synced_in.is_some(), 3)
+        };
         // Well under both limits: left to its turn.
         assert!(!read(counts(49, 499), Some(limits), Some(10)));
         // At half of either limit: every round.
@@ -795,8 +787,9 @@ mod tests {
             tokens: Some(1000),
         };
         let counts = |requests, tokens| Counts { requests, tokens };
-        let push =
-            |seen, pending, limits, changed_in| sync_now(seen, pending, limits, changed_in, 3);
+        let push = |seen, pending, limits, synced_in: Option<u32>| {
+            sync_now(seen, pending, limits, synced_in.is_some(), 3)
+        };
         // 10 of 120 seen, 5 pending: far (half is 60; the share of 110 left is 36).
         assert!(!push(counts(10, 0), (5, 0), Some(limits), Some(4)));
         // Seen and pending together reach half a limit: now.
