@@ -306,11 +306,23 @@ async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
 const PER_MINUTE: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n      requests_per_unit: 10\n";
 
 async fn in_process(redis: &RedisServer, namespace: &str) -> TestServer {
-    let (url, namespace) = (redis.url(), namespace.to_string());
-    start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
+    synced_in_process(redis.url(), namespace, ("ns.yaml", PER_MINUTE), |_| {}).await
+}
+
+/// A server in this process syncing to Redis at `url` every 20 ms, on one rules file, with
+/// anything else `configure` sets.
+async fn synced_in_process(
+    url: String,
+    namespace: &str,
+    rules: (&str, &str),
+    configure: impl FnOnce(&mut sluice::settings::Settings),
+) -> TestServer {
+    let namespace = namespace.to_string();
+    start_at(now_ms(), &[rules], move |s| {
         s.redis_url = Some(url);
         s.redis_namespace = Some(namespace);
         s.sync_interval = Duration::from_millis(20);
+        configure(s);
     })
     .await
 }
@@ -524,11 +536,7 @@ async fn quiet_counters_are_read_back_on_their_turn_and_wake_on_the_fleets_use()
 
     // --sync-quiet-refresh equal to the interval: every counter read every round.
     let ns = unique_namespace("eager");
-    let (url, namespace) = (redis.url(), ns.clone());
-    let eager = start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
-        s.redis_url = Some(url);
-        s.redis_namespace = Some(namespace);
-        s.sync_interval = Duration::from_millis(20);
+    let eager = synced_in_process(redis.url(), &ns, ("ns.yaml", PER_MINUTE), |s| {
         s.sync_quiet_refresh = Some(Duration::from_millis(20));
     })
     .await;
@@ -553,13 +561,7 @@ async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_ev
     };
     clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
     let ns = unique_namespace("busy");
-    let (url, namespace) = (redis.url(), ns.clone());
-    let server = start_at(now_ms(), &[("busy.yaml", BUSY)], move |s| {
-        s.redis_url = Some(url);
-        s.redis_namespace = Some(namespace);
-        s.sync_interval = Duration::from_millis(20);
-    })
-    .await;
+    let server = synced_in_process(redis.url(), &ns, ("busy.yaml", BUSY), |_| {}).await;
     wait_synced(&server).await;
     let window = now_ms() / 60_000 * 60;
     let key = |level: &str, value: &str| {
@@ -810,12 +812,7 @@ async fn a_password_in_the_url_reaches_a_protected_redis() {
     };
     let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
     let namespace = unique_namespace("auth");
-    let server = start_at(now_ms(), &[("ns.yaml", PER_MINUTE)], move |s| {
-        s.redis_url = Some(url);
-        s.redis_namespace = Some(namespace);
-        s.sync_interval = Duration::from_millis(20);
-    })
-    .await;
+    let server = synced_in_process(url, &namespace, ("ns.yaml", PER_MINUTE), |_| {}).await;
     wait_synced(&server).await;
     assert_eq!(
         server
