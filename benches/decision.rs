@@ -5,11 +5,14 @@
 //!
 //! Limits are set high so every call is admitted and counted (the common path).
 
+mod common;
+
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::API_KEY_RULE;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sluice::decision::{Ask, Mode, Purpose, decide};
 use sluice::limiter::{Limiter, SystemClock};
@@ -21,28 +24,14 @@ fn rules(text: &str) -> RuleSet {
     sluice::rules::load_dir(dir.path()).unwrap()
 }
 
-const ONE_RULE: &str = "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n";
-
 /// `n` exact-value rules plus the one the benchmark hits.
 fn many_rules(n: usize) -> String {
-    let mut text = String::from(ONE_RULE);
-    for i in 0..n {
-        text.push_str(&format!(
-            "  - key: tenant\n    value: t{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 4000000000 }}\n"
-        ));
-    }
-    text
+    format!("{API_KEY_RULE}{}", common::tenant_rules(n))
 }
 
 /// Ten top-level keys `d0`..`d9`, one rule each.
 fn ten_rules() -> String {
-    let mut text = String::from("domain: bench\ndescriptors:\n");
-    for i in 0..10 {
-        text.push_str(&format!(
-            "  - key: d{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 4000000000 }}\n"
-        ));
-    }
-    text
+    format!("domain: bench\ndescriptors:\n{}", common::key_rules(10))
 }
 
 /// Five descriptors, as an LLM gateway sends them.
@@ -120,7 +109,7 @@ fn single_thread(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide");
     group.throughput(Throughput::Elements(1));
 
-    let one = rules(ONE_RULE);
+    let one = rules(API_KEY_RULE);
     let lim = limiter();
     let key = [("api_key", "k1")];
     let asks = [ask(&key)];
@@ -330,7 +319,7 @@ fn single_thread(c: &mut Criterion) {
 fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("decide, 2 threads");
     group.throughput(Throughput::Elements(2));
-    let set = Arc::new(rules(ONE_RULE));
+    let set = Arc::new(rules(API_KEY_RULE));
     let lim = Arc::new(limiter());
     for (label, distinct) in [("sluice/same key", false), ("sluice/distinct keys", true)] {
         group.bench_function(label, |b| {

@@ -8,6 +8,8 @@
 //! Servers run as their own processes (the no-op one is this program, re-run with --noop), so
 //! their CPU time is read from /proc apart from the load generator's.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -184,15 +186,8 @@ fn request(key: &str) -> RateLimitRequest {
 /// keys `d0`..`d9` (for requests of ten descriptors), and `tenants` exact-value rules
 /// `tenant: tN`.
 fn rules(tenants: usize) -> String {
-    let limit = "rate_limit: { unit: minute, requests_per_unit: 4000000000 }";
-    let mut text = format!("domain: bench\ndescriptors:\n  - key: api_key\n    {limit}\n");
-    for i in 0..10 {
-        text.push_str(&format!("  - key: d{i}\n    {limit}\n"));
-    }
-    for i in 0..tenants {
-        text.push_str(&format!("  - key: tenant\n    value: t{i}\n    {limit}\n"));
-    }
-    text
+    let (keys, tenants) = (common::key_rules(10), common::tenant_rules(tenants));
+    format!("{}{keys}{tenants}", common::API_KEY_RULE)
 }
 
 /// Each round's figure, as `0.912, 0.874, 0.951`.
@@ -472,6 +467,12 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // A closed-loop run of `duration`, its figures printed under `name`.
+    let measured = async |server: &Server, requests: &Arc<Vec<RateLimitRequest>>, name: &str| {
+        let run = load(server, requests, duration).await;
+        show(name, &run);
+        run
+    };
     runtime.block_on(async {
         // Every configuration runs once per round, one after another, so each round's ratios
         // compare runs minutes apart at most; the median over rounds damps the machine's noise.
@@ -487,19 +488,15 @@ fn main() {
             // second of load on one key, not measured, so the synced replica is compared warm
             // like the others. Its 100k counters are still new to it in the cold run.
             load(&synced, &one_key, Duration::from_secs(1)).await;
-            let ceiling = load(&noop, &one_key, duration).await;
-            show("no-op server (ceiling)", &ceiling);
-            let one = load(&alone, &one_key, duration).await;
-            show("sluice, 1 key", &one);
-            let many = load(&alone, &many_keys, duration).await;
-            show("sluice, 100k keys", &many);
+            let ceiling = measured(&noop, &one_key, "no-op server (ceiling)").await;
+            let one = measured(&alone, &one_key, "sluice, 1 key").await;
+            let many = measured(&alone, &many_keys, "sluice, 100k keys").await;
             // A synced run, and the Redis commands it caused per request.
             let synced_run = async |requests: &Arc<Vec<RateLimitRequest>>, label: &str| {
                 let commands = redis_commands(redis_port);
                 let redis_cpu = cpu_seconds(redis_server.child.id());
                 let rounds_before = sync_rounds(&synced).await;
-                let run = load(&synced, requests, duration).await;
-                show(&format!("sluice + Redis sync, {label}"), &run);
+                let run = measured(&synced, requests, &format!("sluice + Redis sync, {label}")).await;
                 let ops = (redis_commands(redis_port) - commands) as f64;
                 // Redis runs on the same cores as sluice and the load: its CPU is taken from them.
                 let redis_cpu = cpu_seconds(redis_server.child.id()) - redis_cpu;
@@ -526,14 +523,10 @@ fn main() {
             warm_ops += ops;
             // Scaling: 10 rules against 10,000 (each request hits one, all of them in turn),
             // and ten descriptors a request against the no-op server given the same request.
-            let few_rules = load(&alone, &ten_tenants, duration).await;
-            show("sluice, 10 rules", &few_rules);
-            let all_rules = load(&many_rules, &all_tenants, duration).await;
-            show("sluice, 10,000 rules", &all_rules);
-            let noop_ten = load(&noop, &ten, duration).await;
-            show("no-op server, 10 descriptors", &noop_ten);
-            let sluice_ten = load(&alone, &ten, duration).await;
-            show("sluice, 10 descriptors", &sluice_ten);
+            let few_rules = measured(&alone, &ten_tenants, "sluice, 10 rules").await;
+            let all_rules = measured(&many_rules, &all_tenants, "sluice, 10,000 rules").await;
+            let noop_ten = measured(&noop, &ten, "no-op server, 10 descriptors").await;
+            let sluice_ten = measured(&alone, &ten, "sluice, 10 descriptors").await;
             for (list, ratio) in ratios.iter_mut().zip([
                 one.rps / ceiling.rps,
                 many.rps / ceiling.rps,

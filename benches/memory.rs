@@ -3,6 +3,8 @@
 //!
 //!     cargo bench --bench memory
 
+mod common;
+
 use std::sync::Arc;
 
 use sluice::decision::{Ask, Mode, Purpose, decide};
@@ -23,22 +25,13 @@ fn main() {
         return; // built and run by `cargo test --all-targets`: nothing to measure then
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bench.yaml"),
-        "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("bench.yaml"), common::API_KEY_RULE).unwrap();
     let rules = sluice::rules::load_dir(dir.path()).unwrap();
     let mut kept = Vec::new();
     // Loaded rules first, while the heap is fresh (memory freed later is reused, not returned):
     // 10 and 10,000 exact-value rules (`tenant: tN`), kept while measured.
     for n in [10usize, 10_000] {
-        let mut text = String::from("domain: rules\ndescriptors:\n");
-        for i in 0..n {
-            text.push_str(&format!(
-                "  - key: tenant\n    value: t{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 100 }}\n"
-            ));
-        }
+        let text = format!("domain: rules\ndescriptors:\n{}", common::tenant_rules(n));
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("rules.yaml"), text).unwrap();
         let before = resident_bytes();
