@@ -541,10 +541,7 @@ async fn round(
     if !Arc::ptr_eq(&rules, &index.0) {
         *index = (rules.clone(), rules_by_scope(&rules));
     }
-    let (interval_ms, every) = (
-        fleet.settings.interval.as_millis() as u64,
-        fleet.settings.quiet_refresh_rounds,
-    );
+    let (interval, every) = (fleet.settings.interval, fleet.settings.quiet_refresh_rounds);
     let table = app.limiter.counters().pin_owned();
     let mut entries = table.iter();
     let (mut batch, mut keys) = (Vec::with_capacity(BATCH), String::new());
@@ -583,9 +580,8 @@ async fn round(
             let (seen, synced_in) = counter.last_synced(window);
             // Overrides carry their limits in the request: not known here.
             let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
-            let window_end = (u64::from(window.0) + 1) * unit.millis();
             // A window's last round pushes what is pending, so its fleet total is whole.
-            let closing = delta != (0, 0) && window_end <= now + interval_ms;
+            let closing = delta != (0, 0) && unit.until_reset(now) <= interval;
             if !(closing
                 || sync_now(seen, delta, known, synced_in.is_some(), replicas)
                 || turn(key, round_no, every))
@@ -605,7 +601,8 @@ async fn round(
                 tokens: limits.tokens.is_some() || own.tokens > 0,
                 first_push: pushed_in != window,
                 key: start..keys.len(),
-                expire_at_ms: window_end + EXPIRY_MARGIN.as_millis() as u64,
+                expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
+                    + EXPIRY_MARGIN.as_millis() as u64,
             });
             if batch.len() == BATCH {
                 break;
