@@ -9,43 +9,10 @@
 //! at once). The request path reads one atomic per matched rule.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::rules::RuleSet;
-use crate::server::App;
-
-/// A rule's capacity factor in millionths: 1,000,000 is the configured limit.
-#[derive(Debug)]
-pub struct Factor(AtomicU32);
-
-impl Default for Factor {
-    fn default() -> Self {
-        Factor(AtomicU32::new(Factor::FULL))
-    }
-}
-
-impl Factor {
-    pub const FULL: u32 = 1_000_000;
-
-    pub fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, millionths: u32) {
-        self.0.store(millionths, Ordering::Relaxed);
-    }
-
-    /// A limit as the factor leaves it.
-    pub fn apply(&self, per_unit: u32) -> u32 {
-        match self.get() {
-            Factor::FULL => per_unit,
-            f => (u64::from(per_unit) * u64::from(f) / u64::from(Factor::FULL)) as u32,
-        }
-    }
-}
+use crate::rules::{Factor, RuleSet};
 
 /// One announcement.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,54 +96,5 @@ impl Capacity {
         }
         map.retain(|_, a| recovery.factor_at(*a, now_ms) < 1.0);
         changed
-    }
-}
-
-/// Keeps factors current: applies announcements (local, and with Redis the fleet's) and their
-/// recovery, logs each change and sets its gauge.
-pub async fn run(app: Arc<App>) {
-    // With Redis, also follow the fleet's announcements as they are published.
-    let follow = async {
-        match &app.fleet {
-            Some(fleet) => fleet.follow_capacity(&app.capacity_changed).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        () = follow => {}
-        () = keep_current(&app) => {}
-    }
-}
-
-async fn keep_current(app: &Arc<App>) {
-    let recovery = app.recovery();
-    let tick = (recovery.every / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = app.capacity_changed.notified() => {}
-        }
-        if let Some(fleet) = &app.fleet {
-            match fleet.capacity_announcements().await {
-                Ok(found) => {
-                    for ((domain, rule), a) in found {
-                        app.capacity.record(&domain, &rule, a);
-                    }
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "cannot read capacity announcements from Redis")
-                }
-            }
-        }
-        let rules = app.rules.load_full();
-        for (domain, rule, factor) in
-            app.capacity
-                .apply(&rules, recovery, app.limiter.clock().now_ms())
-        {
-            tracing::info!(%domain, %rule, factor, "capacity factor changed");
-            metrics::gauge!(crate::telemetry::names::CAPACITY_FACTOR, "domain" => domain, "rule" => rule).set(factor);
-        }
     }
 }

@@ -6,26 +6,35 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code, rate_limit::Unit as ProtoUnit,
-};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ProtoUnit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 
-/// Parses `key=value,key2=value2` into descriptor entries.
-pub fn parse_descriptor(text: &str) -> Result<RateLimitDescriptor, String> {
-    let entries = text
-        .split(',')
-        .map(|pair| {
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("`{pair}` is not key=value"))?;
-            Ok(Entry {
-                key: key.trim().to_string(),
-                value: value.trim().to_string(),
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
+use crate::proto::{EntriesError, code_name, parse_entries};
+
+/// Why `sluice check` got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A `--descriptor` is not `key=value,...`.
+    #[error("descriptor {0}")]
+    Descriptor(#[from] EntriesError),
+    /// The address is not one to connect to.
+    #[error("invalid address: {0}")]
+    Address(String),
+    /// No connection could be made in time.
+    #[error("cannot reach sluice at {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    /// The server answered with an error status.
+    #[error("{code:?}: {message}")]
+    Call { code: tonic::Code, message: String },
+}
+
+/// Parses `key=value,key2=value2` into a descriptor.
+pub fn parse_descriptor(text: &str) -> Result<RateLimitDescriptor, ClientError> {
+    let entries = parse_entries(text)?
+        .into_iter()
+        .map(|(key, value)| Entry { key, value })
+        .collect();
     Ok(RateLimitDescriptor {
         entries,
         ..Default::default()
@@ -37,29 +46,23 @@ pub async fn check(
     addr: SocketAddr,
     request: RateLimitRequest,
     timeout: Duration,
-) -> Result<RateLimitResponse, String> {
+) -> Result<RateLimitResponse, ClientError> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ClientError::Address(e.to_string()))?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach sluice at {addr}: {e}"))?;
+    let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
+        addr,
+        message: e.to_string(),
+    })?;
     RateLimitServiceClient::new(channel)
         .should_rate_limit(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
-}
-
-/// `OK`, `OVER_LIMIT` or `UNKNOWN`, as Envoy's enum names them.
-pub fn code_name(code: i32) -> &'static str {
-    match Code::try_from(code) {
-        Ok(Code::Ok) => "OK",
-        Ok(Code::OverLimit) => "OVER_LIMIT",
-        _ => "UNKNOWN",
-    }
+        .map_err(|status| ClientError::Call {
+            code: status.code(),
+            message: status.message().to_string(),
+        })
 }
 
 /// A human-readable rendering of a response, one line per descriptor.

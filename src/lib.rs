@@ -2,15 +2,20 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod app;
 pub mod capacity;
 pub mod client;
 pub mod decision;
-pub mod grpc;
+mod grpc;
 pub mod limiter;
+mod openai;
+mod proto;
 pub mod reload;
 pub mod rules;
 pub mod server;
+mod service;
 pub mod settings;
 pub mod sync;
 pub mod telemetry;
-pub mod usage;
+
+pub use app::App;

@@ -1,154 +1,58 @@
-//! The running server: shared state, the gRPC listener with its health service, and the
-//! background sweep. `main` and the integration tests both start it through [`start`].
+//! Start and stop: bind the listeners, spawn the background tasks (sweep, capacity, reload,
+//! sync) with the handles each uses, and shut down in order. The only wiring besides `main`;
+//! `main` and the integration tests both start a server through [`start`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::capacity::{Capacity, Recovery};
-use crate::decision::Mode;
+use crate::app::App;
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::{Clock, Limiter};
-use crate::reload::{self, Catalog, ReloadSettings, ReloadStatus};
-use crate::rules::{ConfigError, RuleSet};
+use crate::reload::{self, Catalog, ReloadSettings};
+use crate::rules::ConfigError;
 use crate::settings::Settings;
 use crate::sync::{self, Fleet};
-use crate::telemetry::ProcessMetrics;
 
-/// Everything a request needs, shared by every connection.
-pub struct App {
-    /// The rules in force: one atomic load per request; a reload swaps in a new set while
-    /// requests in flight finish on the one they loaded.
-    pub rules: ArcSwap<RuleSet>,
-    pub limiter: Limiter,
-    pub settings: Settings,
-    pub stats: Stats,
-    /// What the last reloads did (generation, hash, per-file errors).
-    pub reload_status: ArcSwap<ReloadStatus>,
-    /// The fleet store, when Redis is configured.
-    pub fleet: Option<Arc<Fleet>>,
-    pub metrics: ProcessMetrics,
-    /// Capacity reductions announced, here or by the fleet.
-    pub capacity: Capacity,
-    /// Wakes the capacity task: an announcement arrived, or rules were reloaded.
-    pub capacity_changed: tokio::sync::Notify,
-}
-
-impl App {
-    pub fn new(
-        settings: Settings,
-        rules: RuleSet,
-        clock: Arc<dyn Clock>,
-        fleet: Option<Arc<Fleet>>,
-    ) -> App {
-        App {
-            fleet,
-            rules: ArcSwap::from_pointee(rules),
-            limiter: Limiter::new(clock),
-            settings,
-            stats: Stats::default(),
-            reload_status: ArcSwap::from_pointee(ReloadStatus::default()),
-            metrics: ProcessMetrics::register(),
-            capacity: Capacity::default(),
-            capacity_changed: tokio::sync::Notify::new(),
-        }
-    }
-
-    pub fn recovery(&self) -> Recovery {
-        Recovery {
-            factor: self.settings.capacity_recovery_factor,
-            every: self.settings.capacity_recovery_interval,
-        }
-    }
-
-    /// Counts an answer and how long it took.
-    pub fn record_answer(
-        &self,
-        response: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse,
-        started: std::time::Instant,
-    ) {
-        self.metrics
-            .request_duration
-            .record(started.elapsed().as_secs_f64());
-        if response.overall_code
-            == envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code::Ok as i32
-        {
-            self.metrics.requests_ok.increment(1);
-        } else {
-            self.metrics.requests_over.increment(1);
-        }
-    }
-
-    pub fn mode(&self) -> Mode {
-        Mode {
-            shadow: self.settings.shadow_mode,
-            strict_in_store: self.fleet.is_some(),
-        }
-    }
-}
-
-/// Process-wide event counts that are not per rule.
-#[derive(Debug, Default)]
-pub struct Stats {
-    unknown_domains: AtomicU64,
-    usage_reports: AtomicU64,
-    reported_tokens: AtomicU64,
-}
-
-impl Stats {
-    /// A usage report (tokens used, at stream end) and its tokens: counted apart from requests.
-    pub fn usage_report(&self, tokens: u64) {
-        self.usage_reports.fetch_add(1, Ordering::Relaxed);
-        self.reported_tokens.fetch_add(tokens, Ordering::Relaxed);
-    }
-
-    pub fn usage_reports(&self) -> (u64, u64) {
-        (
-            self.usage_reports.load(Ordering::Relaxed),
-            self.reported_tokens.load(Ordering::Relaxed),
-        )
-    }
-
-    pub fn unknown_domain(&self) {
-        self.unknown_domains.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn unknown_domains(&self) -> u64 {
-        self.unknown_domains.load(Ordering::Relaxed)
-    }
-}
-
+/// Why a server did not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The rule files have errors: a server never starts on broken rules.
     #[error("refusing to start: {} errors in the rule files", .0.len())]
     Rules(Vec<ConfigError>),
+    /// The HTTP address cannot be bound.
     #[error("cannot listen for HTTP on {addr}: {source}")]
     BindHttp {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The gRPC address cannot be bound.
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The Redis URLs are not valid.
     #[error("invalid Redis settings: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The gRPC server ended with an error.
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
 
 /// A started server. Dropping it does not stop it: call [`Running::stop`].
 pub struct Running {
+    /// Where gRPC is served (the bound port when 0 was asked for).
     pub grpc_addr: SocketAddr,
+    /// Where HTTP is served.
     pub http_addr: SocketAddr,
+    /// The server's shared state.
     pub app: Arc<App>,
     shutdown: oneshot::Sender<()>,
     serving: JoinHandle<Result<(), ServerError>>,
@@ -193,7 +97,8 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     // Before the rules load: their metric handles bind to the recorder that exists then.
     crate::telemetry::install();
     let changes = reload::Changes::watch(&settings.config, settings.watch);
-    let (catalog, rules) = Catalog::load(&settings.config).map_err(ServerError::Rules)?;
+    let (catalog, rules) =
+        Catalog::load(&settings.config, clock.now_ms()).map_err(ServerError::Rules)?;
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
         None => None,
@@ -224,7 +129,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             source,
         })?;
     let app = Arc::new(App::new(settings, rules, clock, fleet.clone()));
-    crate::reload::publish(&app, catalog.status());
+    app.publish_reload(catalog.status());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -263,13 +168,26 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         })
     };
     tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
-    let sweeping = tokio::spawn(sweep(app.clone()));
-    let capacity = tokio::spawn(crate::capacity::run(app.clone()));
+    let sweeping = tokio::spawn(sweep(
+        app.limiter.clone(),
+        app.settings.sweep_interval,
+        app.metrics.active_counters.clone(),
+    ));
+    let capacity = tokio::spawn(keep_capacity(app.clone()));
     let reload_settings = ReloadSettings {
         debounce: app.settings.reload_debounce,
         rescan_every: app.settings.rescan_interval,
     };
-    let reloading = tokio::spawn(reload::run(app.clone(), catalog, changes, reload_settings));
+    let reloading = {
+        let (limiter, applying) = (app.limiter.clone(), app.clone());
+        tokio::spawn(reload::run(
+            catalog,
+            changes,
+            reload_settings,
+            move || limiter.clock().now_ms(),
+            move |reloaded| applying.apply_reload(reloaded),
+        ))
+    };
     let syncing = fleet.map(|fleet| {
         tracing::info!(
             namespace = %fleet.settings.namespace,
@@ -278,7 +196,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             policy = ?fleet.settings.policy,
             "fleet-wide limits through Redis"
         );
-        tokio::spawn(sync::run(app.clone(), fleet))
+        tokio::spawn(sync::run(app.sync_handles(), fleet))
     });
     tracing::info!(%grpc_addr, "serving ShouldRateLimit over gRPC");
     Ok(Running {
@@ -297,22 +215,66 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
 }
 
 /// Drops counters whose window has ended, so memory follows active keys.
-async fn sweep(app: Arc<App>) {
-    let mut every = tokio::time::interval(app.settings.sweep_interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn sweep(limiter: Arc<Limiter>, every: Duration, live: metrics::Gauge) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        every.tick().await;
-        let now = app.limiter.clock().now_ms();
-        let dropped = app.limiter.counters().sweep(now);
-        app.metrics
-            .active_counters
-            .set(app.limiter.counters().len() as f64);
+        ticker.tick().await;
+        let now = limiter.clock().now_ms();
+        let dropped = limiter.counters().sweep(now);
+        live.set(limiter.counters().len() as f64);
         if dropped > 0 {
             tracing::debug!(
                 dropped,
-                live = app.limiter.counters().len(),
+                live = limiter.counters().len(),
                 "swept idle counters"
             );
         }
+    }
+}
+
+/// Keeps capacity factors current: applies announcements (local, and with Redis the fleet's,
+/// also followed as they are published) and their recovery, logs each change and sets its
+/// gauge.
+async fn keep_capacity(app: Arc<App>) {
+    let follow = async {
+        match &app.fleet {
+            Some(fleet) => fleet.follow_capacity(&app.capacity_changed).await,
+            None => std::future::pending().await,
+        }
+    };
+    let recovery = app.recovery();
+    let tick = (recovery.every / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let apply = async {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = app.capacity_changed.notified() => {}
+            }
+            if let Some(fleet) = &app.fleet {
+                match fleet.capacity_announcements().await {
+                    Ok(found) => {
+                        for ((domain, rule), a) in found {
+                            app.capacity.record(&domain, &rule, a);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read capacity announcements from Redis")
+                    }
+                }
+            }
+            let rules = app.rules.load_full();
+            let now = app.limiter.clock().now_ms();
+            for (domain, rule, factor) in app.capacity.apply(&rules, recovery, now) {
+                tracing::info!(%domain, %rule, factor, "capacity factor changed");
+                crate::telemetry::capacity_factor(domain, rule, factor);
+            }
+        }
+    };
+    tokio::select! {
+        () = follow => {}
+        () = apply => {}
     }
 }

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use crate::proto::RequestBounds;
 use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
 
 #[derive(Debug, Parser)]
@@ -206,33 +207,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 
     #[command(flatten)]
-    pub request_limits: RequestLimits,
-}
-
-/// Bounds on what one ShouldRateLimit call may carry; larger calls get INVALID_ARGUMENT.
-#[derive(Debug, Clone, Copy, Args)]
-pub struct RequestLimits {
-    /// Most descriptors in one request.
-    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
-    pub max_descriptors: u32,
-
-    /// Most entries in one descriptor.
-    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub max_entries: u32,
-
-    /// Longest domain, entry key or entry value, in bytes.
-    #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
-    pub max_value_bytes: u32,
-}
-
-impl Default for RequestLimits {
-    fn default() -> Self {
-        RequestLimits {
-            max_descriptors: 64,
-            max_entries: 32,
-            max_value_bytes: 4096,
-        }
-    }
+    pub request_bounds: RequestBounds,
 }
 
 fn parse_growth(text: &str) -> Result<f64, String> {
@@ -306,34 +281,45 @@ impl Settings {
     }
 
     /// Settings for a server on loopback with ephemeral ports: what tests and examples start.
+    /// Every other setting is its default, as `sluice serve` has it with no flag and no
+    /// environment variable set.
     pub fn local(config: PathBuf) -> Settings {
-        Settings {
-            config,
-            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
-            http_addr: "127.0.0.1:0".parse().expect("valid address"),
-            log_level: "info".into(),
-            log_format: LogFormat::Text,
-            shadow_mode: false,
-            openai_headers: true,
-            admin_token: None,
-            admin_token_file: None,
-            near_limit_ratio: 0.8,
-            capacity_recovery_factor: 1.1,
-            capacity_recovery_interval: Duration::from_secs(30),
-            watch: true,
-            redis_url: None,
-            redis_cluster: false,
-            redis_namespace: None,
-            environment: None,
-            sync_interval: Duration::from_secs(1),
-            sync_quiet_refresh: None,
-            redis_timeout: Duration::from_millis(250),
-            redis_failure_policy: FailurePolicy::LocalShare,
-            reload_debounce: Duration::from_millis(200),
-            rescan_interval: Duration::from_secs(30),
-            sweep_interval: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(10),
-            request_limits: RequestLimits::default(),
+        #[derive(Parser)]
+        struct Serve {
+            #[command(flatten)]
+            settings: Settings,
         }
+        // The environment is left out: a test's server must not pick up REDIS_URL and the like.
+        let command = Serve::command().mut_args(|arg| arg.env(None));
+        let matches = command
+            .try_get_matches_from([
+                "sluice".as_ref(),
+                "--grpc-addr".as_ref(),
+                "127.0.0.1:0".as_ref(),
+                "--http-addr".as_ref(),
+                "127.0.0.1:0".as_ref(),
+                "--config".as_ref(),
+                config.as_os_str(),
+            ])
+            .expect("the defaults parse");
+        Serve::from_arg_matches(&matches)
+            .expect("the defaults parse")
+            .settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_settings_are_the_defaults_on_loopback() {
+        let local = Settings::local("rules".into());
+        assert_eq!(local.grpc_addr.to_string(), "127.0.0.1:0");
+        assert_eq!(local.config, PathBuf::from("rules"));
+        assert_eq!(local.sync_interval, Duration::from_secs(1));
+        assert_eq!(local.redis_timeout, Duration::from_millis(250));
+        assert_eq!(local.request_bounds.max_descriptors, 64);
+        assert!(local.redis_url.is_none() && local.watch && local.openai_headers);
     }
 }

@@ -88,6 +88,7 @@ pub struct RuleMetrics {
 }
 
 impl RuleMetrics {
+    /// Registers the counters of one rule; `rule` is its label.
     pub fn register(domain: &str, rule: &str) -> RuleMetrics {
         let labels = [("domain", domain.to_string()), ("rule", rule.to_string())];
         RuleMetrics {
@@ -99,62 +100,86 @@ impl RuleMetrics {
             tokens: counter!(names::RULE_TOKENS, &labels),
         }
     }
-
-    /// For `detailed_metric` rules: the same counters with the request's values in the label.
-    /// Registered per call, so only rules that ask for it pay for it.
-    pub fn detailed(domain: &str, rule: &str) -> RuleMetrics {
-        RuleMetrics::register(domain, rule)
-    }
 }
 
-/// Process-wide handles, registered once at start.
+/// What the request path counts, process-wide.
 #[derive(Debug, Clone)]
-pub struct ProcessMetrics {
-    pub requests_ok: Counter,
-    pub requests_over: Counter,
-    pub request_duration: Histogram,
+pub struct RequestMetrics {
+    pub ok: Counter,
+    pub over_limit: Counter,
+    pub duration: Histogram,
     pub unknown_domain: Counter,
-    pub invalid_requests: Counter,
+    pub invalid: Counter,
     pub usage_reports: Counter,
     pub reported_tokens: Counter,
-    pub config_generation: Gauge,
-    pub reloads: Counter,
-    pub reload_failures: Counter,
-    pub last_reload: Gauge,
+}
+
+/// What rule reloads report.
+#[derive(Debug, Clone)]
+pub struct ReloadMetrics {
+    pub generation: Gauge,
+    pub applied: Counter,
+    pub failed: Counter,
+    pub last_success: Gauge,
     pub rules: Gauge,
-    pub active_counters: Gauge,
-    pub sync_duration: Histogram,
-    pub sync_errors: Counter,
-    pub sync_lag: Gauge,
-    pub sync_counters: Gauge,
+}
+
+/// What the fleet sync reports.
+#[derive(Debug, Clone)]
+pub struct SyncMetrics {
+    pub duration: Histogram,
+    pub errors: Counter,
+    pub lag: Gauge,
+    pub counters: Gauge,
     pub fleet_size: Gauge,
     pub redis_up: Gauge,
     pub overshoot: Gauge,
 }
 
+/// Process-wide handles, registered once at start, grouped by the part that records them.
+#[derive(Debug, Clone)]
+pub struct ProcessMetrics {
+    pub requests: RequestMetrics,
+    pub reload: ReloadMetrics,
+    pub sync: SyncMetrics,
+    pub active_counters: Gauge,
+}
+
 impl ProcessMetrics {
+    /// Registers every process-wide handle with the recorder installed now.
     pub fn register() -> ProcessMetrics {
         ProcessMetrics {
-            requests_ok: counter!(names::REQUESTS, "code" => "ok"),
-            requests_over: counter!(names::REQUESTS, "code" => "over_limit"),
-            request_duration: histogram!(names::REQUEST_DURATION),
-            unknown_domain: counter!(names::UNKNOWN_DOMAIN),
-            invalid_requests: counter!(names::INVALID_REQUESTS),
-            usage_reports: counter!(names::USAGE_REPORTS),
-            reported_tokens: counter!(names::REPORTED_TOKENS),
-            config_generation: gauge!(names::CONFIG_GENERATION),
-            reloads: counter!(names::RELOADS),
-            reload_failures: counter!(names::RELOAD_FAILURES),
-            last_reload: gauge!(names::LAST_RELOAD),
-            rules: gauge!(names::RULES),
+            requests: RequestMetrics {
+                ok: counter!(names::REQUESTS, "code" => "ok"),
+                over_limit: counter!(names::REQUESTS, "code" => "over_limit"),
+                duration: histogram!(names::REQUEST_DURATION),
+                unknown_domain: counter!(names::UNKNOWN_DOMAIN),
+                invalid: counter!(names::INVALID_REQUESTS),
+                usage_reports: counter!(names::USAGE_REPORTS),
+                reported_tokens: counter!(names::REPORTED_TOKENS),
+            },
+            reload: ReloadMetrics {
+                generation: gauge!(names::CONFIG_GENERATION),
+                applied: counter!(names::RELOADS),
+                failed: counter!(names::RELOAD_FAILURES),
+                last_success: gauge!(names::LAST_RELOAD),
+                rules: gauge!(names::RULES),
+            },
+            sync: SyncMetrics {
+                duration: histogram!(names::SYNC_DURATION),
+                errors: counter!(names::SYNC_ERRORS),
+                lag: gauge!(names::SYNC_LAG),
+                counters: gauge!(names::SYNC_COUNTERS),
+                fleet_size: gauge!(names::FLEET_SIZE),
+                redis_up: gauge!(names::REDIS_UP),
+                overshoot: gauge!(names::OVERSHOOT),
+            },
             active_counters: gauge!(names::ACTIVE_COUNTERS),
-            sync_duration: histogram!(names::SYNC_DURATION),
-            sync_errors: counter!(names::SYNC_ERRORS),
-            sync_lag: gauge!(names::SYNC_LAG),
-            sync_counters: gauge!(names::SYNC_COUNTERS),
-            fleet_size: gauge!(names::FLEET_SIZE),
-            redis_up: gauge!(names::REDIS_UP),
-            overshoot: gauge!(names::OVERSHOOT),
         }
     }
+}
+
+/// Sets the capacity factor gauge of one rule.
+pub fn capacity_factor(domain: String, rule: String, factor: f64) {
+    gauge!(names::CAPACITY_FACTOR, "domain" => domain, "rule" => rule).set(factor);
 }

@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::envoy::{Envoy, MockLlm, envoy_binary};
+use common::metrics::counted;
 use common::*;
 use serde_json::Value;
 
@@ -19,7 +20,14 @@ struct Stack {
     _mock: MockLlm,
     envoy: Envoy,
     http: reqwest::Client,
+    /// The process-wide usage report counters when the stack started.
+    reports_at_start: (u64, u64),
+    /// Held for the stack's life: usage reports are counted process-wide, so stacks take
+    /// turns and each reads only its own.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
+
+static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn start_stack(rules: &str) -> Option<Stack> {
     stack_with(rules, false).await
@@ -27,7 +35,9 @@ async fn start_stack(rules: &str) -> Option<Stack> {
 
 async fn stack_with(rules: &str, failure_mode_deny: bool) -> Option<Stack> {
     let binary = envoy_binary()?;
+    let turn = TURNS.lock().await;
     let sluice = start_at(NOW, &[("llm.yaml", rules)], |_| {}).await;
+    let reports_at_start = usage_reports(&sluice).await;
     let mock = MockLlm::start().await;
     let sluice_port = sluice.running.as_ref().unwrap().grpc_addr.port();
     let envoy = Envoy::start(&binary, sluice_port, mock.port, failure_mode_deny).await;
@@ -39,7 +49,17 @@ async fn stack_with(rules: &str, failure_mode_deny: bool) -> Option<Stack> {
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap(),
+        reports_at_start,
+        _turn: turn,
     })
+}
+
+/// Usage reports and the tokens they reported, process-wide.
+async fn usage_reports(server: &TestServer) -> (u64, u64) {
+    (
+        counted(server, "sluice_usage_reports_total").await,
+        counted(server, "sluice_reported_tokens_total").await,
+    )
 }
 
 struct Answer {
@@ -91,7 +111,7 @@ impl Stack {
     /// Tokens sluice has counted for a key's descriptor (its own, local counts).
     async fn tokens_counted(&self, key: &str) -> u32 {
         let app = &self.sluice.running.as_ref().unwrap().app;
-        let usage = sluice::usage::usage(app, "llm_gateway", &[("api_key", key)])
+        let usage = sluice::admin::counters::usage(app, "llm_gateway", &[("api_key", key)])
             .await
             .expect("a rule matches");
         usage
@@ -221,9 +241,10 @@ async fn tokens_run_out(stream: bool) {
     // A denied call reports nothing: still 1200, from two reports.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(stack.tokens_counted("k1").await, 1200);
-    let app = &stack.sluice.running.as_ref().unwrap().app;
+    let (reports, tokens) = usage_reports(&stack.sluice).await;
+    let (reports_before, tokens_before) = stack.reports_at_start;
     assert_eq!(
-        app.stats.usage_reports(),
+        (reports - reports_before, tokens - tokens_before),
         (2, 1200),
         "one report per stream"
     );

@@ -58,7 +58,7 @@ fn hammer(limits: Limits, charge: Counts, attempts: usize) -> Vec<(u64, u64, u64
                     barrier.wait();
                     let mut outcome = [Outcome::default()];
                     for _ in 0..attempts {
-                        if limiter.decide(&[demand], &mut outcome) {
+                        if limiter.settle(&[demand], &mut outcome) {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -152,7 +152,7 @@ fn a_denied_multi_limit_request_rolls_back_under_contention() {
                 ];
                 let mut outcomes = [Outcome::default(); 2];
                 for _ in 0..1_000 {
-                    if limiter.decide(&demands, &mut outcomes) {
+                    if limiter.settle(&demands, &mut outcomes) {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 }

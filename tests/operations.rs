@@ -5,73 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::metrics::*;
 use common::redis::{RedisServer, unique_namespace};
 use common::*;
 
 use serde_json::{Value, json};
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
-fn base(server: &TestServer) -> String {
-    format!("http://{}", server.running.as_ref().unwrap().http_addr)
-}
-
-/// One sample of a scrape: name, sorted labels, value.
-type Sample = (String, Vec<(String, String)>, f64);
-
-/// Every sample of the scrape.
-async fn scrape(server: &TestServer) -> Vec<Sample> {
-    let text = http()
-        .get(format!("{}/metrics", base(server)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let lines = text.lines().map(|l| Ok(l.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
-    scrape
-        .samples
-        .into_iter()
-        .map(|s| {
-            let value = match s.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                prometheus_parse::Value::Histogram(buckets) => {
-                    buckets.last().map_or(0.0, |b| b.count)
-                }
-                prometheus_parse::Value::Summary(_) => 0.0,
-            };
-            let mut labels: Vec<(String, String)> = s
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            labels.sort();
-            (s.metric, labels, value)
-        })
-        .collect()
-}
-
-fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
-        })
-        .map(|(_, _, v)| *v)
-        .sum()
-}
 
 const OPS: &str = r#"
 domain: ops_metrics

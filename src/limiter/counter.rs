@@ -23,6 +23,8 @@
 
 use portable_atomic::{AtomicU128, Ordering};
 
+use super::Enforcement;
+use super::fleet::{FleetCounts, FleetView, judge};
 use super::window::Window;
 
 const RETIRED: u32 = u32::MAX;
@@ -35,19 +37,30 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Nothing counted.
     pub const ZERO: Counts = Counts {
         requests: 0,
         tokens: 0,
     };
 
+    /// Whether both counts are zero.
     pub fn is_zero(self) -> bool {
         self == Counts::ZERO
     }
 
+    /// Both counts added, saturating.
     pub fn plus(self, other: Counts) -> Counts {
         Counts {
             requests: self.requests.saturating_add(other.requests),
             tokens: self.tokens.saturating_add(other.tokens),
+        }
+    }
+
+    /// Both counts less `other`'s, never below zero.
+    pub fn minus(self, other: Counts) -> Counts {
+        Counts {
+            requests: self.requests.saturating_sub(other.requests),
+            tokens: self.tokens.saturating_sub(other.tokens),
         }
     }
 }
@@ -67,6 +80,7 @@ pub struct Over {
 }
 
 impl Over {
+    /// Whether either limit would break.
     pub fn any(self) -> bool {
         self.requests || self.tokens
     }
@@ -80,93 +94,12 @@ impl Over {
     }
 }
 
-/// How the rest of the fleet is seen, read once per request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FleetView {
-    /// No fleet store: this process is the whole fleet.
-    #[default]
-    Alone,
-    /// The store answers: count against fleet totals, and between syncs take at most this
-    /// replica's share of what the fleet has left.
-    Synced { replicas: u32 },
-    /// The store is unreachable: enforce `limit / replicas` on local counts alone.
-    LocalShare { replicas: u32 },
-    /// The store is unreachable and the policy is to let everything through.
-    AllowAll,
-    /// The store is unreachable and the policy is to refuse anything limited.
-    DenyAll,
-}
-
-/// What the fleet had counted at the last sync, as this counter knows it.
-#[derive(Debug, Clone, Copy, Default)]
-struct FleetCounts {
-    pushed: Counts,
-    others: Counts,
-}
-
-fn ceil_div(a: u64, b: u64) -> u64 {
-    a.div_ceil(b.max(1))
-}
-
-/// Whether `charge` on top of `local` breaks `limit`, as the fleet view has it.
-fn breaks_in_fleet(
-    local: u32,
-    charge: u32,
-    limit: Option<u32>,
-    pushed: u32,
-    others: u32,
-    view: FleetView,
-) -> bool {
-    let Some(limit) = limit else { return false };
-    match view {
-        FleetView::Alone => breaks(local, charge, Some(limit)),
-        FleetView::AllowAll => false,
-        FleetView::DenyAll => true,
-        FleetView::LocalShare { replicas } => {
-            let share = ceil_div(u64::from(limit), u64::from(replicas)) as u32;
-            breaks(local, charge, Some(share))
-        }
-        FleetView::Synced { replicas } => {
-            if breaks(local.saturating_add(others), charge, Some(limit)) {
-                return true;
-            }
-            // Between syncs, take at most a fair share of what the fleet had left, so that N
-            // replicas deciding at once overshoot by a rounding at most.
-            let fleet_total = u64::from(others) + u64::from(pushed);
-            let left = u64::from(limit).saturating_sub(fleet_total);
-            // Rounded down, but never to nothing while anything is left, so no replica starves.
-            let share = (left / u64::from(replicas.max(1)))
-                .max(u64::from(left > 0))
-                .min(u64::from(u32::MAX)) as u32;
-            charge > 0 && breaks(local.saturating_sub(pushed), charge, Some(share))
-        }
-    }
-}
-
-fn judge(
-    local: Counts,
-    charge: Counts,
-    limits: Limits,
-    fleet: FleetCounts,
-    view: FleetView,
-) -> Over {
-    Over {
-        requests: breaks_in_fleet(
-            local.requests,
-            charge.requests,
-            limits.requests,
-            fleet.pushed.requests,
-            fleet.others.requests,
-            view,
-        ),
-        tokens: breaks_in_fleet(
-            local.tokens,
-            charge.tokens,
-            limits.tokens,
-            fleet.pushed.tokens,
-            fleet.others.tokens,
-            view,
-        ),
+/// A zero charge only checks: it is over when the budget is already spent.
+pub(super) fn breaks(used: u32, charge: u32, limit: Option<u32>) -> bool {
+    match limit {
+        None => false,
+        Some(limit) if charge == 0 => used >= limit,
+        Some(limit) => u64::from(used) + u64::from(charge) > u64::from(limit),
     }
 }
 
@@ -184,6 +117,7 @@ pub struct Reading {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retired;
 
+/// One counter's atomic words: its own counts, and what the sync last learnt of the fleet.
 #[derive(Debug)]
 pub struct Counter {
     word: AtomicU128,
@@ -191,30 +125,61 @@ pub struct Counter {
     others: AtomicU128,
 }
 
-fn pack(window: u32, counts: Counts) -> u128 {
-    (u128::from(window) << 96) | (u128::from(counts.requests) << 32) | u128::from(counts.tokens)
+/// A counter word unpacked: a window stamp, the note in the reserved word, and the counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Word {
+    window: u32,
+    note: u32,
+    counts: Counts,
 }
 
-/// `pack`, with the reserved word set.
-fn pack_noted(window: u32, note: u32, counts: Counts) -> u128 {
-    pack(window, counts) | (u128::from(note) << 64)
-}
-
-fn unpack(word: u128) -> (u32, Counts) {
-    let counts = Counts {
-        requests: (word >> 32) as u32,
-        tokens: word as u32,
-    };
-    ((word >> 96) as u32, counts)
-}
-
-/// A zero charge only checks: it is over when the budget is already spent.
-fn breaks(used: u32, charge: u32, limit: Option<u32>) -> bool {
-    match limit {
-        None => false,
-        Some(limit) if charge == 0 => used >= limit,
-        Some(limit) => u64::from(used) + u64::from(charge) > u64::from(limit),
+impl Word {
+    fn new(window: u32, counts: Counts) -> Word {
+        Word {
+            window,
+            note: 0,
+            counts,
+        }
     }
+
+    fn pack(self) -> u128 {
+        (u128::from(self.window) << 96)
+            | (u128::from(self.note) << 64)
+            | (u128::from(self.counts.requests) << 32)
+            | u128::from(self.counts.tokens)
+    }
+
+    fn unpack(word: u128) -> Word {
+        Word {
+            window: (word >> 96) as u32,
+            note: (word >> 64) as u32,
+            counts: Counts {
+                requests: (word >> 32) as u32,
+                tokens: word as u32,
+            },
+        }
+    }
+
+    fn load(atomic: &AtomicU128) -> Word {
+        Word::unpack(atomic.load(Ordering::Acquire))
+    }
+
+    /// The counts if the word holds `window`, else zero.
+    fn counts_in(self, window: Window) -> Counts {
+        if self.window == window.0 {
+            self.counts
+        } else {
+            Counts::ZERO
+        }
+    }
+}
+
+/// What one step of [`Counter::update`] decides.
+enum Step<T> {
+    /// Leave the word as it is, and answer `T`.
+    Keep(T),
+    /// Write this word (if no other thread wrote first), and answer `T`.
+    Write(Word, T),
 }
 
 impl Default for Counter {
@@ -224,6 +189,7 @@ impl Default for Counter {
 }
 
 impl Counter {
+    /// An empty counter.
     pub fn new() -> Self {
         Counter {
             word: AtomicU128::new(0),
@@ -232,26 +198,52 @@ impl Counter {
         }
     }
 
-    /// The counts of `window`: zero when the counter holds an older window.
-    pub fn counts(&self, window: Window) -> Counts {
-        let (stamp, counts) = unpack(self.word.load(Ordering::Acquire));
-        if stamp == RETIRED || stamp < window.0 {
-            Counts::ZERO
-        } else {
-            counts
+    /// The one compare-and-swap loop every change goes through: `step` sees the word as it is
+    /// and says what to write; if another thread wrote in between, `step` runs again on what
+    /// that thread wrote. A retired counter takes no step.
+    fn update<T>(&self, mut step: impl FnMut(Word) -> Step<T>) -> Result<T, Retired> {
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            let word = Word::unpack(current);
+            if word.window == RETIRED {
+                return Err(Retired);
+            }
+            let (next, answer) = match step(word) {
+                Step::Keep(answer) => return Ok(answer),
+                Step::Write(next, answer) => (next, answer),
+            };
+            match self.word.compare_exchange_weak(
+                current,
+                next.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(answer),
+                Err(actual) => current = actual,
+            }
         }
     }
 
-    /// Adds `charge` to `window` unless `enforce` is set and a limit would break; then nothing is
-    /// added. A shadow (not enforced) charge is always added, saturating.
+    /// The counts of `window`: zero when the counter holds an older window.
+    pub fn counts(&self, window: Window) -> Counts {
+        let word = Word::load(&self.word);
+        if word.window == RETIRED || word.window < window.0 {
+            Counts::ZERO
+        } else {
+            word.counts
+        }
+    }
+
+    /// Adds `charge` to `window` unless the charge is enforced and a limit would break; then
+    /// nothing is added. A shadow charge is always added, saturating.
     pub fn charge(
         &self,
         window: Window,
         charge: Counts,
         limits: Limits,
-        enforce: bool,
+        enforcement: Enforcement,
     ) -> Result<Reading, Retired> {
-        self.charge_in_fleet(window, charge, limits, enforce, FleetView::Alone)
+        self.charge_in_fleet(window, charge, limits, enforcement, FleetView::Alone)
     }
 
     /// [`Counter::charge`], judged against the fleet as `view` sees it. The counts reported
@@ -261,87 +253,51 @@ impl Counter {
         window: Window,
         charge: Counts,
         limits: Limits,
-        enforce: bool,
+        enforcement: Enforcement,
         view: FleetView,
     ) -> Result<Reading, Retired> {
-        let fleet = match view {
-            FleetView::Synced { .. } => self.fleet_counts(window),
-            _ => FleetCounts::default(),
-        };
-        let mut current = self.word.load(Ordering::Acquire);
-        loop {
-            let (stamp, mut counts) = unpack(current);
-            if stamp == RETIRED {
-                return Err(Retired);
-            }
+        let fleet = self.fleet_counts_for(window, view);
+        let enforce = enforcement != Enforcement::Shadow;
+        self.update(|word| {
             // Another thread may already have rolled into the next window on a clock read a
             // moment later than ours: count in the newer window rather than reset it.
-            let stamp = if stamp < window.0 {
-                counts = Counts::ZERO;
-                window.0
+            let (stamp, counts) = if word.window < window.0 {
+                (window.0, Counts::ZERO)
             } else {
-                stamp
+                (word.window, word.counts)
             };
             let over = judge(counts, charge, limits, fleet, view);
             if (enforce && over.any()) || charge.is_zero() {
-                return Ok(Reading {
+                return Step::Keep(Reading {
                     counts: counts.plus(fleet.others),
                     over,
                     counted: false,
                 });
             }
-            let after = Counts {
-                requests: counts.requests.saturating_add(charge.requests),
-                tokens: counts.tokens.saturating_add(charge.tokens),
+            let after = counts.plus(charge);
+            let reading = Reading {
+                counts: after.plus(fleet.others),
+                over,
+                counted: true,
             };
-            match self.word.compare_exchange_weak(
-                current,
-                pack(stamp, after),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    return Ok(Reading {
-                        counts: after.plus(fleet.others),
-                        over,
-                        counted: true,
-                    });
-                }
-                Err(actual) => current = actual,
-            }
-        }
+            Step::Write(Word::new(stamp, after), reading)
+        })
     }
 
     /// Gives back `amount` counted earlier in `window`, never below zero. Nothing happens when the
     /// window has already rolled over: those hits belong to a window that is gone.
     pub fn refund(&self, window: Window, amount: Counts) -> Result<Counts, Retired> {
-        let mut current = self.word.load(Ordering::Acquire);
-        loop {
-            let (stamp, counts) = unpack(current);
-            if stamp == RETIRED {
-                return Err(Retired);
-            }
-            if stamp != window.0 {
-                return Ok(if stamp > window.0 {
-                    counts
+        self.update(|word| {
+            if word.window != window.0 {
+                return Step::Keep(if word.window > window.0 {
+                    word.counts
                 } else {
                     Counts::ZERO
                 });
             }
-            let after = Counts {
-                requests: counts.requests.saturating_sub(amount.requests),
-                tokens: counts.tokens.saturating_sub(amount.tokens),
-            };
-            match self.word.compare_exchange_weak(
-                current,
-                pack(stamp, after),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(after),
-                Err(actual) => current = actual,
-            }
-        }
+            let after = word.counts.minus(amount);
+            Step::Write(Word::new(word.window, after), after)
+        })
     }
 
     /// What `charge` would meet, without adding it: fleet counts and the limits it would break.
@@ -353,10 +309,7 @@ impl Counter {
         view: FleetView,
     ) -> Reading {
         let local = self.counts(window);
-        let fleet = match view {
-            FleetView::Synced { .. } => self.fleet_counts(window),
-            _ => FleetCounts::default(),
-        };
+        let fleet = self.fleet_counts_for(window, view);
         Reading {
             counts: local.plus(fleet.others),
             over: judge(local, charge, limits, fleet, view),
@@ -364,31 +317,31 @@ impl Counter {
         }
     }
 
+    /// What the last sync learnt of the fleet in `window`, where the view uses it.
+    fn fleet_counts_for(&self, window: Window, view: FleetView) -> FleetCounts {
+        match view {
+            FleetView::Synced { .. } => self.fleet_counts(window),
+            _ => FleetCounts::default(),
+        }
+    }
+
     fn fleet_counts(&self, window: Window) -> FleetCounts {
-        let at = |word: &AtomicU128| {
-            let (stamp, counts) = unpack(word.load(Ordering::Acquire));
-            if stamp == window.0 {
-                counts
-            } else {
-                Counts::ZERO
-            }
-        };
         FleetCounts {
-            pushed: at(&self.pushed),
-            others: at(&self.others),
+            pushed: Word::load(&self.pushed).counts_in(window),
+            others: Word::load(&self.others).counts_in(window),
         }
     }
 
     /// This replica's own counts: window stamp and counts, as stored.
     pub fn local(&self) -> (Window, Counts) {
-        let (stamp, counts) = unpack(self.word.load(Ordering::Acquire));
-        (Window(stamp), counts)
+        let word = Word::load(&self.word);
+        (Window(word.window), word.counts)
     }
 
     /// What was last pushed to the fleet store, for the window it was pushed in.
     pub fn pushed(&self) -> (Window, Counts) {
-        let (stamp, counts) = unpack(self.pushed.load(Ordering::Acquire));
-        (Window(stamp), counts)
+        let word = Word::load(&self.pushed);
+        (Window(word.window), word.counts)
     }
 
     /// The rest of the fleet's counts in `window`, as of the last sync.
@@ -399,20 +352,21 @@ impl Counter {
     /// Records a sync: `pushed` of this replica's counts are in the store, and the store's
     /// total was `fleet_total`, in sync round `round`. Only the sync task calls this.
     pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts, round: u32) {
-        let others = Counts {
-            requests: fleet_total.requests.saturating_sub(pushed.requests),
-            tokens: fleet_total.tokens.saturating_sub(pushed.tokens),
+        let others = Word {
+            window: window.0,
+            note: round,
+            counts: fleet_total.minus(pushed),
         };
-        self.pushed.store(pack(window.0, pushed), Ordering::Release);
-        self.others
-            .store(pack_noted(window.0, round, others), Ordering::Release);
+        self.pushed
+            .store(Word::new(window.0, pushed).pack(), Ordering::Release);
+        self.others.store(others.pack(), Ordering::Release);
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
     /// the round of that sync (none before the first). Only the sync task calls this.
     pub fn last_synced(&self, window: Window) -> (Counts, Option<u32>) {
         let word = self.others.load(Ordering::Acquire);
-        let round = (word != 0).then_some((word >> 64) as u32);
+        let round = (word != 0).then_some(Word::unpack(word).note);
         let fleet = self.fleet_counts(window);
         (fleet.pushed.plus(fleet.others), round)
     }
@@ -420,29 +374,23 @@ impl Counter {
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
     /// charges, so the sweeper can drop it without losing a count.
     pub fn retire_if_idle(&self, current: Window) -> bool {
-        let word = self.word.load(Ordering::Acquire);
-        let (stamp, _) = unpack(word);
-        if stamp == RETIRED {
-            return true;
-        }
         // Kept while the rest of the fleet counts in the current window, so the sync keeps
         // its view of the others fresh. A sync that read nothing for it does not keep it.
-        let (others_stamp, others) = unpack(self.others.load(Ordering::Acquire));
-        if stamp >= current.0 || (others_stamp >= current.0 && !others.is_zero()) {
-            return false;
-        }
-        self.word
-            .compare_exchange(
-                word,
-                pack(RETIRED, Counts::ZERO),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok()
+        let others = Word::load(&self.others);
+        let active_elsewhere = others.window >= current.0 && !others.counts.is_zero();
+        self.update(|word| {
+            if word.window >= current.0 || active_elsewhere {
+                Step::Keep(false)
+            } else {
+                Step::Write(Word::new(RETIRED, Counts::ZERO), true)
+            }
+        })
+        .unwrap_or(true)
     }
 
+    /// Whether the sweeper has retired it.
     pub fn is_retired(&self) -> bool {
-        unpack(self.word.load(Ordering::Acquire)).0 == RETIRED
+        Word::load(&self.word).window == RETIRED
     }
 }
 
@@ -471,9 +419,17 @@ mod tests {
             requests: Some(2),
             tokens: None,
         };
-        assert!(c.charge(W, req(1), l, true).unwrap().counted);
-        assert!(c.charge(W, req(1), l, true).unwrap().counted);
-        let r = c.charge(W, req(1), l, true).unwrap();
+        assert!(
+            c.charge(W, req(1), l, Enforcement::Enforce)
+                .unwrap()
+                .counted
+        );
+        assert!(
+            c.charge(W, req(1), l, Enforcement::Enforce)
+                .unwrap()
+                .counted
+        );
+        let r = c.charge(W, req(1), l, Enforcement::Enforce).unwrap();
         assert!(!r.counted && r.over.requests);
         assert_eq!(c.counts(W), req(2));
     }
@@ -482,14 +438,24 @@ mod tests {
     fn a_new_window_starts_from_zero() {
         let c = Counter::new();
         let l = limit(1, 10);
-        assert!(c.charge(W, req(1), l, true).unwrap().counted);
-        assert!(!c.charge(W, req(1), l, true).unwrap().counted);
+        assert!(
+            c.charge(W, req(1), l, Enforcement::Enforce)
+                .unwrap()
+                .counted
+        );
+        assert!(
+            !c.charge(W, req(1), l, Enforcement::Enforce)
+                .unwrap()
+                .counted
+        );
         assert_eq!(c.counts(Window(101)), Counts::ZERO);
-        let r = c.charge(Window(101), req(1), l, true).unwrap();
+        let r = c
+            .charge(Window(101), req(1), l, Enforcement::Enforce)
+            .unwrap();
         assert!(r.counted);
         assert_eq!(r.counts, req(1));
         // A late reader of the old window counts in the newer one instead of resetting it.
-        let r = c.charge(W, req(1), l, true).unwrap();
+        let r = c.charge(W, req(1), l, Enforcement::Enforce).unwrap();
         assert!(!r.counted && r.over.requests);
     }
 
@@ -501,8 +467,12 @@ mod tests {
             requests: 1,
             tokens: 60,
         };
-        assert!(c.charge(W, charge, l, true).unwrap().counted);
-        let r = c.charge(W, charge, l, true).unwrap();
+        assert!(
+            c.charge(W, charge, l, Enforcement::Enforce)
+                .unwrap()
+                .counted
+        );
+        let r = c.charge(W, charge, l, Enforcement::Enforce).unwrap();
         assert!(!r.counted);
         assert_eq!(
             r.over,
@@ -524,15 +494,20 @@ mod tests {
     fn a_zero_charge_checks_without_counting() {
         let c = Counter::new();
         let l = limit(1, 1);
-        let r = c.charge(W, Counts::ZERO, l, true).unwrap();
+        let r = c.charge(W, Counts::ZERO, l, Enforcement::Enforce).unwrap();
         assert!(!r.over.any() && !r.counted);
-        c.charge(W, req(1), l, true).unwrap();
-        assert!(c.charge(W, Counts::ZERO, l, true).unwrap().over.requests);
+        c.charge(W, req(1), l, Enforcement::Enforce).unwrap();
+        assert!(
+            c.charge(W, Counts::ZERO, l, Enforcement::Enforce)
+                .unwrap()
+                .over
+                .requests
+        );
         // A limit of zero blocks everything, checks included.
         let blocked = Counter::new();
         assert!(
             blocked
-                .charge(W, Counts::ZERO, limit(0, 0), true)
+                .charge(W, Counts::ZERO, limit(0, 0), Enforcement::Enforce)
                 .unwrap()
                 .over
                 .requests
@@ -543,8 +518,8 @@ mod tests {
     fn shadow_charges_count_past_the_limit_and_saturate() {
         let c = Counter::new();
         let l = limit(1, 1);
-        c.charge(W, req(u32::MAX), l, false).unwrap();
-        let r = c.charge(W, req(5), l, false).unwrap();
+        c.charge(W, req(u32::MAX), l, Enforcement::Shadow).unwrap();
+        let r = c.charge(W, req(5), l, Enforcement::Shadow).unwrap();
         assert!(r.counted && r.over.requests);
         assert_eq!(r.counts.requests, u32::MAX);
     }
@@ -552,9 +527,11 @@ mod tests {
     #[test]
     fn refunds_stop_at_zero_and_ignore_past_windows() {
         let c = Counter::new();
-        c.charge(W, req(3), Limits::default(), true).unwrap();
+        c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         assert_eq!(c.refund(W, req(5)).unwrap(), Counts::ZERO);
-        c.charge(W, req(3), Limits::default(), true).unwrap();
+        c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         assert_eq!(c.refund(Window(99), req(3)).unwrap(), req(3));
         assert_eq!(c.counts(W), req(3));
     }
@@ -562,11 +539,12 @@ mod tests {
     #[test]
     fn a_retired_counter_takes_no_charge() {
         let c = Counter::new();
-        c.charge(W, req(1), Limits::default(), true).unwrap();
+        c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         assert!(!c.retire_if_idle(W));
         assert!(c.retire_if_idle(Window(101)));
         assert_eq!(
-            c.charge(Window(101), req(1), Limits::default(), true),
+            c.charge(Window(101), req(1), Limits::default(), Enforcement::Enforce),
             Err(Retired)
         );
     }
@@ -574,7 +552,7 @@ mod tests {
     fn admitted(c: &Counter, limits: Limits, view: FleetView, tries: usize) -> usize {
         (0..tries)
             .filter(|_| {
-                c.charge_in_fleet(W, req(1), limits, true, view)
+                c.charge_in_fleet(W, req(1), limits, Enforcement::Enforce, view)
                     .unwrap()
                     .counted
             })
@@ -632,7 +610,8 @@ mod tests {
     #[test]
     fn counters_active_elsewhere_are_not_retired() {
         let c = Counter::new();
-        c.charge(W, req(1), Limits::default(), true).unwrap();
+        c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         c.synced(Window(101), Counts::ZERO, req(4), 7);
         assert!(!c.retire_if_idle(Window(101)));
         assert!(c.retire_if_idle(Window(102)));
@@ -641,7 +620,8 @@ mod tests {
     #[test]
     fn a_sync_that_found_nothing_in_the_window_does_not_keep_a_counter() {
         let c = Counter::new();
-        c.charge(W, req(1), Limits::default(), true).unwrap();
+        c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         // The sync reads every live counter in the current window: finding it empty there must
         // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
         c.synced(Window(101), Counts::ZERO, Counts::ZERO, 7);
@@ -651,7 +631,8 @@ mod tests {
     #[test]
     fn the_round_of_the_last_change_rides_beside_the_fleet_counts() {
         let c = Counter::new();
-        c.charge(W, req(3), Limits::default(), true).unwrap();
+        c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
+            .unwrap();
         assert_eq!(c.last_synced(W), (Counts::ZERO, None));
         c.synced(W, req(3), req(5), 41);
         assert_eq!(c.last_synced(W), (req(5), Some(41)));
@@ -664,7 +645,13 @@ mod tests {
         };
         // The note does not disturb the counts requests judge against.
         let r = c
-            .charge_in_fleet(W, req(1), l, true, FleetView::Synced { replicas: 2 })
+            .charge_in_fleet(
+                W,
+                req(1),
+                l,
+                Enforcement::Enforce,
+                FleetView::Synced { replicas: 2 },
+            )
             .unwrap();
         assert!(!r.counted && r.over.requests);
     }

@@ -1,19 +1,21 @@
 //! How counting works: the only code on the request path that touches shared state. A request
 //! arrives here as a list of demands (one per counter it touches); the limiter charges them with
 //! compare-and-swap, and if the request is denied it gives back what it charged, so a denied
-//! request consumes nothing.
+//! request consumes nothing. Nothing here knows of tasks, Redis or protobuf.
 
-pub mod clock;
-pub mod counter;
-pub mod table;
-pub mod window;
+mod clock;
+mod counter;
+mod fleet;
+mod table;
+mod window;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, FleetView, Limits, Over, Reading};
-pub use table::{CounterKey, CounterRef, CounterTable};
+pub use counter::{Counter, Counts, Limits, Over, Reading};
+pub use fleet::{FleetState, FleetView};
+pub use table::{CounterKey, CounterRef, CounterTable, Snapshot};
 pub use window::{Unit, Window};
 
 /// How a limit takes part in the decision.
@@ -51,60 +53,26 @@ pub struct Outcome {
     pub until_reset: Duration,
 }
 
+/// Called when a request is denied while synced: the fleet view is worth refreshing before
+/// the next interval.
+type Waker = Box<dyn Fn() + Send + Sync>;
+
 /// The counters, the clock, and how the rest of the fleet is seen.
 pub struct Limiter {
     table: CounterTable,
     clock: Arc<dyn Clock>,
     fleet: FleetState,
-    /// Wakes the sync task when a counter refused a charge while synced: its view of the fleet
-    /// is worth refreshing before the next interval.
-    pub sync_soon: tokio::sync::Notify,
-}
-
-/// How the fleet looks to the request path, set by the sync task: one atomic word, read once
-/// per request.
-#[derive(Debug, Default)]
-pub struct FleetState(std::sync::atomic::AtomicU64);
-
-impl FleetState {
-    const ALONE: u64 = 0;
-    const SYNCED: u64 = 1;
-    const LOCAL_SHARE: u64 = 2;
-    const ALLOW_ALL: u64 = 3;
-    const DENY_ALL: u64 = 4;
-
-    pub fn set(&self, view: FleetView) {
-        let (tag, replicas) = match view {
-            FleetView::Alone => (Self::ALONE, 1),
-            FleetView::Synced { replicas } => (Self::SYNCED, replicas),
-            FleetView::LocalShare { replicas } => (Self::LOCAL_SHARE, replicas),
-            FleetView::AllowAll => (Self::ALLOW_ALL, 1),
-            FleetView::DenyAll => (Self::DENY_ALL, 1),
-        };
-        let word = (u64::from(replicas.max(1)) << 8) | tag;
-        self.0.store(word, std::sync::atomic::Ordering::Release);
-    }
-
-    pub fn get(&self) -> FleetView {
-        let word = self.0.load(std::sync::atomic::Ordering::Acquire);
-        let replicas = ((word >> 8) as u32).max(1);
-        match word & 0xff {
-            Self::SYNCED => FleetView::Synced { replicas },
-            Self::LOCAL_SHARE => FleetView::LocalShare { replicas },
-            Self::ALLOW_ALL => FleetView::AllowAll,
-            Self::DENY_ALL => FleetView::DenyAll,
-            _ => FleetView::Alone,
-        }
-    }
+    wake_sync: OnceLock<Waker>,
 }
 
 impl Limiter {
+    /// A limiter with no counters, reading time from `clock`.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Limiter {
             table: CounterTable::new(),
             clock,
             fleet: FleetState::default(),
-            sync_soon: tokio::sync::Notify::new(),
+            wake_sync: OnceLock::new(),
         }
     }
 
@@ -113,12 +81,20 @@ impl Limiter {
         &self.fleet
     }
 
+    /// Where the limiter reads the time.
     pub fn clock(&self) -> &dyn Clock {
         &*self.clock
     }
 
+    /// The live counters.
     pub fn counters(&self) -> &CounterTable {
         &self.table
+    }
+
+    /// Has `wake` called whenever a request is denied while synced (the sync task sets it
+    /// once, to sync sooner than its interval).
+    pub fn on_denial_while_synced(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let _ = self.wake_sync.set(Box::new(wake));
     }
 
     /// Gives back a charge counted earlier in the current window (a request denied after its
@@ -135,13 +111,29 @@ impl Limiter {
     /// Settles a request: charges every demand, or none. Returns whether the request is allowed
     /// and fills `outcomes` (same order and length as `demands`). Takes no lock and allocates
     /// only to create a counter that does not exist yet.
-    pub fn decide(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
-        self.decide_in(self.fleet.get(), demands, outcomes)
+    pub fn settle(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
+        self.settle_in(self.fleet.get(), demands, outcomes)
     }
 
-    /// [`Limiter::decide`] under a given view of the fleet (a strict limit whose Redis call
+    /// Reads what every demand would meet, charging nothing: fills `outcomes` as
+    /// [`Limiter::settle`] would, without its charges.
+    pub fn assess(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) {
+        let (now, view, table) = (self.clock.now_ms(), self.fleet.get(), self.table.pin());
+        for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
+            let unit = demand.counter.unit;
+            let reading = read(&table, demand, unit.window_at(now), view);
+            *outcome = Outcome {
+                counts: reading.counts,
+                over: reading.over,
+                counted: false,
+                until_reset: unit.until_reset(now),
+            };
+        }
+    }
+
+    /// [`Limiter::settle`] under a given view of the fleet (a strict limit whose Redis call
     /// failed falls back to the outage view).
-    pub fn decide_in(
+    pub fn settle_in(
         &self,
         view: FleetView,
         demands: &[Demand<'_>],
@@ -158,10 +150,7 @@ impl Limiter {
             let window = unit.window_at(now);
             outcome.until_reset = unit.until_reset(now);
             if demand.refund {
-                outcome.counts = table.with_counter(demand.counter, |c| {
-                    c.refund(window, demand.charge)
-                        .map(|own| own.plus(c.others(window)))
-                });
+                outcome.counts = give_back(&table, demand, window);
                 outcome.over = Over::default();
                 outcome.counted = false;
                 continue;
@@ -169,19 +158,17 @@ impl Limiter {
             // Once the request is denied, later demands are only read, so a key over its own
             // limit never takes from a budget it shares with others.
             let reading = if allowed {
-                let enforce = demand.enforcement != Enforcement::Shadow;
                 table.with_counter(demand.counter, |c| {
-                    c.charge_in_fleet(window, demand.charge, demand.limits, enforce, view)
+                    c.charge_in_fleet(
+                        window,
+                        demand.charge,
+                        demand.limits,
+                        demand.enforcement,
+                        view,
+                    )
                 })
             } else {
-                match table.get(demand.counter) {
-                    Some(c) => c.assess(window, demand.charge, demand.limits, view),
-                    None => Reading {
-                        counts: Counts::ZERO,
-                        over: Over::check(Counts::ZERO, demand.charge, demand.limits),
-                        counted: false,
-                    },
-                }
+                read(&table, demand, window, view)
             };
             outcome.counts = reading.counts;
             outcome.over = reading.over;
@@ -198,22 +185,46 @@ impl Limiter {
         if quota_limits > 0 && quota_open == 0 {
             allowed = false;
         }
-        if !allowed && matches!(view, FleetView::Synced { .. }) {
-            self.sync_soon.notify_one();
+        if !allowed
+            && matches!(view, FleetView::Synced { .. })
+            && let Some(wake) = self.wake_sync.get()
+        {
+            wake();
         }
         if !allowed {
             for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
                 if outcome.counted {
                     // Another request may have seen these hits for a moment; the counts end exact.
-                    let window = demand.counter.unit.window_at(now);
-                    outcome.counts = table.with_counter(demand.counter, |c| {
-                        c.refund(window, demand.charge)
-                            .map(|own| own.plus(c.others(window)))
-                    });
+                    outcome.counts = give_back(&table, demand, demand.counter.unit.window_at(now));
                     outcome.counted = false;
                 }
             }
         }
         allowed
     }
+}
+
+/// What `demand` would meet in `window`, charging nothing (a counter not yet created is empty).
+fn read(
+    table: &table::PinnedTable<'_>,
+    demand: &Demand<'_>,
+    window: Window,
+    view: FleetView,
+) -> Reading {
+    match table.get(demand.counter) {
+        Some(c) => c.assess(window, demand.charge, demand.limits, view),
+        None => Reading {
+            counts: Counts::ZERO,
+            over: Over::check(Counts::ZERO, demand.charge, demand.limits),
+            counted: false,
+        },
+    }
+}
+
+/// Gives `demand`'s charge back in `window`, returning the fleet's counts after it.
+fn give_back(table: &table::PinnedTable<'_>, demand: &Demand<'_>, window: Window) -> Counts {
+    table.with_counter(demand.counter, |c| {
+        c.refund(window, demand.charge)
+            .map(|own| own.plus(c.others(window)))
+    })
 }

@@ -198,24 +198,28 @@ impl CounterTable {
         before.saturating_sub(map.len())
     }
 
-    /// Every live counter, for inspection (admin API, sync).
-    pub fn for_each(&self, mut visit: impl FnMut(&CounterKey, &Counter)) {
-        for (key, counter) in self.map.pin().iter() {
-            visit(key, counter);
-        }
+    /// A view that may be held across an await: the sync task walks it over Redis round trips.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot(self.map.pin_owned())
     }
+}
 
-    /// A view that may be held across an await: the sync task holds it over a Redis round trip.
-    pub fn pin_owned(
-        &self,
-    ) -> papaya::HashMapRef<
-        '_,
+/// A view of the table that may be held across an await; counters it yields stay valid
+/// while it lives.
+pub struct Snapshot<'t>(
+    papaya::HashMapRef<
+        't,
         CounterKey,
         Counter,
         foldhash::fast::RandomState,
-        papaya::OwnedGuard<'_>,
-    > {
-        self.map.pin_owned()
+        papaya::OwnedGuard<'t>,
+    >,
+);
+
+impl Snapshot<'_> {
+    /// Every live counter, with its key.
+    pub fn iter(&self) -> impl Iterator<Item = (&CounterKey, &Counter)> {
+        self.0.iter()
     }
 }
 
@@ -227,6 +231,7 @@ type Pinned<'t> = papaya::HashMapRef<
     papaya::LocalGuard<'t>,
 >;
 
+/// A view of the table for one request.
 pub struct PinnedTable<'t> {
     map: Pinned<'t>,
 }
@@ -260,6 +265,7 @@ impl<'t> PinnedTable<'t> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Enforcement;
     use super::super::counter::{Counts, Limits};
     use super::super::window::Window;
     use super::*;
@@ -305,7 +311,12 @@ mod tests {
         let pinned = table.pin();
         for (parts, at) in [(["old"], now - 60_000), (["live"], now)] {
             pinned.with_counter(key(&parts), |c| {
-                c.charge(Unit::Minute.window_at(at), one, Limits::default(), true)
+                c.charge(
+                    Unit::Minute.window_at(at),
+                    one,
+                    Limits::default(),
+                    Enforcement::Enforce,
+                )
             });
         }
         drop(pinned);
@@ -315,7 +326,7 @@ mod tests {
         assert!(pinned.get(key(&["live"])).is_some());
         // A swept key starts again from zero.
         let reading = pinned.with_counter(key(&["old"]), |c| {
-            c.charge(Window(10), one, Limits::default(), true)
+            c.charge(Window(10), one, Limits::default(), Enforcement::Enforce)
         });
         assert_eq!(reading.counts, one);
     }

@@ -4,13 +4,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
-
 use super::locate::{YamlPath, locate};
 use super::matcher::{Level, Node, Pattern, Selector};
-use super::raw::{RawApiKeys, RawDescriptor, RawFile, RawLimit, RawTier};
+use super::metadata::to_struct;
+use super::raw::{RawDescriptor, RawFile, RawLimit};
 use super::{
-    ConfigError, Domain, Limit, Measure, Policy, Rule, RuleWindow, SourceFile, rule_scope,
+    ConfigError, Domain, ENDPOINT_KEY, Limit, Measure, MetricDetail, Policy, Rule, RuleWindow,
+    SourceFile, rule_scope,
 };
 use crate::limiter::{Enforcement, Unit};
 use crate::telemetry::RuleMetrics;
@@ -90,17 +90,24 @@ struct Ancestry {
     shared_values: Vec<Option<Box<str>>>,
 }
 
-struct Compiler<'f> {
-    file: &'f SourceFile,
-    domain: String,
+/// One file being compiled: what it has produced so far, and every error found.
+pub(super) struct Compiler<'f> {
+    pub(super) file: &'f SourceFile,
+    pub(super) domain: String,
     errors: Vec<ConfigError>,
-    rules: Vec<Arc<Rule>>,
+    pub(super) rules: Vec<Arc<Rule>>,
     names: HashSet<String>,
     replaced: Vec<(YamlPath, String)>,
 }
 
+/// One limit as written: a limit, or `unlimited: true`.
+enum Written {
+    Unlimited,
+    Limited(Limit),
+}
+
 impl Compiler<'_> {
-    fn error(&mut self, at: &YamlPath, message: String) {
+    pub(super) fn error(&mut self, at: &YamlPath, message: String) {
         let (line, column) = locate(&self.file.text, at).unzip();
         self.errors.push(ConfigError {
             file: self.file.path.clone(),
@@ -168,18 +175,7 @@ impl Compiler<'_> {
                 "a descriptor cannot be in both shadow_mode and quota_mode".into(),
             );
         }
-        let strict = match raw.consistency.as_deref().map(str::trim) {
-            None | Some("approximate") => false,
-            Some("strict") => true,
-            Some(other) => {
-                self.error(
-                    &at.field("consistency"),
-                    format!("unknown consistency `{other}` (expected strict or approximate)"),
-                );
-                false
-            }
-        };
-        let metadata = raw.metadata.as_ref().and_then(|m| match yaml_to_struct(m) {
+        let metadata = raw.metadata.as_ref().and_then(|m| match to_struct(m) {
             Ok(s) => Some(s),
             Err(message) => {
                 self.error(&at.field("metadata"), message);
@@ -215,8 +211,11 @@ impl Compiler<'_> {
                 id: rule_scope(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
                 metrics: RuleMetrics::register(&self.domain, &path),
-                metric_label: path.as_str().into(),
                 capacity: Default::default(),
+                endpoint: (ancestry.keys.len() == 1 && raw.key == ENDPOINT_KEY)
+                    .then_some(value)
+                    .flatten()
+                    .map(Into::into),
                 path: path.into(),
                 file: self.file.path.clone(),
                 yaml_path: at.clone(),
@@ -228,9 +227,14 @@ impl Compiler<'_> {
                 } else {
                     Enforcement::Enforce
                 },
-                strict,
-                detailed_metric: raw.detailed_metric,
-                value_to_metric: raw.value_to_metric,
+                consistency: raw.consistency.unwrap_or_default(),
+                metric_detail: if raw.detailed_metric {
+                    MetricDetail::AllValues
+                } else if raw.value_to_metric {
+                    MetricDetail::LastValue
+                } else {
+                    MetricDetail::Rule
+                },
                 keys: ancestry.keys.clone().into_boxed_slice(),
                 shared_values: ancestry.shared_values.clone().into_boxed_slice(),
                 metadata,
@@ -269,12 +273,13 @@ impl Compiler<'_> {
         let mut unlimited = false;
         let mut slot_paths: HashMap<(Unit, bool), YamlPath> = HashMap::new();
         for (path, raw_limit) in &written {
-            let Some(limit) = self.limit(raw_limit, path) else {
-                continue;
-            };
-            let Some(limit) = limit else {
-                unlimited = true;
-                continue;
+            let limit = match self.limit(raw_limit, path) {
+                None => continue,
+                Some(Written::Unlimited) => {
+                    unlimited = true;
+                    continue;
+                }
+                Some(Written::Limited(limit)) => limit,
             };
             let slot = (limit.unit, limit.measure.is_tokens());
             if let Some(first) = slot_paths.get(&slot) {
@@ -314,8 +319,8 @@ impl Compiler<'_> {
         Some(Policy::Limited(windows.into_boxed_slice()))
     }
 
-    /// One limit: `Some(None)` for `unlimited`, `None` when it is wrong (errors recorded).
-    fn limit(&mut self, raw: &RawLimit, at: &YamlPath) -> Option<Option<Limit>> {
+    /// One limit; `None` when it is wrong (its errors recorded).
+    fn limit(&mut self, raw: &RawLimit, at: &YamlPath) -> Option<Written> {
         let mut ok = true;
         if let Some(name) = &raw.name {
             if name.trim().is_empty() {
@@ -358,7 +363,7 @@ impl Compiler<'_> {
                 );
                 ok = false;
             }
-            return ok.then_some(None);
+            return ok.then_some(Written::Unlimited);
         }
         let unit = match &raw.unit {
             None => {
@@ -403,7 +408,7 @@ impl Compiler<'_> {
         };
         let (unit, (measure, per_unit)) = (unit?, amount?);
         ok.then(|| {
-            Some(Limit {
+            Written::Limited(Limit {
                 name: raw.name.as_deref().map(Into::into),
                 unit,
                 per_unit,
@@ -417,180 +422,6 @@ impl Compiler<'_> {
         })
     }
 
-    /// `api_keys` and `endpoints`: compiled to one-level descriptors beside the file's own.
-    fn llm_shorthand(&mut self, raw: &RawFile, root: &YamlPath, tree: &mut Level) {
-        if let Some(api_keys) = &raw.api_keys {
-            self.api_keys(api_keys, &root.field("api_keys"), tree);
-        }
-        let threshold = raw.unlimited_tpm_above.unwrap_or(100_000_000);
-        for (i, endpoint) in raw.endpoints.iter().enumerate() {
-            let at = root.field("endpoints").index(i);
-            if endpoint.id.trim().is_empty() {
-                self.error(&at.field("id"), "id must not be empty".into());
-                continue;
-            }
-            let policy = match endpoint.tpm_limit {
-                Some(tpm) if tpm > threshold => Policy::Unlimited,
-                Some(tpm) if tpm > u64::from(u32::MAX) => {
-                    self.error(
-                        &at.field("tpm_limit"),
-                        format!("{tpm} is more than a limit can hold ({}); above unlimited_tpm_above ({threshold}) it means unlimited", u32::MAX),
-                    );
-                    continue;
-                }
-                tpm => per_minute_and_day(&RawTier {
-                    rpm: endpoint.rpm_limit,
-                    tpm: tpm.map(|t| t as u32),
-                    ..RawTier::default()
-                }),
-            };
-            let selector = Selector::Exact(endpoint.id.as_str().into());
-            self.shorthand_rule(&at, "endpoint", &endpoint.id, selector, policy, tree);
-        }
-    }
-
-    fn api_keys(&mut self, raw: &RawApiKeys, at: &YamlPath, tree: &mut Level) {
-        let key = raw
-            .descriptor_key
-            .clone()
-            .unwrap_or_else(|| "api_key".into());
-        let tier = |name: &Option<String>| name.as_ref().and_then(|n| raw.tiers.get(n)).cloned();
-        for (i, entry) in raw.keys.iter().enumerate() {
-            let at = at.field("keys").index(i);
-            if entry.tier.is_some() && tier(&entry.tier).is_none() {
-                let name = entry.tier.clone().unwrap_or_default();
-                self.error(
-                    &at.field("tier"),
-                    format!("no tier `{name}` in api_keys.tiers"),
-                );
-                continue;
-            }
-            let base = tier(&entry.tier)
-                .or_else(|| tier(&raw.default_tier))
-                .unwrap_or_default();
-            let limits = RawTier {
-                rpm: entry.rate_limit_rpm.or(base.rpm),
-                tpm: entry.rate_limit_tpm.or(base.tpm),
-                ..base
-            };
-            let (selector, label) = match (&entry.key, &entry.sha256) {
-                (Some(k), None) if !k.is_empty() => (Selector::Exact(k.as_str().into()), k.clone()),
-                (None, Some(hex)) => match parse_sha256(hex) {
-                    Some(digest) => (
-                        Selector::Hashed(digest),
-                        format!("sha256:{}", hex.to_ascii_lowercase()),
-                    ),
-                    None => {
-                        self.error(
-                            &at.field("sha256"),
-                            "must be 64 hex digits: the SHA-256 of the key".into(),
-                        );
-                        continue;
-                    }
-                },
-                _ => {
-                    self.error(&at, "give exactly one of `key` and `sha256`".into());
-                    continue;
-                }
-            };
-            self.shorthand_rule(
-                &at,
-                &key,
-                &label,
-                selector,
-                per_minute_and_day(&limits),
-                tree,
-            );
-        }
-        let unknown = match raw.unknown_keys.as_deref() {
-            None | Some("default_tier") => {
-                raw.default_tier.as_ref().map(|_| tier(&raw.default_tier))
-            }
-            Some("deny") => Some(Some(RawTier {
-                rpm: Some(0),
-                ..RawTier::default()
-            })),
-            Some(other) => {
-                self.error(
-                    &at.field("unknown_keys"),
-                    format!("unknown value `{other}` (expected deny or default_tier)"),
-                );
-                None
-            }
-        };
-        match unknown {
-            Some(Some(limits)) => {
-                let policy = per_minute_and_day(&limits);
-                self.shorthand_rule(at, &key, "", Selector::AnyValue, policy, tree);
-            }
-            Some(None) => {
-                let name = raw.default_tier.clone().unwrap_or_default();
-                self.error(
-                    &at.field("default_tier"),
-                    format!("no tier `{name}` in api_keys.tiers"),
-                );
-            }
-            None => {}
-        }
-    }
-
-    /// A one-level rule of the shorthand, inserted in the tree.
-    fn shorthand_rule(
-        &mut self,
-        at: &YamlPath,
-        key: &str,
-        value: &str,
-        selector: Selector,
-        policy: Policy,
-        tree: &mut Level,
-    ) {
-        let identity = format!("{key}={value}");
-        // API keys appear as a short hash wherever the rule is named (metrics, admin API).
-        let label = match &selector {
-            Selector::Exact(v) if key != "endpoint" => {
-                format!("{key}_sha256_{}", short_hash(v.as_bytes()))
-            }
-            Selector::Hashed(digest) => format!("{key}_sha256_{}", hex(&digest[..6])),
-            _ if value.is_empty() => key.to_string(),
-            _ => format!("{key}_{value}"),
-        };
-        let rule = Arc::new(Rule {
-            id: rule_scope(&self.domain, [identity.as_str()]),
-            domain: self.domain.as_str().into(),
-            metrics: RuleMetrics::register(&self.domain, &label),
-            metric_label: label.as_str().into(),
-            capacity: Default::default(),
-            path: label.into(),
-            file: self.file.path.clone(),
-            yaml_path: at.clone(),
-            policy,
-            enforcement: Enforcement::Enforce,
-            strict: false,
-            detailed_metric: false,
-            value_to_metric: false,
-            keys: Box::new([key.into()]),
-            shared_values: Box::new([None]),
-            metadata: None,
-        });
-        let node = Node {
-            rule: Some(rule.clone()),
-            children: Level::default(),
-        };
-        if tree.insert(key, selector, node) {
-            self.rules.push(rule);
-        } else {
-            let shown = if value.is_empty() {
-                key.to_string()
-            } else {
-                format!("{key}={value}")
-            };
-            self.error(
-                at,
-                format!("`{shown}` is already defined by this file's descriptors"),
-            );
-        }
-    }
-
     fn check_replaces(&mut self) {
         for (path, name) in std::mem::take(&mut self.replaced) {
             if !self.names.contains(&name) {
@@ -600,58 +431,6 @@ impl Compiler<'_> {
                 );
             }
         }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The first 12 hex digits of a value's SHA-256: enough to tell keys apart, not to recover one.
-pub fn short_hash(value: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    hex(&Sha256::digest(value)[..6])
-}
-
-fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut digest = [0u8; 32];
-    for (i, byte) in digest.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(digest)
-}
-
-/// A tier's budgets as rule windows: requests and tokens per minute, and per day.
-fn per_minute_and_day(tier: &RawTier) -> Policy {
-    let limit = |unit, per_unit: Option<u32>, measure| {
-        per_unit.map(|per_unit| Limit {
-            name: None,
-            unit,
-            per_unit,
-            measure,
-            replaces: Box::new([]),
-        })
-    };
-    let windows: Vec<RuleWindow> = [
-        (Unit::Minute, tier.rpm, tier.tpm),
-        (Unit::Day, tier.rpd, tier.tpd),
-    ]
-    .into_iter()
-    .filter(|(_, r, t)| r.is_some() || t.is_some())
-    .map(|(unit, r, t)| RuleWindow {
-        unit,
-        requests: limit(unit, r, Measure::Requests),
-        tokens: limit(unit, t, Measure::Tokens),
-    })
-    .collect();
-    if windows.is_empty() {
-        Policy::Unlimited
-    } else {
-        Policy::Limited(windows.into_boxed_slice())
     }
 }
 
@@ -671,31 +450,4 @@ fn selector(raw: &RawDescriptor) -> (Selector, String) {
 fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
     let v = |d: &RawDescriptor| d.value.clone().filter(|v| !v.is_empty());
     v(a) == v(b)
-}
-
-fn yaml_to_struct(map: &serde_yaml::Mapping) -> Result<Struct, String> {
-    let mut fields = HashMap::new();
-    for (key, value) in map {
-        let key = key
-            .as_str()
-            .ok_or_else(|| format!("metadata keys must be strings, found {key:?}"))?;
-        fields.insert(key.to_string(), yaml_to_value(value)?);
-    }
-    Ok(Struct { fields })
-}
-
-fn yaml_to_value(value: &serde_yaml::Value) -> Result<Value, String> {
-    use serde_yaml::Value as Y;
-    let kind = match value {
-        Y::Null => Kind::NullValue(0),
-        Y::Bool(b) => Kind::BoolValue(*b),
-        Y::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Y::String(s) => Kind::StringValue(s.clone()),
-        Y::Sequence(items) => Kind::ListValue(ListValue {
-            values: items.iter().map(yaml_to_value).collect::<Result<_, _>>()?,
-        }),
-        Y::Mapping(map) => Kind::StructValue(yaml_to_struct(map)?),
-        Y::Tagged(tagged) => return yaml_to_value(&tagged.value),
-    };
-    Ok(Value { kind: Some(kind) })
 }

@@ -5,12 +5,15 @@
 mod compile;
 pub mod locate;
 pub mod matcher;
+mod metadata;
 pub mod raw;
+mod shorthand;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use envoy_types::pb::google::protobuf::Struct;
 
@@ -95,23 +98,23 @@ pub struct Rule {
     pub yaml_path: YamlPath,
     pub policy: Policy,
     pub enforcement: Enforcement,
-    /// `consistency: strict`: with Redis, checked and counted atomically in Redis on the
-    /// request path instead of locally.
-    pub strict: bool,
-    pub detailed_metric: bool,
-    pub value_to_metric: bool,
+    /// Where its counts are decided when Redis is configured.
+    pub consistency: Consistency,
+    /// Which of the caller's values its metrics carry.
+    pub metric_detail: MetricDetail,
     /// The entry key of each level, from the top.
     pub keys: Box<[Box<str>]>,
     /// Per level, the wildcard whose matches share one counter (`share_threshold`).
     pub shared_values: Box<[Option<Box<str>>]>,
     /// Added to the response's dynamic metadata when the rule matches.
     pub metadata: Option<Struct>,
-    /// Its counters, labelled by domain and `metric_label`.
+    /// Its counters, labelled by domain and path.
     pub metrics: RuleMetrics,
     /// The share of its limits in force (capacity reduction), set by the capacity task.
-    pub capacity: crate::capacity::Factor,
-    /// How metrics name the rule: its path, with API keys of the shorthand as a short hash.
-    pub metric_label: Box<str>,
+    pub capacity: Factor,
+    /// The upstream endpoint the rule limits, for a one-level rule on the [`ENDPOINT_KEY`]
+    /// entry with a value: its utilization is reported for routing.
+    pub endpoint: Option<Box<str>>,
 }
 
 impl Rule {
@@ -121,12 +124,123 @@ impl Rule {
         locate::locate(&text, &self.yaml_path).map(|(line, _)| line)
     }
 
+    /// Every limit of the rule, window by window.
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
-        let windows: &[RuleWindow] = match &self.policy {
+        self.windows().iter().flat_map(RuleWindow::limits)
+    }
+
+    /// Its windows, shortest unit first; none when unlimited.
+    pub fn windows(&self) -> &[RuleWindow] {
+        match &self.policy {
             Policy::Unlimited => &[],
             Policy::Limited(windows) => windows,
-        };
-        windows.iter().flat_map(RuleWindow::limits)
+        }
+    }
+
+    /// The values that tell one caller's counter of this rule from another's: the request's
+    /// values, or the wildcard itself at levels whose matches share a counter
+    /// (`share_threshold`).
+    pub fn counter_parts<'a, E: Entry>(
+        &'a self,
+        entries: &'a [E],
+    ) -> impl Iterator<Item = &'a str> {
+        entries.iter().enumerate().map(|(level, entry)| {
+            self.shared_values
+                .get(level)
+                .and_then(Option::as_deref)
+                .unwrap_or(entry.value())
+        })
+    }
+
+    /// The descriptor path of one caller's counter, as Redis keys and the admin API name it:
+    /// `key_value` per level, joined with dots (`api_key_k1.model_gpt-4o`).
+    pub fn counter_path<'a>(&self, parts: impl Iterator<Item = &'a str>) -> String {
+        let mut path = String::new();
+        self.write_counter_path(&mut path, parts);
+        path
+    }
+
+    /// [`Rule::counter_path`], appended to `out`.
+    pub fn write_counter_path<'a>(&self, out: &mut String, parts: impl Iterator<Item = &'a str>) {
+        for (level, (key, value)) in self.keys.iter().zip(parts).enumerate() {
+            if level > 0 {
+                out.push('.');
+            }
+            out.push_str(key);
+            out.push('_');
+            out.push_str(value);
+        }
+    }
+}
+
+/// The entry key whose values name upstream endpoints.
+pub const ENDPOINT_KEY: &str = "endpoint";
+
+/// Where a rule's counts are decided when Redis is configured (`consistency:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Locally, against fleet totals synced every interval (the default).
+    #[default]
+    Approximate,
+    /// In Redis, atomically, on the request path: exact, at a round trip per call.
+    Strict,
+}
+
+/// Which of the caller's values a rule's metrics carry in their `rule` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricDetail {
+    /// The rule's path alone: no caller value ever becomes a label.
+    #[default]
+    Rule,
+    /// The value of the rule's own (last) level (`value_to_metric`).
+    LastValue,
+    /// The values of every level (`detailed_metric`).
+    AllValues,
+}
+
+/// A rule's capacity factor in millionths: 1,000,000 is the configured limit. The one part
+/// of a compiled [`RuleSet`] that changes at run time: the capacity task lowers it when an
+/// upstream is saturated and raises it as capacity recovers; requests read it once per rule.
+#[derive(Debug)]
+pub struct Factor(AtomicU32);
+
+impl Default for Factor {
+    fn default() -> Self {
+        Factor(AtomicU32::new(Factor::FULL))
+    }
+}
+
+impl Factor {
+    /// The configured limit, unreduced.
+    pub const FULL: u32 = 1_000_000;
+
+    /// The factor in force, in millionths.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sets the factor in force, in millionths.
+    pub fn set(&self, millionths: u32) {
+        self.0.store(millionths, Ordering::Relaxed);
+    }
+
+    /// A limit as the factor leaves it.
+    pub fn apply(&self, per_unit: u32) -> u32 {
+        scale(per_unit, self.get())
+    }
+
+    /// The factor in force as a fraction of the configured limit.
+    pub fn fraction(&self) -> f64 {
+        f64::from(self.get()) / f64::from(Factor::FULL)
+    }
+}
+
+/// `per_unit` at a factor of `millionths`.
+pub fn scale(per_unit: u32, millionths: u32) -> u32 {
+    match millionths {
+        Factor::FULL => per_unit,
+        f => (u64::from(per_unit) * u64::from(f) / u64::from(Factor::FULL)) as u32,
     }
 }
 
@@ -215,19 +329,45 @@ pub fn override_scope<'a>(domain: &str, keys: impl IntoIterator<Item = &'a str>)
 /// every process and across reloads, so its counters survive. Allocation-free, so the request
 /// path can name override counters with it too.
 pub fn stable_id<'a>(domain: &str, parts: impl IntoIterator<Item = &'a str>) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
-            hash ^= u64::from(*b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(domain.as_bytes());
+    let mut hash = StableHash::default();
+    hash.eat(domain.as_bytes());
     for part in parts {
-        eat(&[0]);
-        eat(part.as_bytes());
+        hash.eat(&[0]);
+        hash.eat(part.as_bytes());
     }
-    hash
+    hash.finish()
+}
+
+/// 64-bit FNV-1a: the same bytes hash alike in every process and release, so rule ids and
+/// file hashes can be compared across replicas.
+#[derive(Debug, Clone, Copy)]
+pub struct StableHash(u64);
+
+impl Default for StableHash {
+    fn default() -> Self {
+        StableHash(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl StableHash {
+    /// Hashes `bytes` in.
+    pub fn eat(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    /// The hash so far.
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+
+    /// The hash of `bytes` alone.
+    pub fn of(bytes: &[u8]) -> u64 {
+        let mut hash = StableHash::default();
+        hash.eat(bytes);
+        hash.finish()
+    }
 }
 
 /// A problem in a rule file, placed as precisely as the file allows.

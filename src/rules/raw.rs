@@ -47,9 +47,9 @@ pub struct RawApiKeys {
     /// The tier of keys the table does not list.
     #[serde(default)]
     pub default_tier: Option<String>,
-    /// `deny`: keys the table does not list are refused (429).
+    /// What keys the table does not list get (default: the default tier).
     #[serde(default)]
-    pub unknown_keys: Option<String>,
+    pub unknown_keys: Option<UnknownKeys>,
     #[serde(default)]
     pub keys: Vec<RawApiKey>,
 }
@@ -109,7 +109,18 @@ pub struct RawDescriptor {
     /// sluice extension: `strict` decides in Redis on the request path, exactly;
     /// `approximate` (the default) decides locally against synced fleet totals.
     #[serde(default)]
-    pub consistency: Option<String>,
+    pub consistency: Option<super::Consistency>,
+}
+
+/// What API keys the `api_keys` table does not list get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownKeys {
+    /// The limits of `default_tier`; with no default tier, no limit.
+    #[default]
+    DefaultTier,
+    /// Refused (429): a limit of zero.
+    Deny,
 }
 
 #[derive(Debug, Deserialize)]

@@ -3,21 +3,11 @@
 //! script run by its hash (and loaded again after a Redis restart or SCRIPT FLUSH). Calls are
 //! bounded by the Redis timeout; when Redis fails, the failure policy decides.
 
-use std::time::Duration;
-
 use redis::RedisError;
 
 use super::{FailurePolicy, Fleet};
-use crate::decision::{StrictJob, StrictWork};
+use crate::decision::{Settled, StrictJob, StrictWork};
 use crate::limiter::{Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over};
-
-/// What one strict job came to.
-#[derive(Debug, Clone)]
-pub struct Settled {
-    pub counts: Counts,
-    pub over: Over,
-    pub until_reset: Duration,
-}
 
 impl Fleet {
     /// One check-and-take of a strict job in Redis: the counts after it, and whether it took.
@@ -29,7 +19,7 @@ impl Fleet {
     ) -> Result<(Counts, bool), RedisError> {
         let unit = job.counter.unit();
         let window = unit.window_at(now_ms);
-        let key = self.counter_key(&job.domain, &job.path, unit, window);
+        let key = self.counter_key(&job.rule.domain, &job.path(), unit, window);
         let expire_at =
             (u64::from(window.0) + 1) * unit.millis() + super::EXPIRY_MARGIN.as_millis() as u64;
         let limit = |l: Option<u32>| l.map_or(-1, i64::from);
@@ -117,13 +107,7 @@ pub async fn settle(
         for &i in &taken {
             let job = &work.jobs[i];
             let _ = fleet.strict_call(job, signed(job.charge, -1), now).await;
-            settled[i].counts = Counts {
-                requests: settled[i]
-                    .counts
-                    .requests
-                    .saturating_sub(job.charge.requests),
-                tokens: settled[i].counts.tokens.saturating_sub(job.charge.tokens),
-            };
+            settled[i].counts = settled[i].counts.minus(job.charge);
         }
         for (key, charge) in &work.charged {
             limiter.give_back(key, *charge);
@@ -159,6 +143,6 @@ fn fallback(
         enforcement: Enforcement::Enforce,
     };
     let mut outcome = [Outcome::default()];
-    limiter.decide_in(view, &[demand], &mut outcome);
+    limiter.settle_in(view, &[demand], &mut outcome);
     (outcome[0].counts, outcome[0].over, outcome[0].counted)
 }

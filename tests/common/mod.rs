@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod envoy;
+pub mod metrics;
 pub mod redis;
 
 use std::path::Path;

@@ -6,16 +6,15 @@
 //! are untouched by a swap (rules keep their ids across reloads), except those of rules that no
 //! longer exist, which are dropped.
 
+mod watch;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::Notify;
-
-use crate::rules::{self, ConfigError, Domain, OVERRIDE_SCOPE, RuleSet};
-use crate::server::App;
+use crate::rules::{self, ConfigError, Domain, RuleSet, StableHash};
+pub use watch::Changes;
 
 /// What the last reloads did: kept for the admin API and metrics.
 #[derive(Debug, Clone, Default)]
@@ -65,26 +64,27 @@ pub struct Catalog {
     dir_error: Option<String>,
 }
 
+/// What a rescan found.
 pub enum Scan {
+    /// Nothing that serves changed.
     Unchanged,
+    /// A new rule set, to swap in.
     Changed(RuleSet),
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// One reload, handed to whoever applies it.
+pub struct Reloaded {
+    /// The new rule set, when anything that serves changed.
+    pub rules: Option<RuleSet>,
+    /// What the catalog serves now.
+    pub status: ReloadStatus,
+    /// What set it off: a file change, SIGHUP, or the periodic rescan.
+    pub reason: &'static str,
 }
 
 impl Catalog {
-    /// Loads a directory at start: strict, every error of every file is returned.
-    pub fn load(dir: &Path) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
+    /// Loads a directory at start (`now_ms`): strict, every error of every file is returned.
+    pub fn load(dir: &Path, now_ms: u64) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
         let mut catalog = Catalog {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
@@ -95,7 +95,7 @@ impl Catalog {
         let (sources, unreadable) = rules::read_dir(dir).map_err(|e| vec![e])?;
         let mut errors = unreadable;
         for source in &sources {
-            let seen = fnv(source.text.as_bytes());
+            let seen = StableHash::of(source.text.as_bytes());
             let (serving, file_errors) = match rules::compile_file(source) {
                 Ok(domain) => (Some((seen, Arc::new(domain))), Vec::new()),
                 Err(file_errors) => (None, file_errors),
@@ -116,14 +116,14 @@ impl Catalog {
         if !errors.is_empty() {
             return Err(errors);
         }
-        catalog.swapped_in();
+        catalog.swapped_in(now_ms);
         Ok((catalog, set))
     }
 
     /// Reads the directory again and compiles the files that changed. Returns the new rule set
     /// when anything that serves changed.
-    pub fn rescan(&mut self) -> Scan {
-        self.status.last_attempt_ms = Some(now_ms());
+    pub fn rescan(&mut self, now_ms: u64) -> Scan {
+        self.status.last_attempt_ms = Some(now_ms);
         let (sources, unreadable) = match rules::read_dir(&self.dir) {
             Ok(found) => {
                 self.dir_error = None;
@@ -143,7 +143,7 @@ impl Catalog {
         let mut changed = false;
         let mut broken = false;
         for source in &sources {
-            let seen = fnv(source.text.as_bytes());
+            let seen = StableHash::of(source.text.as_bytes());
             if self.files.get(&source.path).is_some_and(|t| t.seen == seen) {
                 continue;
             }
@@ -194,7 +194,7 @@ impl Catalog {
             return Scan::Unchanged;
         }
         let set = self.assemble();
-        self.swapped_in();
+        self.swapped_in(now_ms);
         Scan::Changed(set)
     }
 
@@ -226,21 +226,21 @@ impl Catalog {
         set
     }
 
-    fn swapped_in(&mut self) {
+    fn swapped_in(&mut self, now: u64) {
         let serving: Vec<u64> = self
             .files
             .values()
             .filter_map(|t| t.serving.as_ref().map(|(hash, _)| *hash))
             .collect();
         let bytes: Vec<u8> = serving.iter().flat_map(|h| h.to_le_bytes()).collect();
-        let now = now_ms();
         self.status.generation += 1;
         self.status.applied += 1;
-        self.status.files_hash = fnv(&bytes);
+        self.status.files_hash = StableHash::of(&bytes);
         self.status.last_success_ms = Some(now);
         self.status.last_attempt_ms = Some(now);
     }
 
+    /// What the catalog serves now, file by file.
     pub fn status(&self) -> ReloadStatus {
         let mut status = self.status.clone();
         status.files = self
@@ -270,33 +270,16 @@ pub struct ReloadSettings {
     pub rescan_every: Duration,
 }
 
-/// File events on the config directory. Set up before the rules are first read, so an edit
-/// made while the server starts is not missed until the periodic rescan.
-pub struct Changes {
-    signalled: Arc<Notify>,
-    _watcher: Option<notify::RecommendedWatcher>,
-}
-
-impl Changes {
-    /// Watches `dir` when `watch` is set; without a watch, SIGHUP and the periodic rescan
-    /// still reload.
-    pub fn watch(dir: &Path, watch: bool) -> Changes {
-        let signalled = Arc::new(Notify::new());
-        let watcher = if watch {
-            watch_dir(dir, signalled.clone())
-        } else {
-            None
-        };
-        Changes {
-            signalled,
-            _watcher: watcher,
-        }
-    }
-}
-
 /// Reloads until the task is dropped: on file events (debounced), SIGHUP, and periodically.
-pub async fn run(app: Arc<App>, mut catalog: Catalog, changes: Changes, settings: ReloadSettings) {
-    let changed = &changes.signalled;
+/// Each rescan's result goes to `apply`; `now_ms` tells the time.
+pub async fn run(
+    mut catalog: Catalog,
+    changes: Changes,
+    settings: ReloadSettings,
+    now_ms: impl Fn() -> u64 + Send + Sync + 'static,
+    mut apply: impl FnMut(Reloaded) + Send,
+) {
+    let now_ms = Arc::new(now_ms);
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -309,25 +292,28 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, changes: Changes, settings
     rescan.tick().await;
     loop {
         let reason = tokio::select! {
-            _ = changed.notified() => {
-                settle(changed, settings.debounce).await;
-                "file change"
-            }
+            () = changes.next(settings.debounce) => "file change",
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
             _ = rescan.tick() => "periodic rescan",
         };
+        let now = now_ms.clone();
         catalog = match tokio::task::spawn_blocking(move || {
-            let scan = catalog.rescan();
+            let scan = catalog.rescan(now());
             (catalog, scan)
         })
         .await
         {
             Ok((catalog, scan)) => {
+                let rules = match scan {
+                    Scan::Changed(set) => Some(set),
+                    Scan::Unchanged => None,
+                };
                 let status = catalog.status();
-                if let Scan::Changed(set) = scan {
-                    swap_in(&app, set, status.generation, reason);
-                }
-                publish(&app, status);
+                apply(Reloaded {
+                    rules,
+                    status,
+                    reason,
+                });
                 catalog
             }
             Err(e) => {
@@ -335,81 +321,5 @@ pub async fn run(app: Arc<App>, mut catalog: Catalog, changes: Changes, settings
                 return;
             }
         };
-    }
-}
-
-/// Makes a reload status visible: to the admin API, and as metrics.
-pub fn publish(app: &App, status: ReloadStatus) {
-    let metrics = &app.metrics;
-    let before = app.reload_status.load();
-    metrics.config_generation.set(status.generation as f64);
-    metrics
-        .reloads
-        .increment(status.applied.saturating_sub(before.applied));
-    metrics
-        .reload_failures
-        .increment(status.failed.saturating_sub(before.failed));
-    if let Some(ms) = status.last_success_ms {
-        metrics.last_reload.set(ms as f64 / 1000.0);
-    }
-    metrics.rules.set(app.rules.load().rule_count() as f64);
-    app.reload_status.store(Arc::new(status));
-}
-
-/// Swaps in a new rule set and drops the counters of rules that are gone.
-fn swap_in(app: &App, set: RuleSet, generation: u64, reason: &str) {
-    let live = set.rule_scopes();
-    let (domains, rules) = (set.domains().count(), set.rule_count());
-    app.rules.store(Arc::new(set));
-    // New rules start at full capacity: let the capacity task set their factors now.
-    app.capacity_changed.notify_one();
-    let dropped = app
-        .limiter
-        .counters()
-        .remove_where(|key| key.scope() & OVERRIDE_SCOPE == 0 && !live.contains(&key.scope()));
-    tracing::info!(
-        generation,
-        domains,
-        rules,
-        dropped_counters = dropped,
-        reason,
-        "rules reloaded"
-    );
-}
-
-/// Waits until events stop for `quiet`, or at most 20 times that, so a stream of writes still
-/// reloads.
-async fn settle(changed: &Notify, quiet: Duration) {
-    let deadline = tokio::time::Instant::now() + quiet * 20;
-    loop {
-        tokio::select! {
-            _ = changed.notified() => {
-                if tokio::time::Instant::now() >= deadline {
-                    return;
-                }
-            }
-            _ = tokio::time::sleep(quiet) => return,
-        }
-    }
-}
-
-/// Watches the directory itself (not recursively): edits, creations, removals, renames, and a
-/// Kubernetes ConfigMap's `..data` symlink swap all show up as events on its entries.
-fn watch_dir(dir: &Path, changed: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
-    let handler = move |event: notify::Result<notify::Event>| match event {
-        Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-        Ok(_) => changed.notify_one(),
-        Err(e) => tracing::warn!(error = %e, "config watch error; the periodic rescan still runs"),
-    };
-    let watcher = notify::recommended_watcher(handler).and_then(|mut watcher| {
-        watcher.watch(dir, RecursiveMode::NonRecursive)?;
-        Ok(watcher)
-    });
-    match watcher {
-        Ok(watcher) => Some(watcher),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; relying on the periodic rescan");
-            None
-        }
     }
 }

@@ -1,0 +1,202 @@
+//! One descriptor's counters, read or cleared by an operator: locally and, with Redis,
+//! fleet-wide (`/v1/usage`, `/v1/reset`, and the counts `/v1/explain` and
+//! `/v1/utilization` show).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+
+use super::body::{ResetBody, UsageQuery};
+use super::{Failure, Shared, authorize};
+use crate::app::App;
+use crate::limiter::{CounterRef, Counts, Unit};
+use crate::rules::{Entry, Limit, Rule};
+use crate::sync::SyncError;
+
+/// The count an operator sees: the fleet's where Redis answered, never less than this
+/// replica's own (a push may not have landed yet).
+pub fn seen(local: u32, fleet: Option<u32>) -> u32 {
+    fleet.unwrap_or(local).max(local)
+}
+
+/// The counts of one window of a descriptor's rule.
+#[derive(Debug, Clone)]
+pub struct WindowUsage {
+    pub unit: Unit,
+    pub requests_limit: Option<Limit>,
+    pub tokens_limit: Option<Limit>,
+    /// This replica's own counts.
+    pub local: Counts,
+    /// The fleet's counts in Redis; `None` without Redis or when it did not answer.
+    pub fleet: Option<Counts>,
+    pub until_reset: Duration,
+}
+
+/// What a descriptor's counters hold now.
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub rule: Arc<Rule>,
+    /// The descriptor path as stored in Redis: `key_value.key_value`.
+    pub path: String,
+    pub windows: Vec<WindowUsage>,
+}
+
+/// The rule a descriptor matches and the values naming its counters.
+fn locate<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<(Arc<Rule>, Vec<String>)> {
+    let rules = app.rules.load();
+    let rule = rules.domain(domain)?.tree.find(entries)?.clone();
+    let parts = rule.counter_parts(entries).map(str::to_string).collect();
+    Some((rule, parts))
+}
+
+/// The usage of the counters a descriptor draws from; `None` if no rule matches it.
+pub async fn usage<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<Usage> {
+    let (rule, parts) = locate(app, domain, entries)?;
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let path = rule.counter_path(refs.iter().copied());
+    let now = app.limiter.clock().now_ms();
+    let mut windows = Vec::new();
+    for w in rule.windows() {
+        let window = w.unit.window_at(now);
+        let local = app
+            .limiter
+            .counters()
+            .pin()
+            .get(CounterRef {
+                scope: rule.id,
+                unit: w.unit,
+                parts: &refs,
+            })
+            .map_or(Counts::ZERO, |c| c.counts(window));
+        let fleet = match &app.fleet {
+            Some(fleet) => fleet.usage(&rule.domain, &path, w.unit, window).await.ok(),
+            None => None,
+        };
+        windows.push(WindowUsage {
+            unit: w.unit,
+            requests_limit: w.requests.clone(),
+            tokens_limit: w.tokens.clone(),
+            local,
+            fleet,
+            until_reset: w.unit.until_reset(now),
+        });
+    }
+    Some(Usage {
+        rule,
+        path,
+        windows,
+    })
+}
+
+/// What a reset cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleared {
+    pub local_counters: usize,
+    pub fleet_keys: usize,
+}
+
+/// Why a reset cleared nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// No rule matches the descriptor: there is nothing to clear.
+    #[error("no rule matches this descriptor")]
+    NoRule,
+    /// The fleet's counts could not be cleared (this replica's were).
+    #[error(transparent)]
+    Fleet(#[from] SyncError),
+}
+
+/// Clears a descriptor's counters here and, with Redis, in the fleet (every window, found with
+/// SCAN).
+pub async fn reset<E: Entry>(
+    app: &App,
+    domain: &str,
+    entries: &[E],
+) -> Result<Cleared, ResetError> {
+    let (rule, parts) = locate(app, domain, entries).ok_or(ResetError::NoRule)?;
+    let local_counters = app.limiter.counters().remove_where(|key| {
+        key.scope() == rule.id && key.parts().eq(parts.iter().map(String::as_str))
+    });
+    let fleet_keys = match &app.fleet {
+        None => 0,
+        Some(fleet) => {
+            let path = rule.counter_path(parts.iter().map(String::as_str));
+            fleet.reset(&rule.domain, &path).await?
+        }
+    };
+    Ok(Cleared {
+        local_counters,
+        fleet_keys,
+    })
+}
+
+/// `GET /v1/usage`: one descriptor's counts, here and fleet-wide.
+pub(super) async fn get_usage(
+    State(app): Shared,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<Value>, Failure> {
+    let Query(query) = query.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let owned = crate::proto::parse_entries(&query.descriptor)
+        .map_err(|e| Failure(StatusCode::BAD_REQUEST, format!("descriptor: {e}")))?;
+    let entries: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let Some(usage) = usage(&app, &query.domain, &entries).await else {
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            "no rule matches this descriptor".into(),
+        ));
+    };
+    let windows: Vec<Value> = usage
+        .windows
+        .iter()
+        .map(|w| {
+            let side = |limit: &Option<Limit>, local: u32, fleet: Option<u32>| {
+                let used = seen(local, fleet);
+                json!({"used": used, "local": local, "fleet": fleet,
+                       "limit": limit.as_ref().map(|l| l.per_unit),
+                       "remaining": limit.as_ref().map(|l| l.per_unit.saturating_sub(used))})
+            };
+            json!({"unit": w.unit.name(), "reset_ms": w.until_reset.as_millis() as u64,
+                   "requests": side(&w.requests_limit, w.local.requests, w.fleet.map(|f| f.requests)),
+                   "tokens": side(&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens))})
+        })
+        .collect();
+    Ok(Json(
+        json!({"domain": query.domain, "rule": usage.rule.path.as_ref(), "windows": windows}),
+    ))
+}
+
+/// `POST /v1/reset`: clears one descriptor's counters, here and fleet-wide.
+pub(super) async fn post_reset(
+    State(app): Shared,
+    headers: HeaderMap,
+    body: Result<Json<ResetBody>, JsonRejection>,
+) -> Result<Json<Value>, Failure> {
+    authorize(&app, &headers)?;
+    let Json(body) = body?;
+    let entries: Vec<(&str, &str)> = body
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    match reset(&app, &body.domain, &entries).await {
+        Err(ResetError::NoRule) => Err(Failure(
+            StatusCode::NOT_FOUND,
+            "no rule matches this descriptor".into(),
+        )),
+        Err(ResetError::Fleet(e)) => Err(Failure(StatusCode::BAD_GATEWAY, e.to_string())),
+        Ok(cleared) => {
+            tracing::info!(domain = %body.domain, local = cleared.local_counters, fleet = cleared.fleet_keys, "counters reset by the admin API");
+            Ok(Json(
+                json!({"local_counters": cleared.local_counters, "fleet_keys": cleared.fleet_keys}),
+            ))
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The shared state of a running server: the rules in force, the counters, the fleet store,
+//! capacity announcements and metrics. Handlers borrow it; background tasks take only the
+//! handles they use.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::capacity::{Capacity, Recovery};
+use crate::decision::Mode;
+use crate::limiter::{Clock, Limiter};
+use crate::reload::{ReloadStatus, Reloaded};
+use crate::rules::{OVERRIDE_SCOPE, RuleSet};
+use crate::settings::Settings;
+use crate::sync::{Fleet, SyncHandles};
+use crate::telemetry::ProcessMetrics;
+
+/// Everything a request needs, shared by every connection.
+pub struct App {
+    /// The rules in force: one atomic load per request; a reload swaps in a new set while
+    /// requests in flight finish on the one they loaded.
+    pub rules: Arc<ArcSwap<RuleSet>>,
+    pub limiter: Arc<Limiter>,
+    pub settings: Settings,
+    /// What the last reloads did (generation, hash, per-file errors).
+    pub reload_status: ArcSwap<ReloadStatus>,
+    /// The fleet store, when Redis is configured.
+    pub fleet: Option<Arc<Fleet>>,
+    pub metrics: ProcessMetrics,
+    /// Capacity reductions announced, here or by the fleet.
+    pub capacity: Capacity,
+    /// Wakes the capacity task: an announcement arrived, or rules were reloaded.
+    pub capacity_changed: tokio::sync::Notify,
+}
+
+impl App {
+    /// The state of a server starting on `rules`.
+    pub fn new(
+        settings: Settings,
+        rules: RuleSet,
+        clock: Arc<dyn Clock>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> App {
+        App {
+            fleet,
+            rules: Arc::new(ArcSwap::from_pointee(rules)),
+            limiter: Arc::new(Limiter::new(clock)),
+            settings,
+            reload_status: ArcSwap::from_pointee(ReloadStatus::default()),
+            metrics: ProcessMetrics::register(),
+            capacity: Capacity::default(),
+            capacity_changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// How reduced capacity recovers.
+    pub fn recovery(&self) -> Recovery {
+        Recovery {
+            factor: self.settings.capacity_recovery_factor,
+            every: self.settings.capacity_recovery_interval,
+        }
+    }
+
+    /// How every rule is treated: global shadow mode, strict rules in Redis.
+    pub fn mode(&self) -> Mode {
+        Mode {
+            shadow: self.settings.shadow_mode,
+            strict_in_store: self.fleet.is_some(),
+        }
+    }
+
+    /// What the sync task needs of the server.
+    pub fn sync_handles(&self) -> SyncHandles {
+        SyncHandles {
+            limiter: self.limiter.clone(),
+            rules: self.rules.clone(),
+            metrics: self.metrics.sync.clone(),
+        }
+    }
+
+    /// Applies a reload: swaps in its rule set, if it brought one, and publishes its status.
+    pub fn apply_reload(&self, reloaded: Reloaded) {
+        if let Some(set) = reloaded.rules {
+            self.swap_in(set, reloaded.status.generation, reloaded.reason);
+        }
+        self.publish_reload(reloaded.status);
+    }
+
+    /// Makes a reload status visible: to the admin API, and as metrics.
+    pub fn publish_reload(&self, status: ReloadStatus) {
+        let metrics = &self.metrics.reload;
+        let before = self.reload_status.load();
+        metrics.generation.set(status.generation as f64);
+        metrics
+            .applied
+            .increment(status.applied.saturating_sub(before.applied));
+        metrics
+            .failed
+            .increment(status.failed.saturating_sub(before.failed));
+        if let Some(ms) = status.last_success_ms {
+            metrics.last_success.set(ms as f64 / 1000.0);
+        }
+        metrics.rules.set(self.rules.load().rule_count() as f64);
+        self.reload_status.store(Arc::new(status));
+    }
+
+    /// Swaps in a new rule set and drops the counters of rules that are gone (rules keep
+    /// their ids across reloads, so every other counter carries on).
+    fn swap_in(&self, set: RuleSet, generation: u64, reason: &str) {
+        let live = set.rule_scopes();
+        let (domains, rules) = (set.domains().count(), set.rule_count());
+        self.rules.store(Arc::new(set));
+        // New rules start at full capacity: let the capacity task set their factors now.
+        self.capacity_changed.notify_one();
+        let dropped = self
+            .limiter
+            .counters()
+            .remove_where(|key| key.scope() & OVERRIDE_SCOPE == 0 && !live.contains(&key.scope()));
+        tracing::info!(
+            generation,
+            domains,
+            rules,
+            dropped_counters = dropped,
+            reason,
+            "rules reloaded"
+        );
+    }
+}

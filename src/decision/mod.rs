@@ -1,0 +1,228 @@
+//! One rate-limit decision, from request descriptors to per-descriptor answers: find each
+//! descriptor's rule, drop replaced limits, turn what is left into counter demands, let the
+//! limiter settle them, and report for each descriptor the limit closest to (or over) its end.
+//!
+//! Independent of the wire format: the gRPC service and the admin API both call [`decide`];
+//! `/v1/explain` reads the same plan with [`explain`].
+
+mod plan;
+mod report;
+mod strict;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+pub use plan::Plan;
+pub use report::{Headline, Nearest, Standing};
+pub use strict::{Settled, StrictJob, StrictWork};
+
+use crate::limiter::{Enforcement, Limiter, Outcome, Unit};
+use crate::rules::{Entry, Measure, Policy, Rule, RuleSet};
+use plan::{CounterNames, Matched};
+
+/// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitOverride {
+    pub per_unit: u32,
+    pub unit: Unit,
+}
+
+/// What a descriptor's call is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Purpose {
+    /// A request asking to pass: requests are counted, token budgets only checked.
+    #[default]
+    Call,
+    /// A request that reserves `tokens` up front (an estimate, e.g. its max tokens): they are
+    /// checked and counted now, and settled by the usage report.
+    Reserve { tokens: u64 },
+    /// A report of tokens used, sent at stream end: its hits are tokens, minus what the request
+    /// reserved. Never denied, never counted as a request.
+    Report { reserved: u64 },
+}
+
+/// One request descriptor, as the decision needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a, E> {
+    pub entries: &'a [E],
+    /// What this call adds: already resolved from request and descriptor `hits_addend`.
+    pub hits: u64,
+    /// Give `hits` back instead of taking them.
+    pub refund: bool,
+    pub limit_override: Option<LimitOverride>,
+    pub purpose: Purpose,
+}
+
+/// The limit a status reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedLimit<'r> {
+    pub name: Option<&'r str>,
+    pub per_unit: u32,
+    pub unit: Unit,
+    pub measure: Measure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    OverLimit,
+}
+
+/// The answer for one descriptor.
+#[derive(Debug, Clone)]
+pub struct Status<'r> {
+    pub code: Code,
+    /// Whether the limit reported is over, enforced or not (shadow mode).
+    pub over: bool,
+    /// `None` when no rule matched, or the rule is unlimited.
+    pub limit: Option<ReportedLimit<'r>>,
+    pub remaining: u32,
+    pub until_reset: Duration,
+    pub rule: Option<&'r Arc<Rule>>,
+}
+
+impl Status<'_> {
+    fn unmatched() -> Self {
+        Status {
+            code: Code::Ok,
+            over: false,
+            limit: None,
+            remaining: 0,
+            until_reset: Duration::ZERO,
+            rule: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Verdict<'r> {
+    pub allowed: bool,
+    pub known_domain: bool,
+    /// One per descriptor, in request order. Descriptors of strict rules get theirs once the
+    /// strict work is done.
+    pub statuses: SmallVec<[Status<'r>; 4]>,
+    /// Limits of strict rules, still to be settled in the fleet store.
+    pub strict: Option<Box<StrictWork>>,
+    /// The requests limit and the tokens limit nearest their end, over all descriptors: what
+    /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
+    pub headline: Headline<'r>,
+}
+
+impl Verdict<'_> {
+    fn unknown_domain(asks: usize) -> Self {
+        Verdict {
+            allowed: true,
+            known_domain: false,
+            statuses: (0..asks).map(|_| Status::unmatched()).collect(),
+            strict: None,
+            headline: Headline::default(),
+        }
+    }
+}
+
+/// How the process is told to treat every rule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mode {
+    /// Global shadow mode: count and report, never deny.
+    pub shadow: bool,
+    /// Strict rules are settled in the fleet store (Redis is configured).
+    pub strict_in_store: bool,
+}
+
+/// Decides one request: match each descriptor's rule, plan its counter demands, let the
+/// limiter settle them, report. Allocates nothing for up to 4 descriptors of up to 4 entries
+/// (8 counter windows) when their counters exist; larger requests spill to the heap.
+pub fn decide<'r, E: Entry>(
+    rules: &'r RuleSet,
+    limiter: &Limiter,
+    domain: &str,
+    asks: &[Ask<'_, E>],
+    mode: Mode,
+) -> Verdict<'r> {
+    let Some(domain_rules) = rules.domain(domain) else {
+        return Verdict::unknown_domain(asks.len());
+    };
+    let matched = Matched::find(domain_rules, asks);
+    let names = CounterNames::of(&matched.rules, domain, asks);
+    let plan = Plan::build(&matched, &names, domain, asks, mode);
+    let mut outcomes: SmallVec<[Outcome; 8]> =
+        SmallVec::from_elem(Outcome::default(), plan.demands().len());
+    let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
+    let statuses = asks
+        .iter()
+        .enumerate()
+        .map(
+            |(i, ask)| match matched.rules[i].filter(|_| ask.limit_override.is_none()) {
+                Some(rule) if matches!(rule.policy, Policy::Unlimited) => Status {
+                    remaining: u32::MAX,
+                    rule: Some(rule),
+                    ..Status::unmatched()
+                },
+                rule => report::status(&plan, &outcomes, i, rule),
+            },
+        )
+        .collect();
+    let headline = report::headline(asks, &plan, &outcomes);
+    Verdict {
+        allowed,
+        known_domain: true,
+        statuses,
+        strict: plan.into_strict_work(&outcomes),
+        headline,
+    }
+}
+
+/// One descriptor as [`decide`] would see it now: its rule (if one matches) and its limits.
+pub type Explained<'r> = (Option<&'r Arc<Rule>>, Vec<Judged<'r>>);
+
+/// One limit of a descriptor as [`decide`] would judge it now.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged<'r> {
+    pub unit: Unit,
+    pub standing: Standing<'r>,
+    pub enforcement: Enforcement,
+}
+
+/// What [`decide`] would see for each descriptor, counting nothing: its rule and every limit
+/// in force, with the capacity factor applied and replaced limits left out (`None` for an
+/// unknown domain). Strict limits are read from their local counters.
+pub fn explain<'r, E: Entry>(
+    rules: &'r RuleSet,
+    limiter: &Limiter,
+    domain: &str,
+    asks: &[Ask<'_, E>],
+    mode: Mode,
+) -> Option<Vec<Explained<'r>>> {
+    let domain_rules = rules.domain(domain)?;
+    let matched = Matched::find(domain_rules, asks);
+    let names = CounterNames::of(&matched.rules, domain, asks);
+    let local = Mode {
+        strict_in_store: false,
+        ..mode
+    };
+    let plan = Plan::build(&matched, &names, domain, asks, local);
+    let mut outcomes = vec![Outcome::default(); plan.demands().len()];
+    limiter.assess(plan.demands(), &mut outcomes);
+    let judged = (0..asks.len())
+        .map(|i| {
+            let limits = plan
+                .of_ask(i)
+                .flat_map(|d| {
+                    let demand = &plan.demands()[d];
+                    let [r, t] = plan.sources()[d].standings(&outcomes[d]);
+                    [r, t].into_iter().flatten().map(move |standing| Judged {
+                        unit: demand.counter.unit,
+                        standing,
+                        enforcement: demand.enforcement,
+                    })
+                })
+                .collect();
+            (matched.rules[i], limits)
+        })
+        .collect();
+    Some(judged)
+}

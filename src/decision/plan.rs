@@ -1,0 +1,354 @@
+//! A request's plan: every counter its descriptors draw from, what each is charged, and the
+//! limit each serves, in three aligned buffers that stay on the stack for common requests.
+//! Built once per request; `decide` settles it and `explain` reads it, so both see the same
+//! limits (replaced ones left out, capacity factors applied).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use super::report::Standing;
+use super::strict::{StrictJob, StrictWork};
+use super::{Ask, LimitOverride, Mode, Purpose, ReportedLimit};
+use crate::limiter::{CounterRef, Counts, Demand, Enforcement, Limits, Outcome};
+use crate::rules::{Consistency, Domain, Entry, Factor, Limit, Measure, Rule, override_scope};
+
+/// Each descriptor's rule, found in its domain.
+pub(super) struct Matched<'r> {
+    domain: &'r Domain,
+    pub rules: SmallVec<[Option<&'r Arc<Rule>>; 4]>,
+}
+
+impl<'r> Matched<'r> {
+    pub fn find<E: Entry>(domain: &'r Domain, asks: &[Ask<'_, E>]) -> Self {
+        let rules = asks
+            .iter()
+            .map(|ask| domain.tree.find(ask.entries))
+            .collect();
+        Matched { domain, rules }
+    }
+
+    /// Whether another matched limit replaces `limit` (`replaces:` by name).
+    pub fn replaced(&self, limit: &Limit) -> bool {
+        if !self.domain.has_replaces {
+            return false;
+        }
+        let Some(name) = limit.name.as_deref() else {
+            return false;
+        };
+        self.rules
+            .iter()
+            .flatten()
+            .flat_map(|rule| rule.limits())
+            .any(|other| other.replaces.iter().any(|r| &**r == name))
+    }
+}
+
+/// The values naming each descriptor's counters, in one buffer (a span per descriptor). An
+/// override's counter is named by its domain and entries, as no rule names it.
+pub(super) struct CounterNames<'v> {
+    values: SmallVec<[&'v str; 8]>,
+    spans: SmallVec<[(u32, u32); 4]>,
+}
+
+impl<'v> CounterNames<'v> {
+    /// `rules` are each descriptor's matched rule (a slice: the matched set outlives this).
+    pub fn of<E: Entry>(
+        rules: &[Option<&'v Arc<Rule>>],
+        domain: &'v str,
+        asks: &'v [Ask<'v, E>],
+    ) -> Self {
+        let mut names = CounterNames {
+            values: SmallVec::new(),
+            spans: SmallVec::new(),
+        };
+        for (ask, rule) in asks.iter().zip(rules) {
+            let start = names.values.len() as u32;
+            match (ask.limit_override, rule) {
+                (None, Some(rule)) => names.values.extend(rule.counter_parts(ask.entries)),
+                _ => {
+                    names.values.push(domain);
+                    for e in ask.entries {
+                        names.values.push(e.key());
+                        names.values.push(e.value());
+                    }
+                }
+            }
+            names.spans.push((start, names.values.len() as u32));
+        }
+        names
+    }
+
+    fn of_ask(&self, i: usize) -> &[&'v str] {
+        let (from, to) = self.spans[i];
+        &self.values[from as usize..to as usize]
+    }
+}
+
+/// Which limit of a descriptor a demand serves.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Source<'r> {
+    pub ask: usize,
+    /// The rule's capacity factor when planned, in millionths.
+    scale: u32,
+    requests: Option<&'r Limit>,
+    tokens: Option<&'r Limit>,
+    over_ride: Option<LimitOverride>,
+}
+
+impl<'r> Source<'r> {
+    /// Where the demand's requests-like and tokens limits stand after `outcome`, as a client
+    /// sees them: the rule's limits at their capacity factor, or the request's override.
+    pub fn standings(&self, outcome: &Outcome) -> [Option<Standing<'r>>; 2] {
+        let requests = self
+            .requests
+            .map(|l| reported(l, self.scale))
+            .or(self.over_ride.map(|o| ReportedLimit {
+                name: None,
+                per_unit: o.per_unit,
+                unit: o.unit,
+                measure: Measure::Hits,
+            }));
+        let tokens = self.tokens.map(|l| reported(l, self.scale));
+        let standing = |limit: Option<ReportedLimit<'r>>, used, over| {
+            limit.map(|limit| Standing {
+                limit,
+                used,
+                over,
+                until_reset: outcome.until_reset,
+            })
+        };
+        [
+            standing(requests, outcome.counts.requests, outcome.over.requests),
+            standing(tokens, outcome.counts.tokens, outcome.over.tokens),
+        ]
+    }
+}
+
+/// A limit as a client sees it, at a capacity factor of `scale` millionths.
+pub(super) fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
+    ReportedLimit {
+        name: limit.name.as_deref(),
+        per_unit: crate::rules::scale(limit.per_unit, scale),
+        unit: limit.unit,
+        measure: limit.measure,
+    }
+}
+
+/// Every counter demand of a request, with the limit each serves, and its strict jobs.
+pub struct Plan<'r, 'v> {
+    demands: SmallVec<[Demand<'v>; 8]>,
+    sources: SmallVec<[Source<'r>; 8]>,
+    /// Each descriptor's demands, as a range of `demands` (pushed in request order).
+    spans: SmallVec<[(u32, u32); 4]>,
+    strict: Vec<StrictJob>,
+}
+
+impl<'r, 'v> Plan<'r, 'v> {
+    /// Plans every descriptor's matched limits.
+    pub(super) fn build<E: Entry>(
+        matched: &Matched<'r>,
+        names: &'v CounterNames<'_>,
+        domain: &str,
+        asks: &[Ask<'_, E>],
+        mode: Mode,
+    ) -> Self {
+        let mut plan = Plan {
+            demands: SmallVec::new(),
+            sources: SmallVec::new(),
+            spans: SmallVec::new(),
+            strict: Vec::new(),
+        };
+        for (i, ask) in asks.iter().enumerate() {
+            let first = plan.demands.len() as u32;
+            plan.add(i, ask, matched, names.of_ask(i), domain, mode);
+            plan.spans.push((first, plan.demands.len() as u32));
+        }
+        plan
+    }
+
+    /// The counter demands, in request order: what the limiter settles.
+    pub fn demands(&self) -> &[Demand<'v>] {
+        &self.demands
+    }
+
+    pub(super) fn sources(&self) -> &[Source<'r>] {
+        &self.sources
+    }
+
+    /// The indices of descriptor `i`'s demands (in `demands()`, its sources and outcomes).
+    pub fn of_ask(&self, i: usize) -> Range<usize> {
+        let (from, to) = self.spans[i];
+        from as usize..to as usize
+    }
+
+    /// The strict jobs left once the local demands are settled, with the local charges to
+    /// give back if a strict limit denies.
+    pub(super) fn into_strict_work(self, outcomes: &[Outcome]) -> Option<Box<StrictWork>> {
+        if self.strict.is_empty() {
+            return None;
+        }
+        let charged = self
+            .demands
+            .iter()
+            .zip(outcomes)
+            .filter(|(d, o)| o.counted && !d.refund)
+            .map(|(d, _)| (d.counter.to_key(), d.charge))
+            .collect();
+        Some(Box::new(StrictWork {
+            jobs: self.strict,
+            charged,
+        }))
+    }
+
+    /// Turns one descriptor's matched limits into counter demands (and the strict jobs of its
+    /// strict rules).
+    fn add<E: Entry>(
+        &mut self,
+        i: usize,
+        ask: &Ask<'_, E>,
+        matched: &Matched<'r>,
+        parts: &'v [&'v str],
+        domain: &str,
+        mode: Mode,
+    ) {
+        let rule = matched.rules[i];
+        let enforcement = match rule {
+            _ if mode.shadow => Enforcement::Shadow,
+            Some(rule) => rule.enforcement,
+            None => Enforcement::Enforce,
+        };
+        let hits = u32::try_from(ask.hits).unwrap_or(u32::MAX);
+        if let Some(over_ride) = ask.limit_override {
+            self.demands.push(Demand {
+                counter: CounterRef {
+                    scope: override_scope(domain, ask.entries.iter().map(Entry::key)),
+                    unit: over_ride.unit,
+                    parts,
+                },
+                limits: Limits {
+                    requests: Some(over_ride.per_unit),
+                    tokens: None,
+                },
+                charge: Counts {
+                    requests: hits,
+                    tokens: 0,
+                },
+                refund: ask.refund,
+                enforcement,
+            });
+            self.sources.push(Source {
+                ask: i,
+                scale: Factor::FULL,
+                requests: None,
+                tokens: None,
+                over_ride: Some(over_ride),
+            });
+            return;
+        }
+        let Some(rule) = rule else { return };
+        let scale = rule.capacity.get();
+        for (w, window) in rule.windows().iter().enumerate() {
+            let requests = window.requests.as_ref().filter(|l| !matched.replaced(l));
+            let tokens = window.tokens.as_ref().filter(|l| !matched.replaced(l));
+            if requests.is_none() && tokens.is_none() {
+                continue;
+            }
+            let (charge, refund, enforcement) =
+                charge_for(ask, requests, tokens.is_some(), hits, enforcement);
+            let demand = Demand {
+                counter: CounterRef {
+                    scope: rule.id,
+                    unit: window.unit,
+                    parts,
+                },
+                limits: Limits {
+                    requests: requests.map(|l| crate::rules::scale(l.per_unit, scale)),
+                    tokens: tokens.map(|l| crate::rules::scale(l.per_unit, scale)),
+                },
+                charge,
+                refund,
+                enforcement,
+            };
+            if rule.consistency == Consistency::Strict && mode.strict_in_store {
+                self.strict.push(StrictJob {
+                    ask: i,
+                    rule: rule.clone(),
+                    window: w,
+                    in_force: [requests.is_some(), tokens.is_some()],
+                    scale,
+                    counter: demand.counter.to_key(),
+                    limits: demand.limits,
+                    charge: demand.charge,
+                    refund: demand.refund,
+                    enforcement,
+                });
+                continue;
+            }
+            self.demands.push(demand);
+            self.sources.push(Source {
+                ask: i,
+                scale,
+                requests,
+                tokens,
+                over_ride: None,
+            });
+        }
+    }
+}
+
+/// What one window of a rule is charged for a descriptor's call: the counts, whether they are
+/// given back, and how the limits take part.
+fn charge_for(
+    ask: &Ask<'_, impl Entry>,
+    requests: Option<&Limit>,
+    has_tokens: bool,
+    hits: u32,
+    enforcement: Enforcement,
+) -> (Counts, bool, Enforcement) {
+    let per_call = match requests.map(|l| l.measure) {
+        Some(Measure::Requests) => u32::from(hits > 0),
+        Some(_) => hits,
+        None => 0,
+    };
+    let tokens = |n: u64| {
+        if has_tokens {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        } else {
+            0
+        }
+    };
+    match ask.purpose {
+        Purpose::Call => (
+            Counts {
+                requests: per_call,
+                tokens: 0,
+            },
+            ask.refund,
+            enforcement,
+        ),
+        Purpose::Reserve { tokens: estimate } => (
+            Counts {
+                requests: per_call,
+                tokens: tokens(estimate),
+            },
+            ask.refund,
+            enforcement,
+        ),
+        // A report counts whatever it reports (even past the limit) and settles a reservation.
+        Purpose::Report { reserved } => {
+            let used = u64::from(hits);
+            let (amount, refund) = if used >= reserved {
+                (used - reserved, false)
+            } else {
+                (reserved - used, true)
+            };
+            let report = Counts {
+                requests: 0,
+                tokens: tokens(amount),
+            };
+            (report, refund, Enforcement::Shadow)
+        }
+    }
+}

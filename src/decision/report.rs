@@ -1,0 +1,150 @@
+//! How a decision is reported: for each descriptor the limit nearest its end, and over the
+//! whole request the requests and tokens limits nearest theirs (OpenAI's headers). "Nearest"
+//! is one rule, [`Standing::nearer_than`], used everywhere a limit is picked to show.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::plan::Plan;
+use super::{Ask, Code, Purpose, ReportedLimit, Status};
+use crate::limiter::{Enforcement, Outcome};
+use crate::rules::Rule;
+
+/// Where one limit stands after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing<'r> {
+    pub limit: ReportedLimit<'r>,
+    /// What the window holds, fleet-wide as this replica sees it.
+    pub used: u32,
+    /// Whether this call broke the limit, enforced or not.
+    pub over: bool,
+    pub until_reset: Duration,
+}
+
+impl Standing<'_> {
+    /// What is left of the limit.
+    pub fn remaining(&self) -> u32 {
+        self.limit.per_unit.saturating_sub(self.used)
+    }
+
+    /// Whether this limit is nearer its end than `other`: over beats not over, then the larger
+    /// used fraction (a tie keeps the one found first).
+    pub fn nearer_than(&self, other: &Standing<'_>) -> bool {
+        // a/b > c/d  <=>  a*d > c*b, without floats.
+        (self.over && !other.over)
+            || (self.over == other.over
+                && u64::from(self.used) * u64::from(other.limit.per_unit)
+                    > u64::from(other.used) * u64::from(self.limit.per_unit))
+    }
+}
+
+/// The nearest of the standings offered, with a tag saying where it came from.
+#[derive(Debug)]
+pub struct Nearest<'r, T>(Option<(Standing<'r>, T)>);
+
+impl<T> Default for Nearest<'_, T> {
+    fn default() -> Self {
+        Nearest(None)
+    }
+}
+
+impl<'r, T> Nearest<'r, T> {
+    /// Keeps `candidate` if it is nearer its end than the nearest so far.
+    pub fn offer(&mut self, candidate: Standing<'r>, tag: T) {
+        if self
+            .0
+            .as_ref()
+            .is_none_or(|(best, _)| candidate.nearer_than(best))
+        {
+            self.0 = Some((candidate, tag));
+        }
+    }
+
+    /// The nearest, and its tag.
+    pub fn into_inner(self) -> Option<(Standing<'r>, T)> {
+        self.0
+    }
+}
+
+/// The requests and tokens limits nearest their end across a request: what OpenAI-style
+/// `x-ratelimit-*-requests` and `-tokens` headers report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headline<'r> {
+    pub requests: Option<Standing<'r>>,
+    pub tokens: Option<Standing<'r>>,
+}
+
+/// The status of descriptor `ask`: its limit that is over, or else the one nearest its end.
+pub(super) fn status<'r>(
+    plan: &Plan<'r, '_>,
+    outcomes: &[Outcome],
+    ask: usize,
+    rule: Option<&'r Arc<Rule>>,
+) -> Status<'r> {
+    let mut nearest = Nearest::default();
+    for d in plan.of_ask(ask) {
+        for standing in plan.sources()[d]
+            .standings(&outcomes[d])
+            .into_iter()
+            .flatten()
+        {
+            nearest.offer(standing, d);
+        }
+    }
+    match nearest.into_inner() {
+        None => Status {
+            rule,
+            ..Status::unmatched()
+        },
+        Some((standing, d)) => {
+            let enforced = plan.demands()[d].enforcement != Enforcement::Shadow;
+            Status::of(standing, enforced, rule)
+        }
+    }
+}
+
+/// The requests and tokens limits nearest their end among enforced limits of calls (reports
+/// and shadow limits left out).
+pub(super) fn headline<'r, E>(
+    asks: &[Ask<'_, E>],
+    plan: &Plan<'r, '_>,
+    outcomes: &[Outcome],
+) -> Headline<'r> {
+    let (mut requests, mut tokens) = (Nearest::default(), Nearest::default());
+    for (d, source) in plan.sources().iter().enumerate() {
+        if plan.demands()[d].enforcement == Enforcement::Shadow
+            || matches!(asks[source.ask].purpose, Purpose::Report { .. })
+        {
+            continue;
+        }
+        let [r, t] = source.standings(&outcomes[d]);
+        if let Some(r) = r {
+            requests.offer(r, ());
+        }
+        if let Some(t) = t {
+            tokens.offer(t, ());
+        }
+    }
+    Headline {
+        requests: requests.into_inner().map(|(s, ())| s),
+        tokens: tokens.into_inner().map(|(s, ())| s),
+    }
+}
+
+impl<'r> Status<'r> {
+    /// A descriptor's status from the standing of its nearest limit.
+    pub fn of(standing: Standing<'r>, enforced: bool, rule: Option<&'r Arc<Rule>>) -> Status<'r> {
+        Status {
+            code: if standing.over && enforced {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            },
+            over: standing.over,
+            limit: Some(standing.limit),
+            remaining: standing.remaining(),
+            until_reset: standing.until_reset,
+            rule,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! How the rest of the fleet takes part in a decision: the view the sync task sets (alone,
+//! synced, or one of the outage policies), and how a counter's charge is judged under it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::counter::{Counts, Limits, Over, breaks};
+
+/// How the rest of the fleet is seen, read once per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FleetView {
+    /// No fleet store: this process is the whole fleet.
+    #[default]
+    Alone,
+    /// The store answers: count against fleet totals, and between syncs take at most this
+    /// replica's share of what the fleet has left.
+    Synced { replicas: u32 },
+    /// The store is unreachable: enforce `limit / replicas` on local counts alone.
+    LocalShare { replicas: u32 },
+    /// The store is unreachable and the policy is to let everything through.
+    AllowAll,
+    /// The store is unreachable and the policy is to refuse anything limited.
+    DenyAll,
+}
+
+/// How the fleet looks to the request path, set by the sync task: one atomic word, read once
+/// per request.
+#[derive(Debug, Default)]
+pub struct FleetState(AtomicU64);
+
+impl FleetState {
+    const ALONE: u64 = 0;
+    const SYNCED: u64 = 1;
+    const LOCAL_SHARE: u64 = 2;
+    const ALLOW_ALL: u64 = 3;
+    const DENY_ALL: u64 = 4;
+
+    /// Sets the view requests take from now on.
+    pub fn set(&self, view: FleetView) {
+        let (tag, replicas) = match view {
+            FleetView::Alone => (Self::ALONE, 1),
+            FleetView::Synced { replicas } => (Self::SYNCED, replicas),
+            FleetView::LocalShare { replicas } => (Self::LOCAL_SHARE, replicas),
+            FleetView::AllowAll => (Self::ALLOW_ALL, 1),
+            FleetView::DenyAll => (Self::DENY_ALL, 1),
+        };
+        let word = (u64::from(replicas.max(1)) << 8) | tag;
+        self.0.store(word, Ordering::Release);
+    }
+
+    /// The view in force.
+    pub fn get(&self) -> FleetView {
+        let word = self.0.load(Ordering::Acquire);
+        let replicas = ((word >> 8) as u32).max(1);
+        match word & 0xff {
+            Self::SYNCED => FleetView::Synced { replicas },
+            Self::LOCAL_SHARE => FleetView::LocalShare { replicas },
+            Self::ALLOW_ALL => FleetView::AllowAll,
+            Self::DENY_ALL => FleetView::DenyAll,
+            _ => FleetView::Alone,
+        }
+    }
+}
+
+/// What the fleet had counted at the last sync, as one counter knows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct FleetCounts {
+    /// This replica's counts already in the store.
+    pub pushed: Counts,
+    /// The rest of the fleet's counts.
+    pub others: Counts,
+}
+
+/// One limit of a counter, as a charge meets it.
+#[derive(Debug, Clone, Copy)]
+struct Side {
+    /// This replica's own count in the window.
+    local: u32,
+    charge: u32,
+    limit: Option<u32>,
+    pushed: u32,
+    others: u32,
+}
+
+impl FleetView {
+    /// Whether the charge breaks the side's limit, as this view has it.
+    fn breaks(self, side: Side) -> bool {
+        let Side {
+            local,
+            charge,
+            limit,
+            pushed,
+            others,
+        } = side;
+        let Some(limit) = limit else { return false };
+        match self {
+            FleetView::Alone => breaks(local, charge, Some(limit)),
+            FleetView::AllowAll => false,
+            FleetView::DenyAll => true,
+            FleetView::LocalShare { replicas } => {
+                let share = u64::from(limit).div_ceil(u64::from(replicas.max(1))) as u32;
+                breaks(local, charge, Some(share))
+            }
+            FleetView::Synced { replicas } => {
+                if breaks(local.saturating_add(others), charge, Some(limit)) {
+                    return true;
+                }
+                // Between syncs, take at most a fair share of what the fleet had left, so that
+                // N replicas deciding at once overshoot by a rounding at most.
+                let left = u64::from(limit).saturating_sub(u64::from(others) + u64::from(pushed));
+                // Rounded down, but never to nothing while anything is left, so no replica
+                // starves.
+                let share = (left / u64::from(replicas.max(1)))
+                    .max(u64::from(left > 0))
+                    .min(u64::from(u32::MAX)) as u32;
+                charge > 0 && breaks(local.saturating_sub(pushed), charge, Some(share))
+            }
+        }
+    }
+}
+
+/// Which of a counter's limits `charge` breaks on top of its `local` counts, under `view`.
+pub(super) fn judge(
+    local: Counts,
+    charge: Counts,
+    limits: Limits,
+    fleet: FleetCounts,
+    view: FleetView,
+) -> Over {
+    Over {
+        requests: view.breaks(Side {
+            local: local.requests,
+            charge: charge.requests,
+            limit: limits.requests,
+            pushed: fleet.pushed.requests,
+            others: fleet.others.requests,
+        }),
+        tokens: view.breaks(Side {
+            local: local.tokens,
+            charge: charge.tokens,
+            limit: limits.tokens,
+            pushed: fleet.pushed.tokens,
+            others: fleet.others.tokens,
+        }),
+    }
+}

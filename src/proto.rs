@@ -1,0 +1,411 @@
+//! Envoy's protocol ⇄ sluice's domain: a `RateLimitRequest` checked against the configured
+//! bounds and read into asks, and a verdict written back as a `RateLimitResponse`.
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code as ProtoCode, DescriptorStatus, RateLimit as ProtoLimit, rate_limit::Unit as ProtoUnit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value, value::Kind};
+use smallvec::SmallVec;
+
+use crate::decision::{Ask, Code, LimitOverride, Purpose, Status, Verdict};
+use crate::limiter::Unit;
+use crate::rules::{ENDPOINT_KEY, Entry};
+
+impl Entry for ProtoEntry {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+/// Entries whose keys start with this are sluice's own, not part of the descriptor matched.
+pub const RESERVED_PREFIX: &str = "sluice.";
+/// `sluice.report=tokens`: the descriptor reports tokens used (its hits), at stream end.
+pub const REPORT_KEY: &str = "sluice.report";
+/// `sluice.estimate=N`: the request reserves N tokens now; its report settles the difference.
+pub const ESTIMATE_KEY: &str = "sluice.estimate";
+
+/// Bounds on what one ShouldRateLimit call may carry; larger calls get INVALID_ARGUMENT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+pub struct RequestBounds {
+    /// Most descriptors in one request.
+    #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_descriptors: u32,
+
+    /// Most entries in one descriptor.
+    #[arg(long, env = "SLUICE_MAX_ENTRIES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_entries: u32,
+
+    /// Longest domain, entry key or entry value, in bytes.
+    #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub max_value_bytes: u32,
+}
+
+/// A request sluice will not decide: answered INVALID_ARGUMENT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("domain must not be empty")]
+    EmptyDomain,
+    #[error("domain is longer than {max} bytes")]
+    LongDomain { max: u32 },
+    #[error("at least one descriptor is required")]
+    NoDescriptors,
+    #[error("{count} descriptors; at most {max} are accepted")]
+    TooManyDescriptors { count: usize, max: u32 },
+    #[error("descriptors[{index}]: {problem}")]
+    Descriptor {
+        index: usize,
+        problem: DescriptorError,
+    },
+}
+
+/// What is wrong with one descriptor of a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DescriptorError {
+    #[error("at least one entry is required")]
+    NoEntries,
+    #[error("{count} entries; at most {max} are accepted")]
+    TooManyEntries { count: usize, max: u32 },
+    #[error("entries[{entry}]: key must not be empty")]
+    EmptyKey { entry: usize },
+    #[error("entries[{entry}]: key or value is longer than {max} bytes")]
+    TooLong { entry: usize, max: u32 },
+    #[error("limit: unit {unit} is not a known unit")]
+    UnknownUnit { unit: i32 },
+    #[error("needs an entry besides the {RESERVED_PREFIX}* ones")]
+    OnlyReserved,
+    #[error("entries[{entry}]: {ESTIMATE_KEY} must be a number of tokens, not `{value}`")]
+    BadEstimate { entry: usize, value: String },
+    #[error(
+        "entries[{entry}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N)"
+    )]
+    UnknownReserved {
+        entry: usize,
+        key: String,
+        value: String,
+    },
+    #[error(
+        "entries[{entry}]: `{key}` follows a {RESERVED_PREFIX}* entry; reserved entries go last"
+    )]
+    AfterReserved { entry: usize, key: String },
+}
+
+/// Checks a request against the protocol and `bounds`, and resolves each descriptor's hits:
+/// the descriptor's `hits_addend` wins when set (0 means check only), else the request's,
+/// where 0 means 1.
+pub fn asks<'a>(
+    request: &'a RateLimitRequest,
+    bounds: &RequestBounds,
+) -> Result<SmallVec<[Ask<'a, ProtoEntry>; 8]>, RequestError> {
+    let max = bounds.max_value_bytes;
+    if request.domain.is_empty() {
+        return Err(RequestError::EmptyDomain);
+    }
+    if request.domain.len() > max as usize {
+        return Err(RequestError::LongDomain { max });
+    }
+    if request.descriptors.is_empty() {
+        return Err(RequestError::NoDescriptors);
+    }
+    if request.descriptors.len() > bounds.max_descriptors as usize {
+        return Err(RequestError::TooManyDescriptors {
+            count: request.descriptors.len(),
+            max: bounds.max_descriptors,
+        });
+    }
+    let request_hits = match request.hits_addend {
+        0 => 1,
+        n => u64::from(n),
+    };
+    let mut asks = SmallVec::new();
+    for (index, descriptor) in request.descriptors.iter().enumerate() {
+        let ask = ask(descriptor, request_hits, bounds)
+            .map_err(|problem| RequestError::Descriptor { index, problem })?;
+        asks.push(ask);
+    }
+    Ok(asks)
+}
+
+fn ask<'a>(
+    descriptor: &'a RateLimitDescriptor,
+    request_hits: u64,
+    bounds: &RequestBounds,
+) -> Result<Ask<'a, ProtoEntry>, DescriptorError> {
+    let max = bounds.max_value_bytes;
+    if descriptor.entries.is_empty() {
+        return Err(DescriptorError::NoEntries);
+    }
+    if descriptor.entries.len() > bounds.max_entries as usize {
+        return Err(DescriptorError::TooManyEntries {
+            count: descriptor.entries.len(),
+            max: bounds.max_entries,
+        });
+    }
+    for (entry, e) in descriptor.entries.iter().enumerate() {
+        if e.key.is_empty() {
+            return Err(DescriptorError::EmptyKey { entry });
+        }
+        if e.key.len() > max as usize || e.value.len() > max as usize {
+            return Err(DescriptorError::TooLong { entry, max });
+        }
+    }
+    let limit_override = match &descriptor.limit {
+        None => None,
+        Some(o) => match unit_of(o.unit) {
+            Some(unit) => Some(LimitOverride {
+                per_unit: o.requests_per_unit,
+                unit,
+            }),
+            None => return Err(DescriptorError::UnknownUnit { unit: o.unit }),
+        },
+    };
+    // sluice's reserved entries come after the descriptor's own and are not matched.
+    let own = descriptor
+        .entries
+        .iter()
+        .position(|e| e.key.starts_with(RESERVED_PREFIX))
+        .unwrap_or(descriptor.entries.len());
+    if own == 0 {
+        return Err(DescriptorError::OnlyReserved);
+    }
+    let (mut report, mut estimate) = (false, None);
+    for (entry, e) in descriptor.entries.iter().enumerate().skip(own) {
+        match (e.key.as_str(), e.value.as_str()) {
+            (REPORT_KEY, "tokens") => report = true,
+            (ESTIMATE_KEY, value) => match value.trim().parse::<u64>() {
+                Ok(n) => estimate = Some(n),
+                Err(_) => {
+                    let value = value.to_string();
+                    return Err(DescriptorError::BadEstimate { entry, value });
+                }
+            },
+            (key, value) if key.starts_with(RESERVED_PREFIX) => {
+                return Err(DescriptorError::UnknownReserved {
+                    entry,
+                    key: key.to_string(),
+                    value: value.to_string(),
+                });
+            }
+            (key, _) => {
+                let key = key.to_string();
+                return Err(DescriptorError::AfterReserved { entry, key });
+            }
+        }
+    }
+    let purpose = match (report, estimate) {
+        (true, reserved) => Purpose::Report {
+            reserved: reserved.unwrap_or(0),
+        },
+        (false, Some(tokens)) => Purpose::Reserve { tokens },
+        (false, None) => Purpose::Call,
+    };
+    Ok(Ask {
+        entries: &descriptor.entries[..own],
+        hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
+        refund: descriptor.is_negative_hits,
+        limit_override,
+        purpose,
+    })
+}
+
+/// A protobuf unit as sluice's; `None` for UNKNOWN and values the proto does not know.
+pub fn unit_of(unit: i32) -> Option<Unit> {
+    Some(match ProtoUnit::try_from(unit).ok()? {
+        ProtoUnit::Unknown => return None,
+        ProtoUnit::Second => Unit::Second,
+        ProtoUnit::Minute => Unit::Minute,
+        ProtoUnit::Hour => Unit::Hour,
+        ProtoUnit::Day => Unit::Day,
+        ProtoUnit::Week => Unit::Week,
+        ProtoUnit::Month => Unit::Month,
+        ProtoUnit::Year => Unit::Year,
+    })
+}
+
+/// sluice's unit as the protobuf's.
+pub fn unit_to_proto(unit: Unit) -> ProtoUnit {
+    match unit {
+        Unit::Second => ProtoUnit::Second,
+        Unit::Minute => ProtoUnit::Minute,
+        Unit::Hour => ProtoUnit::Hour,
+        Unit::Day => ProtoUnit::Day,
+        Unit::Week => ProtoUnit::Week,
+        Unit::Month => ProtoUnit::Month,
+        Unit::Year => ProtoUnit::Year,
+    }
+}
+
+/// A code as the protobuf's.
+pub fn code(code: Code) -> i32 {
+    match code {
+        Code::Ok => ProtoCode::Ok as i32,
+        Code::OverLimit => ProtoCode::OverLimit as i32,
+    }
+}
+
+/// Whether a response's code allows the request.
+pub fn allows(code: i32) -> bool {
+    code == ProtoCode::Ok as i32
+}
+
+/// `OK`, `OVER_LIMIT` or `UNKNOWN`, as Envoy's enum names them.
+pub fn code_name(code: i32) -> &'static str {
+    match ProtoCode::try_from(code) {
+        Ok(ProtoCode::Ok) => "OK",
+        Ok(ProtoCode::OverLimit) => "OVER_LIMIT",
+        _ => "UNKNOWN",
+    }
+}
+
+/// One descriptor's status as Envoy reads it.
+pub fn descriptor_status(status: &Status<'_>) -> DescriptorStatus {
+    DescriptorStatus {
+        code: code(status.code),
+        current_limit: status.limit.map(|limit| ProtoLimit {
+            name: limit.name.unwrap_or_default().to_string(),
+            requests_per_unit: limit.per_unit,
+            unit: unit_to_proto(limit.unit) as i32,
+        }),
+        limit_remaining: status.remaining,
+        duration_until_reset: status.limit.map(|_| ProtoDuration {
+            seconds: status.until_reset.as_secs() as i64,
+            nanos: status.until_reset.subsec_nanos() as i32,
+        }),
+        quota: None,
+    }
+}
+
+/// Envoy's response to a verdict, without headers or body (the caller adds those): statuses,
+/// and as dynamic metadata the endpoints' utilization and every matched rule's metadata.
+pub fn response(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> RateLimitResponse {
+    // Metadata of every matched rule, merged in descriptor order (later keys win).
+    let mut metadata: Option<Struct> = endpoint_utilization(verdict, asks);
+    for rule in verdict.statuses.iter().filter_map(|s| s.rule) {
+        if let Some(extra) = &rule.metadata {
+            let merged = metadata.get_or_insert_with(Struct::default);
+            merged
+                .fields
+                .extend(extra.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    RateLimitResponse {
+        overall_code: code(if verdict.allowed {
+            Code::Ok
+        } else {
+            Code::OverLimit
+        }),
+        statuses: verdict.statuses.iter().map(descriptor_status).collect(),
+        dynamic_metadata: metadata,
+        ..Default::default()
+    }
+}
+
+/// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used
+/// (0 to 1): `{"endpoint_utilization": {"openai": 0.42}}`, so Envoy can route away from an
+/// endpoint the fleet has saturated.
+fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> Option<Struct> {
+    let mut fields = std::collections::HashMap::new();
+    for (ask, status) in asks.iter().zip(&verdict.statuses) {
+        let (Some(endpoint), Some(limit)) = (
+            ask.entries.iter().find(|e| e.key == ENDPOINT_KEY),
+            status.limit,
+        ) else {
+            continue;
+        };
+        let used = limit.per_unit.saturating_sub(status.remaining);
+        let share = if limit.per_unit == 0 || status.code == Code::OverLimit {
+            1.0
+        } else {
+            (f64::from(used) / f64::from(limit.per_unit)).min(1.0)
+        };
+        let share = Value {
+            kind: Some(Kind::NumberValue(share)),
+        };
+        fields.insert(endpoint.value.clone(), share);
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    let utilization = Value {
+        kind: Some(Kind::StructValue(Struct { fields })),
+    };
+    Some(Struct {
+        fields: [("endpoint_utilization".to_string(), utilization)].into(),
+    })
+}
+
+/// Reads `key=value,key2=value2` (as `sluice check` and `/v1/usage` take descriptors).
+pub fn parse_entries(text: &str) -> Result<Vec<(String, String)>, EntriesError> {
+    text.split(',')
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| EntriesError(pair.to_string()))
+        })
+        .collect()
+}
+
+/// A `key=value` list with a pair that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not key=value")]
+pub struct EntriesError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse_from_pairs() {
+        let entries = parse_entries("api_key=k1, model=gpt-4o").unwrap();
+        assert_eq!(entries[1], ("model".to_string(), "gpt-4o".to_string()));
+        assert_eq!(
+            parse_entries("api_key"),
+            Err(EntriesError("api_key".into()))
+        );
+        assert!(parse_entries("=v").is_err(), "a key is needed");
+    }
+
+    #[test]
+    fn descriptor_problems_name_where_they_are() {
+        let bounds = RequestBounds {
+            max_descriptors: 2,
+            max_entries: 2,
+            max_value_bytes: 16,
+        };
+        let entry = |key: &str, value: &str| ProtoEntry {
+            key: key.into(),
+            value: value.into(),
+        };
+        let request = |entries: Vec<ProtoEntry>| RateLimitRequest {
+            domain: "d".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries,
+                ..Default::default()
+            }],
+            hits_addend: 0,
+        };
+        let message = |r: &RateLimitRequest| asks(r, &bounds).err().map(|e| e.to_string());
+        assert_eq!(
+            message(&request(vec![entry("k", "v"), entry("sluice.estimate", "lots")])),
+            Some("descriptors[0]: entries[1]: sluice.estimate must be a number of tokens, not `lots`".into())
+        );
+        assert_eq!(
+            message(&request(vec![entry("sluice.report", "tokens")])),
+            Some("descriptors[0]: needs an entry besides the sluice.* ones".into())
+        );
+        assert_eq!(
+            message(&request(vec![entry("k", "0123456789abcdefg")])),
+            Some("descriptors[0]: entries[0]: key or value is longer than 16 bytes".into())
+        );
+        let ok = request(vec![entry("k", "v"), entry("sluice.estimate", "300")]);
+        let asks = asks(&ok, &bounds).unwrap();
+        assert_eq!(asks[0].purpose, Purpose::Reserve { tokens: 300 });
+        assert_eq!((asks[0].entries.len(), asks[0].hits), (1, 1));
+    }
+}

@@ -1,0 +1,171 @@
+//! The request pipeline, one function for every protocol: validate → decide → strict limits
+//! → metrics → answer. The gRPC service and the admin API's `/v1/check` both call [`answer`].
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+
+use crate::app::App;
+use crate::decision::{Ask, Code, Purpose, StrictWork, Verdict, decide};
+use crate::limiter::Enforcement;
+use crate::proto::{self, RequestError};
+use crate::rules::MetricDetail;
+use crate::sync::strict;
+use crate::telemetry::RuleMetrics;
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The request breaks the protocol or the configured bounds.
+    #[error(transparent)]
+    Invalid(#[from] RequestError),
+    /// A bug: the decision panicked. Never shown to Envoy as an allow.
+    #[error("sluice: internal error")]
+    Internal,
+}
+
+/// Answers one RateLimitRequest: validation, the local decision, strict rules in Redis,
+/// metrics.
+pub async fn answer(
+    app: &Arc<App>,
+    request: RateLimitRequest,
+) -> Result<RateLimitResponse, AnswerError> {
+    let started = Instant::now();
+    let asks = proto::asks(&request, &app.settings.request_bounds).inspect_err(|_| {
+        app.metrics.requests.invalid.increment(1);
+    })?;
+    let internal = || {
+        tracing::error!("internal error while deciding a request");
+        AnswerError::Internal
+    };
+    let (response, strict) =
+        std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks)))
+            .map_err(|_| internal())?;
+    let (Some(work), Some(_)) = (strict, &app.fleet) else {
+        record_answer(app, &response, started);
+        return Ok(response);
+    };
+    // Strict rules wait on Redis: settled in a task of their own, so a panic there is
+    // caught too.
+    let settling = app.clone();
+    let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
+        .await
+        .map_err(|_| internal())?;
+    record_answer(app, &response, started);
+    Ok(response)
+}
+
+/// Counts an answer and how long it took.
+fn record_answer(app: &App, response: &RateLimitResponse, started: Instant) {
+    let metrics = &app.metrics.requests;
+    metrics.duration.record(started.elapsed().as_secs_f64());
+    if proto::allows(response.overall_code) {
+        metrics.ok.increment(1);
+    } else {
+        metrics.over_limit.increment(1);
+    }
+}
+
+fn respond(
+    app: &App,
+    request: &RateLimitRequest,
+    asks: &[Ask<'_, ProtoEntry>],
+) -> (RateLimitResponse, Option<Box<StrictWork>>) {
+    // One usage report per call, however many descriptors carry it.
+    let reported = asks
+        .iter()
+        .filter(|a| matches!(a.purpose, Purpose::Report { .. }))
+        .map(|a| a.hits)
+        .max();
+    if let Some(tokens) = reported {
+        app.metrics.requests.usage_reports.increment(1);
+        app.metrics.requests.reported_tokens.increment(tokens);
+    }
+    let rules = app.rules.load();
+    let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
+    if !verdict.known_domain {
+        tracing::debug!(domain = %request.domain, "request for an unknown domain");
+        app.metrics.requests.unknown_domain.increment(1);
+    }
+    record_rules(
+        asks,
+        &verdict,
+        app.settings.near_limit_ratio,
+        app.settings.shadow_mode,
+    );
+    let mut response = proto::response(&verdict, asks);
+    if app.settings.openai_headers {
+        (response.response_headers_to_add, response.raw_body) = crate::openai::answer(&verdict);
+    }
+    (response, verdict.strict.take())
+}
+
+/// Counts each matched rule's hit: over, near or within its limit, shadowed, tokens reported.
+fn record_rules(
+    asks: &[Ask<'_, ProtoEntry>],
+    verdict: &Verdict<'_>,
+    near_ratio: f64,
+    global_shadow: bool,
+) {
+    for (ask, status) in asks.iter().zip(&verdict.statuses) {
+        let Some(rule) = status.rule else { continue };
+        let detailed;
+        // Callers' values in a label only where a rule asks for them.
+        let values = match rule.metric_detail {
+            MetricDetail::Rule => None,
+            MetricDetail::LastValue => Some(&ask.entries[ask.entries.len().saturating_sub(1)..]),
+            MetricDetail::AllValues => Some(ask.entries),
+        };
+        let metrics = match values {
+            None => &rule.metrics,
+            Some(entries) => {
+                let values: Vec<&str> = entries.iter().map(|e| e.value.as_str()).collect();
+                let label = format!("{}[{}]", rule.path, values.join("."));
+                detailed = RuleMetrics::register(&rule.domain, &label);
+                &detailed
+            }
+        };
+        if let Purpose::Report { .. } = ask.purpose {
+            metrics.tokens.increment(ask.hits);
+            continue;
+        }
+        metrics.hits.increment(ask.hits);
+        let Some(limit) = status.limit else { continue };
+        if status.over {
+            metrics.over_limit.increment(1);
+            if global_shadow || rule.enforcement == Enforcement::Shadow {
+                metrics.shadow_mode.increment(1);
+            }
+        } else if f64::from(limit.per_unit.saturating_sub(status.remaining))
+            >= near_ratio * f64::from(limit.per_unit)
+        {
+            metrics.near_limit.increment(1);
+        } else {
+            metrics.within_limit.increment(1);
+        }
+    }
+}
+
+/// Settles the strict limits of a request decided locally, and reports them.
+async fn settle_strict(
+    app: &App,
+    mut response: RateLimitResponse,
+    work: &StrictWork,
+) -> RateLimitResponse {
+    let Some(fleet) = &app.fleet else {
+        return response;
+    };
+    let allowed = proto::allows(response.overall_code);
+    let shadow = app.settings.shadow_mode;
+    let (allowed, settled) = strict::settle(fleet, &app.limiter, work, allowed, shadow).await;
+    response.overall_code = proto::code(if allowed { Code::Ok } else { Code::OverLimit });
+    for (ask, status) in response.statuses.iter_mut().enumerate() {
+        if let Some(strict) = work.status_of(ask, &settled, shadow) {
+            *status = proto::descriptor_status(&strict);
+        }
+    }
+    response
+}

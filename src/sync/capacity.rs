@@ -1,0 +1,94 @@
+//! Capacity announcements through Redis: kept in a hash (replicas read it every tick, and a
+//! replica that starts later catches up) and published on a channel (others apply them now).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::RedisError;
+
+use super::{Fleet, SyncError};
+use crate::capacity::Announcement;
+
+impl Fleet {
+    fn capacity_key(&self) -> String {
+        format!("{}:sluice:capacity", self.settings.namespace)
+    }
+
+    /// Announces a capacity reduction to the fleet: kept in a hash (replicas read it every
+    /// tick, and a replica that starts later catches up), and published so others apply it now.
+    pub async fn announce_capacity(
+        &self,
+        domain: &str,
+        rule: &str,
+        a: Announcement,
+    ) -> Result<(), SyncError> {
+        let mut store = self.store().await?;
+        let field = format!("{domain}\u{1f}{rule}");
+        let value = format!("{},{}", a.factor, a.at_ms);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(self.capacity_key())
+            .arg(&field)
+            .arg(&value)
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(self.capacity_key())
+            .arg(7 * 86_400_000u64)
+            .ignore();
+        pipe.cmd("PUBLISH")
+            .arg(self.capacity_key())
+            .arg(&field)
+            .ignore();
+        let () = store.pipeline(&pipe, self.timeout()).await?;
+        Ok(())
+    }
+
+    /// Every capacity announcement the fleet holds.
+    pub async fn capacity_announcements(
+        &self,
+    ) -> Result<Vec<((String, String), Announcement)>, SyncError> {
+        let mut store = self.store().await?;
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(self.capacity_key());
+        let all: HashMap<String, String> = store.command(&cmd, self.timeout()).await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|(field, value)| {
+                let (domain, rule) = field.split_once('\u{1f}')?;
+                let (factor, at) = value.split_once(',')?;
+                let a = Announcement {
+                    factor: factor.parse().ok()?,
+                    at_ms: at.parse().ok()?,
+                };
+                Some(((domain.to_string(), rule.to_string()), a))
+            })
+            .collect())
+    }
+
+    /// Wakes `changed` whenever another replica publishes an announcement (single Redis; on a
+    /// cluster the hash is read every tick anyway).
+    pub async fn follow_capacity(&self, changed: &tokio::sync::Notify) {
+        if self.settings.address.cluster {
+            return;
+        }
+        let Some(url) = self.settings.address.urls.first() else {
+            return;
+        };
+        loop {
+            let subscribed = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(self.capacity_key()).await?;
+                let mut messages = pubsub.on_message();
+                while futures_util::StreamExt::next(&mut messages).await.is_some() {
+                    changed.notify_one();
+                }
+                Ok::<(), RedisError>(())
+            };
+            if let Err(error) = subscribed.await {
+                tracing::debug!(%error, "capacity channel lost; reading the hash every tick meanwhile");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! How counters are named in Redis:
+//! `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
+
+use super::Fleet;
+use crate::limiter::{CounterKey, Unit, Window};
+use crate::rules::{OVERRIDE_SCOPE, Rule};
+
+impl Fleet {
+    /// The key of a counter in one window:
+    /// `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
+    /// The descriptor path is the hash tag, so all windows of a counter share a cluster slot.
+    pub fn counter_key(&self, domain: &str, path: &str, unit: Unit, window: Window) -> String {
+        let mut key = String::new();
+        self.write_counter_key(&mut key, domain, |out| out.push_str(path), unit, window);
+        key
+    }
+
+    /// [`Fleet::counter_key`], appended to `out`, the path written by `path`.
+    pub(super) fn write_counter_key(
+        &self,
+        out: &mut String,
+        domain: &str,
+        path: impl FnOnce(&mut String),
+        unit: Unit,
+        window: Window,
+    ) {
+        use std::fmt::Write;
+        out.push_str(&self.settings.namespace);
+        out.push_str(":ratelimit:");
+        out.push_str(domain);
+        out.push_str(":{");
+        path(out);
+        let _ = write!(out, "}}:{unit}:{}", u64::from(window.0) * unit.seconds());
+    }
+}
+
+pub(super) fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Appends a counter's Redis key in `window` to `out`, its descriptor path as
+/// `api_key_k1.model_gpt-4o` (overrides: `override.k_v`). False for a counter whose rule is no
+/// longer loaded.
+pub(super) fn write_key_of(
+    fleet: &Fleet,
+    out: &mut String,
+    key: &CounterKey,
+    rule: Option<&Rule>,
+    window: Window,
+) -> bool {
+    let (unit, mut parts) = (key.unit(), key.parts());
+    if key.scope() & OVERRIDE_SCOPE != 0 {
+        let Some(domain) = parts.next() else {
+            return false;
+        };
+        let path = |out: &mut String| {
+            out.push_str("override");
+            while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                out.push('.');
+                out.push_str(k);
+                out.push('_');
+                out.push_str(v);
+            }
+        };
+        fleet.write_counter_key(out, domain, path, unit, window);
+        return true;
+    }
+    let Some(rule) = rule else {
+        return false;
+    };
+    let path = |out: &mut String| rule.write_counter_path(out, parts);
+    fleet.write_counter_key(out, &rule.domain, path, unit, window);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limiter::CounterRef;
+    use crate::rules::{SourceFile, compile_file, override_scope};
+    use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
+
+    fn fleet() -> Fleet {
+        Fleet::new(SyncSettings {
+            address: StoreAddress {
+                urls: vec!["redis://127.0.0.1:1".into()],
+                cluster: false,
+                timeout: Duration::from_millis(100),
+            },
+            namespace: "prod".into(),
+            interval: Duration::from_secs(1),
+            quiet_refresh_rounds: 8,
+            policy: FailurePolicy::default(),
+        })
+        .unwrap()
+    }
+
+    fn key_of(key: &CounterKey, rule: Option<&Rule>) -> Option<String> {
+        let mut out = String::from("left alone|");
+        let window = key.unit().window_at(1_767_225_600_000);
+        write_key_of(&fleet(), &mut out, key, rule, window).then_some(out)
+    }
+
+    #[test]
+    fn counter_keys_name_domain_path_unit_and_window_start() {
+        let domain = compile_file(&SourceFile {
+            path: "llm.yaml".into(),
+            text: "domain: llm\ndescriptors:\n  - key: api_key\n    descriptors:\n      - key: model\n        rate_limit: { unit: minute, requests_per_unit: 5 }\n".into(),
+        })
+        .unwrap();
+        let rule = &domain.rules[0];
+        let key = CounterRef {
+            scope: rule.id,
+            unit: Unit::Minute,
+            parts: &["k1", "gpt-4o"],
+        }
+        .to_key();
+        assert_eq!(
+            key_of(&key, Some(rule)).as_deref(),
+            Some("left alone|prod:ratelimit:llm:{api_key_k1.model_gpt-4o}:minute:1767225600")
+        );
+        // A rule no longer loaded: no key, nothing written.
+        assert_eq!(key_of(&key, None), None);
+        let overridden = CounterRef {
+            scope: override_scope("llm", ["api_key"]),
+            unit: Unit::Hour,
+            parts: &["llm", "api_key", "k1"],
+        }
+        .to_key();
+        assert_eq!(
+            key_of(&overridden, None).as_deref(),
+            Some("left alone|prod:ratelimit:llm:{override.api_key_k1}:hour:1767225600")
+        );
+        assert_eq!(
+            fleet().counter_key("llm", "api_key_k1", Unit::Second, Window(1_767_225_600)),
+            "prod:ratelimit:llm:{api_key_k1}:second:1767225600"
+        );
+    }
+}
