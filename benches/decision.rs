@@ -14,14 +14,14 @@ use std::time::{Duration, Instant};
 
 use common::API_KEY_RULE;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sluice::decision::{Ask, Mode, Purpose, decide};
-use sluice::limiter::{Limiter, SystemClock};
-use sluice::rules::RuleSet;
+use sluice::RuleSet;
+use sluice::{Ask, Mode, Purpose, decide};
+use sluice::{Limiter, SystemClock};
 
 fn rules(text: &str) -> RuleSet {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.yaml"), text).unwrap();
-    sluice::rules::load_dir(dir.path()).unwrap()
+    sluice::load_dir(dir.path()).unwrap()
 }
 
 /// `n` exact-value rules plus the one the benchmark hits.

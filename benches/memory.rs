@@ -7,8 +7,8 @@ mod common;
 
 use std::sync::Arc;
 
-use sluice::decision::{Ask, Mode, Purpose, decide};
-use sluice::limiter::{Limiter, SystemClock};
+use sluice::{Ask, Mode, Purpose, decide};
+use sluice::{Limiter, SystemClock};
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -26,7 +26,7 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.yaml"), common::API_KEY_RULE).unwrap();
-    let rules = sluice::rules::load_dir(dir.path()).unwrap();
+    let rules = sluice::load_dir(dir.path()).unwrap();
     let mut kept = Vec::new();
     // Loaded rules first, while the heap is fresh (memory freed later is reused, not returned):
     // 10 and 10,000 exact-value rules (`tenant: tN`), kept while measured.
@@ -35,7 +35,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("rules.yaml"), text).unwrap();
         let before = resident_bytes();
-        let loaded = sluice::rules::load_dir(dir.path()).unwrap();
+        let loaded = sluice::load_dir(dir.path()).unwrap();
         let grown = resident_bytes().saturating_sub(before);
         println!(
             "{n} rules loaded: {:.2} MiB resident, {:.0} bytes per rule",

@@ -6,8 +6,8 @@
 //!     valgrind --tool=callgrind --cache-sim=yes target/release/examples/decide_loop 200000 1000000
 use std::sync::Arc;
 
-use sluice::decision::{Ask, Mode, Purpose, decide};
-use sluice::limiter::{Limiter, SystemClock};
+use sluice::{Ask, Mode, Purpose, decide};
+use sluice::{Limiter, SystemClock};
 
 fn main() {
     let n: usize = std::env::args()
@@ -21,7 +21,7 @@ fn main() {
         "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
     )
     .unwrap();
-    let rules = sluice::rules::load_dir(&dir).unwrap();
+    let rules = sluice::load_dir(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let keys: usize = std::env::args()
         .nth(2)

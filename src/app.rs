@@ -20,12 +20,15 @@ pub struct App {
     /// The rules in force: one atomic load per request; a reload swaps in a new set while
     /// requests in flight finish on the one they loaded.
     pub rules: Arc<ArcSwap<RuleSet>>,
+    /// The counters, the clock, and the fleet view.
     pub limiter: Arc<Limiter>,
+    /// The process settings, as started.
     pub settings: Settings,
     /// What the last reloads did (generation, hash, per-file errors).
     pub reload_status: ArcSwap<ReloadStatus>,
     /// The fleet store, when Redis is configured.
     pub fleet: Option<Arc<Fleet>>,
+    /// Process-wide metric handles.
     pub metrics: ProcessMetrics,
     /// Capacity reductions announced, here or by the fleet.
     pub capacity: Capacity,

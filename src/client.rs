@@ -23,10 +23,20 @@ pub enum ClientError {
     Address(String),
     /// No connection could be made in time.
     #[error("cannot reach sluice at {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
+    Connect {
+        /// Where sluice was looked for.
+        addr: SocketAddr,
+        /// What the connection attempt said.
+        message: String,
+    },
     /// The server answered with an error status.
     #[error("{code:?}: {message}")]
-    Call { code: tonic::Code, message: String },
+    Call {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
 }
 
 /// Parses `key=value,key2=value2` into a descriptor.

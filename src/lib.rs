@@ -1,21 +1,65 @@
-//! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API.
+//! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API, with LLM token limits.
+//!
+//! # One request, in reading order
+//!
+//! 1. `grpc` receives a `ShouldRateLimit` call and hands it to
+//!    `service::answer`, the one pipeline every protocol shares (`/v1/check` too).
+//! 2. `proto` checks it against the request bounds and reads each descriptor into an
+//!    [`Ask`].
+//! 3. [`decide`] finds each ask's rule in the [`RuleSet`] in force, builds the
+//!    request's [`Plan`] (every counter it draws from, replaced limits left out, capacity
+//!    factors applied), and lets the [`Limiter`] settle it: one compare-and-swap per counter,
+//!    all given back if any enforced limit denies.
+//! 4. The [`Verdict`] reports, per descriptor, the limit nearest its end ([`Standing`]).
+//! 5. `service` settles strict limits in Redis, records metrics, and `proto` and `openai`
+//!    write Envoy's response, with OpenAI-style headers and 429 body.
+//!
+//! Beside the request path: `sync` pushes counts to Redis and reads fleet totals back into the
+//! counters; `reload` watches the rule files; `capacity` lowers limits while an upstream is
+//! saturated; `server` wires it all and `admin` serves the operator's HTTP API.
+//!
+//! # Words
+//!
+//! - **ask**: one request descriptor, as the decision needs it (entries, hits, purpose).
+//! - **demand**: what an ask asks of one counter: a charge against its limits.
+//! - **plan**: every demand of a request, with the limit each serves.
+//! - **verdict**: the decision: allowed or not, and each descriptor's status.
+//! - **window**: a fixed span of a limit's unit, aligned to the Unix epoch.
+//! - **counter**: one caller's counts in one window of one rule, in one atomic word.
+//! - **share**: with Redis, the part of what the fleet has left that one replica may take
+//!   between syncs.
+//! - **standing**: where one limit stands after a decision: used, remaining, over.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-pub mod admin;
+mod admin;
 mod app;
-pub mod capacity;
+mod capacity;
 pub mod client;
-pub mod decision;
+mod decision;
 mod grpc;
-pub mod limiter;
+mod limiter;
 mod openai;
 mod proto;
-pub mod reload;
-pub mod rules;
-pub mod server;
+mod reload;
+mod rules;
+mod server;
 mod service;
 pub mod settings;
-pub mod sync;
-pub mod telemetry;
+mod sync;
+mod telemetry;
 
+pub use admin::counters;
 pub use app::App;
+pub use decision::{
+    Ask, Code, Headline, LimitOverride, Mode, Plan, Purpose, ReportedLimit, Standing, Status,
+    Verdict, decide, explain,
+};
+pub use limiter::{
+    Clock, CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome,
+    SystemClock, Unit,
+};
+pub use reload::ReloadStatus;
+pub use rules::{ConfigError, RuleSet, load_dir};
+pub use server::{Running, ServerError, start};
+pub use sync::{FailurePolicy, Fleet, SyncStatus};

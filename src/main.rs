@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use sluice::limiter::SystemClock;
-use sluice::rules::{self, ConfigError};
-use sluice::server::ServerError;
+use sluice::ConfigError;
+use sluice::ServerError;
+use sluice::SystemClock;
 use sluice::settings::{CheckArgs, Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
@@ -32,7 +32,7 @@ fn print_errors(errors: &[ConfigError]) {
 }
 
 fn validate(dir: &std::path::Path) -> ExitCode {
-    match rules::load_dir(dir) {
+    match sluice::load_dir(dir) {
         Ok(set) => {
             println!(
                 "{}: {} domains, {} rules: ok",
@@ -114,7 +114,7 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let grace = settings.shutdown_grace;
         let config = settings.config.clone();
-        let mut running = match sluice::server::start(settings, Arc::new(SystemClock)).await {
+        let mut running = match sluice::start(settings, Arc::new(SystemClock)).await {
             Ok(running) => running,
             Err(ServerError::Rules(errors)) => {
                 print_errors(&errors);

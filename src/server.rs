@@ -29,13 +29,17 @@ pub enum ServerError {
     /// The HTTP address cannot be bound.
     #[error("cannot listen for HTTP on {addr}: {source}")]
     BindHttp {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why it cannot be bound.
         source: std::io::Error,
     },
     /// The gRPC address cannot be bound.
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// Why it cannot be bound.
         source: std::io::Error,
     },
     /// The Redis URLs are not valid.

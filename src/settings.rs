@@ -16,11 +16,14 @@ use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
     version,
     about = "A rate-limit server for Envoy's ShouldRateLimit gRPC API, with LLM token limits."
 )]
+/// The command line.
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// sluice's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve ShouldRateLimit over gRPC, enforcing the rules of a directory.
@@ -34,6 +37,7 @@ pub enum Command {
     Check(CheckArgs),
 }
 
+/// What `sluice check` asks, and of whom.
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {
     /// Address of the sluice gRPC server.
@@ -57,12 +61,16 @@ pub struct CheckArgs {
     pub timeout: Duration,
 }
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// For people.
     Text,
+    /// One JSON object a line, for log collectors.
     Json,
 }
 
+/// The settings of `sluice serve`, one per flag.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
     /// Directory of rule files (*.yaml, *.yml).
@@ -148,6 +156,8 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub rescan_interval: Duration,
 
+    // clap prints this doc as the flag's help, as written: brackets are not links here.
+    #[allow(rustdoc::broken_intra_doc_links)]
     /// Redis for fleet-wide limits: redis://[user:password@]host:port[/db] or rediss:// (TLS).
     /// With --redis-cluster, comma-separated seed URLs of the cluster. Unset: sluice runs alone.
     #[arg(long, env = "REDIS_URL")]
@@ -206,6 +216,7 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Bounds on what one request may carry.
     #[command(flatten)]
     pub request_bounds: RequestBounds,
 }

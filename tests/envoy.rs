@@ -111,7 +111,7 @@ impl Stack {
     /// Tokens sluice has counted for a key's descriptor (its own, local counts).
     async fn tokens_counted(&self, key: &str) -> u32 {
         let app = &self.sluice.running.as_ref().unwrap().app;
-        let usage = sluice::admin::counters::usage(app, "llm_gateway", &[("api_key", key)])
+        let usage = sluice::counters::usage(app, "llm_gateway", &[("api_key", key)])
             .await
             .expect("a rule matches");
         usage

@@ -13,7 +13,7 @@ async fn server() -> TestServer {
 
 #[tokio::test]
 async fn every_example_file_loads_and_validates() {
-    let set = sluice::rules::load_dir(&fixture("envoyproxy-examples")).expect("examples load");
+    let set = sluice::load_dir(&fixture("envoyproxy-examples")).expect("examples load");
     assert_eq!(set.domains().count(), 10);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["validate", fixture("envoyproxy-examples").to_str().unwrap()])

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::T0;
-use sluice::limiter::{
+use sluice::{
     Clock, CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome, Unit,
 };
 

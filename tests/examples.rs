@@ -69,6 +69,6 @@ fn istio_manifests_are_envoy_filters_that_match_the_envoy_example() {
 #[test]
 fn the_envoy_example_rules_load() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/rules");
-    let rules = sluice::rules::load_dir(&dir).expect("example rules load");
+    let rules = sluice::load_dir(&dir).expect("example rules load");
     assert!(rules.domain("llm_gateway").is_some());
 }

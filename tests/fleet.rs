@@ -395,19 +395,17 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
     // Usage and reset of one descriptor, here and in Redis.
     let app = a1.running.as_ref().unwrap().app.clone();
     let entries = [("user", "u1")];
-    let usage = sluice::admin::counters::usage(&app, "ns", &entries)
+    let usage = sluice::counters::usage(&app, "ns", &entries)
         .await
         .expect("matches a rule");
     assert_eq!(usage.path, "user_u1");
     assert_eq!(usage.windows[0].local.requests, 5);
     assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(10));
-    let cleared = sluice::admin::counters::reset(&app, "ns", &entries)
+    let cleared = sluice::counters::reset(&app, "ns", &entries)
         .await
         .expect("a rule matches, and Redis answers");
     assert_eq!((cleared.local_counters, cleared.fleet_keys), (1, 1));
-    let usage = sluice::admin::counters::usage(&app, "ns", &entries)
-        .await
-        .unwrap();
+    let usage = sluice::counters::usage(&app, "ns", &entries).await.unwrap();
     assert_eq!(usage.windows[0].local.requests, 0);
     assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(0));
     let b_key = format!("{ns_b}:ratelimit:ns:{{user_u1}}:minute:{window_start}");

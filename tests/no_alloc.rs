@@ -5,8 +5,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
-use sluice::decision::{Ask, Mode, Purpose, decide};
-use sluice::limiter::{Limiter, ManualClock};
+use sluice::{Ask, Mode, Purpose, decide};
+use sluice::{Limiter, ManualClock};
 
 struct Counting;
 
@@ -63,7 +63,7 @@ descriptors:
 fn deciding_on_existing_counters_allocates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("llm.yaml"), RULES).unwrap();
-    let rules = sluice::rules::load_dir(dir.path()).unwrap();
+    let rules = sluice::load_dir(dir.path()).unwrap();
     let limiter = Limiter::new(Arc::new(ManualClock::new(1_767_225_600_000)));
     let key = [("api_key", "k1")];
     let model = [("api_key", "k1"), ("model", "gpt-4o")];

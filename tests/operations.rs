@@ -406,7 +406,7 @@ async fn readyz_fails_without_rules_and_while_a_required_redis_is_down() {
         s.redis_namespace = Some(ns);
         s.sync_interval = Duration::from_millis(20);
         s.redis_timeout = Duration::from_millis(100);
-        s.redis_failure_policy = sluice::sync::FailurePolicy::Deny;
+        s.redis_failure_policy = sluice::FailurePolicy::Deny;
     })
     .await;
     until_ready(&server, 200).await;

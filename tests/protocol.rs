@@ -733,7 +733,7 @@ fn llm_shorthand_errors_name_the_field() {
         format!("{bad}unlimited_tpm_above: 9000000000\n"),
     )
     .unwrap();
-    let errors = sluice::rules::load_dir(dir.path()).unwrap_err();
+    let errors = sluice::load_dir(dir.path()).unwrap_err();
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     let expect = [
         ("api_keys.keys[0].tier", 7),

@@ -52,7 +52,7 @@ async fn start_watching(files: &[(&str, &str)]) -> TestServer {
     start_with(files, |s| s.reload_debounce = Duration::from_millis(50)).await
 }
 
-fn status(server: &TestServer) -> Arc<sluice::reload::ReloadStatus> {
+fn status(server: &TestServer) -> Arc<sluice::ReloadStatus> {
     server
         .running
         .as_ref()
@@ -170,10 +170,8 @@ async fn a_kubernetes_configmap_symlink_swap_reloads() {
     );
     let mut settings = sluice::settings::Settings::local(dir.path().to_path_buf());
     settings.reload_debounce = Duration::from_millis(50);
-    let clock = Arc::new(sluice::limiter::ManualClock::new(T0));
-    let running = sluice::server::start(settings, clock.clone())
-        .await
-        .unwrap();
+    let clock = Arc::new(sluice::ManualClock::new(T0));
+    let running = sluice::start(settings, clock.clone()).await.unwrap();
     let server = TestServer {
         client: connect(running.grpc_addr).await,
         running: Some(running),

@@ -27,22 +27,28 @@ pub fn seen(local: u32, fleet: Option<u32>) -> u32 {
 /// The counts of one window of a descriptor's rule.
 #[derive(Debug, Clone)]
 pub struct WindowUsage {
+    /// The window's unit.
     pub unit: Unit,
+    /// Its requests-like limit, as configured.
     pub requests_limit: Option<Limit>,
+    /// Its tokens limit, as configured.
     pub tokens_limit: Option<Limit>,
     /// This replica's own counts.
     pub local: Counts,
     /// The fleet's counts in Redis; `None` without Redis or when it did not answer.
     pub fleet: Option<Counts>,
+    /// Time until the window ends.
     pub until_reset: Duration,
 }
 
 /// What a descriptor's counters hold now.
 #[derive(Debug, Clone)]
 pub struct Usage {
+    /// The rule the descriptor matches.
     pub rule: Arc<Rule>,
     /// The descriptor path as stored in Redis: `key_value.key_value`.
     pub path: String,
+    /// One entry per window of the rule, shortest first.
     pub windows: Vec<WindowUsage>,
 }
 
@@ -96,7 +102,9 @@ pub async fn usage<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<U
 /// What a reset cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cleared {
+    /// Counters dropped on this replica.
     pub local_counters: usize,
+    /// Keys deleted in Redis (every window of the counter).
     pub fleet_keys: usize,
 }
 

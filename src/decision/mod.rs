@@ -17,7 +17,7 @@ use std::time::Duration;
 use smallvec::SmallVec;
 
 pub use plan::Plan;
-pub use report::{Headline, Nearest, Standing};
+pub use report::{Headline, Standing};
 pub use strict::{Settled, StrictJob, StrictWork};
 
 use crate::limiter::{Enforcement, Limiter, Outcome, Unit};
@@ -27,7 +27,9 @@ use plan::{CounterNames, Matched};
 /// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitOverride {
+    /// The limit per unit.
     pub per_unit: u32,
+    /// The unit of its window.
     pub unit: Unit,
 }
 
@@ -39,49 +41,69 @@ pub enum Purpose {
     Call,
     /// A request that reserves `tokens` up front (an estimate, e.g. its max tokens): they are
     /// checked and counted now, and settled by the usage report.
-    Reserve { tokens: u64 },
+    Reserve {
+        /// The tokens taken now.
+        tokens: u64,
+    },
     /// A report of tokens used, sent at stream end: its hits are tokens, minus what the request
     /// reserved. Never denied, never counted as a request.
-    Report { reserved: u64 },
+    Report {
+        /// What the request reserved up front.
+        reserved: u64,
+    },
 }
 
 /// One request descriptor, as the decision needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask<'a, E> {
+    /// The entries matched against the rules (reserved `sluice.*` entries removed).
     pub entries: &'a [E],
     /// What this call adds: already resolved from request and descriptor `hits_addend`.
     pub hits: u64,
     /// Give `hits` back instead of taking them.
     pub refund: bool,
+    /// A limit sent with the descriptor, in place of the rules'.
     pub limit_override: Option<LimitOverride>,
+    /// What the call is for.
     pub purpose: Purpose,
 }
 
 /// The limit a status reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportedLimit<'r> {
+    /// The limit's name, if the rule file gives one.
     pub name: Option<&'r str>,
+    /// The limit in force per unit (capacity factor applied).
     pub per_unit: u32,
+    /// The unit of its window.
     pub unit: Unit,
+    /// What it counts.
     pub measure: Measure,
 }
 
+/// Allowed or not: one descriptor's code, or a request's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
+    /// Allowed.
     Ok,
+    /// Denied: an enforced limit is spent.
     OverLimit,
 }
 
 /// The answer for one descriptor.
 #[derive(Debug, Clone)]
 pub struct Status<'r> {
+    /// Over an enforced limit, or not.
     pub code: Code,
     /// Whether the limit reported is over, enforced or not (shadow mode).
     pub over: bool,
     /// `None` when no rule matched, or the rule is unlimited.
     pub limit: Option<ReportedLimit<'r>>,
+    /// What is left of the limit reported (`u32::MAX` when unlimited).
     pub remaining: u32,
+    /// Time until the limit's window ends.
     pub until_reset: Duration,
+    /// The rule matched, if any.
     pub rule: Option<&'r Arc<Rule>>,
 }
 
@@ -98,9 +120,12 @@ impl Status<'_> {
     }
 }
 
+/// A decision on one request.
 #[derive(Debug)]
 pub struct Verdict<'r> {
+    /// Whether the request may pass.
     pub allowed: bool,
+    /// Whether a rule file defines the request's domain.
     pub known_domain: bool,
     /// One per descriptor, in request order. Descriptors of strict rules get theirs once the
     /// strict work is done.

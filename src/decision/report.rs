@@ -13,11 +13,13 @@ use crate::rules::Rule;
 /// Where one limit stands after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Standing<'r> {
+    /// The limit, as a client sees it.
     pub limit: ReportedLimit<'r>,
     /// What the window holds, fleet-wide as this replica sees it.
     pub used: u32,
     /// Whether this call broke the limit, enforced or not.
     pub over: bool,
+    /// Time until its window ends.
     pub until_reset: Duration,
 }
 
@@ -70,7 +72,9 @@ impl<'r, T> Nearest<'r, T> {
 /// `x-ratelimit-*-requests` and `-tokens` headers report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Headline<'r> {
+    /// The requests-like limit nearest its end.
     pub requests: Option<Standing<'r>>,
+    /// The tokens limit nearest its end.
     pub tokens: Option<Standing<'r>>,
 }
 

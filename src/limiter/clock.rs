@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + 'static {
+    /// The time now, in milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
 }
 
@@ -27,14 +28,17 @@ impl Clock for SystemClock {
 pub struct ManualClock(AtomicU64);
 
 impl ManualClock {
+    /// A clock stopped at `now_ms`.
     pub fn new(now_ms: u64) -> Self {
         ManualClock(AtomicU64::new(now_ms))
     }
 
+    /// Moves the clock to `now_ms`.
     pub fn set_ms(&self, now_ms: u64) {
         self.0.store(now_ms, Ordering::Release);
     }
 
+    /// Moves the clock on by `by` milliseconds.
     pub fn advance_ms(&self, by: u64) {
         self.0.fetch_add(by, Ordering::AcqRel);
     }

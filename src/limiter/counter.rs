@@ -32,7 +32,9 @@ const RETIRED: u32 = u32::MAX;
 /// Requests and tokens, counted or charged together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Requests (or hits) counted.
     pub requests: u32,
+    /// Tokens counted.
     pub tokens: u32,
 }
 
@@ -68,7 +70,9 @@ impl Counts {
 /// The limits checked against one counter: either may be absent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
+    /// The requests-like limit, if any.
     pub requests: Option<u32>,
+    /// The tokens limit, if any.
     pub tokens: Option<u32>,
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use counter::{Counter, Counts, Limits, Over, Reading};
 pub use fleet::{FleetState, FleetView};
-pub use table::{CounterKey, CounterRef, CounterTable, Snapshot};
+pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Unit, Window};
 
 /// How a limit takes part in the decision.
@@ -34,11 +34,15 @@ pub enum Enforcement {
 /// One counter a request touches, and what it asks of it.
 #[derive(Debug, Clone, Copy)]
 pub struct Demand<'a> {
+    /// The counter charged.
     pub counter: CounterRef<'a>,
+    /// The limits it is judged against.
     pub limits: Limits,
+    /// What this request adds.
     pub charge: Counts,
     /// Give `charge` back instead of taking it (Envoy's `is_negative_hits`).
     pub refund: bool,
+    /// How the limits take part in the decision.
     pub enforcement: Enforcement,
 }
 
@@ -47,9 +51,11 @@ pub struct Demand<'a> {
 pub struct Outcome {
     /// Counts of the current window once the request is settled.
     pub counts: Counts,
+    /// Which limits the charge broke.
     pub over: Over,
     /// Whether this request's charge stayed counted.
     pub counted: bool,
+    /// Time until the counter's window ends.
     pub until_reset: Duration,
 }
 

@@ -14,8 +14,11 @@ use super::window::Unit;
 /// another's.
 #[derive(Debug, Clone, Copy)]
 pub struct CounterRef<'a> {
+    /// The limit the counter serves: a rule's id, or a request override's scope.
     pub scope: u64,
+    /// The unit of its windows.
     pub unit: Unit,
+    /// The descriptor values that name one caller's counter.
     pub parts: &'a [&'a str],
 }
 
@@ -81,6 +84,7 @@ impl CounterKey {
 }
 
 impl<'a> CounterRef<'a> {
+    /// The owned key the table stores.
     pub fn to_key(self) -> CounterKey {
         let mut parts = SmallVec::new();
         for part in self.parts {

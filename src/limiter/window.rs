@@ -7,10 +7,15 @@ use std::time::Duration;
 /// envoyproxy/ratelimit, so every replica agrees on where a window starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Unit {
+    /// 1 second.
     Second,
+    /// 60 seconds.
     Minute,
+    /// 3,600 seconds.
     Hour,
+    /// 86,400 seconds.
     Day,
+    /// 7 days.
     Week,
     /// 30 days.
     Month,
@@ -19,6 +24,7 @@ pub enum Unit {
 }
 
 impl Unit {
+    /// Every unit, shortest first.
     pub const ALL: [Unit; 7] = [
         Unit::Second,
         Unit::Minute,
@@ -29,6 +35,7 @@ impl Unit {
         Unit::Year,
     ];
 
+    /// Its length in seconds.
     pub const fn seconds(self) -> u64 {
         match self {
             Unit::Second => 1,
@@ -41,10 +48,12 @@ impl Unit {
         }
     }
 
+    /// Its length in milliseconds.
     pub const fn millis(self) -> u64 {
         self.seconds() * 1000
     }
 
+    /// Its name, as rule files and the API write it.
     pub const fn name(self) -> &'static str {
         match self {
             Unit::Second => "second",

@@ -25,11 +25,13 @@ pub struct ReloadStatus {
     pub files_hash: u64,
     /// When a new rule set was last swapped in, in ms since the epoch.
     pub last_success_ms: Option<u64>,
+    /// When a rescan last ran, in ms since the epoch.
     pub last_attempt_ms: Option<u64>,
     /// Scans that swapped in a new rule set.
     pub applied: u64,
     /// Scans that found at least one broken file.
     pub failed: u64,
+    /// Each rule file, as the catalog serves it.
     pub files: Vec<FileStatus>,
 }
 

@@ -1,18 +1,15 @@
 //! Raw rule files → compiled domains. Every error of a file is reported, each with its file,
 //! line and field; a file with any error yields no domain.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::locate::{YamlPath, locate};
 use super::matcher::{Level, Node, Pattern, Selector};
 use super::metadata::to_struct;
-use super::raw::{RawDescriptor, RawFile, RawLimit};
-use super::{
-    ConfigError, Domain, ENDPOINT_KEY, Limit, Measure, MetricDetail, Policy, Rule, RuleWindow,
-    SourceFile, rule_scope,
-};
-use crate::limiter::{Enforcement, Unit};
+use super::raw::{RawDescriptor, RawFile};
+use super::{ConfigError, Domain, ENDPOINT_KEY, MetricDetail, Rule, SourceFile, rule_scope};
+use crate::limiter::Enforcement;
 use crate::telemetry::RuleMetrics;
 
 /// Compiles one rule file into its domain.
@@ -96,14 +93,9 @@ pub(super) struct Compiler<'f> {
     pub(super) domain: String,
     errors: Vec<ConfigError>,
     pub(super) rules: Vec<Arc<Rule>>,
-    names: HashSet<String>,
-    replaced: Vec<(YamlPath, String)>,
-}
-
-/// One limit as written: a limit, or `unlimited: true`.
-enum Written {
-    Unlimited,
-    Limited(Limit),
+    /// Names of the file's limits, and the `replaces` that must name one of them.
+    pub(super) names: HashSet<String>,
+    pub(super) replaced: Vec<(YamlPath, String)>,
 }
 
 impl Compiler<'_> {
@@ -118,7 +110,7 @@ impl Compiler<'_> {
         });
     }
 
-    fn line_of(&self, at: &YamlPath) -> usize {
+    pub(super) fn line_of(&self, at: &YamlPath) -> usize {
         locate(&self.file.text, at).map_or(0, |(line, _)| line)
     }
 
@@ -243,183 +235,6 @@ impl Compiler<'_> {
             rule
         });
         Some(Node { rule, children })
-    }
-
-    /// The descriptor's limits, `None` when it sets none (it only leads to nested descriptors).
-    fn policy(&mut self, raw: &RawDescriptor, at: &YamlPath) -> Option<Policy> {
-        let written: Vec<(YamlPath, &RawLimit)> = raw
-            .rate_limit
-            .iter()
-            .map(|l| (at.field("rate_limit"), l))
-            .chain(
-                raw.limits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| (at.field("limits").index(i), l)),
-            )
-            .collect();
-        if written.is_empty() {
-            return None;
-        }
-        if let Some((path, _)) = written.iter().find(|(_, l)| l.unlimited)
-            && written.len() > 1
-        {
-            self.error(
-                path,
-                "an unlimited descriptor cannot have other limits".into(),
-            );
-        }
-        let mut windows: Vec<RuleWindow> = Vec::new();
-        let mut unlimited = false;
-        let mut slot_paths: HashMap<(Unit, bool), YamlPath> = HashMap::new();
-        for (path, raw_limit) in &written {
-            let limit = match self.limit(raw_limit, path) {
-                None => continue,
-                Some(Written::Unlimited) => {
-                    unlimited = true;
-                    continue;
-                }
-                Some(Written::Limited(limit)) => limit,
-            };
-            let slot = (limit.unit, limit.measure.is_tokens());
-            if let Some(first) = slot_paths.get(&slot) {
-                let line = self.line_of(first);
-                let kind = if slot.1 { "tokens" } else { "requests" };
-                self.error(
-                    path,
-                    format!(
-                        "a second {kind} limit per {} on this descriptor (the first is at line {line})",
-                        limit.unit
-                    ),
-                );
-                continue;
-            }
-            slot_paths.insert(slot, path.clone());
-            let window = match windows.iter_mut().find(|w| w.unit == limit.unit) {
-                Some(window) => window,
-                None => {
-                    windows.push(RuleWindow {
-                        unit: limit.unit,
-                        requests: None,
-                        tokens: None,
-                    });
-                    windows.last_mut().expect("just pushed")
-                }
-            };
-            if limit.measure.is_tokens() {
-                window.tokens = Some(limit);
-            } else {
-                window.requests = Some(limit);
-            }
-        }
-        if unlimited {
-            return Some(Policy::Unlimited);
-        }
-        windows.sort_by_key(|w| w.unit);
-        Some(Policy::Limited(windows.into_boxed_slice()))
-    }
-
-    /// One limit; `None` when it is wrong (its errors recorded).
-    fn limit(&mut self, raw: &RawLimit, at: &YamlPath) -> Option<Written> {
-        let mut ok = true;
-        if let Some(name) = &raw.name {
-            if name.trim().is_empty() {
-                self.error(&at.field("name"), "name must not be empty".into());
-                ok = false;
-            } else {
-                self.names.insert(name.clone());
-            }
-        }
-        for (i, replace) in raw.replaces.iter().enumerate() {
-            let path = at.field("replaces").index(i).field("name");
-            if replace.name.trim().is_empty() {
-                self.error(&path, "name must not be empty".into());
-                ok = false;
-            } else {
-                self.replaced.push((path, replace.name.clone()));
-            }
-        }
-        let amounts: Vec<(Measure, u32)> = [
-            (Measure::Hits, raw.requests_per_unit),
-            (Measure::Requests, raw.requests),
-            (Measure::Tokens, raw.tokens),
-        ]
-        .into_iter()
-        .filter_map(|(m, n)| n.map(|n| (m, n)))
-        .collect();
-
-        if raw.unlimited {
-            if raw.unit.is_some() {
-                self.error(
-                    &at.field("unit"),
-                    "an unlimited limit must not set a unit".into(),
-                );
-                ok = false;
-            }
-            if let Some((measure, _)) = amounts.first() {
-                self.error(
-                    &at.field(measure.field()),
-                    format!("an unlimited limit must not set {}", measure.field()),
-                );
-                ok = false;
-            }
-            return ok.then_some(Written::Unlimited);
-        }
-        let unit = match &raw.unit {
-            None => {
-                self.error(
-                    at,
-                    "missing `unit` (second, minute, hour, day, week, month or year)".into(),
-                );
-                None
-            }
-            Some(text) => {
-                let unit = Unit::parse(text.trim());
-                if unit.is_none() {
-                    self.error(
-                        &at.field("unit"),
-                        format!(
-                            "unknown unit `{text}` (expected second, minute, hour, day, week, month or year)"
-                        ),
-                    );
-                }
-                unit
-            }
-        };
-        let amount = match amounts.as_slice() {
-            [one] => Some(*one),
-            [] => {
-                self.error(
-                    at,
-                    "missing the limit: set requests_per_unit, requests or tokens, or unlimited: true"
-                        .into(),
-                );
-                None
-            }
-            [_, (second, _), ..] => {
-                self.error(
-                    &at.field(second.field()),
-                    "set only one of requests_per_unit, requests and tokens per limit; \
-                     use `limits:` for several"
-                        .into(),
-                );
-                None
-            }
-        };
-        let (unit, (measure, per_unit)) = (unit?, amount?);
-        ok.then(|| {
-            Written::Limited(Limit {
-                name: raw.name.as_deref().map(Into::into),
-                unit,
-                per_unit,
-                measure,
-                replaces: raw
-                    .replaces
-                    .iter()
-                    .map(|r| r.name.as_str().into())
-                    .collect(),
-            })
-        })
     }
 
     fn check_replaces(&mut self) {

@@ -3,6 +3,8 @@
 //! only ever touches the compiled form.
 
 mod compile;
+mod files;
+mod limits;
 pub mod locate;
 pub mod matcher;
 mod metadata;
@@ -10,16 +12,16 @@ pub mod raw;
 mod shorthand;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use envoy_types::pb::google::protobuf::Struct;
 
 pub use compile::compile_file;
+pub use files::{ConfigError, SourceFile, load_dir, read_dir};
 pub use locate::YamlPath;
-pub use matcher::{Entry, Level, Pattern};
+pub use matcher::{Entry, Level};
 
 use crate::limiter::{Enforcement, Unit};
 use crate::telemetry::RuleMetrics;
@@ -291,10 +293,12 @@ impl RuleSet {
         (set, errors)
     }
 
+    /// The rules of one domain.
     pub fn domain(&self, name: &str) -> Option<&Domain> {
         self.domains.get(name).map(|d| &**d)
     }
 
+    /// Every domain.
     pub fn domains(&self) -> impl Iterator<Item = &Arc<Domain>> {
         self.domains.values()
     }
@@ -307,6 +311,7 @@ impl RuleSet {
             .collect()
     }
 
+    /// How many rules the set holds.
     pub fn rule_count(&self) -> usize {
         self.domains.values().map(|d| d.rules.len()).sum()
     }
@@ -367,97 +372,5 @@ impl StableHash {
         let mut hash = StableHash::default();
         hash.eat(bytes);
         hash.finish()
-    }
-}
-
-/// A problem in a rule file, placed as precisely as the file allows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
-    /// Where in the document: `descriptors[1].rate_limit.unit`.
-    pub field: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-            if let Some(column) = self.column {
-                write!(f, ":{column}")?;
-            }
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// A rule file as read from disk.
-#[derive(Debug, Clone)]
-pub struct SourceFile {
-    pub path: PathBuf,
-    pub text: String,
-}
-
-/// The rule files of a directory: `*.yaml` and `*.yml`, not hidden, symlinks followed (as a
-/// Kubernetes ConfigMap volume lays them out), sorted by name. A file that cannot be read is an
-/// error of its own and does not keep the others from loading.
-pub fn read_dir(dir: &Path) -> Result<(Vec<SourceFile>, Vec<ConfigError>), ConfigError> {
-    let io_error = |path: &Path, e: std::io::Error| ConfigError {
-        file: path.to_path_buf(),
-        line: None,
-        column: None,
-        field: None,
-        message: format!("cannot read: {e}"),
-    };
-    let entries = std::fs::read_dir(dir).map_err(|e| io_error(dir, e))?;
-    let mut paths = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| io_error(dir, e))?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let is_rule_file = !name.starts_with('.')
-            && (name.ends_with(".yaml") || name.ends_with(".yml"))
-            && path.is_file();
-        if is_rule_file {
-            paths.push(path);
-        }
-    }
-    paths.sort();
-    let mut files = Vec::new();
-    let mut errors = Vec::new();
-    for path in paths {
-        match std::fs::read_to_string(&path) {
-            Ok(text) => files.push(SourceFile { path, text }),
-            Err(e) => errors.push(io_error(&path, e)),
-        }
-    }
-    Ok((files, errors))
-}
-
-/// Reads and compiles a rule directory, reporting every error of every file.
-pub fn load_dir(dir: &Path) -> Result<RuleSet, Vec<ConfigError>> {
-    let (files, mut errors) = read_dir(dir).map_err(|e| vec![e])?;
-    let mut domains = Vec::new();
-    for file in &files {
-        match compile_file(file) {
-            Ok(domain) => domains.push(Arc::new(domain)),
-            Err(mut file_errors) => errors.append(&mut file_errors),
-        }
-    }
-    let (set, mut domain_errors) = RuleSet::assemble(domains);
-    errors.append(&mut domain_errors);
-    if errors.is_empty() {
-        Ok(set)
-    } else {
-        Err(errors)
     }
 }

@@ -70,13 +70,19 @@ pub struct SyncSettings {
 /// What the sync task last did: for the admin API and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct SyncStatus {
+    /// Whether the last round reached Redis.
     pub reachable: bool,
     /// Replicas seen by their heartbeats, this one included.
     pub replicas: u32,
+    /// When a round last succeeded, in ms since the epoch.
     pub last_success_ms: Option<u64>,
+    /// The error of the last failed round, while failing.
     pub last_error: Option<String>,
+    /// Rounds failed in a row.
     pub consecutive_failures: u32,
+    /// Rounds run.
     pub rounds: u64,
+    /// Rounds failed.
     pub failures: u64,
     /// Duration of the last successful round.
     pub last_round: Duration,
@@ -87,8 +93,10 @@ pub struct SyncStatus {
 /// The fleet store as the rest of sluice uses it: its settings, its connection once made, and
 /// the sync status.
 pub struct Fleet {
+    /// How and where to sync.
     pub settings: SyncSettings,
     store: ArcSwapOption<Store>,
+    /// What the sync task last did.
     pub status: ArcSwap<SyncStatus>,
     replica_id: String,
     strict: redis::Script,
@@ -103,6 +111,7 @@ fn heartbeat_ttl(interval: Duration) -> Duration {
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 
 impl Fleet {
+    /// The fleet store of `settings`; the URLs are checked now, a connection made on first use.
     pub fn new(settings: SyncSettings) -> Result<Fleet, RedisError> {
         Store::validate(&settings.address)?;
         let nanos = std::time::SystemTime::now()

@@ -15,8 +15,8 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descri
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use sluice::limiter::ManualClock;
-use sluice::server::Running;
+use sluice::ManualClock;
+use sluice::Running;
 use sluice::settings::Settings;
 use tonic::transport::Channel;
 
@@ -61,7 +61,7 @@ pub async fn start_at(
     let mut settings = Settings::local(dir.path().to_path_buf());
     configure(&mut settings);
     let clock = Arc::new(ManualClock::new(now_ms));
-    let running = sluice::server::start(settings, clock.clone())
+    let running = sluice::start(settings, clock.clone())
         .await
         .expect("server starts");
     let client = connect(running.grpc_addr).await;
