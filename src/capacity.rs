@@ -98,3 +98,88 @@ impl Capacity {
         changed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::rules::{SourceFile, compile_file};
+
+    const RECOVERY: Recovery = Recovery {
+        factor: 2.0,
+        every: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn a_reduction_recovers_a_step_every_interval_up_to_the_configured_limit() {
+        let announced = Announcement {
+            factor: 0.25,
+            at_ms: 1_000,
+        };
+        let at = |s: u64| RECOVERY.factor_at(announced, 1_000 + s * 1000);
+        assert_eq!(
+            [at(0), at(9), at(10), at(20), at(30), at(1_000)],
+            [0.25, 0.25, 0.5, 1.0, 1.0, 1.0]
+        );
+    }
+
+    #[test]
+    fn factors_are_set_on_the_rules_and_forgotten_once_recovered() {
+        let domain = compile_file(&SourceFile {
+            path: "d.yaml".into(),
+            text: "domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unit: minute, requests_per_unit: 100 }\n".into(),
+        })
+        .unwrap();
+        let (rules, _) = RuleSet::assemble(vec![Arc::new(domain)]);
+        let rule = rules.domain("d").unwrap().rules[0].clone();
+        let capacity = Capacity::default();
+        capacity.record(
+            "d",
+            "k",
+            Announcement {
+                factor: 0.5,
+                at_ms: 1_000,
+            },
+        );
+        // An older announcement, arriving late, does not undo a newer one.
+        capacity.record(
+            "d",
+            "k",
+            Announcement {
+                factor: 0.9,
+                at_ms: 500,
+            },
+        );
+        let kept: Vec<f64> = capacity
+            .announcements()
+            .iter()
+            .map(|(_, a)| a.factor)
+            .collect();
+        assert_eq!(kept, [0.5]);
+        let capacity = Capacity::default();
+        capacity.record(
+            "d",
+            "k",
+            Announcement {
+                factor: 0.5,
+                at_ms: 0,
+            },
+        );
+        assert_eq!(
+            capacity.apply(&rules, RECOVERY, 0),
+            [("d".to_string(), "k".to_string(), 0.5)]
+        );
+        assert_eq!(rule.capacity.apply(100), 50);
+        assert!(
+            capacity.apply(&rules, RECOVERY, 5_000).is_empty(),
+            "no change within a step"
+        );
+        assert_eq!(capacity.apply(&rules, RECOVERY, 10_000)[0].2, 1.0);
+        assert_eq!(rule.capacity.apply(100), 100);
+        assert!(
+            capacity.announcements().is_empty(),
+            "a recovered announcement is forgotten"
+        );
+    }
+}

@@ -325,3 +325,99 @@ pub async fn run(
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: minute, requests_per_unit: 5 }\n";
+    const A_TEN: &str = "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: minute, requests_per_unit: 10 }\n";
+    const BROKEN: &str = "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: fortnight, requests_per_unit: 10 }\n";
+
+    fn limit_of(set: &RuleSet, domain: &str) -> Option<u32> {
+        let rule = set.domain(domain)?.rules.first()?.clone();
+        rule.limits().next().map(|l| l.per_unit)
+    }
+
+    fn changed(scan: Scan) -> RuleSet {
+        match scan {
+            Scan::Changed(set) => set,
+            Scan::Unchanged => panic!("expected a new rule set"),
+        }
+    }
+
+    #[test]
+    fn a_broken_edit_keeps_the_last_good_version_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, A).unwrap();
+        let (mut catalog, set) = Catalog::load(dir.path(), 1_000).unwrap();
+        assert_eq!(limit_of(&set, "a"), Some(5));
+        assert_eq!(catalog.status().generation, 1);
+        assert!(
+            matches!(catalog.rescan(2_000), Scan::Unchanged),
+            "nothing changed"
+        );
+
+        std::fs::write(&file, BROKEN).unwrap();
+        let set = changed(catalog.rescan(3_000));
+        assert_eq!(
+            limit_of(&set, "a"),
+            Some(5),
+            "the good version still serves"
+        );
+        let status = catalog.status();
+        assert!(status.files[0].stale);
+        assert_eq!(status.files[0].errors[0].line, Some(4));
+        assert_eq!(status.failed, 1);
+
+        std::fs::write(&file, A_TEN).unwrap();
+        let set = changed(catalog.rescan(4_000));
+        assert_eq!(limit_of(&set, "a"), Some(10));
+        let status = catalog.status();
+        assert!(!status.files[0].stale && status.files[0].errors.is_empty());
+        // Times come from the caller's clock.
+        assert_eq!(
+            (status.last_success_ms, status.last_attempt_ms),
+            (Some(4_000), Some(4_000))
+        );
+    }
+
+    #[test]
+    fn a_second_file_for_a_domain_is_left_out_and_a_removed_file_takes_its_domain_along() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), A).unwrap();
+        let (mut catalog, _) = Catalog::load(dir.path(), 0).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), A_TEN).unwrap();
+        let set = changed(catalog.rescan(1));
+        assert_eq!(
+            limit_of(&set, "a"),
+            Some(5),
+            "the file that served the domain keeps it"
+        );
+        let b = catalog
+            .status()
+            .files
+            .into_iter()
+            .find(|f| f.path.ends_with("b.yaml"))
+            .unwrap();
+        assert!(b.domain.is_none() && b.errors[0].message.contains("already defined"));
+
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let set = changed(catalog.rescan(2));
+        assert_eq!(limit_of(&set, "a"), Some(10), "b's now");
+    }
+
+    #[test]
+    fn a_start_with_any_error_is_refused_with_every_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), BROKEN).unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "domain: b\ndescriptors: [{ key: x, rate_limit: { unit: minute } }]\n",
+        )
+        .unwrap();
+        let errors = Catalog::load(dir.path(), 0).err().expect("refused");
+        assert_eq!(errors.len(), 2);
+    }
+}

@@ -266,3 +266,162 @@ fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
     let v = |d: &RawDescriptor| d.value.clone().filter(|v| !v.is_empty());
     v(a) == v(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Consistency, Policy};
+
+    fn compile(text: &str) -> Result<Domain, Vec<ConfigError>> {
+        compile_file(&SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        })
+    }
+
+    /// Each error as `line: field: message`.
+    fn errors(text: &str) -> Vec<String> {
+        compile(text)
+            .expect_err("the file is wrong")
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {}: {}",
+                    e.line.unwrap_or(0),
+                    e.field.as_deref().unwrap_or("-"),
+                    e.message
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_nested_descriptor_becomes_one_rule_per_level_that_limits() {
+        let domain = compile(
+            "domain: llm
+descriptors:
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 60 }
+    descriptors:
+      - key: model
+        value: gpt-4o
+        consistency: strict
+        detailed_metric: true
+        limits:
+          - { unit: minute, requests: 20 }
+          - { unit: minute, tokens: 1000 }
+          - { unit: day, tokens: 50000 }
+  - key: endpoint
+    value: openai
+    value_to_metric: true
+    rate_limit: { unit: second, requests_per_unit: 10 }
+",
+        )
+        .unwrap();
+        let paths: Vec<&str> = domain.rules.iter().map(|r| &*r.path).collect();
+        assert_eq!(
+            paths,
+            ["api_key.model_gpt-4o", "api_key", "endpoint_openai"]
+        );
+        let model = &domain.rules[0];
+        assert_eq!(model.consistency, Consistency::Strict);
+        assert_eq!(model.metric_detail, MetricDetail::AllValues);
+        // Limits of one unit share a window: minute (requests + tokens), then day.
+        let Policy::Limited(windows) = &model.policy else {
+            panic!("limited")
+        };
+        let units: Vec<_> = windows
+            .iter()
+            .map(|w| (w.unit.name(), w.requests.is_some(), w.tokens.is_some()))
+            .collect();
+        assert_eq!(units, [("minute", true, true), ("day", false, true)]);
+        assert_eq!(domain.rules[1].consistency, Consistency::Approximate);
+        assert_eq!(domain.rules[1].endpoint, None);
+        let endpoint = &domain.rules[2];
+        assert_eq!(endpoint.endpoint.as_deref(), Some("openai"));
+        assert_eq!(endpoint.metric_detail, MetricDetail::LastValue);
+        // The same descriptor path gets the same id, whatever the file around it.
+        let again = compile("domain: llm\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n").unwrap();
+        assert_eq!(again.rules[0].id, domain.rules[1].id);
+    }
+
+    #[test]
+    fn every_error_of_a_file_names_its_line_and_field() {
+        let text = "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: fortnight, requests_per_unit: 1 }
+  - key: b
+    rate_limit: { unit: minute }
+  - key: c
+    rate_limit: { unit: minute, requests_per_unit: 1, replaces: [{ name: nobody }] }
+  - key: a
+    rate_limit: { unit: minute, requests_per_unit: 1 }
+";
+        assert_eq!(
+            errors(text),
+            [
+                "4: descriptors[0].rate_limit.unit: unknown unit `fortnight` (expected second, minute, hour, day, week, month or year)",
+                "6: descriptors[1].rate_limit: missing the limit: set requests_per_unit, requests or tokens, or unlimited: true",
+                "8: descriptors[2].rate_limit.replaces[0].name: replaces `nobody`, but no limit in this domain has that name",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicates_and_bad_choices_are_refused() {
+        let duplicate = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n  - key: a\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n";
+        assert_eq!(
+            errors(duplicate),
+            ["5: descriptors[1]: duplicate descriptor `a` at this level (first at line 3)"]
+        );
+        // A choice outside its set is a YAML error, placed by serde.
+        let bad = errors("domain: d\ndescriptors:\n  - key: a\n    consistency: eventual\n");
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].starts_with("4: descriptors[0].consistency: unknown variant `eventual`"),
+            "{bad:?}"
+        );
+        let two_kinds = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests: 1, tokens: 5 }\n";
+        assert_eq!(
+            errors(two_kinds),
+            [
+                "4: descriptors[0].rate_limit.tokens: set only one of requests_per_unit, requests and tokens per limit; use `limits:` for several"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_shorthand_refuses_unknown_keys_when_asked_and_hides_keys_in_names() {
+        let domain = compile(
+            "domain: gw
+api_keys:
+  tiers: { free: { rpm: 5, tpm: 100 } }
+  unknown_keys: deny
+  keys:
+    - { key: secret-key-1, tier: free }
+endpoints:
+  - { id: openai, rpm_limit: 100 }
+",
+        )
+        .unwrap();
+        let paths: Vec<&str> = domain.rules.iter().map(|r| &*r.path).collect();
+        assert_eq!(paths.len(), 3);
+        assert!(paths[0].starts_with("api_key_sha256_") && !paths[0].contains("secret"));
+        assert_eq!(paths[1], "api_key", "the rule of keys not listed");
+        let Policy::Limited(windows) = &domain.rules[1].policy else {
+            panic!("limited")
+        };
+        assert_eq!(
+            windows[0].requests.as_ref().map(|l| l.per_unit),
+            Some(0),
+            "refused"
+        );
+        assert_eq!(domain.rules[2].endpoint.as_deref(), Some("openai"));
+        let bad = errors("domain: gw\napi_keys:\n  unknown_keys: maybe\n");
+        assert!(
+            bad[0].contains("api_keys.unknown_keys: unknown variant `maybe`"),
+            "{bad:?}"
+        );
+    }
+}
