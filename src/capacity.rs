@@ -17,14 +17,68 @@ use crate::rules::{Factor, RuleSet};
 /// One announcement.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Announcement {
+    /// The share of the configured limit left in force, above 0 and below 1.
     pub factor: f64,
+    /// When it was announced, in ms since the epoch: recovery counts from here.
     pub at_ms: u64,
+}
+
+impl Announcement {
+    /// As the fleet store keeps it: `factor,at_ms`.
+    pub fn encode(&self) -> String {
+        format!("{},{}", self.factor, self.at_ms)
+    }
+
+    /// The stored form read back; `None` if it is not one.
+    pub fn decode(text: &str) -> Option<Announcement> {
+        let (factor, at) = text.split_once(',')?;
+        Some(Announcement {
+            factor: factor.parse().ok()?,
+            at_ms: at.parse().ok()?,
+        })
+    }
+}
+
+/// Which rule an announcement is for: its domain and descriptor path (as `/v1/rules` lists it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleName {
+    /// The rule's domain.
+    pub domain: String,
+    /// The rule's descriptor path.
+    pub rule: String,
+}
+
+impl RuleName {
+    /// As the fleet store keys it: domain and path with a unit separator between.
+    pub fn encode(&self) -> String {
+        format!("{}\u{1f}{}", self.domain, self.rule)
+    }
+
+    /// The stored form read back; `None` if it is not one.
+    pub fn decode(text: &str) -> Option<RuleName> {
+        let (domain, rule) = text.split_once('\u{1f}')?;
+        Some(RuleName {
+            domain: domain.to_string(),
+            rule: rule.to_string(),
+        })
+    }
+}
+
+/// A rule whose factor changed, and its new factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Changed {
+    /// The rule.
+    pub name: RuleName,
+    /// Its factor now, a fraction of the configured limit.
+    pub factor: f64,
 }
 
 /// How capacity recovers.
 #[derive(Debug, Clone, Copy)]
 pub struct Recovery {
+    /// The factor a reduced limit grows by at each step.
     pub factor: f64,
+    /// How often it steps.
     pub every: Duration,
 }
 
@@ -37,28 +91,27 @@ impl Recovery {
     }
 }
 
-/// Announcements by (domain, rule path).
+/// Announcements by rule.
 #[derive(Debug, Default)]
 pub struct Capacity {
-    announced: Mutex<HashMap<(String, String), Announcement>>,
+    announced: Mutex<HashMap<RuleName, Announcement>>,
 }
 
 impl Capacity {
     /// Records an announcement, keeping the newest per rule.
-    pub fn record(&self, domain: &str, rule: &str, announcement: Announcement) {
+    pub fn record(&self, name: RuleName, announcement: Announcement) {
         let mut map = self
             .announced
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let entry = map
-            .entry((domain.to_string(), rule.to_string()))
-            .or_insert(announcement);
+        let entry = map.entry(name).or_insert(announcement);
         if announcement.at_ms >= entry.at_ms {
             *entry = announcement;
         }
     }
 
-    pub fn announcements(&self) -> Vec<((String, String), Announcement)> {
+    /// Every announcement not yet fully recovered.
+    pub fn announcements(&self) -> Vec<(RuleName, Announcement)> {
         let map = self
             .announced
             .lock()
@@ -68,12 +121,7 @@ impl Capacity {
 
     /// Sets every rule's factor for `now_ms`, forgetting announcements fully recovered. Returns
     /// the rules whose factor changed, with the new factor.
-    pub fn apply(
-        &self,
-        rules: &RuleSet,
-        recovery: Recovery,
-        now_ms: u64,
-    ) -> Vec<(String, String, f64)> {
+    pub fn apply(&self, rules: &RuleSet, recovery: Recovery, now_ms: u64) -> Vec<Changed> {
         let mut map = self
             .announced
             .lock()
@@ -81,16 +129,19 @@ impl Capacity {
         let mut changed = Vec::new();
         for domain in rules.domains() {
             for rule in &domain.rules {
-                let key = (domain.name.to_string(), rule.path.to_string());
+                let name = RuleName {
+                    domain: domain.name.to_string(),
+                    rule: rule.path.to_string(),
+                };
                 let factor = map
-                    .get(&key)
+                    .get(&name)
                     .map_or(1.0, |a| recovery.factor_at(*a, now_ms));
                 let millionths = (factor * f64::from(Factor::FULL))
                     .round()
                     .clamp(1.0, f64::from(Factor::FULL)) as u32;
                 if rule.capacity.get() != millionths {
                     rule.capacity.set(millionths);
-                    changed.push((key.0.clone(), key.1.clone(), factor));
+                    changed.push(Changed { name, factor });
                 }
             }
         }
@@ -105,6 +156,26 @@ mod tests {
 
     use super::*;
     use crate::rules::{SourceFile, compile_file};
+
+    fn name() -> RuleName {
+        RuleName {
+            domain: "d".into(),
+            rule: "k".into(),
+        }
+    }
+
+    #[test]
+    fn announcements_are_stored_as_text_and_read_back() {
+        let a = Announcement {
+            factor: 0.25,
+            at_ms: 1_767_225_600_000,
+        };
+        assert_eq!(a.encode(), "0.25,1767225600000");
+        assert_eq!(Announcement::decode(&a.encode()), Some(a));
+        assert_eq!(Announcement::decode("half,now"), None);
+        assert_eq!(RuleName::decode(&name().encode()), Some(name()));
+        assert_eq!(RuleName::decode("no separator"), None);
+    }
 
     const RECOVERY: Recovery = Recovery {
         factor: 2.0,
@@ -135,8 +206,7 @@ mod tests {
         let rule = rules.domain("d").unwrap().rules[0].clone();
         let capacity = Capacity::default();
         capacity.record(
-            "d",
-            "k",
+            name(),
             Announcement {
                 factor: 0.5,
                 at_ms: 1_000,
@@ -144,8 +214,7 @@ mod tests {
         );
         // An older announcement, arriving late, does not undo a newer one.
         capacity.record(
-            "d",
-            "k",
+            name(),
             Announcement {
                 factor: 0.9,
                 at_ms: 500,
@@ -159,8 +228,7 @@ mod tests {
         assert_eq!(kept, [0.5]);
         let capacity = Capacity::default();
         capacity.record(
-            "d",
-            "k",
+            name(),
             Announcement {
                 factor: 0.5,
                 at_ms: 0,
@@ -168,14 +236,17 @@ mod tests {
         );
         assert_eq!(
             capacity.apply(&rules, RECOVERY, 0),
-            [("d".to_string(), "k".to_string(), 0.5)]
+            [Changed {
+                name: name(),
+                factor: 0.5
+            }]
         );
         assert_eq!(rule.capacity.apply(100), 50);
         assert!(
             capacity.apply(&rules, RECOVERY, 5_000).is_empty(),
             "no change within a step"
         );
-        assert_eq!(capacity.apply(&rules, RECOVERY, 10_000)[0].2, 1.0);
+        assert_eq!(capacity.apply(&rules, RECOVERY, 10_000)[0].factor, 1.0);
         assert_eq!(rule.capacity.apply(100), 100);
         assert!(
             capacity.announcements().is_empty(),

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
+use crate::capacity::RuleName;
 use crate::grpc::RateLimitGrpc;
 use crate::limiter::{Clock, Limiter};
 use crate::reload::{self, Catalog, ReloadSettings};
@@ -260,8 +261,8 @@ async fn keep_capacity(app: Arc<App>) {
             if let Some(fleet) = &app.fleet {
                 match fleet.capacity_announcements().await {
                     Ok(found) => {
-                        for ((domain, rule), a) in found {
-                            app.capacity.record(&domain, &rule, a);
+                        for (name, a) in found {
+                            app.capacity.record(name, a);
                         }
                     }
                     Err(error) => {
@@ -271,7 +272,8 @@ async fn keep_capacity(app: Arc<App>) {
             }
             let rules = app.rules.load_full();
             let now = app.limiter.clock().now_ms();
-            for (domain, rule, factor) in app.capacity.apply(&rules, recovery, now) {
+            for changed in app.capacity.apply(&rules, recovery, now) {
+                let (RuleName { domain, rule }, factor) = (changed.name, changed.factor);
                 tracing::info!(%domain, %rule, factor, "capacity factor changed");
                 crate::telemetry::capacity_factor(domain, rule, factor);
             }

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::body::ReduceBody;
 use super::{Failure, Shared, authorize, counters};
-use crate::capacity::Announcement;
+use crate::capacity::{Announcement, RuleName};
 use crate::rules::{ENDPOINT_KEY, Factor};
 
 /// Announces that an upstream is saturated: the rule's limit drops by `factor` here and, with
@@ -45,10 +45,14 @@ pub(super) async fn reduce(
         factor: (current * factor).max(0.000_001),
         at_ms: now,
     };
-    app.capacity.record(&body.domain, &body.rule, announcement);
+    let name = RuleName {
+        domain: body.domain.clone(),
+        rule: body.rule.clone(),
+    };
+    app.capacity.record(name.clone(), announcement);
     if let Some(fleet) = &app.fleet {
         fleet
-            .announce_capacity(&body.domain, &body.rule, announcement)
+            .announce_capacity(&name, announcement)
             .await
             .map_err(|e| Failure(StatusCode::BAD_GATEWAY, format!("Redis: {e}")))?;
     }

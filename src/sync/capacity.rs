@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::RedisError;
 
 use super::{Fleet, SyncError};
-use crate::capacity::Announcement;
+use crate::capacity::{Announcement, RuleName};
 
 impl Fleet {
     fn capacity_key(&self) -> String {
@@ -18,13 +18,11 @@ impl Fleet {
     /// tick, and a replica that starts later catches up), and published so others apply it now.
     pub async fn announce_capacity(
         &self,
-        domain: &str,
-        rule: &str,
+        name: &RuleName,
         a: Announcement,
     ) -> Result<(), SyncError> {
         let mut store = self.store().await?;
-        let field = format!("{domain}\u{1f}{rule}");
-        let value = format!("{},{}", a.factor, a.at_ms);
+        let (field, value) = (name.encode(), a.encode());
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
             .arg(self.capacity_key())
@@ -44,9 +42,7 @@ impl Fleet {
     }
 
     /// Every capacity announcement the fleet holds.
-    pub async fn capacity_announcements(
-        &self,
-    ) -> Result<Vec<((String, String), Announcement)>, SyncError> {
+    pub async fn capacity_announcements(&self) -> Result<Vec<(RuleName, Announcement)>, SyncError> {
         let mut store = self.store().await?;
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.capacity_key());
@@ -54,13 +50,7 @@ impl Fleet {
         Ok(all
             .into_iter()
             .filter_map(|(field, value)| {
-                let (domain, rule) = field.split_once('\u{1f}')?;
-                let (factor, at) = value.split_once(',')?;
-                let a = Announcement {
-                    factor: factor.parse().ok()?,
-                    at_ms: at.parse().ok()?,
-                };
-                Some(((domain.to_string(), rule.to_string()), a))
+                Some((RuleName::decode(&field)?, Announcement::decode(&value)?))
             })
             .collect())
     }
