@@ -106,6 +106,55 @@ impl Drop for Server {
     }
 }
 
+/// The cores servers run on and the load generator (this process, and Redis) runs on: on two
+/// cores or more, apart, so the load never takes the server's core (`LOAD_PIN=0`: unpinned).
+struct Pinning {
+    server: Option<&'static str>,
+    load: Option<&'static str>,
+}
+
+impl Pinning {
+    fn from_env() -> Pinning {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let wanted = std::env::var("LOAD_PIN").map_or(true, |v| v != "0");
+        if wanted && cores >= 2 {
+            Pinning {
+                server: Some("0"),
+                load: Some("1"),
+            }
+        } else {
+            Pinning {
+                server: None,
+                load: None,
+            }
+        }
+    }
+
+    /// `program`, started on `cpu` when one is given (with `taskset`, which execs it: the pid
+    /// is the program's).
+    fn command(cpu: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match cpu {
+            None => Command::new(program),
+            Some(cpu) => {
+                let mut command = Command::new("taskset");
+                command.arg("-c").arg(cpu).arg(program);
+                command
+            }
+        }
+    }
+
+    /// Pins this process's main thread, before any other thread exists: the load runtime's
+    /// threads inherit it.
+    fn pin_self(&self) {
+        let Some(cpu) = self.load else { return };
+        let pinned = Command::new("taskset")
+            .args(["-p", "-c", cpu, &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status();
+        assert!(pinned.is_ok_and(|s| s.success()), "taskset -p failed; LOAD_PIN=0 runs unpinned");
+    }
+}
+
 fn start(command: &mut Command, port: u16) -> Server {
     let child = command
         .stdout(Stdio::null())
@@ -383,6 +432,8 @@ fn main() {
     let sluice = std::env::var("SLUICE_BIN")
         .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/sluice").into());
     let redis = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let pinning = Pinning::from_env();
+    pinning.pin_self();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bench.yaml"), rules(10)).unwrap();
     let many_rules_dir = tempfile::tempdir().unwrap();
@@ -395,7 +446,7 @@ fn main() {
 
     let redis_port = free_port();
     let redis_server = start(
-        Command::new(&redis).args([
+        Pinning::command(pinning.load, &redis).args([
             "--port",
             &redis_port.to_string(),
             "--bind",
@@ -410,13 +461,14 @@ fn main() {
     let noop = {
         let port = free_port();
         start(
-            Command::new(std::env::current_exe().unwrap()).args(["--noop", &port.to_string()]),
+            Pinning::command(pinning.server, std::env::current_exe().unwrap())
+                .args(["--noop", &port.to_string()]),
             port,
         )
     };
     let sluice_server_of = |config: &std::path::Path, with_redis: bool| {
         let (port, http_port) = (free_port(), free_port());
-        let mut command = Command::new(&sluice);
+        let mut command = Pinning::command(pinning.server, &sluice);
         command.args([
             "serve",
             "--config",
@@ -450,17 +502,26 @@ fn main() {
     let ten = ten_descriptors();
 
     println!(
-        "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores; {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match pinning.server {
+            Some(cpu) => format!("servers pinned to core {cpu}, load and Redis to the other"),
+            None => "unpinned".into(),
+        }
     );
     println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>14}",
-        "run", "req/s", "p50 ms", "p99 ms", "p999 ms", "CPU s/100k"
+        "{:<34} {:>10} {:>12} {:>9} {:>9} {:>9} {:>14}",
+        "run", "req/s", "req/CPU-s", "p50 ms", "p99 ms", "p999 ms", "CPU s/100k"
     );
     let show = |name: &str, run: &Run| {
         println!(
-            "{name:<34} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
-            run.rps, run.p50, run.p99, run.p999, run.cpu_per_100k
+            "{name:<34} {:>10.0} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
+            run.rps,
+            100_000.0 / run.cpu_per_100k.max(f64::MIN_POSITIVE),
+            run.p50,
+            run.p99,
+            run.p999,
+            run.cpu_per_100k
         );
     };
     let rounds: usize = std::env::var("LOAD_ROUNDS")
