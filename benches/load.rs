@@ -151,7 +151,10 @@ impl Pinning {
             .args(["-p", "-c", cpu, &std::process::id().to_string()])
             .stdout(Stdio::null())
             .status();
-        assert!(pinned.is_ok_and(|s| s.success()), "taskset -p failed; LOAD_PIN=0 runs unpinned");
+        assert!(
+            pinned.is_ok_and(|s| s.success()),
+            "taskset -p failed; LOAD_PIN=0 runs unpinned"
+        );
     }
 }
 

@@ -139,10 +139,14 @@ pub struct Verdict<'r> {
 
 impl Verdict<'_> {
     fn unknown_domain(asks: usize) -> Self {
+        let mut statuses = SmallVec::new();
+        for _ in 0..asks {
+            statuses.push(Status::unmatched());
+        }
         Verdict {
             allowed: true,
             known_domain: false,
-            statuses: (0..asks).map(|_| Status::unmatched()).collect(),
+            statuses,
             strict: None,
             headline: Headline::default(),
         }
@@ -172,31 +176,31 @@ pub fn decide<'r, E: Entry>(
         return Verdict::unknown_domain(asks.len());
     };
     let matched = Matched::find(domain_rules, asks);
-    let names = CounterNames::of(&matched.rules, domain, asks);
-    let plan = Plan::build(&matched, &names, domain, asks, mode);
+    let mut names = CounterNames::default();
+    names.name(&matched.rules, domain, asks);
+    let mut plan = Plan::new();
+    plan.build(&matched, &names, domain, asks, mode);
     let mut outcomes: SmallVec<[Outcome; 8]> =
         SmallVec::from_elem(Outcome::default(), plan.demands().len());
     let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
-    let statuses = asks
-        .iter()
-        .enumerate()
-        .map(
-            |(i, ask)| match matched.rules[i].filter(|_| ask.limit_override.is_none()) {
-                Some(rule) if matches!(rule.policy, Policy::Unlimited) => Status {
-                    remaining: u32::MAX,
-                    rule: Some(rule),
-                    ..Status::unmatched()
-                },
-                rule => report::status(&plan, &outcomes, i, rule),
+    let mut statuses = SmallVec::new();
+    for (i, ask) in asks.iter().enumerate() {
+        let status = match matched.rules[i].filter(|_| ask.limit_override.is_none()) {
+            Some(rule) if matches!(rule.policy, Policy::Unlimited) => Status {
+                remaining: u32::MAX,
+                rule: Some(rule),
+                ..Status::unmatched()
             },
-        )
-        .collect();
+            rule => report::status(&plan, &outcomes, i, rule),
+        };
+        statuses.push(status);
+    }
     let headline = report::headline(asks, &plan, &outcomes);
     Verdict {
         allowed,
         known_domain: true,
         statuses,
-        strict: plan.into_strict_work(&outcomes),
+        strict: plan.take_strict_work(&outcomes),
         headline,
     }
 }
@@ -224,12 +228,14 @@ pub fn explain<'r, E: Entry>(
 ) -> Option<Vec<Explained<'r>>> {
     let domain_rules = rules.domain(domain)?;
     let matched = Matched::find(domain_rules, asks);
-    let names = CounterNames::of(&matched.rules, domain, asks);
+    let mut names = CounterNames::default();
+    names.name(&matched.rules, domain, asks);
     let local = Mode {
         strict_in_store: false,
         ..mode
     };
-    let plan = Plan::build(&matched, &names, domain, asks, local);
+    let mut plan = Plan::new();
+    plan.build(&matched, &names, domain, asks, local);
     let mut outcomes = vec![Outcome::default(); plan.demands().len()];
     limiter.assess(plan.demands(), &mut outcomes);
     let judged = (0..asks.len())

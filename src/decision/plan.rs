@@ -21,11 +21,14 @@ pub(super) struct Matched<'r> {
 }
 
 impl<'r> Matched<'r> {
+    // Pushed one by one: `collect` into a SmallVec goes through its generic `extend`, which
+    // cost ~200 instructions a request more (callgrind).
+    #[inline]
     pub fn find<E: Entry>(domain: &'r Domain, asks: &[Ask<'_, E>]) -> Self {
-        let rules = asks
-            .iter()
-            .map(|ask| domain.tree.find(ask.entries))
-            .collect();
+        let mut rules = SmallVec::new();
+        for ask in asks {
+            rules.push(domain.tree.find(ask.entries));
+        }
         Matched { domain, rules }
     }
 
@@ -47,37 +50,41 @@ impl<'r> Matched<'r> {
 
 /// The values naming each descriptor's counters, in one buffer (a span per descriptor). An
 /// override's counter is named by its domain and entries, as no rule names it.
+#[derive(Default)]
 pub(super) struct CounterNames<'v> {
     values: SmallVec<[&'v str; 8]>,
     spans: SmallVec<[(u32, u32); 4]>,
 }
 
 impl<'v> CounterNames<'v> {
-    /// `rules` are each descriptor's matched rule (a slice: the matched set outlives this).
-    pub fn of<E: Entry>(
+    /// Names each descriptor's counters; `rules` are their matched rules (a slice: the matched
+    /// set outlives this). Filled in place: moved, the buffers would be copied on every
+    /// request (measured: a 176-byte memcpy a decision).
+    #[inline]
+    pub fn name<E: Entry>(
+        &mut self,
         rules: &[Option<&'v Arc<Rule>>],
         domain: &'v str,
         asks: &'v [Ask<'v, E>],
-    ) -> Self {
-        let mut names = CounterNames {
-            values: SmallVec::new(),
-            spans: SmallVec::new(),
-        };
+    ) {
         for (ask, rule) in asks.iter().zip(rules) {
-            let start = names.values.len() as u32;
+            let start = self.values.len() as u32;
             match (ask.limit_override, rule) {
-                (None, Some(rule)) => names.values.extend(rule.counter_parts(ask.entries)),
+                (None, Some(rule)) => {
+                    for value in rule.counter_parts(ask.entries) {
+                        self.values.push(value);
+                    }
+                }
                 _ => {
-                    names.values.push(domain);
+                    self.values.push(domain);
                     for e in ask.entries {
-                        names.values.push(e.key());
-                        names.values.push(e.value());
+                        self.values.push(e.key());
+                        self.values.push(e.value());
                     }
                 }
             }
-            names.spans.push((start, names.values.len() as u32));
+            self.spans.push((start, self.values.len() as u32));
         }
-        names
     }
 
     fn of_ask(&self, i: usize) -> &[&'v str] {
@@ -100,6 +107,7 @@ pub(super) struct Source<'r> {
 impl<'r> Source<'r> {
     /// Where the demand's requests-like and tokens limits stand after `outcome`, as a client
     /// sees them: the rule's limits at their capacity factor, or the request's override.
+    #[inline]
     pub fn standings(&self, outcome: &Outcome) -> [Option<Standing<'r>>; 2] {
         let requests = self
             .requests
@@ -127,6 +135,7 @@ impl<'r> Source<'r> {
 }
 
 /// A limit as a client sees it, at a capacity factor of `scale` millionths.
+#[inline]
 pub(super) fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
     ReportedLimit {
         name: limit.name.as_deref(),
@@ -146,38 +155,47 @@ pub struct Plan<'r, 'v> {
 }
 
 impl<'r, 'v> Plan<'r, 'v> {
-    /// Plans every descriptor's matched limits.
+    /// An empty plan.
+    pub(super) fn new() -> Self {
+        Plan {
+            demands: SmallVec::new(),
+            sources: SmallVec::new(),
+            spans: SmallVec::new(),
+            strict: Vec::new(),
+        }
+    }
+
+    /// Plans every descriptor's matched limits. Filled in place: a plan moved after building
+    /// is a 912-byte memcpy a request (measured).
+    #[inline]
     pub(super) fn build<E: Entry>(
+        &mut self,
         matched: &Matched<'r>,
         names: &'v CounterNames<'_>,
         domain: &str,
         asks: &[Ask<'_, E>],
         mode: Mode,
-    ) -> Self {
-        let mut plan = Plan {
-            demands: SmallVec::new(),
-            sources: SmallVec::new(),
-            spans: SmallVec::new(),
-            strict: Vec::new(),
-        };
+    ) {
         for (i, ask) in asks.iter().enumerate() {
-            let first = plan.demands.len() as u32;
-            plan.add(i, ask, matched, names.of_ask(i), domain, mode);
-            plan.spans.push((first, plan.demands.len() as u32));
+            let first = self.demands.len() as u32;
+            self.add(i, ask, matched, names.of_ask(i), domain, mode);
+            self.spans.push((first, self.demands.len() as u32));
         }
-        plan
     }
 
     /// The counter demands, in request order: what the limiter settles.
+    #[inline]
     pub fn demands(&self) -> &[Demand<'v>] {
         &self.demands
     }
 
+    #[inline]
     pub(super) fn sources(&self) -> &[Source<'r>] {
         &self.sources
     }
 
     /// The indices of descriptor `i`'s demands (in `demands()`, its sources and outcomes).
+    #[inline]
     pub fn of_ask(&self, i: usize) -> Range<usize> {
         let (from, to) = self.spans[i];
         from as usize..to as usize
@@ -185,7 +203,7 @@ impl<'r, 'v> Plan<'r, 'v> {
 
     /// The strict jobs left once the local demands are settled, with the local charges to
     /// give back if a strict limit denies.
-    pub(super) fn into_strict_work(self, outcomes: &[Outcome]) -> Option<Box<StrictWork>> {
+    pub(super) fn take_strict_work(&mut self, outcomes: &[Outcome]) -> Option<Box<StrictWork>> {
         if self.strict.is_empty() {
             return None;
         }
@@ -197,13 +215,14 @@ impl<'r, 'v> Plan<'r, 'v> {
             .map(|(d, _)| (d.counter.to_key(), d.charge))
             .collect();
         Some(Box::new(StrictWork {
-            jobs: self.strict,
+            jobs: std::mem::take(&mut self.strict),
             charged,
         }))
     }
 
     /// Turns one descriptor's matched limits into counter demands (and the strict jobs of its
     /// strict rules).
+    #[inline]
     fn add<E: Entry>(
         &mut self,
         i: usize,

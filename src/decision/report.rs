@@ -25,12 +25,14 @@ pub struct Standing<'r> {
 
 impl Standing<'_> {
     /// What is left of the limit.
+    #[inline]
     pub fn remaining(&self) -> u32 {
         self.limit.per_unit.saturating_sub(self.used)
     }
 
     /// Whether this limit is nearer its end than `other`: over beats not over, then the larger
     /// used fraction (a tie keeps the one found first).
+    #[inline]
     pub fn nearer_than(&self, other: &Standing<'_>) -> bool {
         // a/b > c/d  <=>  a*d > c*b, without floats.
         (self.over && !other.over)
@@ -52,6 +54,7 @@ impl<T> Default for Nearest<'_, T> {
 
 impl<'r, T> Nearest<'r, T> {
     /// Keeps `candidate` if it is nearer its end than the nearest so far.
+    #[inline]
     pub fn offer(&mut self, candidate: Standing<'r>, tag: T) {
         if self
             .0
@@ -79,6 +82,7 @@ pub struct Headline<'r> {
 }
 
 /// The status of descriptor `ask`: its limit that is over, or else the one nearest its end.
+#[inline]
 pub(super) fn status<'r>(
     plan: &Plan<'r, '_>,
     outcomes: &[Outcome],
@@ -109,6 +113,7 @@ pub(super) fn status<'r>(
 
 /// The requests and tokens limits nearest their end among enforced limits of calls (reports
 /// and shadow limits left out).
+#[inline]
 pub(super) fn headline<'r, E>(
     asks: &[Ask<'_, E>],
     plan: &Plan<'r, '_>,

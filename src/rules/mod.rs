@@ -132,6 +132,7 @@ impl Rule {
     }
 
     /// Its windows, shortest unit first; none when unlimited.
+    #[inline]
     pub fn windows(&self) -> &[RuleWindow] {
         match &self.policy {
             Policy::Unlimited => &[],
@@ -218,6 +219,7 @@ impl Factor {
     pub const FULL: u32 = 1_000_000;
 
     /// The factor in force, in millionths.
+    #[inline]
     pub fn get(&self) -> u32 {
         self.0.load(Ordering::Relaxed)
     }
@@ -239,6 +241,7 @@ impl Factor {
 }
 
 /// `per_unit` at a factor of `millionths`.
+#[inline]
 pub fn scale(per_unit: u32, millionths: u32) -> u32 {
     match millionths {
         Factor::FULL => per_unit,
