@@ -111,6 +111,8 @@ impl Drop for Server {
 struct Pinning {
     server: Option<&'static str>,
     load: Option<&'static str>,
+    /// The machine's cores, read before this process is pinned.
+    cores: usize,
 }
 
 impl Pinning {
@@ -121,11 +123,13 @@ impl Pinning {
             Pinning {
                 server: Some("0"),
                 load: Some("1"),
+                cores,
             }
         } else {
             Pinning {
                 server: None,
                 load: None,
+                cores,
             }
         }
     }
@@ -506,7 +510,7 @@ fn main() {
 
     println!(
         "load: {CONCURRENCY} callers over {CONNECTIONS} connections, {seconds} s per run, on {} cores; {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pinning.cores,
         match pinning.server {
             Some(cpu) => format!("servers pinned to core {cpu}, load and Redis to the other"),
             None => "unpinned".into(),

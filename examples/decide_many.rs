@@ -2,7 +2,8 @@
 //! profilers (valgrind --tool=callgrind counts instructions, the same every run):
 //!     cargo build --release --example decide_many
 //!     valgrind --tool=callgrind target/release/examples/decide_many 100000 5
-//! Arguments: calls (default 100,000), descriptors a request (1 to 10, default 5).
+//! Arguments: calls (default 100,000), descriptors a request (1 to 10, default 5). With
+//! `SYNCED=1` the limiter judges as a replica of three synced through Redis does.
 use std::sync::Arc;
 
 use sluice::{Ask, Limiter, Mode, Purpose, SystemClock, decide};
@@ -32,6 +33,11 @@ fn main() {
     let rules = sluice::load_dir(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let limiter = Limiter::new(Arc::new(SystemClock));
+    if std::env::var("SYNCED").is_ok() {
+        limiter
+            .fleet()
+            .set(sluice::FleetView::Synced { replicas: 3 });
+    }
     let values: Vec<(String, String)> = (0..10)
         .map(|i| (format!("d{i}"), format!("v{i}")))
         .collect();

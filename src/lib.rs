@@ -56,8 +56,8 @@ pub use decision::{
     Verdict, decide, explain,
 };
 pub use limiter::{
-    Clock, CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome,
-    SystemClock, Unit,
+    Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter, Limits,
+    ManualClock, Outcome, SystemClock, Unit,
 };
 pub use reload::ReloadStatus;
 pub use rules::{ConfigError, RuleSet, load_dir};
