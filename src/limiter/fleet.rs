@@ -13,9 +13,15 @@ pub enum FleetView {
     Alone,
     /// The store answers: count against fleet totals, and between syncs take at most this
     /// replica's share of what the fleet has left.
-    Synced { replicas: u32 },
+    Synced {
+        /// Replicas alive, this one included.
+        replicas: u32,
+    },
     /// The store is unreachable: enforce `limit / replicas` on local counts alone.
-    LocalShare { replicas: u32 },
+    LocalShare {
+        /// The fleet size last seen.
+        replicas: u32,
+    },
     /// The store is unreachable and the policy is to let everything through.
     AllowAll,
     /// The store is unreachable and the policy is to refuse anything limited.
