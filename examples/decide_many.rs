@@ -4,6 +4,9 @@
 //!     valgrind --tool=callgrind target/release/examples/decide_many 100000 5
 //! Arguments: calls (default 100,000), descriptors a request (1 to 10, default 5). With
 //! `SYNCED=1` the limiter judges as a replica of three synced through Redis does.
+#[path = "../benches/common/mod.rs"]
+mod common;
+
 use std::sync::Arc;
 
 use sluice::{Ask, Limiter, Mode, Purpose, SystemClock, decide};
@@ -18,18 +21,8 @@ fn main() {
     let (calls, n) = (arg(1, 100_000), arg(2, 5).clamp(1, 10));
     let dir = std::env::temp_dir().join(format!("sluice-decide-many-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let rules: String = (0..10)
-        .map(|i| {
-            format!(
-                "  - key: d{i}\n    rate_limit: {{ unit: minute, requests_per_unit: 4000000000 }}\n"
-            )
-        })
-        .collect();
-    std::fs::write(
-        dir.join("bench.yaml"),
-        format!("domain: bench\ndescriptors:\n{rules}"),
-    )
-    .unwrap();
+    let rules = format!("domain: bench\ndescriptors:\n{}", common::key_rules(10));
+    std::fs::write(dir.join("bench.yaml"), rules).unwrap();
     let rules = sluice::load_dir(&dir).unwrap();
     std::fs::remove_dir_all(&dir).ok();
     let limiter = Limiter::new(Arc::new(SystemClock));

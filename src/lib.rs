@@ -7,7 +7,7 @@
 //! 2. `proto` checks it against the request bounds and reads each descriptor into an
 //!    [`Ask`].
 //! 3. [`decide`] finds each ask's rule in the [`RuleSet`] in force, builds the
-//!    request's [`Plan`] (every counter it draws from, replaced limits left out, capacity
+//!    request's plan (every counter it draws from, replaced limits left out, capacity
 //!    factors applied), and lets the [`Limiter`] settle it: one compare-and-swap per counter,
 //!    all given back if any enforced limit denies.
 //! 4. The [`Verdict`] reports, per descriptor, the limit nearest its end ([`Standing`]).
@@ -52,8 +52,8 @@ mod telemetry;
 pub use admin::counters;
 pub use app::App;
 pub use decision::{
-    Ask, Code, Headline, LimitOverride, Mode, Plan, Purpose, ReportedLimit, Standing, Status,
-    Verdict, decide, explain,
+    Ask, Code, Headline, LimitOverride, Mode, Purpose, ReportedLimit, Standing, Status, Verdict,
+    decide, explain,
 };
 pub use limiter::{
     Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter, Limits,

@@ -52,18 +52,19 @@ pub struct Usage {
     pub windows: Vec<WindowUsage>,
 }
 
-/// The rule a descriptor matches and the values naming its counters.
-fn locate<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<(Arc<Rule>, Vec<String>)> {
-    let rules = app.rules.load();
-    let rule = rules.domain(domain)?.tree.find(entries)?.clone();
-    let parts = rule.counter_parts(entries).map(str::to_string).collect();
-    Some((rule, parts))
+/// The rule in force that a descriptor matches.
+fn matching<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<Arc<Rule>> {
+    app.rules.load().domain(domain)?.tree.find(entries).cloned()
 }
 
 /// The usage of the counters a descriptor draws from; `None` if no rule matches it.
 pub async fn usage<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<Usage> {
-    let (rule, parts) = locate(app, domain, entries)?;
-    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    Some(usage_of(app, matching(app, domain, entries)?, entries).await)
+}
+
+/// The usage of `rule`'s counters for the descriptor `entries` (which it matches).
+pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Usage {
+    let refs: Vec<&str> = rule.counter_parts(entries).collect();
     let path = rule.counter_path(refs.iter().copied());
     let now = app.limiter.clock().now_ms();
     let mut windows = Vec::new();
@@ -92,11 +93,11 @@ pub async fn usage<E: Entry>(app: &App, domain: &str, entries: &[E]) -> Option<U
             until_reset: w.unit.until_reset(now),
         });
     }
-    Some(Usage {
+    Usage {
         rule,
         path,
         windows,
-    })
+    }
 }
 
 /// What a reset cleared.
@@ -126,14 +127,15 @@ pub async fn reset<E: Entry>(
     domain: &str,
     entries: &[E],
 ) -> Result<Cleared, ResetError> {
-    let (rule, parts) = locate(app, domain, entries).ok_or(ResetError::NoRule)?;
-    let local_counters = app.limiter.counters().remove_where(|key| {
-        key.scope() == rule.id && key.parts().eq(parts.iter().map(String::as_str))
-    });
+    let rule = matching(app, domain, entries).ok_or(ResetError::NoRule)?;
+    let local_counters = app
+        .limiter
+        .counters()
+        .remove_where(|key| key.scope() == rule.id && key.parts().eq(rule.counter_parts(entries)));
     let fleet_keys = match &app.fleet {
         None => 0,
         Some(fleet) => {
-            let path = rule.counter_path(parts.iter().map(String::as_str));
+            let path = rule.counter_path(rule.counter_parts(entries));
             fleet.reset(&rule.domain, &path).await?
         }
     };

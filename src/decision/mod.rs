@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-pub use plan::Plan;
+use plan::Plan;
 pub use report::{Headline, Standing};
 pub use strict::{Settled, StrictJob, StrictWork};
 

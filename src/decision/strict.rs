@@ -31,11 +31,6 @@ pub struct StrictJob {
 }
 
 impl StrictJob {
-    /// The descriptor path naming its key in the store.
-    pub fn path(&self) -> String {
-        self.rule.counter_path(self.counter.parts())
-    }
-
     /// Its requests-like and tokens limits in force, as a client sees them.
     pub fn reported(&self) -> [Option<ReportedLimit<'_>>; 2] {
         let window = &self.rule.windows()[self.window];

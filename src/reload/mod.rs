@@ -278,10 +278,9 @@ pub async fn run(
     mut catalog: Catalog,
     changes: Changes,
     settings: ReloadSettings,
-    now_ms: impl Fn() -> u64 + Send + Sync + 'static,
+    now_ms: impl Fn() -> u64 + Send,
     mut apply: impl FnMut(Reloaded) + Send,
 ) {
-    let now_ms = Arc::new(now_ms);
     let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
@@ -298,9 +297,9 @@ pub async fn run(
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => "SIGHUP",
             _ = rescan.tick() => "periodic rescan",
         };
-        let now = now_ms.clone();
+        let now = now_ms();
         catalog = match tokio::task::spawn_blocking(move || {
-            let scan = catalog.rescan(now());
+            let scan = catalog.rescan(now);
             (catalog, scan)
         })
         .await

@@ -48,6 +48,12 @@ pub(super) fn glob_escape(text: &str) -> String {
 /// Appends a counter's Redis key in `window` to `out`, its descriptor path as
 /// `api_key_k1.model_gpt-4o` (overrides: `override.k_v`). False for a counter whose rule is no
 /// longer loaded.
+/// When a counter's key in `window` expires: the window's end, plus a margin so a late push
+/// still finds it.
+pub(super) fn expiry_ms(unit: Unit, window: Window) -> u64 {
+    (u64::from(window.0) + 1) * unit.millis() + super::EXPIRY_MARGIN.as_millis() as u64
+}
+
 pub(super) fn write_key_of(
     fleet: &Fleet,
     out: &mut String,

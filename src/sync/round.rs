@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use redis::RedisError;
 
-use super::keys::write_key_of;
-use super::{EXPIRY_MARGIN, Fleet, SyncHandles, clamp};
+use super::keys::{expiry_ms, write_key_of};
+use super::{Fleet, SyncHandles, clamp};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{OVERRIDE_SCOPE, Rule, RuleSet};
 
@@ -233,8 +233,7 @@ pub(super) async fn round(
                 tokens: limits.tokens.is_some() || own.tokens > 0,
                 first_push: pushed_in != window,
                 key: start..keys.len(),
-                expire_at_ms: (u64::from(window.0) + 1) * unit.millis()
-                    + EXPIRY_MARGIN.as_millis() as u64,
+                expire_at_ms: expiry_ms(unit, window),
             });
             if batch.len() == BATCH {
                 break;

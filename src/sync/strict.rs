@@ -19,9 +19,10 @@ impl Fleet {
     ) -> Result<(Counts, bool), RedisError> {
         let unit = job.counter.unit();
         let window = unit.window_at(now_ms);
-        let key = self.counter_key(&job.rule.domain, &job.path(), unit, window);
-        let expire_at =
-            (u64::from(window.0) + 1) * unit.millis() + super::EXPIRY_MARGIN.as_millis() as u64;
+        let mut key = String::new();
+        // A strict job's counter always has its rule: the key is always written.
+        super::keys::write_key_of(self, &mut key, &job.counter, Some(&job.rule), window);
+        let expire_at = super::keys::expiry_ms(unit, window);
         let limit = |l: Option<u32>| l.map_or(-1, i64::from);
         let script = self.strict_script();
         let mut invocation = script.key(key);
