@@ -119,18 +119,12 @@ impl<'r> Source<'r> {
                 measure: Measure::Hits,
             }));
         let tokens = self.tokens.map(|l| reported(l, self.scale));
-        let standing = |limit: Option<ReportedLimit<'r>>, used, over| {
-            limit.map(|limit| Standing {
-                limit,
-                used,
-                over,
-                until_reset: outcome.until_reset,
-            })
-        };
-        [
-            standing(requests, outcome.counts.requests, outcome.over.requests),
-            standing(tokens, outcome.counts.tokens, outcome.over.tokens),
-        ]
+        Standing::pair(
+            [requests, tokens],
+            outcome.counts,
+            outcome.over,
+            outcome.until_reset,
+        )
     }
 }
 

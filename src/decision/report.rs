@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::plan::Plan;
 use super::{Ask, Code, Purpose, ReportedLimit, Status};
-use crate::limiter::{Enforcement, Outcome};
+use crate::limiter::{Counts, Enforcement, Outcome, Over};
 use crate::rules::Rule;
 
 /// Where one limit stands after a decision.
@@ -23,7 +23,31 @@ pub struct Standing<'r> {
     pub until_reset: Duration,
 }
 
-impl Standing<'_> {
+impl<'r> Standing<'r> {
+    /// Where a counter's requests-like and tokens limits (either may be absent) stand, given
+    /// the window's counts and which limits the call broke.
+    #[inline]
+    pub fn pair(
+        limits: [Option<ReportedLimit<'r>>; 2],
+        counts: Counts,
+        over: Over,
+        until_reset: Duration,
+    ) -> [Option<Standing<'r>>; 2] {
+        let [requests, tokens] = limits;
+        let standing = |limit: Option<ReportedLimit<'r>>, used, over| {
+            limit.map(|limit| Standing {
+                limit,
+                used,
+                over,
+                until_reset,
+            })
+        };
+        [
+            standing(requests, counts.requests, over.requests),
+            standing(tokens, counts.tokens, over.tokens),
+        ]
+    }
+
     /// What is left of the limit.
     #[inline]
     pub fn remaining(&self) -> u32 {

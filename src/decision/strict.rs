@@ -71,19 +71,13 @@ impl StrictWork {
         let mut nearest = Nearest::default();
         for (j, job) in self.jobs.iter().enumerate().filter(|(_, j)| j.ask == ask) {
             let result = &settled[j];
-            let [requests, tokens] = job.reported();
-            let slots = [
-                (requests, result.counts.requests, result.over.requests),
-                (tokens, result.counts.tokens, result.over.tokens),
-            ];
-            for (limit, used, over) in slots {
-                let Some(limit) = limit else { continue };
-                let standing = Standing {
-                    limit,
-                    used,
-                    over,
-                    until_reset: result.until_reset,
-                };
+            let standings = Standing::pair(
+                job.reported(),
+                result.counts,
+                result.over,
+                result.until_reset,
+            );
+            for standing in standings.into_iter().flatten() {
                 nearest.offer(standing, j);
             }
         }
