@@ -155,7 +155,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::rules::{SourceFile, compile_file};
+    use crate::rules::{DomainFiles, SourceFile, compile_file};
 
     fn name() -> RuleName {
         RuleName {
@@ -202,7 +202,7 @@ mod tests {
             text: "domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unit: minute, requests_per_unit: 100 }\n".into(),
         })
         .unwrap();
-        let (rules, _) = RuleSet::assemble(vec![Arc::new(domain)]);
+        let (rules, _) = RuleSet::assemble(vec![Arc::new(domain)], DomainFiles::One);
         let rule = rules.domain("d").unwrap().rules[0].clone();
         let capacity = Capacity::default();
         capacity.record(

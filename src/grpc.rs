@@ -1,7 +1,11 @@
 //! `RateLimitService` for tonic: hands each call to [`service::answer`](crate::service::answer)
 //! and turns its errors into gRPC statuses.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
@@ -41,5 +45,46 @@ fn status(error: AnswerError) -> Status {
     match error {
         AnswerError::Invalid(e) => Status::invalid_argument(e.to_string()),
         AnswerError::Internal => Status::unavailable(error.to_string()),
+    }
+}
+
+/// A gRPC service whose undecodable requests are answered INVALID_ARGUMENT. tonic answers a
+/// body that is not the expected protobuf (or not a valid gRPC frame) with INTERNAL, which
+/// reads as a server fault; the fault is the caller's. sluice itself never answers INTERNAL
+/// (see [`status`]), so an INTERNAL in the response headers can only be tonic's decode error.
+#[derive(Debug, Clone)]
+pub struct UndecodableIsInvalid<S>(pub S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for UndecodableIsInvalid<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type Reply = http::Response<tonic::body::Body>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for UndecodableIsInvalid<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = Reply, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let reply = self.0.call(request);
+        Box::pin(async move {
+            let reply = reply.await?;
+            match Status::from_header_map(reply.headers()) {
+                Some(status) if status.code() == tonic::Code::Internal => {
+                    let message = format!("not a valid RateLimitRequest: {}", status.message());
+                    Ok(Status::invalid_argument(message).into_http())
+                }
+                _ => Ok(reply),
+            }
+        })
     }
 }

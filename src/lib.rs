@@ -60,6 +60,6 @@ pub use limiter::{
     ManualClock, Outcome, SystemClock, Unit,
 };
 pub use reload::ReloadStatus;
-pub use rules::{ConfigError, RuleSet, load_dir};
+pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};
 pub use sync::{FailurePolicy, Fleet, SyncStatus};

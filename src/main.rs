@@ -8,12 +8,15 @@ use clap::Parser;
 use sluice::ConfigError;
 use sluice::ServerError;
 use sluice::SystemClock;
-use sluice::settings::{CheckArgs, Cli, Command, LogFormat, Settings};
+use sluice::settings::{self, CheckArgs, Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { dir } => validate(&dir),
+        Command::Validate {
+            dir,
+            merge_domain_config,
+        } => validate(&dir, merge_domain_config),
         Command::Check(args) => check(args),
         Command::Serve(settings) => match serve(*settings) {
             Ok(()) => ExitCode::SUCCESS,
@@ -31,8 +34,8 @@ fn print_errors(errors: &[ConfigError]) {
     }
 }
 
-fn validate(dir: &std::path::Path) -> ExitCode {
-    match sluice::load_dir(dir) {
+fn validate(dir: &std::path::Path, merge_domain_config: bool) -> ExitCode {
+    match sluice::load_dir_with(dir, settings::domain_files(merge_domain_config)) {
         Ok(set) => {
             println!(
                 "{}: {} domains, {} rules: ok",

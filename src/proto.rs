@@ -7,7 +7,11 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code as ProtoCode, DescriptorStatus, RateLimit as ProtoLimit, rate_limit::Unit as ProtoUnit,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value, value::Kind};
+use std::collections::HashMap;
+
+use envoy_types::pb::google::protobuf::{
+    Duration as ProtoDuration, ListValue, Struct, Value, value::Kind,
+};
 use smallvec::SmallVec;
 
 use crate::decision::{Ask, Code, LimitOverride, Purpose, Status, Verdict};
@@ -67,8 +71,6 @@ pub enum RequestError {
 /// What is wrong with one descriptor of a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
-    #[error("at least one entry is required")]
-    NoEntries,
     #[error("{count} entries; at most {max} are accepted")]
     TooManyEntries { count: usize, max: u32 },
     #[error("entries[{entry}]: key must not be empty")]
@@ -138,7 +140,14 @@ fn ask<'a>(
 ) -> Result<Ask<'a, ProtoEntry>, DescriptorError> {
     let max = bounds.max_value_bytes;
     if descriptor.entries.is_empty() {
-        return Err(DescriptorError::NoEntries);
+        // As envoyproxy/ratelimit: nothing to match, so no limit (its override too).
+        return Ok(Ask {
+            entries: &[],
+            hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
+            refund: descriptor.is_negative_hits,
+            limit_override: None,
+            purpose: Purpose::Call,
+        });
     }
     if descriptor.entries.len() > bounds.max_entries as usize {
         return Err(DescriptorError::TooManyEntries {
@@ -280,19 +289,25 @@ pub fn descriptor_status(status: &Status<'_>) -> DescriptorStatus {
     }
 }
 
+/// What goes into a response's `dynamic_metadata`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetadataDetail {
+    /// The rules' `metadata` (under `metadata`) and the endpoints' utilization.
+    #[default]
+    Rules,
+    /// Also the request as envoyproxy/ratelimit writes it with `RESPONSE_DYNAMIC_METADATA`:
+    /// `domain`, `descriptors` and `hitsAddend`.
+    Request,
+}
+
 /// Envoy's response to a verdict, without headers or body (the caller adds those): statuses,
-/// and as dynamic metadata the endpoints' utilization and every matched rule's metadata.
-pub fn response(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> RateLimitResponse {
-    // Metadata of every matched rule, merged in descriptor order (later keys win).
-    let mut metadata: Option<Struct> = endpoint_utilization(verdict, asks);
-    for rule in verdict.statuses.iter().filter_map(|s| s.rule) {
-        if let Some(extra) = &rule.metadata {
-            let merged = metadata.get_or_insert_with(Struct::default);
-            merged
-                .fields
-                .extend(extra.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-    }
+/// and the dynamic metadata.
+pub fn response(
+    request: &RateLimitRequest,
+    verdict: &Verdict<'_>,
+    asks: &[Ask<'_, ProtoEntry>],
+    detail: MetadataDetail,
+) -> RateLimitResponse {
     RateLimitResponse {
         overall_code: code(if verdict.allowed {
             Code::Ok
@@ -300,16 +315,116 @@ pub fn response(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> RateLimi
             Code::OverLimit
         }),
         statuses: verdict.statuses.iter().map(descriptor_status).collect(),
-        dynamic_metadata: metadata,
+        dynamic_metadata: dynamic_metadata(request, verdict, asks, detail),
         ..Default::default()
     }
 }
 
+/// The response's dynamic metadata, laid out as envoyproxy/ratelimit lays it out (Envoy
+/// configurations read `metadata.<key>`), plus sluice's `endpoint_utilization`; `None` when
+/// there is nothing to say.
+fn dynamic_metadata(
+    request: &RateLimitRequest,
+    verdict: &Verdict<'_>,
+    asks: &[Ask<'_, ProtoEntry>],
+    detail: MetadataDetail,
+) -> Option<Struct> {
+    let mut fields = HashMap::new();
+    if detail == MetadataDetail::Request {
+        fields.insert("domain".into(), text(&request.domain));
+        let descriptors = request.descriptors.iter().map(descriptor_value).collect();
+        fields.insert("descriptors".into(), list(descriptors));
+        if request.hits_addend != 0 {
+            fields.insert("hitsAddend".into(), number(request.hits_addend.into()));
+        }
+    }
+    // Only descriptors that passed contribute, so routing on `metadata` never picks a target
+    // that is spent; where two rules set one key the first wins, nested structs merge.
+    let mut merged = Struct::default();
+    for status in &verdict.statuses {
+        if let (Some(rule), Some(_), Code::Ok) = (status.rule, status.limit, status.code)
+            && let Some(own) = &rule.metadata
+        {
+            merge_first_wins(&mut merged, own);
+        }
+    }
+    if !merged.fields.is_empty() {
+        fields.insert("metadata".into(), structure(merged));
+    }
+    if let Some(utilization) = endpoint_utilization(verdict, asks) {
+        fields.insert("endpoint_utilization".into(), structure(utilization));
+    }
+    (!fields.is_empty()).then_some(Struct { fields })
+}
+
+/// A request descriptor as envoyproxy/ratelimit reports it: `{entries: ["k=v", …], limit,
+/// hitsAddend}`, the last two only when the descriptor sets them.
+fn descriptor_value(descriptor: &RateLimitDescriptor) -> Value {
+    let entries = descriptor
+        .entries
+        .iter()
+        .map(|e| text(&format!("{}={}", e.key, e.value)))
+        .collect();
+    let mut fields: HashMap<String, Value> = [("entries".to_string(), list(entries))].into();
+    if let Some(limit) = &descriptor.limit {
+        let unit = ProtoUnit::try_from(limit.unit).map_or("UNKNOWN", |u| u.as_str_name());
+        let limit = format!("requests_per_unit:{} unit:{unit}", limit.requests_per_unit);
+        fields.insert("limit".into(), text(&limit));
+    }
+    if let Some(hits) = descriptor.hits_addend {
+        fields.insert("hitsAddend".into(), number(hits.value as f64));
+    }
+    structure(Struct { fields })
+}
+
+/// Adds `from`'s fields missing from `into`; where both hold a struct, merges them the same way.
+fn merge_first_wins(into: &mut Struct, from: &Struct) {
+    for (key, value) in &from.fields {
+        match into.fields.get_mut(key) {
+            None => {
+                into.fields.insert(key.clone(), value.clone());
+            }
+            Some(Value {
+                kind: Some(Kind::StructValue(mine)),
+            }) => {
+                if let Some(Kind::StructValue(theirs)) = &value.kind {
+                    merge_first_wins(mine, theirs);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn number(n: f64) -> Value {
+    Value {
+        kind: Some(Kind::NumberValue(n)),
+    }
+}
+
+fn list(values: Vec<Value>) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue { values })),
+    }
+}
+
+fn structure(s: Struct) -> Value {
+    Value {
+        kind: Some(Kind::StructValue(s)),
+    }
+}
+
 /// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used
-/// (0 to 1): `{"endpoint_utilization": {"openai": 0.42}}`, so Envoy can route away from an
-/// endpoint the fleet has saturated.
+/// (0 to 1): `{"openai": 0.42}`, under `endpoint_utilization`, so Envoy can route away from
+/// an endpoint the fleet has saturated.
 fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> Option<Struct> {
-    let mut fields = std::collections::HashMap::new();
+    let mut fields = HashMap::new();
     for (ask, status) in asks.iter().zip(&verdict.statuses) {
         let (Some(endpoint), Some(limit)) = (
             ask.entries.iter().find(|e| e.key == ENDPOINT_KEY),
@@ -323,20 +438,9 @@ fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> 
         } else {
             (f64::from(used) / f64::from(limit.per_unit)).min(1.0)
         };
-        let share = Value {
-            kind: Some(Kind::NumberValue(share)),
-        };
-        fields.insert(endpoint.value.clone(), share);
+        fields.insert(endpoint.value.clone(), number(share));
     }
-    if fields.is_empty() {
-        return None;
-    }
-    let utilization = Value {
-        kind: Some(Kind::StructValue(Struct { fields })),
-    };
-    Some(Struct {
-        fields: [("endpoint_utilization".to_string(), utilization)].into(),
-    })
+    (!fields.is_empty()).then_some(Struct { fields })
 }
 
 /// Reads `key=value,key2=value2` (as `sluice check` and `/v1/usage` take descriptors).

@@ -14,7 +14,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
 use crate::capacity::RuleName;
-use crate::grpc::RateLimitGrpc;
+use crate::grpc::{RateLimitGrpc, UndecodableIsInvalid};
 use crate::limiter::{Clock, Limiter};
 use crate::reload::{self, Catalog, ReloadSettings};
 use crate::rules::ConfigError;
@@ -96,14 +96,22 @@ impl Running {
     }
 }
 
+/// The names grpc.health.v1 answers for: the whole server, the service's full name, and
+/// `ratelimit`, which envoyproxy/ratelimit's probes ask for.
+const HEALTH_NAMES: [&str; 3] = [
+    "",
+    <RateLimitServiceServer<RateLimitGrpc> as tonic::server::NamedService>::NAME,
+    "ratelimit",
+];
+
 /// Loads the rules of `settings.config` (refusing any error), binds the gRPC address, and
 /// starts serving, reloading rules as they change.
 pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     // Before the rules load: their metric handles bind to the recorder that exists then.
     crate::telemetry::install();
     let changes = reload::Changes::watch(&settings.config, settings.watch);
-    let (catalog, rules) =
-        Catalog::load(&settings.config, clock.now_ms()).map_err(ServerError::Rules)?;
+    let (catalog, rules) = Catalog::load(&settings.config, clock.now_ms(), settings.domain_files())
+        .map_err(ServerError::Rules)?;
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
         None => None,
@@ -137,15 +145,15 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     app.publish_reload(catalog.status());
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    for name in HEALTH_NAMES {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
 
     let (shutdown, stopped) = oneshot::channel::<()>();
-    let service = RateLimitServiceServer::new(RateLimitGrpc::new(app.clone()));
+    let service =
+        UndecodableIsInvalid(RateLimitServiceServer::new(RateLimitGrpc::new(app.clone())));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let serving = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -153,9 +161,11 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
+                for name in HEALTH_NAMES {
+                    health
+                        .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
             })
             .await
             .map_err(ServerError::from)

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use crate::app::App;
 use crate::decision::{Ask, Code, Purpose, StrictWork, Verdict, decide};
 use crate::limiter::Enforcement;
-use crate::proto::{self, RequestError};
+use crate::proto::{self, MetadataDetail, RequestError};
 use crate::rules::MetricDetail;
 use crate::sync::strict;
 use crate::telemetry::RuleMetrics;
@@ -96,7 +96,12 @@ fn respond(
         app.settings.near_limit_ratio,
         app.settings.shadow_mode,
     );
-    let mut response = proto::response(&verdict, asks);
+    let detail = if app.settings.response_dynamic_metadata {
+        MetadataDetail::Request
+    } else {
+        MetadataDetail::Rules
+    };
+    let mut response = proto::response(request, &verdict, asks, detail);
     if app.settings.openai_headers {
         (response.response_headers_to_add, response.raw_body) = crate::openai::answer(&verdict);
     }
@@ -163,7 +168,7 @@ async fn settle_strict(
     let (allowed, settled) = strict::settle(fleet, &app.limiter, work, allowed, shadow).await;
     response.overall_code = proto::code(if allowed { Code::Ok } else { Code::OverLimit });
     for (ask, status) in response.statuses.iter_mut().enumerate() {
-        if let Some(strict) = work.status_of(ask, &settled, shadow) {
+        if let Some(strict) = work.status_of(ask, &settled) {
             *status = proto::descriptor_status(&strict);
         }
     }

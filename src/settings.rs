@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::proto::RequestBounds;
+use crate::rules::DomainFiles;
 use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,16 @@ pub enum Command {
     Validate {
         /// Directory of rule files (*.yaml, *.yml).
         dir: PathBuf,
+        /// Merge the files that define one domain, as `serve --merge-domain-config` does.
+        #[arg(
+            long,
+            env = "SLUICE_MERGE_DOMAIN_CONFIG",
+            num_args = 0..=1,
+            default_missing_value = "true",
+            default_value = "false",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        merge_domain_config: bool,
     },
     /// Ask a running server once, as Envoy would, and print its answer.
     Check(CheckArgs),
@@ -116,6 +127,18 @@ pub struct Settings {
     )]
     pub openai_headers: bool,
 
+    /// Write the request into each response's dynamic metadata as envoyproxy/ratelimit does
+    /// (`domain`, `descriptors`, `hitsAddend`). The rules' `metadata` is written either way.
+    #[arg(
+        long,
+        env = "SLUICE_RESPONSE_DYNAMIC_METADATA",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub response_dynamic_metadata: bool,
+
     /// Bearer token of the mutating admin endpoints. Unset (and no --admin-token-file): they
     /// are disabled.
     #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
@@ -136,6 +159,18 @@ pub struct Settings {
     /// A rule's hit counts as near its limit from this fraction of the limit on (metrics).
     #[arg(long, env = "SLUICE_NEAR_LIMIT_RATIO", default_value_t = 0.8, value_parser = parse_ratio)]
     pub near_limit_ratio: f64,
+
+    /// Let several files define one domain: their descriptors are merged (a top-level
+    /// descriptor defined twice is an error naming both files).
+    #[arg(
+        long,
+        env = "SLUICE_MERGE_DOMAIN_CONFIG",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub merge_domain_config: bool,
 
     /// Watch the config directory and reload rules when files change.
     #[arg(
@@ -221,6 +256,15 @@ pub struct Settings {
     pub request_bounds: RequestBounds,
 }
 
+/// `--merge-domain-config` as the rules read it.
+pub fn domain_files(merge: bool) -> DomainFiles {
+    if merge {
+        DomainFiles::Merged
+    } else {
+        DomainFiles::One
+    }
+}
+
 fn parse_growth(text: &str) -> Result<f64, String> {
     let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if !(r > 1.0 && r <= 10.0) {
@@ -263,6 +307,11 @@ impl Settings {
         let file = self.admin_token_file.as_ref()?;
         let token = std::fs::read_to_string(file).ok()?.trim().to_string();
         (!token.is_empty()).then_some(token)
+    }
+
+    /// Whether several files may define one domain.
+    pub fn domain_files(&self) -> DomainFiles {
+        domain_files(self.merge_domain_config)
     }
 
     /// The fleet sync settings, when a Redis URL is set.

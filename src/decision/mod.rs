@@ -191,7 +191,7 @@ pub fn decide<'r, E: Entry>(
                 rule: Some(rule),
                 ..Status::unmatched()
             },
-            rule => report::status(&plan, &outcomes, i, rule),
+            rule => report::status(&plan, &outcomes, i, rule, mode.shadow),
         };
         statuses.push(status);
     }

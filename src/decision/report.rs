@@ -106,12 +106,15 @@ pub struct Headline<'r> {
 }
 
 /// The status of descriptor `ask`: its limit that is over, or else the one nearest its end.
+/// Under global shadow mode a limit over keeps its OVER_LIMIT code (only the overall code is
+/// OK, as in envoyproxy/ratelimit); a rule's own `shadow_mode` answers OK.
 #[inline]
 pub(super) fn status<'r>(
     plan: &Plan<'r, '_>,
     outcomes: &[Outcome],
     ask: usize,
     rule: Option<&'r Arc<Rule>>,
+    global_shadow: bool,
 ) -> Status<'r> {
     let mut nearest = Nearest::default();
     for d in plan.of_ask(ask) {
@@ -129,7 +132,11 @@ pub(super) fn status<'r>(
             ..Status::unmatched()
         },
         Some((standing, d)) => {
-            let enforced = plan.demands()[d].enforcement != Enforcement::Shadow;
+            let enforced = if global_shadow {
+                rule.is_none_or(|r| r.enforcement != Enforcement::Shadow)
+            } else {
+                plan.demands()[d].enforcement != Enforcement::Shadow
+            };
             Status::of(standing, enforced, rule)
         }
     }

@@ -61,13 +61,9 @@ pub struct StrictWork {
 
 impl StrictWork {
     /// The status of descriptor `ask` from its settled strict jobs (`settled[j]` is job `j`'s),
-    /// `None` when it has none. Under global shadow mode nothing is enforced.
-    pub fn status_of<'w>(
-        &'w self,
-        ask: usize,
-        settled: &[Settled],
-        shadow: bool,
-    ) -> Option<Status<'w>> {
+    /// `None` when it has none. A limit over keeps its OVER_LIMIT code under global shadow
+    /// mode (only the overall code turns OK); a rule's own `shadow_mode` answers OK.
+    pub fn status_of<'w>(&'w self, ask: usize, settled: &[Settled]) -> Option<Status<'w>> {
         let mut nearest = Nearest::default();
         for (j, job) in self.jobs.iter().enumerate().filter(|(_, j)| j.ask == ask) {
             let result = &settled[j];
@@ -83,7 +79,7 @@ impl StrictWork {
         }
         let (standing, j) = nearest.into_inner()?;
         let job = &self.jobs[j];
-        let enforced = job.enforcement != Enforcement::Shadow && !shadow;
+        let enforced = job.rule.enforcement != Enforcement::Shadow;
         Some(Status::of(standing, enforced, Some(&job.rule)))
     }
 }

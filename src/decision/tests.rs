@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::limiter::ManualClock;
-use crate::rules::{RuleSet, SourceFile, compile_file};
+use crate::rules::{DomainFiles, RuleSet, SourceFile, compile_file};
 
 const RULES: &str = "domain: d
 descriptors:
@@ -30,7 +30,10 @@ fn rules() -> RuleSet {
         path: "d.yaml".into(),
         text: RULES.into(),
     };
-    let (set, errors) = RuleSet::assemble(vec![Arc::new(compile_file(&file).unwrap())]);
+    let (set, errors) = RuleSet::assemble(
+        vec![Arc::new(compile_file(&file).unwrap())],
+        DomainFiles::One,
+    );
     assert!(errors.is_empty());
     set
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::rules::{self, ConfigError, Domain, RuleSet, StableHash};
+use crate::rules::{self, ConfigError, Domain, DomainFiles, RuleSet, StableHash};
 pub use watch::Changes;
 
 /// What the last reloads did: kept for the admin API and metrics.
@@ -64,6 +64,7 @@ pub struct Catalog {
     owners: HashMap<Box<str>, PathBuf>,
     status: ReloadStatus,
     dir_error: Option<String>,
+    domain_files: DomainFiles,
 }
 
 /// What a rescan found.
@@ -86,13 +87,18 @@ pub struct Reloaded {
 
 impl Catalog {
     /// Loads a directory at start (`now_ms`): strict, every error of every file is returned.
-    pub fn load(dir: &Path, now_ms: u64) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
+    pub fn load(
+        dir: &Path,
+        now_ms: u64,
+        domain_files: DomainFiles,
+    ) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
         let mut catalog = Catalog {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
             owners: HashMap::new(),
             status: ReloadStatus::default(),
             dir_error: None,
+            domain_files,
         };
         let (sources, unreadable) = rules::read_dir(dir).map_err(|e| vec![e])?;
         let mut errors = unreadable;
@@ -209,7 +215,7 @@ impl Catalog {
             .filter_map(|(path, t)| t.serving.as_ref().map(|(_, d)| (path, d.clone())))
             .partition(|(path, domain)| self.owners.get(&domain.name) == Some(*path));
         let ordered = keeps.into_iter().chain(newcomers).map(|(_, d)| d).collect();
-        let (set, conflicts) = RuleSet::assemble(ordered);
+        let (set, conflicts) = RuleSet::assemble(ordered, self.domain_files);
         for tracked in self.files.values_mut() {
             tracked.conflict = None;
         }
@@ -350,7 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
         std::fs::write(&file, A).unwrap();
-        let (mut catalog, set) = Catalog::load(dir.path(), 1_000).unwrap();
+        let (mut catalog, set) = Catalog::load(dir.path(), 1_000, DomainFiles::One).unwrap();
         assert_eq!(limit_of(&set, "a"), Some(5));
         assert_eq!(catalog.status().generation, 1);
         assert!(
@@ -386,7 +392,7 @@ mod tests {
     fn a_second_file_for_a_domain_is_left_out_and_a_removed_file_takes_its_domain_along() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), A).unwrap();
-        let (mut catalog, _) = Catalog::load(dir.path(), 0).unwrap();
+        let (mut catalog, _) = Catalog::load(dir.path(), 0, DomainFiles::One).unwrap();
         std::fs::write(dir.path().join("b.yaml"), A_TEN).unwrap();
         let set = changed(catalog.rescan(1));
         assert_eq!(
@@ -416,7 +422,9 @@ mod tests {
             "domain: b\ndescriptors: [{ key: x, rate_limit: { unit: minute } }]\n",
         )
         .unwrap();
-        let errors = Catalog::load(dir.path(), 0).err().expect("refused");
+        let errors = Catalog::load(dir.path(), 0, DomainFiles::One)
+            .err()
+            .expect("refused");
         assert_eq!(errors.len(), 2);
     }
 }

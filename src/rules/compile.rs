@@ -369,6 +369,19 @@ descriptors:
     }
 
     #[test]
+    fn a_limit_that_replaces_itself_is_refused() {
+        // envoyproxy/ratelimit refuses it too (config_impl.go: "replaces should not contain
+        // name of same descriptor"): such a limit would never be evaluated.
+        let text = "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      name: own\n      unit: minute\n      requests_per_unit: 1\n      replaces: [{ name: own }]\n";
+        assert_eq!(
+            errors(text),
+            [
+                "8: descriptors[0].rate_limit.replaces[0].name: the limit `own` must not replace itself"
+            ]
+        );
+    }
+
+    #[test]
     fn duplicates_and_bad_choices_are_refused() {
         let duplicate = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests_per_unit: 1 }\n  - key: a\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n";
         assert_eq!(

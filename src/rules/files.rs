@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{RuleSet, compile_file};
+use super::{DomainFiles, RuleSet, compile_file};
 
 /// A problem in a rule file, placed as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +84,14 @@ pub fn read_dir(dir: &Path) -> Result<(Vec<SourceFile>, Vec<ConfigError>), Confi
     Ok((files, errors))
 }
 
-/// Reads and compiles a rule directory, reporting every error of every file.
+/// Reads and compiles a rule directory, reporting every error of every file. Each domain
+/// must live in one file.
 pub fn load_dir(dir: &Path) -> Result<RuleSet, Vec<ConfigError>> {
+    load_dir_with(dir, DomainFiles::One)
+}
+
+/// [`load_dir`], saying whether the files of one domain are merged.
+pub fn load_dir_with(dir: &Path, domain_files: DomainFiles) -> Result<RuleSet, Vec<ConfigError>> {
     let (files, mut errors) = read_dir(dir).map_err(|e| vec![e])?;
     let mut domains = Vec::new();
     for file in &files {
@@ -94,7 +100,7 @@ pub fn load_dir(dir: &Path) -> Result<RuleSet, Vec<ConfigError>> {
             Err(mut file_errors) => errors.append(&mut file_errors),
         }
     }
-    let (set, mut domain_errors) = RuleSet::assemble(domains);
+    let (set, mut domain_errors) = RuleSet::assemble(domains, domain_files);
     errors.append(&mut domain_errors);
     if errors.is_empty() {
         Ok(set)

@@ -106,6 +106,13 @@ impl Compiler<'_> {
             if replace.name.trim().is_empty() {
                 self.error(&path, "name must not be empty".into());
                 ok = false;
+            } else if raw.name.as_ref() == Some(&replace.name) {
+                // As envoyproxy/ratelimit: a limit replacing itself would never be evaluated.
+                self.error(
+                    &path,
+                    format!("the limit `{}` must not replace itself", replace.name),
+                );
+                ok = false;
             } else {
                 self.replaced.push((path, replace.name.clone()));
             }

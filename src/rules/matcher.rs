@@ -70,12 +70,12 @@ impl Entry for (&str, &str) {
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 /// One level of the descriptor tree.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Level {
     by_key: HashMap<Box<str>, Branch>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Branch {
     exact: HashMap<Box<str>, Node>,
     /// Values given as SHA-256 hashes (API keys that rule files should not hold in clear).
@@ -85,7 +85,7 @@ struct Branch {
 }
 
 /// A descriptor of the file: its rule (if it limits) and the level below it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Node {
     pub rule: Option<Arc<Rule>>,
     pub children: Level,
@@ -104,6 +104,36 @@ pub enum Selector {
 impl Level {
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
+    }
+
+    /// Adds `other`'s descriptors to this level (the domain of one file merged into the same
+    /// domain of another). Returns the descriptors both define, as `key` or `key=value`; those
+    /// keep this level's.
+    pub fn merge(&mut self, other: &Level) -> Vec<String> {
+        let mut both = Vec::new();
+        for (key, branch) in &other.by_key {
+            let selectors = (branch.exact.iter())
+                .map(|(v, n)| (Selector::Exact(v.clone()), format!("{key}={v}"), n))
+                .chain(branch.hashed.iter().map(|(d, n)| {
+                    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+                    (Selector::Hashed(*d), format!("{key}=sha256:{hex}"), n)
+                }))
+                .chain(branch.wildcards.iter().map(|(p, n)| {
+                    (
+                        Selector::Wildcard(p.clone()),
+                        format!("{key}={}", p.as_str()),
+                        n,
+                    )
+                }))
+                .chain((branch.any.iter()).map(|n| (Selector::AnyValue, key.to_string(), &**n)));
+            for (selector, label, node) in selectors {
+                if !self.insert(key, selector, node.clone()) {
+                    both.push(label);
+                }
+            }
+        }
+        both.sort();
+        both
     }
 
     /// Inserts a node; `false` if one with the same key and selector is already there.

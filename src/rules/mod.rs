@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use envoy_types::pb::google::protobuf::Struct;
 
 pub use compile::compile_file;
-pub use files::{ConfigError, SourceFile, load_dir, read_dir};
+pub use files::{ConfigError, SourceFile, load_dir, load_dir_with, read_dir};
 pub use locate::YamlPath;
 pub use matcher::{Entry, Level};
 
@@ -263,6 +263,17 @@ pub struct Domain {
     pub has_replaces: bool,
 }
 
+/// Whether one domain may be defined by several files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DomainFiles {
+    /// Each domain lives in one file; a second file defining it is an error.
+    #[default]
+    One,
+    /// The files defining one domain are merged (envoyproxy/ratelimit's
+    /// `MERGE_DOMAIN_CONFIG`).
+    Merged,
+}
+
 /// Every loaded domain. Immutable: a reload builds a new one and swaps it in.
 #[derive(Debug, Default)]
 pub struct RuleSet {
@@ -271,27 +282,57 @@ pub struct RuleSet {
 
 impl RuleSet {
     /// Puts compiled domains together, in the order given. A domain already defined by an
-    /// earlier file is left out, with an error that names both files.
-    pub fn assemble(domains: Vec<Arc<Domain>>) -> (RuleSet, Vec<ConfigError>) {
+    /// earlier file is left out, with an error that names both files, unless `merge` is set
+    /// (envoyproxy/ratelimit's `MERGE_DOMAIN_CONFIG`): then its descriptors join the domain's,
+    /// and a file that defines a top-level descriptor the domain already has is left out with
+    /// an error naming both files.
+    pub fn assemble(domains: Vec<Arc<Domain>>, merge: DomainFiles) -> (RuleSet, Vec<ConfigError>) {
         let mut set = RuleSet::default();
         let mut errors = Vec::new();
         for domain in domains {
-            if let Some(first) = set.domains.get(&domain.name) {
-                errors.push(ConfigError {
-                    file: domain.file.clone(),
-                    line: Some(domain.line),
-                    column: None,
-                    field: Some("domain".into()),
-                    message: format!(
-                        "domain `{}` is already defined in {}:{}; each domain must live in one file",
-                        domain.name,
-                        first.file.display(),
-                        first.line
-                    ),
-                });
+            let Some(first) = set.domains.get_mut(&domain.name) else {
+                set.domains.insert(domain.name.clone(), domain);
+                continue;
+            };
+            let error = |message| ConfigError {
+                file: domain.file.clone(),
+                line: Some(domain.line),
+                column: None,
+                field: Some("domain".into()),
+                message,
+            };
+            if merge == DomainFiles::One {
+                errors.push(error(format!(
+                    "domain `{}` is already defined in {}:{}; each domain must live in one file (or set --merge-domain-config)",
+                    domain.name,
+                    first.file.display(),
+                    first.line
+                )));
                 continue;
             }
-            set.domains.insert(domain.name.clone(), domain);
+            let mut tree = first.tree.clone();
+            let both = tree.merge(&domain.tree);
+            if !both.is_empty() {
+                errors.push(error(format!(
+                    "domain `{}` is merged with {}:{}, and both files define the descriptor {}",
+                    domain.name,
+                    first.file.display(),
+                    first.line,
+                    both.iter()
+                        .map(|d| format!("`{d}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+                continue;
+            }
+            *first = Arc::new(Domain {
+                name: first.name.clone(),
+                file: first.file.clone(),
+                line: first.line,
+                tree,
+                rules: first.rules.iter().chain(&domain.rules).cloned().collect(),
+                has_replaces: first.has_replaces || domain.has_replaces,
+            });
         }
         (set, errors)
     }
