@@ -34,6 +34,8 @@ pub struct App {
     pub capacity: Capacity,
     /// Wakes the capacity task: an announcement arrived, or rules were reloaded.
     pub capacity_changed: tokio::sync::Notify,
+    /// Whether any domain is loaded; the gRPC health service follows it.
+    pub domains_loaded: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
@@ -44,8 +46,10 @@ impl App {
         clock: Arc<dyn Clock>,
         fleet: Option<Arc<Fleet>>,
     ) -> App {
+        let domains_loaded = tokio::sync::watch::Sender::new(rules.domains().next().is_some());
         App {
             fleet,
+            domains_loaded,
             rules: Arc::new(ArcSwap::from_pointee(rules)),
             limiter: Arc::new(Limiter::new(clock)),
             settings,
@@ -54,6 +58,12 @@ impl App {
             capacity: Capacity::default(),
             capacity_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether health checks pass: always, unless
+    /// `--healthy-with-at-least-one-config-loaded` asks for a loaded domain.
+    pub fn healthy(&self) -> bool {
+        !self.settings.healthy_with_at_least_one_config_loaded || *self.domains_loaded.borrow()
     }
 
     /// How reduced capacity recovers.
@@ -68,6 +78,7 @@ impl App {
     pub fn mode(&self) -> Mode {
         Mode {
             shadow: self.settings.shadow_mode,
+            quota: self.settings.quota_mode,
             strict_in_store: self.fleet.is_some(),
         }
     }
@@ -100,6 +111,10 @@ impl App {
         metrics
             .failed
             .increment(status.failed.saturating_sub(before.failed));
+        if let Some([success, error]) = &metrics.peer_loads {
+            success.increment(status.applied.saturating_sub(before.applied));
+            error.increment(status.failed.saturating_sub(before.failed));
+        }
         if let Some(ms) = status.last_success_ms {
             metrics.last_success.set(ms as f64 / 1000.0);
         }
@@ -113,6 +128,7 @@ impl App {
         let live = set.rule_scopes();
         let (domains, rules) = (set.domains().count(), set.rule_count());
         self.rules.store(Arc::new(set));
+        self.domains_loaded.send_replace(domains > 0);
         // New rules start at full capacity: let the capacity task set their factors now.
         self.capacity_changed.notify_one();
         let dropped = self

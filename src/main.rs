@@ -4,27 +4,48 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use sluice::ConfigError;
 use sluice::ServerError;
 use sluice::SystemClock;
 use sluice::settings::{self, CheckArgs, Cli, Command, LogFormat, Settings};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Validate {
             dir,
             merge_domain_config,
         } => validate(&dir, merge_domain_config),
         Command::Check(args) => check(args),
-        Command::Serve(settings) => match serve(*settings) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sluice: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Serve(mut settings) => {
+            let given = matches
+                .subcommand_matches("serve")
+                .expect("serve was parsed");
+            let vars = std::env::vars().collect();
+            let adopted = match settings::peer::adopt(&mut settings, given, &vars) {
+                Ok(adopted) => adopted,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            serve_or_fail(*settings, adopted)
+        }
+    }
+}
+
+fn serve_or_fail(settings: Settings, adopted: settings::peer::Adopted) -> ExitCode {
+    match serve(settings, adopted) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -108,8 +129,14 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(settings: Settings) -> anyhow::Result<()> {
+fn serve(settings: Settings, adopted: settings::peer::Adopted) -> anyhow::Result<()> {
     init_logging(&settings)?;
+    for taken in &adopted.taken {
+        tracing::info!("envoyproxy/ratelimit setting taken: {taken}");
+    }
+    for ignored in &adopted.ignored {
+        tracing::warn!("envoyproxy/ratelimit setting not applied: {ignored}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

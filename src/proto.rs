@@ -1,6 +1,7 @@
 //! Envoy's protocol ⇄ sluice's domain: a `RateLimitRequest` checked against the configured
 //! bounds and read into asks, and a verdict written back as a `RateLimitResponse`.
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -418,6 +419,49 @@ fn structure(s: Struct) -> Value {
     Value {
         kind: Some(Kind::StructValue(s)),
     }
+}
+
+/// The names of envoyproxy/ratelimit's response headers (`LIMIT_*_HEADER`).
+#[derive(Debug, Clone, Copy)]
+pub struct LimitHeaderNames<'a> {
+    pub limit: &'a str,
+    pub remaining: &'a str,
+    pub reset: &'a str,
+}
+
+/// envoyproxy/ratelimit's `RateLimit-Limit`, `-Remaining` and `-Reset` (whole seconds) headers,
+/// of the status it would pick: an OVER_LIMIT one if any, else the one with a limit and the
+/// least remaining. None when no status has a limit.
+pub fn limit_headers(
+    statuses: &[DescriptorStatus],
+    names: LimitHeaderNames<'_>,
+) -> Vec<HeaderValue> {
+    let over = ProtoCode::OverLimit as i32;
+    let nearest = statuses
+        .iter()
+        .filter(|s| s.current_limit.is_some())
+        .min_by_key(|s| (s.code != over, s.limit_remaining));
+    let Some(status) = nearest else {
+        return Vec::new();
+    };
+    let limit = status
+        .current_limit
+        .as_ref()
+        .map_or(0, |l| l.requests_per_unit);
+    let reset = status.duration_until_reset.as_ref().map_or(0, |d| {
+        // Whole seconds, rounded up: a client waiting that long finds the window reset.
+        d.seconds + i64::from(d.nanos > 0)
+    });
+    let header = |key: &str, value: String| HeaderValue {
+        key: key.to_string(),
+        value,
+        ..Default::default()
+    };
+    vec![
+        header(names.limit, limit.to_string()),
+        header(names.remaining, status.limit_remaining.to_string()),
+        header(names.reset, reset.to_string()),
+    ]
 }
 
 /// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used

@@ -65,16 +65,18 @@ pub struct Running {
     reloading: JoinHandle<()>,
     syncing: Option<JoinHandle<()>>,
     capacity: JoinHandle<()>,
-    http: JoinHandle<()>,
-    http_stop: Arc<tokio::sync::Notify>,
+    http: Vec<JoinHandle<()>>,
+    http_stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Running {
     /// Stops accepting calls, lets calls in flight finish, and waits for the server to end.
     pub async fn stop(mut self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(());
-        self.http_stop.notify_one();
-        let _ = (&mut self.http).await;
+        self.http_stop.send_replace(true);
+        for http in &mut self.http {
+            let _ = http.await;
+        }
         self.sweeping.abort();
         self.reloading.abort();
         self.capacity.abort();
@@ -109,9 +111,19 @@ const HEALTH_NAMES: [&str; 3] = [
 pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running, ServerError> {
     // Before the rules load: their metric handles bind to the recorder that exists then.
     crate::telemetry::install();
+    crate::telemetry::serve_peer_names(settings.peer_metrics);
     let changes = reload::Changes::watch(&settings.config, settings.watch);
-    let (catalog, rules) = Catalog::load(&settings.config, clock.now_ms(), settings.domain_files())
-        .map_err(ServerError::Rules)?;
+    let (catalog, rules) = if settings.force_start_without_initial_config {
+        let (catalog, rules, errors) =
+            Catalog::load_anyway(&settings.config, clock.now_ms(), settings.domain_files());
+        for error in &errors {
+            tracing::error!(%error, "rule file rejected; starting without it (--force-start-without-initial-config)");
+        }
+        (catalog, rules)
+    } else {
+        Catalog::load(&settings.config, clock.now_ms(), settings.domain_files())
+            .map_err(ServerError::Rules)?
+    };
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),
         None => None,
@@ -145,22 +157,28 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     app.publish_reload(catalog.status());
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in HEALTH_NAMES {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    let loaded = app.domains_loaded.subscribe();
+    set_health(&app, &health).await;
+    let following = tokio::spawn(health_follows_rules(app.clone(), health.clone(), loaded));
 
     let (shutdown, stopped) = oneshot::channel::<()>();
     let service =
         UndecodableIsInvalid(RateLimitServiceServer::new(RateLimitGrpc::new(app.clone())));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = app.settings.grpc_max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(grace) = app.settings.grpc_max_connection_age_grace {
+        builder = builder.max_connection_age_grace(grace);
+    }
     let serving = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
+                following.abort();
                 for name in HEALTH_NAMES {
                     health
                         .set_service_status(name, tonic_health::ServingStatus::NotServing)
@@ -170,19 +188,30 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             .await
             .map_err(ServerError::from)
     });
-    let http_stop = Arc::new(tokio::sync::Notify::new());
-    let http = {
-        let (router, stop) = (crate::admin::router(app.clone()), http_stop.clone());
-        tokio::spawn(async move {
-            let served = axum::serve(http_listener, router)
-                .with_graceful_shutdown(async move { stop.notified().await })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "HTTP server failed");
-            }
-        })
-    };
+    let (http_stop, _) = tokio::sync::watch::channel(false);
+    let mut http = vec![serve_http(
+        http_listener,
+        crate::admin::router(app.clone()),
+        &http_stop,
+    )];
     tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
+    let extra = [
+        (app.settings.metrics_addr, "metrics"),
+        (app.settings.debug_addr, "debug (/rlconfig)"),
+    ];
+    for (addr, what) in extra {
+        let Some(addr) = addr else { continue };
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::BindHttp { addr, source })?;
+        let router = if what == "metrics" {
+            crate::admin::metrics_router(app.clone(), &app.settings.metrics_path)
+        } else {
+            crate::admin::debug_router(app.clone())
+        };
+        http.push(serve_http(listener, router, &http_stop));
+        tracing::info!(%addr, "serving {what} over HTTP");
+    }
     let sweeping = tokio::spawn(sweep(
         app.limiter.clone(),
         app.settings.sweep_interval,
@@ -227,6 +256,48 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         syncing,
         capacity,
     })
+}
+
+/// Serves `router` on `listener` until `stop` turns true.
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: &tokio::sync::watch::Sender<bool>,
+) -> JoinHandle<()> {
+    let mut stop = stop.subscribe();
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    })
+}
+
+/// Keeps the gRPC health service SERVING, or, under
+/// `--healthy-with-at-least-one-config-loaded`, SERVING only while a domain is loaded.
+async fn health_follows_rules(
+    app: Arc<App>,
+    health: tonic_health::server::HealthReporter,
+    mut loaded: tokio::sync::watch::Receiver<bool>,
+) {
+    while loaded.changed().await.is_ok() {
+        set_health(&app, &health).await;
+    }
+}
+
+async fn set_health(app: &App, health: &tonic_health::server::HealthReporter) {
+    let status = if app.healthy() {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in HEALTH_NAMES {
+        health.set_service_status(name, status).await;
+    }
 }
 
 /// Drops counters whose window has ended, so memory follows active keys.

@@ -34,8 +34,14 @@ pub async fn answer(
     request: RateLimitRequest,
 ) -> Result<RateLimitResponse, AnswerError> {
     let started = Instant::now();
+    if let Some(total) = &app.metrics.requests.peer_total {
+        total.increment(1);
+    }
     let asks = proto::asks(&request, &app.settings.request_bounds).inspect_err(|_| {
         app.metrics.requests.invalid.increment(1);
+        if let Some(errors) = &app.metrics.requests.peer_service_error {
+            errors.increment(1);
+        }
     })?;
     let internal = || {
         tracing::error!("internal error while deciding a request");
@@ -45,8 +51,7 @@ pub async fn answer(
         std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks)))
             .map_err(|_| internal())?;
     let (Some(work), Some(_)) = (strict, &app.fleet) else {
-        record_answer(app, &response, started);
-        return Ok(response);
+        return Ok(finish(app, response, started));
     };
     // Strict rules wait on Redis: settled in a task of their own, so a panic there is
     // caught too.
@@ -54,8 +59,23 @@ pub async fn answer(
     let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
         .await
         .map_err(|_| internal())?;
+    Ok(finish(app, response, started))
+}
+
+/// Adds what reads the final statuses (envoyproxy/ratelimit's headers) and counts the answer.
+fn finish(app: &App, mut response: RateLimitResponse, started: Instant) -> RateLimitResponse {
+    let settings = &app.settings;
+    if settings.limit_response_headers {
+        let names = proto::LimitHeaderNames {
+            limit: &settings.limit_limit_header,
+            remaining: &settings.limit_remaining_header,
+            reset: &settings.limit_reset_header,
+        };
+        let headers = proto::limit_headers(&response.statuses, names);
+        response.response_headers_to_add.extend(headers);
+    }
     record_answer(app, &response, started);
-    Ok(response)
+    response
 }
 
 /// Counts an answer and how long it took.
@@ -138,18 +158,37 @@ fn record_rules(
             continue;
         }
         metrics.hits.increment(ask.hits);
+        let peer = metrics.peer.as_deref();
+        if let Some(peer) = peer {
+            peer.total_hits.increment(ask.hits);
+        }
         let Some(limit) = status.limit else { continue };
+        let shadowed = global_shadow || rule.enforcement == Enforcement::Shadow;
+        let near = f64::from(limit.per_unit.saturating_sub(status.remaining))
+            >= near_ratio * f64::from(limit.per_unit);
         if status.over {
             metrics.over_limit.increment(1);
-            if global_shadow || rule.enforcement == Enforcement::Shadow {
+            if shadowed {
                 metrics.shadow_mode.increment(1);
             }
-        } else if f64::from(limit.per_unit.saturating_sub(status.remaining))
-            >= near_ratio * f64::from(limit.per_unit)
-        {
+        } else if near {
             metrics.near_limit.increment(1);
         } else {
             metrics.within_limit.increment(1);
+        }
+        // The peer counts hits, and a near hit as within the limit too.
+        if let Some(peer) = peer {
+            if status.over {
+                peer.over_limit.increment(ask.hits);
+                if shadowed {
+                    peer.shadow_mode.increment(ask.hits);
+                }
+            } else {
+                peer.within_limit.increment(ask.hits);
+                if near {
+                    peer.near_limit.increment(ask.hits);
+                }
+            }
         }
     }
 }

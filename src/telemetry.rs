@@ -36,7 +36,30 @@ pub mod names {
     pub const CAPACITY_FACTOR: &str = "sluice_capacity_factor";
 }
 
+/// envoyproxy/ratelimit's names, as its `default_mapper.yaml` maps its stats to Prometheus.
+pub mod peer_names {
+    pub const TOTAL_HITS: &str = "ratelimit_service_rate_limit_total_hits";
+    pub const OVER_LIMIT: &str = "ratelimit_service_rate_limit_over_limit";
+    pub const NEAR_LIMIT: &str = "ratelimit_service_rate_limit_near_limit";
+    pub const WITHIN_LIMIT: &str = "ratelimit_service_rate_limit_within_limit";
+    pub const SHADOW_MODE: &str = "ratelimit_service_rate_limit_shadow_mode";
+    pub const SHOULD_RATE_LIMIT_ERROR: &str = "ratelimit_service_should_rate_limit_error";
+    pub const TOTAL_REQUESTS: &str = "ratelimit_service_total_requests";
+    pub const CONFIG_LOAD_SUCCESS: &str = "ratelimit_service_config_load_success";
+    pub const CONFIG_LOAD_ERROR: &str = "ratelimit_service_config_load_error";
+}
+
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+static PEER_NAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether rules loaded from now on also count under envoyproxy/ratelimit's names.
+pub fn serve_peer_names(on: bool) {
+    PEER_NAMES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn peer_names_on() -> bool {
+    PEER_NAMES.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Installs the process's Prometheus recorder (once) and returns its handle. Handles
 /// registered before this are no-ops, so the server calls it before loading rules.
@@ -85,13 +108,46 @@ pub struct RuleMetrics {
     pub within_limit: Counter,
     pub shadow_mode: Counter,
     pub tokens: Counter,
+    /// The same hits under envoyproxy/ratelimit's names, unless turned off.
+    pub peer: Option<Box<PeerRuleMetrics>>,
+}
+
+/// One rule's counters as envoyproxy/ratelimit names them: labelled `domain`, `key1` and
+/// (for a nested rule) `key2`, the first levels of its stats key `key_value.key2_value2`.
+/// Each counts hits (a call's `hits_addend`), as the peer does.
+#[derive(Debug, Clone)]
+pub struct PeerRuleMetrics {
+    pub total_hits: Counter,
+    pub over_limit: Counter,
+    pub near_limit: Counter,
+    pub within_limit: Counter,
+    pub shadow_mode: Counter,
+}
+
+impl PeerRuleMetrics {
+    fn register(domain: &str, path: &str) -> PeerRuleMetrics {
+        let mut levels = path.split('.');
+        let mut labels = vec![("domain", domain.to_string())];
+        labels.push(("key1", levels.next().unwrap_or_default().to_string()));
+        if let Some(second) = levels.next() {
+            labels.push(("key2", second.to_string()));
+        }
+        PeerRuleMetrics {
+            total_hits: counter!(peer_names::TOTAL_HITS, &labels),
+            over_limit: counter!(peer_names::OVER_LIMIT, &labels),
+            near_limit: counter!(peer_names::NEAR_LIMIT, &labels),
+            within_limit: counter!(peer_names::WITHIN_LIMIT, &labels),
+            shadow_mode: counter!(peer_names::SHADOW_MODE, &labels),
+        }
+    }
 }
 
 impl RuleMetrics {
-    /// Registers the counters of one rule; `rule` is its label.
+    /// Registers the counters of one rule; `rule` is its label (its stats key, `key_value.key`).
     pub fn register(domain: &str, rule: &str) -> RuleMetrics {
         let labels = [("domain", domain.to_string()), ("rule", rule.to_string())];
         RuleMetrics {
+            peer: peer_names_on().then(|| Box::new(PeerRuleMetrics::register(domain, rule))),
             hits: counter!(names::RULE_HITS, &labels),
             over_limit: counter!(names::RULE_OVER_LIMIT, &labels),
             near_limit: counter!(names::RULE_NEAR_LIMIT, &labels),
@@ -105,6 +161,10 @@ impl RuleMetrics {
 /// What the request path counts, process-wide.
 #[derive(Debug, Clone)]
 pub struct RequestMetrics {
+    /// envoyproxy/ratelimit's `total_requests{grpc_method="ShouldRateLimit"}`, when on.
+    pub peer_total: Option<Counter>,
+    /// envoyproxy/ratelimit's `should_rate_limit_error{err_type="service_error"}`, when on.
+    pub peer_service_error: Option<Counter>,
     pub ok: Counter,
     pub over_limit: Counter,
     pub duration: Histogram,
@@ -117,6 +177,8 @@ pub struct RequestMetrics {
 /// What rule reloads report.
 #[derive(Debug, Clone)]
 pub struct ReloadMetrics {
+    /// envoyproxy/ratelimit's `config_load_success` and `config_load_error`, when on.
+    pub peer_loads: Option<[Counter; 2]>,
     pub generation: Gauge,
     pub applied: Counter,
     pub failed: Counter,
@@ -150,6 +212,12 @@ impl ProcessMetrics {
     pub fn register() -> ProcessMetrics {
         ProcessMetrics {
             requests: RequestMetrics {
+                peer_total: peer_names_on().then(
+                    || counter!(peer_names::TOTAL_REQUESTS, "grpc_method" => "ShouldRateLimit"),
+                ),
+                peer_service_error: peer_names_on().then(
+                    || counter!(peer_names::SHOULD_RATE_LIMIT_ERROR, "err_type" => "service_error"),
+                ),
                 ok: counter!(names::REQUESTS, "code" => "ok"),
                 over_limit: counter!(names::REQUESTS, "code" => "over_limit"),
                 duration: histogram!(names::REQUEST_DURATION),
@@ -159,6 +227,12 @@ impl ProcessMetrics {
                 reported_tokens: counter!(names::REPORTED_TOKENS),
             },
             reload: ReloadMetrics {
+                peer_loads: peer_names_on().then(|| {
+                    [
+                        counter!(peer_names::CONFIG_LOAD_SUCCESS),
+                        counter!(peer_names::CONFIG_LOAD_ERROR),
+                    ]
+                }),
                 generation: gauge!(names::CONFIG_GENERATION),
                 applied: counter!(names::RELOADS),
                 failed: counter!(names::RELOAD_FAILURES),

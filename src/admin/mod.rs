@@ -7,6 +7,7 @@ mod body;
 mod capacity;
 pub mod counters;
 mod health;
+mod peer;
 mod rules;
 
 use std::sync::Arc;
@@ -42,6 +43,27 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/capacity", get(capacity::capacity))
         .route("/v1/capacity/reduce", post(capacity::reduce))
         .route("/v1/utilization", get(capacity::utilization))
+        .route("/healthcheck", get(peer::healthcheck))
+        .route("/json", post(peer::json))
+        .route("/rlconfig", get(peer::rlconfig))
+        .with_state(app)
+}
+
+/// The metrics listener's routes (`--metrics-addr`): the scrape at `path`.
+pub fn metrics_router(app: Arc<App>, path: &str) -> Router {
+    Router::new()
+        .route(path, get(health::metrics))
+        .with_state(app)
+}
+
+/// The debug listener's routes (`--debug-addr`): envoyproxy/ratelimit's `/rlconfig`.
+pub fn debug_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/rlconfig", get(peer::rlconfig))
+        .route(
+            "/",
+            get(|| async { "/rlconfig: the loaded rules, one limit a line\n" }),
+        )
         .with_state(app)
 }
 

@@ -158,6 +158,8 @@ impl Verdict<'_> {
 pub struct Mode {
     /// Global shadow mode: count and report, never deny.
     pub shadow: bool,
+    /// Global quota mode: every enforced limit is a quota (envoyproxy/ratelimit's `QUOTA_MODE`).
+    pub quota: bool,
     /// Strict rules are settled in the fleet store (Redis is configured).
     pub strict_in_store: bool,
 }

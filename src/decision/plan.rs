@@ -227,10 +227,10 @@ impl<'r, 'v> Plan<'r, 'v> {
         mode: Mode,
     ) {
         let rule = matched.rules[i];
-        let enforcement = match rule {
+        let enforcement = match rule.map_or(Enforcement::Enforce, |r| r.enforcement) {
             _ if mode.shadow => Enforcement::Shadow,
-            Some(rule) => rule.enforcement,
-            None => Enforcement::Enforce,
+            Enforcement::Enforce if mode.quota => Enforcement::Quota,
+            own => own,
         };
         let hits = u32::try_from(ask.hits).unwrap_or(u32::MAX);
         if let Some(over_ride) = ask.limit_override {

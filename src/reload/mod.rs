@@ -92,6 +92,22 @@ impl Catalog {
         now_ms: u64,
         domain_files: DomainFiles,
     ) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
+        let (catalog, set, errors) = Catalog::load_anyway(dir, now_ms, domain_files);
+        if errors.is_empty() {
+            Ok((catalog, set))
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Loads a directory at start whatever is wrong with it (envoyproxy/ratelimit's
+    /// `FORCE_START_WITHOUT_INITIAL_CONFIG`): the good files serve, and the errors are returned
+    /// beside them. A directory that cannot be read yields no rules; rescans find it later.
+    pub fn load_anyway(
+        dir: &Path,
+        now_ms: u64,
+        domain_files: DomainFiles,
+    ) -> (Catalog, RuleSet, Vec<ConfigError>) {
         let mut catalog = Catalog {
             dir: dir.to_path_buf(),
             files: BTreeMap::new(),
@@ -100,7 +116,14 @@ impl Catalog {
             dir_error: None,
             domain_files,
         };
-        let (sources, unreadable) = rules::read_dir(dir).map_err(|e| vec![e])?;
+        let (sources, unreadable) = match rules::read_dir(dir) {
+            Ok(found) => found,
+            Err(e) => {
+                catalog.dir_error = Some(e.to_string());
+                catalog.swapped_in(now_ms);
+                return (catalog, RuleSet::default(), vec![e]);
+            }
+        };
         let mut errors = unreadable;
         for source in &sources {
             let seen = StableHash::of(source.text.as_bytes());
@@ -121,11 +144,8 @@ impl Catalog {
         }
         let set = catalog.assemble();
         errors.extend(catalog.files.values().filter_map(|t| t.conflict.clone()));
-        if !errors.is_empty() {
-            return Err(errors);
-        }
         catalog.swapped_in(now_ms);
-        Ok((catalog, set))
+        (catalog, set, errors)
     }
 
     /// Reads the directory again and compiles the files that changed. Returns the new rule set

@@ -100,6 +100,8 @@ mod tests {
             address: StoreAddress {
                 urls: vec!["redis://127.0.0.1:1".into()],
                 cluster: false,
+                sentinel_master: None,
+                tls: Default::default(),
                 timeout: Duration::from_millis(100),
             },
             namespace: "prod".into(),

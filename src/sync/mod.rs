@@ -25,7 +25,7 @@ use redis::RedisError;
 use crate::limiter::{Counts, FleetView, Limiter, Unit, Window};
 use crate::rules::RuleSet;
 use crate::telemetry::SyncMetrics;
-pub use store::{Store, StoreAddress};
+pub use store::{Store, StoreAddress, TlsFiles};
 
 /// A call to the fleet store that failed.
 #[derive(Debug, thiserror::Error)]

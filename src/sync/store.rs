@@ -1,28 +1,124 @@
-//! The fleet store: a single Redis or a Redis Cluster, behind one small interface. Every call
+//! The fleet store: a single Redis, a Redis Cluster or the master of a Sentinel set, behind one
+//! small interface. Every call
 //! has a timeout; reconnection with backoff is the redis crate's.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    AsyncConnectionConfig, ClientTlsConfig, ConnectionInfo, IntoConnectionInfo, TlsCertificates,
+};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Script, ScriptInvocation};
 
 /// Where the fleet's counts live.
 #[derive(Debug, Clone)]
 pub struct StoreAddress {
-    /// One `redis://` or `rediss://` URL, or several cluster seed URLs.
+    /// One `redis://` or `rediss://` URL, or several cluster seed URLs, or the Sentinels'.
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// The URLs are Redis Sentinels; the store is the master they name this.
+    pub sentinel_master: Option<String>,
+    /// Certificates for `rediss://`, in place of the system's roots and with a client cert.
+    pub tls: TlsFiles,
     /// Bound on every call.
     pub timeout: Duration,
+}
+
+/// PEM files for TLS to Redis; each is optional.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// The CA that signs the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// sluice's client certificate and its key (mutual TLS).
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    fn any(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    /// The files' contents, read now (so a rotated file applies at the next connection).
+    fn read(&self) -> RedisResult<TlsCertificates> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read a Redis TLS file",
+                    format!("{}: {e}", path.display()),
+                ))
+            })
+        };
+        Ok(TlsCertificates {
+            client_tls: match &self.client {
+                Some((cert, key)) => Some(ClientTlsConfig {
+                    client_cert: read(cert)?,
+                    client_key: read(key)?,
+                }),
+                None => None,
+            },
+            root_cert: self.ca.as_ref().map(read).transpose()?,
+        })
+    }
 }
 
 #[derive(Clone)]
 pub enum Store {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelStore>),
+}
+
+/// The master a set of Sentinels names, connected on demand: a call that fails for want of
+/// a master (connection lost, `READONLY` from a demoted one) drops the connection, and the next
+/// call asks the Sentinels again, so the store follows a failover.
+pub struct SentinelStore {
+    client: tokio::sync::Mutex<SentinelClient>,
+    connection: std::sync::Mutex<Option<MultiplexedConnection>>,
+    timeout: Duration,
+}
+
+impl SentinelStore {
+    async fn connection(&self) -> RedisResult<MultiplexedConnection> {
+        if let Some(c) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let mut client = self.client.lock().await;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let connection = bounded(
+            self.timeout * 2,
+            client.get_async_connection_with_config(&config),
+        )
+        .await?;
+        *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Forgets the master after an error that may mean it moved.
+    fn after<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &result
+            && (e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_timeout()
+                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
+        {
+            *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        result
+    }
 }
 
 fn timed_out(after: Duration) -> RedisError {
@@ -42,6 +138,12 @@ impl Store {
     /// Checks the URLs now. A single Redis is connected lazily (sluice starts while it is down);
     /// a cluster is connected by [`Store::connect`].
     pub fn validate(address: &StoreAddress) -> RedisResult<()> {
+        if address.sentinel_master.is_some() {
+            return address
+                .urls
+                .iter()
+                .try_for_each(|url| redis::Client::open(url.as_str()).map(drop));
+        }
         if address.cluster {
             ClusterClient::new(address.urls.clone()).map(drop)
         } else {
@@ -56,16 +158,26 @@ impl Store {
     }
 
     pub async fn connect(address: &StoreAddress) -> RedisResult<Store> {
+        if let Some(master) = &address.sentinel_master {
+            return Store::sentinel(address, master);
+        }
         if address.cluster {
-            let client = ClusterClient::builder(address.urls.clone())
+            let mut builder = ClusterClient::builder(address.urls.clone())
                 .connection_timeout(address.timeout)
-                .response_timeout(address.timeout)
-                .build()?;
+                .response_timeout(address.timeout);
+            if address.tls.any() {
+                builder = builder.certs(address.tls.read()?);
+            }
+            let client = builder.build()?;
             let connection = bounded(address.timeout * 4, client.get_async_connection()).await?;
             return Ok(Store::Cluster(connection));
         }
         let url = address.urls.first().map(String::as_str).unwrap_or_default();
-        let client = redis::Client::open(url)?;
+        let client = if address.tls.any() {
+            redis::Client::build_with_tls(url, address.tls.read()?)?
+        } else {
+            redis::Client::open(url)?
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(address.timeout))
             .set_response_timeout(Some(address.timeout))
@@ -77,6 +189,46 @@ impl Store {
         )?))
     }
 
+    /// The master named `master` by the Sentinels at `address.urls`. The master's password
+    /// and TLS are those of the first URL, which is also how the Sentinels are reached.
+    fn sentinel(address: &StoreAddress, master: &str) -> RedisResult<Store> {
+        let infos = address
+            .urls
+            .iter()
+            .map(|url| url.as_str().into_connection_info())
+            .collect::<RedisResult<Vec<ConnectionInfo>>>()?;
+        let first = infos.first().ok_or_else(|| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Sentinel address"))
+        })?;
+        let redis = first.redis_settings();
+        let mut builder = SentinelClientBuilder::new(
+            infos.iter().map(|i| i.addr().clone()),
+            master,
+            SentinelServerType::Master,
+        )?;
+        if let Some(user) = redis.username() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if let Some(password) = redis.password() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        if matches!(first.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            builder = builder
+                .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(redis::TlsMode::Secure);
+            if address.tls.any() {
+                builder = builder
+                    .set_client_to_redis_certificates(address.tls.read()?)
+                    .set_client_to_sentinel_certificates(address.tls.read()?);
+            }
+        }
+        Ok(Store::Sentinel(Arc::new(SentinelStore {
+            client: tokio::sync::Mutex::new(builder.build()?),
+            connection: std::sync::Mutex::new(None),
+            timeout: address.timeout,
+        })))
+    }
+
     pub async fn pipeline<T: FromRedisValue>(
         &mut self,
         pipe: &Pipeline,
@@ -85,6 +237,10 @@ impl Store {
         match self {
             Store::Single(c) => bounded(timeout, pipe.query_async(c)).await,
             Store::Cluster(c) => bounded(timeout, pipe.query_async(c)).await,
+            Store::Sentinel(s) => {
+                let mut c = s.connection().await?;
+                s.after(bounded(timeout, pipe.query_async(&mut c)).await)
+            }
         }
     }
 
@@ -96,6 +252,10 @@ impl Store {
         match self {
             Store::Single(c) => bounded(timeout, cmd.query_async(c)).await,
             Store::Cluster(c) => bounded(timeout, cmd.query_async(c)).await,
+            Store::Sentinel(s) => {
+                let mut c = s.connection().await?;
+                s.after(bounded(timeout, cmd.query_async(&mut c)).await)
+            }
         }
     }
 
@@ -109,6 +269,10 @@ impl Store {
         match self {
             Store::Single(c) => bounded(timeout, invocation.invoke_async(c)).await,
             Store::Cluster(c) => bounded(timeout, invocation.invoke_async(c)).await,
+            Store::Sentinel(s) => {
+                let mut c = s.connection().await?;
+                s.after(bounded(timeout, invocation.invoke_async(&mut c)).await)
+            }
         }
     }
 
@@ -131,6 +295,10 @@ impl Store {
                 .arg(1000);
             let (next, batch): (u64, Vec<String>) = match self {
                 Store::Single(c) => bounded(timeout, cmd.query_async(c)).await?,
+                Store::Sentinel(s) => {
+                    let mut c = s.connection().await?;
+                    s.after(bounded(timeout, cmd.query_async(&mut c)).await)?
+                }
                 Store::Cluster(c) => {
                     let route = Route::with_key(slot_key, SlotAddr::Master);
                     let routing =

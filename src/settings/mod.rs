@@ -1,6 +1,8 @@
 //! Process knobs, from flags or their environment variables, validated at start. Never rule
 //! content: that lives in the rule files.
 
+pub mod peer;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::proto::RequestBounds;
 use crate::rules::DomainFiles;
-use crate::sync::{FailurePolicy, StoreAddress, SyncSettings};
+use crate::sync::{FailurePolicy, StoreAddress, SyncSettings, TlsFiles};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,6 +98,30 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
 
+    /// Address of a second HTTP listener serving only `/metrics` (envoyproxy/ratelimit's
+    /// `USE_PROMETHEUS` listener). Unset: metrics are on --http-addr only.
+    #[arg(long, env = "SLUICE_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Path of the metrics on --metrics-addr.
+    #[arg(long, env = "SLUICE_METRICS_PATH", default_value = "/metrics")]
+    pub metrics_path: String,
+
+    /// Address of a debug HTTP listener serving `/rlconfig` (the loaded rules as text), as
+    /// envoyproxy/ratelimit's debug port does. Unset: `/rlconfig` is on --http-addr only.
+    #[arg(long, env = "SLUICE_DEBUG_ADDR")]
+    pub debug_addr: Option<SocketAddr>,
+
+    /// Close each gRPC connection after this long (with a GOAWAY), so clients spread over new
+    /// replicas. Unset: connections live as long as their clients keep them.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE", value_parser = parse_duration)]
+    pub grpc_max_connection_age: Option<Duration>,
+
+    /// After --grpc-max-connection-age, how long calls in flight may take before the
+    /// connection is closed.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE_GRACE", value_parser = parse_duration)]
+    pub grpc_max_connection_age_grace: Option<Duration>,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -114,6 +140,90 @@ pub struct Settings {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub shadow_mode: bool,
+
+    /// Global quota mode: every limit is a quota (a request is denied only when every quota
+    /// it touches is spent), as envoyproxy/ratelimit's `QUOTA_MODE`.
+    #[arg(
+        long,
+        env = "SLUICE_QUOTA_MODE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub quota_mode: bool,
+
+    /// Add envoyproxy/ratelimit's response headers (`RateLimit-Limit`, `RateLimit-Remaining`,
+    /// `RateLimit-Reset`, of the limit nearest its end) to every answer that has a limit.
+    #[arg(
+        long,
+        env = "SLUICE_LIMIT_RESPONSE_HEADERS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub limit_response_headers: bool,
+
+    /// Name of the limit header of --limit-response-headers.
+    #[arg(
+        long,
+        env = "SLUICE_LIMIT_LIMIT_HEADER",
+        default_value = "RateLimit-Limit"
+    )]
+    pub limit_limit_header: String,
+
+    /// Name of the remaining header of --limit-response-headers.
+    #[arg(
+        long,
+        env = "SLUICE_LIMIT_REMAINING_HEADER",
+        default_value = "RateLimit-Remaining"
+    )]
+    pub limit_remaining_header: String,
+
+    /// Name of the reset header (seconds) of --limit-response-headers.
+    #[arg(
+        long,
+        env = "SLUICE_LIMIT_RESET_HEADER",
+        default_value = "RateLimit-Reset"
+    )]
+    pub limit_reset_header: String,
+
+    /// Start even when the rule files are missing or broken, with no rules, and load them
+    /// once they are good (envoyproxy/ratelimit's `FORCE_START_WITHOUT_INITIAL_CONFIG`).
+    #[arg(
+        long,
+        env = "SLUICE_FORCE_START_WITHOUT_INITIAL_CONFIG",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub force_start_without_initial_config: bool,
+
+    /// Report unhealthy (gRPC health and `/healthcheck`) while no domain is loaded.
+    #[arg(
+        long,
+        env = "SLUICE_HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub healthy_with_at_least_one_config_loaded: bool,
+
+    /// Also serve envoyproxy/ratelimit's metric names
+    /// (`ratelimit_service_rate_limit_total_hits{domain,key1,key2}` and the like), so its
+    /// dashboards and alerts keep working.
+    #[arg(
+        long,
+        env = "SLUICE_PEER_METRICS",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub peer_metrics: bool,
 
     /// Add OpenAI-style rate-limit headers (x-ratelimit-*-requests, -tokens, retry-after) to
     /// every answer, and an OpenAI-style JSON error body to denials.
@@ -209,6 +319,24 @@ pub struct Settings {
     )]
     pub redis_cluster: bool,
 
+    /// The Redis URLs are Sentinels; sluice follows the master they name this (and fails over
+    /// with it).
+    #[arg(long, env = "SLUICE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// PEM file of the CA that signs the Redis server's certificate (rediss://), in place of the
+    /// system's roots.
+    #[arg(long, env = "SLUICE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM file of sluice's client certificate for Redis (mutual TLS), with --redis-key-file.
+    #[arg(long, env = "SLUICE_REDIS_CERT_FILE", requires = "redis_key_file")]
+    pub redis_cert_file: Option<PathBuf>,
+
+    /// PEM file of the key of --redis-cert-file.
+    #[arg(long, env = "SLUICE_REDIS_KEY_FILE", requires = "redis_cert_file")]
+    pub redis_key_file: Option<PathBuf>,
+
     /// Prefix of every Redis key [default: the environment, else `default`].
     #[arg(long, env = "REDIS_NAMESPACE")]
     pub redis_namespace: Option<String>,
@@ -273,7 +401,7 @@ fn parse_growth(text: &str) -> Result<f64, String> {
     Ok(r)
 }
 
-fn parse_ratio(text: &str) -> Result<f64, String> {
+pub(crate) fn parse_ratio(text: &str) -> Result<f64, String> {
     let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if !(r > 0.0 && r <= 1.0) {
         return Err("must be more than 0 and at most 1".into());
@@ -325,6 +453,14 @@ impl Settings {
                     .filter(|u| !u.is_empty())
                     .collect(),
                 cluster: self.redis_cluster,
+                sentinel_master: self.redis_sentinel_master.clone(),
+                tls: TlsFiles {
+                    ca: self.redis_ca_file.clone(),
+                    client: self
+                        .redis_cert_file
+                        .clone()
+                        .zip(self.redis_key_file.clone()),
+                },
                 timeout: self.redis_timeout,
             },
             namespace: self
