@@ -457,9 +457,15 @@ pub fn limit_headers(
         value,
         ..Default::default()
     };
+    // The peer reports nothing remaining once a limit is over.
+    let remaining = if status.code == over {
+        0
+    } else {
+        status.limit_remaining
+    };
     vec![
         header(names.limit, limit.to_string()),
-        header(names.remaining, status.limit_remaining.to_string()),
+        header(names.remaining, remaining.to_string()),
         header(names.reset, reset.to_string()),
     ]
 }
