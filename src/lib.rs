@@ -48,6 +48,7 @@ mod service;
 pub mod settings;
 mod sync;
 mod telemetry;
+mod tls;
 
 pub use admin::counters;
 pub use app::App;

@@ -43,6 +43,9 @@ pub enum ServerError {
         /// Why it cannot be bound.
         source: std::io::Error,
     },
+    /// The gRPC listener's TLS files do not load.
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The Redis URLs are not valid.
     #[error("invalid Redis settings: {0}")]
     Redis(#[from] redis::RedisError),
@@ -134,6 +137,10 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         rules = rules.rule_count(),
         "rules loaded"
     );
+    let tls = match settings.grpc_tls() {
+        Some(files) => Some(Arc::new(crate::tls::server_config(&files)?)),
+        None => None,
+    };
     let addr = settings.grpc_addr;
     let listener = TcpListener::bind(addr)
         .await
@@ -164,7 +171,6 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     let (shutdown, stopped) = oneshot::channel::<()>();
     let service =
         UndecodableIsInvalid(RateLimitServiceServer::new(RateLimitGrpc::new(app.clone())));
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = app.settings.grpc_max_connection_age {
         builder = builder.max_connection_age(age);
@@ -172,22 +178,31 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     if let Some(grace) = app.settings.grpc_max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
     }
-    let serving = tokio::spawn(async move {
-        builder
-            .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stopped.await;
-                following.abort();
-                for name in HEALTH_NAMES {
-                    health
-                        .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                        .await;
-                }
-            })
-            .await
-            .map_err(ServerError::from)
-    });
+    let router = builder.add_service(health_service).add_service(service);
+    let stopping = async move {
+        let _ = stopped.await;
+        following.abort();
+        for name in HEALTH_NAMES {
+            health
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let serving = match tls {
+        None => tokio::spawn(async move {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, stopping)
+                .await
+                .map_err(ServerError::from)
+        }),
+        Some(config) => tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(tls_incoming(listener, config), stopping)
+                .await
+                .map_err(ServerError::from)
+        }),
+    };
     let (http_stop, _) = tokio::sync::watch::channel(false);
     let mut http = vec![serve_http(
         http_listener,
@@ -256,6 +271,51 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         syncing,
         capacity,
     })
+}
+
+/// Connections of `listener` once their TLS handshake succeeds. Handshakes run apart (a slow
+/// or refused client holds up no other) and are bounded in time; the accept loop ends when the
+/// server stops reading.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    const HANDSHAKE: Duration = Duration::from_secs(10);
+    let (accepted, incoming) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let connection = tokio::select! {
+                () = accepted.closed() => return,
+                connection = listener.accept() => connection,
+            };
+            let (tcp, peer) = match connection {
+                Ok(connection) => connection,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    tracing::warn!(%error, "cannot accept a gRPC connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, accepted) = (acceptor.clone(), accepted.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = accepted.send(Ok(tls)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(%peer, %error, "TLS handshake refused");
+                    }
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(incoming)
 }
 
 /// Serves `router` on `listener` until `stop` turns true.

@@ -112,6 +112,23 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_DEBUG_ADDR")]
     pub debug_addr: Option<SocketAddr>,
 
+    /// Serve gRPC over TLS with this certificate chain (PEM), with --grpc-tls-key. The files
+    /// are read again when they change: rotation needs no restart.
+    #[arg(long, env = "SLUICE_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --grpc-tls-cert.
+    #[arg(long, env = "SLUICE_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients must present a certificate signed by this CA (PEM).
+    #[arg(long, env = "SLUICE_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_client_ca: Option<PathBuf>,
+
+    /// Mutual TLS: the client certificate must be valid for this DNS name.
+    #[arg(long, env = "SLUICE_GRPC_CLIENT_SAN", requires = "grpc_client_ca")]
+    pub grpc_client_san: Option<String>,
+
     /// Close each gRPC connection after this long (with a GOAWAY), so clients spread over new
     /// replicas. Unset: connections live as long as their clients keep them.
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE", value_parser = parse_duration)]
@@ -435,6 +452,16 @@ impl Settings {
         let file = self.admin_token_file.as_ref()?;
         let token = std::fs::read_to_string(file).ok()?.trim().to_string();
         (!token.is_empty()).then_some(token)
+    }
+
+    /// The gRPC listener's TLS files, when TLS is on.
+    pub(crate) fn grpc_tls(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.grpc_tls_cert.clone()?,
+            key: self.grpc_tls_key.clone()?,
+            client_ca: self.grpc_client_ca.clone(),
+            client_san: self.grpc_client_san.clone(),
+        })
     }
 
     /// Whether several files may define one domain.

@@ -372,6 +372,31 @@ fn listeners(r: &mut Reader<'_>, settings: &mut Settings) -> Result<(), PeerEnvE
             }
         }
     }
+    if r.flag("GRPC_SERVER_USE_TLS")? == Some(true) {
+        if r.own("grpc_tls_cert") {
+            r.ignore("GRPC_SERVER_USE_TLS", "--grpc-tls-cert is given");
+        } else {
+            let path = |var: &str| {
+                r.get(var)
+                    .map(PathBuf::from)
+                    .ok_or_else(|| r.error(var, "GRPC_SERVER_USE_TLS=true needs it"))
+            };
+            settings.grpc_tls_cert = Some(path("GRPC_SERVER_TLS_CERT")?);
+            settings.grpc_tls_key = Some(path("GRPC_SERVER_TLS_KEY")?);
+            settings.grpc_client_ca = r.get("GRPC_CLIENT_TLS_CACERT").map(PathBuf::from);
+            settings.grpc_client_san = r.get("GRPC_CLIENT_TLS_SAN").map(str::to_string);
+            let mutual = if settings.grpc_client_ca.is_some() {
+                "mutual TLS"
+            } else {
+                "TLS"
+            };
+            r.took(
+                "GRPC_SERVER_USE_TLS, GRPC_SERVER_TLS_CERT, GRPC_SERVER_TLS_KEY, GRPC_CLIENT_TLS_CACERT, GRPC_CLIENT_TLS_SAN",
+                "grpc-tls-cert",
+                mutual,
+            );
+        }
+    }
     if r.flag("USE_PROMETHEUS")? == Some(true) {
         if r.own("metrics_addr") {
             r.ignore("USE_PROMETHEUS", "--metrics-addr is given");
