@@ -14,6 +14,7 @@ use crate::rules::{OVERRIDE_SCOPE, RuleSet};
 use crate::settings::Settings;
 use crate::sync::{Fleet, SyncHandles};
 use crate::telemetry::ProcessMetrics;
+use crate::traces::Traces;
 
 /// Everything a request needs, shared by every connection.
 pub struct App {
@@ -36,6 +37,8 @@ pub struct App {
     pub capacity_changed: tokio::sync::Notify,
     /// Whether any domain is loaded; the gRPC health service follows it.
     pub domains_loaded: tokio::sync::watch::Sender<bool>,
+    /// OpenTelemetry traces of ShouldRateLimit, when on.
+    pub traces: Option<Traces>,
 }
 
 impl App {
@@ -50,6 +53,7 @@ impl App {
         App {
             fleet,
             domains_loaded,
+            traces: None,
             rules: Arc::new(ArcSwap::from_pointee(rules)),
             limiter: Arc::new(Limiter::new(clock)),
             settings,

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use tonic::{Request, Response, Status};
 
 use crate::app::App;
+use crate::proto::code_name;
 use crate::service::{self, AnswerError};
 
 /// The gRPC face of a server.
@@ -32,10 +33,20 @@ impl RateLimitService for RateLimitGrpc {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        service::answer(&self.app, request.into_inner())
+        let span = self.app.traces.as_ref().map(|traces| {
+            let call = request.get_ref();
+            traces.call(request.metadata(), &call.domain, call.descriptors.len())
+        });
+        let answered = service::answer(&self.app, request.into_inner())
             .await
-            .map(Response::new)
-            .map_err(status)
+            .map_err(status);
+        if let Some(span) = span {
+            match &answered {
+                Ok(response) => span.answered(code_name(response.overall_code)),
+                Err(status) => span.failed(status.code(), status.message()),
+            }
+        }
+        answered.map(Response::new)
     }
 }
 

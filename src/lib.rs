@@ -49,6 +49,7 @@ pub mod settings;
 mod sync;
 mod telemetry;
 mod tls;
+mod traces;
 
 pub use admin::counters;
 pub use app::App;
@@ -64,3 +65,4 @@ pub use reload::ReloadStatus;
 pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};
 pub use sync::{FailurePolicy, Fleet, SyncStatus};
+pub use traces::ExportProtocol;

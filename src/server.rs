@@ -43,6 +43,9 @@ pub enum ServerError {
         /// Why it cannot be bound.
         source: std::io::Error,
     },
+    /// The trace exporter cannot be set up.
+    #[error(transparent)]
+    Traces(#[from] crate::traces::TraceError),
     /// The gRPC listener's TLS files do not load.
     #[error("gRPC TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -88,6 +91,16 @@ impl Running {
         }
         if let Some(fleet) = &self.app.fleet {
             fleet.leave().await;
+        }
+        if self.app.traces.is_some() {
+            // Flushing waits on the exporter's thread.
+            let app = self.app.clone();
+            let flushed = tokio::task::spawn_blocking(move || {
+                if let Some(traces) = &app.traces {
+                    traces.shutdown();
+                }
+            });
+            let _ = flushed.await;
         }
         match self.serving.await {
             Ok(result) => result,
@@ -160,7 +173,16 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             addr: settings.http_addr,
             source,
         })?;
-    let app = Arc::new(App::new(settings, rules, clock, fleet.clone()));
+    let traces = match settings.traces() {
+        Some(traces) => {
+            tracing::info!(protocol = ?traces.protocol, endpoint = ?traces.endpoint, rate = traces.sampling_rate, "tracing ShouldRateLimit over OTLP");
+            Some(crate::traces::Traces::start(&traces)?)
+        }
+        None => None,
+    };
+    let mut app = App::new(settings, rules, clock, fleet.clone());
+    app.traces = traces;
+    let app = Arc::new(app);
     app.publish_reload(catalog.status());
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -129,6 +129,43 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_GRPC_CLIENT_SAN", requires = "grpc_client_ca")]
     pub grpc_client_san: Option<String>,
 
+    /// Trace ShouldRateLimit with OpenTelemetry, exported over OTLP.
+    #[arg(
+        long,
+        env = "SLUICE_TRACING",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = "false",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub tracing: bool,
+
+    /// The OTLP collector, e.g. http://collector:4317 [default: OTEL_EXPORTER_OTLP_ENDPOINT,
+    /// else OTLP's localhost port].
+    #[arg(long, env = "SLUICE_TRACING_ENDPOINT")]
+    pub tracing_endpoint: Option<String>,
+
+    /// OTLP over gRPC, or over HTTP with protobuf bodies.
+    #[arg(
+        long,
+        env = "SLUICE_TRACING_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub tracing_protocol: crate::traces::ExportProtocol,
+
+    /// The share of calls traced when the caller has not decided (0 to 1).
+    #[arg(long, env = "SLUICE_TRACING_SAMPLING_RATE", default_value_t = 1.0, value_parser = parse_share)]
+    pub tracing_sampling_rate: f64,
+
+    /// The `service.name` of the spans.
+    #[arg(long, env = "SLUICE_TRACING_SERVICE_NAME", default_value = "sluice")]
+    pub tracing_service_name: String,
+
+    /// More resource attributes of the spans, as key=value,key2=value2.
+    #[arg(long, env = "SLUICE_TRACING_RESOURCE", default_value = "")]
+    pub tracing_resource: String,
+
     /// Close each gRPC connection after this long (with a GOAWAY), so clients spread over new
     /// replicas. Unset: connections live as long as their clients keep them.
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE", value_parser = parse_duration)]
@@ -418,6 +455,14 @@ fn parse_growth(text: &str) -> Result<f64, String> {
     Ok(r)
 }
 
+pub(crate) fn parse_share(text: &str) -> Result<f64, String> {
+    let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=1.0).contains(&r) {
+        return Err("must be from 0 to 1".into());
+    }
+    Ok(r)
+}
+
 pub(crate) fn parse_ratio(text: &str) -> Result<f64, String> {
     let r: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if !(r > 0.0 && r <= 1.0) {
@@ -461,6 +506,22 @@ impl Settings {
             key: self.grpc_tls_key.clone()?,
             client_ca: self.grpc_client_ca.clone(),
             client_san: self.grpc_client_san.clone(),
+        })
+    }
+
+    /// What tracing needs, when it is on.
+    pub(crate) fn traces(&self) -> Option<crate::traces::TraceSettings> {
+        self.tracing.then(|| crate::traces::TraceSettings {
+            endpoint: self.tracing_endpoint.clone(),
+            protocol: self.tracing_protocol,
+            sampling_rate: self.tracing_sampling_rate,
+            service_name: self.tracing_service_name.clone(),
+            resource: self
+                .tracing_resource
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect(),
         })
     }
 

@@ -684,11 +684,90 @@ fn behaviour(r: &mut Reader<'_>, s: &mut Settings) -> Result<(), PeerEnvError> {
             s.near_limit_ratio = ratio;
         }
     }
+    tracing_variables(r, s)?;
     if r.flag("STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT")?.is_some() {
         r.ignore(
             "STOP_CACHE_KEY_INCREMENT_WHEN_OVERLIMIT",
             "accepted: a denied request never counts in sluice",
         );
+    }
+    Ok(())
+}
+
+/// `TRACING_*` as the peer reads them (its exporter's default protocol is HTTP), and the
+/// standard `OTEL_*` names where sluice has a setting for them.
+fn tracing_variables(r: &mut Reader<'_>, s: &mut Settings) -> Result<(), PeerEnvError> {
+    let enabled = r.flag("TRACING_ENABLED")?;
+    r.boolean("TRACING_ENABLED", "tracing", "tracing", &mut s.tracing)?;
+    let protocol = |text: &str| match text.to_ascii_lowercase().as_str() {
+        "grpc" => Some(crate::traces::ExportProtocol::Grpc),
+        "http" | "http/protobuf" => Some(crate::traces::ExportProtocol::Http),
+        _ => None,
+    };
+    for var in ["TRACING_EXPORTER_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
+        if let Some(text) = r.get(var).map(str::to_string) {
+            let value = protocol(&text).ok_or_else(|| r.error(var, "expected grpc or http"))?;
+            if r.own("tracing_protocol") {
+                r.ignore(var, "--tracing-protocol is given");
+            } else {
+                r.took(var, "tracing-protocol", format!("{value:?}").to_lowercase());
+                s.tracing_protocol = value;
+            }
+            return finish_tracing(r, s);
+        }
+    }
+    if enabled == Some(true) && !r.own("tracing_protocol") {
+        // The peer's exporter speaks OTLP over HTTP unless told otherwise.
+        r.took(
+            "TRACING_ENABLED (the peer's default protocol)",
+            "tracing-protocol",
+            "http",
+        );
+        s.tracing_protocol = crate::traces::ExportProtocol::Http;
+    }
+    finish_tracing(r, s)
+}
+
+fn finish_tracing(r: &mut Reader<'_>, s: &mut Settings) -> Result<(), PeerEnvError> {
+    for var in ["TRACING_SERVICE_NAME", "OTEL_SERVICE_NAME"] {
+        if r.get(var).is_some() && !r.own("tracing_service_name") {
+            let mut name = s.tracing_service_name.clone();
+            r.text(
+                var,
+                "tracing_service_name",
+                "tracing-service-name",
+                &mut name,
+            )?;
+            s.tracing_service_name = name;
+            break;
+        }
+    }
+    if let Some(text) = r.get("TRACING_SAMPLING_RATE") {
+        let rate = super::parse_share(text).map_err(|p| r.error("TRACING_SAMPLING_RATE", p))?;
+        if r.own("tracing_sampling_rate") {
+            r.ignore("TRACING_SAMPLING_RATE", "--tracing-sampling-rate is given");
+        } else {
+            r.took("TRACING_SAMPLING_RATE", "tracing-sampling-rate", rate);
+            s.tracing_sampling_rate = rate;
+        }
+    }
+    let mut resource = Vec::new();
+    for (var, attribute) in [
+        ("TRACING_SERVICE_NAMESPACE", "service.namespace"),
+        ("TRACING_SERVICE_INSTANCE_ID", "service.instance.id"),
+    ] {
+        if let Some(value) = r.get(var) {
+            resource.push(format!("{attribute}={value}"));
+        }
+    }
+    if !resource.is_empty() && !r.own("tracing_resource") {
+        let resource = resource.join(",");
+        r.took(
+            "TRACING_SERVICE_NAMESPACE, TRACING_SERVICE_INSTANCE_ID",
+            "tracing-resource",
+            &resource,
+        );
+        s.tracing_resource = resource;
     }
     Ok(())
 }
@@ -846,6 +925,36 @@ mod tests {
             adopt_env(&["--redis-url", "redis://r:6379"], &[("REDIS_AUTH", "pw")]).unwrap();
         assert_eq!(s.redis_url.as_deref(), Some("redis://r:6379"));
         assert_eq!(adopted.ignored.len(), 1);
+    }
+
+    #[test]
+    fn peer_tracing_and_tls_variables() {
+        let (s, _) = adopt_env(
+            &[],
+            &[
+                ("TRACING_ENABLED", "true"),
+                ("TRACING_SERVICE_NAME", "RateLimit"),
+                ("TRACING_SERVICE_NAMESPACE", "edge"),
+                ("TRACING_SAMPLING_RATE", "0.25"),
+                ("GRPC_SERVER_USE_TLS", "true"),
+                ("GRPC_SERVER_TLS_CERT", "/tls/cert.pem"),
+                ("GRPC_SERVER_TLS_KEY", "/tls/key.pem"),
+                ("GRPC_CLIENT_TLS_CACERT", "/tls/ca.pem"),
+                ("GRPC_CLIENT_TLS_SAN", "envoy.mesh"),
+            ],
+        )
+        .unwrap();
+        assert!(s.tracing);
+        // The peer's exporter default: OTLP over HTTP.
+        assert_eq!(s.tracing_protocol, crate::traces::ExportProtocol::Http);
+        assert_eq!(s.tracing_service_name, "RateLimit");
+        assert_eq!(s.tracing_sampling_rate, 0.25);
+        assert_eq!(s.tracing_resource, "service.namespace=edge");
+        let tls = s.grpc_tls().expect("TLS on");
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
+        assert_eq!(tls.client_san.as_deref(), Some("envoy.mesh"));
+        let error = adopt_env(&[], &[("GRPC_SERVER_USE_TLS", "true")]).err().unwrap();
+        assert_eq!(error.var, "GRPC_SERVER_TLS_CERT");
     }
 
     #[test]
