@@ -516,3 +516,179 @@ async fn a_limit_that_replaces_itself_is_a_load_error() {
         errors[0]
     );
 }
+
+// config_test.go, the loading errors, each in our own file: the peer's fixture named beside
+// each case. sluice refuses every one, naming file, line and field.
+#[test]
+fn files_the_peer_refuses_are_refused() {
+    let cases: [(&str, &str, &str); 8] = [
+        (
+            "duplicate_key.yaml",
+            "domain: d\ndescriptors:\n  - key: zone\n    value: eu\n    rate_limit: { unit: second, requests_per_unit: 1 }\n  - key: zone\n    value: eu\n    rate_limit: { unit: minute, requests_per_unit: 2 }\n",
+            "duplicate descriptor `zone=eu`",
+        ),
+        (
+            "misspelled_key.yaml",
+            "domain: d\ndescriptors:\n  - key: zone\n    ratelimit: { unit: second, requests_per_unit: 1 }\n",
+            "unknown field `ratelimit`",
+        ),
+        (
+            "non_map_list.yaml",
+            "domain: d\ndescriptors:\n  - just a string\n",
+            "descriptors[0]",
+        ),
+        (
+            "non_string_key.yaml",
+            "domain: d\ndescriptors:\n  - key: zone\n    metadata: { 7: seven }\n    rate_limit: { unit: second, requests_per_unit: 1 }\n",
+            "metadata keys must be strings",
+        ),
+        (
+            "unlimited_with_unit.yaml",
+            "domain: d\ndescriptors:\n  - key: zone\n    rate_limit: { unlimited: true, unit: day }\n",
+            "unlimited limit must not set a unit",
+        ),
+        (
+            "replaces_empty.yaml",
+            "domain: d\ndescriptors:\n  - key: zone\n    rate_limit:\n      unit: day\n      requests_per_unit: 1\n      replaces: [{ name: \"\" }]\n",
+            "name must not be empty",
+        ),
+        (
+            "empty domain (TestEmptyDomain)",
+            "domain: \"\"\ndescriptors:\n  - key: zone\n    rate_limit: { unit: day, requests_per_unit: 1 }\n",
+            "domain must not be empty",
+        ),
+        (
+            "empty key (TestEmptyKey)",
+            "domain: d\ndescriptors:\n  - key: \"\"\n    rate_limit: { unit: day, requests_per_unit: 1 }\n",
+            "key must not be empty",
+        ),
+    ];
+    for (peer, text, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write_rules(dir.path(), &[("rules.yaml", text)]);
+        let errors = sluice::load_dir(dir.path()).expect_err(peer);
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert!(
+            all.iter()
+                .any(|e| e.contains(expected) && e.contains("rules.yaml:")),
+            "{peer}: {all:?}"
+        );
+    }
+}
+
+// ratelimit_test.go TestServiceGlobalQuotaMode / TestServicePerDescriptorQuotaMode with
+// QUOTA_MODE: every limit is a quota, so a request passes while any of its limits has room.
+#[tokio::test]
+async fn global_quota_mode_denies_only_when_every_limit_is_spent() {
+    let rules = "domain: pools\ndescriptors:\n  - key: pool\n    value: small\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n  - key: pool\n    value: large\n    rate_limit: { unit: hour, requests_per_unit: 3 }\n";
+    let s = start_with(&[("pools.yaml", rules)], |s| s.quota_mode = true).await;
+    let both = request("pools", &[&[("pool", "small")], &[("pool", "large")]]);
+    assert_eq!(
+        s.admitted(5, &both).await,
+        3,
+        "until the large pool is spent too"
+    );
+    let r = s.ok(both).await;
+    assert_eq!(
+        (code(&r, 0), code(&r, 1)),
+        (Code::OverLimit, Code::OverLimit)
+    );
+    s.stop().await;
+    let plain = start(&[("pools.yaml", rules)]).await;
+    let both = request("pools", &[&[("pool", "small")], &[("pool", "large")]]);
+    assert_eq!(
+        plain.admitted(5, &both).await,
+        1,
+        "without it, the small pool denies"
+    );
+    plain.stop().await;
+}
+
+// ratelimit_test.go TestServiceWithCustomRatelimitHeaders (LIMIT_RESPONSE_HEADERS_ENABLED with
+// LIMIT_*_HEADER names): the limit nearest its end, an OVER_LIMIT one first.
+#[tokio::test]
+async fn limit_response_headers_with_custom_names() {
+    let rules = "domain: hdr\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests_per_unit: 10 }\n  - key: b\n    rate_limit: { unit: hour, requests_per_unit: 2 }\n";
+    let s = start_with(&[("hdr.yaml", rules)], |s| {
+        s.limit_response_headers = true;
+        s.limit_limit_header = "X-Quota".into();
+        s.limit_remaining_header = "X-Quota-Left".into();
+        s.limit_reset_header = "X-Quota-Reset".into();
+        s.openai_headers = false;
+    })
+    .await;
+    let header = |r: &RateLimitResponse, key: &str| {
+        r.response_headers_to_add
+            .iter()
+            .find(|h| h.key == key)
+            .map(|h| h.value.clone())
+    };
+    let both = request("hdr", &[&[("a", "1")], &[("b", "1")]]);
+    let r = s.ok(both.clone()).await;
+    assert_eq!(
+        header(&r, "X-Quota").as_deref(),
+        Some("2"),
+        "b has the least left"
+    );
+    assert_eq!(header(&r, "X-Quota-Left").as_deref(), Some("1"));
+    // The test clock stands at the start of an hour: the whole hour is left.
+    assert_eq!(header(&r, "X-Quota-Reset").as_deref(), Some("3600"));
+    s.ok(both.clone()).await;
+    let over = s.ok(both).await;
+    assert_eq!(header(&over, "X-Quota").as_deref(), Some("2"));
+    assert_eq!(header(&over, "X-Quota-Left").as_deref(), Some("0"));
+    assert_eq!(over.response_headers_to_add.len(), 3, "no OpenAI headers");
+    s.stop().await;
+}
+
+async fn grpc_health(s: &TestServer) -> i32 {
+    let addr = s.running.as_ref().unwrap().grpc_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ratelimit".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+// ratelimit.go NewService with FORCE_START_WITHOUT_INITIAL_CONFIG, and the peer's
+// HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED (TestServiceHealthStatus): a broken start serves
+// no rules and reports unhealthy until a good file loads.
+#[tokio::test]
+async fn force_start_and_health_follow_the_rules_loaded() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let broken = "domain: late\ndescriptors:\n  - key: k\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n";
+    let s = start_with(&[("late.yaml", broken)], |s| {
+        s.force_start_without_initial_config = true;
+        s.healthy_with_at_least_one_config_loaded = true;
+        s.reload_debounce = std::time::Duration::from_millis(20);
+    })
+    .await;
+    let http = common::metrics::http();
+    let healthcheck = format!("{}/healthcheck", common::metrics::base(&s));
+    assert_eq!(grpc_health(&s).await, ServingStatus::NotServing as i32);
+    assert_eq!(http.get(&healthcheck).send().await.unwrap().status(), 500);
+    let late = request("late", &[&[("k", "v")]]);
+    assert_eq!(limit_of(&s.ok(late.clone()).await, 0), None, "no rules yet");
+    // The file is fixed: it loads, and health follows.
+    let fixed = broken.replace("fortnight", "hour");
+    write_rules(s.dir.path(), &[("late.yaml", &fixed)]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while grpc_health(&s).await != ServingStatus::Serving as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never followed the reload"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(http.get(&healthcheck).send().await.unwrap().status(), 200);
+    assert_eq!(limit_of(&s.ok(late).await, 0), Some(1));
+    s.stop().await;
+}

@@ -953,7 +953,9 @@ mod tests {
         let tls = s.grpc_tls().expect("TLS on");
         assert_eq!(tls.client_ca, Some(PathBuf::from("/tls/ca.pem")));
         assert_eq!(tls.client_san.as_deref(), Some("envoy.mesh"));
-        let error = adopt_env(&[], &[("GRPC_SERVER_USE_TLS", "true")]).err().unwrap();
+        let error = adopt_env(&[], &[("GRPC_SERVER_USE_TLS", "true")])
+            .err()
+            .unwrap();
         assert_eq!(error.var, "GRPC_SERVER_TLS_CERT");
     }
 
