@@ -288,28 +288,13 @@ async fn a_rules_own_shadow_mode_answers_ok_for_its_descriptor() {
 #[tokio::test]
 async fn grpc_health_answers_for_the_peers_service_name() {
     let s = start(&[("limits.yaml", LIMITS)]).await;
-    let addr = s.running.as_ref().unwrap().grpc_addr;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for name in [
         "ratelimit",
         "",
         "envoy.service.ratelimit.v3.RateLimitService",
     ] {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: name.into(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("health of `{name}`: {e}"))
-            .into_inner()
-            .status;
         assert_eq!(
-            status,
+            grpc_health(&s, name).await,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
             "`{name}`"
         );
@@ -641,23 +626,6 @@ async fn limit_response_headers_with_custom_names() {
     s.stop().await;
 }
 
-async fn grpc_health(s: &TestServer) -> i32 {
-    let addr = s.running.as_ref().unwrap().grpc_addr;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "ratelimit".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-}
-
 // ratelimit.go NewService with FORCE_START_WITHOUT_INITIAL_CONFIG, and the peer's
 // HEALTHY_WITH_AT_LEAST_ONE_CONFIG_LOADED (TestServiceHealthStatus): a broken start serves
 // no rules and reports unhealthy until a good file loads.
@@ -673,7 +641,10 @@ async fn force_start_and_health_follow_the_rules_loaded() {
     .await;
     let http = common::metrics::http();
     let healthcheck = format!("{}/healthcheck", common::metrics::base(&s));
-    assert_eq!(grpc_health(&s).await, ServingStatus::NotServing as i32);
+    assert_eq!(
+        grpc_health(&s, "ratelimit").await,
+        ServingStatus::NotServing as i32
+    );
     assert_eq!(http.get(&healthcheck).send().await.unwrap().status(), 500);
     let late = request("late", &[&[("k", "v")]]);
     assert_eq!(limit_of(&s.ok(late.clone()).await, 0), None, "no rules yet");
@@ -681,7 +652,7 @@ async fn force_start_and_health_follow_the_rules_loaded() {
     let fixed = broken.replace("fortnight", "hour");
     write_rules(s.dir.path(), &[("late.yaml", &fixed)]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while grpc_health(&s).await != ServingStatus::Serving as i32 {
+    while grpc_health(&s, "ratelimit").await != ServingStatus::Serving as i32 {
         assert!(
             std::time::Instant::now() < deadline,
             "health never followed the reload"

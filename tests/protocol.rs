@@ -581,24 +581,9 @@ async fn bad_requests_get_invalid_argument() {
 #[tokio::test]
 async fn grpc_health_reports_serving() {
     let server = start(&[("api.yaml", API)]).await;
-    let addr = server.running.as_ref().unwrap().grpc_addr;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     for service in ["", "envoy.service.ratelimit.v3.RateLimitService"] {
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("health check")
-            .into_inner()
-            .status;
         assert_eq!(
-            status,
+            grpc_health(&server, service).await,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }

@@ -21,26 +21,6 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Debian's redis-sentinel, or `None` outside CI when it is missing.
-fn sentinel_binary() -> Option<String> {
-    let candidate =
-        std::env::var("SLUICE_REDIS_SENTINEL").unwrap_or_else(|_| "redis-sentinel".into());
-    let found = Command::new(&candidate)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return Some(candidate);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("redis-sentinel not found (set SLUICE_REDIS_SENTINEL or run scripts/test.sh)");
-    }
-    eprintln!("SKIPPED: redis-sentinel not found; run scripts/test.sh to install it");
-    None
-}
-
 /// A Sentinel process watching `master` as `mymaster`, killed by its pid when dropped.
 struct Sentinel {
     child: Child,
@@ -49,7 +29,7 @@ struct Sentinel {
 }
 
 impl Sentinel {
-    fn start(binary: &str, master: u16) -> Sentinel {
+    fn start(binary: &std::path::Path, master: u16) -> Sentinel {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
@@ -129,7 +109,7 @@ fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_follows_the_master_through_a_sentinel_failover() {
-    let Some(binary) = sentinel_binary() else {
+    let Some(binary) = common::redis::binary("SLUICE_REDIS_SENTINEL", "redis-sentinel") else {
         return;
     };
     let Some(master) = RedisServer::start() else {

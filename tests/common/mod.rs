@@ -141,6 +141,25 @@ impl TestServer {
     }
 }
 
+/// What the server's grpc.health.v1 says of `service` (a `ServingStatus` as a number).
+pub async fn grpc_health(server: &TestServer, service: &str) -> i32 {
+    let addr = server.running.as_ref().expect("running").grpc_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .expect("connect for health");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("health of `{service}`: {e}"))
+        .into_inner()
+        .status
+}
+
 pub fn entries(pairs: &[(&str, &str)]) -> Vec<Entry> {
     pairs
         .iter()

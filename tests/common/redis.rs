@@ -15,7 +15,13 @@ pub struct RedisServer {
 /// The redis-server binary, or `None` outside CI when it is missing (the test then says it
 /// skips). Under CI=true a missing binary fails the test.
 pub fn redis_binary() -> Option<PathBuf> {
-    let candidate = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    binary("SLUICE_REDIS_SERVER", "redis-server")
+}
+
+/// A program named by `variable`, else `default` on the PATH, that answers `--version`; `None`
+/// outside CI when it is missing (the test then says it skips), a failure under CI=true.
+pub fn binary(variable: &str, default: &str) -> Option<PathBuf> {
+    let candidate = std::env::var(variable).unwrap_or_else(|_| default.into());
     let found = Command::new(&candidate)
         .arg("--version")
         .stdout(Stdio::null())
@@ -26,9 +32,9 @@ pub fn redis_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(candidate));
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("redis-server not found (set SLUICE_REDIS_SERVER or run scripts/test.sh)");
+        panic!("{default} not found (set {variable} or run scripts/test.sh)");
     }
-    eprintln!("SKIPPED: redis-server not found; run scripts/test.sh to install it");
+    eprintln!("SKIPPED: {default} not found; run scripts/test.sh to install it");
     None
 }
 
