@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Per-core benchmark: the server under test pinned to core 0, h2load (one thread) pinned to
+# core 1, so the load generator never takes the server's CPU. sluice and a no-op server on the
+# same tonic stack (examples/noop.rs, built with the same release profile) alternate A B A B;
+# each run reports req/s, the server's CPU seconds (from /proc) and requests per server
+# CPU-second, and each round the ratio sluice / no-op.
+#
+#   scripts/bench-core.sh               # 3 rounds of 10 s, the 1- and 5-descriptor requests
+#   ROUNDS=5 RUN_SECONDS=20 scripts/bench-core.sh
+#   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${ROUNDS:-3}"
+RUN_SECONDS="${RUN_SECONDS:-10}"
+CLIENTS="${CLIENTS:-8}"
+STREAMS="${STREAMS:-16}"
+SERVER_CPU="${SERVER_CPU:-0}"
+LOAD_CPU="${LOAD_CPU:-1}"
+if ! command -v h2load >/dev/null; then
+    echo "installing h2load (Debian's nghttp2-client)" >&2
+    if [ "$(id -u)" = 0 ]; then apt-get install -y -q nghttp2-client; else sudo apt-get install -y -q nghttp2-client; fi
+fi
+cargo build --release --bin sluice --example noop
+SLUICE=target/release/sluice
+NOOP=target/release/examples/noop
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir "$work/rules"
+cat > "$work/rules/bench.yaml" <<'EOF'
+domain: bench
+descriptors:
+  - key: api_key
+    limits:
+      - { unit: minute, requests: 4000000000 }
+      - { unit: minute, tokens: 4000000000 }
+    descriptors:
+      - key: model
+        rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: endpoint
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: user
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: route
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+EOF
+"$NOOP" request "$work/one" bench api_key=k1,model=gpt-4o
+"$NOOP" request "$work/five" bench api_key=k1 api_key=k1,model=gpt-4o endpoint=openai user=u1 route=chat
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# CPU seconds (user + system) of a process.
+cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+
+wait_port() {
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+# start NAME: starts the server, pinned, and prints its pid and port.
+start() {
+    local p
+    p="$(port)"
+    case "$1" in
+        sluice)
+            # shellcheck disable=SC2086
+            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
+                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
+                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+            ;;
+        noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" >/dev/null 2>&1 & ;;
+    esac
+    pids+=("$!")
+    wait_port "$p"
+    echo "$! $p"
+}
+
+# run PID PORT BODY SECONDS: h2load pinned to the load core; prints "req/s cpu-s req/cpu-s".
+run() {
+    local pid="$1" port="$2" body="$3" seconds="$4" before after out done_ rps
+    before="$(cpu "$pid")"
+    out="$(taskset -c "$LOAD_CPU" h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$seconds" \
+        -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" \
+        "http://127.0.0.1:$port/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")"
+    after="$(cpu "$pid")"
+    done_="$(grep -oP 'requests: \d+ total, \d+ started, \d+ done, \K\d+(?= succeeded)' <<<"$out")"
+    rps="$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+(?= req/s)' <<<"$out")"
+    awk -v n="$done_" -v r="$rps" -v b="$before" -v a="$after" \
+        'BEGIN { c = a - b; printf "%.0f %.2f %.0f\n", r, c, (c > 0 ? n / c : 0) }'
+}
+
+echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connections x $STREAMS streams) on core $LOAD_CPU, $RUN_SECONDS s a run"
+echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
+read -r sluice_pid sluice_port < <(start sluice)
+read -r noop_pid noop_port < <(start noop)
+for body in one five; do
+    # Warm both up (page faults, buffers, the counter's first call), not measured.
+    run "$sluice_pid" "$sluice_port" "$work/$body" 1 >/dev/null
+    run "$noop_pid" "$noop_port" "$work/$body" 1 >/dev/null
+    printf '%-6s %-6s %10s %8s %12s\n' request server req/s cpu-s req/cpu-s
+    for round in $(seq "$ROUNDS"); do
+        read -r s_rps s_cpu s_per < <(run "$sluice_pid" "$sluice_port" "$work/$body" "$RUN_SECONDS")
+        printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice "$s_rps" "$s_cpu" "$s_per"
+        read -r n_rps n_cpu n_per < <(run "$noop_pid" "$noop_port" "$work/$body" "$RUN_SECONDS")
+        printf '%-6s %-6s %10s %8s %12s\n' "$body" no-op "$n_rps" "$n_cpu" "$n_per"
+        awk -v s="$s_per" -v n="$n_per" -v r="$round" -v b="$body" \
+            'BEGIN { printf "round %d (%s): sluice / no-op per server CPU-second = %.3f\n", r, b, s / n }'
+    done
+done
