@@ -8,6 +8,7 @@
 #   scripts/bench-core.sh               # 3 rounds of 10 s, the 1- and 5-descriptor requests
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-core.sh
 #   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
+#   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}"
@@ -77,6 +78,12 @@ start() {
                 --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
                 --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
             ;;
+        sluice-b)
+            # shellcheck disable=SC2086
+            taskset -c "$SERVER_CPU" "$SLUICE_B" serve --config "$work/rules" \
+                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
+                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+            ;;
         noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" >/dev/null 2>&1 & ;;
     esac
     pids+=("$!")
@@ -102,10 +109,15 @@ echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connecti
 echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
 read -r sluice_pid sluice_port < <(start sluice)
 read -r noop_pid noop_port < <(start noop)
+if [ -n "${SLUICE_B:-}" ]; then
+    echo "sluice-b: $SLUICE_B"
+    read -r b_pid b_port < <(start sluice-b)
+fi
 for body in one five; do
     # Warm both up (page faults, buffers, the counter's first call), not measured.
     run "$sluice_pid" "$sluice_port" "$work/$body" 1 >/dev/null
     run "$noop_pid" "$noop_port" "$work/$body" 1 >/dev/null
+    if [ -n "${SLUICE_B:-}" ]; then run "$b_pid" "$b_port" "$work/$body" 1 >/dev/null; fi
     printf '%-6s %-6s %10s %8s %12s\n' request server req/s cpu-s req/cpu-s
     for round in $(seq "$ROUNDS"); do
         read -r s_rps s_cpu s_per < <(run "$sluice_pid" "$sluice_port" "$work/$body" "$RUN_SECONDS")
@@ -114,5 +126,11 @@ for body in one five; do
         printf '%-6s %-6s %10s %8s %12s\n' "$body" no-op "$n_rps" "$n_cpu" "$n_per"
         awk -v s="$s_per" -v n="$n_per" -v r="$round" -v b="$body" \
             'BEGIN { printf "round %d (%s): sluice / no-op per server CPU-second = %.3f\n", r, b, s / n }'
+        if [ -n "${SLUICE_B:-}" ]; then
+            read -r b_rps b_cpu b_per < <(run "$b_pid" "$b_port" "$work/$body" "$RUN_SECONDS")
+            printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice-b "$b_rps" "$b_cpu" "$b_per"
+            awk -v s="$s_per" -v o="$b_per" -v n="$n_per" -v r="$round" -v b="$body" \
+                'BEGIN { printf "round %d (%s): sluice-b / no-op = %.3f, sluice / sluice-b = %.3f\n", r, b, o / n, s / o }'
+        fi
     done
 done

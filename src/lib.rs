@@ -64,5 +64,6 @@ pub use limiter::{
 pub use reload::ReloadStatus;
 pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};
+pub use service::{AnswerError, answer};
 pub use sync::{FailurePolicy, Fleet, SyncStatus};
 pub use traces::ExportProtocol;

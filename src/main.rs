@@ -10,6 +10,12 @@ use sluice::ServerError;
 use sluice::SystemClock;
 use sluice::settings::{self, CheckArgs, Cli, Command, LogFormat, Settings};
 
+// A request allocates (prost's owned strings, the answer's headers): mimalloc's thread-local
+// free lists cost less than glibc's malloc on that path (measured in BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {

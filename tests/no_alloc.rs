@@ -1,5 +1,6 @@
-//! The decision path (match + count) allocates nothing once the counter exists, proven with a
-//! counting global allocator. Counts are per thread, so other threads cannot disturb them.
+//! The decision path (match + count) allocates nothing once the counter exists, and the whole
+//! answer only what prost's owned response types force, proven with a counting global
+//! allocator. Counts are per thread, so other threads cannot disturb them.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -105,4 +106,79 @@ fn deciding_on_existing_counters_allocates_nothing() {
         assert!(!verdict.allowed);
     });
     assert_eq!(n, 0, "a denial rolls back without allocating");
+}
+
+/// The whole answer (validate, decide, statuses, OpenAI headers, metrics) for a counter that
+/// exists, on a running server's state: this many allocations a call, all forced by prost's
+/// owned types: the statuses' vector, the headers' vector, and a key and a value string for each
+/// of the three OpenAI requests headers.
+const ANSWER_ALLOCATIONS: usize = 8;
+/// Now and then one more: the metrics histogram's sample buffer takes a new block.
+const ANSWER_ALLOCATIONS_AT_MOST: usize = 9;
+
+#[test]
+fn answering_on_existing_counters_allocates_only_the_response() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("llm.yaml"), RULES).unwrap();
+    let settings = sluice::settings::Settings::local(dir.path().to_path_buf());
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    let running = runtime.block_on(sluice::start(settings, clock)).unwrap();
+    let app = running.app.clone();
+    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "llm".into(),
+        descriptors: vec![descriptor(&[("api_key", "k1"), ("model", "gpt-4o")])],
+        hits_addend: 0,
+    };
+    // The first calls create the counter and the metrics' first samples.
+    for _ in 0..3 {
+        runtime
+            .block_on(sluice::answer(&app, request.clone()))
+            .unwrap();
+    }
+    let (mut most, mut least) = (0, usize::MAX);
+    for _ in 0..200 {
+        let call = request.clone();
+        let mut response = None;
+        let n = allocations_during(|| {
+            response = Some(runtime.block_on(sluice::answer(&app, call)).unwrap());
+        });
+        let response = response.unwrap();
+        assert_eq!(response.statuses.len(), 1);
+        assert_eq!(
+            response.response_headers_to_add.len(),
+            3,
+            "the OpenAI requests headers"
+        );
+        most = most.max(n);
+        least = least.min(n);
+    }
+    let idle = allocations_during(|| runtime.block_on(async {}));
+    println!("allocations per answer: {least} to {most}; block_on alone: {idle}");
+    assert!(
+        least <= ANSWER_ALLOCATIONS && most <= ANSWER_ALLOCATIONS_AT_MOST,
+        "an answer allocated {least} to {most} times ({ANSWER_ALLOCATIONS}, now and then {ANSWER_ALLOCATIONS_AT_MOST})"
+    );
+    runtime.block_on(running.stop()).unwrap();
+}
+
+fn descriptor(
+    pairs: &[(&str, &str)],
+) -> envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+    envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+        entries: pairs
+            .iter()
+            .map(|(k, v)| {
+                envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
 }
