@@ -9,6 +9,7 @@
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-core.sh
 #   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
 #   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
+#   SLUICE_B=target/release/sluice SLUICE_B_ARGS="--peer-metrics false" scripts/bench-core.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}"
@@ -82,7 +83,7 @@ start() {
             # shellcheck disable=SC2086
             taskset -c "$SERVER_CPU" "$SLUICE_B" serve --config "$work/rules" \
                 --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
-                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+                --log-level warn ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}} >/dev/null 2>&1 &
             ;;
         noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" >/dev/null 2>&1 & ;;
     esac
@@ -110,7 +111,7 @@ echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS
 read -r sluice_pid sluice_port < <(start sluice)
 read -r noop_pid noop_port < <(start noop)
 if [ -n "${SLUICE_B:-}" ]; then
-    echo "sluice-b: $SLUICE_B"
+    echo "sluice-b: $SLUICE_B ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}}"
     read -r b_pid b_port < <(start sluice-b)
 fi
 for body in one five; do
