@@ -3,12 +3,18 @@
 //! with the same profile as sluice (`cargo build --release --example noop`).
 //!
 //!     noop serve 127.0.0.1:9000
+//!     noop serve 127.0.0.1:9000 sized   (answers as large as sluice's: a limit, a reset and
+//!                                        the three OpenAI requests headers per answer)
 //!     noop request OUT api_key=k1,model=gpt-4o [more descriptors…]   (a gRPC body for h2load)
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService, RateLimitServiceServer,
+};
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    DescriptorStatus, RateLimit,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::Message;
@@ -19,7 +25,41 @@ use prost::Message;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Noop;
+struct Noop {
+    /// Answer with what sluice's answers carry (a limit and a reset per status, the OpenAI
+    /// requests headers), built afresh each call, deciding nothing: the same bytes and
+    /// allocations on the wire, none of the work.
+    sized: bool,
+}
+
+fn sized_status() -> DescriptorStatus {
+    DescriptorStatus {
+        code: 1,
+        current_limit: Some(RateLimit {
+            name: String::new(),
+            requests_per_unit: 4_000_000_000,
+            unit: 2,
+        }),
+        limit_remaining: 3_999_999_000,
+        duration_until_reset: Some(prost_types_duration(41, 250_000_000)),
+        quota: None,
+    }
+}
+
+fn prost_types_duration(
+    seconds: i64,
+    nanos: i32,
+) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration { seconds, nanos }
+}
+
+fn header(key: &str, value: &str) -> HeaderValue {
+    HeaderValue {
+        key: key.to_string(),
+        value: value.to_string(),
+        ..Default::default()
+    }
+}
 
 #[tonic::async_trait]
 impl RateLimitService for Noop {
@@ -27,15 +67,22 @@ impl RateLimitService for Noop {
         &self,
         request: tonic::Request<RateLimitRequest>,
     ) -> Result<tonic::Response<RateLimitResponse>, tonic::Status> {
-        let statuses = request
-            .get_ref()
-            .descriptors
-            .iter()
-            .map(|_| Default::default())
-            .collect();
+        let descriptors = request.get_ref().descriptors.len();
+        if !self.sized {
+            return Ok(tonic::Response::new(RateLimitResponse {
+                overall_code: 1,
+                statuses: (0..descriptors).map(|_| Default::default()).collect(),
+                ..Default::default()
+            }));
+        }
         Ok(tonic::Response::new(RateLimitResponse {
             overall_code: 1,
-            statuses,
+            statuses: (0..descriptors).map(|_| sized_status()).collect(),
+            response_headers_to_add: vec![
+                header("x-ratelimit-limit-requests", "4000000000"),
+                header("x-ratelimit-remaining-requests", "3999999000"),
+                header("x-ratelimit-reset-requests", "41.250s"),
+            ],
             ..Default::default()
         }))
     }
@@ -46,13 +93,14 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => {
             let addr = args.get(1).expect("an address").parse().expect("host:port");
+            let sized = args.get(2).is_some_and(|a| a == "sized");
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .unwrap()
                 .block_on(async move {
                     tonic::transport::Server::builder()
-                        .add_service(RateLimitServiceServer::new(Noop))
+                        .add_service(RateLimitServiceServer::new(Noop { sized }))
                         .serve(addr)
                         .await
                         .unwrap();

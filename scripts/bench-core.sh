@@ -10,6 +10,7 @@
 #   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
 #   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
 #   SLUICE_B=target/release/sluice SLUICE_B_ARGS="--peer-metrics false" scripts/bench-core.sh
+#   NOOP_ARGS=sized scripts/bench-core.sh   # a no-op whose answers are as large as sluice's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}"
@@ -85,7 +86,8 @@ start() {
                 --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
                 --log-level warn ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}} >/dev/null 2>&1 &
             ;;
-        noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" >/dev/null 2>&1 & ;;
+        # shellcheck disable=SC2086
+        noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
     esac
     pids+=("$!")
     wait_port "$p"
@@ -107,7 +109,7 @@ run() {
 }
 
 echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connections x $STREAMS streams) on core $LOAD_CPU, $RUN_SECONDS s a run"
-echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
+echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}; no-op ${NOOP_ARGS:-}"
 read -r sluice_pid sluice_port < <(start sluice)
 read -r noop_pid noop_port < <(start noop)
 if [ -n "${SLUICE_B:-}" ]; then
