@@ -7,14 +7,14 @@
 //!                                        the three OpenAI requests headers per answer)
 //!     noop request OUT api_key=k1,model=gpt-4o [more descriptors…]   (a gRPC body for h2load)
 
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
-    RateLimitService, RateLimitServiceServer,
-};
-use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
+    RateLimitService, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use prost::Message;
@@ -46,10 +46,7 @@ fn sized_status() -> DescriptorStatus {
     }
 }
 
-fn prost_types_duration(
-    seconds: i64,
-    nanos: i32,
-) -> envoy_types::pb::google::protobuf::Duration {
+fn prost_types_duration(seconds: i64, nanos: i32) -> envoy_types::pb::google::protobuf::Duration {
     envoy_types::pb::google::protobuf::Duration { seconds, nanos }
 }
 
