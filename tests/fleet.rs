@@ -15,6 +15,10 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
+/// The tests of this file take turns: each measures how replicas keep a limit between sync
+/// rounds, and replicas of another test on the same two cores delay those rounds.
+static TURNS: Mutex<()> = Mutex::const_new(());
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -162,6 +166,7 @@ fn assert_within_5_percent(windows: &[(u64, u64)], what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_hold_one_limit_and_a_lone_one_is_not_starved() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -214,6 +219,7 @@ async fn accuracy_phase(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
+    let _turn = TURNS.lock().await;
     let Some(mut redis) = RedisServer::start() else {
         return;
     };
@@ -358,6 +364,7 @@ async fn wait_synced(server: &TestServer) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_keep_counts_apart_and_keys_expire() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -418,6 +425,7 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritten() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -500,6 +508,7 @@ async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_counters_are_read_back_on_their_turn_and_wake_on_the_fleets_use() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -555,6 +564,7 @@ const BUSY: &str = "domain: busy\ndescriptors:\n  - key: far\n    rate_limit: { 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_counters_far_from_their_limits_push_on_their_turn_and_near_ones_every_round() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
     };
@@ -660,6 +670,7 @@ async fn until_scripts_land(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_rules_are_exact_across_replicas_and_survive_script_loss() {
+    let _turn = TURNS.lock().await;
     let Some(mut redis) = RedisServer::start() else {
         return;
     };
@@ -737,6 +748,7 @@ fn start_cluster() -> Option<Vec<RedisServer>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_cluster_enforces_a_fleet_limit() {
+    let _turn = TURNS.lock().await;
     let Some(nodes) = start_cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
     let rules = "domain: cl\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: minute\n      requests_per_unit: 100\n  - key: s\n    consistency: strict\n    rate_limit:\n      unit: minute\n      requests_per_unit: 50\n";
@@ -806,6 +818,7 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
 
 #[tokio::test]
 async fn a_password_in_the_url_reaches_a_protected_redis() {
+    let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start_with(&["--requirepass", "s3cret"]) else {
         return;
     };
