@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::envoy::{envoy_binary, wait_http_ok};
+use common::envoy::{envoy_binary, wait_ready};
 use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -77,7 +77,27 @@ impl TlsEnvoy {
         client: Option<&(PathBuf, PathBuf)>,
         trusted: &Path,
     ) -> TlsEnvoy {
-        let (port, admin) = (free_port(), free_port());
+        for _ in 0..3 {
+            let (port, admin) = (free_port(), free_port());
+            if let Some(envoy) =
+                Self::try_start(binary, sluice, backend, client, trusted, port, admin).await
+            {
+                return envoy;
+            }
+        }
+        panic!("Envoy did not start in 3 attempts");
+    }
+
+    /// One attempt; `None` when Envoy exits at start (a port found free was taken meanwhile).
+    async fn try_start(
+        binary: &Path,
+        sluice: std::net::SocketAddr,
+        backend: std::net::SocketAddr,
+        client: Option<&(PathBuf, PathBuf)>,
+        trusted: &Path,
+        port: u16,
+        admin: u16,
+    ) -> Option<TlsEnvoy> {
         let certificates = match client {
             Some((cert, key)) => format!(
                 "tls_certificates: [{{ certificate_chain: {{ filename: \"{}\" }}, private_key: {{ filename: \"{}\" }} }}]",
@@ -171,13 +191,12 @@ static_resources:
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start envoy");
-        let envoy = TlsEnvoy {
+        let mut envoy = TlsEnvoy {
             child,
             port,
             _dir: dir,
         };
-        wait_http_ok(&format!("http://127.0.0.1:{admin}/ready")).await;
-        envoy
+        wait_ready(&mut envoy.child, admin).await.then_some(envoy)
     }
 
     async fn get(&self) -> u16 {

@@ -47,6 +47,30 @@ pub async fn wait_http_ok(url: &str) {
     }
 }
 
+/// Waits until the Envoy `child` answers `/ready` on `admin` (true), or exits (false: it could
+/// not start, e.g. its port was taken); panics after 30 s.
+pub async fn wait_ready(child: &mut Child, admin: u16) -> bool {
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{admin}/ready");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        let ok = client
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return true;
+        }
+        assert!(Instant::now() < deadline, "{url} never answered 200");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub struct Envoy {
     child: Child,
     pub port: u16,
@@ -64,31 +88,37 @@ impl Envoy {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/envoy.yaml"),
         )
         .expect("examples/envoy/envoy.yaml");
-        let (port, admin) = (super::free_port(), super::free_port());
-        let config = template
-            .replace("${LISTEN_PORT}", &port.to_string())
-            .replace("${ADMIN_PORT}", &admin.to_string())
-            .replace("${SLUICE_PORT}", &sluice_port.to_string())
-            .replace("${UPSTREAM_PORT}", &upstream_port.to_string())
-            .replace("${FAILURE_MODE_DENY}", &failure_mode_deny.to_string());
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("envoy.yaml");
-        std::fs::write(&path, config).expect("write envoy.yaml");
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&path)
-            .args(["--disable-hot-restart", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start envoy");
-        let envoy = Envoy {
-            child,
-            port,
-            _dir: dir,
-        };
-        wait_http_ok(&format!("http://127.0.0.1:{admin}/ready")).await;
-        envoy
+        // A port found free may be taken (by another test's connection) before Envoy binds it:
+        // then Envoy exits, and it starts again on other ports.
+        for _ in 0..3 {
+            let (port, admin) = (super::free_port(), super::free_port());
+            let config = template
+                .replace("${LISTEN_PORT}", &port.to_string())
+                .replace("${ADMIN_PORT}", &admin.to_string())
+                .replace("${SLUICE_PORT}", &sluice_port.to_string())
+                .replace("${UPSTREAM_PORT}", &upstream_port.to_string())
+                .replace("${FAILURE_MODE_DENY}", &failure_mode_deny.to_string());
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("envoy.yaml");
+            std::fs::write(&path, config).expect("write envoy.yaml");
+            let child = Command::new(binary)
+                .arg("-c")
+                .arg(&path)
+                .args(["--disable-hot-restart", "--log-level", "warn"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start envoy");
+            let mut envoy = Envoy {
+                child,
+                port,
+                _dir: dir,
+            };
+            if wait_ready(&mut envoy.child, admin).await {
+                return envoy;
+            }
+        }
+        panic!("Envoy did not start in 3 attempts");
     }
 
     pub fn url(&self, path: &str) -> String {
