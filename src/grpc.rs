@@ -75,27 +75,36 @@ type Reply = http::Response<tonic::body::Body>;
 impl<S, B> tower_service::Service<http::Request<B>> for UndecodableIsInvalid<S>
 where
     S: tower_service::Service<http::Request<B>, Response = Reply, Error = Infallible>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
     type Response = Reply;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Reply, Infallible>> + Send>>;
+    type Future = Answered<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let reply = self.0.call(request);
-        Box::pin(async move {
-            let reply = reply.await?;
-            match Status::from_header_map(reply.headers()) {
-                Some(status) if status.code() == tonic::Code::Internal => {
-                    let message = format!("not a valid RateLimitRequest: {}", status.message());
-                    Ok(Status::invalid_argument(message).into_http())
-                }
-                _ => Ok(reply),
+        Answered(self.0.call(request))
+    }
+}
+
+/// The inner service's reply, with a decode failure turned into INVALID_ARGUMENT. Polls the
+/// inner future in place: no allocation on the request path.
+pub struct Answered<F>(F);
+
+impl<F: Future<Output = Result<Reply, Infallible>> + Unpin> Future for Answered<F> {
+    type Output = Result<Reply, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let reply = std::task::ready!(Pin::new(&mut self.0).poll(cx))?;
+        Poll::Ready(Ok(match Status::from_header_map(reply.headers()) {
+            Some(status) if status.code() == tonic::Code::Internal => {
+                let message = format!("not a valid RateLimitRequest: {}", status.message());
+                Status::invalid_argument(message).into_http()
             }
-        })
+            _ => reply,
+        }))
     }
 }
