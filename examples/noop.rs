@@ -5,6 +5,8 @@
 //!     noop serve 127.0.0.1:9000
 //!     noop serve 127.0.0.1:9000 sized   (answers as large as sluice's: a limit, a reset and
 //!                                        the three OpenAI requests headers per answer)
+//!     noop serve 127.0.0.1:9000 current-thread   (on one thread, as `sluice serve --runtime
+//!                                                 current-thread`)
 //!     noop request OUT api_key=k1,model=gpt-4o [more descriptors…]   (a gRPC body for h2load)
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -90,18 +92,19 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => {
             let addr = args.get(1).expect("an address").parse().expect("host:port");
-            let sized = args.get(2).is_some_and(|a| a == "sized");
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    tonic::transport::Server::builder()
-                        .add_service(RateLimitServiceServer::new(Noop { sized }))
-                        .serve(addr)
-                        .await
-                        .unwrap();
-                });
+            let sized = args[2..].iter().any(|a| a == "sized");
+            let mut runtime = if args[2..].iter().any(|a| a == "current-thread") {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            };
+            runtime.enable_all().build().unwrap().block_on(async move {
+                tonic::transport::Server::builder()
+                    .add_service(RateLimitServiceServer::new(Noop { sized }))
+                    .serve(addr)
+                    .await
+                    .unwrap();
+            });
         }
         Some("request") => {
             let out = args.get(1).expect("an output file");
@@ -135,7 +138,9 @@ fn main() {
             std::fs::write(out, body).expect("write the request");
         }
         _ => {
-            eprintln!("usage: noop serve HOST:PORT | noop request OUT DOMAIN k=v,k2=v2 ...");
+            eprintln!(
+                "usage: noop serve HOST:PORT [sized] [current-thread] | noop request OUT DOMAIN k=v,k2=v2 ..."
+            );
             std::process::exit(2);
         }
     }

@@ -11,6 +11,8 @@
 #   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
 #   SLUICE_B=target/release/sluice SLUICE_B_ARGS="--peer-metrics false" scripts/bench-core.sh
 #   NOOP_ARGS=sized scripts/bench-core.sh   # a no-op whose answers are as large as sluice's
+#   PERF_OUT=/tmp/core scripts/bench-core.sh   # also profiles a run of sluice per request kind
+#                                              # (perf record --call-graph dwarf: /tmp/core-one…)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}"
@@ -98,10 +100,16 @@ start() {
 run() {
     local pid="$1" port="$2" body="$3" seconds="$4" before after out done_ rps
     before="$(cpu "$pid")"
+    local perf_pid=""
+    if [ -n "${PROFILE_TO:-}" ]; then
+        perf record -q --call-graph dwarf,16384 -F 4000 -p "$pid" -o "$PROFILE_TO" -- sleep "$seconds" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
     out="$(taskset -c "$LOAD_CPU" h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$seconds" \
         -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" \
         "http://127.0.0.1:$port/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")"
     after="$(cpu "$pid")"
+    if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
     done_="$(grep -oP 'requests: \d+ total, \d+ started, \d+ done, \K\d+(?= succeeded)' <<<"$out")"
     rps="$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+(?= req/s)' <<<"$out")"
     awk -v n="$done_" -v r="$rps" -v b="$before" -v a="$after" \
@@ -121,6 +129,11 @@ for body in one five; do
     run "$sluice_pid" "$sluice_port" "$work/$body" 1 >/dev/null
     run "$noop_pid" "$noop_port" "$work/$body" 1 >/dev/null
     if [ -n "${SLUICE_B:-}" ]; then run "$b_pid" "$b_port" "$work/$body" 1 >/dev/null; fi
+    if [ -n "${PERF_OUT:-}" ]; then
+        PROFILE_TO="$PERF_OUT-$body" run "$sluice_pid" "$sluice_port" "$work/$body" "$RUN_SECONDS" >/dev/null
+        PROFILE_TO="$PERF_OUT-$body-noop" run "$noop_pid" "$noop_port" "$work/$body" "$RUN_SECONDS" >/dev/null
+        echo "profiles (runs of their own, not in the figures): $PERF_OUT-$body, $PERF_OUT-$body-noop"
+    fi
     printf '%-6s %-6s %10s %8s %12s\n' request server req/s cpu-s req/cpu-s
     for round in $(seq "$ROUNDS"); do
         read -r s_rps s_cpu s_per < <(run "$sluice_pid" "$sluice_port" "$work/$body" "$RUN_SECONDS")

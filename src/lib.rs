@@ -50,6 +50,7 @@ mod sync;
 mod telemetry;
 mod tls;
 mod traces;
+mod transport;
 
 pub use admin::counters;
 pub use app::App;
@@ -67,3 +68,4 @@ pub use server::{Running, ServerError, start};
 pub use service::{AnswerError, answer};
 pub use sync::{FailurePolicy, Fleet, SyncStatus};
 pub use traces::ExportProtocol;
+pub use transport::TransportError;

@@ -8,7 +8,7 @@ use clap::{CommandFactory, FromArgMatches};
 use sluice::ConfigError;
 use sluice::ServerError;
 use sluice::SystemClock;
-use sluice::settings::{self, CheckArgs, Cli, Command, LogFormat, Settings};
+use sluice::settings::{self, CheckArgs, Cli, Command, LogFormat, RuntimeShape, Settings};
 
 // A request allocates (prost's owned strings, the answer's headers): mimalloc's thread-local
 // free lists cost less than glibc's malloc on that path (measured in BENCHMARKS.md).
@@ -143,7 +143,12 @@ fn serve(settings: Settings, adopted: settings::peer::Adopted) -> anyhow::Result
     for ignored in &adopted.ignored {
         tracing::warn!("envoyproxy/ratelimit setting not applied: {ignored}");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = match settings.runtime {
+        // The gRPC threads are the server's own; this one runs the rest.
+        RuntimeShape::PerCore => tokio::runtime::Builder::new_current_thread(),
+        RuntimeShape::MultiThread => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

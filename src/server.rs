@@ -10,7 +10,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::R
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::app::App;
 use crate::capacity::RuleName;
@@ -18,8 +17,9 @@ use crate::grpc::{RateLimitGrpc, UndecodableIsInvalid};
 use crate::limiter::{Clock, Limiter};
 use crate::reload::{self, Catalog, ReloadSettings};
 use crate::rules::ConfigError;
-use crate::settings::Settings;
+use crate::settings::{RuntimeShape, Settings};
 use crate::sync::{self, Fleet};
+use crate::transport::Threads;
 
 /// Why a server did not start, or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +52,9 @@ pub enum ServerError {
     /// The Redis URLs are not valid.
     #[error("invalid Redis settings: {0}")]
     Redis(#[from] redis::RedisError),
-    /// The gRPC server ended with an error.
+    /// The gRPC server ended with an error, or could not start its threads.
     #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] crate::transport::TransportError),
 }
 
 /// A started server. Dropping it does not stop it: call [`Running::stop`].
@@ -66,7 +66,7 @@ pub struct Running {
     /// The server's shared state.
     pub app: Arc<App>,
     shutdown: oneshot::Sender<()>,
-    serving: JoinHandle<Result<(), ServerError>>,
+    serving: JoinHandle<Result<(), crate::transport::TransportError>>,
     sweeping: JoinHandle<()>,
     reloading: JoinHandle<()>,
     syncing: Option<JoinHandle<()>>,
@@ -103,13 +103,13 @@ impl Running {
             let _ = flushed.await;
         }
         match self.serving.await {
-            Ok(result) => result,
+            Ok(result) => result.map_err(ServerError::from),
             Err(_) => Ok(()),
         }
     }
 
     /// Waits until the server ends on its own (it only does on error).
-    pub fn serving(&mut self) -> &mut JoinHandle<Result<(), ServerError>> {
+    pub fn serving(&mut self) -> &mut JoinHandle<Result<(), crate::transport::TransportError>> {
         &mut self.serving
     }
 }
@@ -210,21 +210,11 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
                 .await;
         }
     };
-    let serving = match tls {
-        None => tokio::spawn(async move {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            router
-                .serve_with_incoming_shutdown(incoming, stopping)
-                .await
-                .map_err(ServerError::from)
-        }),
-        Some(config) => tokio::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(tls_incoming(listener, config), stopping)
-                .await
-                .map_err(ServerError::from)
-        }),
+    let threads = match app.settings.runtime {
+        RuntimeShape::PerCore => Threads::PerCore(app.settings.grpc_threads()),
+        RuntimeShape::MultiThread => Threads::Shared,
     };
+    let serving = crate::transport::serve(listener, router, threads, tls, stopping)?;
     let (http_stop, _) = tokio::sync::watch::channel(false);
     let mut http = vec![serve_http(
         http_listener,
@@ -293,51 +283,6 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         syncing,
         capacity,
     })
-}
-
-/// Connections of `listener` once their TLS handshake succeeds. Handshakes run apart (a slow
-/// or refused client holds up no other) and are bounded in time; the accept loop ends when the
-/// server stops reading.
-fn tls_incoming(
-    listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
-) -> tokio_stream::wrappers::ReceiverStream<
-    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-> {
-    const HANDSHAKE: Duration = Duration::from_secs(10);
-    let (accepted, incoming) = tokio::sync::mpsc::channel(64);
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let connection = tokio::select! {
-                () = accepted.closed() => return,
-                connection = listener.accept() => connection,
-            };
-            let (tcp, peer) = match connection {
-                Ok(connection) => connection,
-                Err(error) => {
-                    // Out of file descriptors, most likely: wait rather than spin.
-                    tracing::warn!(%error, "cannot accept a gRPC connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, accepted) = (acceptor.clone(), accepted.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = accepted.send(Ok(tls)).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer, %error, "TLS handshake refused");
-                    }
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(incoming)
 }
 
 /// Serves `router` on `listener` until `stop` turns true.

@@ -83,6 +83,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the server's threads are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeShape {
+    /// gRPC on `--grpc-threads` threads, each with a runtime of its own that serves its
+    /// connections from start to end: a call never changes thread. The rest (admin API,
+    /// sync, reload) on one more thread.
+    PerCore,
+    /// Everything on tokio's work-stealing scheduler, a worker per core.
+    MultiThread,
+}
+
 /// The settings of `sluice serve`, one per flag.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -183,6 +194,14 @@ pub struct Settings {
     /// Log line format.
     #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// The server's thread layout.
+    #[arg(long, env = "SLUICE_RUNTIME", value_enum, default_value = "per-core")]
+    pub runtime: RuntimeShape,
+
+    /// gRPC threads with `--runtime per-core`; 0: one per core this process may run on.
+    #[arg(long, env = "SLUICE_GRPC_THREADS", default_value_t = 0)]
+    pub grpc_threads: usize,
 
     /// Global shadow mode: count and report every limit, never deny.
     #[arg(
@@ -488,6 +507,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Settings {
+    /// How many threads serve gRPC with `--runtime per-core`.
+    pub fn grpc_threads(&self) -> usize {
+        match self.grpc_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
+    }
+
     /// The admin token, from the flag or environment, else the token file (read on each use,
     /// so a rotated Secret applies without a restart).
     pub fn admin_token(&self) -> Option<String> {

