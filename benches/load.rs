@@ -49,11 +49,15 @@ impl RateLimitService for Noop {
     }
 }
 
-fn noop_server(port: u16) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+/// The no-op server, laid out as sluice serves gRPC by default: one current-thread runtime per
+/// core (here one thread, when pinned to one core), else tokio's multi-threaded scheduler.
+fn noop_server(port: u16, one_thread: bool) {
+    let mut runtime = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = runtime.enable_all().build().unwrap();
     runtime.block_on(async move {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -264,6 +268,8 @@ struct Run {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// The slowest answer, ms.
+    max: f64,
     cpu_per_100k: f64,
 }
 
@@ -309,6 +315,7 @@ fn summary(all: &hdrhistogram::Histogram<u64>, elapsed: f64, cpu: f64) -> Run {
         p50: all.value_at_quantile(0.5) as f64 / 1000.0,
         p99: all.value_at_quantile(0.99) as f64 / 1000.0,
         p999: all.value_at_quantile(0.999) as f64 / 1000.0,
+        max: all.max() as f64 / 1000.0,
         cpu_per_100k: cpu / requests as f64 * 100_000.0,
     }
 }
@@ -418,6 +425,67 @@ async fn load(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, duration: 
     summary(&all, elapsed, cpu)
 }
 
+/// Every request of `requests` once, each caller its own slice: with one key per request,
+/// every key met exactly once.
+async fn load_each_once(server: &Server, requests: &Arc<Vec<RateLimitRequest>>) -> Run {
+    let channels = clients(server).await;
+    let cpu_before = cpu_seconds(server.child.id());
+    let started = Instant::now();
+    let mut callers = Vec::new();
+    for c in 0..CONCURRENCY {
+        let mut client: RateLimitServiceClient<Channel> = channels[c % CONNECTIONS].clone();
+        let requests = requests.clone();
+        callers.push(tokio::spawn(async move {
+            let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+            let (from, to) = (
+                c * requests.len() / CONCURRENCY,
+                (c + 1) * requests.len() / CONCURRENCY,
+            );
+            for request in &requests[from..to] {
+                let sent = Instant::now();
+                let answer = client.should_rate_limit(request.clone()).await;
+                assert!(answer.is_ok(), "{answer:?}");
+                latencies.record(sent.elapsed().as_micros() as u64).unwrap();
+            }
+            latencies
+        }));
+    }
+    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    for caller in callers {
+        all.add(caller.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.child.id()) - cpu_before;
+    summary(&all, elapsed, cpu)
+}
+
+/// The closed-loop rounds' ratios (median and each round's) and Redis commands per request.
+fn closed_loop_summary(ratios: &[Vec<f64>; 8], rounds: usize, ops: [f64; 3], total: u64) {
+    let [one_ops, many_ops, warm_ops] = ops;
+    println!("ratios, median over {rounds} rounds (each round's in brackets):");
+    let names = [
+        "sluice / no-op throughput, 1 key",
+        "sluice / no-op throughput, 100k keys",
+        "with Redis / without, 1 key",
+        "with Redis / without, 100k keys, cold",
+        "with Redis / without, 100k keys, warm",
+        "sluice 10,000 rules / 10 rules",
+        "sluice / no-op, 10 descriptors",
+        "sluice 10 descriptors / 1 descriptor",
+    ];
+    for (name, list) in names.iter().zip(ratios) {
+        println!("{name:<42} {:.3}  [{}]", median(list), listed(list));
+    }
+    println!(
+        "Redis commands per request, mean over rounds: 1 key {:.4}, 100k keys cold {:.4}, warm {:.4}",
+        one_ops / rounds as f64,
+        many_ops / rounds as f64,
+        warm_ops / rounds as f64
+    );
+    println!("requests in the closed-loop runs: {total}");
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(port) = args
@@ -425,7 +493,8 @@ fn main() {
         .position(|a| a == "--noop")
         .and_then(|i| args.get(i + 1))
     {
-        return noop_server(port.parse().unwrap());
+        let one_thread = args.iter().any(|a| a == "--one-thread");
+        return noop_server(port.parse().unwrap(), one_thread);
     }
     // `cargo test --all-targets` builds benches and runs them with no arguments: do nothing.
     if !args.iter().any(|a| a == "--bench") {
@@ -469,7 +538,8 @@ fn main() {
         let port = free_port();
         start(
             Pinning::command(pinning.server, std::env::current_exe().unwrap())
-                .args(["--noop", &port.to_string()]),
+                .args(["--noop", &port.to_string()])
+                .args(pinning.server.map(|_| "--one-thread")),
             port,
         )
     };
@@ -517,17 +587,18 @@ fn main() {
         }
     );
     println!(
-        "{:<34} {:>10} {:>12} {:>9} {:>9} {:>9} {:>14}",
-        "run", "req/s", "req/CPU-s", "p50 ms", "p99 ms", "p999 ms", "CPU s/100k"
+        "{:<34} {:>10} {:>12} {:>9} {:>9} {:>9} {:>9} {:>14}",
+        "run", "req/s", "req/CPU-s", "p50 ms", "p99 ms", "p999 ms", "max ms", "CPU s/100k"
     );
     let show = |name: &str, run: &Run| {
         println!(
-            "{name:<34} {:>10.0} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
+            "{name:<34} {:>10.0} {:>12.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>14.3}",
             run.rps,
             100_000.0 / run.cpu_per_100k.max(f64::MIN_POSITIVE),
             run.p50,
             run.p99,
             run.p999,
+            run.max,
             run.cpu_per_100k
         );
     };
@@ -541,13 +612,64 @@ fn main() {
         show(name, &run);
         run
     };
+    // LOAD_KEYS=N: only the many-keys and many-descriptors runs, on a fresh server each round:
+    // 1 key, then N keys each new to the server (every key met once), the same N again
+    // (they exist now), 10 descriptors a request and 1.
+    if let Some(keys) = std::env::var("LOAD_KEYS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let many = requests(keys);
+        runtime.block_on(async {
+            let mut ratios: [Vec<f64>; 3] = Default::default();
+            let mut slowest: f64 = 0.0;
+            for round in 1..=rounds {
+                println!("round {round} of {rounds}");
+                let fresh = sluice_server(false);
+                load(&fresh, &one_key, Duration::from_secs(1)).await;
+                let one = measured(&fresh, &one_key, "sluice, 1 key").await;
+                let new = load_each_once(&fresh, &many).await;
+                show(&format!("sluice, {keys} keys, each new"), &new);
+                let existing = load_each_once(&fresh, &many).await;
+                show(&format!("sluice, {keys} keys, existing"), &existing);
+                let ten_run = measured(&fresh, &ten, "sluice, 10 descriptors").await;
+                let per_cpu = |run: &Run| 100_000.0 / run.cpu_per_100k;
+                ratios[0].push(per_cpu(&new) / per_cpu(&one));
+                ratios[1].push(per_cpu(&existing) / per_cpu(&one));
+                ratios[2].push(ten_run.cpu_per_100k / one.cpu_per_100k);
+                slowest = slowest.max(new.max).max(existing.max);
+                println!(
+                    "round {round}: per CPU-second, new keys / 1 key {:.3}, existing / 1 key {:.3}; CPU of 10 descriptors / 1 {:.3}",
+                    ratios[0][round - 1],
+                    ratios[1][round - 1],
+                    ratios[2][round - 1]
+                );
+            }
+            println!(
+                "medians over {rounds} rounds: new keys / 1 key {:.3} [{}], existing / 1 key {:.3} [{}], 10 descriptors / 1 (CPU) {:.3} [{}]; slowest answer {slowest:.3} ms",
+                median(&ratios[0]),
+                listed(&ratios[0]),
+                median(&ratios[1]),
+                listed(&ratios[1]),
+                median(&ratios[2]),
+                listed(&ratios[2])
+            );
+        });
+        return;
+    }
     runtime.block_on(async {
         // Every configuration runs once per round, one after another, so each round's ratios
         // compare runs minutes apart at most; the median over rounds damps the machine's noise.
         let mut ratios: [Vec<f64>; 8] = Default::default();
         let (mut one_ops, mut many_ops, mut warm_ops) = (0.0, 0.0, 0.0);
         let mut total = 0;
-        for round in 1..=rounds {
+        // LOAD_ONLY=latency: the h2load latency runs alone.
+        let closed_loop_rounds = if std::env::var("LOAD_ONLY").is_ok_and(|v| v == "latency") {
+            0
+        } else {
+            rounds
+        };
+        for round in 1..=closed_loop_rounds {
             println!("round {round} of {rounds}");
             // A fresh synced replica each round: the 1-key run must not sync the 100k
             // counters of the round before.
@@ -619,28 +741,9 @@ fn main() {
                 + sluice_ten.requests;
         }
         println!();
-        println!("ratios, median over {rounds} rounds (each round's in brackets):");
-        let names = [
-            "sluice / no-op throughput, 1 key",
-            "sluice / no-op throughput, 100k keys",
-            "with Redis / without, 1 key",
-            "with Redis / without, 100k keys, cold",
-            "with Redis / without, 100k keys, warm",
-            "sluice 10,000 rules / 10 rules",
-            "sluice / no-op, 10 descriptors",
-            "sluice 10 descriptors / 1 descriptor",
-        ];
-        for (name, list) in names.iter().zip(&ratios) {
-            println!("{name:<42} {:.3}  [{}]", median(list), listed(list));
+        if closed_loop_rounds > 0 {
+            closed_loop_summary(&ratios, rounds, [one_ops, many_ops, warm_ops], total);
         }
-        println!(
-            "Redis commands per request, mean over rounds: 1 key {:.4}, 100k keys cold {:.4}, warm {:.4}",
-            one_ops / rounds as f64,
-            many_ops / rounds as f64,
-            warm_ops / rounds as f64
-        );
-        println!("requests in the closed-loop runs: {total}");
-        println!();
         if std::env::var("LOAD_LATENCY").is_ok_and(|v| v == "0") {
             return;
         }

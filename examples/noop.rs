@@ -5,8 +5,9 @@
 //!     noop serve 127.0.0.1:9000
 //!     noop serve 127.0.0.1:9000 sized   (answers as large as sluice's: a limit, a reset and
 //!                                        the three OpenAI requests headers per answer)
-//!     noop serve 127.0.0.1:9000 current-thread   (on one thread, as `sluice serve --runtime
-//!                                                 current-thread`)
+//!     noop serve 127.0.0.1:9000 multi-thread   (on tokio's multi-threaded scheduler, as
+//!                                               `sluice serve --runtime multi-thread`; by
+//!                                               default one thread, as each of sluice's)
 //!     noop request OUT api_key=k1,model=gpt-4o [more descriptors…]   (a gRPC body for h2load)
 
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -93,10 +94,12 @@ fn main() {
         Some("serve") => {
             let addr = args.get(1).expect("an address").parse().expect("host:port");
             let sized = args[2..].iter().any(|a| a == "sized");
-            let mut runtime = if args[2..].iter().any(|a| a == "current-thread") {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
+            // One thread, as each of sluice's gRPC threads (`--runtime per-core`, the default);
+            // `multi-thread` as `sluice serve --runtime multi-thread`.
+            let mut runtime = if args[2..].iter().any(|a| a == "multi-thread") {
                 tokio::runtime::Builder::new_multi_thread()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
             };
             runtime.enable_all().build().unwrap().block_on(async move {
                 tonic::transport::Server::builder()
@@ -139,7 +142,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: noop serve HOST:PORT [sized] [current-thread] | noop request OUT DOMAIN k=v,k2=v2 ..."
+                "usage: noop serve HOST:PORT [sized] [multi-thread] | noop request OUT DOMAIN k=v,k2=v2 ..."
             );
             std::process::exit(2);
         }

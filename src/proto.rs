@@ -330,6 +330,17 @@ fn dynamic_metadata(
     asks: &[Ask<'_, ProtoEntry>],
     detail: MetadataDetail,
 ) -> Option<Struct> {
+    // The common answer has nothing to say: no maps built (each seeds a hasher).
+    let rule_metadata = verdict
+        .statuses
+        .iter()
+        .any(|s| s.rule.is_some_and(|rule| rule.metadata.is_some()));
+    let endpoints = asks
+        .iter()
+        .any(|a| a.entries.iter().any(|e| e.key == ENDPOINT_KEY));
+    if detail == MetadataDetail::Rules && !rule_metadata && !endpoints {
+        return None;
+    }
     let mut fields = HashMap::new();
     if detail == MetadataDetail::Request {
         fields.insert("domain".into(), text(&request.domain));

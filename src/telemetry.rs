@@ -82,9 +82,11 @@ pub fn install() -> &'static PrometheusHandle {
 }
 
 /// Histogram samples pile up in the recorder until drained: a scrape drains them, and so
-/// does upkeep. Without it a server nobody scrapes grows by ~20 bytes a request.
+/// does upkeep. Without it a server nobody scrapes grows by ~20 bytes a request. Every second:
+/// at 150k calls a second, 5 s of samples took fresh pages from the kernel each round (page
+/// clearing was 4 % of an answer's CPU); a second's worth is reused from the allocator.
 fn keep_up(handle: PrometheusHandle) {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(1);
     let spawned = std::thread::Builder::new()
         .name("metrics-upkeep".into())
         .spawn(move || {
