@@ -187,7 +187,7 @@ run() {
     eb="$(cpu "$edge")"
     local perf_pid=""
     if [ -n "${PROFILE_THIS:-}" ]; then
-        perf record -q --call-graph dwarf,16384 -F 2000 -p "$rls" -o "$PERF_OUT" -- sleep "$seconds" >/dev/null 2>&1 &
+        perf record -q --call-graph dwarf,16384 -F 4000 -p "$rls" -o "$PROFILE_THIS" -- sleep "$seconds" >/dev/null 2>&1 &
         perf_pid=$!
     fi
     out="$(taskset -c "$EDGE_CPU" h2load -t 1 -c "$CLIENTS" -m "$STREAMS" -D "$seconds" \
@@ -225,8 +225,9 @@ for name in "${servers[@]}"; do
 done
 printf '%-9s %10s %8s %14s %14s\n' server req/s rls-cpu-s "rls µs/req" "envoy µs/req"
 if [ -n "${PERF_OUT:-}" ]; then
-    PROFILE_THIS=1 run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS" >/dev/null
-    echo "profile of sluice (a run of its own, not in the figures): $PERF_OUT"
+    PROFILE_THIS="$PERF_OUT" run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS" >/dev/null
+    PROFILE_THIS="$PERF_OUT-noop" run "$n_pid" "$ne_pid" "$ne_port" "$RUN_SECONDS" >/dev/null
+    echo "profiles (runs of their own, not in the figures): $PERF_OUT (sluice), $PERF_OUT-noop"
 fi
 for round in $(seq "$ROUNDS"); do
     read -r s_rps s_cpu s_us s_env < <(run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS")
