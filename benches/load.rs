@@ -391,9 +391,28 @@ fn h2load(server: &Server, duration: Duration, load: H2Load) -> Option<Run> {
     Some(summary(&all, duration.as_secs_f64(), cpu))
 }
 
-/// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections for `duration`, each as fast as
-/// it can (closed loop): the saturation throughput.
+/// How long callers keep calling.
+#[derive(Clone, Copy)]
+enum Calls {
+    /// For this long, each caller walking its slice of the requests and round again.
+    For(Duration),
+    /// Every request once, each caller its own slice: with one key per request, every key met
+    /// exactly once.
+    EachOnce,
+}
+
+/// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections, each as fast as it can (closed
+/// loop): the saturation throughput.
 async fn load(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, duration: Duration) -> Run {
+    drive(server, requests, Calls::For(duration)).await
+}
+
+/// Every request of `requests` once (see [`Calls::EachOnce`]).
+async fn load_each_once(server: &Server, requests: &Arc<Vec<RateLimitRequest>>) -> Run {
+    drive(server, requests, Calls::EachOnce).await
+}
+
+async fn drive(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, calls: Calls) -> Run {
     let channels = clients(server).await;
     let cpu_before = cpu_seconds(server.child.id());
     let started = Instant::now();
@@ -404,48 +423,23 @@ async fn load(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, duration: 
         callers.push(tokio::spawn(async move {
             let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
             // Each caller walks its own slice of the keys, so together they reach every key
-            // (once 100k calls are made) rather than trailing one another through the same few.
-            let mut i = c * requests.len() / CONCURRENCY;
-            while started.elapsed() < duration {
-                i = (i + 1) % requests.len();
+            // rather than trailing one another through the same few.
+            let len = requests.len();
+            let (mut i, end) = (c * len / CONCURRENCY, (c + 1) * len / CONCURRENCY);
+            loop {
+                match calls {
+                    Calls::For(duration) if started.elapsed() >= duration => break,
+                    Calls::For(_) => i = (i + 1) % len,
+                    Calls::EachOnce if i >= end => break,
+                    Calls::EachOnce => {}
+                }
                 let sent = Instant::now();
                 let answer = client.should_rate_limit(requests[i].clone()).await;
                 assert!(answer.is_ok(), "{answer:?}");
                 latencies.record(sent.elapsed().as_micros() as u64).unwrap();
-            }
-            latencies
-        }));
-    }
-    let mut all = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-    for caller in callers {
-        all.add(caller.await.unwrap()).unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(server.child.id()) - cpu_before;
-    summary(&all, elapsed, cpu)
-}
-
-/// Every request of `requests` once, each caller its own slice: with one key per request,
-/// every key met exactly once.
-async fn load_each_once(server: &Server, requests: &Arc<Vec<RateLimitRequest>>) -> Run {
-    let channels = clients(server).await;
-    let cpu_before = cpu_seconds(server.child.id());
-    let started = Instant::now();
-    let mut callers = Vec::new();
-    for c in 0..CONCURRENCY {
-        let mut client: RateLimitServiceClient<Channel> = channels[c % CONNECTIONS].clone();
-        let requests = requests.clone();
-        callers.push(tokio::spawn(async move {
-            let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-            let (from, to) = (
-                c * requests.len() / CONCURRENCY,
-                (c + 1) * requests.len() / CONCURRENCY,
-            );
-            for request in &requests[from..to] {
-                let sent = Instant::now();
-                let answer = client.should_rate_limit(request.clone()).await;
-                assert!(answer.is_ok(), "{answer:?}");
-                latencies.record(sent.elapsed().as_micros() as u64).unwrap();
+                if let Calls::EachOnce = calls {
+                    i += 1;
+                }
             }
             latencies
         }));

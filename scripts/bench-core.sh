@@ -15,6 +15,8 @@
 #                                              # (perf record --call-graph dwarf: /tmp/core-one…)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 ROUNDS="${ROUNDS:-3}"
 RUN_SECONDS="${RUN_SECONDS:-10}"
 CLIENTS="${CLIENTS:-8}"
@@ -57,43 +59,29 @@ EOF
 "$NOOP" request "$work/one" bench api_key=k1,model=gpt-4o
 "$NOOP" request "$work/five" bench api_key=k1 api_key=k1,model=gpt-4o endpoint=openai user=u1 route=chat
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# CPU seconds (user + system) of a process.
-cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
 
-wait_port() {
-    for _ in $(seq 100); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 
-# start NAME: starts the server, pinned, and prints its pid and port.
+# start NAME: starts the server, pinned; sets `started` to its pid and port (in this shell,
+# so that cleanup stops it).
 start() {
     local p
     p="$(port)"
     case "$1" in
         sluice)
             # shellcheck disable=SC2086
-            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
-                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
-                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+            sluice_pinned "$SLUICE" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_ARGS:-}
             ;;
         sluice-b)
             # shellcheck disable=SC2086
-            taskset -c "$SERVER_CPU" "$SLUICE_B" serve --config "$work/rules" \
-                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
-                --log-level warn ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}} >/dev/null 2>&1 &
+            sluice_pinned "$SLUICE_B" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}}
             ;;
         # shellcheck disable=SC2086
         noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
     esac
     pids+=("$!")
     wait_port "$p"
-    echo "$! $p"
+    started="$! $p"
 }
 
 # run PID PORT BODY SECONDS: h2load pinned to the load core; prints "req/s cpu-s req/cpu-s".
@@ -118,11 +106,14 @@ run() {
 
 echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connections x $STREAMS streams) on core $LOAD_CPU, $RUN_SECONDS s a run"
 echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}; no-op ${NOOP_ARGS:-}"
-read -r sluice_pid sluice_port < <(start sluice)
-read -r noop_pid noop_port < <(start noop)
+start sluice
+read -r sluice_pid sluice_port <<<"$started"
+start noop
+read -r noop_pid noop_port <<<"$started"
 if [ -n "${SLUICE_B:-}" ]; then
     echo "sluice-b: $SLUICE_B ${SLUICE_B_ARGS:-${SLUICE_ARGS:-}}"
-    read -r b_pid b_port < <(start sluice-b)
+    start sluice-b
+    read -r b_pid b_port <<<"$started"
 fi
 for body in one five; do
     # Warm both up (page faults, buffers, the counter's first call), not measured.

@@ -15,6 +15,8 @@
 #   SLUICE_B_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh   # a second sluice, in turn
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 ROUNDS="${ROUNDS:-3}"
 RUN_SECONDS="${RUN_SECONDS:-10}"
 CLIENTS="${CLIENTS:-16}"
@@ -45,16 +47,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
-wait_port() {
-    for _ in $(seq 200); do
-        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
 
 mkdir "$work/rules"
 cat > "$work/rules/bench.yaml" <<'EOF'
@@ -86,33 +78,30 @@ taskset -c "$EDGE_CPU" nginx -c "$work/nginx.conf" -p "$work" >/dev/null 2>&1 &
 pids+=("$!")
 wait_port "$upstream_port"
 
-# start NAME: the rate-limit server, pinned; prints its pid and port.
+# start NAME: the rate-limit server, pinned; sets `started` to its pid and port (in this
+# shell, so that cleanup stops it).
 start() {
     local p
     p="$(port)"
     case "$1" in
         sluice)
             # shellcheck disable=SC2086
-            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
-                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
-                --log-level warn ${SLUICE_ARGS:-} >/dev/null 2>&1 &
+            sluice_pinned "$SLUICE" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_ARGS:-}
             ;;
         sluice-b)
             # shellcheck disable=SC2086
-            taskset -c "$SERVER_CPU" "$SLUICE" serve --config "$work/rules" \
-                --grpc-addr "127.0.0.1:$p" --http-addr "127.0.0.1:$(port)" \
-                --log-level warn ${SLUICE_B_ARGS:-} >/dev/null 2>&1 &
+            sluice_pinned "$SLUICE" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_B_ARGS:-}
             ;;
         # shellcheck disable=SC2086
         noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
     esac
     pids+=("$!")
     wait_port "$p"
-    echo "$! $p"
+    started="$! $p"
 }
 
-# envoy NAME RLS_PORT: an Envoy (one worker) whose rate-limit service is on RLS_PORT; prints
-# its pid and listening port.
+# envoy NAME RLS_PORT: an Envoy (one worker) whose rate-limit service is on RLS_PORT; sets
+# `started` to its pid and listening port.
 envoy() {
     local listen admin
     listen="$(port)"
@@ -177,7 +166,7 @@ EOF
         --disable-hot-restart >"$work/envoy-$1.log" 2>&1 &
     pids+=("$!")
     wait_port "$listen"
-    echo "$! $listen"
+    started="$! $listen"
 }
 
 # run SERVER_PID ENVOY_PID PORT SECONDS: prints "req/s rls-cpu-s rls-us/req envoy-us/req".
@@ -205,15 +194,21 @@ run() {
 
 echo "through Envoy $("$ENVOY" --version 2>/dev/null | grep -oP 'version: \S+' | head -1) (1 worker): rate-limit server on core $SERVER_CPU; Envoy, nginx and h2load ($CLIENTS connections x $STREAMS streams) on core $EDGE_CPU; $RUN_SECONDS s a run"
 echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
-read -r s_pid s_port < <(start sluice)
-read -r n_pid n_port < <(start noop)
-read -r se_pid se_port < <(envoy sluice "$s_port")
-read -r ne_pid ne_port < <(envoy noop "$n_port")
+start sluice
+read -r s_pid s_port <<<"$started"
+start noop
+read -r n_pid n_port <<<"$started"
+envoy sluice "$s_port"
+read -r se_pid se_port <<<"$started"
+envoy noop "$n_port"
+read -r ne_pid ne_port <<<"$started"
 servers=(sluice no-op)
 if [ -n "${SLUICE_B_ARGS:-}" ]; then
     echo "sluice-b: ${SLUICE_B_ARGS}"
-    read -r b_pid b_port < <(start sluice-b)
-    read -r be_pid be_port < <(envoy sluice-b "$b_port")
+    start sluice-b
+    read -r b_pid b_port <<<"$started"
+    envoy sluice-b "$b_port"
+    read -r be_pid be_port <<<"$started"
     servers+=(sluice-b)
 fi
 for name in "${servers[@]}"; do

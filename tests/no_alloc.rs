@@ -116,64 +116,12 @@ const ANSWER_ALLOCATIONS: usize = 8;
 /// Now and then one more: the metrics histogram's sample buffer takes a new block.
 const ANSWER_ALLOCATIONS_AT_MOST: usize = 9;
 
-#[test]
-fn answering_on_existing_counters_allocates_only_the_response() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("llm.yaml"), RULES).unwrap();
-    let settings = sluice::settings::Settings::local(dir.path().to_path_buf());
-    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-    let running = runtime.block_on(sluice::start(settings, clock)).unwrap();
-    let app = running.app.clone();
-    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
-        domain: "llm".into(),
-        descriptors: vec![descriptor(&[("api_key", "k1"), ("model", "gpt-4o")])],
-        hits_addend: 0,
-    };
-    // The first calls create the counter and the metrics' first samples.
-    for _ in 0..3 {
-        runtime
-            .block_on(sluice::answer(&app, request.clone()))
-            .unwrap();
-    }
-    let (mut most, mut least) = (0, usize::MAX);
-    for _ in 0..200 {
-        let call = request.clone();
-        let mut response = None;
-        let n = allocations_during(|| {
-            response = Some(runtime.block_on(sluice::answer(&app, call)).unwrap());
-        });
-        let response = response.unwrap();
-        assert_eq!(response.statuses.len(), 1);
-        assert_eq!(
-            response.response_headers_to_add.len(),
-            3,
-            "the OpenAI requests headers"
-        );
-        most = most.max(n);
-        least = least.min(n);
-    }
-    let idle = allocations_during(|| runtime.block_on(async {}));
-    println!("allocations per answer: {least} to {most}; block_on alone: {idle}");
-    assert!(
-        least <= ANSWER_ALLOCATIONS && most <= ANSWER_ALLOCATIONS_AT_MOST,
-        "an answer allocated {least} to {most} times ({ANSWER_ALLOCATIONS}, now and then {ANSWER_ALLOCATIONS_AT_MOST})"
-    );
-    runtime.block_on(running.stop()).unwrap();
-}
-
-/// The LLM gateway's request (the key, the key and model, the shared endpoint), all forced by
-/// prost's owned types: the statuses' vector (1), the six OpenAI headers (requests and tokens)
-/// with a key and a value string each and their vector (13), and for the endpoint's utilization
-/// in the dynamic metadata two maps and their two keys (4). Unnamed limits allocate no name.
-const GATEWAY_ANSWER_ALLOCATIONS: usize = 18;
-
-#[test]
-fn answering_the_gateway_request_allocates_a_stated_count() {
+/// The fewest and most allocations of 200 answers to `request` on a running server whose
+/// counters exist (after three calls), each answer checked by `check`.
+fn allocations_per_answer(
+    request: envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest,
+    check: impl Fn(&envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse),
+) -> (usize, usize) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -185,15 +133,7 @@ fn answering_the_gateway_request_allocates_a_stated_count() {
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
     let running = runtime.block_on(sluice::start(settings, clock)).unwrap();
     let app = running.app.clone();
-    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
-        domain: "llm".into(),
-        descriptors: vec![
-            descriptor(&[("api_key", "k1")]),
-            descriptor(&[("api_key", "k1"), ("model", "gpt-4o")]),
-            descriptor(&[("endpoint", "openai")]),
-        ],
-        hits_addend: 0,
-    };
+    // The first calls create the counters and the metrics' first samples.
     for _ in 0..3 {
         runtime
             .block_on(sluice::answer(&app, request.clone()))
@@ -206,22 +146,68 @@ fn answering_the_gateway_request_allocates_a_stated_count() {
         let n = allocations_during(|| {
             response = Some(runtime.block_on(sluice::answer(&app, call)).unwrap());
         });
-        let response = response.unwrap();
+        check(&response.unwrap());
+        most = most.max(n);
+        least = least.min(n);
+    }
+    let idle = allocations_during(|| runtime.block_on(async {}));
+    assert_eq!(idle, 0, "block_on alone allocates nothing");
+    runtime.block_on(running.stop()).unwrap();
+    (least, most)
+}
+
+#[test]
+fn answering_on_existing_counters_allocates_only_the_response() {
+    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "llm".into(),
+        descriptors: vec![descriptor(&[("api_key", "k1"), ("model", "gpt-4o")])],
+        hits_addend: 0,
+    };
+    let (least, most) = allocations_per_answer(request, |response| {
+        assert_eq!(response.statuses.len(), 1);
+        assert_eq!(
+            response.response_headers_to_add.len(),
+            3,
+            "the OpenAI requests headers"
+        );
+    });
+    println!("allocations per answer: {least} to {most}");
+    assert!(
+        least <= ANSWER_ALLOCATIONS && most <= ANSWER_ALLOCATIONS_AT_MOST,
+        "an answer allocated {least} to {most} times ({ANSWER_ALLOCATIONS}, now and then {ANSWER_ALLOCATIONS_AT_MOST})"
+    );
+}
+
+/// The LLM gateway's request (the key, the key and model, the shared endpoint), all forced by
+/// prost's owned types: the statuses' vector (1), the six OpenAI headers (requests and tokens)
+/// with a key and a value string each and their vector (13), and for the endpoint's utilization
+/// in the dynamic metadata two maps and their two keys (4). Unnamed limits allocate no name.
+const GATEWAY_ANSWER_ALLOCATIONS: usize = 18;
+
+#[test]
+fn answering_the_gateway_request_allocates_a_stated_count() {
+    let request = envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest {
+        domain: "llm".into(),
+        descriptors: vec![
+            descriptor(&[("api_key", "k1")]),
+            descriptor(&[("api_key", "k1"), ("model", "gpt-4o")]),
+            descriptor(&[("endpoint", "openai")]),
+        ],
+        hits_addend: 0,
+    };
+    let (least, most) = allocations_per_answer(request, |response| {
         assert_eq!(response.statuses.len(), 3);
         assert_eq!(response.response_headers_to_add.len(), 6);
         assert!(
             response.dynamic_metadata.is_some(),
             "the endpoint's utilization"
         );
-        most = most.max(n);
-        least = least.min(n);
-    }
+    });
     println!("allocations per gateway answer: {least} to {most}");
     assert!(
         least <= GATEWAY_ANSWER_ALLOCATIONS && most <= GATEWAY_ANSWER_ALLOCATIONS + 1,
         "a gateway answer allocated {least} to {most} times ({GATEWAY_ANSWER_ALLOCATIONS}, now and then one more)"
     );
-    runtime.block_on(running.stop()).unwrap();
 }
 
 fn descriptor(
