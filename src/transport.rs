@@ -59,17 +59,19 @@ pub fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<Result<(), TransportError>>, TransportError> {
     let (stopping, stopped) = watch::channel(false);
-    let stop = async move {
-        stop.await;
-        stopping.send_replace(true);
-    };
     match threads {
         Threads::Shared => {
             let (accepted, incoming) = mpsc::unbounded_channel();
             Ok(tokio::spawn(async move {
-                let accepting = accept(listener, vec![accepted], stopped.clone());
+                let accepting = async move {
+                    tokio::select! {
+                        () = stop => {}
+                        () = accept(listener, vec![accepted]) => {}
+                    }
+                    stopping.send_replace(true);
+                };
                 let serving = serve_on_this_thread(router, incoming, tls, stopped);
-                let (_, (), served) = tokio::join!(stop, accepting, serving);
+                let ((), served) = tokio::join!(accepting, serving);
                 served
             }))
         }
@@ -98,8 +100,12 @@ pub fn serve(
                 ended.push(finished);
             }
             Ok(tokio::spawn(async move {
-                let accepting = accept(listener, workers, stopped);
-                let ((), ()) = tokio::join!(stop, accepting);
+                // Until stopped, or until no worker is left to take a connection.
+                tokio::select! {
+                    () = stop => {}
+                    () = accept(listener, workers) => {}
+                }
+                stopping.send_replace(true);
                 let mut result = Ok(());
                 for finished in ended {
                     let served = finished.await.unwrap_or(Err(TransportError::WorkerLost));
@@ -111,19 +117,14 @@ pub fn serve(
     }
 }
 
-/// Accepts connections until `stopped`, dealing them to `workers` in turn.
+/// Accepts connections, dealing them to `workers` in turn; returns when no worker is left.
 async fn accept(
     listener: TcpListener,
-    workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
-    mut stopped: watch::Receiver<bool>,
+    mut workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
 ) {
     let mut next = 0;
-    loop {
-        let accepted = tokio::select! {
-            _ = stopped.wait_for(|stop| *stop) => return,
-            accepted = listener.accept() => accepted,
-        };
-        let tcp = match accepted {
+    while !workers.is_empty() {
+        let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
             Err(error) => {
                 // Out of file descriptors, most likely: wait rather than spin.
@@ -134,11 +135,26 @@ async fn accept(
         };
         let _ = tcp.set_nodelay(true);
         // Leaves this runtime's reactor, to join the worker's.
-        let Ok(tcp) = tcp.into_std() else { continue };
-        if workers[next].send(tcp).is_err() {
-            return; // the worker has ended
+        let Ok(mut tcp) = tcp.into_std() else {
+            continue;
+        };
+        // A worker that has ended (its thread panicked) leaves the rotation; the connection
+        // goes to the next.
+        loop {
+            next %= workers.len();
+            match workers[next].send(tcp) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    tracing::error!("a gRPC worker thread has ended; serving on the others");
+                    workers.swap_remove(next);
+                    if workers.is_empty() {
+                        return;
+                    }
+                    tcp = back;
+                }
+            }
         }
-        next = (next + 1) % workers.len();
+        next += 1;
     }
 }
 

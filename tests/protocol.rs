@@ -736,3 +736,47 @@ fn llm_shorthand_errors_name_the_field() {
         );
     }
 }
+
+const ONE_LIMIT: &str = "domain: d\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 12 }\n";
+
+/// Calls over `connections` connections of their own, four each, in turn: how many of them
+/// were admitted.
+async fn admitted_over_connections(server: &TestServer, connections: usize) -> usize {
+    let request = request("d", &[&[("api_key", "k1")]]);
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        clients.push(connect(server.running.as_ref().unwrap().grpc_addr).await);
+    }
+    let mut admitted = 0;
+    for _ in 0..4 {
+        for client in &mut clients {
+            let answer = client.should_rate_limit(request.clone()).await;
+            if is_ok(&answer.expect("answered").into_inner()) {
+                admitted += 1;
+            }
+        }
+    }
+    admitted
+}
+
+/// The default layout serves each connection on one of several threads, each with a runtime of
+/// its own; the threads share one set of counters, so a limit holds across connections whichever
+/// thread took them.
+#[tokio::test]
+async fn per_core_threads_share_one_limit_across_connections() {
+    let server = start_with(&[("d.yaml", ONE_LIMIT)], |s| s.grpc_threads = 3).await;
+    // 6 connections over 3 threads, 24 calls against a limit of 12.
+    assert_eq!(admitted_over_connections(&server, 6).await, 12);
+    server.stop().await;
+}
+
+/// `--runtime multi-thread` serves on the caller's runtime, with the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_multi_threaded_layout_answers_alike() {
+    let server = start_with(&[("d.yaml", ONE_LIMIT)], |s| {
+        s.runtime = sluice::settings::RuntimeShape::MultiThread
+    })
+    .await;
+    assert_eq!(admitted_over_connections(&server, 3).await, 12);
+    server.stop().await;
+}
