@@ -9,6 +9,7 @@
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-core.sh
 #   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
 #   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
+#   SLUICE=path/to/sluice NOOP=path/to/noop scripts/bench-core.sh   # other builds, none made
 #   SLUICE_B=target/release/sluice SLUICE_B_ARGS="--peer-metrics false" scripts/bench-core.sh
 #   NOOP_ARGS=sized scripts/bench-core.sh   # a no-op whose answers are as large as sluice's
 #   PERF_OUT=/tmp/core scripts/bench-core.sh   # also profiles a run of sluice per request kind
@@ -27,9 +28,12 @@ if ! command -v h2load >/dev/null; then
     echo "installing h2load (Debian's nghttp2-client)" >&2
     if [ "$(id -u)" = 0 ]; then apt-get install -y -q nghttp2-client; else sudo apt-get install -y -q nghttp2-client; fi
 fi
-cargo build --release --bin sluice --example noop
-SLUICE=target/release/sluice
-NOOP=target/release/examples/noop
+# SLUICE and NOOP name other builds (both given: nothing is built).
+if [ -z "${SLUICE:-}" ] || [ -z "${NOOP:-}" ]; then
+    cargo build --release --bin sluice --example noop
+fi
+SLUICE="${SLUICE:-target/release/sluice}"
+NOOP="${NOOP:-target/release/examples/noop}"
 work="$(mktemp -d)"
 pids=()
 cleanup() {
