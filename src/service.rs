@@ -9,8 +9,8 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descri
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 
 use crate::app::App;
-use crate::decision::{Ask, Code, Purpose, StrictWork, Verdict, decide};
-use crate::limiter::Enforcement;
+use crate::decision::{Ask, Code, LeaseWant, Purpose, StrictWork, Verdict, decide};
+use crate::limiter::{Enforcement, FleetView};
 use crate::proto::{self, MetadataDetail, RequestError};
 use crate::rules::MetricDetail;
 use crate::sync::strict;
@@ -47,9 +47,22 @@ pub async fn answer(
         tracing::error!("internal error while deciding a request");
         AnswerError::Internal
     };
-    let (response, strict) =
-        std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks)))
-            .map_err(|_| internal())?;
+    let decide_once = |last_try: bool| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks, last_try)))
+            .map_err(|_| internal())
+    };
+    let (response, strict) = match decide_once(false)? {
+        Responded::Answer(response, strict) => (response, strict),
+        Responded::LeasesSpent(wants) => {
+            // Boxed: the rare path's state would otherwise make every answer's future
+            // kilobytes larger.
+            Box::pin(take_leases(app, &wants)).await;
+            match decide_once(true)? {
+                Responded::Answer(response, strict) => (response, strict),
+                Responded::LeasesSpent(_) => return Err(internal()),
+            }
+        }
+    };
     let (Some(work), Some(_)) = (strict, &app.fleet) else {
         return Ok(finish(app, response, started));
     };
@@ -60,6 +73,22 @@ pub async fn answer(
         .await
         .map_err(|_| internal())?;
     Ok(finish(app, response, started))
+}
+
+/// Leases afresh the counters a request found spent, on the request path (bounded by the
+/// Redis timeout). A store that fails switches the request path to the failure policy until
+/// the sync reaches it again, so that a Redis down costs one timeout, not one per request.
+async fn take_leases(app: &App, wants: &[LeaseWant]) {
+    let Some(fleet) = &app.fleet else { return };
+    let FleetView::Synced { replicas } = app.limiter.fleet().get() else {
+        return;
+    };
+    app.metrics.requests.lease_calls.increment(1);
+    if let Err(error) = fleet.take_leases(&app.limiter, wants, replicas).await {
+        tracing::warn!(%error, policy = ?fleet.settings.policy, "cannot lease from Redis on the request path; deciding by the failure policy until the sync reaches it");
+        app.metrics.requests.lease_failures.increment(1);
+        app.limiter.fleet().set(fleet.outage_view(replicas));
+    }
 }
 
 /// Adds what reads the final statuses (envoyproxy/ratelimit's headers) and counts the answer.
@@ -89,11 +118,27 @@ fn record_answer(app: &App, response: &RateLimitResponse, started: Instant) {
     }
 }
 
+/// A decision, or the leases it needs first.
+enum Responded {
+    Answer(RateLimitResponse, Option<Box<StrictWork>>),
+    /// Denied because leases ran out while the fleet had budget left: worth deciding again
+    /// once leased. Nothing was counted or recorded.
+    LeasesSpent(Vec<LeaseWant>),
+}
+
+/// Decides the request and builds its answer; unless `last_try`, a denial that fresh leases
+/// may turn into an admission comes back as the leases to take first.
 fn respond(
     app: &App,
     request: &RateLimitRequest,
     asks: &[Ask<'_, ProtoEntry>],
-) -> (RateLimitResponse, Option<Box<StrictWork>>) {
+    last_try: bool,
+) -> Responded {
+    let rules = app.rules.load();
+    let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
+    if !last_try && !verdict.spent_leases.is_empty() && app.fleet.is_some() {
+        return Responded::LeasesSpent(std::mem::take(&mut verdict.spent_leases));
+    }
     // One usage report per call, however many descriptors carry it.
     let reported = asks
         .iter()
@@ -104,8 +149,6 @@ fn respond(
         app.metrics.requests.usage_reports.increment(1);
         app.metrics.requests.reported_tokens.increment(tokens);
     }
-    let rules = app.rules.load();
-    let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
     if !verdict.known_domain {
         tracing::debug!(domain = %request.domain, "request for an unknown domain");
         app.metrics.requests.unknown_domain.increment(1);
@@ -125,7 +168,7 @@ fn respond(
     if app.settings.openai_headers {
         (response.response_headers_to_add, response.raw_body) = crate::openai::answer(&verdict);
     }
-    (response, verdict.strict.take())
+    Responded::Answer(response, verdict.strict.take())
 }
 
 /// Counts each matched rule's hit: over, near or within its limit, shadowed, tokens reported.

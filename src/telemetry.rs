@@ -34,6 +34,8 @@ pub mod names {
     pub const OVERSHOOT: &str = "sluice_fleet_overshoot";
     pub const REDIS_UP: &str = "sluice_redis_up";
     pub const CAPACITY_FACTOR: &str = "sluice_capacity_factor";
+    pub const LEASE_CALLS: &str = "sluice_lease_request_path_calls_total";
+    pub const LEASE_FAILURES: &str = "sluice_lease_request_path_failures_total";
 }
 
 /// envoyproxy/ratelimit's names, as its `default_mapper.yaml` maps its stats to Prometheus.
@@ -174,6 +176,10 @@ pub struct RequestMetrics {
     pub invalid: Counter,
     pub usage_reports: Counter,
     pub reported_tokens: Counter,
+    /// Requests that called Redis for a lease before their answer.
+    pub lease_calls: Counter,
+    /// Of which Redis failed.
+    pub lease_failures: Counter,
 }
 
 /// What rule reloads report.
@@ -227,6 +233,8 @@ impl ProcessMetrics {
                 invalid: counter!(names::INVALID_REQUESTS),
                 usage_reports: counter!(names::USAGE_REPORTS),
                 reported_tokens: counter!(names::REPORTED_TOKENS),
+                lease_calls: counter!(names::LEASE_CALLS),
+                lease_failures: counter!(names::LEASE_FAILURES),
             },
             reload: ReloadMetrics {
                 peer_loads: peer_names_on().then(|| {

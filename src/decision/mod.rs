@@ -20,7 +20,7 @@ use plan::Plan;
 pub use report::{Headline, Standing};
 pub use strict::{Settled, StrictJob, StrictWork};
 
-use crate::limiter::{Enforcement, Limiter, Outcome, Unit};
+use crate::limiter::{CounterKey, Enforcement, Limiter, Outcome, Unit};
 use crate::rules::{Entry, Measure, Policy, Rule, RuleSet};
 use plan::{CounterNames, Matched};
 
@@ -66,6 +66,18 @@ pub struct Ask<'a, E> {
     pub limit_override: Option<LimitOverride>,
     /// What the call is for.
     pub purpose: Purpose,
+}
+
+/// A counter whose requests lease is spent, and what a fresh one must cover.
+#[derive(Debug, Clone)]
+pub struct LeaseWant {
+    pub counter: CounterKey,
+    /// Its rule, which names its key in the store (none for a limit override).
+    pub rule: Option<Arc<Rule>>,
+    /// The requests limit it is judged against, capacity factor applied.
+    pub limit: u32,
+    /// What the request denied asks of it.
+    pub need: u32,
 }
 
 /// The limit a status reports.
@@ -132,6 +144,9 @@ pub struct Verdict<'r> {
     pub statuses: SmallVec<[Status<'r>; 4]>,
     /// Limits of strict rules, still to be settled in the fleet store.
     pub strict: Option<Box<StrictWork>>,
+    /// Counters whose lease ran out while the fleet had budget left (a denied request only):
+    /// leased afresh, they may admit the request when it is decided again.
+    pub spent_leases: Vec<LeaseWant>,
     /// The requests limit and the tokens limit nearest their end, over all descriptors: what
     /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
     pub headline: Headline<'r>,
@@ -148,6 +163,7 @@ impl Verdict<'_> {
             known_domain: false,
             statuses,
             strict: None,
+            spent_leases: Vec::new(),
             headline: Headline::default(),
         }
     }
@@ -198,11 +214,17 @@ pub fn decide<'r, E: Entry>(
         statuses.push(status);
     }
     let headline = report::headline(asks, &plan, &outcomes);
+    let spent_leases = if allowed {
+        Vec::new()
+    } else {
+        plan.spent_leases(&outcomes, &matched)
+    };
     Verdict {
         allowed,
         known_domain: true,
         statuses,
         strict: plan.take_strict_work(&outcomes),
+        spent_leases,
         headline,
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use super::LeaseWant;
 use super::report::Standing;
 use super::strict::{StrictJob, StrictWork};
 use super::{Ask, LimitOverride, Mode, Purpose, ReportedLimit};
@@ -193,6 +194,31 @@ impl<'r, 'v> Plan<'r, 'v> {
     pub fn of_ask(&self, i: usize) -> Range<usize> {
         let (from, to) = self.spans[i];
         from as usize..to as usize
+    }
+
+    /// The counters whose requests lease ran out while the fleet had budget left (`outcomes`
+    /// of a denied request): a fresh lease from the store may admit the request.
+    pub(super) fn spent_leases(
+        &self,
+        outcomes: &[Outcome],
+        matched: &Matched<'r>,
+    ) -> Vec<LeaseWant> {
+        self.demands
+            .iter()
+            .zip(outcomes)
+            .zip(&self.sources)
+            .filter(|((_, o), _)| o.over.lease_spent)
+            .filter_map(|((d, _), source)| {
+                Some(LeaseWant {
+                    counter: d.counter.to_key(),
+                    rule: matched.rules[source.ask]
+                        .filter(|_| source.over_ride.is_none())
+                        .cloned(),
+                    limit: d.limits.requests?,
+                    need: d.charge.requests,
+                })
+            })
+            .collect()
     }
 
     /// The strict jobs left once the local demands are settled, with the local charges to

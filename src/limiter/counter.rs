@@ -4,20 +4,22 @@
 //! Layout of the 128-bit word, high to low:
 //!
 //! ```text
-//! | window: u32 | reserved: u32 | requests: u32 | tokens: u32 |
+//! | window: u32 | lease: u32 | requests: u32 | tokens: u32 |
 //! ```
 //!
 //! The window stamp lives beside the counts so that rolling into a new window and counting in it
 //! is one atomic step: no thread can add to a window another thread has just reset, and no lock
 //! is needed. Counts are u32 because every limit is (the Envoy API carries `requests_per_unit` as
-//! u32); they saturate instead of wrapping. The reserved word is zero today and is where another
-//! algorithm (a sliding window's previous count) would keep its state. `u32::MAX` as a window
-//! marks a counter the sweeper has retired: an increment can never land in a counter that has
-//! left the table.
+//! u32); they saturate instead of wrapping. With a fleet store, the lease is the requests the
+//! store set aside for this replica in the window (zero alone): in the same word as the count,
+//! so admitting from it and the sync lowering it are one compare-and-swap each, and no request
+//! can admit past what the replica holds. `u32::MAX` as a window marks a counter the sweeper
+//! has retired: an increment can never land in a counter that has left the table.
 //!
 //! With a fleet store (Redis) configured, two more words ride along, written only by the sync
 //! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
-//! had counted in the window at the last sync. They are read, never written, by requests. The
+//! had counted in the window at the last sync (for requests, what they hold in leases). They
+//! are read by requests, and written only by the sync and by a request that took a lease. The
 //! reserved half of `others` holds the round of the counter's last sync; a counter never synced
 //! has none, and the sync syncs it at once.
 
@@ -81,6 +83,9 @@ pub struct Limits {
 pub struct Over {
     pub requests: bool,
     pub tokens: bool,
+    /// The requests limit is over only because this replica's lease is spent, while the
+    /// fleet had budget left at the last sync: a fresh lease from the store may admit it.
+    pub lease_spent: bool,
 }
 
 impl Over {
@@ -94,6 +99,7 @@ impl Over {
         Over {
             requests: breaks(used.requests, charge.requests, limits.requests),
             tokens: breaks(used.tokens, charge.tokens, limits.tokens),
+            lease_spent: false,
         }
     }
 }
@@ -115,6 +121,19 @@ pub struct Reading {
     pub over: Over,
     /// Whether the charge was added.
     pub counted: bool,
+}
+
+/// What the fleet store holds of one counter's window after a sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// This replica's counts in the store: requests admitted, tokens reported.
+    pub pushed: Counts,
+    /// The fleet's: requests leased to all replicas, tokens reported by all.
+    pub fleet: Counts,
+    /// The requests leased to this replica, as the store has it.
+    pub held: u32,
+    /// What this call granted it.
+    pub granted: u32,
 }
 
 /// The counter was retired by the sweeper between lookup and use; look it up again.
@@ -264,12 +283,14 @@ impl Counter {
         let enforce = enforcement != Enforcement::Shadow;
         self.update(|word| {
             // Another thread may already have rolled into the next window on a clock read a
-            // moment later than ours: count in the newer window rather than reset it.
-            let (stamp, counts) = if word.window < window.0 {
-                (window.0, Counts::ZERO)
+            // moment later than ours: count in the newer window rather than reset it. A new
+            // window starts with no lease.
+            let (stamp, held, counts) = if word.window < window.0 {
+                (window.0, 0, Counts::ZERO)
             } else {
-                (word.window, word.counts)
+                (word.window, word.note, word.counts)
             };
+            let fleet = FleetCounts { held, ..fleet };
             let over = judge(counts, charge, limits, fleet, view);
             if (enforce && over.any()) || charge.is_zero() {
                 return Step::Keep(Reading {
@@ -284,7 +305,14 @@ impl Counter {
                 over,
                 counted: true,
             };
-            Step::Write(Word::new(stamp, after), reading)
+            Step::Write(
+                Word {
+                    window: stamp,
+                    note: held,
+                    counts: after,
+                },
+                reading,
+            )
         })
     }
 
@@ -300,7 +328,13 @@ impl Counter {
                 });
             }
             let after = word.counts.minus(amount);
-            Step::Write(Word::new(word.window, after), after)
+            Step::Write(
+                Word {
+                    counts: after,
+                    ..word
+                },
+                after,
+            )
         })
     }
 
@@ -312,8 +346,16 @@ impl Counter {
         limits: Limits,
         view: FleetView,
     ) -> Reading {
-        let local = self.counts(window);
-        let fleet = self.fleet_counts_for(window, view);
+        let word = Word::load(&self.word);
+        let (local, held) = if word.window == RETIRED || word.window < window.0 {
+            (Counts::ZERO, 0)
+        } else {
+            (word.counts, word.note)
+        };
+        let fleet = FleetCounts {
+            held,
+            ..self.fleet_counts_for(window, view)
+        };
         Reading {
             counts: local.plus(fleet.others),
             over: judge(local, charge, limits, fleet, view),
@@ -321,7 +363,8 @@ impl Counter {
         }
     }
 
-    /// What the last sync learnt of the fleet in `window`, where the view uses it.
+    /// What the last sync learnt of the fleet in `window`, where the view uses it (the lease
+    /// is read with the counts, in the same word).
     fn fleet_counts_for(&self, window: Window, view: FleetView) -> FleetCounts {
         match view {
             FleetView::Synced { .. } => self.fleet_counts(window),
@@ -333,7 +376,64 @@ impl Counter {
         FleetCounts {
             pushed: Word::load(&self.pushed).counts_in(window),
             others: Word::load(&self.others).counts_in(window),
+            held: 0,
         }
+    }
+
+    /// The requests this replica holds in its lease for `window`.
+    pub fn lease(&self, window: Window) -> u32 {
+        let word = Word::load(&self.word);
+        if word.window == window.0 {
+            word.note
+        } else {
+            0
+        }
+    }
+
+    /// Adds what the store granted to the lease of `window` (a counter still in an older
+    /// window rolls into this one; a grant for a window gone is dropped). Grants are added, not
+    /// set from what the store says the replica holds: an answer can cross a give-back in
+    /// flight, and a lease set from it could admit what was given back.
+    pub fn leased(&self, window: Window, granted: u32) {
+        if granted == 0 {
+            return;
+        }
+        let _ = self.update(|word| {
+            if word.window > window.0 {
+                return Step::Keep(());
+            }
+            let (held, counts) = if word.window == window.0 {
+                (word.note.saturating_add(granted), word.counts)
+            } else {
+                (granted, Counts::ZERO)
+            };
+            Step::Write(
+                Word {
+                    window: window.0,
+                    note: held,
+                    counts,
+                },
+                (),
+            )
+        });
+    }
+
+    /// Lowers the lease of `window` to `to`, never below what this replica has admitted in
+    /// it, and returns how much it gave up (`None`: another window). The sync gives that back
+    /// to the fleet only after this, so no request can admit from what is given back.
+    pub fn shrink_lease(&self, window: Window, to: u32) -> Option<u32> {
+        self.update(|word| {
+            if word.window != window.0 {
+                return Step::Keep(None);
+            }
+            let held = to.max(word.counts.requests);
+            if held >= word.note {
+                return Step::Keep(Some(0));
+            }
+            Step::Write(Word { note: held, ..word }, Some(word.note - held))
+        })
+        .ok()
+        .flatten()
     }
 
     /// This replica's own counts: window stamp and counts, as stored.
@@ -353,26 +453,53 @@ impl Counter {
         self.fleet_counts(window).others
     }
 
-    /// Records a sync: `pushed` of this replica's counts are in the store, and the store's
-    /// total was `fleet_total`, in sync round `round`. Only the sync task calls this.
-    pub fn synced(&self, window: Window, pushed: Counts, fleet_total: Counts, round: u32) {
+    /// Records a sync of `window` in round `round`: what the store holds now. Only the sync
+    /// task calls this.
+    pub fn synced(&self, window: Window, store: Stored, round: u32) {
         let others = Word {
             window: window.0,
             note: round,
-            counts: fleet_total.minus(pushed),
+            counts: Counts {
+                requests: store.fleet.requests.saturating_sub(store.held),
+                tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
+            },
         };
         self.pushed
-            .store(Word::new(window.0, pushed).pack(), Ordering::Release);
+            .store(Word::new(window.0, store.pushed).pack(), Ordering::Release);
+        self.others.store(others.pack(), Ordering::Release);
+        self.leased(window, store.granted);
+    }
+
+    /// Records a lease taken on the request path: [`Counter::leased`], and the requests the
+    /// fleet has leased in all (`fleet_leased`), so that a fleet found spent is not asked
+    /// again by every request that follows.
+    pub fn leased_with_fleet(&self, window: Window, store: Stored) {
+        let (held, fleet_leased) = (store.held, store.fleet.requests);
+        self.leased(window, store.granted);
+        let current = Word::load(&self.others);
+        let others = Word {
+            window: window.0,
+            note: current.note,
+            counts: Counts {
+                requests: fleet_leased.saturating_sub(held),
+                tokens: current.counts_in(window).tokens,
+            },
+        };
         self.others.store(others.pack(), Ordering::Release);
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
     /// the round of that sync (none before the first). Only the sync task calls this.
     pub fn last_synced(&self, window: Window) -> (Counts, Option<u32>) {
-        let word = self.others.load(Ordering::Acquire);
-        let round = (word != 0).then_some(Word::unpack(word).note);
+        // Round numbers start at 1: a note of 0 is a counter the sync never saw.
+        let note = Word::load(&self.others).note;
+        let round = (note != 0).then_some(note);
         let fleet = self.fleet_counts(window);
-        (fleet.pushed.plus(fleet.others), round)
+        let total = Counts {
+            requests: self.lease(window).saturating_add(fleet.others.requests),
+            tokens: fleet.pushed.tokens.saturating_add(fleet.others.tokens),
+        };
+        (total, round)
     }
 
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
@@ -482,7 +609,8 @@ mod tests {
             r.over,
             Over {
                 requests: false,
-                tokens: true
+                tokens: true,
+                lease_spent: false,
             }
         );
         assert_eq!(
@@ -563,30 +691,86 @@ mod tests {
             .count()
     }
 
+    fn stored(pushed: u32, fleet: u32, held: u32) -> Stored {
+        Stored {
+            pushed: req(pushed),
+            fleet: req(fleet),
+            held,
+            granted: held,
+        }
+    }
+
     #[test]
-    fn synced_replicas_take_a_fair_share_between_syncs() {
+    fn synced_replicas_admit_only_what_they_hold() {
         let l = Limits {
             requests: Some(30),
             tokens: None,
         };
         let view = FleetView::Synced { replicas: 3 };
         let c = Counter::new();
-        // Never synced: at most a third of the limit.
+        // No lease yet: nothing admitted, and the denial says a lease may admit it.
+        let r = c
+            .charge_in_fleet(W, req(1), l, Enforcement::Enforce, view)
+            .unwrap();
+        assert!(!r.counted && r.over.requests && r.over.lease_spent);
+        // The store leased it 10 of the fleet's 30; the others hold none yet.
+        c.synced(W, stored(0, 10, 10), 1);
         assert_eq!(admitted(&c, l, view, 20), 10);
-        // The sync says the fleet holds 25, 10 of them ours: 5 left, a share of 1.
-        c.synced(W, req(10), req(25), 0);
-        assert_eq!(c.others(W), req(15));
-        assert_eq!(admitted(&c, l, view, 20), 1);
-        let reading = c.assess(W, Counts::ZERO, l, view);
-        assert_eq!(reading.counts, req(26), "fleet counts are reported");
-        // 2 left among 3 replicas: still one each, none starves.
-        c.synced(W, req(11), req(28), 0);
-        assert_eq!(admitted(&c, l, view, 20), 1);
-        // The fleet is full: even a check says over.
-        c.synced(W, req(12), req(30), 0);
+        let r = c.assess(W, req(1), l, view);
+        assert!(
+            r.over.requests && r.over.lease_spent,
+            "the fleet had 20 left"
+        );
+        // The others took 18: 12 more for this one, then the fleet is spent.
+        c.leased_with_fleet(
+            W,
+            Stored {
+                held: 12,
+                granted: 2,
+                fleet: req(30),
+                ..Stored::default()
+            },
+        );
+        assert_eq!(c.others(W), req(18));
+        assert_eq!(admitted(&c, l, view, 20), 2);
+        let r = c.assess(W, req(1), l, view);
+        assert!(
+            r.over.requests && !r.over.lease_spent,
+            "nothing left to lease"
+        );
+        assert_eq!(r.counts, req(30), "the fleet's counts are reported");
+        // Even a check says over.
         assert!(c.assess(W, Counts::ZERO, l, view).over.requests);
-        // The rest of the fleet's counts belong to their window only.
+        // A lease grows by what is granted; a later window starts with none.
+        assert_eq!(c.lease(W), 12);
+        c.leased(W, 5);
+        assert_eq!(c.lease(W), 17);
+        c.leased(Window(99), 5);
+        assert_eq!(c.lease(W), 17, "a grant for a window gone is dropped");
+        assert_eq!(c.lease(Window(101)), 0);
         assert_eq!(c.others(Window(101)), Counts::ZERO);
+        // The sync lowers it, never below what was admitted, and says what it gave up.
+        assert_eq!(c.shrink_lease(W, 0), Some(5));
+        assert_eq!(c.lease(W), 12);
+        assert_eq!(c.shrink_lease(Window(99), 0), None);
+        let idle = Counter::new();
+        idle.synced(W, stored(0, 10, 10), 1);
+        assert_eq!(admitted(&idle, l, view, 3), 3);
+        assert_eq!(idle.shrink_lease(W, 0), Some(7));
+        assert_eq!(admitted(&idle, l, view, 3), 0, "nothing left to admit from");
+    }
+
+    #[test]
+    fn a_lowered_limit_binds_what_is_held() {
+        let view = FleetView::Synced { replicas: 2 };
+        let c = Counter::new();
+        c.synced(W, stored(0, 20, 10), 1);
+        // The limit went from 20 to 12 (a reload): the 10 held and the others' 10 are over it.
+        let l = Limits {
+            requests: Some(12),
+            tokens: None,
+        };
+        assert_eq!(admitted(&c, l, view, 5), 2);
     }
 
     #[test]
@@ -606,6 +790,18 @@ mod tests {
         );
         assert_eq!(admitted(&Counter::new(), l, FleetView::AllowAll, 50), 50);
         assert_eq!(admitted(&Counter::new(), l, FleetView::DenyAll, 5), 0);
+        // What a replica holds stays its own to spend while the store is away, under any
+        // policy: the store set it aside for it.
+        let holding = || {
+            let c = Counter::new();
+            c.synced(W, stored(0, 15, 15), 1);
+            c
+        };
+        assert_eq!(admitted(&holding(), l, FleetView::DenyAll, 20), 15);
+        assert_eq!(
+            admitted(&holding(), l, FleetView::LocalShare { replicas: 3 }, 20),
+            15
+        );
         // Unlimited slots stay unlimited whatever the policy.
         let free = Limits::default();
         assert_eq!(admitted(&Counter::new(), free, FleetView::DenyAll, 5), 5);
@@ -616,7 +812,7 @@ mod tests {
         let c = Counter::new();
         c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
             .unwrap();
-        c.synced(Window(101), Counts::ZERO, req(4), 7);
+        c.synced(Window(101), stored(0, 4, 0), 7);
         assert!(!c.retire_if_idle(Window(101)));
         assert!(c.retire_if_idle(Window(102)));
     }
@@ -628,7 +824,7 @@ mod tests {
             .unwrap();
         // The sync reads every live counter in the current window: finding it empty there must
         // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
-        c.synced(Window(101), Counts::ZERO, Counts::ZERO, 7);
+        c.synced(Window(101), Stored::default(), 7);
         assert!(c.retire_if_idle(Window(101)));
     }
 
@@ -638,7 +834,7 @@ mod tests {
         c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
             .unwrap();
         assert_eq!(c.last_synced(W), (Counts::ZERO, None));
-        c.synced(W, req(3), req(5), 41);
+        c.synced(W, stored(3, 5, 3), 41);
         assert_eq!(c.last_synced(W), (req(5), Some(41)));
         assert_eq!(c.others(W), req(2));
         // Another window: no total read for it yet, the round kept.

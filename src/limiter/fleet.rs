@@ -11,8 +11,9 @@ pub enum FleetView {
     /// No fleet store: this process is the whole fleet.
     #[default]
     Alone,
-    /// The store answers: count against fleet totals, and between syncs take at most this
-    /// replica's share of what the fleet has left.
+    /// The store answers: admit requests from this replica's lease (what the store set aside
+    /// for it from the fleet's budget), and between syncs take at most this replica's share of
+    /// the tokens the fleet has left.
     Synced {
         /// Replicas alive, this one included.
         replicas: u32,
@@ -72,8 +73,12 @@ impl FleetState {
 pub(super) struct FleetCounts {
     /// This replica's counts already in the store.
     pub pushed: Counts,
-    /// The rest of the fleet's counts.
+    /// The rest of the fleet's counts: for requests what the other replicas hold in leases,
+    /// for tokens what they have reported.
     pub others: Counts,
+    /// The requests this replica holds in its lease for the window: what it may admit on its
+    /// own, the store having taken them from the fleet's budget.
+    pub held: u32,
 }
 
 /// One limit of a counter, as a charge meets it.
@@ -87,8 +92,88 @@ struct Side {
     others: u32,
 }
 
+/// How a charge meets one limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Judged {
+    over: bool,
+    /// Over only because the lease is spent, while the fleet had budget left at the last
+    /// sync: a fresh lease may admit it.
+    lease_spent: bool,
+}
+
+impl Judged {
+    const FITS: Judged = Judged {
+        over: false,
+        lease_spent: false,
+    };
+    const OVER: Judged = Judged {
+        over: true,
+        lease_spent: false,
+    };
+
+    fn over_if(over: bool) -> Judged {
+        if over { Judged::OVER } else { Judged::FITS }
+    }
+}
+
 impl FleetView {
-    /// Whether the charge breaks the side's limit, as this view has it.
+    /// How the charge meets a requests limit counted in leases: exact, because the store never
+    /// leases more than the limit in a window, and a replica admits only what it holds.
+    fn leased(self, side: Side, held: u32) -> Judged {
+        let Side {
+            local,
+            charge,
+            limit,
+            others,
+            ..
+        } = side;
+        let Some(limit) = limit else {
+            return Judged::FITS;
+        };
+        let fits = |ceiling: u32| {
+            if charge == 0 {
+                local < ceiling
+            } else {
+                u64::from(local) + u64::from(charge) <= u64::from(ceiling)
+            }
+        };
+        match self {
+            FleetView::Alone => Judged::over_if(breaks(local, charge, Some(limit))),
+            FleetView::AllowAll => Judged::FITS,
+            // What it holds was taken from the fleet's budget: it stays this replica's to
+            // spend while the store is away.
+            FleetView::DenyAll => Judged::over_if(!fits(held)),
+            FleetView::LocalShare { replicas } => {
+                let share = u64::from(limit).div_ceil(u64::from(replicas.max(1))) as u32;
+                Judged::over_if(!fits(held.max(share)))
+            }
+            FleetView::Synced { .. } => {
+                // A lowered limit (a reload, the capacity factor) binds at once.
+                let fleet = u64::from(local) + u64::from(others);
+                let within_limit = if charge == 0 {
+                    fleet < u64::from(limit)
+                } else {
+                    fleet + u64::from(charge) <= u64::from(limit)
+                };
+                let fleet_spent = u64::from(held) + u64::from(others) >= u64::from(limit);
+                if charge == 0 {
+                    // A check: over when neither this replica's lease nor the fleet's budget
+                    // has anything left.
+                    return Judged::over_if(!within_limit || (!fits(held) && fleet_spent));
+                }
+                if fits(held) && within_limit {
+                    return Judged::FITS;
+                }
+                Judged {
+                    over: true,
+                    lease_spent: within_limit && !fleet_spent,
+                }
+            }
+        }
+    }
+
+    /// Whether the charge breaks the side's limit, as this view has it (tokens, and requests
+    /// when the view counts no leases).
     fn breaks(self, side: Side) -> bool {
         let Side {
             local,
@@ -111,7 +196,8 @@ impl FleetView {
                     return true;
                 }
                 // Between syncs, take at most a fair share of what the fleet had left, so that
-                // N replicas deciding at once overshoot by a rounding at most.
+                // N replicas deciding at once overshoot by a rounding at most. Tokens are
+                // reported after the fact, so this bounds what the reports in flight add.
                 let left = u64::from(limit).saturating_sub(u64::from(others) + u64::from(pushed));
                 // Rounded down, but never to nothing while anything is left, so no replica
                 // starves.
@@ -125,6 +211,7 @@ impl FleetView {
 }
 
 /// Which of a counter's limits `charge` breaks on top of its `local` counts, under `view`.
+/// Requests limits are counted in leases; tokens, which arrive after the fact, in shares.
 pub(super) fn judge(
     local: Counts,
     charge: Counts,
@@ -132,14 +219,18 @@ pub(super) fn judge(
     fleet: FleetCounts,
     view: FleetView,
 ) -> Over {
-    Over {
-        requests: view.breaks(Side {
+    let requests = view.leased(
+        Side {
             local: local.requests,
             charge: charge.requests,
             limit: limits.requests,
             pushed: fleet.pushed.requests,
             others: fleet.others.requests,
-        }),
+        },
+        fleet.held,
+    );
+    Over {
+        requests: requests.over,
         tokens: view.breaks(Side {
             local: local.tokens,
             charge: charge.tokens,
@@ -147,5 +238,6 @@ pub(super) fn judge(
             pushed: fleet.pushed.tokens,
             others: fleet.others.tokens,
         }),
+        lease_spent: requests.lease_spent,
     }
 }

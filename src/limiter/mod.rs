@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, Limits, Over, Reading};
+pub use counter::{Counter, Counts, Limits, Over, Reading, Stored};
 pub use fleet::{FleetState, FleetView};
 pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Unit, Window};

@@ -11,6 +11,7 @@
 
 mod capacity;
 mod keys;
+mod lease;
 mod round;
 mod store;
 pub mod strict;
@@ -99,6 +100,9 @@ pub struct Fleet {
     /// What the sync task last did.
     pub status: ArcSwap<SyncStatus>,
     replica_id: String,
+    /// This replica's name in a counter's fields (`h:<name>`): short, as every counter's
+    /// window holds one per replica.
+    replica_field: String,
     strict: redis::Script,
 }
 
@@ -118,8 +122,15 @@ impl Fleet {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "sluice".into());
+        let replica_id = format!("{host}-{}-{nanos:x}", std::process::id());
+        let replica_field = {
+            use std::hash::BuildHasher;
+            let hash = foldhash::quality::FixedState::with_seed(0x51u64).hash_one(&replica_id);
+            format!("{hash:012x}")[..12].to_string()
+        };
         Ok(Fleet {
-            replica_id: format!("{host}-{}-{nanos:x}", std::process::id()),
+            replica_id,
+            replica_field,
             settings,
             store: ArcSwapOption::empty(),
             status: ArcSwap::from_pointee(SyncStatus::default()),
@@ -135,6 +146,10 @@ impl Fleet {
         let store = Store::connect(&self.settings.address).await?;
         self.store.store(Some(Arc::new(store.clone())));
         Ok(store)
+    }
+
+    fn replica_field(&self) -> &str {
+        &self.replica_field
     }
 
     fn strict_script(&self) -> &redis::Script {
@@ -203,8 +218,9 @@ impl Fleet {
     ) -> Result<Counts, SyncError> {
         let mut store = self.store().await?;
         let mut cmd = redis::cmd("HMGET");
+        // What the fleet admitted, not what it leased: as of each replica's last sync.
         cmd.arg(self.counter_key(domain, path, unit, window))
-            .arg("requests")
+            .arg("used")
             .arg("tokens");
         let (requests, tokens): (Option<i64>, Option<i64>) =
             store.command(&cmd, self.timeout()).await?;
@@ -265,7 +281,7 @@ pub async fn run(handles: SyncHandles, fleet: Arc<Fleet>) {
         }
         last_round = Instant::now();
         let started = Instant::now();
-        round_no = round_no.wrapping_add(1);
+        round_no = round_no.wrapping_add(1).max(1);
         let result = round::round(&handles, &fleet, &mut index, round_no).await;
         let mut status = (*fleet.status.load_full()).clone();
         status.rounds += 1;

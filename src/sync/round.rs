@@ -1,6 +1,7 @@
-//! One sync round: heartbeat, then push or read back every live counter that is due, a batch
-//! at a time. Near a limit a counter is synced every round; far from its limits, on its turn
-//! (`sync_now`, `turn`).
+//! One sync round: heartbeat, then one lease call for every live counter that is due, a batch
+//! at a time: it pushes what the replica counted, tops its lease up, and reads the fleet's
+//! counts back. A counter whose lease will run out, or near a tokens limit, is synced every
+//! round; the others on their turn (`sync_now`, `turn`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,9 +9,10 @@ use std::sync::Arc;
 use redis::RedisError;
 
 use super::keys::{expiry_ms, write_key_of};
-use super::{Fleet, SyncHandles, clamp};
+use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_of_window};
+use super::{Fleet, SyncHandles};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
-use crate::rules::{OVERRIDE_SCOPE, Rule, RuleSet};
+use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
 
 /// The rules in force by counter scope, rebuilt when the rule set changes.
 #[derive(Default)]
@@ -33,126 +35,79 @@ impl RuleIndex {
 
 struct Work<'g> {
     counter: &'g Counter,
-    /// The configured limits of the counter's window (none for overrides).
-    limits: Limits,
+    /// The requests limit the counter is judged against here, if known (for the overshoot
+    /// gauge).
+    limit: Option<u32>,
     window: Window,
-    /// This replica's counts in `window` when read.
-    own: Counts,
-    delta: (i64, i64),
-    /// Whether the fleet's tokens matter: the window limits them, or this replica counted
-    /// some (overrides limit requests only). Otherwise the `tokens` field is neither written
-    /// nor read.
-    tokens: bool,
-    /// Nothing pushed in this window yet: the key may be new and needs its expiry.
-    first_push: bool,
+    call: LeaseCall,
     /// Where the key's name is in the batch's `keys`.
     key: std::ops::Range<usize>,
-    expire_at_ms: u64,
-}
-
-impl Work<'_> {
-    /// One command per field: HINCRBY what changed, HGET the rest; HMGET when nothing
-    /// changed. A requests-only counter with a delta costs one command a round.
-    fn queue(&self, keys: &str, pipe: &mut redis::Pipeline) {
-        let key = &keys[self.key.clone()];
-        if self.delta == (0, 0) {
-            let cmd = pipe.cmd("HMGET").arg(key).arg("requests");
-            if self.tokens {
-                cmd.arg("tokens");
-            }
-            return;
-        }
-        let fields = [("requests", self.delta.0), ("tokens", self.delta.1)];
-        for (field, delta) in &fields[..if self.tokens { 2 } else { 1 }] {
-            if *delta == 0 {
-                pipe.cmd("HGET").arg(key).arg(*field);
-            } else {
-                pipe.cmd("HINCRBY").arg(key).arg(*field).arg(*delta);
-            }
-        }
-        if self.first_push {
-            self.expire(keys, pipe);
-        }
-    }
-
-    fn expire(&self, keys: &str, pipe: &mut redis::Pipeline) {
-        pipe.cmd("PEXPIREAT")
-            .arg(&keys[self.key.clone()])
-            .arg(self.expire_at_ms)
-            .ignore();
-    }
-
-    /// The fleet's totals from this counter's replies (fields not read count as this
-    /// replica's own).
-    fn totals(
-        &self,
-        replies: &mut impl Iterator<Item = redis::Value>,
-    ) -> Result<Counts, RedisError> {
-        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
-        let (requests, tokens): (Option<i64>, Option<i64>) = if self.delta == (0, 0) {
-            let values: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(next())?;
-            (
-                values.first().copied().flatten(),
-                values.get(1).copied().flatten(),
-            )
-        } else {
-            let requests = redis::FromRedisValue::from_redis_value(next())?;
-            let tokens = if self.tokens {
-                redis::FromRedisValue::from_redis_value(next())?
-            } else {
-                None
-            };
-            (requests, tokens)
-        };
-        let tokens = if self.tokens {
-            tokens.unwrap_or(0)
-        } else {
-            i64::from(self.own.tokens)
-        };
-        let requests = requests.unwrap_or(0);
-        Ok(Counts {
-            requests: clamp(requests),
-            tokens: clamp(tokens),
-        })
-    }
-
-    /// A push that found no key (the total is just this push) outside the window's first
-    /// push: the key was lost mid-window (a Redis restart, a flush) and has no expiry now.
-    fn recreated(&self, total: Counts) -> bool {
-        let fresh = |delta: i64, total: u32| delta > 0 && i64::from(total) == delta;
-        !self.first_push
-            && (fresh(self.delta.0, total.requests)
-                || (self.tokens && fresh(self.delta.1, total.tokens)))
-    }
 }
 
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
 const BATCH: usize = 500;
 
-/// Whether a counter is synced this round rather than on its turn (pushed if it has a pending
-/// count, else read back): always while its limits are not known here (overrides) or it was
-/// never synced; else when the fleet's count with this one's pending part reaches half of a
-/// limit (where a stale total could let the fleet past it), or the pending part reaches half
-/// of this replica's share of what the fleet has left (past the share it would be refused
-/// here). A counter far from its limits can wait: the share cap bounds what any replica admits
-/// unseen, however late it syncs.
-pub(super) fn sync_now(
-    seen: Counts,
-    pending: (i64, i64),
-    limits: Option<Limits>,
-    synced_before: bool,
-    replicas: u32,
-) -> bool {
-    let (Some(limits), true) = (limits, synced_before) else {
+/// One counter as a round finds it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Found {
+    /// What this replica has counted in the window.
+    pub own: Counts,
+    /// Of which not yet in the store.
+    pub pending: (i64, i64),
+    /// Requests leased to this replica for the window.
+    pub held: u32,
+    /// The fleet's counts at the last sync (requests leased, tokens reported).
+    pub seen: Counts,
+    pub synced_before: bool,
+}
+
+/// Whether a counter is synced this round rather than on its turn: always while it was never
+/// synced or its limits are not known here (overrides); when its lease will not last until
+/// the next round at the rate it has been spent; when the tokens reported with what is
+/// pending reach half of the tokens limit, or the pending tokens half of this replica's share
+/// of what is left (tokens are counted after the fact, in shares, not leases). A counter whose
+/// lease lasts can wait: it admits nothing it does not hold, however late it syncs.
+pub(super) fn sync_now(found: Found, limits: Option<Limits>, replicas: u32) -> bool {
+    let (Some(limits), true) = (limits, found.synced_before) else {
         return true;
     };
-    let near = |limit: Option<u32>, seen: u32, pending: i64| {
-        let Some(limit) = limit else { return false };
-        let (limit, seen, pending) = (u64::from(limit), u64::from(seen), pending.max(0) as u64);
+    let spent = found.pending.0.max(0) as u64;
+    let spare = u64::from(found.held.saturating_sub(found.own.requests));
+    let lease_runs_out = limits.requests.is_some() && spent > 0 && spare < 2 * spent;
+    if idle_with_spare(found) {
+        return true;
+    }
+    let tokens_near = limits.tokens.is_some_and(|limit| {
+        let (limit, seen) = (u64::from(limit), u64::from(found.seen.tokens));
+        let pending = found.pending.1.max(0) as u64;
         (seen + pending) * 2 >= limit
             || pending * 2 * u64::from(replicas.max(1)) >= limit.saturating_sub(seen)
-    };
-    near(limits.requests, seen.requests, pending.0) || near(limits.tokens, seen.tokens, pending.1)
+    });
+    lease_runs_out || tokens_near
+}
+
+/// Whether a counter admitted nothing since its last sync and holds more than it admitted:
+/// what it holds goes back to the fleet, for the replicas that have traffic.
+pub(super) fn idle_with_spare(found: Found) -> bool {
+    found.synced_before && found.pending.0 == 0 && found.held > found.own.requests
+}
+
+/// What a replica asks of the store for a counter: to hold what it admitted since it last
+/// synced, twice over, for each of the `every` rounds until its turn comes again (at that
+/// rate, it is due on its turn, not every round), but no more than three quarters of what
+/// the rest of the window will use at the rate so far (`rest`: a rate read from a few calls is
+/// rough, and a lease too large strands its rest at the window's end); none when idle. The
+/// store grants less near the end of the budget, and then the counter is due sooner.
+pub(super) fn target(found: Found, every: u32, rest: u32) -> u32 {
+    let spent = found.pending.0.max(0) as u32;
+    if spent == 0 {
+        return 0;
+    }
+    let ahead = spent
+        .saturating_mul(2)
+        .saturating_mul(every.max(1))
+        .min((rest / 4 * 3).max(1));
+    found.own.requests.saturating_add(ahead)
 }
 
 /// Whether this round is the turn of a counter far from its limits: every `every` rounds, at a
@@ -166,8 +121,8 @@ pub(super) fn turn(key: &CounterKey, round_no: u32, every: u32) -> bool {
     round_no.wrapping_add(spread).is_multiple_of(every.max(1))
 }
 
-/// Runs one sync round: heartbeat, then push or refresh every live counter that is due, a batch
-/// at a time (the batch's work and key names reuse their buffers).
+/// Runs one sync round: heartbeat, then one lease call for every live counter that is due, a
+/// batch at a time (the batch's work and key names reuse their buffers).
 pub(super) async fn round(
     handles: &SyncHandles,
     fleet: &Fleet,
@@ -205,35 +160,65 @@ pub(super) async fn round(
                     tokens: w.tokens.as_ref().map(|l| l.per_unit),
                 })
                 .unwrap_or_default();
-            let delta = (
-                i64::from(own.requests) - i64::from(base.requests),
-                i64::from(own.tokens) - i64::from(base.tokens),
-            );
             let (seen, synced_in) = counter.last_synced(window);
+            let found = Found {
+                own,
+                pending: (
+                    i64::from(own.requests) - i64::from(base.requests),
+                    i64::from(own.tokens) - i64::from(base.tokens),
+                ),
+                held: counter.lease(window),
+                seen,
+                synced_before: synced_in.is_some(),
+            };
             // Overrides carry their limits in the request: not known here.
-            let known = (key.scope() & OVERRIDE_SCOPE == 0).then_some(limits);
+            let overridden = key.scope() & OVERRIDE_SCOPE != 0;
+            let known = (!overridden).then_some(limits);
             // A window's last round pushes what is pending, so its fleet total is whole.
-            let closing = delta != (0, 0) && unit.until_reset(now) <= interval;
-            if !(closing
-                || sync_now(seen, delta, known, synced_in.is_some(), replicas)
-                || turn(key, round_no, every))
-            {
+            let closing = found.pending != (0, 0) && unit.until_reset(now) <= interval;
+            if !(closing || sync_now(found, known, replicas) || turn(key, round_no, every)) {
                 continue;
             }
             let start = keys.len();
             if !write_key_of(fleet, &mut keys, key, rule, window) {
                 continue;
             }
-            batch.push(Work {
-                limits,
-                counter,
-                window,
-                own,
-                delta,
-                tokens: limits.tokens.is_some() || own.tokens > 0,
-                first_push: pushed_in != window,
-                key: start..keys.len(),
+            // A strict rule's counts are taken in the store call by call; its local counter
+            // holds only what was admitted while the store was away, given back here.
+            let strict = rule.is_some_and(|r| r.consistency == Consistency::Strict);
+            let limit = match (overridden, limits.requests) {
+                (true, _) => STORED_LIMIT,
+                (false, Some(limit)) if !strict => i64::from(limit),
+                _ => NO_LIMIT,
+            };
+            // An idle lease is lowered here first, then given back: no request admits from
+            // what goes back.
+            let (target, release, held) = if limits.requests.is_some() && idle_with_spare(found) {
+                let released = counter.shrink_lease(window, own.requests).unwrap_or(0);
+                (0, released, counter.lease(window))
+            } else if strict {
+                (0, 0, found.held)
+            } else {
+                let rest = rest_of_window(own.requests, unit, now);
+                (target(found, every, rest), 0, found.held)
+            };
+            let call = LeaseCall {
+                limit,
+                remember_limit: false,
+                target,
+                release,
+                need: 0,
+                holding: held.max(own.requests),
+                counted: own,
                 expire_at_ms: expiry_ms(unit, window),
+                replicas,
+            };
+            batch.push(Work {
+                counter,
+                limit: limits.requests,
+                window,
+                call,
+                key: start..keys.len(),
             });
             if batch.len() == BATCH {
                 break;
@@ -245,27 +230,19 @@ pub(super) async fn round(
         counters += batch.len();
         let mut pipe = redis::pipe();
         for w in &batch {
-            w.queue(&keys, &mut pipe);
+            pipe.add_command(w.call.command(&keys[w.key.clone()], fleet.replica_field()));
         }
-        let replies: Vec<redis::Value> = store.pipeline(&pipe, fleet.timeout() * 4).await?;
-        let mut replies = replies.into_iter();
-        let mut lost = redis::pipe();
-        for w in &batch {
-            let total = w.totals(&mut replies)?;
-            if w.recreated(total) {
-                w.expire(&keys, &mut lost);
+        let replies: Vec<[i64; 5]> = store
+            .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
+            .await?;
+        for (w, reply) in batch.iter().zip(replies) {
+            w.counter.synced(w.window, w.call.stored(reply), round_no);
+            // How far past a limit the fleet admitted (while Redis was away): what the
+            // accuracy model bounds.
+            let admitted = super::clamp(reply[3]);
+            if let Some(limit) = w.limit {
+                overshoot = overshoot.max(admitted.saturating_sub(limit));
             }
-            w.counter.synced(w.window, w.own, total, round_no);
-            // How far past a limit the fleet went: what the accuracy model bounds.
-            let past = |limit: Option<u32>, used: u32| limit.map_or(0, |l| used.saturating_sub(l));
-            overshoot = overshoot
-                .max(past(w.limits.requests, total.requests))
-                .max(past(w.limits.tokens, total.tokens));
-        }
-        if !lost.is_empty() {
-            store
-                .pipeline::<redis::Value>(&lost, fleet.timeout() * 4)
-                .await?;
         }
     }
     handles.metrics.overshoot.set(overshoot as f64);
@@ -277,58 +254,81 @@ mod tests {
     use super::*;
     use crate::limiter::{CounterRef, Unit};
 
-    #[test]
-    fn counters_near_a_limit_or_of_unknown_limits_are_read_every_round() {
-        let limits = Limits {
-            requests: Some(100),
-            tokens: Some(1000),
-        };
-        let counts = |requests, tokens| Counts { requests, tokens };
-        let read = |seen, limits, synced_in: Option<u32>| {
-            sync_now(seen, (0, 0), limits, synced_in.is_some(), 3)
-        };
-        // Well under both limits: left to its turn.
-        assert!(!read(counts(49, 499), Some(limits), Some(10)));
-        // At half of either limit: every round.
-        assert!(read(counts(50, 0), Some(limits), Some(10)));
-        assert!(read(counts(0, 500), Some(limits), Some(10)));
-        // Limits not known here (an override), or never synced: every round.
-        assert!(read(counts(0, 0), None, Some(10)));
-        assert!(read(counts(0, 0), Some(limits), None));
-        // Unlimited: never near a limit, so its turn alone.
-        assert!(!read(counts(9, 9), Some(Default::default()), Some(10)));
+    fn found(own: u32, pending: (i64, i64), held: u32, seen_tokens: u32) -> Found {
+        Found {
+            own: Counts {
+                requests: own,
+                tokens: 0,
+            },
+            pending,
+            held,
+            seen: Counts {
+                requests: held,
+                tokens: seen_tokens,
+            },
+            synced_before: true,
+        }
     }
 
     #[test]
-    fn pending_counts_wait_only_while_far_from_every_limit() {
-        let limits = Limits {
-            requests: Some(120),
-            tokens: Some(1000),
-        };
-        let counts = |requests, tokens| Counts { requests, tokens };
-        let push = |seen, pending, limits, synced_in: Option<u32>| {
-            sync_now(seen, pending, limits, synced_in.is_some(), 3)
-        };
-        // 10 of 120 seen, 5 pending: far (half is 60; the share of 110 left is 36).
-        assert!(!push(counts(10, 0), (5, 0), Some(limits), Some(4)));
-        // Seen and pending together reach half a limit: now.
-        assert!(push(counts(50, 0), (10, 0), Some(limits), Some(4)));
-        assert!(push(counts(0, 400), (0, 100), Some(limits), Some(4)));
-        // Pending reaches half of this replica's share of what is left: (120 - 10) / 3 / 2.
-        assert!(!push(counts(10, 0), (18, 0), Some(limits), Some(4)));
-        assert!(push(counts(10, 0), (19, 0), Some(limits), Some(4)));
+    fn a_counter_is_synced_now_when_its_lease_will_not_last_a_round() {
+        let limits = Some(Limits {
+            requests: Some(1000),
+            tokens: None,
+        });
+        // 40 admitted since the last sync, 100 of the 140 held spare: lasts two rounds more.
+        assert!(!sync_now(found(40, (40, 0), 140, 0), limits, 3));
+        // 79 spare for a rate of 40: would not last two rounds.
+        assert!(sync_now(found(61, (40, 0), 140, 0), limits, 3));
+        // Idle: nothing to top up, whatever is held.
+        assert!(!sync_now(found(140, (0, 0), 140, 0), limits, 3));
+        // A refund (negative pending) spends nothing.
+        assert!(!sync_now(found(10, (-5, 0), 20, 0), limits, 3));
         // Never synced, or limits not known here (an override): now.
-        assert!(push(counts(0, 0), (1, 0), Some(limits), None));
-        assert!(push(counts(0, 0), (1, 0), None, Some(4)));
-        // A refund (negative pending) brings nothing nearer a limit.
-        assert!(!push(counts(10, 0), (-5, 0), Some(limits), Some(4)));
-        // Unlimited: never near.
-        assert!(!push(
-            counts(9, 9),
-            (9, 9),
-            Some(Default::default()),
-            Some(4)
+        let never = Found {
+            synced_before: false,
+            ..found(0, (1, 0), 0, 0)
+        };
+        assert!(sync_now(never, limits, 3));
+        assert!(sync_now(found(0, (0, 0), 0, 0), None, 3));
+        // Unlimited: never due but on its turn.
+        assert!(!sync_now(
+            found(9, (9, 9), 0, 0),
+            Some(Limits::default()),
+            3
         ));
+    }
+
+    #[test]
+    fn tokens_are_synced_every_round_near_their_limit() {
+        let limits = Some(Limits {
+            requests: None,
+            tokens: Some(1000),
+        });
+        // 100 of 1000 reported, 50 pending: far (half is 500; the share of 900 left is 300).
+        assert!(!sync_now(found(0, (0, 50), 0, 100), limits, 3));
+        // Reported and pending together reach half the limit: now.
+        assert!(sync_now(found(0, (0, 100), 0, 400), limits, 3));
+        // Pending reaches half of this replica's share of what is left: 900 / 3 / 2.
+        assert!(!sync_now(found(0, (0, 149), 0, 100), limits, 3));
+        assert!(sync_now(found(0, (0, 150), 0, 100), limits, 3));
+    }
+
+    #[test]
+    fn a_lease_asks_for_its_rate_until_its_turn_twice_over() {
+        let rest = u32::MAX;
+        assert_eq!(target(found(70, (30, 0), 80, 0), 1, rest), 130);
+        assert_eq!(target(found(70, (30, 0), 80, 0), 8, rest), 70 + 480);
+        assert_eq!(
+            target(found(70, (0, 0), 80, 0), 8, rest),
+            0,
+            "idle: no grant"
+        );
+        // No more than three quarters of what the rest of the window will use.
+        assert_eq!(target(found(70, (30, 0), 80, 0), 8, 40), 100);
+        // 70 admitted in the first 45 s of a minute: 70 x 15 / 45 in the last 15 s.
+        let now = 60_000 * 1000 + 45_000;
+        assert_eq!(rest_of_window(70, Unit::Minute, now), 23);
     }
 
     #[test]

@@ -259,6 +259,26 @@ impl Store {
         }
     }
 
+    /// Runs a pipeline of `EVALSHA` calls of the script whose text is `code`; when Redis
+    /// answers NOSCRIPT (after a restart or SCRIPT FLUSH) loads it and runs the pipeline again.
+    /// Only for calls that may run twice: the scripts sent this way take absolute values.
+    pub async fn pipeline_of_scripts<T: FromRedisValue>(
+        &mut self,
+        code: &str,
+        pipe: &Pipeline,
+        timeout: Duration,
+    ) -> RedisResult<T> {
+        match self.pipeline(pipe, timeout).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut load = redis::cmd("SCRIPT");
+                load.arg("LOAD").arg(code);
+                let _: redis::Value = self.command(&load, timeout).await?;
+                self.pipeline(pipe, timeout).await
+            }
+            other => other,
+        }
+    }
+
     /// Runs a script by its hash, loading it again when Redis answers NOSCRIPT (after a restart
     /// or SCRIPT FLUSH).
     pub async fn script<T: FromRedisValue>(
@@ -316,7 +336,8 @@ impl Store {
     }
 }
 
-/// Atomically checks and takes a charge from the counter at `KEYS[1]`.
+/// Atomically checks and takes a charge from the counter at `KEYS[1]`: a lease of exactly the
+/// charge, spent at once (`requests` and `used` alike, in the layout of `sync::lease`).
 /// ARGV: requests charge, requests limit (-1: none), tokens charge, tokens limit (-1: none),
 /// expiry (ms since the epoch). A charge of 0 only checks; negative charges give back, never
 /// below zero. Returns the counts after the call and 1 if the charge was taken, 0 if refused.
@@ -334,14 +355,18 @@ local cr, lr, ct, lt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 
 if cr < 0 or ct < 0 then
   r = math.max(0, r + cr)
   t = math.max(0, t + ct)
-  redis.call('HSET', KEYS[1], 'requests', r, 'tokens', t)
+  local u = math.max(0, tonumber(redis.call('HGET', KEYS[1], 'used') or '0') + cr)
+  redis.call('HSET', KEYS[1], 'requests', r, 'used', u, 'tokens', t)
   redis.call('PEXPIREAT', KEYS[1], ARGV[5])
   return {r, t, 1}
 end
 if over(r, cr, lr) or over(t, ct, lt) then
   return {r, t, 0}
 end
-if cr > 0 then r = redis.call('HINCRBY', KEYS[1], 'requests', cr) end
+if cr > 0 then
+  r = redis.call('HINCRBY', KEYS[1], 'requests', cr)
+  redis.call('HINCRBY', KEYS[1], 'used', cr)
+end
 if ct > 0 then t = redis.call('HINCRBY', KEYS[1], 'tokens', ct) end
 if cr > 0 or ct > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
 return {r, t, 1}

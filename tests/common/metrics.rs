@@ -21,8 +21,13 @@ pub type Sample = (String, Vec<(String, String)>, f64);
 
 /// Every sample of the scrape.
 pub async fn scrape(server: &TestServer) -> Vec<Sample> {
+    scrape_at(&base(server)).await
+}
+
+/// Every sample of the scrape served at `base` (`http://host:port`).
+pub async fn scrape_at(base: &str) -> Vec<Sample> {
     let text = http()
-        .get(format!("{}/metrics", base(server)))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()

@@ -1,0 +1,259 @@
+//! Leases: how a fleet keeps a requests limit exactly while deciding locally. The store holds,
+//! for each counter's window, what the fleet has leased of the limit (`requests`), and per
+//! replica what it holds (`h:<replica>`), has admitted (`u:<replica>`) and reported in tokens
+//! (`t:<replica>`). A replica admits only from what it holds, and one script grants
+//! `min(wanted, left)`, so the fleet never admits more than the limit in a window.
+//!
+//! The sync tops leases up before they run out, sized by the counter's rate; a replica whose
+//! lease is spent while the fleet had budget left takes more on the request path (at most a
+//! few times a window). Every call sends absolute values (what the replica holds and has
+//! counted), never increments, so a call whose answer was lost can be sent again without
+//! counting anything twice, and a store that lost its data (a restart) gets back what the
+//! replicas hold.
+
+use std::sync::LazyLock;
+
+use redis::{Cmd, RedisError, Script};
+
+use super::Fleet;
+use crate::decision::LeaseWant;
+use crate::limiter::{Counter, Counts, Limiter, Stored, Unit, Window};
+
+/// The limit argument: no requests limit on the counter.
+pub(super) const NO_LIMIT: i64 = -1;
+/// The limit argument: the limit is the one last stored with the key (a limit override,
+/// which only requests carry).
+pub(super) const STORED_LIMIT: i64 = -2;
+
+/// One call of the lease script for one counter's window.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaseCall {
+    /// The requests limit in force ([`NO_LIMIT`], [`STORED_LIMIT`]).
+    pub limit: i64,
+    /// Store `limit` with the key (an override's, for the sync to find).
+    pub remember_limit: bool,
+    /// What the replica wants to hold after the call (no more than it holds: no grant).
+    pub target: u32,
+    /// Give back this many (it has lowered its lease by as much already).
+    pub release: u32,
+    /// What it must hold at least for the request waiting on it.
+    pub need: u32,
+    /// What it holds, or has admitted if more (while the store was away): given back to a
+    /// store that lost it.
+    pub holding: u32,
+    /// What this replica has counted in the window: requests admitted, tokens reported.
+    pub counted: Counts,
+    pub expire_at_ms: u64,
+    pub replicas: u32,
+}
+
+/// The script, hashed once: calls name it by its hash.
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
+
+impl LeaseCall {
+    /// The call, as an `EVALSHA` of the lease script on `key` for `replica`.
+    pub(super) fn command(&self, key: &str, replica: &str) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(LEASE.get_hash())
+            .arg(1)
+            .arg(key)
+            .arg(replica)
+            .arg(self.limit)
+            .arg(self.target)
+            .arg(self.need)
+            .arg(self.holding)
+            .arg(self.counted.requests)
+            .arg(self.counted.tokens)
+            .arg(self.expire_at_ms)
+            .arg(self.replicas.max(1))
+            .arg(u8::from(self.remember_limit))
+            .arg(self.release);
+        cmd
+    }
+
+    /// What the store answered, as the counter records it.
+    pub(super) fn stored(&self, reply: [i64; 5]) -> Stored {
+        let [held, granted, leased, _used, tokens] = reply.map(super::clamp);
+        Stored {
+            pushed: self.counted,
+            fleet: Counts {
+                requests: leased,
+                tokens,
+            },
+            held,
+            granted,
+        }
+    }
+}
+
+/// The lease script. KEYS[1]: the counter's window. ARGV: replica, limit (-1 none, -2 the one
+/// stored), target, need, holding, requests counted, tokens counted, expiry (ms since the
+/// epoch), replicas, remember the limit (1/0), give back this many.
+/// Returns what the replica holds, what this call
+/// granted, what the fleet has leased, admitted and reported in tokens.
+///
+/// A grant is at most half of what is left shared among the replicas, so that near the end of
+/// a window's budget leases shrink and what a replica holds unused is little; but never less
+/// than the request waiting on it needs (`need`).
+pub(super) const LEASE_LUA: &str = r"
+local key, me = KEYS[1], ARGV[1]
+local limit, target, need = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local holding, used, tokens = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local replicas = math.max(1, tonumber(ARGV[9]))
+local fresh = redis.call('EXISTS', key) == 0
+local f = redis.call('HMGET', key, 'h:' .. me, 'u:' .. me, 't:' .. me, 'requests', 'used', 'tokens', 'limit')
+local held, mine_used, mine_tokens = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
+local leased, all_used, all_tokens = tonumber(f[4] or '0'), tonumber(f[5] or '0'), tonumber(f[6] or '0')
+if limit == -2 then
+  limit = tonumber(f[7] or '-1')
+elseif ARGV[10] == '1' and tostring(limit) ~= f[7] then
+  redis.call('HSET', key, 'limit', limit)
+end
+if holding > held then
+  leased = redis.call('HINCRBY', key, 'requests', holding - held)
+  held = holding
+  redis.call('HSET', key, 'h:' .. me, held)
+end
+local granted = 0
+local release = math.min(tonumber(ARGV[11]), held)
+if release > 0 then
+  leased = redis.call('HINCRBY', key, 'requests', -release)
+  held = redis.call('HINCRBY', key, 'h:' .. me, -release)
+elseif limit >= 0 and (target > held or need > held) then
+  local left = limit - leased
+  if left > 0 then
+    local cap = math.max(1, math.ceil(left / (2 * replicas)))
+    granted = math.min(left, math.max(math.min(target - held, cap), need - held))
+    if granted > 0 then
+      held = redis.call('HINCRBY', key, 'h:' .. me, granted)
+      leased = redis.call('HINCRBY', key, 'requests', granted)
+    else
+      granted = 0
+    end
+  end
+end
+if used ~= mine_used then
+  redis.call('HSET', key, 'u:' .. me, used)
+  all_used = redis.call('HINCRBY', key, 'used', used - mine_used)
+end
+if tokens ~= mine_tokens then
+  redis.call('HSET', key, 't:' .. me, tokens)
+  all_tokens = redis.call('HINCRBY', key, 'tokens', tokens - mine_tokens)
+end
+if fresh and redis.call('EXISTS', key) == 1 then redis.call('PEXPIREAT', key, ARGV[8]) end
+return {held, granted, leased, all_used, all_tokens}
+";
+
+/// What a counter will admit in the rest of its window at the rate it has admitted so far:
+/// the most a lease should cover, since what a replica holds at the window's end is lost to
+/// the fleet.
+pub(super) fn rest_of_window(admitted: u32, unit: Unit, now_ms: u64) -> u32 {
+    let left = unit.until_reset(now_ms).as_millis() as u64;
+    let elapsed = (unit.millis() - left).max(1);
+    let projected = u64::from(admitted) * left / elapsed;
+    projected.min(u64::from(u32::MAX)) as u32
+}
+
+/// What a replica asks to hold when a request finds its lease spent: what the request needs,
+/// and half as much again as it has admitted in the window so far (so a busy counter asks on
+/// the request path a few times a window, the sync topping it up after that), but no more
+/// than half of what the rest of the window will use at that rate. Half: a lease too small
+/// costs one more call to Redis; one too large strands what the replica does not use before
+/// the window ends, and the fleet admits that much less.
+fn request_path_target(admitted: u32, need: u32, unit: Unit, now_ms: u64) -> u32 {
+    let ahead = admitted.min(rest_of_window(admitted, unit, now_ms)) / 2;
+    need.saturating_add(ahead.max(1))
+}
+
+impl Fleet {
+    /// Leases afresh the counters of a denied request whose lease ran out (the request path;
+    /// bounded by the Redis timeout). Each counter records what the store answered, so the
+    /// request can be decided again.
+    pub async fn take_leases(
+        &self,
+        limiter: &Limiter,
+        wants: &[LeaseWant],
+        replicas: u32,
+    ) -> Result<(), RedisError> {
+        let now = limiter.clock().now_ms();
+        // The calls are made with the table unpinned: a pin may not wait on Redis.
+        let calls: Vec<(usize, Window, String, LeaseCall)> = {
+            let table = limiter.counters().pin();
+            wants
+                .iter()
+                .enumerate()
+                .filter_map(|(i, want)| {
+                    let unit = want.counter.unit();
+                    let window = unit.window_at(now);
+                    let parts: Vec<&str> = want.counter.parts().collect();
+                    let counter = table.get(want.counter.with_parts(&parts))?;
+                    let mut key = String::new();
+                    let rule = want.rule.as_deref();
+                    super::keys::write_key_of(self, &mut key, &want.counter, rule, window).then(
+                        || {
+                            (
+                                i,
+                                window,
+                                key,
+                                request_path_call(counter, window, want, replicas, now),
+                            )
+                        },
+                    )
+                })
+                .collect()
+        };
+        if calls.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (_, _, key, call) in &calls {
+            pipe.add_command(call.command(key, self.replica_field()));
+        }
+        let mut store = self.store().await?;
+        let replies: Vec<[i64; 5]> = store
+            .pipeline_of_scripts(LEASE_LUA, &pipe, self.timeout())
+            .await?;
+        let table = limiter.counters().pin();
+        for ((i, window, _, call), reply) in calls.iter().zip(replies) {
+            let want = &wants[*i];
+            let parts: Vec<&str> = want.counter.parts().collect();
+            if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
+                counter.leased_with_fleet(*window, call.stored(reply));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn request_path_call(
+    counter: &Counter,
+    window: Window,
+    want: &LeaseWant,
+    replicas: u32,
+    now_ms: u64,
+) -> LeaseCall {
+    let (stamp, local) = counter.local();
+    let own = if stamp == window { local } else { Counts::ZERO };
+    let (pushed_in, pushed) = counter.pushed();
+    let tokens = if pushed_in == window {
+        pushed.tokens
+    } else {
+        0
+    };
+    let held = counter.lease(window);
+    let need = own.requests.saturating_add(want.need);
+    LeaseCall {
+        limit: i64::from(want.limit),
+        remember_limit: want.rule.is_none(),
+        release: 0,
+        target: request_path_target(own.requests, need, want.counter.unit(), now_ms),
+        need,
+        holding: held.max(own.requests),
+        counted: Counts {
+            requests: own.requests,
+            tokens,
+        },
+        expire_at_ms: super::keys::expiry_ms(want.counter.unit(), window),
+        replicas,
+    }
+}
