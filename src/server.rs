@@ -89,8 +89,10 @@ impl Running {
         if let Some(syncing) = self.syncing.take() {
             syncing.abort();
         }
+        // No new call comes in: give back what the leases hold unused now (a call in flight
+        // that needs more leases it afresh), rather than once the last connection closes.
         if let Some(fleet) = &self.app.fleet {
-            fleet.leave().await;
+            fleet.give_back(&self.app.sync_handles()).await;
         }
         if self.app.traces.is_some() {
             // Flushing waits on the exporter's thread.
@@ -102,10 +104,16 @@ impl Running {
             });
             let _ = flushed.await;
         }
-        match self.serving.await {
+        let served = match self.serving.await {
             Ok(result) => result.map_err(ServerError::from),
             Err(_) => Ok(()),
+        };
+        // Once no call is left to admit: push the last counts, give back what was leased since,
+        // and leave the fleet.
+        if let Some(fleet) = &self.app.fleet {
+            fleet.leave(&self.app.sync_handles()).await;
         }
+        served
     }
 
     /// Waits until the server ends on its own (it only does on error).

@@ -314,6 +314,99 @@ async fn the_fleet_admits_the_limit_exactly_at_the_default_settings() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_joining_leaving_and_killed_mid_window_keep_the_limit() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
+    let namespace = unique_namespace("churn");
+    let mut fleet = replicas(4, &redis, &namespace, dir.path(), &[]).await;
+    let call = request("fleet", &[&[("k", "shared-key")]]);
+    // Replicas 0 and 1 take 2x the limit throughout; replica 2 is stopped (TERM) and
+    // replica 3 killed (KILL) mid-run; a new one joins.
+    let steady = Arc::new(Mutex::new(Tally::default()));
+    let [a, b, c] = [(); 3].map(|()| Arc::new(Mutex::new(Tally::default())));
+    let from = now_ms();
+    let load = |clients: Vec<RateLimitServiceClient<Channel>>, rate, millis, tally| {
+        let call = call.clone();
+        tokio::spawn(async move {
+            let run = Duration::from_millis(millis);
+            drive(&clients, &call, rate, run, Spread::Even, tally).await
+        })
+    };
+    let rate = u64::from(LIMIT) / 2;
+    let both = load(fleet.clients[..2].to_vec(), 4 * rate, 9_000, steady.clone());
+    let to_kill = load(vec![fleet.clients[3].clone()], rate, 3_000, a.clone());
+    let to_stop = load(vec![fleet.clients[2].clone()], rate, 4_500, b.clone());
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let killed_at = now_ms();
+    fleet.children[3].start_kill().unwrap();
+    to_kill.await.unwrap();
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(1_500)).await;
+    let stopped_at = now_ms();
+    signal(&fleet.children[2], "TERM");
+    to_stop.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (joined, client, _) = replica(&redis, &namespace, dir.path(), &[]).await;
+    let joined_at = now_ms();
+    // Its calls end with the others': a replica whose calls stop mid-window keeps its lease
+    // until its next sync (see the README's accuracy model).
+    let left = 9_000u64.saturating_sub(joined_at - from);
+    let joining = load(vec![client], rate, left, c.clone());
+    both.await.unwrap();
+    joining.await.unwrap();
+    let to = now_ms();
+    let mut all = Tally::default();
+    for tally in [&steady, &a, &b, &c] {
+        for (w, n) in &tally.lock().await.admitted {
+            *all.admitted.entry(*w).or_default() += n;
+        }
+    }
+    let windows = all.full_windows(from, to);
+    let window_of = |ms: u64| ms / 1000;
+    println!(
+        "churn: killed in window {}, stopped in {}, joined in {}; admitted per window (limit {LIMIT}): {windows:?}",
+        window_of(killed_at),
+        window_of(stopped_at),
+        window_of(joined_at)
+    );
+    assert_eq!(
+        steady.lock().await.failures,
+        0,
+        "no call to a live replica failed"
+    );
+    assert_eq!(
+        c.lock().await.failures,
+        0,
+        "the new replica served every call"
+    );
+    assert!(windows.len() >= 6, "{windows:?}");
+    for (w, admitted) in &windows {
+        assert!(*admitted <= u64::from(LIMIT), "window {w}: {admitted}");
+        // A killed replica's lease is lost with it, for the rest of its window only.
+        if *w != window_of(killed_at) {
+            assert!(
+                *admitted >= u64::from(LIMIT) * 98 / 100,
+                "window {w}: {admitted} of {LIMIT}"
+            );
+        }
+    }
+    let mut children = fleet.children;
+    let _ = children[3].wait().await;
+    let mut stopped = children.remove(2);
+    let status = tokio::time::timeout(Duration::from_secs(15), stopped.wait())
+        .await
+        .expect("stops")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    children.truncate(2);
+    children.push(joined);
+    stop_all(children).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_replicas_admit_the_limit_exactly() {
     let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
@@ -721,14 +814,16 @@ async fn busy_counters_lease_ahead_and_sync_on_their_turn() {
     let far = request("busy", &[&[("far", "f1")]]);
     assert_eq!(server.admitted(1, &far).await, 1);
     until_stored(&redis, &key, 1).await;
-    // Busy and far from its limit: it leases enough for 8 rounds at its rate, so it is synced
-    // about once every 8 rounds, not every round.
+    // Busy and far from its limit: it leases ahead (up to 8 rounds at its rate, no more than
+    // three quarters of what the rest of the window needs at the rate so far), so it is
+    // synced once every few rounds, not every round.
     let (rounds, admitted, syncs) = over_rounds(&server, &redis, 48, Some(&far)).await;
     assert!(
         admitted as u64 >= rounds,
         "{admitted} calls in {rounds} rounds"
     );
-    assert!(syncs <= rounds / 4, "{syncs} syncs in {rounds} rounds");
+    println!("{syncs} syncs in {rounds} rounds, {admitted} calls admitted");
+    assert!(syncs * 2 <= rounds, "{syncs} syncs in {rounds} rounds");
     // Nothing is lost by waiting: the rest arrives in its turn.
     until_stored(&redis, &key, 1 + admitted as u32).await;
     server.stop().await;

@@ -20,8 +20,8 @@
 //! task: `pushed`, the counts already sent to the store, and `others`, what the rest of the fleet
 //! had counted in the window at the last sync (for requests, what they hold in leases). They
 //! are read by requests, and written only by the sync and by a request that took a lease. The
-//! reserved half of `others` holds the round of the counter's last sync; a counter never synced
-//! has none, and the sync syncs it at once.
+//! reserved half of `others` holds when the store was last read for the counter (in wrapping
+//! milliseconds); a counter never read has none, and the sync syncs it at once.
 
 use portable_atomic::{AtomicU128, Ordering};
 
@@ -121,6 +121,22 @@ pub struct Reading {
     pub over: Over,
     /// Whether the charge was added.
     pub counted: bool,
+}
+
+/// How long what the store said of the rest of the fleet is trusted to refuse a request
+/// without asking again: a replica that gave its lease back (it stopped, or went idle) is
+/// seen by the others within this, not at their next sync.
+const FRESH_MS: u32 = 100;
+
+/// `now_ms` as the note of the others' word: milliseconds, wrapping, never 0 (0 is "never
+/// read").
+fn stamp(now_ms: u64) -> u32 {
+    (now_ms as u32).max(1)
+}
+
+/// Whether a view stamped `note` is still fresh at `now_ms`.
+fn fresh(note: u32, now_ms: u64) -> bool {
+    note != 0 && (now_ms as u32).wrapping_sub(note) < FRESH_MS
 }
 
 /// What the fleet store holds of one counter's window after a sync.
@@ -266,11 +282,11 @@ impl Counter {
         limits: Limits,
         enforcement: Enforcement,
     ) -> Result<Reading, Retired> {
-        self.charge_in_fleet(window, charge, limits, enforcement, FleetView::Alone)
+        self.charge_in_fleet(window, charge, limits, enforcement, FleetView::Alone, 0)
     }
 
-    /// [`Counter::charge`], judged against the fleet as `view` sees it. The counts reported
-    /// are the fleet's: this replica's plus the others' at the last sync.
+    /// [`Counter::charge`], judged against the fleet as `view` sees it at `now_ms`. The counts
+    /// reported are the fleet's: this replica's plus the others' at the last sync.
     pub fn charge_in_fleet(
         &self,
         window: Window,
@@ -278,8 +294,9 @@ impl Counter {
         limits: Limits,
         enforcement: Enforcement,
         view: FleetView,
+        now_ms: u64,
     ) -> Result<Reading, Retired> {
-        let fleet = self.fleet_counts_for(window, view);
+        let fleet = self.fleet_counts_for(window, view, now_ms);
         let enforce = enforcement != Enforcement::Shadow;
         self.update(|word| {
             // Another thread may already have rolled into the next window on a clock read a
@@ -345,6 +362,7 @@ impl Counter {
         charge: Counts,
         limits: Limits,
         view: FleetView,
+        now_ms: u64,
     ) -> Reading {
         let word = Word::load(&self.word);
         let (local, held) = if word.window == RETIRED || word.window < window.0 {
@@ -354,7 +372,7 @@ impl Counter {
         };
         let fleet = FleetCounts {
             held,
-            ..self.fleet_counts_for(window, view)
+            ..self.fleet_counts_for(window, view, now_ms)
         };
         Reading {
             counts: local.plus(fleet.others),
@@ -365,9 +383,15 @@ impl Counter {
 
     /// What the last sync learnt of the fleet in `window`, where the view uses it (the lease
     /// is read with the counts, in the same word).
-    fn fleet_counts_for(&self, window: Window, view: FleetView) -> FleetCounts {
+    fn fleet_counts_for(&self, window: Window, view: FleetView, now_ms: u64) -> FleetCounts {
         match view {
-            FleetView::Synced { .. } => self.fleet_counts(window),
+            FleetView::Synced { .. } => {
+                let others = Word::load(&self.others);
+                FleetCounts {
+                    fresh: others.window == window.0 && fresh(others.note, now_ms),
+                    ..self.fleet_counts(window)
+                }
+            }
             _ => FleetCounts::default(),
         }
     }
@@ -377,6 +401,7 @@ impl Counter {
             pushed: Word::load(&self.pushed).counts_in(window),
             others: Word::load(&self.others).counts_in(window),
             held: 0,
+            fresh: false,
         }
     }
 
@@ -453,12 +478,12 @@ impl Counter {
         self.fleet_counts(window).others
     }
 
-    /// Records a sync of `window` in round `round`: what the store holds now. Only the sync
-    /// task calls this.
-    pub fn synced(&self, window: Window, store: Stored, round: u32) {
+    /// Records a sync of `window` at `now_ms`: what the store holds now. Only the sync task
+    /// calls this.
+    pub fn synced(&self, window: Window, store: Stored, now_ms: u64) {
         let others = Word {
             window: window.0,
-            note: round,
+            note: stamp(now_ms),
             counts: Counts {
                 requests: store.fleet.requests.saturating_sub(store.held),
                 tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
@@ -473,13 +498,13 @@ impl Counter {
     /// Records a lease taken on the request path: [`Counter::leased`], and the requests the
     /// fleet has leased in all (`fleet_leased`), so that a fleet found spent is not asked
     /// again by every request that follows.
-    pub fn leased_with_fleet(&self, window: Window, store: Stored) {
+    pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
         let (held, fleet_leased) = (store.held, store.fleet.requests);
         self.leased(window, store.granted);
         let current = Word::load(&self.others);
         let others = Word {
             window: window.0,
-            note: current.note,
+            note: stamp(now_ms),
             counts: Counts {
                 requests: fleet_leased.saturating_sub(held),
                 tokens: current.counts_in(window).tokens,
@@ -489,9 +514,10 @@ impl Counter {
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
-    /// the round of that sync (none before the first). Only the sync task calls this.
+    /// when the store was last read for it (none before the first). Only the sync task calls
+    /// this.
     pub fn last_synced(&self, window: Window) -> (Counts, Option<u32>) {
-        // Round numbers start at 1: a note of 0 is a counter the sync never saw.
+        // A note of 0 is a counter the store was never read for.
         let note = Word::load(&self.others).note;
         let round = (note != 0).then_some(note);
         let fleet = self.fleet_counts(window);
@@ -530,6 +556,8 @@ mod tests {
     use super::*;
 
     const W: Window = Window(100);
+    /// When the tests' syncs and charges happen (the syncs are stamped 1).
+    const NOW: u64 = 1;
     fn req(n: u32) -> Counts {
         Counts {
             requests: n,
@@ -684,7 +712,7 @@ mod tests {
     fn admitted(c: &Counter, limits: Limits, view: FleetView, tries: usize) -> usize {
         (0..tries)
             .filter(|_| {
-                c.charge_in_fleet(W, req(1), limits, Enforcement::Enforce, view)
+                c.charge_in_fleet(W, req(1), limits, Enforcement::Enforce, view, NOW)
                     .unwrap()
                     .counted
             })
@@ -710,13 +738,13 @@ mod tests {
         let c = Counter::new();
         // No lease yet: nothing admitted, and the denial says a lease may admit it.
         let r = c
-            .charge_in_fleet(W, req(1), l, Enforcement::Enforce, view)
+            .charge_in_fleet(W, req(1), l, Enforcement::Enforce, view, NOW)
             .unwrap();
         assert!(!r.counted && r.over.requests && r.over.lease_spent);
         // The store leased it 10 of the fleet's 30; the others hold none yet.
         c.synced(W, stored(0, 10, 10), 1);
         assert_eq!(admitted(&c, l, view, 20), 10);
-        let r = c.assess(W, req(1), l, view);
+        let r = c.assess(W, req(1), l, view, NOW);
         assert!(
             r.over.requests && r.over.lease_spent,
             "the fleet had 20 left"
@@ -730,17 +758,18 @@ mod tests {
                 fleet: req(30),
                 ..Stored::default()
             },
+            NOW,
         );
         assert_eq!(c.others(W), req(18));
         assert_eq!(admitted(&c, l, view, 20), 2);
-        let r = c.assess(W, req(1), l, view);
+        let r = c.assess(W, req(1), l, view, NOW);
         assert!(
             r.over.requests && !r.over.lease_spent,
             "nothing left to lease"
         );
         assert_eq!(r.counts, req(30), "the fleet's counts are reported");
         // Even a check says over.
-        assert!(c.assess(W, Counts::ZERO, l, view).over.requests);
+        assert!(c.assess(W, Counts::ZERO, l, view, NOW).over.requests);
         // A lease grows by what is granted; a later window starts with none.
         assert_eq!(c.lease(W), 12);
         c.leased(W, 5);
@@ -851,6 +880,7 @@ mod tests {
                 l,
                 Enforcement::Enforce,
                 FleetView::Synced { replicas: 2 },
+                NOW,
             )
             .unwrap();
         assert!(!r.counted && r.over.requests);

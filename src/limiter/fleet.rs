@@ -79,6 +79,9 @@ pub(super) struct FleetCounts {
     /// The requests this replica holds in its lease for the window: what it may admit on its
     /// own, the store having taken them from the fleet's budget.
     pub held: u32,
+    /// Whether `others` was read from the store moments ago: then a request it finds the fleet
+    /// spent is refused without asking the store again.
+    pub fresh: bool,
 }
 
 /// One limit of a counter, as a charge meets it.
@@ -119,7 +122,7 @@ impl Judged {
 impl FleetView {
     /// How the charge meets a requests limit counted in leases: exact, because the store never
     /// leases more than the limit in a window, and a replica admits only what it holds.
-    fn leased(self, side: Side, held: u32) -> Judged {
+    fn leased(self, side: Side, held: u32, fresh: bool) -> Judged {
         let Side {
             local,
             charge,
@@ -166,7 +169,7 @@ impl FleetView {
                 }
                 Judged {
                     over: true,
-                    lease_spent: within_limit && !fleet_spent,
+                    lease_spent: !fresh || (within_limit && !fleet_spent),
                 }
             }
         }
@@ -228,6 +231,7 @@ pub(super) fn judge(
             others: fleet.others.requests,
         },
         fleet.held,
+        fleet.fresh,
     );
     Over {
         requests: requests.over,

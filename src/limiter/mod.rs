@@ -127,7 +127,7 @@ impl Limiter {
         let (now, view, table) = (self.clock.now_ms(), self.fleet.get(), self.table.pin());
         for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
             let unit = demand.counter.unit;
-            let reading = read(&table, demand, unit.window_at(now), view);
+            let reading = read(&table, demand, unit.window_at(now), view, now);
             *outcome = Outcome {
                 counts: reading.counts,
                 over: reading.over,
@@ -171,10 +171,11 @@ impl Limiter {
                         demand.limits,
                         demand.enforcement,
                         view,
+                        now,
                     )
                 })
             } else {
-                read(&table, demand, window, view)
+                read(&table, demand, window, view, now)
             };
             outcome.counts = reading.counts;
             outcome.over = reading.over;
@@ -216,9 +217,10 @@ fn read(
     demand: &Demand<'_>,
     window: Window,
     view: FleetView,
+    now_ms: u64,
 ) -> Reading {
     match table.get(demand.counter) {
-        Some(c) => c.assess(window, demand.charge, demand.limits, view),
+        Some(c) => c.assess(window, demand.charge, demand.limits, view, now_ms),
         None => Reading {
             counts: Counts::ZERO,
             over: Over::check(Counts::ZERO, demand.charge, demand.limits),

@@ -218,7 +218,7 @@ impl Fleet {
             let want = &wants[*i];
             let parts: Vec<&str> = want.counter.parts().collect();
             if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
-                counter.leased_with_fleet(*window, call.stored(reply));
+                counter.leased_with_fleet(*window, call.stored(reply), now);
             }
         }
         Ok(())

@@ -199,8 +199,18 @@ impl Fleet {
         Ok(replicas.max(1))
     }
 
-    /// Leaves the fleet at shutdown, so the others take up its share at once.
-    pub async fn leave(&self) {
+    /// Pushes every counter's counts and gives back what its leases hold unused (at shutdown).
+    pub async fn give_back(&self, handles: &SyncHandles) {
+        let mut index = round::RuleIndex::default();
+        if let Err(error) = round::round(handles, self, &mut index, 1, round::Mode::Leaving).await {
+            tracing::warn!(%error, "could not give the leases back to Redis; they lapse with their windows");
+        }
+    }
+
+    /// Leaves the fleet at shutdown: pushes the last counts, gives back what its leases hold
+    /// unused, and drops out of the fleet size, so the others take up its share at once.
+    pub async fn leave(&self, handles: &SyncHandles) {
+        self.give_back(handles).await;
         if let Ok(mut store) = self.store().await {
             let mut cmd = redis::cmd("ZREM");
             cmd.arg(self.replicas_key()).arg(&self.replica_id);
@@ -282,7 +292,8 @@ pub async fn run(handles: SyncHandles, fleet: Arc<Fleet>) {
         last_round = Instant::now();
         let started = Instant::now();
         round_no = round_no.wrapping_add(1).max(1);
-        let result = round::round(&handles, &fleet, &mut index, round_no).await;
+        let result =
+            round::round(&handles, &fleet, &mut index, round_no, round::Mode::Serving).await;
         let mut status = (*fleet.status.load_full()).clone();
         status.rounds += 1;
         match result {

@@ -121,6 +121,16 @@ pub(super) fn turn(key: &CounterKey, round_no: u32, every: u32) -> bool {
     round_no.wrapping_add(spread).is_multiple_of(every.max(1))
 }
 
+/// Why a round runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Every interval while serving.
+    Serving,
+    /// Once at shutdown, when no call is left to admit: every counter with something to push
+    /// or a lease to give back.
+    Leaving,
+}
+
 /// Runs one sync round: heartbeat, then one lease call for every live counter that is due, a
 /// batch at a time (the batch's work and key names reuse their buffers).
 pub(super) async fn round(
@@ -128,7 +138,9 @@ pub(super) async fn round(
     fleet: &Fleet,
     index: &mut RuleIndex,
     round_no: u32,
+    mode: Mode,
 ) -> Result<(u32, usize), RedisError> {
+    let leaving = mode == Mode::Leaving;
     let mut store = fleet.store().await?;
     let now = handles.limiter.clock().now_ms();
     let replicas = fleet.heartbeat(&mut store, now).await?;
@@ -176,7 +188,10 @@ pub(super) async fn round(
             let known = (!overridden).then_some(limits);
             // A window's last round pushes what is pending, so its fleet total is whole.
             let closing = found.pending != (0, 0) && unit.until_reset(now) <= interval;
-            if !(closing || sync_now(found, known, replicas) || turn(key, round_no, every)) {
+            let spare = found.held > own.requests;
+            let last = leaving && (found.pending != (0, 0) || spare);
+            if !(last || closing || sync_now(found, known, replicas) || turn(key, round_no, every))
+            {
                 continue;
             }
             let start = keys.len();
@@ -236,7 +251,7 @@ pub(super) async fn round(
             .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
             .await?;
         for (w, reply) in batch.iter().zip(replies) {
-            w.counter.synced(w.window, w.call.stored(reply), round_no);
+            w.counter.synced(w.window, w.call.stored(reply), now);
             // How far past a limit the fleet admitted (while Redis was away): what the
             // accuracy model bounds.
             let admitted = super::clamp(reply[3]);
