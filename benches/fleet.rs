@@ -1,0 +1,268 @@
+//! The fleet's accuracy and its Redis cost, measured (not a test): three sluice replicas at the
+//! default settings on one redis-server, offered 1.5x a per-minute limit evenly, on 1 counter
+//! and on 100,000. For every minute window wholly inside the run it prints what was admitted
+//! against the limit (in all, and the most and least of any one counter), the share of
+//! decisions that leased on the request path, and Redis commands per second.
+//!
+//!     cargo bench --bench fleet
+//!     FLEET_KEYS=1,100000 FLEET_SECONDS=130 cargo bench --bench fleet
+//!
+//! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
+//! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use tonic::transport::Channel;
+
+const REPLICAS: usize = 3;
+const OFFERED: f64 = 1.5;
+
+/// A process this bench started, killed by its pid when dropped.
+struct Started(Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn redis_info(port: u16, field: &str) -> u64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut connection = client.get_connection().unwrap();
+    let info: String = redis::cmd("INFO").arg("stats").query(&mut connection).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sum of an unlabelled counter over the replicas' scrapes.
+fn scraped(http: &[u16], name: &str) -> f64 {
+    http.iter()
+        .map(|port| {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", *port)).unwrap();
+            use std::io::{Read, Write};
+            write!(
+                stream,
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).unwrap();
+            text.lines()
+                .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .filter_map(|v| v.trim().parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+fn request(key: usize) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: "fleet".into(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "k".into(),
+                value: format!("key-{key}"),
+            }],
+            ..Default::default()
+        }],
+        hits_addend: 0,
+    }
+}
+
+/// Admitted calls per (counter, minute window).
+type Tally = Arc<Mutex<HashMap<(u32, u64), u32>>>;
+
+async fn drive(
+    clients: &[RateLimitServiceClient<Channel>],
+    keys: usize,
+    rate: f64,
+    run: Duration,
+    tally: Tally,
+) -> (u64, u64) {
+    const TICK: Duration = Duration::from_millis(10);
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let (started, mut owed, mut n) = (Instant::now(), 0.0, 0usize);
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut calls = tokio::task::JoinSet::new();
+    while started.elapsed() < run {
+        ticker.tick().await;
+        owed += rate * TICK.as_secs_f64();
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let (key, replica) = (n % keys, n % clients.len());
+            n += 1;
+            let mut client = clients[replica].clone();
+            let (tally, failures) = (tally.clone(), failures.clone());
+            calls.spawn(async move {
+                match client.should_rate_limit(request(key)).await {
+                    Ok(answer) => {
+                        let answer = answer.into_inner();
+                        let reset = answer.statuses[0]
+                            .duration_until_reset
+                            .as_ref()
+                            .map_or(0, |d| d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000);
+                        let window = (now_ms() + reset + 500) / 60_000 - 1;
+                        if answer.overall_code == 1 {
+                            *tally
+                                .lock()
+                                .unwrap()
+                                .entry((key as u32, window))
+                                .or_default() += 1;
+                        }
+                    }
+                    Err(_) => {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        while calls.try_join_next().is_some() {}
+    }
+    while calls.join_next().await.is_some() {}
+    (n as u64, failures.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+fn main() {
+    let keys: Vec<usize> = std::env::var("FLEET_KEYS")
+        .unwrap_or_else(|_| "1,100000".into())
+        .split(',')
+        .map(|k| k.trim().parse().expect("FLEET_KEYS: numbers"))
+        .collect();
+    let seconds: u64 = std::env::var("FLEET_SECONDS")
+        .ok()
+        .map_or(130, |s| s.parse().expect("FLEET_SECONDS: a number"));
+    let redis_server = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    println!(
+        "fleet: {REPLICAS} replicas at the default settings on one redis-server, offered {OFFERED}x a per-minute limit evenly, {seconds} s a run"
+    );
+    println!(
+        "{:>8} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "counters", "limit", "window", "admitted", "/limit", "max/lim", "min/lim", "leased%", "redis/s"
+    );
+    for &k in &keys {
+        // Per counter: 100 a second for one; for many, 3 a minute each.
+        let limit: u32 = if k == 1 { 6000 } else { 3 };
+        let redis_port = free_port();
+        let _redis = Started(
+            Command::new(&redis_server)
+                .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server (set SLUICE_REDIS_SERVER)"),
+        );
+        wait_port(redis_port);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("fleet.yaml"),
+            format!(
+                "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: minute, requests_per_unit: {limit} }}\n"
+            ),
+        )
+        .unwrap();
+        let mut replicas = Vec::new();
+        let mut grpc = Vec::new();
+        let mut http = Vec::new();
+        for _ in 0..REPLICAS {
+            let (g, h) = (free_port(), free_port());
+            replicas.push(Started(
+                Command::new(env!("CARGO_BIN_EXE_sluice"))
+                    .arg("serve")
+                    .args(["--config", dir.path().to_str().unwrap()])
+                    .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
+                    .args(["--redis-namespace", "bench"])
+                    .args(["--grpc-addr", &format!("127.0.0.1:{g}")])
+                    .args(["--http-addr", &format!("127.0.0.1:{h}")])
+                    .args(["--log-level", "warn"])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ));
+            wait_port(g);
+            grpc.push(g);
+            http.push(h);
+        }
+        let rate = f64::from(limit) * k as f64 * OFFERED / 60.0;
+        let tally: Tally = Arc::default();
+        let (from, commands_before) = (now_ms(), redis_info(redis_port, "total_commands_processed"));
+        let started = Instant::now();
+        let (calls, failures) = runtime.block_on(async {
+            let mut clients = Vec::new();
+            for port in &grpc {
+                clients.push(
+                    RateLimitServiceClient::connect(format!("http://127.0.0.1:{port}"))
+                        .await
+                        .unwrap(),
+                );
+            }
+            drive(&clients, k, rate, Duration::from_secs(seconds), tally.clone()).await
+        });
+        let elapsed = started.elapsed().as_secs_f64();
+        let to = now_ms();
+        let commands = redis_info(redis_port, "total_commands_processed") - commands_before;
+        let leased = scraped(&http, "sluice_lease_request_path_calls_total");
+        let tally = tally.lock().unwrap();
+        let full: Vec<u64> = (from / 60_000 + 1..to / 60_000).collect();
+        if full.is_empty() {
+            println!("{k:>8}: no full minute window in {seconds} s; run longer");
+        }
+        for window in full {
+            let mut total = 0u64;
+            let (mut most, mut least) = (0u32, u32::MAX);
+            for key in 0..k as u32 {
+                let n = tally.get(&(key, window)).copied().unwrap_or(0);
+                total += u64::from(n);
+                most = most.max(n);
+                least = least.min(n);
+            }
+            let budget = f64::from(limit) * k as f64;
+            println!(
+                "{k:>8} {limit:>7} {window:>10} {total:>10} {:>9.4} {:>9.3} {:>9.3} {:>9.3}% {:>9.0}",
+                total as f64 / budget,
+                f64::from(most) / f64::from(limit),
+                f64::from(least) / f64::from(limit),
+                100.0 * leased / calls as f64,
+                commands as f64 / elapsed,
+            );
+        }
+        println!(
+            "{k:>8}: {calls} calls ({:.0}/s) in {elapsed:.0} s, {failures} failed; {leased:.0} leased on the request path; {commands} Redis commands",
+            calls as f64 / elapsed
+        );
+    }
+}
