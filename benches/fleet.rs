@@ -60,7 +60,10 @@ fn wait_port(port: u16) {
 fn redis_info(port: u16, field: &str) -> u64 {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let mut connection = client.get_connection().unwrap();
-    let info: String = redis::cmd("INFO").arg("stats").query(&mut connection).unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut connection)
+        .unwrap();
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .and_then(|v| v.trim().parse().ok())
@@ -153,7 +156,10 @@ async fn drive(
         while calls.try_join_next().is_some() {}
     }
     while calls.join_next().await.is_some() {}
-    (n as u64, failures.load(std::sync::atomic::Ordering::Relaxed))
+    (
+        n as u64,
+        failures.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 fn main() {
@@ -165,14 +171,23 @@ fn main() {
     let seconds: u64 = std::env::var("FLEET_SECONDS")
         .ok()
         .map_or(130, |s| s.parse().expect("FLEET_SECONDS: a number"));
-    let redis_server = std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let redis_server =
+        std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
         "fleet: {REPLICAS} replicas at the default settings on one redis-server, offered {OFFERED}x a per-minute limit evenly, {seconds} s a run"
     );
     println!(
         "{:>8} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
-        "counters", "limit", "window", "admitted", "/limit", "max/lim", "min/lim", "leased%", "redis/s"
+        "counters",
+        "limit",
+        "window",
+        "admitted",
+        "/limit",
+        "max/lim",
+        "min/lim",
+        "leased%",
+        "redis/s"
     );
     for &k in &keys {
         // Per counter: 100 a second for one; for many, 3 a minute each.
@@ -219,7 +234,8 @@ fn main() {
         }
         let rate = f64::from(limit) * k as f64 * OFFERED / 60.0;
         let tally: Tally = Arc::default();
-        let (from, commands_before) = (now_ms(), redis_info(redis_port, "total_commands_processed"));
+        let (from, commands_before) =
+            (now_ms(), redis_info(redis_port, "total_commands_processed"));
         let started = Instant::now();
         let (calls, failures) = runtime.block_on(async {
             let mut clients = Vec::new();
@@ -230,7 +246,14 @@ fn main() {
                         .unwrap(),
                 );
             }
-            drive(&clients, k, rate, Duration::from_secs(seconds), tally.clone()).await
+            drive(
+                &clients,
+                k,
+                rate,
+                Duration::from_secs(seconds),
+                tally.clone(),
+            )
+            .await
         });
         let elapsed = started.elapsed().as_secs_f64();
         let to = now_ms();

@@ -124,19 +124,26 @@ pub struct Reading {
 }
 
 /// How long what the store said of the rest of the fleet is trusted to refuse a request
-/// without asking again: a replica that gave its lease back (it stopped, or went idle) is
-/// seen by the others within this, not at their next sync.
-const FRESH_MS: u32 = 100;
+/// without asking again, at first: a replica that gave its lease back (it stopped, or went
+/// idle) is seen by the others within this, not at their next sync. Each time the store is
+/// asked again and nothing has changed, the trust doubles, up to [`FRESH_MAX_DOUBLINGS`]
+/// doublings (3.2 s): a spent fleet costs a replica a few calls a window, not ten a second.
+const FRESH_MS: u64 = 100;
+const FRESH_MAX_DOUBLINGS: u32 = 5;
 
-/// `now_ms` as the note of the others' word: milliseconds, wrapping, never 0 (0 is "never
-/// read").
-fn stamp(now_ms: u64) -> u32 {
-    (now_ms as u32).max(1)
+/// The note of the others' word: when the store was read (in 4 ms ticks, wrapping, in the low
+/// 28 bits; never 0, which is "never read") and how many times the trust has doubled (the
+/// high 4 bits).
+fn stamp(now_ms: u64, doublings: u32) -> u32 {
+    let ticks = ((now_ms / 4) as u32 & 0x0fff_ffff).max(1);
+    (doublings.min(FRESH_MAX_DOUBLINGS) << 28) | ticks
 }
 
 /// Whether a view stamped `note` is still fresh at `now_ms`.
 fn fresh(note: u32, now_ms: u64) -> bool {
-    note != 0 && (now_ms as u32).wrapping_sub(note) < FRESH_MS
+    let (doublings, ticks) = (note >> 28, note & 0x0fff_ffff);
+    let age = ((now_ms / 4) as u32 & 0x0fff_ffff).wrapping_sub(ticks) & 0x0fff_ffff;
+    ticks != 0 && u64::from(age) * 4 < FRESH_MS << doublings
 }
 
 /// What the fleet store holds of one counter's window after a sync.
@@ -483,14 +490,18 @@ impl Counter {
     pub fn synced(&self, window: Window, store: Stored, now_ms: u64) {
         let others = Word {
             window: window.0,
-            note: stamp(now_ms),
+            note: stamp(now_ms, 0),
             counts: Counts {
                 requests: store.fleet.requests.saturating_sub(store.held),
                 tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
             },
         };
-        self.pushed
-            .store(Word::new(window.0, store.pushed).pack(), Ordering::Release);
+        let pushed = Word {
+            window: window.0,
+            note: stamp(now_ms, 0),
+            counts: store.pushed,
+        };
+        self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
         self.leased(window, store.granted);
     }
@@ -502,15 +513,36 @@ impl Counter {
         let (held, fleet_leased) = (store.held, store.fleet.requests);
         self.leased(window, store.granted);
         let current = Word::load(&self.others);
+        let others_now = fleet_leased.saturating_sub(held);
+        // Asked again and nothing changed: trust the answer twice as long.
+        let unchanged = store.granted == 0
+            && current.window == window.0
+            && current.counts.requests == others_now;
+        let doublings = if unchanged {
+            (current.note >> 28) + 1
+        } else {
+            0
+        };
         let others = Word {
             window: window.0,
-            note: stamp(now_ms),
+            note: stamp(now_ms, doublings),
             counts: Counts {
-                requests: fleet_leased.saturating_sub(held),
+                requests: others_now,
                 tokens: current.counts_in(window).tokens,
             },
         };
         self.others.store(others.pack(), Ordering::Release);
+    }
+
+    /// How long ago the sync last pushed this counter's counts of `window`, if it did.
+    pub fn pushed_ago(&self, window: Window, now_ms: u64) -> Option<u64> {
+        let pushed = Word::load(&self.pushed);
+        let ticks = pushed.note & 0x0fff_ffff;
+        if pushed.window != window.0 || ticks == 0 {
+            return None;
+        }
+        let age = ((now_ms / 4) as u32 & 0x0fff_ffff).wrapping_sub(ticks) & 0x0fff_ffff;
+        Some(u64::from(age) * 4)
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and
@@ -556,8 +588,8 @@ mod tests {
     use super::*;
 
     const W: Window = Window(100);
-    /// When the tests' syncs and charges happen (the syncs are stamped 1).
-    const NOW: u64 = 1;
+    /// When the tests' syncs and charges happen.
+    const NOW: u64 = 1_000;
     fn req(n: u32) -> Counts {
         Counts {
             requests: n,
@@ -742,7 +774,7 @@ mod tests {
             .unwrap();
         assert!(!r.counted && r.over.requests && r.over.lease_spent);
         // The store leased it 10 of the fleet's 30; the others hold none yet.
-        c.synced(W, stored(0, 10, 10), 1);
+        c.synced(W, stored(0, 10, 10), NOW);
         assert_eq!(admitted(&c, l, view, 20), 10);
         let r = c.assess(W, req(1), l, view, NOW);
         assert!(
@@ -783,7 +815,7 @@ mod tests {
         assert_eq!(c.lease(W), 12);
         assert_eq!(c.shrink_lease(Window(99), 0), None);
         let idle = Counter::new();
-        idle.synced(W, stored(0, 10, 10), 1);
+        idle.synced(W, stored(0, 10, 10), NOW);
         assert_eq!(admitted(&idle, l, view, 3), 3);
         assert_eq!(idle.shrink_lease(W, 0), Some(7));
         assert_eq!(admitted(&idle, l, view, 3), 0, "nothing left to admit from");
@@ -793,7 +825,7 @@ mod tests {
     fn a_lowered_limit_binds_what_is_held() {
         let view = FleetView::Synced { replicas: 2 };
         let c = Counter::new();
-        c.synced(W, stored(0, 20, 10), 1);
+        c.synced(W, stored(0, 20, 10), NOW);
         // The limit went from 20 to 12 (a reload): the 10 held and the others' 10 are over it.
         let l = Limits {
             requests: Some(12),
@@ -823,7 +855,7 @@ mod tests {
         // policy: the store set it aside for it.
         let holding = || {
             let c = Counter::new();
-            c.synced(W, stored(0, 15, 15), 1);
+            c.synced(W, stored(0, 15, 15), NOW);
             c
         };
         assert_eq!(admitted(&holding(), l, FleetView::DenyAll, 20), 15);
@@ -841,7 +873,7 @@ mod tests {
         let c = Counter::new();
         c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
             .unwrap();
-        c.synced(Window(101), stored(0, 4, 0), 7);
+        c.synced(Window(101), stored(0, 4, 0), NOW);
         assert!(!c.retire_if_idle(Window(101)));
         assert!(c.retire_if_idle(Window(102)));
     }
@@ -853,7 +885,7 @@ mod tests {
             .unwrap();
         // The sync reads every live counter in the current window: finding it empty there must
         // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
-        c.synced(Window(101), Stored::default(), 7);
+        c.synced(Window(101), Stored::default(), NOW);
         assert!(c.retire_if_idle(Window(101)));
     }
 
@@ -863,8 +895,12 @@ mod tests {
         c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
             .unwrap();
         assert_eq!(c.last_synced(W), (Counts::ZERO, None));
-        c.synced(W, stored(3, 5, 3), 41);
-        assert_eq!(c.last_synced(W), (req(5), Some(41)));
+        c.synced(W, stored(3, 5, 3), 164);
+        assert_eq!(
+            c.last_synced(W),
+            (req(5), Some(41)),
+            "164 ms: the 41st 4 ms tick"
+        );
         assert_eq!(c.others(W), req(2));
         // Another window: no total read for it yet, the round kept.
         assert_eq!(c.last_synced(Window(101)), (Counts::ZERO, Some(41)));

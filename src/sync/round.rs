@@ -9,7 +9,7 @@ use std::sync::Arc;
 use redis::RedisError;
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_of_window};
+use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_of_window, since_last_sync};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -214,7 +214,8 @@ pub(super) async fn round(
             } else if strict {
                 (0, 0, found.held)
             } else {
-                let rest = rest_of_window(own.requests, unit, now);
+                let over = since_last_sync(counter, window, unit, now);
+                let rest = rest_of_window(found.pending.0.max(0) as u32, over, unit, now);
                 (target(found, every, rest), 0, found.held)
             };
             let call = LeaseCall {
@@ -341,9 +342,9 @@ mod tests {
         );
         // No more than three quarters of what the rest of the window will use.
         assert_eq!(target(found(70, (30, 0), 80, 0), 8, 40), 100);
-        // 70 admitted in the first 45 s of a minute: 70 x 15 / 45 in the last 15 s.
+        // 30 admitted in the last 5 s, 15 s of the minute left: 90 more at that rate.
         let now = 60_000 * 1000 + 45_000;
-        assert_eq!(rest_of_window(70, Unit::Minute, now), 23);
+        assert_eq!(rest_of_window(30, 5_000, Unit::Minute, now), 90);
     }
 
     #[test]
