@@ -10,6 +10,9 @@
 //! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
 //! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
 
+mod common;
+
+use common::free_port;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -39,14 +42,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_port(port: u16) {

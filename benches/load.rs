@@ -9,6 +9,7 @@
 //! their CPU time is read from /proc apart from the load generator's.
 
 mod common;
+use common::free_port;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -66,14 +67,6 @@ fn noop_server(port: u16, one_thread: bool) {
             .await
             .unwrap();
     });
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// CPU seconds (user + system) a process has used so far.

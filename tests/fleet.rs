@@ -678,6 +678,64 @@ async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritte
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_answer_was_lost_is_not_counted_twice() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let ns = unique_namespace("paused");
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
+    let rules = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 1000 }\n";
+    let server = synced_in_process(redis.url(), &ns, ("ns.yaml", rules), |s| {
+        s.redis_timeout = Duration::from_millis(100);
+    })
+    .await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let key = format!(
+        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
+        now_ms() / 60_000 * 60
+    );
+    assert_eq!(server.admitted(50, &call).await, 50);
+    until_stored(&redis, &key, 50).await;
+    // 20 more, then Redis pauses while the next sync sends them: the push times out (past
+    // --redis-timeout), and Redis applies it when it resumes, after the replica has given up
+    // on its answer and sent it again.
+    assert_eq!(server.admitted(20, &call).await, 20);
+    redis.pause(true);
+    let failures = || {
+        let app = &server.running.as_ref().unwrap().app;
+        app.fleet.as_ref().unwrap().status.load().failures
+    };
+    let before = failures();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while failures() == before {
+        assert!(
+            Instant::now() < deadline,
+            "no sync failed while Redis was paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.pause(false);
+    until_stored(&redis, &key, 70).await;
+    // Rounds go by: the count stays what was admitted, 70, not 90.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("used"));
+    println!(
+        "{} failed syncs while paused; Redis holds {used:?} of 70 admitted",
+        failures() - before
+    );
+    assert_eq!(used, Some(70), "counted once");
+    let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+    assert!(
+        leased.is_some_and(|n| (70..=1000).contains(&n)),
+        "{leased:?}"
+    );
+    server.stop().await;
+}
+
 /// Calls of `command` Redis has served, from `INFO commandstats`.
 fn calls_of(redis: &RedisServer, command: &str) -> u64 {
     let info: String = redis.query(::redis::cmd("INFO").arg("commandstats"));

@@ -20,3 +20,12 @@ pub fn key_rules(n: usize) -> String {
         .map(|i| format!("  - key: d{i}\n    {HIGH_LIMIT}\n"))
         .collect()
 }
+
+/// A free loopback port, for a server a benchmark starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

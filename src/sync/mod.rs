@@ -178,11 +178,10 @@ impl Fleet {
     fn replicas_key(&self) -> String {
         format!("{}:sluice:replicas", self.settings.namespace)
     }
-    /// Sends a heartbeat and counts the replicas alive.
-    async fn heartbeat(&self, store: &mut Store, now_ms: u64) -> Result<u32, RedisError> {
+    /// Queues a heartbeat on `pipe`, whose one reply is the number of replicas alive.
+    fn queue_heartbeat(&self, pipe: &mut redis::Pipeline, now_ms: u64) {
         let key = self.replicas_key();
         let ttl = heartbeat_ttl(self.settings.interval).as_millis() as u64;
-        let mut pipe = redis::pipe();
         pipe.cmd("ZADD")
             .arg(&key)
             .arg(now_ms)
@@ -195,14 +194,20 @@ impl Fleet {
             .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl * 2).ignore();
         pipe.cmd("ZCARD").arg(&key);
-        let (replicas,): (u32,) = store.pipeline(&pipe, self.timeout()).await?;
-        Ok(replicas.max(1))
     }
 
     /// Pushes every counter's counts and gives back what its leases hold unused (at shutdown).
     pub async fn give_back(&self, handles: &SyncHandles) {
         let mut index = round::RuleIndex::default();
-        if let Err(error) = round::round(handles, self, &mut index, 1, round::Mode::Leaving).await {
+        let replicas = self.status.load().replicas.max(1);
+        let round = round::round(
+            handles,
+            self,
+            &mut index,
+            (1, replicas),
+            round::Mode::Leaving,
+        );
+        if let Err(error) = round.await {
             tracing::warn!(%error, "could not give the leases back to Redis; they lapse with their windows");
         }
     }
@@ -292,8 +297,14 @@ pub async fn run(handles: SyncHandles, fleet: Arc<Fleet>) {
         last_round = Instant::now();
         let started = Instant::now();
         round_no = round_no.wrapping_add(1).max(1);
-        let result =
-            round::round(&handles, &fleet, &mut index, round_no, round::Mode::Serving).await;
+        let result = round::round(
+            &handles,
+            &fleet,
+            &mut index,
+            (round_no, replicas),
+            round::Mode::Serving,
+        )
+        .await;
         let mut status = (*fleet.status.load_full()).clone();
         status.rounds += 1;
         match result {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use redis::RedisError;
+use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
 use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_of_window, since_last_sync};
@@ -131,19 +131,29 @@ pub(super) enum Mode {
     Leaving,
 }
 
-/// Runs one sync round: heartbeat, then one lease call for every live counter that is due, a
-/// batch at a time (the batch's work and key names reuse their buffers).
+/// Runs one sync round: one lease call for every live counter that is due, a batch at a time
+/// (the batch's work and key names reuse their buffers), the heartbeat in the first batch's
+/// pipeline (so a Redis that stalls holds the round's pushes too, and a retry must not count
+/// them twice). Grants are sized by the fleet size of the last round (`round`: its number and
+/// that size); returns the fleet size now and the counters synced.
 pub(super) async fn round(
     handles: &SyncHandles,
     fleet: &Fleet,
     index: &mut RuleIndex,
-    round_no: u32,
+    (round_no, mut replicas): (u32, u32),
     mode: Mode,
 ) -> Result<(u32, usize), RedisError> {
     let leaving = mode == Mode::Leaving;
     let mut store = fleet.store().await?;
     let now = handles.limiter.clock().now_ms();
-    let replicas = fleet.heartbeat(&mut store, now).await?;
+    // On a cluster the heartbeat's key has a slot of its own: sent on its own there.
+    let mut heartbeat = !fleet.settings.address.cluster;
+    if !heartbeat {
+        let mut pipe = redis::pipe();
+        fleet.queue_heartbeat(&mut pipe, now);
+        let (alive,): (u32,) = store.pipeline(&pipe, fleet.timeout()).await?;
+        replicas = alive.max(1);
+    }
     index.follow(handles.rules.load_full());
     let (interval, every) = (fleet.settings.interval, fleet.settings.quiet_refresh_rounds);
     let table = handles.limiter.counters().snapshot();
@@ -240,18 +250,26 @@ pub(super) async fn round(
                 break;
             }
         }
-        if batch.is_empty() {
+        if batch.is_empty() && !heartbeat {
             break;
         }
         counters += batch.len();
         let mut pipe = redis::pipe();
+        if heartbeat {
+            fleet.queue_heartbeat(&mut pipe, now);
+        }
         for w in &batch {
             pipe.add_command(w.call.command(&keys[w.key.clone()], fleet.replica_field()));
         }
-        let replies: Vec<[i64; 5]> = store
+        let mut replies: Vec<redis::Value> = store
             .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
             .await?;
+        if std::mem::take(&mut heartbeat) {
+            let alive = replies.drain(..1).next().unwrap_or(redis::Value::Nil);
+            replicas = u32::from_redis_value(alive)?.max(1);
+        }
         for (w, reply) in batch.iter().zip(replies) {
+            let reply: [i64; 5] = redis::FromRedisValue::from_redis_value(reply)?;
             w.counter.synced(w.window, w.call.stored(reply), now);
             // How far past a limit the fleet admitted (while Redis was away): what the
             // accuracy model bounds.

@@ -104,6 +104,18 @@ impl RedisServer {
         }
     }
 
+    /// Pauses (`SIGSTOP`: slow, not dead; it reads nothing until [`RedisServer::resume`]) or
+    /// resumes (`SIGCONT`) the server, by its pid.
+    pub fn pause(&self, paused: bool) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let sent = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
