@@ -19,6 +19,17 @@ use tonic::transport::Channel;
 /// rounds, and replicas of another test on the same two cores delay those rounds.
 static TURNS: Mutex<()> = Mutex::const_new(());
 
+/// A counter's key in Redis, as sluice names it: the descriptor path hashed (SHA-256, its
+/// first 128 bits in hex), so Redis holds no caller's value in clear.
+fn redis_key(namespace: &str, domain: &str, path: &str, unit: &str, window_start: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(path.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{namespace}:ratelimit:{domain}:{{{hash}}}:{unit}:{window_start}")
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -504,7 +515,13 @@ async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
     }
 
     // After the restart, the counts made during the outage reach Redis.
-    let key = format!("{namespace}:ratelimit:fleet:{{tally_during-outage}}:hour:{hour_start}");
+    let key = redis_key(
+        &namespace,
+        "fleet",
+        "tally_during-outage",
+        "hour",
+        hour_start,
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let pushed: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("used"));
@@ -604,7 +621,7 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
 
     let window_start = now_ms() / 60_000 * 60;
     for (ns, want) in [(&ns_a, 10u32), (&ns_b, 10)] {
-        let key = format!("{ns}:ratelimit:ns:{{user_u1}}:minute:{window_start}");
+        let key = redis_key(ns, "ns", "user_u1", "minute", window_start);
         until_stored(&redis, &key, want).await;
         // Expires at the window's end plus a minute's margin.
         let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&key));
@@ -627,7 +644,7 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
     let usage = sluice::counters::usage(&app, "ns", &entries).await.unwrap();
     assert_eq!(usage.windows[0].local.requests, 0);
     assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(0));
-    let b_key = format!("{ns_b}:ratelimit:ns:{{user_u1}}:minute:{window_start}");
+    let b_key = redis_key(&ns_b, "ns", "user_u1", "minute", window_start);
     let b_left: Option<u32> = redis.query(::redis::cmd("HGET").arg(&b_key).arg("used"));
     assert_eq!(b_left, Some(10), "namespace b untouched by a's reset");
     for s in [a1, a2, b] {
@@ -646,10 +663,7 @@ async fn a_key_lost_mid_window_gets_its_expiry_back_and_tokens_are_left_unwritte
     let server = in_process(&redis, &ns).await;
     wait_synced(&server).await;
     let call = request("ns", &[&[("user", "u1")]]);
-    let key = format!(
-        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
-        now_ms() / 60_000 * 60
-    );
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     assert_eq!(server.admitted(2, &call).await, 2);
     until_stored(&redis, &key, 2).await;
     // A requests-only rule: the tokens field is never written.
@@ -693,10 +707,7 @@ async fn a_push_whose_answer_was_lost_is_not_counted_twice() {
     .await;
     wait_synced(&server).await;
     let call = request("ns", &[&[("user", "u1")]]);
-    let key = format!(
-        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
-        now_ms() / 60_000 * 60
-    );
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     assert_eq!(server.admitted(50, &call).await, 50);
     until_stored(&redis, &key, 50).await;
     // 20 more, then Redis pauses while the next sync sends them: the push times out (past
@@ -733,6 +744,52 @@ async fn a_push_whose_answer_was_lost_is_not_counted_twice() {
         leased.is_some_and(|n| (70..=1000).contains(&n)),
         "{leased:?}"
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_holds_no_descriptor_value_in_clear() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let ns = unique_namespace("clear");
+    let server = in_process(&redis, &ns).await;
+    wait_synced(&server).await;
+    let planted = "sk-live-PLANTED-4242";
+    let call = request("ns", &[&[("user", planted)]]);
+    assert_eq!(server.admitted(3, &call).await, 3);
+    let key = redis_key(
+        &ns,
+        "ns",
+        &format!("user_{planted}"),
+        "minute",
+        now_ms() / 60_000 * 60,
+    );
+    until_stored(&redis, &key, 3).await;
+    // Every key (SCAN, as `redis-cli --scan`), and every field and value under each.
+    let keys: Vec<String> = redis.query(::redis::cmd("KEYS").arg("*"));
+    let mut seen = 0;
+    for key in &keys {
+        assert!(!key.contains("PLANTED"), "a key names the value: {key}");
+        let kind: String = redis.query(::redis::cmd("TYPE").arg(key));
+        if kind == "hash" {
+            let all: Vec<String> = redis.query(::redis::cmd("HGETALL").arg(key));
+            assert!(all.iter().all(|f| !f.contains("PLANTED")), "{key}: {all:?}");
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "the counter's hash was read: {keys:?}");
+    // The operator still finds it by its value.
+    let app = server.running.as_ref().unwrap().app.clone();
+    let usage = sluice::counters::usage(&app, "ns", &[("user", planted)])
+        .await
+        .expect("matches a rule");
+    assert_eq!(usage.windows[0].fleet.map(|c| c.requests), Some(3));
+    let cleared = sluice::counters::reset(&app, "ns", &[("user", planted)])
+        .await
+        .unwrap();
+    assert_eq!(cleared.fleet_keys, 1);
     server.stop().await;
 }
 
@@ -799,10 +856,7 @@ async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_c
     let server = in_process(&redis, &ns).await;
     wait_synced(&server).await;
     let call = request("ns", &[&[("user", "u1")]]);
-    let key = format!(
-        "{ns}:ratelimit:ns:{{user_u1}}:minute:{}",
-        now_ms() / 60_000 * 60
-    );
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     // 1 of 10, then nothing more here or elsewhere.
     assert_eq!(server.admitted(1, &call).await, 1);
     until_stored(&redis, &key, 1).await;
@@ -867,7 +921,7 @@ async fn busy_counters_lease_ahead_and_sync_on_their_turn() {
     let server = synced_in_process(redis.url(), &ns, ("busy.yaml", BUSY), |_| {}).await;
     wait_synced(&server).await;
     let window = now_ms() / 60_000 * 60;
-    let key = format!("{ns}:ratelimit:busy:{{far_f1}}:minute:{window}");
+    let key = redis_key(&ns, "busy", "far_f1", "minute", window);
 
     let far = request("busy", &[&[("far", "f1")]]);
     assert_eq!(server.admitted(1, &far).await, 1);
@@ -932,7 +986,13 @@ async fn until_scripts_land(
     let window_start = now_ms() / 60_000 * 60;
     for (i, client) in clients.iter().enumerate() {
         let value = format!("warm-{round}-{i}");
-        let key = format!("{namespace}:ratelimit:strict:{{k_{value}}}:minute:{window_start}");
+        let key = redis_key(
+            namespace,
+            "strict",
+            &format!("k_{value}"),
+            "minute",
+            window_start,
+        );
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let call = request("strict", &[&[("k", &value)]]);
@@ -1076,7 +1136,7 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
     assert_eq!(admitted, 100);
     // The count lives in the cluster, in the node that owns its slot.
     let window_start = now_ms() / 60_000 * 60;
-    let key = format!("{namespace}:ratelimit:cl:{{k_one-key}}:minute:{window_start}");
+    let key = redis_key(&namespace, "cl", "k_one-key", "minute", window_start);
     let client =
         ::redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{}", nodes[2].port)])
             .unwrap();

@@ -1,5 +1,7 @@
 //! How counters are named in Redis:
-//! `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
+//! `{namespace}:ratelimit:{domain}:{<hash of the descriptor path>}:{unit}:{window start}`.
+//! The descriptor path carries the callers' values (API keys): Redis sees only its SHA-256,
+//! the first 128 bits in hex, so no one who can read Redis can read a key.
 
 use super::Fleet;
 use crate::limiter::{CounterKey, Unit, Window};
@@ -7,8 +9,8 @@ use crate::rules::{OVERRIDE_SCOPE, Rule};
 
 impl Fleet {
     /// The key of a counter in one window:
-    /// `{namespace}:ratelimit:{domain}:{{descriptor path}}:{unit}:{window start}`.
-    /// The descriptor path is the hash tag, so all windows of a counter share a cluster slot.
+    /// `{namespace}:ratelimit:{domain}:{<hash of the descriptor path>}:{unit}:{window start}`.
+    /// The hashed path is the hash tag, so all windows of a counter share a cluster slot.
     pub fn counter_key(&self, domain: &str, path: &str, unit: Unit, window: Window) -> String {
         let mut key = String::new();
         self.write_counter_key(&mut key, domain, |out| out.push_str(path), unit, window);
@@ -25,12 +27,30 @@ impl Fleet {
         window: Window,
     ) {
         use std::fmt::Write;
+        let mut clear = String::new();
+        path(&mut clear);
+        self.write_counter_prefix(out, domain, &clear);
+        let _ = write!(out, "{unit}:{}", u64::from(window.0) * unit.seconds());
+    }
+
+    /// What every window's key of a counter starts with:
+    /// `{namespace}:ratelimit:{domain}:{<hash of the path>}:`.
+    pub(super) fn write_counter_prefix(&self, out: &mut String, domain: &str, path: &str) {
         out.push_str(&self.settings.namespace);
         out.push_str(":ratelimit:");
         out.push_str(domain);
         out.push_str(":{");
-        path(out);
-        let _ = write!(out, "}}:{unit}:{}", u64::from(window.0) * unit.seconds());
+        write_path_hash(out, path);
+        out.push_str("}:");
+    }
+}
+
+/// The first 128 bits of the path's SHA-256, in hex: what Redis sees of a descriptor path.
+fn write_path_hash(out: &mut String, path: &str) {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    for byte in &Sha256::digest(path.as_bytes())[..16] {
+        let _ = write!(out, "{byte:02x}");
     }
 }
 
@@ -132,9 +152,19 @@ mod tests {
             parts: &["k1", "gpt-4o"],
         }
         .to_key();
+        let hashed = |path: &str| {
+            let mut out = String::new();
+            write_path_hash(&mut out, path);
+            out
+        };
+        // The hash is SHA-256's, cut to 128 bits.
+        assert_eq!(hashed("abc"), "ba7816bf8f01cfea414140de5dae2223");
         assert_eq!(
-            key_of(&key, Some(rule)).as_deref(),
-            Some("left alone|prod:ratelimit:llm:{api_key_k1.model_gpt-4o}:minute:1767225600")
+            key_of(&key, Some(rule)),
+            Some(format!(
+                "left alone|prod:ratelimit:llm:{{{}}}:minute:1767225600",
+                hashed("api_key_k1.model_gpt-4o")
+            ))
         );
         // A rule no longer loaded: no key, nothing written.
         assert_eq!(key_of(&key, None), None);
@@ -145,12 +175,18 @@ mod tests {
         }
         .to_key();
         assert_eq!(
-            key_of(&overridden, None).as_deref(),
-            Some("left alone|prod:ratelimit:llm:{override.api_key_k1}:hour:1767225600")
+            key_of(&overridden, None),
+            Some(format!(
+                "left alone|prod:ratelimit:llm:{{{}}}:hour:1767225600",
+                hashed("override.api_key_k1")
+            ))
         );
         assert_eq!(
             fleet().counter_key("llm", "api_key_k1", Unit::Second, Window(1_767_225_600)),
-            "prod:ratelimit:llm:{api_key_k1}:second:1767225600"
+            format!(
+                "prod:ratelimit:llm:{{{}}}:second:1767225600",
+                hashed("api_key_k1")
+            )
         );
     }
 }

@@ -249,7 +249,8 @@ impl Fleet {
     /// keys went.
     pub async fn reset(&self, domain: &str, path: &str) -> Result<usize, SyncError> {
         let mut store = self.store().await?;
-        let prefix = format!("{}:ratelimit:{domain}:{{{path}}}:", self.settings.namespace);
+        let mut prefix = String::new();
+        self.write_counter_prefix(&mut prefix, domain, path);
         let pattern = format!("{}*", keys::glob_escape(&prefix));
         let keys = store.scan(&pattern, &prefix, self.timeout()).await?;
         if !keys.is_empty() {
