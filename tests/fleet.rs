@@ -12,6 +12,7 @@ use common::redis::{RedisServer, unique_namespace};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use rcgen::ExtendedKeyUsagePurpose;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
 
@@ -790,6 +791,53 @@ async fn redis_holds_no_descriptor_value_in_clear() {
         .await
         .unwrap();
     assert_eq!(cleared.fleet_keys, 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_with_client_certificates_holds_the_fleets_counts() {
+    let _turn = TURNS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::certs::Ca::new("redis test ca");
+    let ca_file = ca.write(dir.path(), "ca.pem");
+    let server_identity = ca.issue(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (cert, key) = common::certs::write_pair(dir.path(), "redis", server_identity);
+    let client_identity = ca.issue(&["sluice"], ExtendedKeyUsagePurpose::ClientAuth);
+    let client = common::certs::write_pair(dir.path(), "sluice", client_identity);
+    let tls_port = free_port().to_string();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    // The plain port stays open for the test's own reads; sluice talks TLS only, and Redis
+    // asks it for a client certificate.
+    let Some(redis) = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &path(&cert),
+        "--tls-key-file",
+        &path(&key),
+        "--tls-ca-cert-file",
+        &path(&ca_file),
+        "--tls-auth-clients",
+        "yes",
+    ]) else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let ns = unique_namespace("tls");
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let server = synced_in_process(url, &ns, ("ns.yaml", PER_MINUTE), |s| {
+        s.redis_ca_file = Some(ca_file.clone());
+        s.redis_cert_file = Some(client.0.clone());
+        s.redis_key_file = Some(client.1.clone());
+    })
+    .await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    assert_eq!(server.admitted(12, &call).await, 10);
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
+    until_stored(&redis, &key, 10).await;
+    let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+    assert_eq!(leased, Some(10), "leased over TLS");
     server.stop().await;
 }
 

@@ -2,6 +2,7 @@
 //! written to a temporary directory, a manual clock, and a real gRPC client.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod envoy;
 pub mod metrics;
 pub mod redis;
