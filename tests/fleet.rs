@@ -841,6 +841,68 @@ async fn a_tls_redis_with_client_certificates_holds_the_fleets_counts() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_on_one_replica_reaches_the_others() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let ns = unique_namespace("reset");
+    let (a, b) = (in_process(&redis, &ns).await, in_process(&redis, &ns).await);
+    for s in [&a, &b] {
+        wait_synced(s).await;
+    }
+    let call = request("ns", &[&[("user", "u1")]]);
+    assert_eq!(a.admitted(4, &call).await, 4);
+    assert_eq!(b.admitted(4, &call).await, 4);
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
+    until_stored(&redis, &key, 8).await;
+    let entries = [("user", "u1")];
+    let app_a = a.running.as_ref().unwrap().app.clone();
+    let app_b = b.running.as_ref().unwrap().app.clone();
+    let cleared = sluice::counters::reset(&app_a, "ns", &entries)
+        .await
+        .unwrap();
+    assert_eq!((cleared.local_counters, cleared.fleet_keys), (1, 1));
+    // Within one sync interval (20 ms here) the other replica has forgotten its 4 and its
+    // lease, so its syncs give the store nothing back.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let started = Instant::now();
+    loop {
+        let usage = sluice::counters::usage(&app_b, "ns", &entries)
+            .await
+            .unwrap();
+        if usage.windows[0].local.requests == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b still counts {:?}",
+            usage.windows[0].local
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "the other replica forgot the reset counter after {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let used: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("used"));
+    assert!(
+        used.is_none_or(|n| n == 0),
+        "Redis holds {used:?} after the reset"
+    );
+    // Both admit the whole limit afresh between them (b once a has given back what it holds
+    // unused, at its next sync).
+    let first = a.admitted(6, &call).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(first + b.admitted(6, &call).await, 10);
+    for s in [a, b] {
+        s.stop().await;
+    }
+}
+
 /// Calls of `command` Redis has served, from `INFO commandstats`.
 fn calls_of(redis: &RedisServer, command: &str) -> u64 {
     let info: String = redis.query(::redis::cmd("INFO").arg("commandstats"));

@@ -259,7 +259,64 @@ impl Fleet {
             cmd.arg(&keys);
             let _: i64 = store.command(&cmd, self.timeout()).await?;
         }
+        // The other replicas forget their counts and leases of it too, or their next syncs
+        // would give the store back what they hold. The message names the keys' prefix: a
+        // hash, never a caller's value.
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(self.resets_channel()).arg(&prefix);
+        let _: i64 = store.command(&publish, self.timeout()).await?;
         Ok(keys.len())
+    }
+
+    fn resets_channel(&self) -> String {
+        format!("{}:sluice:resets", self.settings.namespace)
+    }
+
+    /// Forgets, on this replica, every counter whose keys in the store start with `prefix`:
+    /// its counts and its leases. Returns how many went.
+    pub fn forget(&self, handles: &SyncHandles, prefix: &str) -> usize {
+        let rules = handles.rules.load();
+        let by_scope: std::collections::HashMap<u64, &crate::rules::Rule> = rules
+            .domains()
+            .flat_map(|d| d.rules.iter().map(|r| (r.id, &**r)))
+            .collect();
+        let mut name = String::new();
+        handles.limiter.counters().remove_where(|key| {
+            name.clear();
+            let rule = by_scope.get(&key.scope()).copied();
+            keys::write_key_of(self, &mut name, key, rule, Window(0)) && name.starts_with(prefix)
+        })
+    }
+
+    /// Forgets what other replicas reset, as their announcements arrive (single Redis, plain
+    /// or with a password; elsewhere a reset reaches only the replica that made it).
+    async fn follow_resets(&self, handles: &SyncHandles) {
+        let Some(url) = self.settings.address.urls.first() else {
+            return;
+        };
+        if self.settings.address.cluster || self.settings.address.sentinel_master.is_some() {
+            return;
+        }
+        loop {
+            let subscribed = async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(self.resets_channel()).await?;
+                let mut messages = pubsub.on_message();
+                while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                    let Ok(prefix) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    let forgotten = self.forget(handles, &prefix);
+                    tracing::info!(forgotten, "another replica reset a counter; forgotten here");
+                }
+                Ok::<(), RedisError>(())
+            };
+            if let Err(error) = subscribed.await {
+                tracing::debug!(%error, "reset channel lost; subscribing again");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -270,6 +327,11 @@ fn clamp(n: i64) -> u32 {
 /// Syncs until the task is dropped: every interval, and sooner when a counter has used its
 /// share. Failures switch the request path to the failure policy and back.
 pub async fn run(handles: SyncHandles, fleet: Arc<Fleet>) {
+    tokio::join!(sync(&handles, &fleet), fleet.follow_resets(&handles));
+}
+
+/// The sync loop of [`run`].
+async fn sync(handles: &SyncHandles, fleet: &Arc<Fleet>) {
     let (limiter, metrics) = (&handles.limiter, &handles.metrics);
     let wanted = Arc::new(tokio::sync::Notify::new());
     let wake = wanted.clone();
@@ -299,8 +361,8 @@ pub async fn run(handles: SyncHandles, fleet: Arc<Fleet>) {
         let started = Instant::now();
         round_no = round_no.wrapping_add(1).max(1);
         let result = round::round(
-            &handles,
-            &fleet,
+            handles,
+            fleet,
             &mut index,
             (round_no, replicas),
             round::Mode::Serving,
