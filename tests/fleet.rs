@@ -755,6 +755,8 @@ async fn redis_holds_no_descriptor_value_in_clear() {
         return;
     };
     let ns = unique_namespace("clear");
+    // The server's manual clock stands still from its start: one minute for all of it.
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
     let server = in_process(&redis, &ns).await;
     wait_synced(&server).await;
     let planted = "sk-live-PLANTED-4242";
@@ -855,6 +857,8 @@ async fn a_reset_on_one_replica_reaches_the_others() {
     }
     let call = request("ns", &[&[("user", "u1")]]);
     assert_eq!(a.admitted(4, &call).await, 4);
+    // b once a has given back what it holds unused (at its next sync).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(b.admitted(4, &call).await, 4);
     let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     until_stored(&redis, &key, 8).await;
