@@ -120,11 +120,15 @@ local release = math.min(tonumber(ARGV[11]), held)
 if release > 0 then
   leased = redis.call('HINCRBY', key, 'requests', -release)
   held = redis.call('HINCRBY', key, 'h:' .. me, -release)
-elseif limit >= 0 and (target > held or need > held) then
+elseif limit >= 0 and (target > holding or need > holding) then
+  -- Sized from what the replica knows it holds, not what the store says: an answer lost on
+  -- the way (a timeout) left the store counting a grant the replica never had, and sizing
+  -- from the store would refuse it more for the rest of the window. What was lost stays
+  -- leased (unused, never admitted twice).
   local left = limit - leased
   if left > 0 then
     local cap = math.max(1, math.ceil(left / (2 * replicas)))
-    granted = math.min(left, math.max(math.min(target - held, cap), need - held))
+    granted = math.min(left, math.max(math.min(target - holding, cap), need - holding))
     if granted > 0 then
       held = redis.call('HINCRBY', key, 'h:' .. me, granted)
       leased = redis.call('HINCRBY', key, 'requests', granted)

@@ -265,6 +265,15 @@ impl Fleet {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(self.resets_channel()).arg(&prefix);
         let _: i64 = store.command(&publish, self.timeout()).await?;
+        // A sync already on its way when the reset came (here or elsewhere) writes the old
+        // counts back: once those have landed (a round is bounded by 4 timeouts), clear again.
+        tokio::time::sleep((self.timeout() * 4).min(Duration::from_secs(2))).await;
+        let again = store.scan(&pattern, &prefix, self.timeout()).await?;
+        if !again.is_empty() {
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(&again);
+            let _: i64 = store.command(&cmd, self.timeout()).await?;
+        }
         Ok(keys.len())
     }
 
