@@ -2,9 +2,6 @@
 //! replica that starts later catches up) and published on a channel (others apply them now).
 
 use std::collections::HashMap;
-use std::time::Duration;
-
-use redis::RedisError;
 
 use super::{Fleet, SyncError};
 use crate::capacity::{Announcement, RuleName};
@@ -58,27 +55,8 @@ impl Fleet {
     /// Wakes `changed` whenever another replica publishes an announcement (single Redis; on a
     /// cluster the hash is read every tick anyway).
     pub async fn follow_capacity(&self, changed: &tokio::sync::Notify) {
-        if self.settings.address.cluster {
-            return;
-        }
-        let Some(url) = self.settings.address.urls.first() else {
-            return;
-        };
-        loop {
-            let subscribed = async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(self.capacity_key()).await?;
-                let mut messages = pubsub.on_message();
-                while futures_util::StreamExt::next(&mut messages).await.is_some() {
-                    changed.notify_one();
-                }
-                Ok::<(), RedisError>(())
-            };
-            if let Err(error) = subscribed.await {
-                tracing::debug!(%error, "capacity channel lost; reading the hash every tick meanwhile");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        let lost = "capacity channel lost; reading the hash every tick meanwhile";
+        self.follow_channel(self.capacity_key(), |_| changed.notify_one(), lost)
+            .await;
     }
 }

@@ -300,29 +300,51 @@ impl Fleet {
     /// Forgets what other replicas reset, as their announcements arrive (single Redis, plain
     /// or with a password; elsewhere a reset reaches only the replica that made it).
     async fn follow_resets(&self, handles: &SyncHandles) {
+        if self.settings.address.sentinel_master.is_some() {
+            return;
+        }
+        let forget = |message: redis::Msg| {
+            if let Ok(prefix) = message.get_payload::<String>() {
+                let forgotten = self.forget(handles, &prefix);
+                tracing::info!(forgotten, "another replica reset a counter; forgotten here");
+            }
+        };
+        self.follow_channel(
+            self.resets_channel(),
+            forget,
+            "reset channel lost; subscribing again",
+        )
+        .await;
+    }
+
+    /// Hands every message published on `channel` to `on_message`, subscribing again a second
+    /// after the subscription is lost (logged as `lost`). Single Redis only: returns at once on
+    /// a cluster or without a URL.
+    async fn follow_channel(
+        &self,
+        channel: String,
+        mut on_message: impl FnMut(redis::Msg),
+        lost: &'static str,
+    ) {
+        if self.settings.address.cluster {
+            return;
+        }
         let Some(url) = self.settings.address.urls.first() else {
             return;
         };
-        if self.settings.address.cluster || self.settings.address.sentinel_master.is_some() {
-            return;
-        }
         loop {
             let subscribed = async {
                 let client = redis::Client::open(url.as_str())?;
                 let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(self.resets_channel()).await?;
+                pubsub.subscribe(&channel).await?;
                 let mut messages = pubsub.on_message();
                 while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-                    let Ok(prefix) = message.get_payload::<String>() else {
-                        continue;
-                    };
-                    let forgotten = self.forget(handles, &prefix);
-                    tracing::info!(forgotten, "another replica reset a counter; forgotten here");
+                    on_message(message);
                 }
                 Ok::<(), RedisError>(())
             };
             if let Err(error) = subscribed.await {
-                tracing::debug!(%error, "reset channel lost; subscribing again");
+                tracing::debug!(%error, "{lost}");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
