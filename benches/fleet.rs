@@ -1,11 +1,13 @@
 //! The fleet's accuracy and its Redis cost, measured (not a test): three sluice replicas at the
-//! default settings on one redis-server, offered 1.5x a per-minute limit evenly, on 1 counter
-//! and on 100,000. For every minute window wholly inside the run it prints what was admitted
+//! default settings on one redis-server, offered a per-minute limit evenly: 1 counter at 1.5x
+//! its limit, 100,000 at 1.5x (each at its limit), and 100,000 far from theirs. For every minute window wholly inside the run it prints what was admitted
 //! against the limit (in all, and the most and least of any one counter), the share of
 //! decisions that leased on the request path, and Redis commands per second.
 //!
 //!     cargo bench --bench fleet
-//!     FLEET_KEYS=1,100000 FLEET_SECONDS=130 cargo bench --bench fleet
+//!     FLEET_RUNS=1/6000/1.5,100000/3/1.5 FLEET_SECONDS=130 cargo bench --bench fleet
+//!
+//! (`FLEET_RUNS`: counters/limit a minute/offered as a multiple of the limit, per run.)
 //!
 //! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
 //! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
@@ -25,7 +27,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use tonic::transport::Channel;
 
 const REPLICAS: usize = 3;
-const OFFERED: f64 = 1.5;
 
 /// A process this bench started, killed by its pid when dropped.
 struct Started(Child);
@@ -162,10 +163,21 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let keys: Vec<usize> = std::env::var("FLEET_KEYS")
-        .unwrap_or_else(|_| "1,100000".into())
+    // Each run: counters / limit a minute / offered load as a multiple of the limit.
+    let runs: Vec<(usize, u32, f64)> = std::env::var("FLEET_RUNS")
+        .unwrap_or_else(|_| "1/6000/1.5,100000/3/1.5,100000/60/0.075".into())
         .split(',')
-        .map(|k| k.trim().parse().expect("FLEET_KEYS: numbers"))
+        .map(|run| {
+            let parts: Vec<&str> = run.trim().split('/').collect();
+            let [k, limit, offered] = parts[..] else {
+                panic!("FLEET_RUNS: counters/limit/offered, comma-separated: {run}")
+            };
+            (
+                k.parse().expect("FLEET_RUNS: counters"),
+                limit.parse().expect("FLEET_RUNS: limit"),
+                offered.parse().expect("FLEET_RUNS: offered"),
+            )
+        })
         .collect();
     let seconds: u64 = std::env::var("FLEET_SECONDS")
         .ok()
@@ -174,12 +186,13 @@ fn main() {
         std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "fleet: {REPLICAS} replicas at the default settings on one redis-server, offered {OFFERED}x a per-minute limit evenly, {seconds} s a run"
+        "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute limit offered evenly, {seconds} s a run"
     );
     println!(
-        "{:>8} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:>8} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "counters",
         "limit",
+        "offered",
         "window",
         "admitted",
         "/limit",
@@ -188,9 +201,7 @@ fn main() {
         "leased%",
         "redis/s"
     );
-    for &k in &keys {
-        // Per counter: 100 a second for one; for many, 3 a minute each.
-        let limit: u32 = if k == 1 { 6000 } else { 3 };
+    for &(k, limit, offered) in &runs {
         let redis_port = free_port();
         let _redis = Started(
             Command::new(&redis_server)
@@ -231,7 +242,7 @@ fn main() {
             grpc.push(g);
             http.push(h);
         }
-        let rate = f64::from(limit) * k as f64 * OFFERED / 60.0;
+        let rate = f64::from(limit) * k as f64 * offered / 60.0;
         let tally: Tally = Arc::default();
         let (from, commands_before) =
             (now_ms(), redis_info(redis_port, "total_commands_processed"));
@@ -274,7 +285,7 @@ fn main() {
             }
             let budget = f64::from(limit) * k as f64;
             println!(
-                "{k:>8} {limit:>7} {window:>10} {total:>10} {:>9.4} {:>9.3} {:>9.3} {:>9.3}% {:>9.0}",
+                "{k:>8} {limit:>7} {offered:>7} {window:>10} {total:>10} {:>9.4} {:>9.3} {:>9.3} {:>9.3}% {:>9.0}",
                 total as f64 / budget,
                 f64::from(most) / f64::from(limit),
                 f64::from(least) / f64::from(limit),

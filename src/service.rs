@@ -54,12 +54,27 @@ pub async fn answer(
     let (response, strict) = match decide_once(false)? {
         Responded::Answer(response, strict) => (response, strict),
         Responded::LeasesSpent(wants) => {
-            // Boxed: the rare path's state would otherwise make every answer's future
-            // kilobytes larger.
-            Box::pin(take_leases(app, &wants)).await;
-            match decide_once(true)? {
+            // A lease the sync took ahead of this window, claimed with no call to the store.
+            let claimed = app
+                .fleet
+                .as_ref()
+                .is_some_and(|fleet| fleet.claim_ahead(&app.limiter, &wants));
+            let again = if claimed {
+                decide_once(false)?
+            } else {
+                Responded::LeasesSpent(wants)
+            };
+            match again {
                 Responded::Answer(response, strict) => (response, strict),
-                Responded::LeasesSpent(_) => return Err(internal()),
+                Responded::LeasesSpent(wants) => {
+                    // Boxed: the rare path's state would otherwise make every answer's
+                    // future kilobytes larger.
+                    Box::pin(take_leases(app, &wants)).await;
+                    match decide_once(true)? {
+                        Responded::Answer(response, strict) => (response, strict),
+                        Responded::LeasesSpent(_) => return Err(internal()),
+                    }
+                }
             }
         }
     };

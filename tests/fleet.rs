@@ -418,6 +418,68 @@ async fn replicas_joining_leaving_and_killed_mid_window_keep_the_limit() {
     stop_all(children).await;
 }
 
+/// The next window is leased in the last round of this one, when a window is ten sync
+/// intervals or longer: per-second windows with a sync every 50 ms stand for per-minute
+/// windows at the default second (the same ratio), so the test needs no minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_next_window_is_leased_before_it_begins() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
+    let namespace = unique_namespace("ahead");
+    let fleet = replicas(
+        2,
+        &redis,
+        &namespace,
+        dir.path(),
+        &["--sync-interval", "50ms"],
+    )
+    .await;
+    let call = request("fleet", &[&[("k", "busy-key")]]);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    // Half the limit, evenly: every call fits, so no lease runs out at the budget's end.
+    let (from, run) = (now_ms(), Duration::from_secs(7));
+    let offered = u64::from(LIMIT) / 2;
+    let load = {
+        let (clients, call, tally) = (fleet.clients.clone(), call.clone(), tally.clone());
+        tokio::spawn(async move { drive(&clients, &call, offered, run, Spread::Even, tally).await })
+    };
+    // The first window leases as it goes (nothing was active before it): counted after it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let metric = "sluice_lease_request_path_calls_total";
+    let (warm, leased_before) = (now_ms(), summed(&fleet.http, metric).await);
+    load.await.unwrap();
+    let to = now_ms();
+    let leased = summed(&fleet.http, metric).await - leased_before;
+    let tally = tally.lock().await;
+    let windows = tally.full_windows(from, to);
+    let counted = tally.full_windows(warm, to).len() as u64;
+    println!(
+        "lease ahead: {windows:?} admitted a window, {} calls, {leased} leased on the request path in the {counted} windows after the first",
+        tally.calls
+    );
+    assert_eq!(tally.failures, 0);
+    assert!(windows.len() >= 4, "{windows:?}");
+    for (w, admitted) in &windows {
+        assert!(
+            (offered * 95 / 100..=offered * 105 / 100).contains(admitted),
+            "window {w}: {admitted} of {offered} offered"
+        );
+    }
+    // Leasing as each window comes costs each replica at least one call a window (its lease
+    // is empty when the window begins): 2 a window here. Leased ahead, the calls left are
+    // those of a lease that ran out between two rounds.
+    assert!(counted >= 4, "{counted} windows after the first");
+    assert!(
+        leased < 2 * counted,
+        "{leased} request-path leases in {counted} windows"
+    );
+    stop_all(fleet.children).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_replicas_admit_the_limit_exactly() {
     let _turn = TURNS.lock().await;
@@ -537,6 +599,108 @@ async fn redis_dying_under_load_fails_no_call_and_counts_come_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop_all(children).await;
+}
+
+/// `per_replica` calls of `call` through each replica in turn, every one answered OK.
+async fn all_admitted(
+    clients: &[RateLimitServiceClient<Channel>],
+    call: &RateLimitRequest,
+    per_replica: u32,
+) -> u32 {
+    for client in clients {
+        for _ in 0..per_replica {
+            let answer = client.clone().should_rate_limit(call.clone()).await;
+            assert!(is_ok(&answer.expect("answered").into_inner()));
+        }
+    }
+    per_replica * clients.len() as u32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_paused_under_load_fails_no_call_and_counts_nothing_twice() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
+    let namespace = unique_namespace("paused");
+    clear_of_boundary(3_600_000, Duration::from_secs(40)).await;
+    let hour_start = now_ms() / 3_600_000 * 3_600;
+    let fleet = replicas(
+        3,
+        &redis,
+        &namespace,
+        dir.path(),
+        &["--redis-timeout", "100ms"],
+    )
+    .await;
+    let call = request("fleet", &[&[("k", "shared-key")]]);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let from = now_ms();
+    let load = {
+        let (clients, call, tally) = (fleet.clients.clone(), call.clone(), tally.clone());
+        tokio::spawn(async move {
+            let (rate, run) = (3 * u64::from(LIMIT), Duration::from_secs(9));
+            drive(&clients, &call, rate, run, Spread::Even, tally).await
+        })
+    };
+    // Calls on an hourly descriptor before, during and after the pause: Redis must end up
+    // holding each exactly once, though pushes were in flight when it stopped.
+    let counting = request("fleet", &[&[("tally", "through-a-pause")]]);
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let mut counted = all_admitted(&fleet.clients, &counting, 10).await;
+    redis.pause(true);
+    let paused_at = now_ms();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    counted += all_admitted(&fleet.clients, &counting, 10).await;
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_millis(1_000)).await;
+    redis.pause(false);
+    let resumed_at = now_ms();
+    counted += all_admitted(&fleet.clients, &counting, 10).await;
+    load.await.unwrap();
+    let to = now_ms();
+
+    let tally = tally.lock().await;
+    assert_eq!(tally.failures, 0, "no call failed");
+    let before = tally.full_windows(from, paused_at);
+    let after = tally.full_windows(resumed_at + 1_000, to);
+    let during = tally.full_windows(paused_at, resumed_at + 1_000);
+    println!(
+        "pause: admitted per window before {before:?}, while paused {during:?}, after {after:?} (limit {LIMIT})"
+    );
+    assert!(
+        !before.is_empty() && after.len() >= 3,
+        "{before:?} {after:?}"
+    );
+    for (w, admitted) in before.iter().chain(&after) {
+        assert!(
+            (u64::from(LIMIT) * 98 / 100..=u64::from(LIMIT)).contains(admitted),
+            "window {w}: {admitted} of {LIMIT}"
+        );
+    }
+    let key = redis_key(
+        &namespace,
+        "fleet",
+        "tally_through-a-pause",
+        "hour",
+        hour_start,
+    );
+    let used = || -> Option<u32> { redis.query(::redis::cmd("HGET").arg(&key).arg("used")) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while used() != Some(counted) {
+        assert!(
+            Instant::now() < deadline,
+            "Redis holds {:?} of {counted}",
+            used()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And stays so: nothing in flight at the pause lands a second time.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(used(), Some(counted), "counted once each");
+    println!("{counted} calls made around a pause are in Redis once each");
+    stop_all(fleet.children).await;
 }
 
 const PER_MINUTE: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit:\n      unit: minute\n      requests_per_unit: 10\n";

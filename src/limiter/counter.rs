@@ -22,8 +22,13 @@
 //! are read by requests, and written only by the sync and by a request that took a lease. The
 //! reserved half of `others` holds when the store was last read for the counter (in wrapping
 //! milliseconds); a counter never read has none, and the sync syncs it at once.
+//!
+//! A fourth, smaller word, `ahead`, holds a lease the sync took for the next window in the
+//! last round of this one (window and requests). It is not part of the counter word, so no
+//! request admits from it until one claims it ([`Counter::claim_ahead`]): a compare-and-swap
+//! empties it, and only the request that emptied it adds it to the lease, so it is added once.
 
-use portable_atomic::{AtomicU128, Ordering};
+use portable_atomic::{AtomicU64, AtomicU128, Ordering};
 
 use super::Enforcement;
 use super::fleet::{FleetCounts, FleetView, judge};
@@ -169,6 +174,8 @@ pub struct Counter {
     word: AtomicU128,
     pushed: AtomicU128,
     others: AtomicU128,
+    /// A lease of the next window, taken before it began: window (high half), requests.
+    ahead: AtomicU64,
 }
 
 /// A counter word unpacked: a window stamp, the note in the reserved word, and the counts.
@@ -241,6 +248,7 @@ impl Counter {
             word: AtomicU128::new(0),
             pushed: AtomicU128::new(0),
             others: AtomicU128::new(0),
+            ahead: AtomicU64::new(0),
         }
     }
 
@@ -488,13 +496,33 @@ impl Counter {
     /// Records a sync of `window` at `now_ms`: what the store holds now. Only the sync task
     /// calls this.
     pub fn synced(&self, window: Window, store: Stored, now_ms: u64) {
+        self.record_sync(window, store, now_ms, false);
+    }
+
+    /// [`Counter::synced`], for a window long against the sync interval: a sync that finds
+    /// the others where they were keeps the trust the request path built up. Resetting it
+    /// every round made a spent fleet cost each replica three calls a second; in a long
+    /// window, a lease given back is still found seconds later. In a short one (a second) it
+    /// would not be, and what was given back would be lost to the fleet.
+    pub fn synced_in_long_window(&self, window: Window, store: Stored, now_ms: u64) {
+        self.record_sync(window, store, now_ms, true);
+    }
+
+    fn record_sync(&self, window: Window, store: Stored, now_ms: u64, keep_trust: bool) {
+        let counts = Counts {
+            requests: store.fleet.requests.saturating_sub(store.held),
+            tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
+        };
+        let current = Word::load(&self.others);
+        let unchanged = keep_trust
+            && store.granted == 0
+            && current.window == window.0
+            && current.counts.requests == counts.requests;
+        let doublings = if unchanged { current.note >> 28 } else { 0 };
         let others = Word {
             window: window.0,
-            note: stamp(now_ms, 0),
-            counts: Counts {
-                requests: store.fleet.requests.saturating_sub(store.held),
-                tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
-            },
+            note: stamp(now_ms, doublings),
+            counts,
         };
         let pushed = Word {
             window: window.0,
@@ -532,6 +560,78 @@ impl Counter {
             },
         };
         self.others.store(others.pack(), Ordering::Release);
+    }
+
+    /// Keeps `granted` for `window`, which has not begun: a lease the sync took ahead of it.
+    /// A lease ahead for an older window, never claimed, is dropped (the fleet lost it to that
+    /// window, as with any lease unused at a window's end).
+    pub fn lease_ahead(&self, window: Window, granted: u32) {
+        if granted == 0 {
+            return;
+        }
+        let _ = self
+            .ahead
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (stamp, held) = ((word >> 32) as u32, word as u32);
+                let held = if stamp == window.0 {
+                    held.saturating_add(granted)
+                } else {
+                    granted
+                };
+                Some((u64::from(window.0) << 32) | u64::from(held))
+            });
+    }
+
+    /// What is kept ahead for `window` and not yet claimed.
+    pub fn ahead(&self, window: Window) -> u32 {
+        let word = self.ahead.load(Ordering::Acquire);
+        if (word >> 32) as u32 == window.0 {
+            word as u32
+        } else {
+            0
+        }
+    }
+
+    /// Adds the lease kept ahead for `window` to the lease, once (the caller that empties the
+    /// `ahead` word adds it); returns how much it added.
+    pub fn claim_ahead(&self, window: Window) -> u32 {
+        let held = self.take_ahead(window);
+        self.leased(window, held);
+        held
+    }
+
+    /// Empties the lease kept ahead for `window` and returns it, for the caller alone to add
+    /// or give back (0 when another caller emptied it first).
+    pub fn take_ahead(&self, window: Window) -> u32 {
+        let word = self.ahead.load(Ordering::Acquire);
+        let held = word as u32;
+        if (word >> 32) as u32 != window.0 || held == 0 {
+            return 0;
+        }
+        let emptied = u64::from(window.0) << 32;
+        self.ahead
+            .compare_exchange(word, emptied, Ordering::AcqRel, Ordering::Acquire)
+            .map_or(0, |_| held)
+    }
+
+    /// What the fleet had leased of `window` in all, as last read: in this window if the
+    /// store was read for it, else in the window before (the best guess while this one is
+    /// new); none when neither was read.
+    pub fn fleet_leased_seen(&self, window: Window) -> Option<u64> {
+        let others = Word::load(&self.others);
+        if others.window == window.0 {
+            return Some(u64::from(self.lease(window)) + u64::from(others.counts.requests));
+        }
+        if others.window.checked_add(1) != Some(window.0) {
+            return None;
+        }
+        let pushed = Word::load(&self.pushed);
+        let own = if pushed.window == others.window {
+            pushed.counts.requests
+        } else {
+            0
+        };
+        Some(u64::from(own) + u64::from(others.counts.requests))
     }
 
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
@@ -887,6 +987,116 @@ mod tests {
         // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
         c.synced(Window(101), Stored::default(), NOW);
         assert!(c.retire_if_idle(Window(101)));
+    }
+
+    #[test]
+    fn a_lease_taken_ahead_is_admitted_from_only_once_claimed_and_only_once() {
+        let c = Counter::new();
+        let l = Limits {
+            requests: Some(100),
+            tokens: None,
+        };
+        let view = FleetView::Synced { replicas: 2 };
+        let next = Window(W.0 + 1);
+        c.charge_in_fleet(W, req(1), l, Enforcement::Enforce, view, NOW)
+            .unwrap();
+        c.lease_ahead(next, 4);
+        c.lease_ahead(next, 3);
+        assert_eq!((c.ahead(next), c.lease(next)), (7, 0));
+        // Not the current window's lease: nothing is admitted from it before the claim.
+        assert_eq!(c.claim_ahead(W), 0);
+        assert_eq!(admitted(&c, l, view, 1), 0);
+        // In the next window, the first claim adds it; a second finds it emptied.
+        assert_eq!(c.claim_ahead(next), 7);
+        assert_eq!(c.claim_ahead(next), 0);
+        assert_eq!(c.lease(next), 7);
+        let in_next = (0..10)
+            .filter(|_| {
+                c.charge_in_fleet(next, req(1), l, Enforcement::Enforce, view, NOW)
+                    .unwrap()
+                    .counted
+            })
+            .count();
+        assert_eq!(in_next, 7);
+        // A lease ahead of an older window is dropped for a newer one; one taken empties it.
+        c.lease_ahead(Window(W.0 + 2), 2);
+        c.lease_ahead(Window(W.0 + 3), 5);
+        assert_eq!(c.ahead(Window(W.0 + 2)), 0);
+        assert_eq!(c.take_ahead(Window(W.0 + 3)), 5);
+        assert_eq!(c.ahead(Window(W.0 + 3)), 0);
+    }
+
+    #[test]
+    fn a_tokens_check_stops_at_this_replicas_share_between_syncs() {
+        let l = Limits {
+            requests: None,
+            tokens: Some(900),
+        };
+        let view = FleetView::Synced { replicas: 3 };
+        let tokens = |n| Counts {
+            requests: 0,
+            tokens: n,
+        };
+        let check = |c: &Counter| {
+            c.charge_in_fleet(W, Counts::ZERO, l, Enforcement::Enforce, view, NOW)
+                .unwrap()
+                .over
+                .tokens
+        };
+        // Nothing known of the others: a share is 900 / 3.
+        let c = Counter::new();
+        c.charge_in_fleet(W, tokens(299), l, Enforcement::Shadow, view, NOW)
+            .unwrap();
+        assert!(!check(&c), "299 of a share of 300 reported");
+        c.charge_in_fleet(W, tokens(1), l, Enforcement::Shadow, view, NOW)
+            .unwrap();
+        assert!(
+            check(&c),
+            "the share is reported: refused until the next sync"
+        );
+        // Synced: 300 pushed, the others 300: 300 left, 100 more for this one.
+        c.synced(W, stored_tokens(300, 600), NOW);
+        assert!(!check(&c));
+        c.charge_in_fleet(W, tokens(100), l, Enforcement::Shadow, view, NOW)
+            .unwrap();
+        assert!(check(&c));
+    }
+
+    fn stored_tokens(pushed: u32, fleet: u32) -> Stored {
+        Stored {
+            pushed: Counts {
+                requests: 0,
+                tokens: pushed,
+            },
+            fleet: Counts {
+                requests: 0,
+                tokens: fleet,
+            },
+            held: 0,
+            granted: 0,
+        }
+    }
+
+    #[test]
+    fn a_sync_that_finds_the_others_unchanged_keeps_the_trust_built_up() {
+        let c = Counter::new();
+        c.synced(W, stored(0, 10, 0), NOW);
+        // The request path asked twice and nothing changed: trusted 400 ms.
+        c.leased_with_fleet(W, stored(0, 10, 0), NOW);
+        c.leased_with_fleet(W, stored(0, 10, 0), NOW);
+        let note = |c: &Counter| Word::load(&c.others).note;
+        assert_eq!(note(&c) >> 28, 2);
+        c.synced_in_long_window(W, stored(0, 10, 0), NOW + 50);
+        assert_eq!(note(&c) >> 28, 2, "unchanged: kept");
+        assert!(fresh(note(&c), NOW + 50 + 390));
+        // The others changed: trusted afresh for 100 ms only.
+        c.synced_in_long_window(W, stored(0, 8, 0), NOW + 60);
+        assert_eq!(note(&c) >> 28, 0);
+        assert!(!fresh(note(&c), NOW + 60 + 100));
+        // In a short window every sync trusts afresh.
+        c.leased_with_fleet(W, stored(0, 8, 0), NOW + 70);
+        c.synced(W, stored(0, 8, 0), NOW + 80);
+        assert_eq!(note(&c) >> 28, 0);
     }
 
     #[test]

@@ -198,16 +198,18 @@ impl FleetView {
                 if breaks(local.saturating_add(others), charge, Some(limit)) {
                     return true;
                 }
-                // Between syncs, take at most a fair share of what the fleet had left, so that
-                // N replicas deciding at once overshoot by a rounding at most. Tokens are
-                // reported after the fact, so this bounds what the reports in flight add.
+                // Between syncs, take at most a fair share of what the fleet had left. A check
+                // (charge 0: a call whose tokens are reported when it ends) is refused too once
+                // this replica's reports since its last sync reach its share. Not exact: a
+                // share is of what the fleet had left at this replica's last sync, and the
+                // others' reports since are not in it.
                 let left = u64::from(limit).saturating_sub(u64::from(others) + u64::from(pushed));
                 // Rounded down, but never to nothing while anything is left, so no replica
                 // starves.
                 let share = (left / u64::from(replicas.max(1)))
                     .max(u64::from(left > 0))
                     .min(u64::from(u32::MAX)) as u32;
-                charge > 0 && breaks(local.saturating_sub(pushed), charge, Some(share))
+                breaks(local.saturating_sub(pushed), charge, Some(share))
             }
         }
     }

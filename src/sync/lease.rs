@@ -41,8 +41,9 @@ pub(super) struct LeaseCall {
     /// What it holds, or has admitted if more (while the store was away): given back to a
     /// store that lost it.
     pub holding: u32,
-    /// What this replica has counted in the window: requests admitted, tokens reported.
-    pub counted: Counts,
+    /// What this replica has counted in the window: requests admitted, tokens reported
+    /// (none: a lease taken ahead of the window, which leaves the counts as they are).
+    pub counted: Option<Counts>,
     pub expire_at_ms: u64,
     pub replicas: u32,
 }
@@ -62,8 +63,8 @@ impl LeaseCall {
             .arg(self.target)
             .arg(self.need)
             .arg(self.holding)
-            .arg(self.counted.requests)
-            .arg(self.counted.tokens)
+            .arg(self.counted.map_or(-1, |c| i64::from(c.requests)))
+            .arg(self.counted.map_or(-1, |c| i64::from(c.tokens)))
             .arg(self.expire_at_ms)
             .arg(self.replicas.max(1))
             .arg(u8::from(self.remember_limit))
@@ -75,7 +76,7 @@ impl LeaseCall {
     pub(super) fn stored(&self, reply: [i64; 5]) -> Stored {
         let [held, granted, leased, _used, tokens] = reply.map(super::clamp);
         Stored {
-            pushed: self.counted,
+            pushed: self.counted.unwrap_or(Counts::ZERO),
             fleet: Counts {
                 requests: leased,
                 tokens,
@@ -87,7 +88,8 @@ impl LeaseCall {
 }
 
 /// The lease script. KEYS[1]: the counter's window. ARGV: replica, limit (-1 none, -2 the one
-/// stored), target, need, holding, requests counted, tokens counted, expiry (ms since the
+/// stored), target, need, holding, requests counted, tokens counted (-1: left as they are),
+/// expiry (ms since the
 /// epoch), replicas, remember the limit (1/0), give back this many.
 /// Returns what the replica holds, what this call
 /// granted, what the fleet has leased, admitted and reported in tokens.
@@ -179,6 +181,22 @@ fn request_path_target(admitted: u32, need: u32, rest: u32) -> u32 {
 }
 
 impl Fleet {
+    /// Claims, for each counter of a denied request whose lease ran out, the lease the sync
+    /// took ahead of this window (no call to the store); whether any was claimed, so the
+    /// request is decided again before the store is asked.
+    pub fn claim_ahead(&self, limiter: &Limiter, wants: &[LeaseWant]) -> bool {
+        let now = limiter.clock().now_ms();
+        let table = limiter.counters().pin();
+        let mut claimed = false;
+        for want in wants {
+            let parts: Vec<&str> = want.counter.parts().collect();
+            if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
+                claimed |= counter.claim_ahead(want.counter.unit().window_at(now)) > 0;
+            }
+        }
+        claimed
+    }
+
     /// Leases afresh the counters of a denied request whose lease ran out (the request path;
     /// bounded by the Redis timeout). Each counter records what the store answered, so the
     /// request can be decided again.
@@ -208,7 +226,13 @@ impl Fleet {
                                 i,
                                 window,
                                 key,
-                                request_path_call(counter, window, want, replicas, now),
+                                request_path_call(
+                                    counter,
+                                    window,
+                                    want,
+                                    (replicas, self.settings.interval),
+                                    now,
+                                ),
                             )
                         },
                     )
@@ -242,7 +266,7 @@ fn request_path_call(
     counter: &Counter,
     window: Window,
     want: &LeaseWant,
-    replicas: u32,
+    (replicas, interval): (u32, std::time::Duration),
     now_ms: u64,
 ) -> LeaseCall {
     let (stamp, local) = counter.local();
@@ -261,11 +285,28 @@ fn request_path_call(
     } else {
         0
     });
-    let rest = rest_of_window(
-        spent,
-        since_last_sync(counter, window, unit, now_ms),
-        unit,
-        now_ms,
+    // Far from the limit (under half of it leased, as last read) in a long window, a lease
+    // stranded at the window's end is refused to no one: sized by the rate alone.
+    let contended = !super::round::leases_ahead(unit, interval)
+        || counter
+            .fleet_leased_seen(window)
+            .is_none_or(|leased| leased * 2 >= u64::from(want.limit));
+    let rest = if contended {
+        rest_of_window(
+            spent,
+            since_last_sync(counter, window, unit, now_ms),
+            unit,
+            now_ms,
+        )
+    } else {
+        u32::MAX
+    };
+    tracing::debug!(
+        admitted = own.requests,
+        held,
+        need,
+        until_reset_ms = unit.until_reset(now_ms).as_millis() as u64,
+        "a lease ran out: leasing on the request path"
     );
     LeaseCall {
         limit: i64::from(want.limit),
@@ -274,10 +315,10 @@ fn request_path_call(
         target: request_path_target(own.requests, need, rest),
         need,
         holding: held.max(own.requests),
-        counted: Counts {
+        counted: Some(Counts {
             requests: own.requests,
             tokens,
-        },
+        }),
         expire_at_ms: super::keys::expiry_ms(want.counter.unit(), window),
         replicas,
     }
