@@ -1,8 +1,9 @@
 //! The fleet's accuracy and its Redis cost, measured (not a test): three sluice replicas at the
 //! default settings on one redis-server, offered a per-minute limit evenly: 1 counter at 1.5x
 //! its limit, 100,000 at 1.5x (each at its limit), and 100,000 far from theirs. For every minute window wholly inside the run it prints what was admitted
-//! against the limit (in all, and the most and least of any one counter), the share of
-//! decisions that leased on the request path, and Redis commands per second.
+//! against the limit (in all, and the most and least of any one counter), and over those
+//! windows the share of decisions that leased on the request path and Redis commands per
+//! second.
 //!
 //!     cargo bench --bench fleet
 //!     FLEET_RUNS=1/6000/1.5,100000/3/1.5 FLEET_SECONDS=130 cargo bench --bench fleet
@@ -66,7 +67,26 @@ fn redis_info(port: u16, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The sum of an unlabelled counter over the replicas' scrapes.
+/// What the replicas had counted when a mark was taken: request-path leases, calls answered,
+/// Redis commands.
+#[derive(Clone, Copy)]
+struct Mark {
+    leased: f64,
+    calls: f64,
+    commands: u64,
+    at: Instant,
+}
+
+fn mark(http: &[u16], redis_port: u16) -> Mark {
+    Mark {
+        leased: scraped(http, "sluice_lease_request_path_calls_total"),
+        calls: scraped(http, "sluice_requests_total"),
+        commands: redis_info(redis_port, "total_commands_processed"),
+        at: Instant::now(),
+    }
+}
+
+/// The sum of a counter over the replicas' scrapes, every label set of it.
 fn scraped(http: &[u16], name: &str) -> f64 {
     http.iter()
         .map(|port| {
@@ -80,8 +100,13 @@ fn scraped(http: &[u16], name: &str) -> f64 {
             let mut text = String::new();
             stream.read_to_string(&mut text).unwrap();
             text.lines()
-                .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .filter_map(|v| v.trim().parse::<f64>().ok())
+                .filter_map(|l| {
+                    let rest = l.strip_prefix(name)?;
+                    if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                        return None;
+                    }
+                    rest.rsplit(' ').next()?.trim().parse::<f64>().ok()
+                })
                 .sum::<f64>()
         })
         .sum()
@@ -247,6 +272,26 @@ fn main() {
         let (from, commands_before) =
             (now_ms(), redis_info(redis_port, "total_commands_processed"));
         let started = Instant::now();
+        // Leases and commands are counted over the full windows only: the first, partial
+        // window has no lease taken ahead of it.
+        let (first, last) = (
+            (from / 60_000 + 1) * 60_000,
+            (from + seconds * 1000) / 60_000 * 60_000,
+        );
+        let marks = {
+            let http = http.clone();
+            std::thread::spawn(move || {
+                let mut marks = Vec::new();
+                for at in [first, last] {
+                    if last <= first {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(at.saturating_sub(now_ms())));
+                    marks.push(mark(&http, redis_port));
+                }
+                marks
+            })
+        };
         let (calls, failures) = runtime.block_on(async {
             let mut clients = Vec::new();
             for port in &grpc {
@@ -269,6 +314,14 @@ fn main() {
         let to = now_ms();
         let commands = redis_info(redis_port, "total_commands_processed") - commands_before;
         let leased = scraped(&http, "sluice_lease_request_path_calls_total");
+        let marks = marks.join().unwrap();
+        let (in_windows, commands_per_s) = match marks[..] {
+            [a, b] => (
+                100.0 * (b.leased - a.leased) / (b.calls - a.calls).max(1.0),
+                (b.commands - a.commands) as f64 / (b.at - a.at).as_secs_f64(),
+            ),
+            _ => (f64::NAN, f64::NAN),
+        };
         let tally = tally.lock().unwrap();
         let full: Vec<u64> = (from / 60_000 + 1..to / 60_000).collect();
         if full.is_empty() {
@@ -289,8 +342,8 @@ fn main() {
                 total as f64 / budget,
                 f64::from(most) / f64::from(limit),
                 f64::from(least) / f64::from(limit),
-                100.0 * leased / calls as f64,
-                commands as f64 / elapsed,
+                in_windows,
+                commands_per_s,
             );
         }
         println!(

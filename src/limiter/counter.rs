@@ -667,8 +667,10 @@ impl Counter {
         // its view of the others fresh. A sync that read nothing for it does not keep it.
         let others = Word::load(&self.others);
         let active_elsewhere = others.window >= current.0 && !others.counts.is_zero();
+        // A lease taken ahead of this window keeps it too, until it is claimed.
+        let leased_ahead = self.ahead(current) > 0;
         self.update(|word| {
-            if word.window >= current.0 || active_elsewhere {
+            if word.window >= current.0 || active_elsewhere || leased_ahead {
                 Step::Keep(false)
             } else {
                 Step::Write(Word::new(RETIRED, Counts::ZERO), true)
@@ -1075,6 +1077,18 @@ mod tests {
             held: 0,
             granted: 0,
         }
+    }
+
+    #[test]
+    fn a_counter_with_a_lease_ahead_is_not_retired_before_it_is_claimed() {
+        let c = Counter::new();
+        c.charge(W, req(1), Limits::default(), Enforcement::Enforce)
+            .unwrap();
+        let next = Window(W.0 + 1);
+        c.lease_ahead(next, 2);
+        assert!(!c.retire_if_idle(next), "its lease ahead would be lost");
+        assert_eq!(c.claim_ahead(next), 2);
+        assert!(c.retire_if_idle(Window(W.0 + 2)));
     }
 
     #[test]

@@ -128,10 +128,11 @@ pub(super) fn leases_ahead(unit: crate::limiter::Unit, interval: std::time::Dura
 
 /// What a replica asks to hold of the next window, in this window's last round: what it
 /// admitted in two intervals at this window's rate (the next window's first sync tops it up
-/// from its own rate), never more than it admitted in this window. A quiet counter, one call
-/// in several intervals, gets one while the fleet is far from the limit (`contended`: it has
-/// leased half of it), so its next call needs no call to the store; near the limit it gets
-/// none, since a lease it may not use is what another replica is refused.
+/// from its own rate), never more than it admitted in this window. While the fleet is far
+/// from the limit (not `contended`: under half of it leased), as much as it admitted in this
+/// window, so a quiet counter (a call or two a window) needs no call to the store in the next
+/// either; near the limit a quiet counter gets none, since a lease it may not use is what
+/// another replica is refused.
 pub(super) fn ahead_target(
     admitted: u32,
     elapsed_ms: u64,
@@ -139,7 +140,7 @@ pub(super) fn ahead_target(
     contended: bool,
 ) -> u32 {
     let projected = u64::from(admitted) * 2 * interval_ms / elapsed_ms.max(1);
-    let least = u64::from(!contended && admitted > 0);
+    let least = if contended { 0 } else { u64::from(admitted) };
     projected.max(least).min(u64::from(admitted)) as u32
 }
 
@@ -263,6 +264,7 @@ pub(super) async fn round(
             let strict = rule.is_some_and(|r| r.consistency == Consistency::Strict);
             // An active counter's last round of a long window also leases the next window,
             // so its first calls there need no call to the store.
+            let next = Window(window.0.saturating_add(1));
             let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
             let interval_ms = interval.as_millis() as u64;
             let ahead_wanted = ahead_target(
@@ -271,14 +273,20 @@ pub(super) async fn round(
                 interval_ms,
                 contended(found, limits.requests),
             );
+            // Three rounds before the end, not the last: with many counters the last round
+            // pushes them all, and grants that came back after the window turned were too
+            // late for its first calls (measured: 71 % of 100,000 quiet counters' calls still
+            // leased on the request path). Once per window.
+            let ahead_round = unit.until_reset(now) <= 3 * interval
+                && counter.ahead(next) == 0
+                && counter.lease(next) == 0;
             let ahead = !leaving
-                && last_round
+                && ahead_round
                 && !strict
                 && !overridden
                 && limits.requests.is_some()
                 && ahead_wanted > 0
                 && leases_ahead(unit, interval);
-            let next = Window(window.0.saturating_add(1));
             // Leaving, a lease taken ahead of the next window goes back.
             let ahead_back = if leaving { counter.take_ahead(next) } else { 0 };
             if ahead || ahead_back > 0 {
@@ -490,8 +498,8 @@ mod tests {
         assert!(leases_ahead(Unit::Second, Duration::from_millis(100)));
         // 1,180 admitted in 59 s: 40 for two seconds.
         assert_eq!(ahead_target(1_180, 59_000, 1_000, true), 40);
-        // A quiet counter gets one while the fleet is far from the limit, none near it.
-        assert_eq!(ahead_target(2, 59_000, 1_000, false), 1);
+        // Far from the limit what it admitted in this window; a quiet counter near it, none.
+        assert_eq!(ahead_target(2, 59_000, 1_000, false), 2);
         assert_eq!(ahead_target(2, 59_000, 1_000, true), 0);
         assert_eq!(ahead_target(0, 59_000, 1_000, false), 0);
         // Never more than it admitted in this window.
