@@ -288,9 +288,7 @@ fn request_path_call(
     // Far from the limit (under half of it leased, as last read) in a long window, a lease
     // stranded at the window's end is refused to no one: sized by the rate alone.
     let contended = !super::round::leases_ahead(unit, interval)
-        || counter
-            .fleet_leased_seen(window)
-            .is_none_or(|leased| leased * 2 >= u64::from(want.limit));
+        || super::round::near_limit(counter.fleet_leased_seen(window), want.limit);
     let rest = if contended {
         rest_of_window(
             spent,

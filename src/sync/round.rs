@@ -111,11 +111,13 @@ pub(super) fn gives_back(found: Found, limit: Option<u32>) -> bool {
 /// far from its limit stranded 5 to 10 % of it (measured: 176 to 195 of 200 a window, with
 /// 80 % of the load on one of 3 replicas).
 fn contended(found: Found, limit: Option<u32>) -> bool {
-    limit.is_some_and(|l| {
-        found
-            .fleet_leased
-            .is_none_or(|leased| leased * 2 >= u64::from(l))
-    })
+    limit.is_some_and(|l| near_limit(found.fleet_leased, l))
+}
+
+/// Whether what the fleet has leased (as last read; unknown counts as near) is at least half
+/// of `limit`: the one test of "near the limit" the sync and the request path share.
+pub(super) fn near_limit(fleet_leased: Option<u64>, limit: u32) -> bool {
+    fleet_leased.is_none_or(|leased| leased * 2 >= u64::from(limit))
 }
 
 /// Whether a window is long enough, at this sync interval, for the sync to lease the next
@@ -265,14 +267,6 @@ pub(super) async fn round(
             // An active counter's last round of a long window also leases the next window,
             // so its first calls there need no call to the store.
             let next = Window(window.0.saturating_add(1));
-            let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
-            let interval_ms = interval.as_millis() as u64;
-            let ahead_wanted = ahead_target(
-                own.requests,
-                elapsed,
-                interval_ms,
-                contended(found, limits.requests),
-            );
             // Three rounds before the end, not the last: with many counters the last round
             // pushes them all, and grants that came back after the window turned were too
             // late for its first calls (measured: 71 % of 100,000 quiet counters' calls still
@@ -280,6 +274,15 @@ pub(super) async fn round(
             let ahead_round = unit.until_reset(now) <= 3 * interval
                 && counter.ahead(next) == 0
                 && counter.lease(next) == 0;
+            // Sized only in the rounds that may lease ahead.
+            let ahead_wanted = if ahead_round {
+                let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
+                let interval_ms = interval.as_millis() as u64;
+                let near = contended(found, limits.requests);
+                ahead_target(own.requests, elapsed, interval_ms, near)
+            } else {
+                0
+            };
             let ahead = !leaving
                 && ahead_round
                 && !strict
