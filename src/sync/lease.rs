@@ -160,13 +160,29 @@ pub(super) fn rest_of_window(spent: u32, over_ms: u64, unit: Unit, now_ms: u64) 
     projected.min(u64::from(u32::MAX)) as u32
 }
 
-/// Over how long a counter admitted what it admitted since its last sync: since that sync if
-/// it was in this window, else since the window began.
-pub(super) fn since_last_sync(counter: &Counter, window: Window, unit: Unit, now_ms: u64) -> u64 {
+/// What a counter will admit in the rest of its window, at the lower of two rates: what it
+/// admitted since it last synced (`spent`), and what it admitted in the window so far (`own`),
+/// read over a quarter of a sync interval at least. The first follows a change of rate; the
+/// second is steadier. A rate read from two calls 37 ms into a per-second window was 1.8
+/// times the replica's: it was leased 34 and admitted 30, and the fleet 196 of its 200.
+pub(super) fn rest_at_rate(
+    counter: &Counter,
+    window: Window,
+    (own, spent): (u32, u32),
+    (unit, interval): (Unit, std::time::Duration),
+    now_ms: u64,
+) -> u32 {
     let into_window = unit.millis() - unit.until_reset(now_ms).as_millis() as u64;
-    counter
+    let since = counter
         .pushed_ago(window, now_ms)
-        .map_or(into_window, |ago| ago.min(into_window))
+        .map_or(into_window, |ago| ago.min(into_window));
+    let least = (interval.as_millis() as u64 / 4).min(unit.millis());
+    rest_of_window(spent, since, unit, now_ms).min(rest_of_window(
+        own,
+        into_window.max(least),
+        unit,
+        now_ms,
+    ))
 }
 
 /// What a replica asks to hold when a request finds its lease spent: what the request needs,
@@ -290,10 +306,11 @@ fn request_path_call(
     let contended = !super::round::leases_ahead(unit, interval)
         || super::round::near_limit(counter.fleet_leased_seen(window), want.limit);
     let rest = if contended {
-        rest_of_window(
-            spent,
-            since_last_sync(counter, window, unit, now_ms),
-            unit,
+        rest_at_rate(
+            counter,
+            window,
+            (own.requests, spent),
+            (unit, interval),
             now_ms,
         )
     } else {
@@ -319,5 +336,35 @@ fn request_path_call(
         }),
         expire_at_ms: super::keys::expiry_ms(want.counter.unit(), window),
         replicas,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_rest_of_a_window_is_read_at_a_steady_rate() {
+        let counter = Counter::new();
+        let (unit, second) = (Unit::Second, Duration::from_secs(1));
+        let window = Window(1_000);
+        // Two calls 37 ms into a second: read over 250 ms, not 37 (7 more, not 52).
+        let now = 1_000 * 1000 + 37;
+        assert_eq!(
+            rest_at_rate(&counter, window, (2, 2), (unit, second), now),
+            7
+        );
+        // Half way through, 50 admitted: 50 more at that rate.
+        let now = 1_000 * 1000 + 500;
+        assert_eq!(
+            rest_at_rate(&counter, window, (50, 50), (unit, second), now),
+            50
+        );
+        // The lower of the two rates: 10 since the last sync over the window so far is 10.
+        assert_eq!(
+            rest_at_rate(&counter, window, (50, 10), (unit, second), now),
+            10
+        );
     }
 }

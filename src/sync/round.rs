@@ -9,7 +9,7 @@ use std::sync::Arc;
 use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_of_window, since_last_sync};
+use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_at_rate};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -345,8 +345,14 @@ pub(super) async fn round(
                 // Far from the limit, what a lease strands at the window's end is refused to
                 // no one: it is sized by the rate alone.
                 let rest = if contended(found, limits.requests) {
-                    let over = since_last_sync(counter, window, unit, now);
-                    rest_of_window(found.pending.0.max(0) as u32, over, unit, now)
+                    let spent = found.pending.0.max(0) as u32;
+                    rest_at_rate(
+                        counter,
+                        window,
+                        (own.requests, spent),
+                        (unit, interval),
+                        now,
+                    )
                 } else {
                     u32::MAX
                 };
@@ -538,7 +544,10 @@ mod tests {
         assert_eq!(target(found(70, (30, 0), 80, 0), 8, 40), 100);
         // 30 admitted in the last 5 s, 15 s of the minute left: 90 more at that rate.
         let now = 60_000 * 1000 + 45_000;
-        assert_eq!(rest_of_window(30, 5_000, Unit::Minute, now), 90);
+        assert_eq!(
+            super::super::lease::rest_of_window(30, 5_000, Unit::Minute, now),
+            90
+        );
     }
 
     #[test]
