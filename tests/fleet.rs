@@ -1466,3 +1466,85 @@ async fn a_password_in_the_url_reaches_a_protected_redis() {
     );
     server.stop().await;
 }
+
+/// Tokens are reported when a call ends: each replica admits a call while the tokens it has
+/// reported stay under its tokens lease, so the fleet goes past the limit only by what calls
+/// already admitted report after the leases ran out. Here every call reports 100 tokens 30 ms after it was admitted,
+/// and 12 sessions (4 a replica) have at most 12 calls in flight: 1,200 tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tokens_go_past_the_limit_only_by_the_reports_in_flight() {
+    const TOKENS: u32 = 4_000;
+    const PER_CALL: u64 = 100;
+    const SESSIONS_PER_REPLICA: usize = 4;
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "domain: fleet\ndescriptors:\n  - key: t\n    limits:\n      - unit: second\n        tokens: {TOKENS}\n"
+    );
+    write_rules(dir.path(), &[("tokens.yaml", &rules)]);
+    let namespace = unique_namespace("tokens");
+    let fleet = replicas(3, &redis, &namespace, dir.path(), &[]).await;
+    let check = request("fleet", &[&[("t", "shared")]]);
+    let mut report = request("fleet", &[&[("t", "shared"), ("sluice.report", "tokens")]]);
+    report.hits_addend = PER_CALL as u32;
+    let (from, run) = (now_ms(), Duration::from_secs(6));
+    let mut sessions = tokio::task::JoinSet::new();
+    for client in &fleet.clients {
+        for _ in 0..SESSIONS_PER_REPLICA {
+            let (mut client, check, report) = (client.clone(), check.clone(), report.clone());
+            sessions.spawn(async move {
+                let (started, mut failures) = (Instant::now(), 0u32);
+                while started.elapsed() < run {
+                    let Ok(answer) = client.should_rate_limit(check.clone()).await else {
+                        failures += 1;
+                        continue;
+                    };
+                    if !is_ok(&answer.into_inner()) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    failures += u32::from(client.should_rate_limit(report.clone()).await.is_err());
+                }
+                failures
+            });
+        }
+    }
+    let mut failures = 0;
+    while let Some(session) = sessions.join_next().await {
+        failures += session.unwrap();
+    }
+    let to = now_ms();
+    assert_eq!(failures, 0, "no call failed");
+    // The last reports reach Redis at the replicas' next syncs.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let in_flight = 3 * SESSIONS_PER_REPLICA as u64 * PER_CALL;
+    let windows: Vec<(u64, u64)> = (from / 1000 + 1..to / 1000)
+        .map(|w| {
+            let key = redis_key(&namespace, "fleet", "t_shared", "second", w);
+            let tokens: Option<u64> = redis.query(::redis::cmd("HGET").arg(&key).arg("tokens"));
+            (w, tokens.unwrap_or(0))
+        })
+        .collect();
+    let most = windows.iter().map(|(_, t)| *t).max().unwrap_or(0);
+    println!(
+        "tokens reported per window (limit {TOKENS}, at most {in_flight} in flight): {windows:?}; most past the limit: {}",
+        most.saturating_sub(u64::from(TOKENS))
+    );
+    assert!(windows.len() >= 4, "{windows:?}");
+    for (w, tokens) in &windows {
+        assert!(
+            *tokens <= u64::from(TOKENS) + in_flight,
+            "window {w}: {tokens} tokens, limit {TOKENS}, in flight at most {in_flight}"
+        );
+        // Offered far more than the limit, the fleet reports most of it.
+        assert!(
+            *tokens >= u64::from(TOKENS) * 3 / 4,
+            "window {w}: {tokens} of {TOKENS}"
+        );
+    }
+    stop_all(fleet.children).await;
+}

@@ -20,7 +20,7 @@ use plan::Plan;
 pub use report::{Headline, Standing};
 pub use strict::{Settled, StrictJob, StrictWork};
 
-use crate::limiter::{CounterKey, Enforcement, Limiter, Outcome, Unit};
+use crate::limiter::{CounterKey, Counts, Enforcement, Limiter, Limits, Outcome, Unit};
 use crate::rules::{Entry, Measure, Policy, Rule, RuleSet};
 use plan::{CounterNames, Matched};
 
@@ -74,10 +74,11 @@ pub struct LeaseWant {
     pub counter: CounterKey,
     /// Its rule, which names its key in the store (none for a limit override).
     pub rule: Option<Arc<Rule>>,
-    /// The requests limit it is judged against, capacity factor applied.
-    pub limit: u32,
-    /// What the request denied asks of it.
-    pub need: u32,
+    /// The limits it is judged against, capacity factor applied.
+    pub limits: Limits,
+    /// What the request denied asks of it (a tokens check asks for none: it needs one token
+    /// of lease left).
+    pub need: Counts,
 }
 
 /// The limit a status reports.

@@ -208,15 +208,13 @@ impl<'r, 'v> Plan<'r, 'v> {
             .zip(outcomes)
             .zip(&self.sources)
             .filter(|((_, o), _)| o.over.lease_spent)
-            .filter_map(|((d, _), source)| {
-                Some(LeaseWant {
-                    counter: d.counter.to_key(),
-                    rule: matched.rules[source.ask]
-                        .filter(|_| source.over_ride.is_none())
-                        .cloned(),
-                    limit: d.limits.requests?,
-                    need: d.charge.requests,
-                })
+            .map(|((d, _), source)| LeaseWant {
+                counter: d.counter.to_key(),
+                rule: matched.rules[source.ask]
+                    .filter(|_| source.over_ride.is_none())
+                    .cloned(),
+                limits: d.limits,
+                need: d.charge,
             })
             .collect()
     }

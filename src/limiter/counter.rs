@@ -88,8 +88,8 @@ pub struct Limits {
 pub struct Over {
     pub requests: bool,
     pub tokens: bool,
-    /// The requests limit is over only because this replica's lease is spent, while the
-    /// fleet had budget left at the last sync: a fresh lease from the store may admit it.
+    /// Over only where this replica's leases (requests, tokens) are spent, while the fleet
+    /// had budget left at the last sync: fresh leases from the store may admit it.
     pub lease_spent: bool,
 }
 
@@ -156,12 +156,13 @@ fn fresh(note: u32, now_ms: u64) -> bool {
 pub struct Stored {
     /// This replica's counts in the store: requests admitted, tokens reported.
     pub pushed: Counts,
-    /// The fleet's: requests leased to all replicas, tokens reported by all.
+    /// The fleet's leases: requests and tokens leased to all replicas (tokens reported past
+    /// a lease count as leased).
     pub fleet: Counts,
-    /// The requests leased to this replica, as the store has it.
-    pub held: u32,
+    /// What is leased to this replica, as the store has it.
+    pub held: Counts,
     /// What this call granted it.
-    pub granted: u32,
+    pub granted: Counts,
 }
 
 /// The counter was retired by the sweeper between lookup and use; look it up again.
@@ -176,6 +177,10 @@ pub struct Counter {
     others: AtomicU128,
     /// A lease of the next window, taken before it began: window (high half), requests.
     ahead: AtomicU64,
+    /// The tokens this replica holds in its lease for a window: window (high half), tokens.
+    /// Apart from the counter word: a check only compares the tokens reported with it, and a
+    /// report is counted whatever the lease.
+    tokens_lease: AtomicU64,
 }
 
 /// A counter word unpacked: a window stamp, the note in the reserved word, and the counts.
@@ -249,6 +254,7 @@ impl Counter {
             pushed: AtomicU128::new(0),
             others: AtomicU128::new(0),
             ahead: AtomicU64::new(0),
+            tokens_lease: AtomicU64::new(0),
         }
     }
 
@@ -322,7 +328,13 @@ impl Counter {
             } else {
                 (word.window, word.note, word.counts)
             };
-            let fleet = FleetCounts { held, ..fleet };
+            let fleet = FleetCounts {
+                held: Counts {
+                    requests: held,
+                    ..fleet.held
+                },
+                ..fleet
+            };
             let over = judge(counts, charge, limits, fleet, view);
             if (enforce && over.any()) || charge.is_zero() {
                 return Step::Keep(Reading {
@@ -385,9 +397,13 @@ impl Counter {
         } else {
             (word.counts, word.note)
         };
+        let fleet = self.fleet_counts_for(window, view, now_ms);
         let fleet = FleetCounts {
-            held,
-            ..self.fleet_counts_for(window, view, now_ms)
+            held: Counts {
+                requests: held,
+                ..fleet.held
+            },
+            ..fleet
         };
         Reading {
             counts: local.plus(fleet.others),
@@ -407,17 +423,76 @@ impl Counter {
                     ..self.fleet_counts(window)
                 }
             }
-            _ => FleetCounts::default(),
+            // What it holds of the tokens budget stays its own to spend while the store is
+            // away, as its requests lease does.
+            _ => FleetCounts {
+                held: Counts {
+                    requests: 0,
+                    tokens: self.tokens_lease(window),
+                },
+                ..FleetCounts::default()
+            },
         }
     }
 
     fn fleet_counts(&self, window: Window) -> FleetCounts {
         FleetCounts {
-            pushed: Word::load(&self.pushed).counts_in(window),
             others: Word::load(&self.others).counts_in(window),
-            held: 0,
+            held: Counts {
+                requests: 0,
+                tokens: self.tokens_lease(window),
+            },
             fresh: false,
         }
+    }
+
+    /// The tokens this replica holds in its lease for `window`.
+    pub fn tokens_lease(&self, window: Window) -> u32 {
+        let word = self.tokens_lease.load(Ordering::Acquire);
+        if (word >> 32) as u32 == window.0 {
+            word as u32
+        } else {
+            0
+        }
+    }
+
+    /// Adds what the store granted to the tokens lease of `window` (added, not set, as
+    /// [`Counter::leased`]); a grant for a window gone is dropped.
+    fn leased_tokens(&self, window: Window, granted: u32) {
+        if granted == 0 {
+            return;
+        }
+        let _ = self
+            .tokens_lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (stamp, held) = ((word >> 32) as u32, word as u32);
+                let held = match stamp.cmp(&window.0) {
+                    std::cmp::Ordering::Greater => return None,
+                    std::cmp::Ordering::Equal => held.saturating_add(granted),
+                    std::cmp::Ordering::Less => granted,
+                };
+                Some((u64::from(window.0) << 32) | u64::from(held))
+            });
+    }
+
+    /// Lowers the tokens lease of `window` to `to`, never below the tokens this replica has
+    /// reported in it, and returns how much it gave up (as [`Counter::shrink_lease`]).
+    pub fn shrink_tokens_lease(&self, window: Window, to: u32) -> u32 {
+        let reported = Word::load(&self.word).counts_in(window).tokens;
+        let mut given = 0;
+        let _ = self
+            .tokens_lease
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (stamp, held) = ((word >> 32) as u32, word as u32);
+                let kept = to.max(reported);
+                if stamp != window.0 || kept >= held {
+                    given = 0;
+                    return None;
+                }
+                given = held - kept;
+                Some((u64::from(window.0) << 32) | u64::from(kept))
+            });
+        given
     }
 
     /// The requests this replica holds in its lease for `window`.
@@ -509,13 +584,10 @@ impl Counter {
     }
 
     fn record_sync(&self, window: Window, store: Stored, now_ms: u64, keep_trust: bool) {
-        let counts = Counts {
-            requests: store.fleet.requests.saturating_sub(store.held),
-            tokens: store.fleet.tokens.saturating_sub(store.pushed.tokens),
-        };
+        let counts = store.fleet.minus(store.held);
         let current = Word::load(&self.others);
         let unchanged = keep_trust
-            && store.granted == 0
+            && store.granted.is_zero()
             && current.window == window.0
             && current.counts.requests == counts.requests;
         let doublings = if unchanged { current.note >> 28 } else { 0 };
@@ -531,21 +603,21 @@ impl Counter {
         };
         self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
-        self.leased(window, store.granted);
+        self.leased(window, store.granted.requests);
+        self.leased_tokens(window, store.granted.tokens);
     }
 
-    /// Records a lease taken on the request path: [`Counter::leased`], and the requests the
-    /// fleet has leased in all (`fleet_leased`), so that a fleet found spent is not asked
-    /// again by every request that follows.
+    /// Records a lease taken on the request path: [`Counter::leased`], and what the fleet
+    /// has leased in all, so that a fleet found spent is not asked again by every request
+    /// that follows.
     pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
-        let (held, fleet_leased) = (store.held, store.fleet.requests);
-        self.leased(window, store.granted);
+        self.leased(window, store.granted.requests);
+        self.leased_tokens(window, store.granted.tokens);
         let current = Word::load(&self.others);
-        let others_now = fleet_leased.saturating_sub(held);
+        let others_now = store.fleet.minus(store.held);
         // Asked again and nothing changed: trust the answer twice as long.
-        let unchanged = store.granted == 0
-            && current.window == window.0
-            && current.counts.requests == others_now;
+        let unchanged =
+            store.granted.is_zero() && current.window == window.0 && current.counts == others_now;
         let doublings = if unchanged {
             (current.note >> 28) + 1
         } else {
@@ -554,10 +626,7 @@ impl Counter {
         let others = Word {
             window: window.0,
             note: stamp(now_ms, doublings),
-            counts: Counts {
-                requests: others_now,
-                tokens: current.counts_in(window).tokens,
-            },
+            counts: others_now,
         };
         self.others.store(others.pack(), Ordering::Release);
     }
@@ -634,6 +703,14 @@ impl Counter {
         Some(u64::from(own) + u64::from(others.counts.requests))
     }
 
+    /// What the fleet had leased of the tokens of `window` in all, as last read (none when
+    /// nothing was read of it).
+    pub fn fleet_tokens_leased_seen(&self, window: Window) -> Option<u64> {
+        let others = Word::load(&self.others);
+        (others.window == window.0)
+            .then(|| u64::from(self.tokens_lease(window)) + u64::from(others.counts.tokens))
+    }
+
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
     pub fn pushed_ago(&self, window: Window, now_ms: u64) -> Option<u64> {
         let pushed = Word::load(&self.pushed);
@@ -655,7 +732,9 @@ impl Counter {
         let fleet = self.fleet_counts(window);
         let total = Counts {
             requests: self.lease(window).saturating_add(fleet.others.requests),
-            tokens: fleet.pushed.tokens.saturating_add(fleet.others.tokens),
+            tokens: self
+                .tokens_lease(window)
+                .saturating_add(fleet.others.tokens),
         };
         (total, round)
     }
@@ -857,8 +936,8 @@ mod tests {
         Stored {
             pushed: req(pushed),
             fleet: req(fleet),
-            held,
-            granted: held,
+            held: req(held),
+            granted: req(held),
         }
     }
 
@@ -887,8 +966,8 @@ mod tests {
         c.leased_with_fleet(
             W,
             Stored {
-                held: 12,
-                granted: 2,
+                held: req(12),
+                granted: req(2),
                 fleet: req(30),
                 ..Stored::default()
             },
@@ -1029,7 +1108,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tokens_check_stops_at_this_replicas_share_between_syncs() {
+    fn a_tokens_check_is_admitted_while_the_tokens_reported_stay_under_the_lease() {
         let l = Limits {
             requests: None,
             tokens: Some(900),
@@ -1043,40 +1122,48 @@ mod tests {
             c.charge_in_fleet(W, Counts::ZERO, l, Enforcement::Enforce, view, NOW)
                 .unwrap()
                 .over
-                .tokens
         };
-        // Nothing known of the others: a share is 900 / 3.
         let c = Counter::new();
+        // No tokens lease yet: refused, and a lease may admit it.
+        let over = check(&c);
+        assert!(over.tokens && over.lease_spent);
+        // Leased 300 of the fleet's 900, the others hold 200.
+        let leased = |held: u32, granted: u32, fleet: u32| Stored {
+            pushed: Counts::ZERO,
+            fleet: tokens(fleet),
+            held: tokens(held),
+            granted: tokens(granted),
+        };
+        c.synced(W, leased(300, 300, 500), NOW);
+        assert_eq!(c.tokens_lease(W), 300);
         c.charge_in_fleet(W, tokens(299), l, Enforcement::Shadow, view, NOW)
             .unwrap();
-        assert!(!check(&c), "299 of a share of 300 reported");
-        c.charge_in_fleet(W, tokens(1), l, Enforcement::Shadow, view, NOW)
+        assert!(!check(&c).any(), "299 of a lease of 300 reported");
+        // A report past the lease is counted (the tokens were spent) and stops the checks.
+        let r = c
+            .charge_in_fleet(W, tokens(40), l, Enforcement::Shadow, view, NOW)
             .unwrap();
-        assert!(
-            check(&c),
-            "the share is reported: refused until the next sync"
-        );
-        // Synced: 300 pushed, the others 300: 300 left, 100 more for this one.
-        c.synced(W, stored_tokens(300, 600), NOW);
-        assert!(!check(&c));
-        c.charge_in_fleet(W, tokens(100), l, Enforcement::Shadow, view, NOW)
+        assert!(r.counted && r.counts.tokens == 339 + 200);
+        let over = check(&c);
+        assert!(over.tokens && over.lease_spent, "the fleet has 400 left");
+        // The fleet spent (the others took the rest), as read a moment ago: no call to ask.
+        c.leased_with_fleet(W, leased(339, 0, 900), NOW);
+        let over = check(&c);
+        assert!(over.tokens && !over.lease_spent);
+        // Idle, the lease shrinks to what was reported, no lower.
+        assert_eq!(c.shrink_tokens_lease(W, 0), 0);
+        let d = Counter::new();
+        d.synced(W, leased(300, 300, 300), NOW);
+        d.charge_in_fleet(W, tokens(120), l, Enforcement::Shadow, view, NOW)
             .unwrap();
-        assert!(check(&c));
-    }
-
-    fn stored_tokens(pushed: u32, fleet: u32) -> Stored {
-        Stored {
-            pushed: Counts {
-                requests: 0,
-                tokens: pushed,
-            },
-            fleet: Counts {
-                requests: 0,
-                tokens: fleet,
-            },
-            held: 0,
-            granted: 0,
-        }
+        assert_eq!(d.shrink_tokens_lease(W, 0), 180);
+        assert_eq!(d.tokens_lease(W), 120);
+        // Held while the store is away, under a share of the limit.
+        let share = FleetView::LocalShare { replicas: 3 };
+        let away = d
+            .charge_in_fleet(W, Counts::ZERO, l, Enforcement::Enforce, share, NOW)
+            .unwrap();
+        assert!(!away.over.any(), "120 of a share of 300");
     }
 
     #[test]

@@ -11,9 +11,8 @@ pub enum FleetView {
     /// No fleet store: this process is the whole fleet.
     #[default]
     Alone,
-    /// The store answers: admit requests from this replica's lease (what the store set aside
-    /// for it from the fleet's budget), and between syncs take at most this replica's share of
-    /// the tokens the fleet has left.
+    /// The store answers: admit from this replica's leases (what the store set aside for it
+    /// from the fleet's budgets of requests and tokens).
     Synced {
         /// Replicas alive, this one included.
         replicas: u32,
@@ -71,14 +70,12 @@ impl FleetState {
 /// What the fleet had counted at the last sync, as one counter knows it.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct FleetCounts {
-    /// This replica's counts already in the store.
-    pub pushed: Counts,
-    /// The rest of the fleet's counts: for requests what the other replicas hold in leases,
-    /// for tokens what they have reported.
+    /// What the other replicas hold in leases (tokens they reported past a lease count as
+    /// held).
     pub others: Counts,
-    /// The requests this replica holds in its lease for the window: what it may admit on its
-    /// own, the store having taken them from the fleet's budget.
-    pub held: u32,
+    /// What this replica holds in its leases for the window: what it may admit on its own,
+    /// the store having taken it from the fleet's budget.
+    pub held: Counts,
     /// Whether `others` was read from the store moments ago: then a request it finds the fleet
     /// spent is refused without asking the store again.
     pub fresh: bool,
@@ -91,8 +88,10 @@ struct Side {
     local: u32,
     charge: u32,
     limit: Option<u32>,
-    pushed: u32,
     others: u32,
+    /// Whether a check (charge 0) needs lease left, as a tokens check does: it starts a call
+    /// whose tokens are reported after, from the lease. A requests check takes nothing.
+    check_takes_lease: bool,
 }
 
 /// How a charge meets one limit.
@@ -102,6 +101,16 @@ struct Judged {
     /// Over only because the lease is spent, while the fleet had budget left at the last
     /// sync: a fresh lease may admit it.
     lease_spent: bool,
+}
+
+impl Judged {
+    /// Whether a fresh lease may admit a charge judged `requests` and `tokens`: it is over,
+    /// and only where a lease is spent.
+    fn lease_may_admit(requests: Judged, tokens: Judged) -> bool {
+        (requests.over || tokens.over)
+            && (!requests.over || requests.lease_spent)
+            && (!tokens.over || tokens.lease_spent)
+    }
 }
 
 impl Judged {
@@ -120,8 +129,10 @@ impl Judged {
 }
 
 impl FleetView {
-    /// How the charge meets a requests limit counted in leases: exact, because the store never
-    /// leases more than the limit in a window, and a replica admits only what it holds.
+    /// How the charge meets a limit counted in leases. Requests are exact: the store never
+    /// leases more than the limit in a window, and a replica admits only what it holds. A
+    /// tokens check (charge 0) is admitted only while the tokens reported stay under the
+    /// lease, so the fleet goes past the limit only by what calls already admitted report.
     fn leased(self, side: Side, held: u32, fresh: bool) -> Judged {
         let Side {
             local,
@@ -159,7 +170,7 @@ impl FleetView {
                     fleet + u64::from(charge) <= u64::from(limit)
                 };
                 let fleet_spent = u64::from(held) + u64::from(others) >= u64::from(limit);
-                if charge == 0 {
+                if charge == 0 && !side.check_takes_lease {
                     // A check: over when neither this replica's lease nor the fleet's budget
                     // has anything left.
                     return Judged::over_if(!within_limit || (!fits(held) && fleet_spent));
@@ -174,49 +185,10 @@ impl FleetView {
             }
         }
     }
-
-    /// Whether the charge breaks the side's limit, as this view has it (tokens, and requests
-    /// when the view counts no leases).
-    fn breaks(self, side: Side) -> bool {
-        let Side {
-            local,
-            charge,
-            limit,
-            pushed,
-            others,
-        } = side;
-        let Some(limit) = limit else { return false };
-        match self {
-            FleetView::Alone => breaks(local, charge, Some(limit)),
-            FleetView::AllowAll => false,
-            FleetView::DenyAll => true,
-            FleetView::LocalShare { replicas } => {
-                let share = u64::from(limit).div_ceil(u64::from(replicas.max(1))) as u32;
-                breaks(local, charge, Some(share))
-            }
-            FleetView::Synced { replicas } => {
-                if breaks(local.saturating_add(others), charge, Some(limit)) {
-                    return true;
-                }
-                // Between syncs, take at most a fair share of what the fleet had left. A check
-                // (charge 0: a call whose tokens are reported when it ends) is refused too once
-                // this replica's reports since its last sync reach its share. Not exact: a
-                // share is of what the fleet had left at this replica's last sync, and the
-                // others' reports since are not in it.
-                let left = u64::from(limit).saturating_sub(u64::from(others) + u64::from(pushed));
-                // Rounded down, but never to nothing while anything is left, so no replica
-                // starves.
-                let share = (left / u64::from(replicas.max(1)))
-                    .max(u64::from(left > 0))
-                    .min(u64::from(u32::MAX)) as u32;
-                breaks(local.saturating_sub(pushed), charge, Some(share))
-            }
-        }
-    }
 }
 
-/// Which of a counter's limits `charge` breaks on top of its `local` counts, under `view`.
-/// Requests limits are counted in leases; tokens, which arrive after the fact, in shares.
+/// Which of a counter's limits `charge` breaks on top of its `local` counts, under `view`:
+/// both counted in leases.
 pub(super) fn judge(
     local: Counts,
     charge: Counts,
@@ -229,21 +201,26 @@ pub(super) fn judge(
             local: local.requests,
             charge: charge.requests,
             limit: limits.requests,
-            pushed: fleet.pushed.requests,
             others: fleet.others.requests,
+            check_takes_lease: false,
         },
-        fleet.held,
+        fleet.held.requests,
+        fleet.fresh,
+    );
+    let tokens = view.leased(
+        Side {
+            local: local.tokens,
+            charge: charge.tokens,
+            limit: limits.tokens,
+            others: fleet.others.tokens,
+            check_takes_lease: true,
+        },
+        fleet.held.tokens,
         fleet.fresh,
     );
     Over {
         requests: requests.over,
-        tokens: view.breaks(Side {
-            local: local.tokens,
-            charge: charge.tokens,
-            limit: limits.tokens,
-            pushed: fleet.pushed.tokens,
-            others: fleet.others.tokens,
-        }),
-        lease_spent: requests.lease_spent,
+        tokens: tokens.over,
+        lease_spent: Judged::lease_may_admit(requests, tokens),
     }
 }

@@ -25,22 +25,41 @@ pub(super) const NO_LIMIT: i64 = -1;
 /// which only requests carry).
 pub(super) const STORED_LIMIT: i64 = -2;
 
-/// One call of the lease script for one counter's window.
+/// What a call asks of one of a counter's budgets (requests or tokens).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LeaseCall {
-    /// The requests limit in force ([`NO_LIMIT`], [`STORED_LIMIT`]).
+pub(super) struct Ask {
+    /// The limit in force ([`NO_LIMIT`], [`STORED_LIMIT`]).
     pub limit: i64,
-    /// Store `limit` with the key (an override's, for the sync to find).
-    pub remember_limit: bool,
     /// What the replica wants to hold after the call (no more than it holds: no grant).
     pub target: u32,
     /// Give back this many (it has lowered its lease by as much already).
     pub release: u32,
     /// What it must hold at least for the request waiting on it.
     pub need: u32,
-    /// What it holds, or has admitted if more (while the store was away): given back to a
-    /// store that lost it.
+    /// What it holds, or has counted if more (requests admitted while the store was away,
+    /// tokens reported past the lease by calls already admitted): given back to a store that
+    /// lost it, and taken from the fleet's budget.
     pub holding: u32,
+}
+
+impl Ask {
+    /// Nothing asked of a budget the counter has no limit on.
+    pub const NONE: Ask = Ask {
+        limit: NO_LIMIT,
+        target: 0,
+        release: 0,
+        need: 0,
+        holding: 0,
+    };
+}
+
+/// One call of the lease script for one counter's window.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaseCall {
+    pub requests: Ask,
+    pub tokens: Ask,
+    /// Store the requests limit with the key (an override's, for the sync to find).
+    pub remember_limit: bool,
     /// What this replica has counted in the window: requests admitted, tokens reported
     /// (none: a lease taken ahead of the window, which leaves the counts as they are).
     pub counted: Option<Counts>,
@@ -51,6 +70,10 @@ pub(super) struct LeaseCall {
 /// The script, hashed once: calls name it by its hash.
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
 
+/// What the script answers: per budget what the replica holds, what this call granted and
+/// what the fleet has leased; and what the fleet has admitted and reported in tokens.
+pub(super) type Reply = [i64; 8];
+
 impl LeaseCall {
     /// The call, as an `EVALSHA` of the lease script on `key` for `replica`.
     pub(super) fn command(&self, key: &str, replica: &str) -> Cmd {
@@ -59,40 +82,61 @@ impl LeaseCall {
             .arg(1)
             .arg(key)
             .arg(replica)
-            .arg(self.limit)
-            .arg(self.target)
-            .arg(self.need)
-            .arg(self.holding)
             .arg(self.counted.map_or(-1, |c| i64::from(c.requests)))
             .arg(self.counted.map_or(-1, |c| i64::from(c.tokens)))
             .arg(self.expire_at_ms)
             .arg(self.replicas.max(1))
-            .arg(u8::from(self.remember_limit))
-            .arg(self.release);
+            .arg(u8::from(self.remember_limit));
+        for ask in [self.requests, self.tokens] {
+            cmd.arg(ask.limit)
+                .arg(ask.target)
+                .arg(ask.need)
+                .arg(ask.holding)
+                .arg(ask.release);
+        }
         cmd
     }
 
     /// What the store answered, as the counter records it.
-    pub(super) fn stored(&self, reply: [i64; 5]) -> Stored {
-        let [held, granted, leased, _used, tokens] = reply.map(super::clamp);
+    pub(super) fn stored(&self, reply: Reply) -> Stored {
+        let [
+            held,
+            granted,
+            leased,
+            tokens_held,
+            tokens_granted,
+            tokens_leased,
+            _used,
+            _tokens,
+        ] = reply.map(super::clamp);
         Stored {
             pushed: self.counted.unwrap_or(Counts::ZERO),
             fleet: Counts {
                 requests: leased,
-                tokens,
+                tokens: tokens_leased,
             },
-            held,
-            granted,
+            held: Counts {
+                requests: held,
+                tokens: tokens_held,
+            },
+            granted: Counts {
+                requests: granted,
+                tokens: tokens_granted,
+            },
         }
     }
 }
 
-/// The lease script. KEYS[1]: the counter's window. ARGV: replica, limit (-1 none, -2 the one
-/// stored), target, need, holding, requests counted, tokens counted (-1: left as they are),
-/// expiry (ms since the
-/// epoch), replicas, remember the limit (1/0), give back this many.
-/// Returns what the replica holds, what this call
-/// granted, what the fleet has leased, admitted and reported in tokens.
+/// The lease script. KEYS[1]: the counter's window. ARGV: replica, requests counted, tokens
+/// counted (-1: left as they are), expiry (ms since the epoch), replicas, remember the
+/// requests limit (1/0); then for requests and for tokens: limit (-1 none, -2 the one
+/// stored), target, need, holding, give back this many. Returns, for requests and for
+/// tokens, what the replica holds, what this call granted and what the fleet has leased;
+/// then what the fleet has admitted and reported in tokens.
+///
+/// Per budget the store keeps what each replica holds (`h:`, `k:`) and the fleet's total
+/// (`requests`, `tleased`); tokens reported past a lease (by calls admitted before it was
+/// spent) raise what the replica holds, so they are taken from the fleet's budget too.
 ///
 /// A grant is at most half of what is left shared among the replicas, so that near the end of
 /// a window's budget leases shrink and what a replica holds unused is little (with the whole
@@ -100,55 +144,63 @@ impl LeaseCall {
 /// 196 to 200); but never less than the request waiting on it needs (`need`).
 pub(super) const LEASE_LUA: &str = r"
 local key, me = KEYS[1], ARGV[1]
-local limit, target, need = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local holding, used, tokens = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local replicas = math.max(1, tonumber(ARGV[9]))
+local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
+local replicas = math.max(1, tonumber(ARGV[5]))
 local fresh = redis.call('EXISTS', key) == 0
-local f = redis.call('HMGET', key, 'h:' .. me, 'u:' .. me, 't:' .. me, 'requests', 'used', 'tokens', 'limit')
-local held, mine_used, mine_tokens = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
-local leased, all_used, all_tokens = tonumber(f[4] or '0'), tonumber(f[5] or '0'), tonumber(f[6] or '0')
-if limit == -2 then
-  limit = tonumber(f[7] or '-1')
-elseif ARGV[10] == '1' and tostring(limit) ~= f[7] then
-  redis.call('HSET', key, 'limit', limit)
-end
-if holding > held then
-  leased = redis.call('HINCRBY', key, 'requests', holding - held)
-  held = holding
-  redis.call('HSET', key, 'h:' .. me, held)
-end
-local granted = 0
-local release = math.min(tonumber(ARGV[11]), held)
-if release > 0 then
-  leased = redis.call('HINCRBY', key, 'requests', -release)
-  held = redis.call('HINCRBY', key, 'h:' .. me, -release)
-elseif limit >= 0 and (target > holding or need > holding) then
-  -- Sized from what the replica knows it holds, not what the store says: an answer lost on
-  -- the way (a timeout) left the store counting a grant the replica never had, and sizing
-  -- from the store would refuse it more for the rest of the window. What was lost stays
-  -- leased (unused, never admitted twice).
-  local left = limit - leased
-  if left > 0 then
-    local cap = math.max(1, math.ceil(left / (2 * replicas)))
-    granted = math.min(left, math.max(math.min(target - holding, cap), need - holding))
-    if granted > 0 then
-      held = redis.call('HINCRBY', key, 'h:' .. me, granted)
-      leased = redis.call('HINCRBY', key, 'requests', granted)
-    else
-      granted = 0
+local f = redis.call('HMGET', key, 'h:' .. me, 'k:' .. me, 'u:' .. me, 't:' .. me,
+  'requests', 'tleased', 'used', 'tokens', 'limit')
+local stored_limit = f[9]
+local function lease(field, total, held, leased, at)
+  local limit, target, need = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
+  local holding, release = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
+  if limit == -2 then
+    limit = tonumber(stored_limit or '-1')
+  elseif at == 7 and ARGV[6] == '1' and tostring(limit) ~= stored_limit then
+    redis.call('HSET', key, 'limit', limit)
+  end
+  if holding > held then
+    leased = redis.call('HINCRBY', key, total, holding - held)
+    held = holding
+    redis.call('HSET', key, field, held)
+  end
+  local granted = 0
+  release = math.min(release, held)
+  if release > 0 then
+    leased = redis.call('HINCRBY', key, total, -release)
+    held = redis.call('HINCRBY', key, field, -release)
+  elseif limit >= 0 and (target > holding or need > holding) then
+    -- Sized from what the replica knows it holds, not what the store says: an answer lost on
+    -- the way (a timeout) left the store counting a grant the replica never had, and sizing
+    -- from the store would refuse it more for the rest of the window. What was lost stays
+    -- leased (unused, never admitted twice).
+    local left = limit - leased
+    if left > 0 then
+      local cap = math.max(1, math.ceil(left / (2 * replicas)))
+      granted = math.min(left, math.max(math.min(target - holding, cap), need - holding))
+      if granted > 0 then
+        held = redis.call('HINCRBY', key, field, granted)
+        leased = redis.call('HINCRBY', key, total, granted)
+      else
+        granted = 0
+      end
     end
   end
+  return held, granted, leased
 end
-if used ~= mine_used then
+local held, granted, leased = lease('h:' .. me, 'requests', tonumber(f[1] or '0'), tonumber(f[5] or '0'), 7)
+local theld, tgranted, tleased = lease('k:' .. me, 'tleased', tonumber(f[2] or '0'), tonumber(f[6] or '0'), 12)
+local mine_used, mine_tokens = tonumber(f[3] or '0'), tonumber(f[4] or '0')
+local all_used, all_tokens = tonumber(f[7] or '0'), tonumber(f[8] or '0')
+if used >= 0 and used ~= mine_used then
   redis.call('HSET', key, 'u:' .. me, used)
   all_used = redis.call('HINCRBY', key, 'used', used - mine_used)
 end
-if tokens ~= mine_tokens then
+if tokens >= 0 and tokens ~= mine_tokens then
   redis.call('HSET', key, 't:' .. me, tokens)
   all_tokens = redis.call('HINCRBY', key, 'tokens', tokens - mine_tokens)
 end
-if fresh and redis.call('EXISTS', key) == 1 then redis.call('PEXPIREAT', key, ARGV[8]) end
-return {held, granted, leased, all_used, all_tokens}
+if fresh and redis.call('EXISTS', key) == 1 then redis.call('PEXPIREAT', key, ARGV[4]) end
+return {held, granted, leased, theld, tgranted, tleased, all_used, all_tokens}
 ";
 
 /// What a counter will admit in the rest of its window at the rate it admitted `spent` in the
@@ -263,7 +315,7 @@ impl Fleet {
             pipe.add_command(call.command(key, self.replica_field()));
         }
         let mut store = self.store().await?;
-        let replies: Vec<[i64; 5]> = store
+        let replies: Vec<Reply> = store
             .pipeline_of_scripts(LEASE_LUA, &pipe, self.timeout())
             .await?;
         let table = limiter.counters().pin();
@@ -288,53 +340,74 @@ fn request_path_call(
     let (stamp, local) = counter.local();
     let own = if stamp == window { local } else { Counts::ZERO };
     let (pushed_in, pushed) = counter.pushed();
-    let tokens = if pushed_in == window {
-        pushed.tokens
+    let pushed = if pushed_in == window {
+        pushed
     } else {
-        0
+        Counts::ZERO
     };
-    let held = counter.lease(window);
-    let need = own.requests.saturating_add(want.need);
     let unit = want.counter.unit();
-    let spent = own.requests.saturating_sub(if pushed_in == window {
-        pushed.requests
-    } else {
-        0
-    });
-    // Far from the limit (under half of it leased, as last read) in a long window, a lease
-    // stranded at the window's end is refused to no one: sized by the rate alone.
-    let contended = !super::round::leases_ahead(unit, interval)
-        || super::round::near_limit(counter.fleet_leased_seen(window), want.limit);
-    let rest = if contended {
-        rest_at_rate(
-            counter,
-            window,
-            (own.requests, spent),
-            (unit, interval),
-            now_ms,
-        )
-    } else {
-        u32::MAX
+    let long_window = super::round::leases_ahead(unit, interval);
+    // One budget: what the request needs of it (a tokens check, one token of lease left),
+    // and half as much again as the counter has used in the window so far. Far from the
+    // limit (under half of it leased, as last read) in a long window, a lease stranded at the
+    // window's end is refused to no one: sized by the rate alone.
+    let ask = |limit: Option<u32>, (used, pushed): (u32, u32), held: u32, need: u32, seen| {
+        let Some(limit) = limit else {
+            return Ask::NONE;
+        };
+        let holding = held.max(used);
+        let need = used.saturating_add(need);
+        if need <= held {
+            // Not this budget's lease that is spent.
+            return Ask {
+                holding,
+                ..Ask::NONE
+            };
+        }
+        let rest = if !long_window || super::round::near_limit(seen, limit) {
+            let spent = used.saturating_sub(pushed);
+            rest_at_rate(counter, window, (used, spent), (unit, interval), now_ms)
+        } else {
+            u32::MAX
+        };
+        Ask {
+            limit: i64::from(limit),
+            target: request_path_target(used, need, rest),
+            release: 0,
+            need,
+            holding,
+        }
     };
+    let requests = ask(
+        want.limits.requests,
+        (own.requests, pushed.requests),
+        counter.lease(window),
+        want.need.requests,
+        counter.fleet_leased_seen(window),
+    );
+    let tokens = ask(
+        want.limits.tokens,
+        (own.tokens, pushed.tokens),
+        counter.tokens_lease(window),
+        want.need.tokens.max(1),
+        counter.fleet_tokens_leased_seen(window),
+    );
     tracing::debug!(
         admitted = own.requests,
-        held,
-        need,
+        reported = own.tokens,
         until_reset_ms = unit.until_reset(now_ms).as_millis() as u64,
         "a lease ran out: leasing on the request path"
     );
     LeaseCall {
-        limit: i64::from(want.limit),
+        requests,
+        tokens,
         remember_limit: want.rule.is_none(),
-        release: 0,
-        target: request_path_target(own.requests, need, rest),
-        need,
-        holding: held.max(own.requests),
+        // Tokens as last pushed: what is reported since goes with the next sync.
         counted: Some(Counts {
             requests: own.requests,
-            tokens,
+            tokens: pushed.tokens,
         }),
-        expire_at_ms: super::keys::expiry_ms(want.counter.unit(), window),
+        expire_at_ms: super::keys::expiry_ms(unit, window),
         replicas,
     }
 }

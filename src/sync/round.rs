@@ -9,7 +9,7 @@ use std::sync::Arc;
 use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{LeaseCall, NO_LIMIT, STORED_LIMIT, rest_at_rate};
+use super::lease::{Ask, LeaseCall, NO_LIMIT, Reply, STORED_LIMIT, rest_at_rate};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -58,51 +58,74 @@ pub(super) struct Found {
     pub own: Counts,
     /// Of which not yet in the store.
     pub pending: (i64, i64),
-    /// Requests leased to this replica for the window.
-    pub held: u32,
-    /// The fleet's counts at the last sync (requests leased, tokens reported).
-    pub seen: Counts,
+    /// What is leased to this replica for the window.
+    pub held: Counts,
     pub synced_before: bool,
     /// What the fleet has leased in all, as last read (this window or the one before), in a
     /// window long against the sync interval ([`leases_ahead`]); none otherwise.
     pub fleet_leased: Option<u64>,
+    /// The same of the tokens budget (this window only).
+    pub fleet_tokens_leased: Option<u64>,
+}
+
+/// One of a counter's two budgets, each leased on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Budget {
+    Requests,
+    Tokens,
+}
+
+impl Found {
+    /// Of one budget: what this replica has counted, how much of it is pending, what it
+    /// holds, and what the fleet has leased (as [`Found::fleet_leased`]).
+    fn of(self, budget: Budget) -> (u32, u32, u32, Option<u64>) {
+        match budget {
+            Budget::Requests => (
+                self.own.requests,
+                self.pending.0.max(0) as u32,
+                self.held.requests,
+                self.fleet_leased,
+            ),
+            Budget::Tokens => (
+                self.own.tokens,
+                self.pending.1.max(0) as u32,
+                self.held.tokens,
+                self.fleet_tokens_leased,
+            ),
+        }
+    }
 }
 
 /// Whether a counter is synced this round rather than on its turn: always while it was never
-/// synced or its limits are not known here (overrides); when its lease will not last until
-/// the next round at the rate it has been spent; when the tokens reported with what is
-/// pending reach half of the tokens limit, or the pending tokens half of this replica's share
-/// of what is left (tokens are counted after the fact, in shares, not leases). A counter whose
-/// lease lasts can wait: it admits nothing it does not hold, however late it syncs.
-pub(super) fn sync_now(found: Found, limits: Option<Limits>, replicas: u32) -> bool {
+/// synced or its limits are not known here (overrides); when a lease (requests or tokens) will
+/// not last until the next round at the rate it has been spent, or goes back. A counter whose
+/// leases last can wait: it admits nothing it does not hold, however late it syncs.
+pub(super) fn sync_now(found: Found, limits: Option<Limits>) -> bool {
     let (Some(limits), true) = (limits, found.synced_before) else {
         return true;
     };
-    let spent = found.pending.0.max(0) as u64;
-    let spare = u64::from(found.held.saturating_sub(found.own.requests));
-    let lease_runs_out = limits.requests.is_some() && spent > 0 && spare < 2 * spent;
-    if gives_back(found, limits.requests) {
-        return true;
-    }
-    let tokens_near = limits.tokens.is_some_and(|limit| {
-        let (limit, seen) = (u64::from(limit), u64::from(found.seen.tokens));
-        let pending = found.pending.1.max(0) as u64;
-        (seen + pending) * 2 >= limit
-            || pending * 2 * u64::from(replicas.max(1)) >= limit.saturating_sub(seen)
-    });
-    lease_runs_out || tokens_near
+    let runs_out = |budget, limit: Option<u32>| {
+        let (own, spent, held, _) = found.of(budget);
+        let spare = u64::from(held.saturating_sub(own));
+        limit.is_some() && spent > 0 && spare < 2 * u64::from(spent)
+    };
+    [
+        (Budget::Requests, limits.requests),
+        (Budget::Tokens, limits.tokens),
+    ]
+    .into_iter()
+    .any(|(budget, limit)| runs_out(budget, limit) || gives_back(found, budget, limit))
 }
 
-/// Whether a counter admitted nothing since its last sync and holds more than it admitted,
-/// while the fleet has leased at least half of the limit: what it holds goes back to the
-/// fleet, for the replicas that have traffic. Far from the limit a spare lease is kept, so a
-/// quiet counter's next call needs no call to the store; near it, a lease held unused is
-/// what another replica is refused.
-pub(super) fn gives_back(found: Found, limit: Option<u32>) -> bool {
-    contended(found, limit)
-        && found.synced_before
-        && found.pending.0 == 0
-        && found.held > found.own.requests
+/// Whether a counter admitted nothing since its last sync (and, for tokens, had nothing
+/// reported) and holds more of a budget than it used, while the fleet has leased at least half
+/// of its limit: what it holds goes back to the fleet, for the replicas that have traffic. Far
+/// from the limit a spare lease is kept, so a quiet counter's next call needs no call to the
+/// store; near it, a lease held unused is what another replica is refused.
+pub(super) fn gives_back(found: Found, budget: Budget, limit: Option<u32>) -> bool {
+    let (own, _, held, fleet_leased) = found.of(budget);
+    let idle = found.pending.0 == 0 && (budget == Budget::Requests || found.pending.1 == 0);
+    contended(fleet_leased, limit) && found.synced_before && idle && held > own
 }
 
 /// Whether the fleet has leased at least half of `limit`, as last read. In a short window
@@ -110,8 +133,8 @@ pub(super) fn gives_back(found: Found, limit: Option<u32>) -> bool {
 /// window is half over before its first sync, and a lease kept or sized for a fleet thought
 /// far from its limit stranded 5 to 10 % of it (measured: 176 to 195 of 200 a window, with
 /// 80 % of the load on one of 3 replicas).
-fn contended(found: Found, limit: Option<u32>) -> bool {
-    limit.is_some_and(|l| near_limit(found.fleet_leased, l))
+fn contended(fleet_leased: Option<u64>, limit: Option<u32>) -> bool {
+    limit.is_some_and(|l| near_limit(fleet_leased, l))
 }
 
 /// Whether what the fleet has leased (as last read; unknown counts as near) is at least half
@@ -146,14 +169,13 @@ pub(super) fn ahead_target(
     projected.max(least).min(u64::from(admitted)) as u32
 }
 
-/// What a replica asks of the store for a counter: to hold what it admitted since it last
-/// synced, twice over, for each of the `every` rounds until its turn comes again (at that
+/// What a replica asks of the store for a counter's budget: to hold what it used (`own`) and,
+/// for what it used since it last synced (`spent`), twice as much again for each of the `every` rounds until its turn comes again (at that
 /// rate, it is due on its turn, not every round), but no more than three quarters of what
 /// the rest of the window will use at the rate so far (`rest`: a rate read from a few calls is
 /// rough, and a lease too large strands its rest at the window's end); none when idle. The
 /// store grants less near the end of the budget, and then the counter is due sooner.
-pub(super) fn target(found: Found, every: u32, rest: u32) -> u32 {
-    let spent = found.pending.0.max(0) as u32;
+pub(super) fn target((own, spent): (u32, u32), every: u32, rest: u32) -> u32 {
     if spent == 0 {
         return 0;
     }
@@ -161,7 +183,7 @@ pub(super) fn target(found: Found, every: u32, rest: u32) -> u32 {
         .saturating_mul(2)
         .saturating_mul(every.max(1))
         .min((rest / 4 * 3).max(1));
-    found.own.requests.saturating_add(ahead)
+    own.saturating_add(ahead)
 }
 
 /// Whether this round is the turn of a counter far from its limits: every `every` rounds, at a
@@ -239,18 +261,23 @@ pub(super) async fn round(
                     tokens: w.tokens.as_ref().map(|l| l.per_unit),
                 })
                 .unwrap_or_default();
-            let (seen, synced_in) = counter.last_synced(window);
+            let (_, synced_in) = counter.last_synced(window);
             let found = Found {
                 own,
                 pending: (
                     i64::from(own.requests) - i64::from(base.requests),
                     i64::from(own.tokens) - i64::from(base.tokens),
                 ),
-                held: counter.lease(window),
-                seen,
+                held: Counts {
+                    requests: counter.lease(window),
+                    tokens: counter.tokens_lease(window),
+                },
                 synced_before: synced_in.is_some(),
                 fleet_leased: leases_ahead(unit, interval)
                     .then(|| counter.fleet_leased_seen(window))
+                    .flatten(),
+                fleet_tokens_leased: leases_ahead(unit, interval)
+                    .then(|| counter.fleet_tokens_leased_seen(window))
                     .flatten(),
             };
             // Overrides carry their limits in the request: not known here.
@@ -259,7 +286,7 @@ pub(super) async fn round(
             // A window's last round pushes what is pending, so its fleet total is whole.
             let last_round = unit.until_reset(now) <= interval;
             let closing = found.pending != (0, 0) && last_round;
-            let spare = found.held > own.requests;
+            let spare = found.held.requests > own.requests || found.held.tokens > own.tokens;
             let last = leaving && (found.pending != (0, 0) || spare);
             // A strict rule's counts are taken in the store call by call; its local counter
             // holds only what was admitted while the store was away, given back here.
@@ -278,7 +305,7 @@ pub(super) async fn round(
             let ahead_wanted = if ahead_round {
                 let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
                 let interval_ms = interval.as_millis() as u64;
-                let near = contended(found, limits.requests);
+                let near = contended(found.fleet_leased, limits.requests);
                 ahead_target(own.requests, elapsed, interval_ms, near)
             } else {
                 0
@@ -297,12 +324,15 @@ pub(super) async fn round(
                 if write_key_of(fleet, &mut keys, key, rule, next) {
                     let holding = counter.ahead(next).saturating_add(counter.lease(next));
                     let call = LeaseCall {
-                        limit: limits.requests.map_or(NO_LIMIT, i64::from),
+                        requests: Ask {
+                            limit: limits.requests.map_or(NO_LIMIT, i64::from),
+                            target: if ahead { ahead_wanted } else { 0 },
+                            release: ahead_back,
+                            need: 0,
+                            holding: holding + ahead_back,
+                        },
+                        tokens: Ask::NONE,
                         remember_limit: false,
-                        target: if ahead { ahead_wanted } else { 0 },
-                        release: ahead_back,
-                        need: 0,
-                        holding: holding + ahead_back,
                         counted: None,
                         expire_at_ms: expiry_ms(unit, next),
                         replicas,
@@ -318,8 +348,7 @@ pub(super) async fn round(
                     });
                 }
             }
-            if !(last || closing || sync_now(found, known, replicas) || turn(key, round_no, every))
-            {
+            if !(last || closing || sync_now(found, known) || turn(key, round_no, every)) {
                 if batch.len() >= BATCH {
                     break;
                 }
@@ -329,42 +358,57 @@ pub(super) async fn round(
             if !write_key_of(fleet, &mut keys, key, rule, window) {
                 continue;
             }
-            let limit = match (overridden, limits.requests) {
+            // One budget's ask: an idle lease is lowered here first, then given back (no
+            // request admits from what goes back); else topped up at the counter's rate. Far
+            // from the limit, what a lease strands at the window's end is refused to no one: it
+            // is sized by the rate alone.
+            let ask = |budget, limit_arg: i64, limit: Option<u32>| {
+                let (used, spent, held, fleet_leased) = found.of(budget);
+                if limit_arg == NO_LIMIT {
+                    return Ask {
+                        holding: if budget == Budget::Requests {
+                            held.max(used)
+                        } else {
+                            0
+                        },
+                        ..Ask::NONE
+                    };
+                }
+                let (target, release, held) = if leaving || gives_back(found, budget, limit) {
+                    let released = match budget {
+                        Budget::Requests => counter.shrink_lease(window, used).unwrap_or(0),
+                        Budget::Tokens => counter.shrink_tokens_lease(window, used),
+                    };
+                    (0, released, held - released.min(held))
+                } else {
+                    let rest = if contended(fleet_leased, limit) {
+                        rest_at_rate(counter, window, (used, spent), (unit, interval), now)
+                    } else {
+                        u32::MAX
+                    };
+                    (target((used, spent), every, rest), 0, held)
+                };
+                Ask {
+                    limit: limit_arg,
+                    target,
+                    release,
+                    need: 0,
+                    holding: held.max(used),
+                }
+            };
+            let requests_limit = match (overridden, limits.requests) {
                 (true, _) => STORED_LIMIT,
                 (false, Some(limit)) if !strict => i64::from(limit),
                 _ => NO_LIMIT,
             };
-            // An idle lease is lowered here first, then given back: no request admits from
-            // what goes back.
-            let (target, release, held) = if gives_back(found, limits.requests) {
-                let released = counter.shrink_lease(window, own.requests).unwrap_or(0);
-                (0, released, counter.lease(window))
-            } else if strict {
-                (0, 0, found.held)
-            } else {
-                // Far from the limit, what a lease strands at the window's end is refused to
-                // no one: it is sized by the rate alone.
-                let rest = if contended(found, limits.requests) {
-                    let spent = found.pending.0.max(0) as u32;
-                    rest_at_rate(
-                        counter,
-                        window,
-                        (own.requests, spent),
-                        (unit, interval),
-                        now,
-                    )
-                } else {
-                    u32::MAX
-                };
-                (target(found, every, rest), 0, found.held)
+            let tokens_limit = match limits.tokens {
+                Some(limit) if !strict && !overridden => i64::from(limit),
+                _ => NO_LIMIT,
             };
             let call = LeaseCall {
-                limit,
+                requests: ask(Budget::Requests, requests_limit, limits.requests),
+                tokens: ask(Budget::Tokens, tokens_limit, limits.tokens),
                 remember_limit: false,
-                target,
-                release,
-                need: 0,
-                holding: held.max(own.requests),
                 counted: Some(own),
                 expire_at_ms: expiry_ms(unit, window),
                 replicas,
@@ -401,10 +445,10 @@ pub(super) async fn round(
             replicas = u32::from_redis_value(alive)?.max(1);
         }
         for (w, reply) in batch.iter().zip(replies) {
-            let reply: [i64; 5] = redis::FromRedisValue::from_redis_value(reply)?;
+            let reply: Reply = redis::FromRedisValue::from_redis_value(reply)?;
             if w.ahead {
                 w.counter
-                    .lease_ahead(w.window, w.call.stored(reply).granted);
+                    .lease_ahead(w.window, w.call.stored(reply).granted.requests);
                 continue;
             }
             if w.long_window {
@@ -415,7 +459,7 @@ pub(super) async fn round(
             }
             // How far past a limit the fleet admitted (while Redis was away): what the
             // accuracy model bounds.
-            let admitted = super::clamp(reply[3]);
+            let admitted = super::clamp(reply[6]);
             if let Some(limit) = w.limit {
                 overshoot = overshoot.max(admitted.saturating_sub(limit));
             }
@@ -430,20 +474,41 @@ mod tests {
     use super::*;
     use crate::limiter::{CounterRef, Unit};
 
-    fn found(own: u32, pending: (i64, i64), held: u32, seen_tokens: u32) -> Found {
+    /// A requests counter: `own` admitted, `pending` not yet pushed, `held` leased, the fleet
+    /// having leased as much.
+    fn found(own: u32, pending: (i64, i64), held: u32) -> Found {
         Found {
             own: Counts {
                 requests: own,
                 tokens: 0,
             },
             pending,
-            held,
-            seen: Counts {
+            held: Counts {
                 requests: held,
-                tokens: seen_tokens,
+                tokens: 0,
             },
             synced_before: true,
             fleet_leased: Some(u64::from(held)),
+            fleet_tokens_leased: None,
+        }
+    }
+
+    /// A tokens counter: `reported` of which `pending` not yet pushed, `held` leased, the
+    /// fleet having leased `fleet`.
+    fn found_tokens(reported: u32, pending: i64, held: u32, fleet: u64) -> Found {
+        Found {
+            own: Counts {
+                requests: 0,
+                tokens: reported,
+            },
+            pending: (0, pending),
+            held: Counts {
+                requests: 0,
+                tokens: held,
+            },
+            synced_before: true,
+            fleet_leased: None,
+            fleet_tokens_leased: Some(fleet),
         }
     }
 
@@ -454,46 +519,49 @@ mod tests {
             tokens: None,
         });
         // 40 admitted since the last sync, 100 of the 140 held spare: lasts two rounds more.
-        assert!(!sync_now(found(40, (40, 0), 140, 0), limits, 3));
+        assert!(!sync_now(found(40, (40, 0), 140), limits));
         // 79 spare for a rate of 40: would not last two rounds.
-        assert!(sync_now(found(61, (40, 0), 140, 0), limits, 3));
+        assert!(sync_now(found(61, (40, 0), 140), limits));
         // Idle: nothing to top up, whatever is held.
-        assert!(!sync_now(found(140, (0, 0), 140, 0), limits, 3));
+        assert!(!sync_now(found(140, (0, 0), 140), limits));
         // A refund (negative pending) spends nothing.
-        assert!(!sync_now(found(10, (-5, 0), 20, 0), limits, 3));
+        assert!(!sync_now(found(10, (-5, 0), 20), limits));
         // Never synced, or limits not known here (an override): now.
         let never = Found {
             synced_before: false,
-            ..found(0, (1, 0), 0, 0)
+            ..found(0, (1, 0), 0)
         };
-        assert!(sync_now(never, limits, 3));
-        assert!(sync_now(found(0, (0, 0), 0, 0), None, 3));
+        assert!(sync_now(never, limits));
+        assert!(sync_now(found(0, (0, 0), 0), None));
         // Unlimited: never due but on its turn.
-        assert!(!sync_now(
-            found(9, (9, 9), 0, 0),
-            Some(Limits::default()),
-            3
-        ));
+        assert!(!sync_now(found(9, (9, 9), 0), Some(Limits::default())));
     }
 
     #[test]
     fn an_idle_lease_goes_back_only_when_the_fleet_nears_its_limit() {
+        use Budget::Requests;
         // Idle (nothing pending), 30 held of which 10 admitted; the fleet has leased `held`.
-        let idle = found(10, (0, 0), 30, 0);
-        assert!(gives_back(idle, Some(60)), "30 of 60 leased: back");
-        assert!(!gives_back(idle, Some(61)), "under half leased: kept");
-        assert!(!gives_back(idle, None));
-        assert!(!gives_back(found(10, (2, 0), 30, 0), Some(60)), "busy");
+        let idle = found(10, (0, 0), 30);
         assert!(
-            !gives_back(found(30, (0, 0), 30, 0), Some(60)),
+            gives_back(idle, Requests, Some(60)),
+            "30 of 60 leased: back"
+        );
+        assert!(!gives_back(idle, Requests, Some(61)), "under half: kept");
+        assert!(!gives_back(idle, Requests, None));
+        assert!(
+            !gives_back(found(10, (2, 0), 30), Requests, Some(60)),
+            "busy"
+        );
+        assert!(
+            !gives_back(found(30, (0, 0), 30), Requests, Some(60)),
             "nothing spare"
         );
         let unknown = Found {
             fleet_leased: None,
-            ..found(10, (0, 0), 30, 0)
+            ..found(10, (0, 0), 30)
         };
         assert!(
-            gives_back(unknown, Some(1_000)),
+            gives_back(unknown, Requests, Some(1_000)),
             "a short window, or nothing read"
         );
     }
@@ -516,32 +584,43 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_synced_every_round_near_their_limit() {
+    fn tokens_leases_are_topped_up_and_given_back_as_requests_leases() {
+        use Budget::Tokens;
         let limits = Some(Limits {
             requests: None,
             tokens: Some(1000),
         });
-        // 100 of 1000 reported, 50 pending: far (half is 500; the share of 900 left is 300).
-        assert!(!sync_now(found(0, (0, 50), 0, 100), limits, 3));
-        // Reported and pending together reach half the limit: now.
-        assert!(sync_now(found(0, (0, 100), 0, 400), limits, 3));
-        // Pending reaches half of this replica's share of what is left: 900 / 3 / 2.
-        assert!(!sync_now(found(0, (0, 149), 0, 100), limits, 3));
-        assert!(sync_now(found(0, (0, 150), 0, 100), limits, 3));
+        // 100 reported since the last sync, 300 of the 500 held spare: lasts two rounds more.
+        assert!(!sync_now(found_tokens(200, 100, 500, 600), limits));
+        // 250 spare for a rate of 150 a round: now.
+        assert!(sync_now(found_tokens(250, 150, 500, 600), limits));
+        // Reports past the lease (calls admitted before it ran out): now.
+        assert!(sync_now(found_tokens(520, 40, 500, 600), limits));
+        // Nothing reported since the last sync: an idle lease goes back near the limit...
+        let idle = found_tokens(200, 0, 500, 600);
+        assert!(gives_back(idle, Tokens, Some(1000)) && sync_now(idle, limits));
+        // ...but not while checks admitted since (requests pending) have yet to report,
+        let checks_out = Found {
+            pending: (3, 0),
+            ..idle
+        };
+        assert!(!gives_back(checks_out, Tokens, Some(1000)));
+        // nor far from it.
+        assert!(!gives_back(
+            found_tokens(200, 0, 500, 499),
+            Tokens,
+            Some(1000)
+        ));
     }
 
     #[test]
     fn a_lease_asks_for_its_rate_until_its_turn_twice_over() {
         let rest = u32::MAX;
-        assert_eq!(target(found(70, (30, 0), 80, 0), 1, rest), 130);
-        assert_eq!(target(found(70, (30, 0), 80, 0), 8, rest), 70 + 480);
-        assert_eq!(
-            target(found(70, (0, 0), 80, 0), 8, rest),
-            0,
-            "idle: no grant"
-        );
+        assert_eq!(target((70, 30), 1, rest), 130);
+        assert_eq!(target((70, 30), 8, rest), 70 + 480);
+        assert_eq!(target((70, 0), 8, rest), 0, "idle: no grant");
         // No more than three quarters of what the rest of the window will use.
-        assert_eq!(target(found(70, (30, 0), 80, 0), 8, 40), 100);
+        assert_eq!(target((70, 30), 8, 40), 100);
         // 30 admitted in the last 5 s, 15 s of the minute left: 90 more at that rate.
         let now = 60_000 * 1000 + 45_000;
         assert_eq!(
