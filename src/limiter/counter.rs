@@ -739,6 +739,20 @@ impl Counter {
         (total, round)
     }
 
+    /// Whether this replica holds lease of `window` it has not used: requests not admitted,
+    /// or tokens not reported.
+    pub fn has_unused_lease(&self, window: Window) -> bool {
+        let used = Word::load(&self.word).counts_in(window);
+        self.lease(window) > used.requests || self.tokens_lease(window) > used.tokens
+    }
+
+    /// Whether the store was read for this counter in `window` (by the sync or a lease on
+    /// the request path).
+    pub fn read_in(&self, window: Window) -> bool {
+        let others = Word::load(&self.others);
+        others.window == window.0 && others.note != 0
+    }
+
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
     /// charges, so the sweeper can drop it without losing a count.
     pub fn retire_if_idle(&self, current: Window) -> bool {

@@ -250,8 +250,11 @@ fn request_path_target(admitted: u32, need: u32, rest: u32) -> u32 {
 
 impl Fleet {
     /// Claims, for each counter of a denied request whose lease ran out, the lease the sync
-    /// took ahead of this window (no call to the store); whether any was claimed, so the
-    /// request is decided again before the store is asked.
+    /// took ahead of this window (no call to the store); whether any counter now holds lease
+    /// it has not used, so the request is decided again before the store is asked. That
+    /// includes a lease the sync claimed a moment ago, after the request was decided: at a
+    /// window's start the two race, and the request found nothing left to claim (measured: 3
+    /// to 10 request-path calls in 5 window starts with 2 replicas, where 0 were needed).
     pub fn claim_ahead(&self, limiter: &Limiter, wants: &[LeaseWant]) -> bool {
         let now = limiter.clock().now_ms();
         let table = limiter.counters().pin();
@@ -259,7 +262,8 @@ impl Fleet {
         for want in wants {
             let parts: Vec<&str> = want.counter.parts().collect();
             if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
-                claimed |= counter.claim_ahead(want.counter.unit().window_at(now)) > 0;
+                let window = want.counter.unit().window_at(now);
+                claimed |= counter.claim_ahead(window) > 0 || counter.has_unused_lease(window);
             }
         }
         claimed

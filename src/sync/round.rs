@@ -61,6 +61,10 @@ pub(super) struct Found {
     /// What is leased to this replica for the window.
     pub held: Counts,
     pub synced_before: bool,
+    /// Whether the store was read for it in this window: "idle since its last sync" means
+    /// nothing before. (A lease claimed from the one taken ahead, at the window's first round,
+    /// was given back as idle before the first request could use it.)
+    pub synced_this_window: bool,
     /// What the fleet has leased in all, as last read (this window or the one before), in a
     /// window long against the sync interval ([`leases_ahead`]); none otherwise.
     pub fleet_leased: Option<u64>,
@@ -125,7 +129,7 @@ pub(super) fn sync_now(found: Found, limits: Option<Limits>) -> bool {
 pub(super) fn gives_back(found: Found, budget: Budget, limit: Option<u32>) -> bool {
     let (own, _, held, fleet_leased) = found.of(budget);
     let idle = found.pending.0 == 0 && (budget == Budget::Requests || found.pending.1 == 0);
-    contended(fleet_leased, limit) && found.synced_before && idle && held > own
+    contended(fleet_leased, limit) && found.synced_this_window && idle && held > own
 }
 
 /// Whether the fleet has leased at least half of `limit`, as last read. In a short window
@@ -273,6 +277,7 @@ pub(super) async fn round(
                     tokens: counter.tokens_lease(window),
                 },
                 synced_before: synced_in.is_some(),
+                synced_this_window: counter.read_in(window),
                 fleet_leased: leases_ahead(unit, interval)
                     .then(|| counter.fleet_leased_seen(window))
                     .flatten(),
@@ -488,6 +493,7 @@ mod tests {
                 tokens: 0,
             },
             synced_before: true,
+            synced_this_window: true,
             fleet_leased: Some(u64::from(held)),
             fleet_tokens_leased: None,
         }
@@ -507,6 +513,7 @@ mod tests {
                 tokens: held,
             },
             synced_before: true,
+            synced_this_window: true,
             fleet_leased: None,
             fleet_tokens_leased: Some(fleet),
         }
@@ -547,6 +554,13 @@ mod tests {
             "30 of 60 leased: back"
         );
         assert!(!gives_back(idle, Requests, Some(61)), "under half: kept");
+        // A window's first round, with a lease claimed from the one taken ahead: no request
+        // has had a chance at it yet.
+        let new_window = Found {
+            synced_this_window: false,
+            ..idle
+        };
+        assert!(!gives_back(new_window, Requests, Some(60)), "kept");
         assert!(!gives_back(idle, Requests, None));
         assert!(
             !gives_back(found(10, (2, 0), 30), Requests, Some(60)),
