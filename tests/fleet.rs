@@ -1556,3 +1556,79 @@ async fn tokens_go_past_the_limit_only_by_the_reports_in_flight() {
     }
     stop_all(fleet.children).await;
 }
+
+/// A capacity reduction announced on one replica holds the whole fleet to the reduced limit,
+/// exactly: the sync leases against the limit in force, not the configured one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_capacity_reduction_holds_the_fleet_to_the_reduced_limit() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (rules, secrets) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_rules(rules.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
+    let token_file = secrets.path().join("admin-token");
+    std::fs::write(&token_file, "capacity-test-token\n").unwrap();
+    let namespace = unique_namespace("capacity");
+    let token_arg = token_file.to_str().unwrap();
+    let fleet = replicas(
+        3,
+        &redis,
+        &namespace,
+        rules.path(),
+        &["--admin-token-file", token_arg],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let reduced = http
+        .post(format!("http://{}/v1/capacity/reduce", fleet.http[0]))
+        .bearer_auth("capacity-test-token")
+        .json(&serde_json::json!({"domain": "fleet", "rule": "k", "factor": 0.5}))
+        .send()
+        .await
+        .unwrap();
+    assert!(reduced.status().is_success(), "{:?}", reduced.text().await);
+    // Every replica hears of it (Redis pub/sub) before the load starts.
+    for addr in &fleet.http {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let seen: serde_json::Value = http
+                .get(format!("http://{addr}/v1/capacity"))
+                .bearer_auth("capacity-test-token")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if seen.to_string().contains("\"effective\":100") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{addr} never heard: {seen}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let call = request("fleet", &[&[("k", "shared-key")]]);
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let from = now_ms();
+    let rate = u64::from(LIMIT) * 3 / 2;
+    drive(
+        &fleet.clients,
+        &call,
+        rate,
+        Duration::from_secs(6),
+        Spread::Even,
+        tally.clone(),
+    )
+    .await;
+    let to = now_ms();
+    let tally = tally.lock().await;
+    let windows = tally.full_windows(from, to);
+    println!(
+        "capacity at 0.5: admitted per window (configured {LIMIT}, in force {}): {windows:?}",
+        LIMIT / 2
+    );
+    assert_eq!(tally.failures, 0);
+    assert_exact(&windows, LIMIT / 2, "capacity at 0.5, 3 replicas, 3x");
+    stop_all(fleet.children).await;
+}

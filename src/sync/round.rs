@@ -258,11 +258,16 @@ pub(super) async fn round(
             } else {
                 Counts::ZERO
             };
+            // The limits in force: leased against the configured ones while a capacity
+            // reduction holds the request path to less, the fleet could lease past it.
             let limits = rule
-                .and_then(|rule| rule.windows().iter().find(|w| w.unit == unit))
-                .map(|w| Limits {
-                    requests: w.requests.as_ref().map(|l| l.per_unit),
-                    tokens: w.tokens.as_ref().map(|l| l.per_unit),
+                .and_then(|rule| {
+                    let w = rule.windows().iter().find(|w| w.unit == unit)?;
+                    let in_force = |l: &crate::rules::Limit| rule.capacity.apply(l.per_unit);
+                    Some(Limits {
+                        requests: w.requests.as_ref().map(in_force),
+                        tokens: w.tokens.as_ref().map(in_force),
+                    })
                 })
                 .unwrap_or_default();
             let (_, synced_in) = counter.last_synced(window);
