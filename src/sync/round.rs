@@ -390,13 +390,22 @@ pub(super) async fn round(
                         Budget::Tokens => counter.shrink_tokens_lease(window, used),
                     };
                     (0, released, held - released.min(held))
+                } else if contended(fleet_leased, limit) {
+                    let rest = rest_at_rate(counter, window, (used, spent), (unit, interval), now);
+                    // Near the limit, what it spent since its last push is a rate per round
+                    // only if that push was a round ago: one call since a push 20 s ago is a
+                    // twentieth of a call a round, and a top-up sized as a call a round
+                    // strands units other replicas are refused (counters of 3 a minute
+                    // admitted 2 of 3 under load).
+                    let since = counter
+                        .pushed_ago(window, now)
+                        .unwrap_or(unit.millis() - unit.until_reset(now).as_millis() as u64);
+                    let interval_ms = interval.as_millis() as u64;
+                    let per_round =
+                        (u64::from(spent) * interval_ms / since.max(interval_ms).max(1)) as u32;
+                    (target((used, per_round), every, rest), 0, held)
                 } else {
-                    let rest = if contended(fleet_leased, limit) {
-                        rest_at_rate(counter, window, (used, spent), (unit, interval), now)
-                    } else {
-                        u32::MAX
-                    };
-                    (target((used, spent), every, rest), 0, held)
+                    (target((used, spent), every, u32::MAX), 0, held)
                 };
                 Ask {
                     limit: limit_arg,
