@@ -165,6 +165,16 @@ pub struct Stored {
     pub granted: Counts,
 }
 
+/// What a window-stamped lease word (window in the high half, units in the low) holds for
+/// `window`: nothing when it was stamped for another.
+fn held_in(word: u64, window: Window) -> u32 {
+    if (word >> 32) as u32 == window.0 {
+        word as u32
+    } else {
+        0
+    }
+}
+
 /// The counter was retired by the sweeper between lookup and use; look it up again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retired;
@@ -448,12 +458,7 @@ impl Counter {
 
     /// The tokens this replica holds in its lease for `window`.
     pub fn tokens_lease(&self, window: Window) -> u32 {
-        let word = self.tokens_lease.load(Ordering::Acquire);
-        if (word >> 32) as u32 == window.0 {
-            word as u32
-        } else {
-            0
-        }
+        held_in(self.tokens_lease.load(Ordering::Acquire), window)
     }
 
     /// Adds what the store granted to the tokens lease of `window` (added, not set, as
@@ -653,12 +658,7 @@ impl Counter {
 
     /// What is kept ahead for `window` and not yet claimed.
     pub fn ahead(&self, window: Window) -> u32 {
-        let word = self.ahead.load(Ordering::Acquire);
-        if (word >> 32) as u32 == window.0 {
-            word as u32
-        } else {
-            0
-        }
+        held_in(self.ahead.load(Ordering::Acquire), window)
     }
 
     /// Adds the lease kept ahead for `window` to the lease, once (the caller that empties the
