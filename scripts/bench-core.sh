@@ -42,29 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mkdir "$work/rules"
-cat > "$work/rules/bench.yaml" <<'EOF'
-domain: bench
-descriptors:
-  - key: api_key
-    limits:
-      - { unit: minute, requests: 4000000000 }
-      - { unit: minute, tokens: 4000000000 }
-    descriptors:
-      - key: model
-        rate_limit: { unit: minute, requests_per_unit: 4000000000 }
-  - key: endpoint
-    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
-  - key: user
-    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
-  - key: route
-    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
-EOF
-"$NOOP" request "$work/one" bench api_key=k1,model=gpt-4o
-"$NOOP" request "$work/five" bench api_key=k1 api_key=k1,model=gpt-4o endpoint=openai user=u1 route=chat
-
-
-
+per_core_requests "$work" "$NOOP"
 
 # start NAME: starts the server, pinned; sets `started` to its pid and port (in this shell,
 # so that cleanup stops it).

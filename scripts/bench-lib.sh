@@ -24,3 +24,30 @@ sluice_pinned() {
         --grpc-addr "127.0.0.1:$grpc" --http-addr "127.0.0.1:$(port)" \
         --log-level warn "$@" >/dev/null 2>&1 &
 }
+
+# per_core_requests DIR NOOP: the per-core benches' rules (DIR/rules/bench.yaml, limits no
+# load reaches) and their two requests, written by the no-op's encoder: DIR/one (one
+# descriptor: api_key and model) and DIR/five (the LLM gateway's five descriptors).
+per_core_requests() {
+    local dir="$1" noop="$2"
+    mkdir -p "$dir/rules"
+    cat > "$dir/rules/bench.yaml" <<'EOF'
+domain: bench
+descriptors:
+  - key: api_key
+    limits:
+      - { unit: minute, requests: 4000000000 }
+      - { unit: minute, tokens: 4000000000 }
+    descriptors:
+      - key: model
+        rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: endpoint
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: user
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+  - key: route
+    rate_limit: { unit: minute, requests_per_unit: 4000000000 }
+EOF
+    "$noop" request "$dir/one" bench api_key=k1,model=gpt-4o
+    "$noop" request "$dir/five" bench api_key=k1 api_key=k1,model=gpt-4o endpoint=openai user=u1 route=chat
+}

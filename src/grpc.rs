@@ -1,5 +1,9 @@
-//! `RateLimitService` for tonic: hands each call to [`service::answer`](crate::service::answer)
-//! and turns its errors into gRPC statuses.
+//! `RateLimitService` over tonic: the ShouldRateLimit route handed to
+//! [`service::answer`](crate::service::answer), its errors turned into gRPC statuses.
+//!
+//! tonic's generated server (envoy-types') would answer with prost's owned `RateLimitResponse`;
+//! this one is the same glue with sluice's [`Answer`], which writes itself to the wire without
+//! an allocation per header.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,15 +11,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use tonic::codegen::{Body, StdError};
+use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
+use tonic_prost::ProstCodec;
 
 use crate::app::App;
-use crate::proto::code_name;
+use crate::proto::{Answer, code, code_name};
 use crate::service::{self, AnswerError};
 
+/// The one method, as gRPC paths name it.
+const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
 /// The gRPC face of a server.
+#[derive(Clone)]
 pub struct RateLimitGrpc {
     app: Arc<App>,
 }
@@ -27,27 +39,67 @@ impl RateLimitGrpc {
     }
 }
 
-#[tonic::async_trait]
-impl RateLimitService for RateLimitGrpc {
-    async fn should_rate_limit(
-        &self,
-        request: Request<RateLimitRequest>,
-    ) -> Result<Response<RateLimitResponse>, Status> {
-        let span = self.app.traces.as_ref().map(|traces| {
-            let call = request.get_ref();
-            traces.call(request.metadata(), &call.domain, call.descriptors.len())
-        });
-        let answered = service::answer(&self.app, request.into_inner())
-            .await
-            .map_err(status);
-        if let Some(span) = span {
-            match &answered {
-                Ok(response) => span.answered(code_name(response.overall_code)),
-                Err(status) => span.failed(status.code(), status.message()),
-            }
-        }
-        answered.map(Response::new)
+impl NamedService for RateLimitGrpc {
+    const NAME: &'static str = "envoy.service.ratelimit.v3.RateLimitService";
+}
+
+impl<B> tower_service::Service<http::Request<B>> for RateLimitGrpc
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Reply, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != SHOULD_RATE_LIMIT {
+            let unknown = Status::unimplemented(format!("{} is not served", request.uri().path()));
+            return Box::pin(std::future::ready(Ok(unknown.into_http())));
+        }
+        let method = ShouldRateLimit(self.app.clone());
+        Box::pin(async move {
+            let mut grpc = Grpc::new(ProstCodec::<Answer, RateLimitRequest>::default());
+            Ok(grpc.unary(method, request).await)
+        })
+    }
+}
+
+/// One ShouldRateLimit call.
+struct ShouldRateLimit(Arc<App>);
+
+impl UnaryService<RateLimitRequest> for ShouldRateLimit {
+    type Response = Answer;
+    type Future = BoxFuture<Result<Response<Answer>, Status>>;
+
+    fn call(&mut self, request: Request<RateLimitRequest>) -> Self::Future {
+        let app = self.0.clone();
+        Box::pin(async move { should_rate_limit(&app, request).await })
+    }
+}
+
+async fn should_rate_limit(
+    app: &Arc<App>,
+    request: Request<RateLimitRequest>,
+) -> Result<Response<Answer>, Status> {
+    let span = app.traces.as_ref().map(|traces| {
+        let call = request.get_ref();
+        traces.call(request.metadata(), &call.domain, call.descriptors.len())
+    });
+    let answered = service::answer(app, request.into_inner())
+        .await
+        .map_err(status);
+    if let Some(span) = span {
+        match &answered {
+            Ok(answer) => span.answered(code_name(code(answer.code))),
+            Err(status) => span.failed(status.code(), status.message()),
+        }
+    }
+    answered.map(Response::new)
 }
 
 /// The one place errors become gRPC statuses. Envoy reads UNKNOWN as "allow"; a bug must
@@ -66,7 +118,7 @@ fn status(error: AnswerError) -> Status {
 #[derive(Debug, Clone)]
 pub struct UndecodableIsInvalid<S>(pub S);
 
-impl<S: tonic::server::NamedService> tonic::server::NamedService for UndecodableIsInvalid<S> {
+impl<S: NamedService> NamedService for UndecodableIsInvalid<S> {
     const NAME: &'static str = S::NAME;
 }
 

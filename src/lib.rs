@@ -12,7 +12,8 @@
 //!    all given back if any enforced limit denies.
 //! 4. The [`Verdict`] reports, per descriptor, the limit nearest its end ([`Standing`]).
 //! 5. `service` settles strict limits in Redis, records metrics, and `proto` and `openai`
-//!    write Envoy's response, with OpenAI-style headers and 429 body.
+//!    build the [`Answer`], with OpenAI-style headers and 429 body, which writes itself to the
+//!    wire as Envoy's `RateLimitResponse`.
 //!
 //! Beside the request path: `sync` pushes counts to Redis and reads fleet totals back into the
 //! counters; `reload` watches the rule files; `capacity` lowers limits while an upstream is
@@ -62,6 +63,7 @@ pub use limiter::{
     Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter, Limits,
     ManualClock, Outcome, SystemClock, Unit,
 };
+pub use proto::Answer;
 pub use reload::ReloadStatus;
 pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};

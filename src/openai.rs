@@ -2,46 +2,79 @@
 //! `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` on every answer, and for a denial
 //! `retry-after` and OpenAI's JSON error body.
 
-use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use std::time::Duration;
 
 use crate::decision::Verdict;
 
-/// `1m30s`, `45s`, `250ms`: the reset format OpenAI's headers use. Whole numbers, one
-/// string: this is written for every answer.
-pub fn reset_text(d: std::time::Duration) -> String {
-    use std::fmt::Write;
+/// A header's text, built on the stack: the longest, a reset of `u64::MAX` milliseconds, is 24
+/// bytes. Numbers are written by `itoa`: `core::fmt` cost more than the decision itself here.
+struct Short {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl Short {
+    fn new() -> Self {
+        Short {
+            bytes: [0; 32],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, text: &str) {
+        let end = (self.len + text.len()).min(self.bytes.len());
+        self.bytes[self.len..end].copy_from_slice(&text.as_bytes()[..end - self.len]);
+        self.len = end;
+    }
+
+    fn number(&mut self, n: u64) {
+        self.push(itoa::Buffer::new().format(n));
+    }
+
+    fn as_str(&self) -> &str {
+        // Only whole ASCII pieces are pushed.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+/// `1m30s`, `45s`, `250ms`: the reset format OpenAI's headers use.
+fn reset_text(d: Duration) -> Short {
+    let mut text = Short::new();
     // u64 (585 million years of milliseconds): u128 formatting costs a call several times more.
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if ms < 1000 {
-        return format!("{ms}ms");
+        text.number(ms);
+        text.push("ms");
+        return text;
     }
     let (h, m, s, ms) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1000 % 60, ms % 1000);
-    let mut text = String::with_capacity(16);
     if h > 0 {
-        write!(text, "{h}h").ok();
+        text.number(h);
+        text.push("h");
     }
     if h > 0 || m > 0 {
-        write!(text, "{m}m").ok();
+        text.number(m);
+        text.push("m");
     }
-    if ms == 0 {
-        write!(text, "{s}s").ok();
-    } else {
-        write!(text, "{s}.{ms:03}s").ok();
+    text.number(s);
+    if ms > 0 {
+        text.push(if ms < 10 {
+            ".00"
+        } else if ms < 100 {
+            ".0"
+        } else {
+            "."
+        });
+        text.number(ms);
     }
+    text.push("s");
     text
 }
 
-fn header(key: &str, value: String) -> HeaderValue {
-    HeaderValue {
-        key: key.to_string(),
-        value,
-        ..Default::default()
-    }
-}
-
-/// The OpenAI-style headers of every answer and, for a denial, the JSON error body.
-pub fn answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
-    let mut headers = Vec::with_capacity(8);
+/// Hands `header` the OpenAI-style headers of every answer (name, value), and returns for a
+/// denial the JSON error body (empty when allowed).
+pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str)) -> Vec<u8> {
+    let mut number = itoa::Buffer::new();
     let lines = [
         ("requests", verdict.headline.requests),
         ("tokens", verdict.headline.tokens),
@@ -60,12 +93,12 @@ pub fn answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
     ];
     for ((_, line), [limit, remaining, reset]) in lines.iter().zip(names) {
         let Some(line) = line else { continue };
-        headers.push(header(limit, line.limit.per_unit.to_string()));
-        headers.push(header(remaining, line.remaining().to_string()));
-        headers.push(header(reset, reset_text(line.until_reset)));
+        header(limit, number.format(line.limit.per_unit));
+        header(remaining, number.format(line.remaining()));
+        header(reset, reset_text(line.until_reset).as_str());
     }
     if verdict.allowed {
-        return (headers, Vec::new());
+        return Vec::new();
     }
     // What denied: the over limit that resets last decides when to retry.
     let over = lines
@@ -73,11 +106,11 @@ pub fn answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
         .filter_map(|(what, line)| line.filter(|l| l.over).map(|l| (*what, l)))
         .max_by_key(|(_, l)| l.until_reset);
     let Some((what, line)) = over else {
-        return (headers, Vec::new());
+        return Vec::new();
     };
     let retry = line.until_reset.as_millis().div_ceil(1000).max(1);
-    headers.push(header("retry-after", retry.to_string()));
-    headers.push(header("content-type", "application/json".into()));
+    header("retry-after", number.format(retry));
+    header("content-type", "application/json");
     let name = line
         .limit
         .name
@@ -97,13 +130,16 @@ pub fn answer(verdict: &Verdict<'_>) -> (Vec<HeaderValue>, Vec<u8>) {
             "code": "rate_limit_exceeded",
         }
     });
-    (headers, body.to_string().into_bytes())
+    body.to_string().into_bytes()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::reset_text;
     use std::time::Duration;
+
+    fn reset_text(d: Duration) -> String {
+        super::reset_text(d).as_str().to_string()
+    }
 
     #[test]
     fn resets_read_like_openais() {
@@ -114,5 +150,9 @@ mod tests {
         assert_eq!(reset_text(Duration::from_secs(3_600 + 61)), "1h1m1s");
         assert_eq!(reset_text(Duration::from_secs(3_600)), "1h0m0s");
         assert_eq!(reset_text(Duration::from_millis(61_005)), "1m1.005s");
+        assert_eq!(reset_text(Duration::from_millis(2_050)), "2.050s");
+        // The longest there is fits the text's buffer whole.
+        let longest = reset_text(Duration::from_millis(u64::MAX));
+        assert_eq!(longest, "5124095576030h25m51.615s");
     }
 }

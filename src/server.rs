@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -126,7 +125,7 @@ impl Running {
 /// `ratelimit`, which envoyproxy/ratelimit's probes ask for.
 const HEALTH_NAMES: [&str; 3] = [
     "",
-    <RateLimitServiceServer<RateLimitGrpc> as tonic::server::NamedService>::NAME,
+    <RateLimitGrpc as tonic::server::NamedService>::NAME,
     "ratelimit",
 ];
 
@@ -199,8 +198,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     let following = tokio::spawn(health_follows_rules(app.clone(), health.clone(), loaded));
 
     let (shutdown, stopped) = oneshot::channel::<()>();
-    let service =
-        UndecodableIsInvalid(RateLimitServiceServer::new(RateLimitGrpc::new(app.clone())));
+    let service = UndecodableIsInvalid(RateLimitGrpc::new(app.clone()));
     let mut builder = tonic::transport::Server::builder();
     if let Some(age) = app.settings.grpc_max_connection_age {
         builder = builder.max_connection_age(age);

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
 use crate::app::App;
 use crate::decision::{Ask, Code, LeaseWant, Purpose, StrictWork, Verdict, decide};
 use crate::limiter::{Enforcement, FleetView};
-use crate::proto::{self, MetadataDetail, RequestError};
+use crate::proto::{self, Answer, AnswerStatus, Header, MetadataDetail, RequestError};
 use crate::rules::MetricDetail;
 use crate::sync::strict;
 use crate::telemetry::RuleMetrics;
@@ -29,10 +29,7 @@ pub enum AnswerError {
 
 /// Answers one RateLimitRequest: validation, the local decision, strict rules in Redis,
 /// metrics.
-pub async fn answer(
-    app: &Arc<App>,
-    request: RateLimitRequest,
-) -> Result<RateLimitResponse, AnswerError> {
+pub async fn answer(app: &Arc<App>, request: RateLimitRequest) -> Result<Answer, AnswerError> {
     let started = Instant::now();
     if let Some(total) = &app.metrics.requests.peer_total {
         total.increment(1);
@@ -107,7 +104,7 @@ async fn take_leases(app: &App, wants: &[LeaseWant]) {
 }
 
 /// Adds what reads the final statuses (envoyproxy/ratelimit's headers) and counts the answer.
-fn finish(app: &App, mut response: RateLimitResponse, started: Instant) -> RateLimitResponse {
+fn finish(app: &App, mut response: Answer, started: Instant) -> Answer {
     let settings = &app.settings;
     if settings.limit_response_headers {
         let names = proto::LimitHeaderNames {
@@ -115,18 +112,17 @@ fn finish(app: &App, mut response: RateLimitResponse, started: Instant) -> RateL
             remaining: &settings.limit_remaining_header,
             reset: &settings.limit_reset_header,
         };
-        let headers = proto::limit_headers(&response.statuses, names);
-        response.response_headers_to_add.extend(headers);
+        proto::add_limit_headers(&mut response, names);
     }
     record_answer(app, &response, started);
     response
 }
 
 /// Counts an answer and how long it took.
-fn record_answer(app: &App, response: &RateLimitResponse, started: Instant) {
+fn record_answer(app: &App, response: &Answer, started: Instant) {
     let metrics = &app.metrics.requests;
     metrics.duration.record(started.elapsed().as_secs_f64());
-    if proto::allows(response.overall_code) {
+    if response.code == Code::Ok {
         metrics.ok.increment(1);
     } else {
         metrics.over_limit.increment(1);
@@ -135,7 +131,7 @@ fn record_answer(app: &App, response: &RateLimitResponse, started: Instant) {
 
 /// A decision, or the leases it needs first.
 enum Responded {
-    Answer(RateLimitResponse, Option<Box<StrictWork>>),
+    Answer(Answer, Option<Box<StrictWork>>),
     /// Denied because leases ran out while the fleet had budget left: worth deciding again
     /// once leased. Nothing was counted or recorded.
     LeasesSpent(Vec<LeaseWant>),
@@ -179,9 +175,13 @@ fn respond(
     } else {
         MetadataDetail::Rules
     };
-    let mut response = proto::response(request, &verdict, asks, detail);
+    let mut response = proto::answer(request, &verdict, asks, detail);
     if app.settings.openai_headers {
-        (response.response_headers_to_add, response.raw_body) = crate::openai::answer(&verdict);
+        // Room for the requests and tokens headers of a denial (8) in one allocation.
+        response.headers.reserve_exact(8);
+        response.body = crate::openai::answer(&verdict, |name, value| {
+            response.headers.push(Header::new(name, value));
+        });
     }
     Responded::Answer(response, verdict.strict.take())
 }
@@ -252,21 +252,17 @@ fn record_rules(
 }
 
 /// Settles the strict limits of a request decided locally, and reports them.
-async fn settle_strict(
-    app: &App,
-    mut response: RateLimitResponse,
-    work: &StrictWork,
-) -> RateLimitResponse {
+async fn settle_strict(app: &App, mut response: Answer, work: &StrictWork) -> Answer {
     let Some(fleet) = &app.fleet else {
         return response;
     };
-    let allowed = proto::allows(response.overall_code);
+    let allowed = response.code == Code::Ok;
     let shadow = app.settings.shadow_mode;
     let (allowed, settled) = strict::settle(fleet, &app.limiter, work, allowed, shadow).await;
-    response.overall_code = proto::code(if allowed { Code::Ok } else { Code::OverLimit });
+    response.code = if allowed { Code::Ok } else { Code::OverLimit };
     for (ask, status) in response.statuses.iter_mut().enumerate() {
         if let Some(strict) = work.status_of(ask, &settled) {
-            *status = proto::descriptor_status(&strict);
+            *status = AnswerStatus::from(&strict);
         }
     }
     response

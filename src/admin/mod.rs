@@ -126,10 +126,13 @@ async fn check(
         authorize(&app, &headers)?;
     }
     let request = body.to_proto()?;
-    let response = service::answer(&app, request).await.map_err(|e| match e {
-        AnswerError::Invalid(e) => Failure(StatusCode::BAD_REQUEST, e.to_string()),
-        AnswerError::Internal => Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    })?;
+    let response = service::answer(&app, request)
+        .await
+        .map_err(|e| match e {
+            AnswerError::Invalid(e) => Failure(StatusCode::BAD_REQUEST, e.to_string()),
+            AnswerError::Internal => Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        })?
+        .to_response();
     let statuses: Vec<Value> = response
         .statuses
         .iter()

@@ -141,7 +141,7 @@ pub(super) async fn json(State(app): Shared, body: Bytes) -> Response {
         Err(e) => return bad(format!("not a RateLimitRequest in JSON: {e}")),
     };
     let response = match service::answer(&app, request).await {
-        Ok(response) => response,
+        Ok(answer) => answer.to_response(),
         Err(AnswerError::Invalid(e)) => return bad(e.to_string()),
         Err(e @ AnswerError::Internal) => {
             return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();

@@ -85,7 +85,7 @@ pub struct LeaseWant {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReportedLimit<'r> {
     /// The limit's name, if the rule file gives one.
-    pub name: Option<&'r str>,
+    pub name: Option<&'r Arc<str>>,
     /// The limit in force per unit (capacity factor applied).
     pub per_unit: u32,
     /// The unit of its window.

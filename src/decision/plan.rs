@@ -133,7 +133,7 @@ impl<'r> Source<'r> {
 #[inline]
 pub(super) fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
     ReportedLimit {
-        name: limit.name.as_deref(),
+        name: limit.name.as_ref(),
         per_unit: crate::rules::scale(limit.per_unit, scale),
         unit: limit.unit,
         measure: limit.measure,

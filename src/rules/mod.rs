@@ -55,7 +55,8 @@ impl Measure {
 /// One limit of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
-    pub name: Option<Box<str>>,
+    /// Shared, so that an answer carries it without copying the text.
+    pub name: Option<Arc<str>>,
     pub unit: Unit,
     pub per_unit: u32,
     pub measure: Measure,

@@ -1,21 +1,21 @@
 //! Envoy's protocol ⇄ sluice's domain: a `RateLimitRequest` checked against the configured
 //! bounds and read into asks, and a verdict written back as a `RateLimitResponse`.
 
-use envoy_types::pb::envoy::config::core::v3::HeaderValue;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
-    Code as ProtoCode, DescriptorStatus, RateLimit as ProtoLimit, rate_limit::Unit as ProtoUnit,
+    Code as ProtoCode, rate_limit::Unit as ProtoUnit,
 };
-use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use std::collections::HashMap;
 
-use envoy_types::pb::google::protobuf::{
-    Duration as ProtoDuration, ListValue, Struct, Value, value::Kind,
-};
+use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use smallvec::SmallVec;
 
-use crate::decision::{Ask, Code, LimitOverride, Purpose, Status, Verdict};
+mod answer;
+pub use answer::{Answer, AnswerStatus, Header};
+
+use crate::decision::{Ask, Code, LimitOverride, Purpose, Verdict};
 use crate::limiter::Unit;
 use crate::rules::{ENDPOINT_KEY, Entry};
 
@@ -272,24 +272,6 @@ pub fn code_name(code: i32) -> &'static str {
     }
 }
 
-/// One descriptor's status as Envoy reads it.
-pub fn descriptor_status(status: &Status<'_>) -> DescriptorStatus {
-    DescriptorStatus {
-        code: code(status.code),
-        current_limit: status.limit.map(|limit| ProtoLimit {
-            name: limit.name.unwrap_or_default().to_string(),
-            requests_per_unit: limit.per_unit,
-            unit: unit_to_proto(limit.unit) as i32,
-        }),
-        limit_remaining: status.remaining,
-        duration_until_reset: status.limit.map(|_| ProtoDuration {
-            seconds: status.until_reset.as_secs() as i64,
-            nanos: status.until_reset.subsec_nanos() as i32,
-        }),
-        quota: None,
-    }
-}
-
 /// What goes into a response's `dynamic_metadata`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MetadataDetail {
@@ -301,23 +283,24 @@ pub enum MetadataDetail {
     Request,
 }
 
-/// Envoy's response to a verdict, without headers or body (the caller adds those): statuses,
+/// Envoy's answer to a verdict, without headers or body (the caller adds those): statuses,
 /// and the dynamic metadata.
-pub fn response(
+pub fn answer(
     request: &RateLimitRequest,
     verdict: &Verdict<'_>,
     asks: &[Ask<'_, ProtoEntry>],
     detail: MetadataDetail,
-) -> RateLimitResponse {
-    RateLimitResponse {
-        overall_code: code(if verdict.allowed {
+) -> Answer {
+    Answer {
+        code: if verdict.allowed {
             Code::Ok
         } else {
             Code::OverLimit
-        }),
-        statuses: verdict.statuses.iter().map(descriptor_status).collect(),
-        dynamic_metadata: dynamic_metadata(request, verdict, asks, detail),
-        ..Default::default()
+        },
+        statuses: verdict.statuses.iter().map(AnswerStatus::from).collect(),
+        headers: Vec::new(),
+        body: Vec::new(),
+        metadata: dynamic_metadata(request, verdict, asks, detail).map(Box::new),
     }
 }
 
@@ -443,42 +426,31 @@ pub struct LimitHeaderNames<'a> {
 /// envoyproxy/ratelimit's `RateLimit-Limit`, `-Remaining` and `-Reset` (whole seconds) headers,
 /// of the status it would pick: an OVER_LIMIT one if any, else the one with a limit and the
 /// least remaining. None when no status has a limit.
-pub fn limit_headers(
-    statuses: &[DescriptorStatus],
-    names: LimitHeaderNames<'_>,
-) -> Vec<HeaderValue> {
-    let over = ProtoCode::OverLimit as i32;
-    let nearest = statuses
+pub fn add_limit_headers(answer: &mut Answer, names: LimitHeaderNames<'_>) {
+    let nearest = answer
+        .statuses
         .iter()
-        .filter(|s| s.current_limit.is_some())
-        .min_by_key(|s| (s.code != over, s.limit_remaining));
-    let Some(status) = nearest else {
-        return Vec::new();
+        .filter_map(|s| s.limit.as_ref().map(|limit| (s, limit)))
+        .min_by_key(|(s, _)| (s.code != Code::OverLimit, s.remaining));
+    let Some((status, limit)) = nearest else {
+        return;
     };
-    let limit = status
-        .current_limit
-        .as_ref()
-        .map_or(0, |l| l.requests_per_unit);
-    let reset = status.duration_until_reset.as_ref().map_or(0, |d| {
-        // Whole seconds, rounded up: a client waiting that long finds the window reset.
-        d.seconds + i64::from(d.nanos > 0)
-    });
-    let header = |key: &str, value: String| HeaderValue {
-        key: key.to_string(),
-        value,
-        ..Default::default()
-    };
+    // Whole seconds, rounded up: a client waiting that long finds the window reset.
+    let reset = limit.until_reset.as_secs() + u64::from(limit.until_reset.subsec_nanos() > 0);
     // The peer reports nothing remaining once a limit is over.
-    let remaining = if status.code == over {
+    let remaining = if status.code == Code::OverLimit {
         0
     } else {
-        status.limit_remaining
+        status.remaining
     };
-    vec![
-        header(names.limit, limit.to_string()),
-        header(names.remaining, remaining.to_string()),
-        header(names.reset, reset.to_string()),
-    ]
+    let mut number = itoa::Buffer::new();
+    let mut header = |name: &str, value: u64| {
+        let header = Header::new(name.to_string(), number.format(value));
+        answer.headers.push(header);
+    };
+    header(names.limit, limit.per_unit.into());
+    header(names.remaining, remaining.into());
+    header(names.reset, reset);
 }
 
 /// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used
