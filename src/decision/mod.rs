@@ -141,8 +141,8 @@ pub struct Verdict<'r> {
     /// Whether a rule file defines the request's domain.
     pub known_domain: bool,
     /// One per descriptor, in request order. Descriptors of strict rules get theirs once the
-    /// strict work is done.
-    pub statuses: SmallVec<[Status<'r>; 4]>,
+    /// strict work is done. (Inline for up to 8: the LLM gateway sends 5.)
+    pub statuses: SmallVec<[Status<'r>; 8]>,
     /// Limits of strict rules, still to be settled in the fleet store.
     pub strict: Option<Box<StrictWork>>,
     /// Counters whose lease ran out while the fleet had budget left (a denied request only):

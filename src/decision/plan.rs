@@ -18,7 +18,7 @@ use crate::rules::{Consistency, Domain, Entry, Factor, Limit, Measure, Rule, ove
 /// Each descriptor's rule, found in its domain.
 pub(super) struct Matched<'r> {
     domain: &'r Domain,
-    pub rules: SmallVec<[Option<&'r Arc<Rule>>; 4]>,
+    pub rules: SmallVec<[Option<&'r Arc<Rule>>; 8]>,
 }
 
 impl<'r> Matched<'r> {
@@ -53,8 +53,8 @@ impl<'r> Matched<'r> {
 /// override's counter is named by its domain and entries, as no rule names it.
 #[derive(Default)]
 pub(super) struct CounterNames<'v> {
-    values: SmallVec<[&'v str; 8]>,
-    spans: SmallVec<[(u32, u32); 4]>,
+    values: SmallVec<[&'v str; 16]>,
+    spans: SmallVec<[(u32, u32); 8]>,
 }
 
 impl<'v> CounterNames<'v> {
@@ -145,7 +145,7 @@ pub struct Plan<'r, 'v> {
     demands: SmallVec<[Demand<'v>; 8]>,
     sources: SmallVec<[Source<'r>; 8]>,
     /// Each descriptor's demands, as a range of `demands` (pushed in request order).
-    spans: SmallVec<[(u32, u32); 4]>,
+    spans: SmallVec<[(u32, u32); 8]>,
     strict: Vec<StrictJob>,
 }
 

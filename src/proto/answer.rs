@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     DescriptorStatus, RateLimit as ProtoLimit,
 };
-use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value, value::Kind};
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{
     self, DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
@@ -39,9 +39,12 @@ pub struct Answer {
     pub headers: Vec<Header>,
     /// `raw_body`: the body of a denial, if sluice writes one.
     pub body: Vec<u8>,
-    /// `dynamic_metadata`: the rules' metadata and endpoint utilization, when there is any
-    /// (boxed: the answer is moved through several futures, and most have none).
+    /// `dynamic_metadata`: the rules' metadata, and the request itself when the operator asks
+    /// for it (`RESPONSE_DYNAMIC_METADATA`), when there is any (boxed: the answer is moved through several futures, and most have none).
     pub metadata: Option<Box<Struct>>,
+    /// `dynamic_metadata.endpoint_utilization`, one share per endpoint named: written by hand
+    /// beside `metadata`, as a protobuf `Struct` of maps costs more than the decision.
+    pub utilization: SmallVec<[EndpointShare; 1]>,
 }
 
 impl Default for Answer {
@@ -52,6 +55,7 @@ impl Default for Answer {
             headers: Vec::new(),
             body: Vec::new(),
             metadata: None,
+            utilization: SmallVec::new(),
         }
     }
 }
@@ -122,7 +126,7 @@ pub struct Header {
     /// The header's name, as written.
     pub name: Cow<'static, str>,
     /// Its value.
-    pub value: HeaderText,
+    pub value: ShortText,
 }
 
 impl Header {
@@ -130,17 +134,32 @@ impl Header {
     pub fn new(name: impl Into<Cow<'static, str>>, value: &str) -> Self {
         Header {
             name: name.into(),
-            value: HeaderText(SmallVec::from_slice(value.as_bytes())),
+            value: ShortText::from(value),
         }
     }
 }
 
-/// A header's value: up to 16 bytes inline (numbers, resets), longer on the heap. Made only
-/// from a `str`, so it is always UTF-8.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HeaderText(SmallVec<[u8; 16]>);
+impl From<&str> for ShortText {
+    fn from(text: &str) -> Self {
+        ShortText(SmallVec::from_slice(text.as_bytes()))
+    }
+}
 
-impl HeaderText {
+/// How much of an endpoint's nearest limit the fleet has used (0 to 1).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndpointShare {
+    /// The endpoint, as the request's `endpoint` entry names it.
+    pub endpoint: ShortText,
+    /// Used over the limit.
+    pub share: f64,
+}
+
+/// A short text (a header's value, an endpoint's name): up to 16 bytes inline, longer on the
+/// heap. Made only from a `str`, so it is always UTF-8.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShortText(SmallVec<[u8; 16]>);
+
+impl ShortText {
     /// The value as text.
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or_default()
@@ -163,11 +182,35 @@ impl Answer {
                 })
                 .collect(),
             raw_body: self.body.clone(),
-            dynamic_metadata: self.metadata.as_deref().cloned(),
+            dynamic_metadata: self.dynamic_metadata(),
             ..Default::default()
         }
     }
+
+    /// `metadata` with `endpoint_utilization` in it, as prost's `Struct`.
+    fn dynamic_metadata(&self) -> Option<Struct> {
+        if self.utilization.is_empty() {
+            return self.metadata.as_deref().cloned();
+        }
+        let shares = self.utilization.iter().map(|s| {
+            let share = Value {
+                kind: Some(Kind::NumberValue(s.share)),
+            };
+            (s.endpoint.as_str().to_string(), share)
+        });
+        let utilization = Value {
+            kind: Some(Kind::StructValue(Struct {
+                fields: shares.collect(),
+            })),
+        };
+        let mut metadata = self.metadata.as_deref().cloned().unwrap_or_default();
+        metadata.fields.insert(UTILIZATION.into(), utilization);
+        Some(metadata)
+    }
 }
+
+/// The key of the endpoints' shares in the dynamic metadata.
+const UTILIZATION: &str = "endpoint_utilization";
 
 impl AnswerStatus {
     fn to_proto(&self) -> DescriptorStatus {
@@ -275,19 +318,86 @@ written_only!(
             encoding::message::encode(3, header, buf);
         }
         encode_text(5, &answer.body, buf);
-        if let Some(metadata) = &answer.metadata {
-            encoding::message::encode(6, metadata.as_ref(), buf);
+        let metadata = metadata_len(answer);
+        if metadata > 0 || answer.metadata.is_some() {
+            encode_key(6, WireType::LengthDelimited, buf);
+            encode_varint(metadata as u64, buf);
+            if let Some(rules) = &answer.metadata {
+                rules.encode_raw(buf);
+            }
+            encode_utilization(&answer.utilization, buf);
         }
     },
     |answer| number_len(1, enum_value(code(answer.code)))
         + encoding::message::encoded_len_repeated(2, &answer.statuses)
         + encoding::message::encoded_len_repeated(3, &answer.headers)
         + text_len(5, &answer.body)
-        + answer
-            .metadata
-            .as_ref()
-            .map_or(0, |m| encoding::message::encoded_len(6, m.as_ref()))
+        + match metadata_len(answer) {
+            0 if answer.metadata.is_none() => 0,
+            len => key_len(6) + encoded_len_varint(len as u64) + len,
+        }
 );
+
+/// The length of the `dynamic_metadata` Struct: the rules' fields, then one more map entry,
+/// `endpoint_utilization`, when there are shares (a map is a repeated field: entries written
+/// one after another make one map).
+fn metadata_len(answer: &Answer) -> usize {
+    answer.metadata.as_ref().map_or(0, |m| m.encoded_len()) + utilization_len(&answer.utilization)
+}
+
+/// `{"endpoint_utilization": {"<endpoint>": <share>, …}}` as entries of a Struct's `fields`
+/// (tag 1, a map of string to Value): each entry a message of key (1) and value (2); a Value
+/// holds a Struct at 5 and a number at 2 (google/protobuf/struct.proto).
+fn utilization_len(shares: &[EndpointShare]) -> usize {
+    if shares.is_empty() {
+        return 0;
+    }
+    let inner: usize = shares
+        .iter()
+        .map(|s| delimited_len(1, share_entry_len(s)))
+        .sum();
+    delimited_len(1, utilization_entry_len(inner))
+}
+
+fn encode_utilization(shares: &[EndpointShare], buf: &mut impl BufMut) {
+    if shares.is_empty() {
+        return;
+    }
+    let inner: usize = shares
+        .iter()
+        .map(|s| delimited_len(1, share_entry_len(s)))
+        .sum();
+    encode_delimited_key(1, utilization_entry_len(inner), buf);
+    encode_text(1, UTILIZATION.as_bytes(), buf);
+    encode_delimited_key(2, delimited_len(5, inner), buf);
+    encode_delimited_key(5, inner, buf);
+    for share in shares {
+        encode_delimited_key(1, share_entry_len(share), buf);
+        encode_text(1, &share.endpoint.0, buf);
+        encode_delimited_key(2, key_len(2) + 8, buf);
+        encoding::double::encode(2, &share.share, buf);
+    }
+}
+
+/// The map entry `"endpoint_utilization": Value { struct_value: <inner bytes> }`.
+fn utilization_entry_len(inner: usize) -> usize {
+    text_len(1, UTILIZATION.as_bytes()) + delimited_len(2, delimited_len(5, inner))
+}
+
+/// The map entry `"<endpoint>": Value { number_value: share }`.
+fn share_entry_len(share: &EndpointShare) -> usize {
+    text_len(1, &share.endpoint.0) + delimited_len(2, key_len(2) + 8)
+}
+
+/// A length-delimited field of `len` bytes, with its key and length.
+fn delimited_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + encoded_len_varint(len as u64) + len
+}
+
+fn encode_delimited_key(tag: u32, len: usize, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+}
 
 written_only!(
     AnswerStatus,
@@ -381,6 +491,13 @@ mod tests {
         ("[a-z-]{0,30}", "[ -~]{0,60}").prop_map(|(name, value)| Header::new(name, &value))
     }
 
+    fn share() -> impl Strategy<Value = EndpointShare> {
+        ("[a-z]{0,20}", 0.0..=1.0f64).prop_map(|(endpoint, share)| EndpointShare {
+            endpoint: ShortText::from(endpoint.as_str()),
+            share,
+        })
+    }
+
     fn answer() -> impl Strategy<Value = Answer> {
         (
             any::<bool>(),
@@ -388,36 +505,42 @@ mod tests {
             proptest::collection::vec(header(), 0..10),
             proptest::collection::vec(any::<u8>(), 0..300),
             proptest::option::of("[a-z]{1,8}"),
+            proptest::collection::vec(share(), 0..3),
         )
-            .prop_map(|(over, statuses, headers, body, metadata)| Answer {
-                code: code_of(over),
-                statuses: statuses.into(),
-                headers,
-                body,
-                metadata: metadata.map(|key| {
-                    Box::new(Struct {
-                        fields: [(
-                            key,
-                            Value {
-                                kind: Some(Kind::NumberValue(0.5)),
-                            },
-                        )]
-                        .into(),
-                    })
-                }),
-            })
+            .prop_map(
+                |(over, statuses, headers, body, metadata, utilization)| Answer {
+                    code: code_of(over),
+                    statuses: statuses.into(),
+                    headers,
+                    body,
+                    metadata: metadata.map(|key| {
+                        let half = Value {
+                            kind: Some(Kind::NumberValue(0.5)),
+                        };
+                        Box::new(Struct {
+                            fields: [(key, half)].into(),
+                        })
+                    }),
+                    utilization: utilization.into(),
+                },
+            )
     }
 
     proptest! {
-        /// The hand-written encoding is byte for byte what prost writes for the same answer
-        /// as its owned message, and says its own length right (tonic sizes its frame by it).
+        /// The hand-written encoding says its own length right (tonic sizes its frame by it)
+        /// and decodes to prost's owned message of the same answer; where that message's maps
+        /// hold one entry each (so prost's order is not the hash map's), byte for byte.
         #[test]
         fn writes_what_prost_writes(answer in answer()) {
             let wire = answer.encode_to_vec();
             prop_assert_eq!(wire.len(), answer.encoded_len());
             let response = answer.to_response();
-            prop_assert_eq!(&wire, &response.encode_to_vec());
-            prop_assert_eq!(RateLimitResponse::decode(&wire[..]).unwrap(), response);
+            prop_assert_eq!(RateLimitResponse::decode(&wire[..]).unwrap(), response.clone());
+            let one_entry_maps = answer.utilization.len() <= 1
+                && (answer.metadata.is_none() || answer.utilization.is_empty());
+            if one_entry_maps {
+                prop_assert_eq!(&wire, &response.encode_to_vec());
+            }
         }
     }
 

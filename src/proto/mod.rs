@@ -13,7 +13,7 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use smallvec::SmallVec;
 
 mod answer;
-pub use answer::{Answer, AnswerStatus, Header};
+pub use answer::{Answer, AnswerStatus, EndpointShare, Header, ShortText};
 
 use crate::decision::{Ask, Code, LimitOverride, Purpose, Verdict};
 use crate::limiter::Unit;
@@ -300,17 +300,17 @@ pub fn answer(
         statuses: verdict.statuses.iter().map(AnswerStatus::from).collect(),
         headers: Vec::new(),
         body: Vec::new(),
-        metadata: dynamic_metadata(request, verdict, asks, detail).map(Box::new),
+        metadata: dynamic_metadata(request, verdict, detail).map(Box::new),
+        utilization: endpoint_utilization(verdict, asks),
     }
 }
 
 /// The response's dynamic metadata, laid out as envoyproxy/ratelimit lays it out (Envoy
-/// configurations read `metadata.<key>`), plus sluice's `endpoint_utilization`; `None` when
-/// there is nothing to say.
+/// configurations read `metadata.<key>`); `None` when there is nothing to say. sluice's
+/// `endpoint_utilization` joins it in the answer (see [`Answer::utilization`]).
 fn dynamic_metadata(
     request: &RateLimitRequest,
     verdict: &Verdict<'_>,
-    asks: &[Ask<'_, ProtoEntry>],
     detail: MetadataDetail,
 ) -> Option<Struct> {
     // The common answer has nothing to say: no maps built (each seeds a hasher).
@@ -318,10 +318,7 @@ fn dynamic_metadata(
         .statuses
         .iter()
         .any(|s| s.rule.is_some_and(|rule| rule.metadata.is_some()));
-    let endpoints = asks
-        .iter()
-        .any(|a| a.entries.iter().any(|e| e.key == ENDPOINT_KEY));
-    if detail == MetadataDetail::Rules && !rule_metadata && !endpoints {
+    if detail == MetadataDetail::Rules && !rule_metadata {
         return None;
     }
     let mut fields = HashMap::new();
@@ -345,9 +342,6 @@ fn dynamic_metadata(
     }
     if !merged.fields.is_empty() {
         fields.insert("metadata".into(), structure(merged));
-    }
-    if let Some(utilization) = endpoint_utilization(verdict, asks) {
-        fields.insert("endpoint_utilization".into(), structure(utilization));
     }
     (!fields.is_empty()).then_some(Struct { fields })
 }
@@ -456,8 +450,11 @@ pub fn add_limit_headers(answer: &mut Answer, names: LimitHeaderNames<'_>) {
 /// For each descriptor naming an endpoint, how much of its nearest limit the fleet has used
 /// (0 to 1): `{"openai": 0.42}`, under `endpoint_utilization`, so Envoy can route away from
 /// an endpoint the fleet has saturated.
-fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> Option<Struct> {
-    let mut fields = HashMap::new();
+fn endpoint_utilization(
+    verdict: &Verdict<'_>,
+    asks: &[Ask<'_, ProtoEntry>],
+) -> SmallVec<[EndpointShare; 1]> {
+    let mut shares = SmallVec::new();
     for (ask, status) in asks.iter().zip(&verdict.statuses) {
         let (Some(endpoint), Some(limit)) = (
             ask.entries.iter().find(|e| e.key == ENDPOINT_KEY),
@@ -471,9 +468,19 @@ fn endpoint_utilization(verdict: &Verdict<'_>, asks: &[Ask<'_, ProtoEntry>]) -> 
         } else {
             (f64::from(used) / f64::from(limit.per_unit)).min(1.0)
         };
-        fields.insert(endpoint.value.clone(), number(share));
+        // As a map would keep it: one share per endpoint, the last written.
+        match shares
+            .iter_mut()
+            .find(|s: &&mut EndpointShare| s.endpoint.as_str() == endpoint.value)
+        {
+            Some(known) => known.share = share,
+            None => shares.push(EndpointShare {
+                endpoint: ShortText::from(endpoint.value.as_str()),
+                share,
+            }),
+        }
     }
-    (!fields.is_empty()).then_some(Struct { fields })
+    shares
 }
 
 /// Reads `key=value,key2=value2` (as `sluice check` and `/v1/usage` take descriptors).
