@@ -10,6 +10,7 @@
 #   scripts/bench-instructions.sh                       # builds, then one and five descriptors
 #   SLUICE=path/to/sluice NOOP=path/to/noop scripts/bench-instructions.sh   # other builds
 #   SLUICE_B=path/to/other/sluice scripts/bench-instructions.sh             # a second build
+#   NOOP_ARGS=sized scripts/bench-instructions.sh   # a no-op whose answers are as large as sluice's
 #   REQUESTS=50000 KEEP=/tmp/cg scripts/bench-instructions.sh   # keep the profiles, for
 #                                                               # callgrind_annotate --inclusive=yes
 set -euo pipefail
@@ -50,7 +51,8 @@ count() {
     rm -f "$out"*
     local grind=(valgrind --tool=callgrind --compress-strings=no --compress-pos=no --callgrind-out-file="$out")
     case "$name" in
-        no-op) "${grind[@]}" "$binary" serve "127.0.0.1:$p" >/dev/null 2>&1 & ;;
+        # shellcheck disable=SC2086
+        no-op) "${grind[@]}" "$binary" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
         *) "${grind[@]}" "$binary" serve --config "$work/rules" --grpc-addr "127.0.0.1:$p" \
             --http-addr "127.0.0.1:$(port)" --log-level warn --grpc-threads 1 >/dev/null 2>&1 & ;;
     esac
@@ -78,7 +80,7 @@ count() {
 }
 
 echo "instructions per request (callgrind), $REQUESTS requests after $WARMUP, 8 connections x 16 streams"
-echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?'): $SLUICE; no-op: $NOOP${SLUICE_B:+; sluice-b: $SLUICE_B}"
+echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?'): $SLUICE; no-op: $NOOP ${NOOP_ARGS:-}${SLUICE_B:+; sluice-b: $SLUICE_B}"
 for body in one five; do
     s="$(count sluice "$SLUICE" "$work/$body")"
     n="$(count no-op "$NOOP" "$work/$body")"
