@@ -300,10 +300,7 @@ impl<'r, 'v> Plan<'r, 'v> {
                     unit: window.unit,
                     parts,
                 },
-                limits: Limits {
-                    requests: requests.map(|l| crate::rules::scale(l.per_unit, scale)),
-                    tokens: tokens.map(|l| crate::rules::scale(l.per_unit, scale)),
-                },
+                limits: window.in_force(scale, |l| !matched.replaced(l)),
                 charge,
                 refund,
                 enforcement,

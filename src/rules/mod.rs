@@ -23,7 +23,7 @@ pub use files::{ConfigError, SourceFile, load_dir, load_dir_with, read_dir};
 pub use locate::YamlPath;
 pub use matcher::{Entry, Level};
 
-use crate::limiter::{Enforcement, Unit};
+use crate::limiter::{Enforcement, Limits, Unit};
 use crate::telemetry::RuleMetrics;
 
 /// What a limit counts.
@@ -76,6 +76,22 @@ pub struct RuleWindow {
 impl RuleWindow {
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.requests.iter().chain(self.tokens.iter())
+    }
+
+    /// The window's limits in force at a capacity factor of `scale` millionths, of those
+    /// `counted` keeps (a request leaves out the limits another of its limits replaces). The
+    /// request path settles against these, and the sync leases against them: one rule.
+    pub fn in_force(&self, scale: u32, counted: impl Fn(&Limit) -> bool) -> Limits {
+        let in_force = |limit: &Option<Limit>| {
+            limit
+                .as_ref()
+                .filter(|l| counted(l))
+                .map(|l| self::scale(l.per_unit, scale))
+        };
+        Limits {
+            requests: in_force(&self.requests),
+            tokens: in_force(&self.tokens),
+        }
     }
 }
 
@@ -417,5 +433,39 @@ impl StableHash {
         let mut hash = StableHash::default();
         hash.eat(bytes);
         hash.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_unit: u32, measure: Measure) -> Limit {
+        Limit {
+            name: None,
+            unit: Unit::Minute,
+            per_unit,
+            measure,
+            replaces: Box::new([]),
+        }
+    }
+
+    #[test]
+    fn a_window_is_in_force_at_its_capacity_factor_less_what_is_left_out() {
+        let window = RuleWindow {
+            unit: Unit::Minute,
+            requests: Some(limit(600, Measure::Requests)),
+            tokens: Some(limit(90_001, Measure::Tokens)),
+        };
+        let full = window.in_force(Factor::FULL, |_| true);
+        assert_eq!((full.requests, full.tokens), (Some(600), Some(90_001)));
+        // Half capacity rounds down: never more than the factor allows.
+        let half = window.in_force(Factor::FULL / 2, |_| true);
+        assert_eq!((half.requests, half.tokens), (Some(300), Some(45_000)));
+        let requests_only = window.in_force(Factor::FULL, |l| l.measure == Measure::Requests);
+        assert_eq!(
+            (requests_only.requests, requests_only.tokens),
+            (Some(600), None)
+        );
     }
 }

@@ -263,11 +263,7 @@ pub(super) async fn round(
             let limits = rule
                 .and_then(|rule| {
                     let w = rule.windows().iter().find(|w| w.unit == unit)?;
-                    let in_force = |l: &crate::rules::Limit| rule.capacity.apply(l.per_unit);
-                    Some(Limits {
-                        requests: w.requests.as_ref().map(in_force),
-                        tokens: w.tokens.as_ref().map(in_force),
-                    })
+                    Some(w.in_force(rule.capacity.get(), |_| true))
                 })
                 .unwrap_or_default();
             let (_, synced_in) = counter.last_synced(window);
