@@ -5,6 +5,7 @@
 //!     noop serve 127.0.0.1:9000
 //!     noop serve 127.0.0.1:9000 sized   (answers as large as sluice's: a limit, a reset and
 //!                                        the three OpenAI requests headers per answer)
+//!     noop serve 127.0.0.1:9000 graceful   (with a shutdown signal, as sluice serves)
 //!     noop serve 127.0.0.1:9000 multi-thread   (on tokio's multi-threaded scheduler, as
 //!                                               `sluice serve --runtime multi-thread`; by
 //!                                               default one thread, as each of sluice's)
@@ -101,12 +102,20 @@ fn main() {
             } else {
                 tokio::runtime::Builder::new_current_thread()
             };
+            // `graceful`: served as sluice serves, with a shutdown signal (tonic then watches
+            // every connection for it, to drain them on stop).
+            let graceful = args[2..].iter().any(|a| a == "graceful");
             runtime.enable_all().build().unwrap().block_on(async move {
-                tonic::transport::Server::builder()
-                    .add_service(RateLimitServiceServer::new(Noop { sized }))
-                    .serve(addr)
-                    .await
-                    .unwrap();
+                let router = tonic::transport::Server::builder()
+                    .add_service(RateLimitServiceServer::new(Noop { sized }));
+                if graceful {
+                    router
+                        .serve_with_shutdown(addr, std::future::pending())
+                        .await
+                        .unwrap();
+                } else {
+                    router.serve(addr).await.unwrap();
+                }
             });
         }
         Some("request") => {
@@ -142,7 +151,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: noop serve HOST:PORT [sized] [multi-thread] | noop request OUT DOMAIN k=v,k2=v2 ..."
+                "usage: noop serve HOST:PORT [sized] [multi-thread] [graceful] | noop request OUT DOMAIN k=v,k2=v2 ..."
             );
             std::process::exit(2);
         }
