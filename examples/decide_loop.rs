@@ -4,29 +4,21 @@
 //! A second argument spreads the calls over that many keys (with `--cache-sim=yes`, to see
 //! where the misses are):
 //!     valgrind --tool=callgrind --cache-sim=yes target/release/examples/decide_loop 200000 1000000
+//! `new N` decides one call for each of N keys met for the first time, timing each, and prints
+//! the slowest with the number of counters there were when it ran (the counter table's growth
+//! against the rest):
+//!     taskset -c 0 target/release/examples/decide_loop new 1000000
 use std::sync::Arc;
+use std::time::Instant;
 
-use sluice::{Ask, Mode, Purpose, decide};
+use sluice::{Ask, Mode, Purpose, RuleSet, decide};
 use sluice::{Limiter, SystemClock};
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
-    let dir = std::env::temp_dir().join(format!("sluice-decide-loop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("bench.yaml"),
-        "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
-    )
-    .unwrap();
-    let rules = sluice::load_dir(&dir).unwrap();
-    std::fs::remove_dir_all(&dir).ok();
-    let keys: usize = std::env::args()
-        .nth(2)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let rules = rules();
     let limiter = Limiter::new(Arc::new(SystemClock));
     let mut name = String::with_capacity(16);
     let mut call = |i: usize| {
@@ -43,6 +35,29 @@ fn main() {
         }];
         decide(&rules, &limiter, "bench", &asks, Mode::default()).allowed
     };
+    if args.first().is_some_and(|a| a == "new") {
+        let keys = number(1, 1_000_000);
+        let mut timed: Vec<(u128, usize)> = Vec::with_capacity(keys);
+        for i in 0..keys {
+            let started = Instant::now();
+            assert!(call(i));
+            timed.push((started.elapsed().as_nanos(), i));
+        }
+        timed.sort_unstable_by(|a, b| b.cmp(a));
+        let total: u128 = timed.iter().map(|(ns, _)| ns).sum();
+        println!(
+            "{keys} new keys, {:.0} ns a call on average; the slowest:",
+            total as f64 / keys as f64
+        );
+        for (ns, i) in timed.iter().take(15) {
+            println!(
+                "{:>10.3} ms at call {i} ({i} counters before it)",
+                *ns as f64 / 1e6
+            );
+        }
+        return;
+    }
+    let (n, keys) = (number(0, 1_000_000), number(1, 1));
     for i in 0..keys {
         call(i);
     }
@@ -54,4 +69,18 @@ fn main() {
         allowed += usize::from(call(i));
     }
     println!("{allowed}");
+}
+
+/// One rule on `api_key`, with a limit no loop reaches.
+fn rules() -> RuleSet {
+    let dir = std::env::temp_dir().join(format!("sluice-decide-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("bench.yaml"),
+        "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: minute, requests_per_unit: 4000000000 }\n",
+    )
+    .unwrap();
+    let rules = sluice::load_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    rules
 }

@@ -134,7 +134,7 @@ impl<'r> Source<'r> {
 pub(super) fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
     ReportedLimit {
         name: limit.name.as_ref(),
-        per_unit: crate::rules::scale(limit.per_unit, scale),
+        per_unit: limit.in_force(scale),
         unit: limit.unit,
         measure: limit.measure,
     }

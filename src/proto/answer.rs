@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     DescriptorStatus, RateLimit as ProtoLimit,
 };
-use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
 use prost::bytes::{Buf, BufMut};
 use prost::encoding::{
     self, DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
@@ -25,7 +25,7 @@ use smallvec::SmallVec;
 use crate::decision::{Code, Status};
 use crate::limiter::Unit;
 
-use super::{code, unit_to_proto};
+use super::{code, number, structure, unit_to_proto};
 
 /// What sluice answers Envoy: the overall code, a status per descriptor, headers for the
 /// client, and for a denial a body and perhaps dynamic metadata.
@@ -192,17 +192,13 @@ impl Answer {
         if self.utilization.is_empty() {
             return self.metadata.as_deref().cloned();
         }
-        let shares = self.utilization.iter().map(|s| {
-            let share = Value {
-                kind: Some(Kind::NumberValue(s.share)),
-            };
-            (s.endpoint.as_str().to_string(), share)
+        let shares = self
+            .utilization
+            .iter()
+            .map(|s| (s.endpoint.as_str().to_string(), number(s.share)));
+        let utilization = structure(Struct {
+            fields: shares.collect(),
         });
-        let utilization = Value {
-            kind: Some(Kind::StructValue(Struct {
-                fields: shares.collect(),
-            })),
-        };
         let mut metadata = self.metadata.as_deref().cloned().unwrap_or_default();
         metadata.fields.insert(UTILIZATION.into(), utilization);
         Some(metadata)
@@ -352,21 +348,14 @@ fn utilization_len(shares: &[EndpointShare]) -> usize {
     if shares.is_empty() {
         return 0;
     }
-    let inner: usize = shares
-        .iter()
-        .map(|s| delimited_len(1, share_entry_len(s)))
-        .sum();
-    delimited_len(1, utilization_entry_len(inner))
+    delimited_len(1, utilization_entry_len(shares_len(shares)))
 }
 
 fn encode_utilization(shares: &[EndpointShare], buf: &mut impl BufMut) {
     if shares.is_empty() {
         return;
     }
-    let inner: usize = shares
-        .iter()
-        .map(|s| delimited_len(1, share_entry_len(s)))
-        .sum();
+    let inner = shares_len(shares);
     encode_delimited_key(1, utilization_entry_len(inner), buf);
     encode_text(1, UTILIZATION.as_bytes(), buf);
     encode_delimited_key(2, delimited_len(5, inner), buf);
@@ -382,6 +371,14 @@ fn encode_utilization(shares: &[EndpointShare], buf: &mut impl BufMut) {
 /// The map entry `"endpoint_utilization": Value { struct_value: <inner bytes> }`.
 fn utilization_entry_len(inner: usize) -> usize {
     text_len(1, UTILIZATION.as_bytes()) + delimited_len(2, delimited_len(5, inner))
+}
+
+/// The inner Struct's entries, one per share.
+fn shares_len(shares: &[EndpointShare]) -> usize {
+    shares
+        .iter()
+        .map(|s| delimited_len(1, share_entry_len(s)))
+        .sum()
 }
 
 /// The map entry `"<endpoint>": Value { number_value: share }`.

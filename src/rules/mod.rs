@@ -64,6 +64,14 @@ pub struct Limit {
     pub replaces: Box<[Box<str>]>,
 }
 
+impl Limit {
+    /// The limit in force at a capacity factor of `scale` millionths: what requests are
+    /// decided against, what is reported, and what the sync leases against.
+    pub fn in_force(&self, scale: u32) -> u32 {
+        self::scale(self.per_unit, scale)
+    }
+}
+
 /// The limits of a rule that share one window, and so one counter: at most one requests-like
 /// limit and one tokens limit, checked by a single compare-and-swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +94,7 @@ impl RuleWindow {
             limit
                 .as_ref()
                 .filter(|l| counted(l))
-                .map(|l| self::scale(l.per_unit, scale))
+                .map(|l| l.in_force(scale))
         };
         Limits {
             requests: in_force(&self.requests),
