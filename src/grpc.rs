@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use futures_util::future::{Either, Ready, ready};
 use tonic::codegen::{Body, StdError};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
@@ -20,6 +21,7 @@ use tonic_prost::ProstCodec;
 use crate::app::App;
 use crate::proto::{Answer, code, code_name};
 use crate::service::{self, AnswerError};
+use crate::traces::CallSpan;
 
 /// The one method, as gRPC paths name it.
 const SHOULD_RATE_LIMIT: &str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
@@ -72,27 +74,35 @@ where
 /// One ShouldRateLimit call.
 struct ShouldRateLimit(Arc<App>);
 
+/// Most answers are decided at once and need no future of their own; only those that wait on
+/// Redis (leases, strict limits) are boxed.
+type Replied = Result<Response<Answer>, Status>;
+
 impl UnaryService<RateLimitRequest> for ShouldRateLimit {
     type Response = Answer;
-    type Future = BoxFuture<Result<Response<Answer>, Status>>;
+    type Future = Either<Ready<Replied>, BoxFuture<Replied>>;
 
     fn call(&mut self, request: Request<RateLimitRequest>) -> Self::Future {
-        let app = self.0.clone();
-        Box::pin(async move { should_rate_limit(&app, request).await })
+        let app = &self.0;
+        let span = app.traces.as_ref().map(|traces| {
+            let call = request.get_ref();
+            traces.call(request.metadata(), &call.domain, call.descriptors.len())
+        });
+        match service::answer_at_once(app, request.into_inner()) {
+            service::Answered::Now(answer) => Either::Left(ready(reply(span, answer))),
+            service::Answered::Later(unfinished) => {
+                let app = app.clone();
+                Either::Right(Box::pin(async move {
+                    reply(span, unfinished.finish(&app).await)
+                }))
+            }
+        }
     }
 }
 
-async fn should_rate_limit(
-    app: &Arc<App>,
-    request: Request<RateLimitRequest>,
-) -> Result<Response<Answer>, Status> {
-    let span = app.traces.as_ref().map(|traces| {
-        let call = request.get_ref();
-        traces.call(request.metadata(), &call.domain, call.descriptors.len())
-    });
-    let answered = service::answer(app, request.into_inner())
-        .await
-        .map_err(status);
+/// The answer as tonic sends it, its outcome recorded on the call's span.
+fn reply(span: Option<CallSpan>, answer: Result<Answer, AnswerError>) -> Replied {
+    let answered = answer.map_err(status);
     if let Some(span) = span {
         match &answered {
             Ok(answer) => span.answered(code_name(code(answer.code))),

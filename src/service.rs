@@ -30,61 +30,129 @@ pub enum AnswerError {
 /// Answers one RateLimitRequest: validation, the local decision, strict rules in Redis,
 /// metrics.
 pub async fn answer(app: &Arc<App>, request: RateLimitRequest) -> Result<Answer, AnswerError> {
+    match answer_at_once(app, request) {
+        Answered::Now(answer) => answer,
+        Answered::Later(unfinished) => unfinished.finish(app).await,
+    }
+}
+
+/// An answer given at once, or the part of one that waits on Redis.
+pub enum Answered {
+    /// Decided from what the replica holds: the common case, with no future to poll.
+    Now(Result<Answer, AnswerError>),
+    /// Needs leases taken or strict limits settled in Redis first.
+    Later(Unfinished),
+}
+
+/// A request whose answer waits on Redis: see [`Unfinished::finish`].
+pub struct Unfinished {
+    request: RateLimitRequest,
+    started: Instant,
+    wait: Wait,
+}
+
+enum Wait {
+    /// Denied for spent leases: lease, then decide again (nothing was counted).
+    Leases(Vec<LeaseWant>),
+    /// Decided locally; its strict limits are still to settle.
+    Strict(Answer, Box<StrictWork>),
+}
+
+/// [`answer`] without waiting: the request path as a plain function, so that the gRPC
+/// service needs no boxed future for the answers that need no Redis call (nearly all).
+pub fn answer_at_once(app: &Arc<App>, request: RateLimitRequest) -> Answered {
     let started = Instant::now();
     if let Some(total) = &app.metrics.requests.peer_total {
         total.increment(1);
     }
-    let asks = proto::asks(&request, &app.settings.request_bounds).inspect_err(|_| {
-        app.metrics.requests.invalid.increment(1);
-        if let Some(errors) = &app.metrics.requests.peer_service_error {
-            errors.increment(1);
+    let asks = match proto::asks(&request, &app.settings.request_bounds) {
+        Ok(asks) => asks,
+        Err(error) => {
+            app.metrics.requests.invalid.increment(1);
+            if let Some(errors) = &app.metrics.requests.peer_service_error {
+                errors.increment(1);
+            }
+            return Answered::Now(Err(error.into()));
         }
-    })?;
-    let internal = || {
-        tracing::error!("internal error while deciding a request");
-        AnswerError::Internal
     };
-    let decide_once = |last_try: bool| {
-        std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, &request, &asks, last_try)))
-            .map_err(|_| internal())
-    };
-    let (response, strict) = match decide_once(false)? {
-        Responded::Answer(response, strict) => (response, strict),
-        Responded::LeasesSpent(wants) => {
+    let responded = match decide_once(app, &request, &asks, false) {
+        Ok(Responded::LeasesSpent(wants)) => {
             // A lease the sync took ahead of this window, claimed with no call to the store.
             let claimed = app
                 .fleet
                 .as_ref()
                 .is_some_and(|fleet| fleet.claim_ahead(&app.limiter, &wants));
-            let again = if claimed {
-                decide_once(false)?
+            if claimed {
+                decide_once(app, &request, &asks, false)
             } else {
-                Responded::LeasesSpent(wants)
-            };
-            match again {
-                Responded::Answer(response, strict) => (response, strict),
-                Responded::LeasesSpent(wants) => {
-                    // Boxed: the rare path's state would otherwise make every answer's
-                    // future kilobytes larger.
-                    Box::pin(take_leases(app, &wants)).await;
-                    match decide_once(true)? {
-                        Responded::Answer(response, strict) => (response, strict),
-                        Responded::LeasesSpent(_) => return Err(internal()),
-                    }
-                }
+                Ok(Responded::LeasesSpent(wants))
             }
         }
+        other => other,
     };
-    let (Some(work), Some(_)) = (strict, &app.fleet) else {
-        return Ok(finish(app, response, started));
+    let wait = match responded {
+        Err(error) => return Answered::Now(Err(error)),
+        Ok(Responded::LeasesSpent(wants)) => Wait::Leases(wants),
+        Ok(Responded::Answer(response, strict)) => match (strict, &app.fleet) {
+            (Some(work), Some(_)) => Wait::Strict(response, work),
+            _ => return Answered::Now(Ok(finish(app, response, started))),
+        },
     };
-    // Strict rules wait on Redis: settled in a task of their own, so a panic there is
-    // caught too.
-    let settling = app.clone();
-    let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
-        .await
-        .map_err(|_| internal())?;
-    Ok(finish(app, response, started))
+    drop(asks);
+    Answered::Later(Unfinished {
+        request,
+        started,
+        wait,
+    })
+}
+
+impl Unfinished {
+    /// Takes the leases or settles the strict limits, then answers.
+    pub async fn finish(self, app: &Arc<App>) -> Result<Answer, AnswerError> {
+        let Unfinished {
+            request,
+            started,
+            wait,
+        } = self;
+        let (response, work) = match wait {
+            Wait::Strict(response, work) => (response, work),
+            Wait::Leases(wants) => {
+                take_leases(app, &wants).await;
+                let asks = proto::asks(&request, &app.settings.request_bounds)?;
+                match decide_once(app, &request, &asks, true)? {
+                    Responded::Answer(response, strict) => match (strict, &app.fleet) {
+                        (Some(work), Some(_)) => (response, work),
+                        _ => return Ok(finish(app, response, started)),
+                    },
+                    Responded::LeasesSpent(_) => return Err(internal()),
+                }
+            }
+        };
+        // Strict rules wait on Redis: settled in a task of their own, so a panic there is
+        // caught too.
+        let settling = app.clone();
+        let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
+            .await
+            .map_err(|_| internal())?;
+        Ok(finish(app, response, started))
+    }
+}
+
+/// A bug: logged, and answered as one.
+fn internal() -> AnswerError {
+    tracing::error!("internal error while deciding a request");
+    AnswerError::Internal
+}
+
+/// [`respond`], with a panic in it caught and answered as a bug.
+fn decide_once(
+    app: &App,
+    request: &RateLimitRequest,
+    asks: &[Ask<'_, ProtoEntry>],
+    last_try: bool,
+) -> Result<Responded, AnswerError> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, request, asks, last_try)))
+        .map_err(|_| internal())
 }
 
 /// Leases afresh the counters a request found spent, on the request path (bounded by the
