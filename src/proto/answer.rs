@@ -16,9 +16,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
 };
 use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, Struct};
 use prost::bytes::{Buf, BufMut};
-use prost::encoding::{
-    self, DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, key_len,
-};
+use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint, key_len};
 use prost::{DecodeError, Message};
 use smallvec::SmallVec;
 
@@ -234,13 +232,36 @@ fn duration(d: Duration) -> ProtoDuration {
 // The wire format, field by field as envoy/service/ratelimit/v3/rls.proto numbers them, in
 // tag order and with proto3's defaults (0, "", empty) left out, as prost writes them.
 
+/// A varint. Every key and most lengths and values of an answer fit one byte: written
+/// without prost's loop, which is not inlined and was a tenth of the answer's encoding.
+#[inline(always)]
+fn put_varint(value: u64, buf: &mut impl BufMut) {
+    if value < 0x80 {
+        buf.put_u8(value as u8);
+    } else {
+        encoding::encode_varint(value, buf);
+    }
+}
+
+#[inline(always)]
+fn encode_key(tag: u32, wire_type: WireType, buf: &mut impl BufMut) {
+    put_varint(u64::from(tag << 3 | wire_type as u32), buf);
+}
+
+/// A nested message: its key, its length, then its fields.
+fn encode_message(tag: u32, message: &impl Message, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    put_varint(message.encoded_len() as u64, buf);
+    message.encode_raw(buf);
+}
+
 /// A string or bytes field; nothing when empty.
 fn encode_text(tag: u32, text: &[u8], buf: &mut impl BufMut) {
     if text.is_empty() {
         return;
     }
     encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(text.len() as u64, buf);
+    put_varint(text.len() as u64, buf);
     buf.put_slice(text);
 }
 
@@ -254,7 +275,8 @@ fn text_len(tag: u32, text: &[u8]) -> usize {
 /// A uint32 or enum field; nothing when 0.
 fn encode_number(tag: u32, n: u32, buf: &mut impl BufMut) {
     if n != 0 {
-        encoding::uint32::encode(tag, &n, buf);
+        encode_key(tag, WireType::Varint, buf);
+        put_varint(u64::from(n), buf);
     }
 }
 
@@ -308,16 +330,16 @@ written_only!(
     |answer, buf| {
         encode_number(1, enum_value(code(answer.code)), buf);
         for status in &answer.statuses {
-            encoding::message::encode(2, status, buf);
+            encode_message(2, status, buf);
         }
         for header in &answer.headers {
-            encoding::message::encode(3, header, buf);
+            encode_message(3, header, buf);
         }
         encode_text(5, &answer.body, buf);
         let metadata = metadata_len(answer);
         if metadata > 0 || answer.metadata.is_some() {
             encode_key(6, WireType::LengthDelimited, buf);
-            encode_varint(metadata as u64, buf);
+            put_varint(metadata as u64, buf);
             if let Some(rules) = &answer.metadata {
                 rules.encode_raw(buf);
             }
@@ -393,7 +415,7 @@ fn delimited_len(tag: u32, len: usize) -> usize {
 
 fn encode_delimited_key(tag: u32, len: usize, buf: &mut impl BufMut) {
     encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(len as u64, buf);
+    put_varint(len as u64, buf);
 }
 
 written_only!(
@@ -401,11 +423,11 @@ written_only!(
     |status, buf| {
         encode_number(1, enum_value(code(status.code)), buf);
         if let Some(limit) = &status.limit {
-            encoding::message::encode(2, limit, buf);
+            encode_message(2, limit, buf);
         }
         encode_number(3, status.remaining, buf);
         if let Some(limit) = &status.limit {
-            encoding::message::encode(4, &duration(limit.until_reset), buf);
+            encode_message(4, &duration(limit.until_reset), buf);
         }
     },
     |status| number_len(1, enum_value(code(status.code)))
