@@ -397,13 +397,12 @@ async fn replicas_joining_leaving_and_killed_mid_window_keep_the_limit() {
     assert!(windows.len() >= 6, "{windows:?}");
     for (w, admitted) in &windows {
         assert!(*admitted <= u64::from(LIMIT), "window {w}: {admitted}");
-        // A killed replica's lease is lost with it, for the rest of its window only.
-        if *w != window_of(killed_at) {
-            assert!(
-                *admitted >= u64::from(LIMIT) * 98 / 100,
-                "window {w}: {admitted} of {LIMIT}"
-            );
-        }
+        // The window of the kill too: what the killed replica held unused is lost with it,
+        // and a replica in a fleet holds no more than a 64th of the limit unused.
+        assert!(
+            *admitted >= u64::from(LIMIT) * 98 / 100,
+            "window {w}: {admitted} of {LIMIT}"
+        );
     }
     let mut children = fleet.children;
     let _ = children[3].wait().await;
@@ -1167,19 +1166,21 @@ async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_c
         (rounds / 8 - 2..=rounds / 8 + 2).contains(&reads),
         "{reads} reads in {rounds} rounds"
     );
-    // It gave back what it held beyond the 1 it admitted.
+    // Far from its limit, it holds no more than the 1 it admitted and one unit unused (a
+    // 64th of the limit, at least one: what a replica killed would strand).
     let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
-    assert_eq!(leased, Some(1), "{key}");
+    let leased = leased.expect("leased");
+    assert!((1..=2).contains(&leased), "{key}: {leased}");
 
     // Another replica leases 8 more. This one learns of it at its turn at the latest, then
-    // admits only what is left: 1 of 10.
+    // admits only what is left: 1 of 10 (its unused unit, or the store's last one).
     let _: () = redis.query(
         ::redis::cmd("HSET")
             .arg(&key)
             .arg("h:elsewhere")
             .arg(8)
             .arg("requests")
-            .arg(9),
+            .arg(leased + 8),
     );
     let _ = reads_over_rounds(&server, &redis, 9).await;
     assert_eq!(server.admitted(5, &call).await, 1, "sees the fleet's 9");
