@@ -9,7 +9,8 @@
 //!     cargo bench --bench fleet
 //!     FLEET_RUNS=1/6000/1.5,100000/3/1.5 FLEET_SECONDS=190 cargo bench --bench fleet
 //!
-//! (`FLEET_RUNS`: counters/limit a minute/offered as a multiple of the limit, per run.)
+//! (`FLEET_RUNS`: counters/limit a minute/offered as a multiple of the limit, per run;
+//! `SLUICE=path/to/sluice`: the replicas' binary, when not this build's.)
 //!
 //! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
 //! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
@@ -210,6 +211,8 @@ fn main() {
         .map_or(190, |s| s.parse().expect("FLEET_SECONDS: a number"));
     let redis_server =
         std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    // Another build of sluice, to compare two side by side.
+    let sluice = std::env::var("SLUICE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
         "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute limit offered evenly, {seconds} s a run"
@@ -253,7 +256,7 @@ fn main() {
         for _ in 0..REPLICAS {
             let (g, h) = (free_port(), free_port());
             replicas.push(Started(
-                Command::new(env!("CARGO_BIN_EXE_sluice"))
+                Command::new(&sluice)
                     .arg("serve")
                     .args(["--config", dir.path().to_str().unwrap()])
                     .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])

@@ -181,10 +181,12 @@ local function lease(field, total, held, leased, at, counted)
       local cap = math.max(1, math.ceil(left / (2 * replicas)))
       local most = cap
       if counted and replicas > 1 then
-        -- In a fleet, what a replica holds of a requests lease unused stays within a 64th of
-        -- the limit: a replica killed loses that for the rest of the window, so the others
+        -- In a fleet, what a replica holds of a requests lease unused, once the request
+        -- waiting on it has taken what it needs, stays within a 64th of the limit (at least
+        -- one unit): a replica killed loses that for the rest of the window, so the others
         -- still admit 98 % of the limit when one dies.
-        most = math.max(1, math.floor(limit / 64)) - (holding - math.max(counted, 0))
+        local unused = holding - math.max(counted, 0)
+        most = math.max(1, math.floor(limit / 64)) - unused + math.max(need - holding, 0)
       end
       granted = math.min(left, math.max(math.min(target - holding, cap, most), need - holding))
       if granted > 0 then

@@ -161,13 +161,20 @@ pub(super) fn leases_ahead(unit: crate::limiter::Unit, interval: std::time::Dura
 /// from the limit (not `contended`: under half of it leased), as much as it admitted in this
 /// window, so a quiet counter (a call or two a window) needs no call to the store in the next
 /// either; near the limit a quiet counter gets none, since a lease it may not use is what
-/// another replica is refused.
+/// another replica is refused. Far from the limit, a counter this replica did not see in this
+/// window while the rest of the fleet did (`elsewhere`) gets one: with keys met a few times a
+/// minute across replicas, a replica's first call to a key in a window is most of its calls
+/// to it, and without the unit each such call would wait on the store.
 pub(super) fn ahead_target(
     admitted: u32,
     elapsed_ms: u64,
     interval_ms: u64,
     contended: bool,
+    elsewhere: bool,
 ) -> u32 {
+    if admitted == 0 {
+        return u32::from(elsewhere && !contended);
+    }
     let projected = u64::from(admitted) * 2 * interval_ms / elapsed_ms.max(1);
     let least = if contended { 0 } else { u64::from(admitted) };
     projected.max(least).min(u64::from(admitted)) as u32
@@ -312,7 +319,8 @@ pub(super) async fn round(
                 let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
                 let interval_ms = interval.as_millis() as u64;
                 let near = contended(found.fleet_leased, limits.requests);
-                ahead_target(own.requests, elapsed, interval_ms, near)
+                let elsewhere = !counter.others(window).is_zero();
+                ahead_target(own.requests, elapsed, interval_ms, near, elsewhere)
             } else {
                 0
             };
@@ -598,13 +606,16 @@ mod tests {
         assert!(!leases_ahead(Unit::Second, second));
         assert!(leases_ahead(Unit::Second, Duration::from_millis(100)));
         // 1,180 admitted in 59 s: 40 for two seconds.
-        assert_eq!(ahead_target(1_180, 59_000, 1_000, true), 40);
+        assert_eq!(ahead_target(1_180, 59_000, 1_000, true, false), 40);
         // Far from the limit what it admitted in this window; a quiet counter near it, none.
-        assert_eq!(ahead_target(2, 59_000, 1_000, false), 2);
-        assert_eq!(ahead_target(2, 59_000, 1_000, true), 0);
-        assert_eq!(ahead_target(0, 59_000, 1_000, false), 0);
+        assert_eq!(ahead_target(2, 59_000, 1_000, false, false), 2);
+        assert_eq!(ahead_target(2, 59_000, 1_000, true, false), 0);
+        assert_eq!(ahead_target(0, 59_000, 1_000, false, false), 0);
+        // Not seen here but elsewhere: one unit, far from the limit only.
+        assert_eq!(ahead_target(0, 59_000, 1_000, false, true), 1);
+        assert_eq!(ahead_target(0, 59_000, 1_000, true, true), 0);
         // Never more than it admitted in this window.
-        assert_eq!(ahead_target(3, 1_000, 1_000, true), 3);
+        assert_eq!(ahead_target(3, 1_000, 1_000, true, false), 3);
     }
 
     #[test]
