@@ -144,7 +144,7 @@ impl LeaseCall {
 /// 196 to 200); but never less than the request waiting on it needs (`need`). In a fleet, a
 /// requests grant also leaves the replica no more than a 64th of the limit unused: what a
 /// replica killed held unused is lost to the fleet for the rest of the window (before this
-/// bound, 186 to 195 of 200 in the window of a kill; with it, 198 to 200).
+/// bound, 186 to 195 of 200 in the window of a kill; with it, 197 to 200).
 pub(super) const LEASE_LUA: &str = r"
 local key, me = KEYS[1], ARGV[1]
 local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
