@@ -1012,12 +1012,12 @@ async fn a_tls_redis_with_client_certificates_holds_the_fleets_counts() {
     clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
     let ns = unique_namespace("tls");
     let url = format!("rediss://127.0.0.1:{tls_port}");
-    let server = synced_in_process(url, &ns, ("ns.yaml", PER_MINUTE), |s| {
+    let over_tls = |s: &mut sluice::settings::Settings| {
         s.redis_ca_file = Some(ca_file.clone());
         s.redis_cert_file = Some(client.0.clone());
         s.redis_key_file = Some(client.1.clone());
-    })
-    .await;
+    };
+    let server = synced_in_process(url.clone(), &ns, ("ns.yaml", PER_MINUTE), over_tls).await;
     wait_synced(&server).await;
     let call = request("ns", &[&[("user", "u1")]]);
     assert_eq!(server.admitted(12, &call).await, 10);
@@ -1025,7 +1025,33 @@ async fn a_tls_redis_with_client_certificates_holds_the_fleets_counts() {
     until_stored(&redis, &key, 10).await;
     let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
     assert_eq!(leased, Some(10), "leased over TLS");
-    server.stop().await;
+
+    // A reset on another replica reaches this one over the same TLS (its own subscription,
+    // with the private CA and the client certificate): it forgets its 10.
+    let other = synced_in_process(url, &ns, ("ns.yaml", PER_MINUTE), over_tls).await;
+    wait_synced(&other).await;
+    let entries = [("user", "u1")];
+    let app = server.running.as_ref().unwrap().app.clone();
+    let other_app = other.running.as_ref().unwrap().app.clone();
+    sluice::counters::reset(&other_app, "ns", &entries)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage = sluice::counters::usage(&app, "ns", &entries).await.unwrap();
+        if usage.windows[0].local.requests == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still counts {:?}",
+            usage.windows[0].local
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for s in [server, other] {
+        s.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1404,8 +1430,9 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
         nodes[0].port, nodes[1].port
     );
     let namespace = unique_namespace("cluster");
-    let (mut children, mut clients) = (Vec::new(), Vec::new());
+    let (mut children, mut clients, mut admin) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
+        let http = format!("127.0.0.1:{}", free_port());
         let args = [
             "--config",
             dir.path().to_str().unwrap(),
@@ -1414,10 +1441,15 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
             "--redis-cluster",
             "--redis-namespace",
             &namespace,
+            "--http-addr",
+            &http,
+            "--admin-token",
+            "t0ken",
         ];
         let (child, client) = spawn_sluice(&args, &[]).await;
         children.push(child);
         clients.push(client);
+        admin.push(format!("http://{http}"));
     }
     // 300 calls paced over ~1.5 s through both replicas, limit 100.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1448,6 +1480,43 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
         .query(&mut connection)
         .unwrap();
     assert_eq!(stored, Some(100), "{key}: leased");
+
+    // A reset on one replica reaches the other through the cluster's pub/sub: it forgets its
+    // count of the key.
+    let http = reqwest::Client::new();
+    let local_at = |base: &str| {
+        let http = http.clone();
+        let url = format!("{base}/v1/usage?domain=cl&descriptor=k=one-key");
+        async move {
+            let usage: serde_json::Value =
+                http.get(url).send().await.unwrap().json().await.unwrap();
+            usage["windows"][0]["requests"]["local"]
+                .as_u64()
+                .unwrap_or(0)
+        }
+    };
+    assert!(
+        local_at(&admin[1]).await > 0,
+        "the other replica counts the key"
+    );
+    let reset = serde_json::json!({"domain": "cl", "entries": [{"key": "k", "value": "one-key"}]});
+    let status = http
+        .post(format!("{}/v1/reset", admin[0]))
+        .bearer_auth("t0ken")
+        .json(&reset)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while local_at(&admin[1]).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the other replica still counts the key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Strict: exact, with 60 concurrent calls through both replicas.
     let strict = concurrently(&clients, &request("cl", &[&[("s", "one-key")]]), 30).await;

@@ -136,13 +136,19 @@ async fn sluice_follows_the_master_through_a_sentinel_failover() {
 
     let namespace = unique_namespace("sentinel");
     let sentinel_url = format!("redis://127.0.0.1:{}", sentinel.port);
-    let ns = namespace.clone();
-    let server = start_at(now_ms(), &[("guarded.yaml", RULES)], move |s| {
-        s.redis_url = Some(sentinel_url);
-        s.redis_sentinel_master = Some("mymaster".into());
-        s.redis_namespace = Some(ns);
-    })
-    .await;
+    let through_sentinel = |ns: String, url: String| {
+        move |s: &mut sluice::settings::Settings| {
+            s.redis_url = Some(url);
+            s.redis_sentinel_master = Some("mymaster".into());
+            s.redis_namespace = Some(ns);
+        }
+    };
+    let rules = [("guarded.yaml", RULES)];
+    let settings = through_sentinel(namespace.clone(), sentinel_url.clone());
+    let server = start_at(now_ms(), &rules, settings).await;
+    // A second replica, subscribed to resets before the failover.
+    let settings = through_sentinel(namespace.clone(), sentinel_url);
+    let other = start_at(now_ms(), &rules, settings).await;
 
     // Steady calls for the whole test, each one answered or counted as failed.
     let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -202,6 +208,32 @@ async fn sluice_follows_the_master_through_a_sentinel_failover() {
     });
     let fleet = server.running.as_ref().unwrap().app.fleet.clone().unwrap();
     assert!(fleet.status.load().reachable, "the sync is healthy again");
+
+    // A reset made on one replica after the failover reaches the other through the master
+    // the Sentinels name now: it forgets its count of the key.
+    let entries = [("user", "u2")];
+    assert_eq!(other.admitted(1, &request("guarded", &[&entries])).await, 1);
+    let other_app = other.running.as_ref().unwrap().app.clone();
+    let counted = || async {
+        let usage = sluice::counters::usage(&other_app, "guarded", &entries)
+            .await
+            .unwrap();
+        usage.windows[0].local.requests
+    };
+    assert_eq!(counted().await, 1);
+    let app = server.running.as_ref().unwrap().app.clone();
+    sluice::counters::reset(&app, "guarded", &entries)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted().await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the other replica still counts u2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.stop().await;
 
     stop.store(true, Ordering::Relaxed);
     driver.await.unwrap();

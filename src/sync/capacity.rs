@@ -52,8 +52,8 @@ impl Fleet {
             .collect())
     }
 
-    /// Wakes `changed` whenever another replica publishes an announcement (single Redis; on a
-    /// cluster the hash is read every tick anyway).
+    /// Wakes `changed` whenever another replica publishes an announcement (the hash is read
+    /// every tick as well, so one lost while the subscription was down arrives all the same).
     pub async fn follow_capacity(&self, changed: &tokio::sync::Notify) {
         let lost = "capacity channel lost; reading the hash every tick meanwhile";
         self.follow_channel(self.capacity_key(), |_| changed.notify_one(), lost)

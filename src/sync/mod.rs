@@ -297,12 +297,8 @@ impl Fleet {
         })
     }
 
-    /// Forgets what other replicas reset, as their announcements arrive (single Redis, plain
-    /// or with a password; elsewhere a reset reaches only the replica that made it).
+    /// Forgets what other replicas reset, as their announcements arrive.
     async fn follow_resets(&self, handles: &SyncHandles) {
-        if self.settings.address.sentinel_master.is_some() {
-            return;
-        }
         let forget = |message: redis::Msg| {
             if let Ok(prefix) = message.get_payload::<String>() {
                 let forgotten = self.forget(handles, &prefix);
@@ -318,23 +314,18 @@ impl Fleet {
     }
 
     /// Hands every message published on `channel` to `on_message`, subscribing again a second
-    /// after the subscription is lost (logged as `lost`). Single Redis only: returns at once on
-    /// a cluster or without a URL.
+    /// after the subscription is lost (logged as `lost`), on the one Redis, a cluster's nodes
+    /// in turn, or the master the Sentinels name (see [`Store::subscriber`]).
     async fn follow_channel(
         &self,
         channel: String,
         mut on_message: impl FnMut(redis::Msg),
         lost: &'static str,
     ) {
-        if self.settings.address.cluster {
-            return;
-        }
-        let Some(url) = self.settings.address.urls.first() else {
-            return;
-        };
-        loop {
+        for attempt in 0.. {
             let subscribed = async {
-                let client = redis::Client::open(url.as_str())?;
+                let store = self.store().await?;
+                let client = store.subscriber(&self.settings.address, attempt).await?;
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 let mut messages = pubsub.on_message();

@@ -229,6 +229,31 @@ impl Store {
         })))
     }
 
+    /// A client to subscribe with (pub/sub takes a connection of its own): the one Redis; on
+    /// a cluster, the seed node `attempt` picks (a message published on any node reaches the
+    /// subscribers of every node, so one node is enough, and the next is tried when it fails);
+    /// with Sentinels, the master they name now.
+    pub async fn subscriber(
+        &self,
+        address: &StoreAddress,
+        attempt: usize,
+    ) -> RedisResult<redis::Client> {
+        if let Store::Sentinel(sentinel) = self {
+            return sentinel.client.lock().await.async_get_client().await;
+        }
+        let url = address
+            .urls
+            .get(attempt % address.urls.len().max(1))
+            .ok_or_else(|| {
+                RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
+            })?;
+        if address.tls.any() {
+            redis::Client::build_with_tls(url.as_str(), address.tls.read()?)
+        } else {
+            redis::Client::open(url.as_str())
+        }
+    }
+
     pub async fn pipeline<T: FromRedisValue>(
         &mut self,
         pipe: &Pipeline,
