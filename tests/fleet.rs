@@ -515,6 +515,17 @@ async fn ten_replicas_admit_the_limit_exactly() {
         "10 replicas, 10x",
     )
     .await;
+    write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(200))]);
+    accuracy_phase(
+        10,
+        &redis,
+        dir.path(),
+        200,
+        1.5,
+        Spread::Skewed,
+        "10 replicas, 1.5x, 80 % on one",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
