@@ -185,7 +185,6 @@ async fn replica(
     String,
 ) {
     let url = redis.url();
-    let http = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--config",
         config.to_str().unwrap(),
@@ -193,12 +192,9 @@ async fn replica(
         &url,
         "--redis-namespace",
         namespace,
-        "--http-addr",
-        &http,
     ];
     args.extend_from_slice(extra);
-    let (child, client) = spawn_sluice(&args, &[]).await;
-    (child, client, http)
+    spawn_sluice_with_http(&args, &[]).await
 }
 
 /// The sum of an unlabelled counter over the replicas' scrapes.
@@ -1448,7 +1444,6 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
     let namespace = unique_namespace("cluster");
     let (mut children, mut clients, mut admin) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
-        let http = format!("127.0.0.1:{}", free_port());
         let args = [
             "--config",
             dir.path().to_str().unwrap(),
@@ -1457,12 +1452,10 @@ async fn a_redis_cluster_enforces_a_fleet_limit() {
             "--redis-cluster",
             "--redis-namespace",
             &namespace,
-            "--http-addr",
-            &http,
             "--admin-token",
             "t0ken",
         ];
-        let (child, client) = spawn_sluice(&args, &[]).await;
+        let (child, client, http) = spawn_sluice_with_http(&args, &[]).await;
         children.push(child);
         clients.push(client);
         admin.push(format!("http://{http}"));

@@ -428,8 +428,6 @@ async fn a_capacity_reduction_reaches_every_replica_and_recovers() {
     let (url, ns) = (redis.url(), unique_namespace("capacity"));
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let http_port = free_port().to_string();
-        let http_addr = format!("127.0.0.1:{http_port}");
         let args = [
             "--config",
             dir.path().to_str().unwrap(),
@@ -441,14 +439,12 @@ async fn a_capacity_reduction_reaches_every_replica_and_recovers() {
             "50ms",
             "--admin-token",
             "t0ken",
-            "--http-addr",
-            &http_addr,
             "--capacity-recovery-interval",
             "2s",
             "--capacity-recovery-factor",
             "2",
         ];
-        let (child, client) = spawn_sluice(&args, &[]).await;
+        let (child, client, http_addr) = spawn_sluice_with_http(&args, &[]).await;
         replicas.push((child, client, format!("http://{http_addr}")));
     }
     let limit_on = |client: &envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient<tonic::transport::Channel>| {

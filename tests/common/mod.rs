@@ -205,13 +205,23 @@ pub fn limit_of(response: &RateLimitResponse, i: usize) -> Option<u32> {
         .map(|l| l.requests_per_unit)
 }
 
-/// A port that was free a moment ago, for a child process to listen on.
+/// A port that was free a moment ago, for a child process to listen on. Never the same port
+/// twice in one test process: the kernel may hand a just-released port out again, and a replica's
+/// gRPC and HTTP ports (or a Redis server's) must not collide.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("address")
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 /// A `sluice serve` process of the real binary on a free loopback port, and a client once it
@@ -220,39 +230,84 @@ pub async fn spawn_sluice(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (tokio::process::Child, RateLimitServiceClient<Channel>) {
-    let port = free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .arg("serve")
-        .args(args)
-        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
-        .args(if args.contains(&"--http-addr") {
-            &[][..]
-        } else {
-            &["--http-addr", "127.0.0.1:0"][..]
-        })
-        .envs(envs.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sluice serve");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("endpoint")
-        .timeout(CALL_TIMEOUT);
-    loop {
-        if let Ok(channel) = endpoint.connect().await {
-            return (child, RateLimitServiceClient::new(channel));
+    let (child, client, _) = start_sluice(args, envs, false).await;
+    (child, client)
+}
+
+/// [`spawn_sluice`] with the HTTP listener (metrics, admin) on a free port too, returned as
+/// `127.0.0.1:port`.
+pub async fn spawn_sluice_with_http(
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (
+    tokio::process::Child,
+    RateLimitServiceClient<Channel>,
+    String,
+) {
+    let (child, client, http) = start_sluice(args, envs, true).await;
+    (child, client, http.expect("an HTTP address"))
+}
+
+/// A port picked free can be taken before the child binds it (by another child's outgoing
+/// connection, say): a start that fails to listen is tried again on new ports. Any other early
+/// exit fails the test with what the server printed.
+async fn start_sluice(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    with_http: bool,
+) -> (
+    tokio::process::Child,
+    RateLimitServiceClient<Channel>,
+    Option<String>,
+) {
+    const ATTEMPTS: usize = 5;
+    for attempt in 1..=ATTEMPTS {
+        let port = free_port();
+        let http = with_http.then(|| format!("127.0.0.1:{}", free_port()));
+        let http_args: Vec<&str> = match &http {
+            Some(addr) => vec!["--http-addr", addr],
+            None if args.contains(&"--http-addr") => vec![],
+            None => vec!["--http-addr", "127.0.0.1:0"],
+        };
+        let mut stderr = tempfile::tempfile().expect("a file for the server's stderr");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .arg("serve")
+            .args(args)
+            .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+            .args(&http_args)
+            .envs(envs.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr.try_clone().expect("clone stderr file"))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sluice serve");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("endpoint")
+            .timeout(CALL_TIMEOUT);
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                return (child, RateLimitServiceClient::new(channel), http);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                use std::io::{Read, Seek};
+                let mut printed = String::new();
+                stderr.rewind().expect("rewind stderr");
+                stderr.read_to_string(&mut printed).ok();
+                if printed.contains("cannot listen") && attempt < ATTEMPTS {
+                    eprintln!("sluice serve could not listen (attempt {attempt}), new ports");
+                    break;
+                }
+                panic!("sluice serve exited at start: {status}; it printed:\n{printed}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sluice did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("sluice serve exited at start: {status}");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sluice did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    unreachable!("the last attempt returns or panics")
 }
 
 /// Sends a signal to a child process with kill(1).
