@@ -351,6 +351,27 @@ fn two_threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// One descriptor against one limit counted by each algorithm, side by side in one run (the
+/// limit high enough that every call passes, so each pays the counting it would in use).
+fn algorithms(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide by algorithm");
+    group.throughput(Throughput::Elements(1));
+    let key = [("api_key", "k1")];
+    let asks = [ask(&key)];
+    for algorithm in ["fixed_window", "sliding_window", "token_bucket"] {
+        let set = rules(&format!(
+            "domain: bench\ndescriptors:\n  - key: api_key\n    rate_limit: {{ unit: second, requests_per_unit: 4000000000, algorithm: {algorithm} }}\n"
+        ));
+        let lim = limiter();
+        group.bench_function(algorithm, |b| {
+            b.iter(|| {
+                black_box(decide(&set, &lim, "bench", black_box(&asks), Mode::default()).allowed)
+            })
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -358,5 +379,5 @@ fn config() -> Criterion {
         .sample_size(30)
 }
 
-criterion_group! { name = benches; config = config(); targets = single_thread, two_threads }
+criterion_group! { name = benches; config = config(); targets = single_thread, two_threads, algorithms }
 criterion_main!(benches);

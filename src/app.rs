@@ -131,6 +131,19 @@ impl App {
     fn swap_in(&self, set: RuleSet, generation: u64, reason: &str) {
         let live = set.rule_scopes();
         let (domains, rules) = (set.domains().count(), set.rule_count());
+        for rule in self.rules.load().recounted_in(&set) {
+            let algorithms: Vec<String> = rule
+                .windows()
+                .iter()
+                .map(|w| format!("{} per {}", w.algorithm.name(), w.unit))
+                .collect();
+            tracing::info!(
+                domain = %rule.domain,
+                rule = %rule.path,
+                now = %algorithms.join(", "),
+                "a rule's limits count differently now: those counters start afresh"
+            );
+        }
         self.rules.store(Arc::new(set));
         self.domains_loaded.send_replace(domains > 0);
         // New rules start at full capacity: let the capacity task set their factors now.

@@ -60,8 +60,8 @@ pub use decision::{
     decide, explain,
 };
 pub use limiter::{
-    Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter, Limits,
-    ManualClock, Outcome, SystemClock, Unit,
+    Algorithm, Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter,
+    Limits, ManualClock, Outcome, SystemClock, Unit,
 };
 pub use proto::Answer;
 pub use reload::ReloadStatus;

@@ -137,15 +137,24 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     crate::telemetry::serve_peer_names(settings.peer_metrics);
     let changes = reload::Changes::watch(&settings.config, settings.watch);
     let (catalog, rules) = if settings.force_start_without_initial_config {
-        let (catalog, rules, errors) =
-            Catalog::load_anyway(&settings.config, clock.now_ms(), settings.domain_files());
+        let (catalog, rules, errors) = Catalog::load_anyway(
+            &settings.config,
+            clock.now_ms(),
+            settings.domain_files(),
+            settings.redis_url.is_some(),
+        );
         for error in &errors {
             tracing::error!(%error, "rule file rejected; starting without it (--force-start-without-initial-config)");
         }
         (catalog, rules)
     } else {
-        Catalog::load(&settings.config, clock.now_ms(), settings.domain_files())
-            .map_err(ServerError::Rules)?
+        Catalog::load(
+            &settings.config,
+            clock.now_ms(),
+            settings.domain_files(),
+            settings.redis_url.is_some(),
+        )
+        .map_err(ServerError::Rules)?
     };
     let fleet = match settings.sync() {
         Some(sync) => Some(Arc::new(Fleet::new(sync)?)),

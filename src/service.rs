@@ -290,8 +290,9 @@ fn record_rules(
         }
         let Some(limit) = status.limit else { continue };
         let shadowed = global_shadow || rule.enforcement == Enforcement::Shadow;
-        let near = f64::from(limit.per_unit.saturating_sub(status.remaining))
-            >= near_ratio * f64::from(limit.per_unit);
+        // Of what remaining counts down from: the limit, or a token bucket's burst.
+        let near = limit.ceiling.saturating_sub(status.remaining) as f64
+            >= near_ratio * limit.ceiling as f64;
         if status.over {
             metrics.over_limit.increment(1);
             if shadowed {

@@ -109,7 +109,7 @@ impl Stack {
     }
 
     /// Tokens sluice has counted for a key's descriptor (its own, local counts).
-    async fn tokens_counted(&self, key: &str) -> u32 {
+    async fn tokens_counted(&self, key: &str) -> u64 {
         let app = &self.sluice.running.as_ref().unwrap().app;
         let usage = sluice::counters::usage(app, "llm_gateway", &[("api_key", key)])
             .await
@@ -123,7 +123,7 @@ impl Stack {
     }
 
     /// Waits for the usage reports of finished streams to reach sluice.
-    async fn until_tokens(&self, key: &str, want: u32) {
+    async fn until_tokens(&self, key: &str, want: u64) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let counted = self.tokens_counted(key).await;
@@ -173,7 +173,7 @@ async fn requests_past_the_rpm_limit_get_an_openai_style_429() {
         );
         assert_eq!(ok.header("x-ratelimit-reset-requests"), Some("40s"));
         assert_eq!(ok.header("x-ratelimit-limit-tokens"), Some("100000"));
-        stack.until_tokens("k1", 10 * n).await;
+        stack.until_tokens("k1", 10 * u64::from(n)).await;
     }
     let denied = stack.chat("k1", "gpt-4o", 10, false).await;
     assert_eq!(denied.status, 429);

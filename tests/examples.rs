@@ -1,5 +1,6 @@
 //! The examples users copy: the Istio manifests are valid YAML of the right kinds and agree with
-//! the Envoy example and its rules.
+//! the Envoy example and its rules; the README's picture of the algorithms is what the limiter
+//! does now.
 
 use std::path::Path;
 
@@ -71,4 +72,18 @@ fn the_envoy_example_rules_load() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/envoy/rules");
     let rules = sluice::load_dir(&dir).expect("example rules load");
     assert!(rules.domain("llm_gateway").is_some());
+}
+
+#[allow(dead_code)] // its main() is the example's, not this test's
+#[path = "../examples/algorithms_plot.rs"]
+mod algorithms_plot;
+
+#[test]
+fn the_readmes_picture_of_the_algorithms_is_what_the_limiter_does_now() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/algorithms.svg");
+    let stored = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        stored == algorithms_plot::picture(),
+        "docs/algorithms.svg is out of date: cargo run --example algorithms_plot > docs/algorithms.svg"
+    );
 }

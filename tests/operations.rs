@@ -127,6 +127,59 @@ descriptors:
           requests_per_unit: 10
 "#;
 
+/// A GET of the admin API, read as JSON.
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_admin_api_reads_and_resets_a_token_bucket() {
+    let rules = "domain: ops_bucket
+descriptors:
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 60, algorithm: token_bucket, burst: 5 }
+";
+    let server = start_with(&[("bucket.yaml", rules)], |s| {
+        s.admin_token = Some("t0ken".into())
+    })
+    .await;
+    let (client, url) = (http(), base(&server));
+    let call = request("ops_bucket", &[&[("api_key", "k")]]);
+    assert_eq!(server.admitted(3, &call).await, 3);
+    let listed = get_json(&client, format!("{url}/v1/rules")).await;
+    let limit = &listed["domains"][0]["rules"][0]["limits"][0];
+    assert_eq!(
+        limit["algorithm"],
+        json!({"name": "token_bucket", "burst": 5}),
+        "{listed}"
+    );
+    // Usage: 3 of the bucket's 5 taken; it is full again in 3 s at one a second.
+    let usage = get_json(
+        &client,
+        format!("{url}/v1/usage?domain=ops_bucket&descriptor=api_key=k"),
+    )
+    .await;
+    let window = &usage["windows"][0];
+    assert_eq!(window["algorithm"]["name"], "token_bucket", "{usage}");
+    assert_eq!(window["requests"]["used"], 3, "{usage}");
+    assert_eq!(window["requests"]["remaining"], 2, "{usage}");
+    assert_eq!(window["reset_ms"], 3_000, "{usage}");
+    // A reset refills it.
+    let cleared: Value = client
+        .post(format!("{url}/v1/reset"))
+        .bearer_auth("t0ken")
+        .json(&json!({"domain": "ops_bucket", "entries": [{"key": "api_key", "value": "k"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cleared["local_counters"], 1);
+    assert_eq!(server.admitted(6, &call).await, 5);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn admin_endpoints_answer_and_guard_what_mutates() {
     let server = start_with(&[("admin.yaml", ADMIN)], |s| {

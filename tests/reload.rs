@@ -440,3 +440,33 @@ async fn a_file_claiming_another_files_domain_is_left_out() {
     wait_for_limit(&server, "api", "user", Some(99)).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_bucket_keeps_its_level_through_a_new_limit_and_starts_afresh_under_a_new_algorithm() {
+    let bucket = |per_unit: u32, algorithm: &str| {
+        format!(
+            "domain: api\ndescriptors:\n  - key: user\n    rate_limit: {{ unit: minute, requests_per_unit: {per_unit}, algorithm: {algorithm} }}\n"
+        )
+    };
+    let server = start_watching(&[("api.yaml", &bucket(6, "token_bucket"))]).await;
+    let call = request("api", &[&[("user", "caller")]]);
+    assert_eq!(server.admitted(4, &call).await, 4);
+    // A new limit: the bucket of 6 had 2 left, and a bucket of 8 (the limit by default) now
+    // has those 2 and the 2 more it is larger by.
+    let path = server.dir.path().join("api.yaml");
+    rename_write(&path, &bucket(8, "token_bucket"));
+    wait_for_limit(&server, "api", "user", Some(8)).await;
+    assert_eq!(remaining(&server.ok(peek("api", "user")).await, 0), 4);
+    // A new algorithm for the same limit: its counter starts afresh.
+    rename_write(&path, &bucket(8, "sliding_window"));
+    let deadline = Instant::now() + APPLY_TIMEOUT;
+    while remaining(&server.ok(peek("api", "user")).await, 0) != 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the sliding window never started afresh"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.admitted(10, &call).await, 8);
+    server.stop().await;
+}

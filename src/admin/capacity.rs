@@ -109,8 +109,8 @@ pub(super) async fn utilization(State(app): Shared) -> Json<Value> {
                     [
                         (
                             &w.requests_limit,
-                            w.local.requests,
-                            w.fleet.map(|f| f.requests),
+                            w.local.requests.into(),
+                            w.fleet.map(|f| f.requests.into()),
                         ),
                         (&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens)),
                     ]
@@ -121,7 +121,7 @@ pub(super) async fn utilization(State(app): Shared) -> Json<Value> {
                     Some(if per_unit == 0 {
                         1.0
                     } else {
-                        (f64::from(used) / f64::from(per_unit)).min(1.0)
+                        (used as f64 / per_unit as f64).min(1.0)
                     })
                 })
                 .fold(0.0f64, f64::max);

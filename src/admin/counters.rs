@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use super::body::{ResetBody, UsageQuery};
 use super::{Failure, Shared, authorize};
 use crate::app::App;
-use crate::limiter::{CounterRef, Counts, Unit};
+use crate::limiter::{Algorithm, CounterRef, Counts, Unit};
 use crate::rules::{Entry, Limit, Rule};
 use crate::sync::SyncError;
 
 /// The count an operator sees: the fleet's where Redis answered, never less than this
 /// replica's own (a push may not have landed yet).
-pub fn seen(local: u32, fleet: Option<u32>) -> u32 {
+pub fn seen(local: u64, fleet: Option<u64>) -> u64 {
     fleet.unwrap_or(local).max(local)
 }
 
@@ -39,6 +39,16 @@ pub struct WindowUsage {
     pub fleet: Option<Counts>,
     /// Time until the window ends.
     pub until_reset: Duration,
+}
+
+impl WindowUsage {
+    /// How the window's limits count (a window holds one algorithm).
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        self.requests_limit
+            .as_ref()
+            .or(self.tokens_limit.as_ref())
+            .map(|l| l.algorithm)
+    }
 }
 
 /// What a descriptor's counters hold now.
@@ -70,16 +80,29 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
     let mut windows = Vec::new();
     for w in rule.windows() {
         let window = w.unit.window_at(now);
-        let local = app
-            .limiter
-            .counters()
-            .pin()
-            .get(CounterRef {
-                scope: rule.id,
+        // The pinned table is not held across the fleet's await below.
+        let (local, until_reset) = {
+            let counters = app.limiter.counters().pin();
+            let counter = counters.get(CounterRef {
+                scope: w.counter_scope(rule.id),
                 unit: w.unit,
                 parts: &refs,
-            })
-            .map_or(Counts::ZERO, |c| c.counts(window));
+            });
+            match counter {
+                // A sliding window's estimate, a bucket's size less what it holds.
+                Some(c) if !w.algorithm.is_fixed() => {
+                    let limits = w.in_force(rule.capacity.get(), |_| true);
+                    let (reading, until_reset) =
+                        c.assess_by(now, w.unit.millis(), Counts::ZERO, limits);
+                    (reading.counts, until_reset)
+                }
+                Some(c) => {
+                    let wide = w.tokens.as_ref().is_some_and(|l| l.is_wide());
+                    (c.counts(window, wide), w.unit.until_reset(now))
+                }
+                None => (Counts::ZERO, w.unit.until_reset(now)),
+            }
+        };
         let fleet = match &app.fleet {
             Some(fleet) => fleet.usage(&rule.domain, &path, w.unit, window).await.ok(),
             None => None,
@@ -90,7 +113,7 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
             tokens_limit: w.tokens.clone(),
             local,
             fleet,
-            until_reset: w.unit.until_reset(now),
+            until_reset,
         });
     }
     Usage {
@@ -128,10 +151,12 @@ pub async fn reset<E: Entry>(
     entries: &[E],
 ) -> Result<Cleared, ResetError> {
     let rule = matching(app, domain, entries).ok_or(ResetError::NoRule)?;
-    let local_counters = app
-        .limiter
-        .counters()
-        .remove_where(|key| key.scope() == rule.id && key.parts().eq(rule.counter_parts(entries)));
+    let local_counters = app.limiter.counters().remove_where(|key| {
+        rule.windows()
+            .iter()
+            .any(|w| w.counter_scope(rule.id) == key.scope())
+            && key.parts().eq(rule.counter_parts(entries))
+    });
     let fleet_keys = match &app.fleet {
         None => 0,
         Some(fleet) => {
@@ -167,14 +192,16 @@ pub(super) async fn get_usage(
         .windows
         .iter()
         .map(|w| {
-            let side = |limit: &Option<Limit>, local: u32, fleet: Option<u32>| {
+            let side = |limit: &Option<Limit>, local: u64, fleet: Option<u64>| {
                 let used = seen(local, fleet);
                 json!({"used": used, "local": local, "fleet": fleet,
                        "limit": limit.as_ref().map(|l| l.per_unit),
-                       "remaining": limit.as_ref().map(|l| l.per_unit.saturating_sub(used))})
+                       "remaining": limit.as_ref().map(|l| l.ceiling().saturating_sub(used))})
             };
+            let algorithm = w.algorithm().map(super::rules::algorithm_json);
             json!({"unit": w.unit.name(), "reset_ms": w.until_reset.as_millis() as u64,
-                   "requests": side(&w.requests_limit, w.local.requests, w.fleet.map(|f| f.requests)),
+                   "algorithm": algorithm,
+                   "requests": side(&w.requests_limit, w.local.requests.into(), w.fleet.map(|f| f.requests.into())),
                    "tokens": side(&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens))})
         })
         .collect();

@@ -26,7 +26,7 @@ pub(super) async fn rules(State(app): Shared) -> Json<Value> {
                 .map(|r| {
                     let limits: Vec<Value> = r
                         .limits()
-                        .map(|l| json!({"name": l.name.as_deref(), "unit": l.unit.name(), "limit": l.per_unit, "counts": l.measure.field()}))
+                        .map(|l| json!({"name": l.name.as_deref(), "unit": l.unit.name(), "limit": l.per_unit, "counts": l.measure.field(), "algorithm": algorithm_json(l.algorithm)}))
                         .collect();
                     json!({
                         "path": r.path.as_ref(),
@@ -124,7 +124,7 @@ pub(super) async fn explain(
 
 /// One window of a rule: each limit with the counts behind it and where the decision sees it.
 fn explain_window(w: &WindowUsage, judged: &[Judged<'_>]) -> Value {
-    let slot = |limit: &Option<Limit>, local: u32, fleet: Option<u32>| {
+    let slot = |limit: &Option<Limit>, local: u64, fleet: Option<u64>| {
         let limit = limit.as_ref()?;
         let tokens = limit.measure.is_tokens();
         // The decision's view of this limit; none when another matched limit replaces it.
@@ -148,7 +148,19 @@ fn explain_window(w: &WindowUsage, judged: &[Judged<'_>]) -> Value {
             "why": if standing.over { "spent: the next call that counts is denied" } else { "within the limit" }}),
         )
     };
+    let algorithm = w.algorithm().map(algorithm_json);
     json!({"unit": w.unit.name(), "reset_ms": w.until_reset.as_millis() as u64,
-           "requests": slot(&w.requests_limit, w.local.requests, w.fleet.map(|f| f.requests)),
+           "algorithm": algorithm,
+           "requests": slot(&w.requests_limit, w.local.requests.into(), w.fleet.map(|f| f.requests.into())),
            "tokens": slot(&w.tokens_limit, w.local.tokens, w.fleet.map(|f| f.tokens))})
+}
+
+/// How a limit counts, as the admin API shows it: its name, and a token bucket's burst.
+pub(super) fn algorithm_json(algorithm: crate::limiter::Algorithm) -> serde_json::Value {
+    match algorithm {
+        crate::limiter::Algorithm::TokenBucket { burst } => {
+            json!({"name": algorithm.name(), "burst": burst})
+        }
+        _ => json!({"name": algorithm.name()}),
+    }
 }

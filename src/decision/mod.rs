@@ -21,7 +21,7 @@ pub use report::{Headline, Standing};
 pub use strict::{Settled, StrictJob, StrictWork};
 
 use crate::limiter::{CounterKey, Counts, Enforcement, Limiter, Limits, Outcome, Unit};
-use crate::rules::{Entry, Measure, Policy, Rule, RuleSet};
+use crate::rules::{Entry, Measure, Rule, RuleSet};
 use plan::{CounterNames, Matched};
 
 /// A limit sent by the caller in place of the configured one (Envoy's descriptor `limit`).
@@ -86,12 +86,15 @@ pub struct LeaseWant {
 pub struct ReportedLimit<'r> {
     /// The limit's name, if the rule file gives one.
     pub name: Option<&'r Arc<str>>,
-    /// The limit in force per unit (capacity factor applied).
-    pub per_unit: u32,
+    /// The limit in force per unit (capacity factor applied). Envoy's API carries 32 bits: an
+    /// answer clamps it ([`crate::proto`]); OpenAI headers and the admin API show it whole.
+    pub per_unit: u64,
     /// The unit of its window.
     pub unit: Unit,
     /// What it counts.
     pub measure: Measure,
+    /// What remaining counts down from: the limit, or a token bucket's burst (in force).
+    pub ceiling: u64,
 }
 
 /// Allowed or not: one descriptor's code, or a request's.
@@ -113,7 +116,7 @@ pub struct Status<'r> {
     /// `None` when no rule matched, or the rule is unlimited.
     pub limit: Option<ReportedLimit<'r>>,
     /// What is left of the limit reported (`u32::MAX` when unlimited).
-    pub remaining: u32,
+    pub remaining: u64,
     /// Time until the limit's window ends.
     pub until_reset: Duration,
     /// The rule matched, if any.
@@ -202,19 +205,8 @@ pub fn decide<'r, E: Entry>(
     let mut outcomes: SmallVec<[Outcome; 8]> =
         SmallVec::from_elem(Outcome::default(), plan.demands().len());
     let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
-    let mut statuses = SmallVec::new();
-    for (i, ask) in asks.iter().enumerate() {
-        let status = match matched.rules[i].filter(|_| ask.limit_override.is_none()) {
-            Some(rule) if matches!(rule.policy, Policy::Unlimited) => Status {
-                remaining: u32::MAX,
-                rule: Some(rule),
-                ..Status::unmatched()
-            },
-            rule => report::status(&plan, &outcomes, i, rule, mode.shadow),
-        };
-        statuses.push(status);
-    }
-    let headline = report::headline(asks, &plan, &outcomes);
+    let (statuses, headline) =
+        report::statuses_and_headline(asks, &plan, &outcomes, &matched.rules, mode.shadow);
     let spent_leases = if allowed {
         Vec::new()
     } else {

@@ -108,16 +108,18 @@ pub(super) struct Source<'r> {
 impl<'r> Source<'r> {
     /// Where the demand's requests-like and tokens limits stand after `outcome`, as a client
     /// sees them: the rule's limits at their capacity factor, or the request's override.
-    #[inline]
+    // Always: out of line it costs ~100 instructions a descriptor (callgrind, 5 descriptors).
+    #[inline(always)]
     pub fn standings(&self, outcome: &Outcome) -> [Option<Standing<'r>>; 2] {
         let requests = self
             .requests
             .map(|l| reported(l, self.scale))
             .or(self.over_ride.map(|o| ReportedLimit {
                 name: None,
-                per_unit: o.per_unit,
+                per_unit: o.per_unit.into(),
                 unit: o.unit,
                 measure: Measure::Hits,
+                ceiling: o.per_unit.into(),
             }));
         let tokens = self.tokens.map(|l| reported(l, self.scale));
         Standing::pair(
@@ -132,11 +134,13 @@ impl<'r> Source<'r> {
 /// A limit as a client sees it, at a capacity factor of `scale` millionths.
 #[inline]
 pub(super) fn reported(limit: &Limit, scale: u32) -> ReportedLimit<'_> {
+    let per_unit = limit.in_force(scale);
     ReportedLimit {
         name: limit.name.as_ref(),
-        per_unit: limit.in_force(scale),
+        per_unit,
         unit: limit.unit,
         measure: limit.measure,
+        ceiling: crate::rules::scale(limit.ceiling(), scale),
     }
 }
 
@@ -267,6 +271,7 @@ impl<'r, 'v> Plan<'r, 'v> {
                 limits: Limits {
                     requests: Some(over_ride.per_unit),
                     tokens: None,
+                    ..Default::default()
                 },
                 charge: Counts {
                     requests: hits,
@@ -296,7 +301,7 @@ impl<'r, 'v> Plan<'r, 'v> {
                 charge_for(ask, requests, tokens.is_some(), hits, enforcement);
             let demand = Demand {
                 counter: CounterRef {
-                    scope: rule.id,
+                    scope: window.counter_scope(rule.id),
                     unit: window.unit,
                     parts,
                 },
@@ -346,13 +351,7 @@ fn charge_for(
         Some(_) => hits,
         None => 0,
     };
-    let tokens = |n: u64| {
-        if has_tokens {
-            u32::try_from(n).unwrap_or(u32::MAX)
-        } else {
-            0
-        }
-    };
+    let tokens = |n: u64| if has_tokens { n } else { 0 };
     match ask.purpose {
         Purpose::Call => (
             Counts {

@@ -5,10 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use super::plan::Plan;
 use super::{Ask, Code, Purpose, ReportedLimit, Status};
 use crate::limiter::{Counts, Enforcement, Outcome, Over};
-use crate::rules::Rule;
+use crate::rules::{Policy, Rule};
 
 /// Where one limit stands after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +18,7 @@ pub struct Standing<'r> {
     /// The limit, as a client sees it.
     pub limit: ReportedLimit<'r>,
     /// What the window holds, fleet-wide as this replica sees it.
-    pub used: u32,
+    pub used: u64,
     /// Whether this call broke the limit, enforced or not.
     pub over: bool,
     /// Time until its window ends.
@@ -43,15 +45,15 @@ impl<'r> Standing<'r> {
             })
         };
         [
-            standing(requests, counts.requests, over.requests),
+            standing(requests, counts.requests.into(), over.requests),
             standing(tokens, counts.tokens, over.tokens),
         ]
     }
 
-    /// What is left of the limit.
+    /// What is left of the limit (what a token bucket holds).
     #[inline]
-    pub fn remaining(&self) -> u32 {
-        self.limit.per_unit.saturating_sub(self.used)
+    pub fn remaining(&self) -> u64 {
+        self.limit.ceiling.saturating_sub(self.used)
     }
 
     /// Whether this limit is nearer its end than `other`: over beats not over, then the larger
@@ -61,8 +63,8 @@ impl<'r> Standing<'r> {
         // a/b > c/d  <=>  a*d > c*b, without floats.
         (self.over && !other.over)
             || (self.over == other.over
-                && u64::from(self.used) * u64::from(other.limit.per_unit)
-                    > u64::from(other.used) * u64::from(self.limit.per_unit))
+                && u128::from(self.used) * u128::from(other.limit.ceiling)
+                    > u128::from(other.used) * u128::from(self.limit.ceiling))
     }
 }
 
@@ -105,70 +107,70 @@ pub struct Headline<'r> {
     pub tokens: Option<Standing<'r>>,
 }
 
-/// The status of descriptor `ask`: its limit that is over, or else the one nearest its end.
-/// Under global shadow mode a limit over keeps its OVER_LIMIT code (only the overall code is
-/// OK, as in envoyproxy/ratelimit); a rule's own `shadow_mode` answers OK.
+/// Each descriptor's status and the request's headline, from one reading of each limit's
+/// standing.
+///
+/// A status is the descriptor's limit that is over, or else the one nearest its end. Under
+/// global shadow mode a limit over keeps its OVER_LIMIT code (only the overall code is OK, as
+/// in envoyproxy/ratelimit); a rule's own `shadow_mode` answers OK. The headline is the
+/// requests and tokens limits nearest their end among enforced limits of calls (reports and
+/// shadow limits left out). `rules` holds each descriptor's matched rule; a limit sent with
+/// the descriptor stands in for it.
 #[inline]
-pub(super) fn status<'r>(
-    plan: &Plan<'r, '_>,
-    outcomes: &[Outcome],
-    ask: usize,
-    rule: Option<&'r Arc<Rule>>,
-    global_shadow: bool,
-) -> Status<'r> {
-    let mut nearest = Nearest::default();
-    for d in plan.of_ask(ask) {
-        for standing in plan.sources()[d]
-            .standings(&outcomes[d])
-            .into_iter()
-            .flatten()
-        {
-            nearest.offer(standing, d);
-        }
-    }
-    match nearest.into_inner() {
-        None => Status {
-            rule,
-            ..Status::unmatched()
-        },
-        Some((standing, d)) => {
-            let enforced = if global_shadow {
-                rule.is_none_or(|r| r.enforcement != Enforcement::Shadow)
-            } else {
-                plan.demands()[d].enforcement != Enforcement::Shadow
-            };
-            Status::of(standing, enforced, rule)
-        }
-    }
-}
-
-/// The requests and tokens limits nearest their end among enforced limits of calls (reports
-/// and shadow limits left out).
-#[inline]
-pub(super) fn headline<'r, E>(
+pub(super) fn statuses_and_headline<'r, E>(
     asks: &[Ask<'_, E>],
     plan: &Plan<'r, '_>,
     outcomes: &[Outcome],
-) -> Headline<'r> {
+    rules: &[Option<&'r Arc<Rule>>],
+    global_shadow: bool,
+) -> (SmallVec<[Status<'r>; 8]>, Headline<'r>) {
     let (mut requests, mut tokens) = (Nearest::default(), Nearest::default());
-    for (d, source) in plan.sources().iter().enumerate() {
-        if plan.demands()[d].enforcement == Enforcement::Shadow
-            || matches!(asks[source.ask].purpose, Purpose::Report { .. })
-        {
-            continue;
+    let mut statuses = SmallVec::new();
+    for (i, ask) in asks.iter().enumerate() {
+        let is_call = !matches!(ask.purpose, Purpose::Report { .. });
+        let mut nearest = Nearest::default();
+        for d in plan.of_ask(i) {
+            let headlined = is_call && plan.demands()[d].enforcement != Enforcement::Shadow;
+            let [r, t] = plan.sources()[d].standings(&outcomes[d]);
+            if let Some(r) = r {
+                nearest.offer(r, d);
+                if headlined {
+                    requests.offer(r, ());
+                }
+            }
+            if let Some(t) = t {
+                nearest.offer(t, d);
+                if headlined {
+                    tokens.offer(t, ());
+                }
+            }
         }
-        let [r, t] = source.standings(&outcomes[d]);
-        if let Some(r) = r {
-            requests.offer(r, ());
-        }
-        if let Some(t) = t {
-            tokens.offer(t, ());
-        }
+        let rule = rules[i].filter(|_| ask.limit_override.is_none());
+        statuses.push(match (rule, nearest.into_inner()) {
+            (Some(rule), _) if matches!(rule.policy, Policy::Unlimited) => Status {
+                remaining: u32::MAX.into(),
+                rule: Some(rule),
+                ..Status::unmatched()
+            },
+            (rule, None) => Status {
+                rule,
+                ..Status::unmatched()
+            },
+            (rule, Some((standing, d))) => {
+                let enforced = if global_shadow {
+                    rule.is_none_or(|r| r.enforcement != Enforcement::Shadow)
+                } else {
+                    plan.demands()[d].enforcement != Enforcement::Shadow
+                };
+                Status::of(standing, enforced, rule)
+            }
+        });
     }
-    Headline {
+    let headline = Headline {
         requests: requests.into_inner().map(|(s, ())| s),
         tokens: tokens.into_inner().map(|(s, ())| s),
-    }
+    };
+    (statuses, headline)
 }
 
 impl<'r> Status<'r> {

@@ -128,6 +128,7 @@ fn decisions_follow_the_table() {
     ];
     let rules = rules();
     let limiter = Limiter::new(Arc::new(ManualClock::new(1_767_225_600_000)));
+    let narrow = |n: u64| u32::try_from(n).expect("a 32-bit figure");
     for (what, call, allowed, expected) in TABLE {
         let asks: Vec<_> = call
             .iter()
@@ -138,7 +139,13 @@ fn decisions_follow_the_table() {
         let got: Vec<(Code, u32, Option<u32>)> = verdict
             .statuses
             .iter()
-            .map(|s| (s.code, s.remaining, s.limit.map(|l| l.per_unit)))
+            .map(|s| {
+                (
+                    s.code,
+                    narrow(s.remaining),
+                    s.limit.map(|l| narrow(l.per_unit)),
+                )
+            })
             .collect();
         assert_eq!(&got, expected, "{what}");
     }

@@ -28,21 +28,25 @@
 //! request admits from it until one claims it ([`Counter::claim_ahead`]): a compare-and-swap
 //! empties it, and only the request that emptied it adds it to the lease, so it is added once.
 
+use std::time::Duration;
+
 use portable_atomic::{AtomicU64, AtomicU128, Ordering};
 
 use super::Enforcement;
+use super::algorithm::{self, Algorithm, Judged, Rate};
 use super::fleet::{FleetCounts, FleetView, judge};
 use super::window::Window;
 
 const RETIRED: u32 = u32::MAX;
 
-/// Requests and tokens, counted or charged together.
+/// Requests and tokens, counted or charged together. Tokens are 64-bit: a monthly budget
+/// can pass `u32::MAX`, which bounds every requests limit (the Envoy API's field).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Requests (or hits) counted.
     pub requests: u32,
     /// Tokens counted.
-    pub tokens: u32,
+    pub tokens: u64,
 }
 
 impl Counts {
@@ -80,7 +84,15 @@ pub struct Limits {
     /// The requests-like limit, if any.
     pub requests: Option<u32>,
     /// The tokens limit, if any.
-    pub tokens: Option<u32>,
+    pub tokens: Option<u64>,
+    /// How they count. A sliding window or a token bucket counts one measure a counter, so
+    /// it sets one of the two.
+    pub algorithm: Algorithm,
+    /// The counter holds a tokens budget configured above `u32::MAX` a window: its word keeps
+    /// 64 bits of tokens in place of the requests count and lease (the rule compiler gives
+    /// such a limit a counter of its own). Fixed for the counter's life, so it follows the
+    /// limit as written, not the limit in force that a capacity factor scales.
+    pub wide: bool,
 }
 
 /// Which of a counter's limits a charge would break.
@@ -102,19 +114,29 @@ impl Over {
     /// Which limits `charge` would break on top of `used`.
     pub fn check(used: Counts, charge: Counts, limits: Limits) -> Over {
         Over {
-            requests: breaks(used.requests, charge.requests, limits.requests),
+            requests: breaks(
+                used.requests.into(),
+                charge.requests.into(),
+                limits.requests.map(u64::from),
+            ),
             tokens: breaks(used.tokens, charge.tokens, limits.tokens),
             lease_spent: false,
         }
     }
 }
 
+/// A count or limit as 32 bits, saturating: where a figure is known to fit (requests limits,
+/// leases, the other algorithms' limits) or is clamped by rule.
+pub fn saturating_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// A zero charge only checks: it is over when the budget is already spent.
-pub(super) fn breaks(used: u32, charge: u32, limit: Option<u32>) -> bool {
+pub(super) fn breaks(used: u64, charge: u64, limit: Option<u64>) -> bool {
     match limit {
         None => false,
         Some(limit) if charge == 0 => used >= limit,
-        Some(limit) => u64::from(used) + u64::from(charge) > u64::from(limit),
+        Some(limit) => used.saturating_add(charge) > limit,
     }
 }
 
@@ -211,19 +233,50 @@ impl Word {
     }
 
     fn pack(self) -> u128 {
-        (u128::from(self.window) << 96)
-            | (u128::from(self.note) << 64)
-            | (u128::from(self.counts.requests) << 32)
-            | u128::from(self.counts.tokens)
+        self.pack_as(false)
     }
 
     fn unpack(word: u128) -> Word {
+        Word::unpack_as(word, false)
+    }
+
+    /// Packed in a wide counter's layout or the usual one. The usual keeps 32 bits of tokens,
+    /// saturating (its limits are at most `u32::MAX`: only a shadow count goes past); a wide
+    /// counter keeps 64 bits of tokens where the note and requests would be, and neither.
+    ///
+    /// ```text
+    /// usual: | window: u32 | note: u32 | requests: u32 | tokens: u32 |
+    /// wide:  | window: u32 | 0: u32    | tokens: u64                 |
+    /// ```
+    fn pack_as(self, wide: bool) -> u128 {
+        let window = u128::from(self.window) << 96;
+        if wide {
+            return window | u128::from(self.counts.tokens);
+        }
+        let tokens = self.counts.tokens.min(u64::from(u32::MAX));
+        window
+            | (u128::from(self.note) << 64)
+            | (u128::from(self.counts.requests) << 32)
+            | u128::from(tokens)
+    }
+
+    fn unpack_as(word: u128, wide: bool) -> Word {
+        if wide {
+            return Word {
+                window: (word >> 96) as u32,
+                note: 0,
+                counts: Counts {
+                    requests: 0,
+                    tokens: word as u64,
+                },
+            };
+        }
         Word {
             window: (word >> 96) as u32,
             note: (word >> 64) as u32,
             counts: Counts {
                 requests: (word >> 32) as u32,
-                tokens: word as u32,
+                tokens: u64::from(word as u32),
             },
         }
     }
@@ -271,10 +324,19 @@ impl Counter {
     /// The one compare-and-swap loop every change goes through: `step` sees the word as it is
     /// and says what to write; if another thread wrote in between, `step` runs again on what
     /// that thread wrote. A retired counter takes no step.
-    fn update<T>(&self, mut step: impl FnMut(Word) -> Step<T>) -> Result<T, Retired> {
+    fn update<T>(&self, step: impl FnMut(Word) -> Step<T>) -> Result<T, Retired> {
+        self.update_as(false, step)
+    }
+
+    /// [`Counter::update`] of a counter laid out wide (`wide`) or as usual.
+    fn update_as<T>(
+        &self,
+        wide: bool,
+        mut step: impl FnMut(Word) -> Step<T>,
+    ) -> Result<T, Retired> {
         let mut current = self.word.load(Ordering::Acquire);
         loop {
-            let word = Word::unpack(current);
+            let word = Word::unpack_as(current, wide);
             if word.window == RETIRED {
                 return Err(Retired);
             }
@@ -284,7 +346,7 @@ impl Counter {
             };
             match self.word.compare_exchange_weak(
                 current,
-                next.pack(),
+                next.pack_as(wide),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -294,9 +356,10 @@ impl Counter {
         }
     }
 
-    /// The counts of `window`: zero when the counter holds an older window.
-    pub fn counts(&self, window: Window) -> Counts {
-        let word = Word::load(&self.word);
+    /// The counts of `window`: zero when the counter holds an older window. `wide`: the
+    /// counter is laid out for a tokens budget above `u32::MAX` ([`Limits::wide`]).
+    pub fn counts(&self, window: Window, wide: bool) -> Counts {
+        let word = Word::unpack_as(self.word.load(Ordering::Acquire), wide);
         if word.window == RETIRED || word.window < window.0 {
             Counts::ZERO
         } else {
@@ -329,7 +392,7 @@ impl Counter {
     ) -> Result<Reading, Retired> {
         let fleet = self.fleet_counts_for(window, view, now_ms);
         let enforce = enforcement != Enforcement::Shadow;
-        self.update(|word| {
+        self.update_as(limits.wide, |word| {
             // Another thread may already have rolled into the next window on a clock read a
             // moment later than ours: count in the newer window rather than reset it. A new
             // window starts with no lease.
@@ -371,9 +434,10 @@ impl Counter {
     }
 
     /// Gives back `amount` counted earlier in `window`, never below zero. Nothing happens when the
-    /// window has already rolled over: those hits belong to a window that is gone.
-    pub fn refund(&self, window: Window, amount: Counts) -> Result<Counts, Retired> {
-        self.update(|word| {
+    /// window has already rolled over: those hits belong to a window that is gone. `wide` as
+    /// for [`Counter::counts`].
+    pub fn refund(&self, window: Window, amount: Counts, wide: bool) -> Result<Counts, Retired> {
+        self.update_as(wide, |word| {
             if word.window != window.0 {
                 return Step::Keep(if word.window > window.0 {
                     word.counts
@@ -401,7 +465,7 @@ impl Counter {
         view: FleetView,
         now_ms: u64,
     ) -> Reading {
-        let word = Word::load(&self.word);
+        let word = Word::unpack_as(self.word.load(Ordering::Acquire), limits.wide);
         let (local, held) = if word.window == RETIRED || word.window < window.0 {
             (Counts::ZERO, 0)
         } else {
@@ -456,14 +520,16 @@ impl Counter {
         }
     }
 
-    /// The tokens this replica holds in its lease for `window`.
-    pub fn tokens_lease(&self, window: Window) -> u32 {
-        held_in(self.tokens_lease.load(Ordering::Acquire), window)
+    /// The tokens this replica holds in its lease for `window`. Leases are 32-bit: a fleet
+    /// store counts no wide counter ([`Limits::wide`]).
+    pub fn tokens_lease(&self, window: Window) -> u64 {
+        held_in(self.tokens_lease.load(Ordering::Acquire), window).into()
     }
 
     /// Adds what the store granted to the tokens lease of `window` (added, not set, as
     /// [`Counter::leased`]); a grant for a window gone is dropped.
-    fn leased_tokens(&self, window: Window, granted: u32) {
+    fn leased_tokens(&self, window: Window, granted: u64) {
+        let granted = saturating_u32(granted);
         if granted == 0 {
             return;
         }
@@ -482,19 +548,20 @@ impl Counter {
 
     /// Lowers the tokens lease of `window` to `to`, never below the tokens this replica has
     /// reported in it, and returns how much it gave up (as [`Counter::shrink_lease`]).
-    pub fn shrink_tokens_lease(&self, window: Window, to: u32) -> u32 {
+    pub fn shrink_tokens_lease(&self, window: Window, to: u64) -> u64 {
         let reported = Word::load(&self.word).counts_in(window).tokens;
+        let to = saturating_u32(to.max(reported));
         let mut given = 0;
         let _ = self
             .tokens_lease
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
                 let (stamp, held) = ((word >> 32) as u32, word as u32);
-                let kept = to.max(reported);
+                let kept = to;
                 if stamp != window.0 || kept >= held {
                     given = 0;
                     return None;
                 }
-                given = held - kept;
+                given = u64::from(held - kept);
                 Some((u64::from(window.0) << 32) | u64::from(kept))
             });
         given
@@ -707,8 +774,7 @@ impl Counter {
     /// nothing was read of it).
     pub fn fleet_tokens_leased_seen(&self, window: Window) -> Option<u64> {
         let others = Word::load(&self.others);
-        (others.window == window.0)
-            .then(|| u64::from(self.tokens_lease(window)) + u64::from(others.counts.tokens))
+        (others.window == window.0).then(|| self.tokens_lease(window) + others.counts.tokens)
     }
 
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
@@ -753,6 +819,104 @@ impl Counter {
         others.window == window.0 && others.note != 0
     }
 
+    /// The compare-and-swap loop of [`Counter::update`] over the raw word, for the counters
+    /// of a sliding window or a token bucket ([`algorithm`] lays their words out).
+    fn update_raw<T>(&self, mut step: impl FnMut(u128) -> (Option<u128>, T)) -> Result<T, Retired> {
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            if (current >> 96) as u32 == RETIRED {
+                return Err(Retired);
+            }
+            let (next, answer) = step(current);
+            let Some(next) = next else { return Ok(answer) };
+            match self.word.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(answer),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// [`Counter::charge`] for a limit that counts by a sliding window or a token bucket, at
+    /// `now_ms` in windows of `unit_ms`: one measure, judged by this replica alone. Also
+    /// returns the time the status reports until its reset.
+    pub fn charge_by(
+        &self,
+        now_ms: u64,
+        unit_ms: u64,
+        charge: Counts,
+        limits: Limits,
+        enforcement: Enforcement,
+    ) -> Result<(Reading, Duration), Retired> {
+        let Some((rate, n, tokens)) = one_measure(limits, charge, unit_ms) else {
+            return Ok((unlimited(), Duration::ZERO));
+        };
+        let enforce = enforcement != Enforcement::Shadow;
+        let judged = self.update_raw(|word| {
+            algorithm::charge(limits.algorithm, word, now_ms, rate, n, enforce)
+        })?;
+        Ok((judged_reading(judged, tokens), judged.until_reset))
+    }
+
+    /// What `charge` would meet under a sliding window or a token bucket, adding nothing: the
+    /// limit as it stands now, and whether `charge` would break it.
+    pub fn assess_by(
+        &self,
+        now_ms: u64,
+        unit_ms: u64,
+        charge: Counts,
+        limits: Limits,
+    ) -> (Reading, Duration) {
+        let Some((rate, n, tokens)) = one_measure(limits, charge, unit_ms) else {
+            return (unlimited(), Duration::ZERO);
+        };
+        let mut word = self.word.load(Ordering::Acquire);
+        if (word >> 96) as u32 == RETIRED {
+            word = 0;
+        }
+        let step = |n| algorithm::charge(limits.algorithm, word, now_ms, rate, n, true).1;
+        let now = step(0);
+        let judged = Judged {
+            over: if n == 0 { now.over } else { step(n).over },
+            ..now
+        };
+        (judged_reading(judged, tokens), judged.until_reset)
+    }
+
+    /// Gives back `amount` charged in this window under a sliding window or a token bucket (a
+    /// request denied by another of its limits) at `now_ms`; returns what is used after.
+    pub fn refund_by(
+        &self,
+        now_ms: u64,
+        unit_ms: u64,
+        amount: Counts,
+        limits: Limits,
+    ) -> Result<Counts, Retired> {
+        let Some((rate, n, tokens)) = one_measure(limits, amount, unit_ms) else {
+            return Ok(Counts::ZERO);
+        };
+        let used = self.update_raw(|word| match limits.algorithm {
+            Algorithm::SlidingWindow => {
+                let next = algorithm::sliding_refund(word, now_ms / unit_ms, n);
+                let used = algorithm::sliding_used(next.unwrap_or(word), now_ms, rate);
+                (next, used)
+            }
+            Algorithm::TokenBucket { burst } => {
+                let next = algorithm::bucket_refund(word, now_ms, rate, n);
+                (
+                    Some(next),
+                    algorithm::bucket_used_at(next, now_ms, rate, burst),
+                )
+            }
+            Algorithm::FixedWindow => (None, 0),
+        })?;
+        Ok(in_slot(used, tokens))
+    }
+
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
     /// charges, so the sweeper can drop it without losing a count.
     pub fn retire_if_idle(&self, current: Window) -> bool {
@@ -778,6 +942,53 @@ impl Counter {
     }
 }
 
+/// The one limit a sliding window or token bucket counter judges: its rate, the charge on its
+/// measure, and whether that measure is tokens. None when neither limit is set.
+fn one_measure(limits: Limits, charge: Counts, unit_ms: u64) -> Option<(Rate, u32, bool)> {
+    // The rule compiler keeps these limits within 32 bits (only a fixed window is wide).
+    let (limit, n, tokens) = match (limits.requests, limits.tokens) {
+        (Some(limit), _) => (limit, charge.requests, false),
+        (None, Some(limit)) => (saturating_u32(limit), saturating_u32(charge.tokens), true),
+        (None, None) => return None,
+    };
+    Some((Rate { limit, unit_ms }, n, tokens))
+}
+
+/// `used` in the slot of its measure.
+fn in_slot(used: u32, tokens: bool) -> Counts {
+    if tokens {
+        Counts {
+            requests: 0,
+            tokens: used.into(),
+        }
+    } else {
+        Counts {
+            requests: used,
+            tokens: 0,
+        }
+    }
+}
+
+fn judged_reading(judged: Judged, tokens: bool) -> Reading {
+    Reading {
+        counts: in_slot(judged.used, tokens),
+        over: Over {
+            requests: judged.over && !tokens,
+            tokens: judged.over && tokens,
+            lease_spent: false,
+        },
+        counted: judged.counted,
+    }
+}
+
+fn unlimited() -> Reading {
+    Reading {
+        counts: Counts::ZERO,
+        over: Over::default(),
+        counted: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -794,7 +1005,8 @@ mod tests {
     fn limit(requests: u32, tokens: u32) -> Limits {
         Limits {
             requests: Some(requests),
-            tokens: Some(tokens),
+            tokens: Some(tokens.into()),
+            ..Default::default()
         }
     }
 
@@ -804,6 +1016,7 @@ mod tests {
         let l = Limits {
             requests: Some(2),
             tokens: None,
+            ..Default::default()
         };
         assert!(
             c.charge(W, req(1), l, Enforcement::Enforce)
@@ -817,7 +1030,62 @@ mod tests {
         );
         let r = c.charge(W, req(1), l, Enforcement::Enforce).unwrap();
         assert!(!r.counted && r.over.requests);
-        assert_eq!(c.counts(W), req(2));
+        assert_eq!(c.counts(W, false), req(2));
+    }
+
+    #[test]
+    fn a_wide_counter_counts_tokens_past_32_bits_exactly() {
+        let c = Counter::new();
+        let budget = Limits {
+            tokens: Some(10_000_000_000),
+            wide: true,
+            ..Default::default()
+        };
+        let tokens = |n: u64| Counts {
+            requests: 1,
+            tokens: n,
+        };
+        for _ in 0..3 {
+            let r = c
+                .charge(W, tokens(3_000_000_000), budget, Enforcement::Shadow)
+                .unwrap();
+            assert!(r.counted);
+        }
+        // The requests a call carries are not kept: a wide counter holds tokens alone.
+        assert_eq!(c.counts(W, true), tokens(9_000_000_000).minus(req(1)));
+        let check = |c: &Counter| {
+            c.charge(W, Counts::ZERO, budget, Enforcement::Enforce)
+                .unwrap()
+                .over
+                .tokens
+        };
+        assert!(!check(&c));
+        // A charge that would pass the budget by one is refused whole; one that meets it fits.
+        let r = c
+            .charge(W, tokens(1_000_000_001), budget, Enforcement::Enforce)
+            .unwrap();
+        assert!(!r.counted && r.over.tokens);
+        let r = c
+            .charge(W, tokens(1_000_000_000), budget, Enforcement::Enforce)
+            .unwrap();
+        assert!(r.counted && r.counts.tokens == 10_000_000_000);
+        assert!(check(&c), "spent: a check is over");
+        assert_eq!(
+            c.refund(W, tokens(5_000_000_000), true).unwrap().tokens,
+            5_000_000_000
+        );
+        assert_eq!(c.counts(Window(101), true), Counts::ZERO);
+        // The usual layout keeps 32 bits: a shadow count past them saturates.
+        let narrow = Counter::new();
+        narrow
+            .charge(
+                W,
+                tokens(5_000_000_000),
+                Limits::default(),
+                Enforcement::Shadow,
+            )
+            .unwrap();
+        assert_eq!(narrow.counts(W, false).tokens, u64::from(u32::MAX));
     }
 
     #[test]
@@ -834,7 +1102,7 @@ mod tests {
                 .unwrap()
                 .counted
         );
-        assert_eq!(c.counts(Window(101)), Counts::ZERO);
+        assert_eq!(c.counts(Window(101), false), Counts::ZERO);
         let r = c
             .charge(Window(101), req(1), l, Enforcement::Enforce)
             .unwrap();
@@ -869,7 +1137,7 @@ mod tests {
             }
         );
         assert_eq!(
-            c.counts(W),
+            c.counts(W, false),
             Counts {
                 requests: 1,
                 tokens: 60
@@ -916,11 +1184,11 @@ mod tests {
         let c = Counter::new();
         c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
             .unwrap();
-        assert_eq!(c.refund(W, req(5)).unwrap(), Counts::ZERO);
+        assert_eq!(c.refund(W, req(5), false).unwrap(), Counts::ZERO);
         c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
             .unwrap();
-        assert_eq!(c.refund(Window(99), req(3)).unwrap(), req(3));
-        assert_eq!(c.counts(W), req(3));
+        assert_eq!(c.refund(Window(99), req(3), false).unwrap(), req(3));
+        assert_eq!(c.counts(W, false), req(3));
     }
 
     #[test]
@@ -960,6 +1228,7 @@ mod tests {
         let l = Limits {
             requests: Some(30),
             tokens: None,
+            ..Default::default()
         };
         let view = FleetView::Synced { replicas: 3 };
         let c = Counter::new();
@@ -1025,6 +1294,7 @@ mod tests {
         let l = Limits {
             requests: Some(12),
             tokens: None,
+            ..Default::default()
         };
         assert_eq!(admitted(&c, l, view, 5), 2);
     }
@@ -1034,6 +1304,7 @@ mod tests {
         let l = Limits {
             requests: Some(30),
             tokens: None,
+            ..Default::default()
         };
         assert_eq!(
             admitted(
@@ -1090,6 +1361,7 @@ mod tests {
         let l = Limits {
             requests: Some(100),
             tokens: None,
+            ..Default::default()
         };
         let view = FleetView::Synced { replicas: 2 };
         let next = Window(W.0 + 1);
@@ -1126,6 +1398,7 @@ mod tests {
         let l = Limits {
             requests: None,
             tokens: Some(900),
+            ..Default::default()
         };
         let view = FleetView::Synced { replicas: 3 };
         let tokens = |n| Counts {
@@ -1144,9 +1417,9 @@ mod tests {
         // Leased 300 of the fleet's 900, the others hold 200.
         let leased = |held: u32, granted: u32, fleet: u32| Stored {
             pushed: Counts::ZERO,
-            fleet: tokens(fleet),
-            held: tokens(held),
-            granted: tokens(granted),
+            fleet: tokens(fleet.into()),
+            held: tokens(held.into()),
+            granted: tokens(granted.into()),
         };
         c.synced(W, leased(300, 300, 500), NOW);
         assert_eq!(c.tokens_lease(W), 300);
@@ -1232,6 +1505,7 @@ mod tests {
         let l = Limits {
             requests: Some(5),
             tokens: None,
+            ..Default::default()
         };
         // The note does not disturb the counts requests judge against.
         let r = c

@@ -85,10 +85,10 @@ pub(super) struct FleetCounts {
 #[derive(Debug, Clone, Copy)]
 struct Side {
     /// This replica's own count in the window.
-    local: u32,
-    charge: u32,
-    limit: Option<u32>,
-    others: u32,
+    local: u64,
+    charge: u64,
+    limit: Option<u64>,
+    others: u64,
     /// Whether a check (charge 0) needs lease left, as a tokens check does: it starts a call
     /// whose tokens are reported after, from the lease. A requests check takes nothing.
     check_takes_lease: bool,
@@ -133,7 +133,7 @@ impl FleetView {
     /// leases more than the limit in a window, and a replica admits only what it holds. A
     /// tokens check (charge 0) is admitted only while the tokens reported stay under the
     /// lease, so the fleet goes past the limit only by what calls already admitted report.
-    fn leased(self, side: Side, held: u32, fresh: bool) -> Judged {
+    fn leased(self, side: Side, held: u64, fresh: bool) -> Judged {
         let Side {
             local,
             charge,
@@ -144,11 +144,11 @@ impl FleetView {
         let Some(limit) = limit else {
             return Judged::FITS;
         };
-        let fits = |ceiling: u32| {
+        let fits = |ceiling: u64| {
             if charge == 0 {
                 local < ceiling
             } else {
-                u64::from(local) + u64::from(charge) <= u64::from(ceiling)
+                local.saturating_add(charge) <= ceiling
             }
         };
         match self {
@@ -158,18 +158,18 @@ impl FleetView {
             // spend while the store is away.
             FleetView::DenyAll => Judged::over_if(!fits(held)),
             FleetView::LocalShare { replicas } => {
-                let share = u64::from(limit).div_ceil(u64::from(replicas.max(1))) as u32;
+                let share = limit.div_ceil(u64::from(replicas.max(1)));
                 Judged::over_if(!fits(held.max(share)))
             }
             FleetView::Synced { .. } => {
                 // A lowered limit (a reload, the capacity factor) binds at once.
-                let fleet = u64::from(local) + u64::from(others);
+                let fleet = local.saturating_add(others);
                 let within_limit = if charge == 0 {
-                    fleet < u64::from(limit)
+                    fleet < limit
                 } else {
-                    fleet + u64::from(charge) <= u64::from(limit)
+                    fleet.saturating_add(charge) <= limit
                 };
-                let fleet_spent = u64::from(held) + u64::from(others) >= u64::from(limit);
+                let fleet_spent = held.saturating_add(others) >= limit;
                 if charge == 0 && !side.check_takes_lease {
                     // A check: over when neither this replica's lease nor the fleet's budget
                     // has anything left.
@@ -198,13 +198,13 @@ pub(super) fn judge(
 ) -> Over {
     let requests = view.leased(
         Side {
-            local: local.requests,
-            charge: charge.requests,
-            limit: limits.requests,
-            others: fleet.others.requests,
+            local: local.requests.into(),
+            charge: charge.requests.into(),
+            limit: limits.requests.map(u64::from),
+            others: fleet.others.requests.into(),
             check_takes_lease: false,
         },
-        fleet.held.requests,
+        fleet.held.requests.into(),
         fleet.fresh,
     );
     let tokens = view.leased(

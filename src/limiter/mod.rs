@@ -3,6 +3,7 @@
 //! compare-and-swap, and if the request is denied it gives back what it charged, so a denied
 //! request consumes nothing. Nothing here knows of tasks, Redis or protobuf.
 
+mod algorithm;
 mod clock;
 mod counter;
 mod fleet;
@@ -12,11 +13,12 @@ mod window;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, Limits, Over, Reading, Stored};
+pub use counter::{Counter, Counts, Limits, Over, Reading, Stored, saturating_u32};
 pub use fleet::{FleetState, FleetView};
 pub use table::{CounterKey, CounterRef, CounterTable};
-pub use window::{Unit, Window};
+pub use window::{Calendar, Period, Unit, Window, Zone};
 
 /// How a limit takes part in the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,14 +106,14 @@ impl Limiter {
     }
 
     /// Gives back a charge counted earlier in the current window (a request denied after its
-    /// local counting, by a strict limit in Redis).
+    /// local counting, by a strict limit in Redis: a store counts no wide counter).
     pub fn give_back(&self, key: &CounterKey, charge: Counts) {
         let parts: Vec<&str> = key.parts().collect();
         let counter = key.with_parts(&parts);
         let window = counter.unit.window_at(self.clock.now_ms());
         self.table
             .pin()
-            .with_counter(counter, |c| c.refund(window, charge));
+            .with_counter(counter, |c| c.refund(window, charge, false));
     }
 
     /// Settles a request: charges every demand, or none. Returns whether the request is allowed
@@ -127,12 +129,17 @@ impl Limiter {
         let (now, view, table) = (self.clock.now_ms(), self.fleet.get(), self.table.pin());
         for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
             let unit = demand.counter.unit;
-            let reading = read(&table, demand, unit.window_at(now), view, now);
+            let (reading, until_reset) = if demand.limits.algorithm.is_fixed() {
+                let reading = read(&table, demand, unit.window_at(now), view, now);
+                (reading, unit.until_reset(now))
+            } else {
+                assess_by(&table, demand, now)
+            };
             *outcome = Outcome {
                 counts: reading.counts,
                 over: reading.over,
                 counted: false,
-                until_reset: unit.until_reset(now),
+                until_reset,
             };
         }
     }
@@ -156,14 +163,30 @@ impl Limiter {
             let window = unit.window_at(now);
             outcome.until_reset = unit.until_reset(now);
             if demand.refund {
-                outcome.counts = give_back(&table, demand, window);
+                outcome.counts = give_back(&table, demand, window, now);
                 outcome.over = Over::default();
                 outcome.counted = false;
                 continue;
             }
             // Once the request is denied, later demands are only read, so a key over its own
             // limit never takes from a budget it shares with others.
-            let reading = if allowed {
+            let reading = if !demand.limits.algorithm.is_fixed() {
+                let (reading, until_reset) = if allowed {
+                    table.with_counter(demand.counter, |c| {
+                        c.charge_by(
+                            now,
+                            unit.millis(),
+                            demand.charge,
+                            demand.limits,
+                            demand.enforcement,
+                        )
+                    })
+                } else {
+                    assess_by(&table, demand, now)
+                };
+                outcome.until_reset = until_reset;
+                reading
+            } else if allowed {
                 table.with_counter(demand.counter, |c| {
                     c.charge_in_fleet(
                         window,
@@ -202,7 +225,8 @@ impl Limiter {
             for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
                 if outcome.counted {
                     // Another request may have seen these hits for a moment; the counts end exact.
-                    outcome.counts = give_back(&table, demand, demand.counter.unit.window_at(now));
+                    let window = demand.counter.unit.window_at(now);
+                    outcome.counts = give_back(&table, demand, window, now);
                     outcome.counted = false;
                 }
             }
@@ -229,10 +253,36 @@ fn read(
     }
 }
 
-/// Gives `demand`'s charge back in `window`, returning the fleet's counts after it.
-fn give_back(table: &table::PinnedTable<'_>, demand: &Demand<'_>, window: Window) -> Counts {
+/// What `demand` would meet under a sliding window or a token bucket, charging nothing, and
+/// the time until its reset.
+fn assess_by(
+    table: &table::PinnedTable<'_>,
+    demand: &Demand<'_>,
+    now_ms: u64,
+) -> (Reading, Duration) {
+    let unit_ms = demand.counter.unit.millis();
+    match table.get(demand.counter) {
+        Some(c) => c.assess_by(now_ms, unit_ms, demand.charge, demand.limits),
+        None => Counter::new().assess_by(now_ms, unit_ms, demand.charge, demand.limits),
+    }
+}
+
+/// Gives `demand`'s charge back in `window` (at `now_ms`), returning the fleet's counts after
+/// it.
+fn give_back(
+    table: &table::PinnedTable<'_>,
+    demand: &Demand<'_>,
+    window: Window,
+    now_ms: u64,
+) -> Counts {
+    if !demand.limits.algorithm.is_fixed() {
+        let unit_ms = demand.counter.unit.millis();
+        return table.with_counter(demand.counter, |c| {
+            c.refund_by(now_ms, unit_ms, demand.charge, demand.limits)
+        });
+    }
     table.with_counter(demand.counter, |c| {
-        c.refund(window, demand.charge)
+        c.refund(window, demand.charge, demand.limits.wide)
             .map(|own| own.plus(c.others(window)))
     })
 }

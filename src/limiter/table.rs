@@ -99,6 +99,7 @@ impl<'a> CounterRef<'a> {
     }
 }
 
+#[inline]
 fn hash_parts<'p, H: Hasher>(
     state: &mut H,
     scope: u64,
@@ -106,7 +107,7 @@ fn hash_parts<'p, H: Hasher>(
     parts: impl Iterator<Item = &'p [u8]>,
 ) {
     state.write_u64(scope);
-    state.write_u8(unit as u8);
+    state.write_u64(unit.seconds());
     for part in parts {
         state.write_usize(part.len());
         state.write(part);
@@ -115,6 +116,7 @@ fn hash_parts<'p, H: Hasher>(
 
 // Both forms must hash alike, so the table can be searched with a borrowed key.
 impl Hash for CounterKey {
+    #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         let mut rest = &self.parts[..];
         let parts = std::iter::from_fn(|| {
@@ -127,6 +129,7 @@ impl Hash for CounterKey {
 }
 
 impl Hash for CounterRef<'_> {
+    #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         hash_parts(
             state,

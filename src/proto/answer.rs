@@ -79,17 +79,23 @@ impl Default for AnswerStatus {
     }
 }
 
+/// Envoy's `requests_per_unit` and `limit_remaining` are 32-bit: a tokens budget above
+/// `u32::MAX` is answered as `u32::MAX`, and what remains of it as at most that. So a status
+/// never shows more remaining than its limit, and 0 remaining is 0 (OpenAI headers and the
+/// admin API carry the whole 64-bit figures).
+use crate::limiter::saturating_u32 as clamp_to_u32;
+
 impl From<&Status<'_>> for AnswerStatus {
     fn from(status: &Status<'_>) -> Self {
         AnswerStatus {
             code: status.code,
             limit: status.limit.map(|limit| AnswerLimit {
                 name: limit.name.cloned(),
-                per_unit: limit.per_unit,
+                per_unit: clamp_to_u32(limit.per_unit),
                 unit: limit.unit,
                 until_reset: status.until_reset,
             }),
-            remaining: status.remaining,
+            remaining: clamp_to_u32(status.remaining),
         }
     }
 }

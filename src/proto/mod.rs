@@ -237,9 +237,12 @@ pub fn unit_of(unit: i32) -> Option<Unit> {
     })
 }
 
-/// sluice's unit as the protobuf's.
+/// sluice's unit as the protobuf's; a span as the named unit nearest its length (the API names
+/// no other; `duration_until_reset` stays exact).
+#[inline]
 pub fn unit_to_proto(unit: Unit) -> ProtoUnit {
     match unit {
+        Unit::Span(_) | Unit::Calendar(_) => unnamed_to_proto(unit),
         Unit::Second => ProtoUnit::Second,
         Unit::Minute => ProtoUnit::Minute,
         Unit::Hour => ProtoUnit::Hour,
@@ -248,6 +251,12 @@ pub fn unit_to_proto(unit: Unit) -> ProtoUnit {
         Unit::Month => ProtoUnit::Month,
         Unit::Year => ProtoUnit::Year,
     }
+}
+
+/// A span's or a calendar period's unit as the protobuf's (out of the common path).
+#[cold]
+fn unnamed_to_proto(unit: Unit) -> ProtoUnit {
+    unit_to_proto(unit.nearest_named())
 }
 
 /// A code as the protobuf's.
@@ -462,11 +471,11 @@ fn endpoint_utilization(
         ) else {
             continue;
         };
-        let used = limit.per_unit.saturating_sub(status.remaining);
-        let share = if limit.per_unit == 0 || status.code == Code::OverLimit {
+        let used = limit.ceiling.saturating_sub(status.remaining);
+        let share = if limit.ceiling == 0 || status.code == Code::OverLimit {
             1.0
         } else {
-            (f64::from(used) / f64::from(limit.per_unit)).min(1.0)
+            (used as f64 / limit.ceiling as f64).min(1.0)
         };
         // As a map would keep it: one share per endpoint, the last written.
         match shares

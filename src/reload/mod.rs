@@ -65,6 +65,8 @@ pub struct Catalog {
     status: ReloadStatus,
     dir_error: Option<String>,
     domain_files: DomainFiles,
+    /// Limits are kept fleet-wide in Redis: rules only one replica can decide are errors.
+    fleet_store: bool,
 }
 
 /// What a rescan found.
@@ -91,8 +93,9 @@ impl Catalog {
         dir: &Path,
         now_ms: u64,
         domain_files: DomainFiles,
+        fleet_store: bool,
     ) -> Result<(Catalog, RuleSet), Vec<ConfigError>> {
-        let (catalog, set, errors) = Catalog::load_anyway(dir, now_ms, domain_files);
+        let (catalog, set, errors) = Catalog::load_anyway(dir, now_ms, domain_files, fleet_store);
         if errors.is_empty() {
             Ok((catalog, set))
         } else {
@@ -107,6 +110,7 @@ impl Catalog {
         dir: &Path,
         now_ms: u64,
         domain_files: DomainFiles,
+        fleet_store: bool,
     ) -> (Catalog, RuleSet, Vec<ConfigError>) {
         let mut catalog = Catalog {
             dir: dir.to_path_buf(),
@@ -115,6 +119,7 @@ impl Catalog {
             status: ReloadStatus::default(),
             dir_error: None,
             domain_files,
+            fleet_store,
         };
         let (sources, unreadable) = match rules::read_dir(dir) {
             Ok(found) => found,
@@ -127,7 +132,8 @@ impl Catalog {
         let mut errors = unreadable;
         for source in &sources {
             let seen = StableHash::of(source.text.as_bytes());
-            let (serving, file_errors) = match rules::compile_file(source) {
+            let (serving, file_errors) = match rules::compile_file_for(source, catalog.fleet_store)
+            {
                 Ok(domain) => (Some((seen, Arc::new(domain))), Vec::new()),
                 Err(file_errors) => (None, file_errors),
             };
@@ -183,7 +189,7 @@ impl Catalog {
                 conflict: None,
             });
             tracked.seen = seen;
-            match rules::compile_file(source) {
+            match rules::compile_file_for(source, self.fleet_store) {
                 Ok(domain) => {
                     if !tracked.errors.is_empty() {
                         tracing::info!(file = %source.path.display(), "rule file is good again");
@@ -359,7 +365,7 @@ mod tests {
     const A_TEN: &str = "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: minute, requests_per_unit: 10 }\n";
     const BROKEN: &str = "domain: a\ndescriptors:\n  - key: k\n    rate_limit: { unit: fortnight, requests_per_unit: 10 }\n";
 
-    fn limit_of(set: &RuleSet, domain: &str) -> Option<u32> {
+    fn limit_of(set: &RuleSet, domain: &str) -> Option<u64> {
         let rule = set.domain(domain)?.rules.first()?.clone();
         rule.limits().next().map(|l| l.per_unit)
     }
@@ -376,7 +382,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
         std::fs::write(&file, A).unwrap();
-        let (mut catalog, set) = Catalog::load(dir.path(), 1_000, DomainFiles::One).unwrap();
+        let (mut catalog, set) = Catalog::load(dir.path(), 1_000, DomainFiles::One, false).unwrap();
         assert_eq!(limit_of(&set, "a"), Some(5));
         assert_eq!(catalog.status().generation, 1);
         assert!(
@@ -412,7 +418,7 @@ mod tests {
     fn a_second_file_for_a_domain_is_left_out_and_a_removed_file_takes_its_domain_along() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), A).unwrap();
-        let (mut catalog, _) = Catalog::load(dir.path(), 0, DomainFiles::One).unwrap();
+        let (mut catalog, _) = Catalog::load(dir.path(), 0, DomainFiles::One, false).unwrap();
         std::fs::write(dir.path().join("b.yaml"), A_TEN).unwrap();
         let set = changed(catalog.rescan(1));
         assert_eq!(
@@ -442,7 +448,7 @@ mod tests {
             "domain: b\ndescriptors: [{ key: x, rate_limit: { unit: minute } }]\n",
         )
         .unwrap();
-        let errors = Catalog::load(dir.path(), 0, DomainFiles::One)
+        let errors = Catalog::load(dir.path(), 0, DomainFiles::One, false)
             .err()
             .expect("refused");
         assert_eq!(errors.len(), 2);

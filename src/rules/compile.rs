@@ -12,8 +12,13 @@ use super::{ConfigError, Domain, ENDPOINT_KEY, MetricDetail, Rule, SourceFile, r
 use crate::limiter::Enforcement;
 use crate::telemetry::RuleMetrics;
 
-/// Compiles one rule file into its domain.
+/// Compiles one rule file into its domain, for a server with no fleet store.
 pub fn compile_file(file: &SourceFile) -> Result<Domain, Vec<ConfigError>> {
+    compile_file_for(file, false)
+}
+
+/// Compiles one rule file into its domain; `fleet_store`: limits are kept fleet-wide in Redis.
+pub fn compile_file_for(file: &SourceFile, fleet_store: bool) -> Result<Domain, Vec<ConfigError>> {
     let raw: RawFile = match serde_yaml::from_str(&file.text) {
         Ok(raw) => raw,
         Err(e) => return Err(vec![yaml_error(file, &e)]),
@@ -25,6 +30,7 @@ pub fn compile_file(file: &SourceFile) -> Result<Domain, Vec<ConfigError>> {
         rules: Vec::new(),
         names: HashSet::new(),
         replaced: Vec::new(),
+        fleet_store,
     };
     let root = YamlPath::default();
     if compiler.domain.is_empty() {
@@ -96,6 +102,9 @@ pub(super) struct Compiler<'f> {
     /// Names of the file's limits, and the `replaces` that must name one of them.
     pub(super) names: HashSet<String>,
     pub(super) replaced: Vec<(YamlPath, String)>,
+    /// Limits are kept fleet-wide in a store (Redis): what only one replica can decide is an
+    /// error.
+    pub(super) fleet_store: bool,
 }
 
 impl Compiler<'_> {
@@ -270,7 +279,8 @@ fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::{Consistency, Policy};
+    use crate::limiter::Unit;
+    use crate::rules::{Consistency, Factor, Policy};
 
     fn compile(text: &str) -> Result<Domain, Vec<ConfigError>> {
         compile_file(&SourceFile {
@@ -293,6 +303,297 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_limit_says_how_it_counts_in_either_format() {
+        use crate::limiter::{Algorithm, Unit};
+        let domain = compile(
+            "domain: llm
+descriptors:
+  - key: api_key
+    rate_limit: { unit: minute, requests_per_unit: 60, algorithm: sliding_window }
+  - key: model
+    limits:
+      - { unit: minute, requests: 20, algorithm: token_bucket, burst: 5 }
+      - { unit: minute, tokens: 1000, algorithm: token_bucket }
+      - { unit: day, tokens: 50000 }
+",
+        )
+        .unwrap();
+        let windows = |i: usize| -> Vec<(Unit, Algorithm, bool)> {
+            domain.rules[i]
+                .windows()
+                .iter()
+                .map(|w| (w.unit, w.algorithm, w.tokens.is_some()))
+                .collect()
+        };
+        assert_eq!(
+            windows(0),
+            [(Unit::Minute, Algorithm::SlidingWindow, false)]
+        );
+        // A bucket counts one measure a counter; the tokens bucket's burst is its limit.
+        assert_eq!(
+            windows(1),
+            [
+                (Unit::Minute, Algorithm::TokenBucket { burst: 5 }, false),
+                (Unit::Minute, Algorithm::TokenBucket { burst: 1000 }, true),
+                (Unit::Day, Algorithm::FixedWindow, true),
+            ]
+        );
+        // Their counters are told apart from each other and from a fixed window's.
+        let rule = &domain.rules[1];
+        let scopes: std::collections::HashSet<u64> = rule
+            .windows()
+            .iter()
+            .map(|w| w.counter_scope(rule.id))
+            .collect();
+        assert_eq!(scopes.len(), 3);
+        assert!(scopes.contains(&rule.id));
+    }
+
+    #[test]
+    fn a_reload_that_changes_how_a_limit_counts_starts_its_counters_afresh() {
+        use crate::rules::{DomainFiles, RuleSet};
+        let set = |limit: &str| {
+            let text = format!("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {limit}\n");
+            RuleSet::assemble(vec![Arc::new(compile(&text).unwrap())], DomainFiles::One).0
+        };
+        let fixed = set("{ unit: minute, requests_per_unit: 6 }");
+        let bucket = set("{ unit: minute, requests_per_unit: 6, algorithm: token_bucket }");
+        let more = set("{ unit: minute, requests_per_unit: 9, algorithm: token_bucket }");
+        assert_eq!(fixed.recounted_in(&bucket).len(), 1);
+        assert!(
+            bucket.recounted_in(&more).is_empty(),
+            "a new limit keeps its count"
+        );
+        // A tokens budget counts in a wide word above 32 bits: crossing them starts afresh.
+        let (small, large, larger) = (
+            set("{ unit: day, tokens: 4000000000 }"),
+            set("{ unit: day, tokens: 5000000000 }"),
+            set("{ unit: day, tokens: 6000000000 }"),
+        );
+        assert_eq!(small.recounted_in(&large).len(), 1);
+        assert!(large.recounted_in(&larger).is_empty());
+        let rule = &bucket.domain("d").unwrap().rules[0];
+        let scope = rule.windows()[0].counter_scope(rule.id);
+        // The bucket's counters live on through a new limit; a switch back drops them.
+        assert!(more.rule_scopes().contains(&scope));
+        assert!(!fixed.rule_scopes().contains(&scope));
+        assert!(fixed.rule_scopes().contains(&rule.id));
+    }
+
+    #[test]
+    fn a_window_of_any_length_stands_in_for_a_unit() {
+        use crate::limiter::Unit;
+        let domain = compile(
+            "domain: d
+descriptors:
+  - key: a
+    rate_limit: { window: 90s, requests_per_unit: 6 }
+  - key: b
+    limits:
+      - { window: 5m, requests: 10 }
+      - { window: 1h, tokens: 1000 }
+      - { window: 2h 30m, tokens: 5000, algorithm: sliding_window }
+",
+        )
+        .unwrap();
+        let units: Vec<Vec<String>> = domain
+            .rules
+            .iter()
+            .map(|r| r.windows().iter().map(|w| w.unit.to_string()).collect())
+            .collect();
+        // A named length keeps its name (1h is an hour: one counter with the unit's).
+        assert_eq!(units, [vec!["90s"], vec!["300s", "hour", "9000s"]]);
+        assert_eq!(
+            domain.rules[0].windows()[0].unit,
+            Unit::of_seconds(90).unwrap()
+        );
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { window: 1500ms, requests_per_unit: 6 }
+  - key: b
+    rate_limit: { window: soon, requests_per_unit: 6 }
+  - key: c
+    rate_limit: { unit: minute, window: 90s, requests_per_unit: 6 }
+  - key: e
+    rate_limit: { requests_per_unit: 6 }
+"
+            ),
+            [
+                "4: descriptors[0].rate_limit.window: a window is a whole number of seconds, from 1s to 4294967295s: `1500ms` is not",
+                "6: descriptors[1].rate_limit.window: `soon` is not a length of time (expected number at 0); write e.g. 90s, 5m or 2h",
+                "8: descriptors[2].rate_limit.window: set one of `unit`, `window` and `period`",
+                "10: descriptors[3].rate_limit: missing `unit` (second, minute, hour, day, week, month or year), `window` (a length such as 90s, 5m or 2h) or `period` (calendar_day, calendar_week or calendar_month)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_calendar_period_counts_in_its_zone() {
+        let domain = compile(
+            "domain: d
+descriptors:
+  - key: a
+    limits:
+      - { period: calendar_month, timezone: Europe/Paris, tokens: 1000000 }
+      - { period: calendar_day, requests: 100 }
+",
+        )
+        .unwrap();
+        let units: Vec<String> = domain.rules[0]
+            .windows()
+            .iter()
+            .map(|w| w.unit.to_string())
+            .collect();
+        assert_eq!(units, ["calendar_day@UTC", "calendar_month@Europe/Paris"]);
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { period: calendar_year, requests_per_unit: 6 }
+  - key: b
+    rate_limit: { period: calendar_month, timezone: Mars/Olympus, requests_per_unit: 6 }
+  - key: c
+    rate_limit: { unit: day, timezone: UTC, requests_per_unit: 6 }
+  - key: e
+    rate_limit: { period: calendar_day, requests_per_unit: 6, algorithm: sliding_window }
+"
+            ),
+            [
+                "4: descriptors[0].rate_limit.period: unknown period `calendar_year` (expected calendar_day, calendar_week or calendar_month)",
+                "6: descriptors[1].rate_limit.timezone: unknown time zone `Mars/Olympus` (an IANA name, e.g. Europe/Paris or UTC)",
+                "8: descriptors[2].rate_limit.timezone: a timezone is a calendar period's: set `period: calendar_day`, `calendar_week` or `calendar_month` with it",
+                "10: descriptors[3].rate_limit.algorithm: a calendar period counts in fixed windows: sliding_window needs `unit` or `window`",
+            ]
+        );
+        // A budget above 32 bits counts in fixed windows only.
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    limits:
+      - { period: calendar_month, tokens: 10000000000 }
+      - { unit: day, tokens: 5000000000, algorithm: token_bucket }
+"
+            ),
+            [
+                "6: descriptors[0].limits[1].tokens: a tokens limit above 4294967295 a window counts in fixed windows only (the other algorithms keep 32 bits): drop `algorithm`, or keep the limit within that"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tokens_budget_above_32_bits_gets_a_counter_of_its_own() {
+        let text = "domain: d
+descriptors:
+  - key: a
+    limits:
+      - { period: calendar_month, tokens: 10000000000 }
+      - { period: calendar_month, requests: 1000 }
+      - { unit: day, tokens: 4294967295 }
+      - { unit: day, requests: 100 }
+";
+        let domain = compile(text).unwrap();
+        let rule = domain.rules[0].clone();
+        let Policy::Limited(windows) = &rule.policy else {
+            panic!("limited")
+        };
+        // The day's limits share a counter as ever; the month's budget is apart from its
+        // requests limit, in a counter of another scope.
+        assert_eq!(windows.len(), 3, "{windows:?}");
+        let month: Vec<_> = windows
+            .iter()
+            .filter(|w| matches!(w.unit, Unit::Calendar(_)))
+            .collect();
+        assert_eq!(month.len(), 2);
+        let wide = month.iter().find(|w| w.tokens.is_some()).unwrap();
+        assert!(wide.requests.is_none());
+        assert_eq!(wide.tokens.as_ref().unwrap().per_unit, 10_000_000_000);
+        let limits = wide.in_force(Factor::FULL, |_| true);
+        assert!(limits.wide);
+        assert_eq!(limits.tokens, Some(10_000_000_000));
+        // At half capacity the limit halves, and the layout stays wide.
+        let half = wide.in_force(Factor::FULL / 2, |_| true);
+        assert!(half.wide && half.tokens == Some(5_000_000_000));
+        let scopes: std::collections::HashSet<u64> =
+            windows.iter().map(|w| w.counter_scope(rule.id)).collect();
+        assert_eq!(
+            scopes.len(),
+            2,
+            "the day and the month's requests keep the rule's scope"
+        );
+        assert_ne!(wide.counter_scope(rule.id), rule.id);
+        let day = windows.iter().find(|w| w.unit == Unit::Day).unwrap();
+        assert!(day.requests.is_some() && day.tokens.is_some());
+        assert!(!day.in_force(Factor::FULL, |_| true).wide);
+
+        // With a fleet store, refused and said why: the store's leases are 32-bit.
+        let file = SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        };
+        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            "rules.yaml:5:43: descriptors[0].limits[0].tokens: a tokens limit above 4294967295 a window is counted by each replica alone for now, not fleet-wide: with a Redis store configured, keep it within that (a day's share of a monthly budget)"
+        );
+    }
+
+    #[test]
+    fn a_wrong_algorithm_or_burst_is_named_with_its_line() {
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: leaky }
+  - key: b
+    rate_limit: { unit: minute, requests_per_unit: 6, burst: 3 }
+  - key: c
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket, burst: 0 }
+  - key: e
+    rate_limit: { unlimited: true, algorithm: sliding_window }
+"
+            ),
+            [
+                "4: descriptors[0].rate_limit.algorithm: unknown algorithm `leaky` (expected fixed_window, sliding_window or token_bucket)",
+                "6: descriptors[1].rate_limit.burst: burst is a token bucket's size: set `algorithm: token_bucket` with it",
+                "8: descriptors[2].rate_limit.burst: burst must be at least 1",
+                "10: descriptors[3].rate_limit.algorithm: an unlimited limit must not set algorithm",
+            ]
+        );
+    }
+
+    #[test]
+    fn with_a_fleet_store_a_replica_local_algorithm_is_an_error() {
+        let text = "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket }
+";
+        let file = SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        };
+        assert!(compile_file_for(&file, false).is_ok());
+        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(4));
+        assert!(
+            errors[0]
+                .message
+                .starts_with("token_bucket is decided by each replica alone for now"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]
@@ -332,9 +633,15 @@ descriptors:
         };
         let units: Vec<_> = windows
             .iter()
-            .map(|w| (w.unit.name(), w.requests.is_some(), w.tokens.is_some()))
+            .map(|w| (w.unit, w.requests.is_some(), w.tokens.is_some()))
             .collect();
-        assert_eq!(units, [("minute", true, true), ("day", false, true)]);
+        assert_eq!(
+            units,
+            [
+                (crate::limiter::Unit::Minute, true, true),
+                (crate::limiter::Unit::Day, false, true)
+            ]
+        );
         assert_eq!(domain.rules[1].consistency, Consistency::Approximate);
         assert_eq!(domain.rules[1].endpoint, None);
         let endpoint = &domain.rules[2];

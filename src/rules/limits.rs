@@ -7,7 +7,7 @@ use super::compile::Compiler;
 use super::locate::YamlPath;
 use super::raw::{RawDescriptor, RawLimit};
 use super::{Limit, Measure, Policy, RuleWindow};
-use crate::limiter::Unit;
+use crate::limiter::{Algorithm, Calendar, Period, Unit, Zone};
 
 /// One limit as written: a limit, or `unlimited: true`.
 enum Written {
@@ -66,13 +66,24 @@ impl Compiler<'_> {
                 continue;
             }
             slot_paths.insert(slot, path.clone());
-            let window = match windows.iter_mut().find(|w| w.unit == limit.unit) {
+            // Fixed windows of one unit share a counter; the other algorithms count one
+            // measure a counter.
+            // A tokens budget above 32 bits has a (wide) counter of its own.
+            let shared = |w: &&mut RuleWindow| {
+                w.unit == limit.unit
+                    && w.algorithm == limit.algorithm
+                    && limit.algorithm.is_fixed()
+                    && !limit.is_wide()
+                    && !w.tokens.as_ref().is_some_and(Limit::is_wide)
+            };
+            let window = match windows.iter_mut().find(shared) {
                 Some(window) => window,
                 None => {
                     windows.push(RuleWindow {
                         unit: limit.unit,
                         requests: None,
                         tokens: None,
+                        algorithm: limit.algorithm,
                     });
                     windows.last_mut().expect("just pushed")
                 }
@@ -117,9 +128,12 @@ impl Compiler<'_> {
                 self.replaced.push((path, replace.name.clone()));
             }
         }
-        let amounts: Vec<(Measure, u32)> = [
-            (Measure::Hits, raw.requests_per_unit),
-            (Measure::Requests, raw.requests),
+        if raw.tokens.is_some_and(|t| t > u64::from(u32::MAX)) && !self.wide_fits(raw, at) {
+            return None;
+        }
+        let amounts: Vec<(Measure, u64)> = [
+            (Measure::Hits, raw.requests_per_unit.map(u64::from)),
+            (Measure::Requests, raw.requests.map(u64::from)),
             (Measure::Tokens, raw.tokens),
         ]
         .into_iter()
@@ -127,10 +141,29 @@ impl Compiler<'_> {
         .collect();
 
         if raw.unlimited {
-            if raw.unit.is_some() {
+            if raw.algorithm.is_some() || raw.burst.is_some() {
+                let field = if raw.algorithm.is_some() {
+                    "algorithm"
+                } else {
+                    "burst"
+                };
                 self.error(
-                    &at.field("unit"),
-                    "an unlimited limit must not set a unit".into(),
+                    &at.field(field),
+                    format!("an unlimited limit must not set {field}"),
+                );
+                ok = false;
+            }
+            let length = [
+                ("unit", raw.unit.is_some()),
+                ("window", raw.window.is_some()),
+                ("period", raw.period.is_some()),
+            ]
+            .into_iter()
+            .find(|(_, set)| *set);
+            if let Some((field, _)) = length {
+                self.error(
+                    &at.field(field),
+                    format!("an unlimited limit must not set a {field}"),
                 );
                 ok = false;
             }
@@ -143,15 +176,41 @@ impl Compiler<'_> {
             }
             return ok.then_some(Written::Unlimited);
         }
-        let unit = match &raw.unit {
-            None => {
+        if raw.timezone.is_some() && raw.period.is_none() {
+            self.error(
+                &at.field("timezone"),
+                "a timezone is a calendar period's: set `period: calendar_day`, `calendar_week` \
+                 or `calendar_month` with it"
+                    .into(),
+            );
+            ok = false;
+        }
+        let unit = match (&raw.unit, &raw.window, &raw.period) {
+            (None, None, None) => {
                 self.error(
                     at,
-                    "missing `unit` (second, minute, hour, day, week, month or year)".into(),
+                    "missing `unit` (second, minute, hour, day, week, month or year), `window` \
+                     (a length such as 90s, 5m or 2h) or `period` (calendar_day, calendar_week \
+                     or calendar_month)"
+                        .into(),
                 );
                 None
             }
-            Some(text) => {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                let second = if raw.unit.is_some() && raw.window.is_some() {
+                    "window"
+                } else {
+                    "period"
+                };
+                self.error(
+                    &at.field(second),
+                    "set one of `unit`, `window` and `period`".into(),
+                );
+                None
+            }
+            (None, None, Some(text)) => self.period(text, raw.timezone.as_deref(), at),
+            (None, Some(text), None) => self.window(text, &at.field("window")),
+            (Some(text), None, None) => {
                 let unit = Unit::parse(text.trim());
                 if unit.is_none() {
                     self.error(
@@ -184,7 +243,10 @@ impl Compiler<'_> {
                 None
             }
         };
-        let (unit, (measure, per_unit)) = (unit?, amount?);
+        // A bucket's burst defaults to the limit; a wide limit is never a bucket (wide_fits).
+        let written_limit = amount.map_or(0, |(_, n)| crate::limiter::saturating_u32(n));
+        let algorithm = self.algorithm(raw, written_limit, at);
+        let (unit, (measure, per_unit), algorithm) = (unit?, amount?, algorithm?);
         ok.then(|| {
             Written::Limited(Limit {
                 name: raw.name.as_deref().map(Into::into),
@@ -196,7 +258,135 @@ impl Compiler<'_> {
                     .iter()
                     .map(|r| r.name.as_str().into())
                     .collect(),
+                algorithm,
             })
         })
+    }
+
+    /// A calendar period in a time zone (UTC by default).
+    fn period(&mut self, text: &str, timezone: Option<&str>, at: &YamlPath) -> Option<Unit> {
+        let Some(period) = Period::parse(text.trim()) else {
+            self.error(
+                &at.field("period"),
+                format!(
+                    "unknown period `{text}` (expected calendar_day, calendar_week or calendar_month)"
+                ),
+            );
+            return None;
+        };
+        let name = timezone.map_or("UTC", str::trim);
+        let Some(zone) = Zone::named(name) else {
+            self.error(
+                &at.field("timezone"),
+                format!("unknown time zone `{name}` (an IANA name, e.g. Europe/Paris or UTC)"),
+            );
+            return None;
+        };
+        Some(Unit::Calendar(Calendar { period, zone }))
+    }
+
+    /// A window of any length: whole seconds, from one second to `u32::MAX` seconds.
+    fn window(&mut self, text: &str, at: &YamlPath) -> Option<Unit> {
+        let length = match humantime::parse_duration(text.trim()) {
+            Ok(length) => length,
+            Err(e) => {
+                self.error(
+                    at,
+                    format!("`{text}` is not a length of time ({e}); write e.g. 90s, 5m or 2h"),
+                );
+                return None;
+            }
+        };
+        let unit = (length.subsec_nanos() == 0)
+            .then(|| Unit::of_seconds(length.as_secs()))
+            .flatten();
+        if unit.is_none() {
+            self.error(
+                at,
+                format!(
+                    "a window is a whole number of seconds, from 1s to {}s: `{text}` is not",
+                    u32::MAX
+                ),
+            );
+        }
+        unit
+    }
+
+    /// Whether a tokens limit above `u32::MAX` a window can be counted as written: in fixed
+    /// windows (the other algorithms keep 32 bits), by this replica alone (a fleet store's
+    /// leases are 32-bit). Records the error when not.
+    fn wide_fits(&mut self, raw: &RawLimit, at: &YamlPath) -> bool {
+        let algorithm = raw.algorithm.as_deref().map(str::trim);
+        let why = if algorithm.is_some_and(|a| a != "fixed_window") {
+            "counts in fixed windows only (the other algorithms keep 32 bits): drop `algorithm`, \
+             or keep the limit within that"
+        } else if self.fleet_store {
+            "is counted by each replica alone for now, not fleet-wide: with a Redis store \
+             configured, keep it within that (a day's share of a monthly budget)"
+        } else {
+            return true;
+        };
+        self.error(
+            &at.field("tokens"),
+            format!("a tokens limit above {} a window {why}", u32::MAX),
+        );
+        false
+    }
+
+    /// How a limit counts: `algorithm` and, for a token bucket, `burst` (the limit written,
+    /// `per_unit`, by default). `None` when either is wrong (its errors recorded).
+    fn algorithm(&mut self, raw: &RawLimit, per_unit: u32, at: &YamlPath) -> Option<Algorithm> {
+        let algorithm = match raw.algorithm.as_deref().map(str::trim) {
+            None | Some("fixed_window") => Algorithm::FixedWindow,
+            Some("sliding_window") => Algorithm::SlidingWindow,
+            Some("token_bucket") => Algorithm::TokenBucket {
+                burst: raw.burst.unwrap_or(per_unit),
+            },
+            Some(other) => {
+                self.error(
+                    &at.field("algorithm"),
+                    format!(
+                        "unknown algorithm `{other}` (expected fixed_window, sliding_window or token_bucket)"
+                    ),
+                );
+                return None;
+            }
+        };
+        match (algorithm, raw.burst) {
+            (Algorithm::TokenBucket { .. }, Some(0)) => {
+                self.error(&at.field("burst"), "burst must be at least 1".into());
+                return None;
+            }
+            (Algorithm::TokenBucket { .. }, _) | (_, None) => {}
+            (_, Some(_)) => {
+                self.error(
+                    &at.field("burst"),
+                    "burst is a token bucket's size: set `algorithm: token_bucket` with it".into(),
+                );
+                return None;
+            }
+        }
+        if !algorithm.is_fixed() && raw.period.is_some() {
+            self.error(
+                &at.field("algorithm"),
+                format!(
+                    "a calendar period counts in fixed windows: {} needs `unit` or `window`",
+                    algorithm.name()
+                ),
+            );
+            return None;
+        }
+        if !algorithm.is_fixed() && self.fleet_store {
+            self.error(
+                &at.field("algorithm"),
+                format!(
+                    "{} is decided by each replica alone for now, not fleet-wide: with a Redis \
+                     store configured, use fixed_window (the default) or run without Redis",
+                    algorithm.name()
+                ),
+            );
+            return None;
+        }
+        Some(algorithm)
     }
 }

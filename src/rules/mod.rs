@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use envoy_types::pb::google::protobuf::Struct;
 
-pub use compile::compile_file;
+pub use compile::{compile_file, compile_file_for};
 pub use files::{ConfigError, SourceFile, load_dir, load_dir_with, read_dir};
 pub use locate::YamlPath;
 pub use matcher::{Entry, Level};
 
-use crate::limiter::{Enforcement, Limits, Unit};
+use crate::limiter::{Algorithm, Enforcement, Limits, Unit, saturating_u32};
 use crate::telemetry::RuleMetrics;
 
 /// What a limit counts.
@@ -58,30 +58,69 @@ pub struct Limit {
     /// Shared, so that an answer carries it without copying the text.
     pub name: Option<Arc<str>>,
     pub unit: Unit,
-    pub per_unit: u32,
+    /// The limit per window as configured: 64-bit for a tokens budget; a requests-like limit
+    /// is at most `u32::MAX` (the Envoy API's field).
+    pub per_unit: u64,
     pub measure: Measure,
     /// Names of limits this one replaces when both match one request.
     pub replaces: Box<[Box<str>]>,
+    /// How it counts.
+    pub algorithm: Algorithm,
 }
 
 impl Limit {
     /// The limit in force at a capacity factor of `scale` millionths: what requests are
     /// decided against, what is reported, and what the sync leases against.
-    pub fn in_force(&self, scale: u32) -> u32 {
+    pub fn in_force(&self, scale: u32) -> u64 {
         self::scale(self.per_unit, scale)
+    }
+
+    /// What its remaining counts down from, as configured: the limit, or a token bucket's
+    /// burst.
+    pub fn ceiling(&self) -> u64 {
+        match self.algorithm {
+            Algorithm::TokenBucket { burst } => burst.into(),
+            _ => self.per_unit,
+        }
+    }
+
+    /// Whether it is a tokens budget above what 32 bits hold, which a counter of its own
+    /// counts in 64 ([`Limits::wide`]).
+    pub fn is_wide(&self) -> bool {
+        self.per_unit > u64::from(u32::MAX)
     }
 }
 
 /// The limits of a rule that share one window, and so one counter: at most one requests-like
-/// limit and one tokens limit, checked by a single compare-and-swap.
+/// limit and one tokens limit, checked by a single compare-and-swap. A sliding window or a
+/// token bucket counts one measure a counter: its window holds one of the two.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleWindow {
     pub unit: Unit,
     pub requests: Option<Limit>,
     pub tokens: Option<Limit>,
+    /// How its limits count (a token bucket's burst as written).
+    pub algorithm: Algorithm,
 }
 
 impl RuleWindow {
+    /// The scope of its counters for rule `rule_id`: the rule's id for fixed windows (as ever),
+    /// told apart for the other algorithms and measures, and for a wide tokens budget, so that
+    /// a reload that changes how a limit counts starts its counter afresh rather than reading
+    /// another layout's word.
+    #[inline]
+    pub fn counter_scope(&self, rule_id: u64) -> u64 {
+        let wide = self.tokens.as_ref().is_some_and(Limit::is_wide);
+        let tag: u64 = match self.algorithm {
+            Algorithm::FixedWindow if wide => 3,
+            Algorithm::FixedWindow => return rule_id,
+            Algorithm::SlidingWindow => 1,
+            Algorithm::TokenBucket { .. } => 2,
+        };
+        let tag = tag * 2 + u64::from(self.tokens.is_some());
+        (rule_id ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !OVERRIDE_SCOPE
+    }
+
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.requests.iter().chain(self.tokens.iter())
     }
@@ -96,9 +135,17 @@ impl RuleWindow {
                 .filter(|l| counted(l))
                 .map(|l| l.in_force(scale))
         };
+        let algorithm = match self.algorithm {
+            Algorithm::TokenBucket { burst } => Algorithm::TokenBucket {
+                burst: saturating_u32(self::scale(burst.into(), scale)),
+            },
+            other => other,
+        };
         Limits {
-            requests: in_force(&self.requests),
+            requests: in_force(&self.requests).map(saturating_u32),
             tokens: in_force(&self.tokens),
+            algorithm,
+            wide: self.tokens.as_ref().is_some_and(Limit::is_wide),
         }
     }
 }
@@ -255,7 +302,7 @@ impl Factor {
     }
 
     /// A limit as the factor leaves it.
-    pub fn apply(&self, per_unit: u32) -> u32 {
+    pub fn apply(&self, per_unit: u64) -> u64 {
         scale(per_unit, self.get())
     }
 
@@ -265,12 +312,12 @@ impl Factor {
     }
 }
 
-/// `per_unit` at a factor of `millionths`.
+/// `per_unit` at a factor of `millionths` (at most [`Factor::FULL`]: never more than it was).
 #[inline]
-pub fn scale(per_unit: u32, millionths: u32) -> u32 {
+pub fn scale(per_unit: u64, millionths: u32) -> u64 {
     match millionths {
         Factor::FULL => per_unit,
-        f => (u64::from(per_unit) * u64::from(f) / u64::from(Factor::FULL)) as u32,
+        f => (u128::from(per_unit) * u128::from(f) / u128::from(Factor::FULL)) as u64,
     }
 }
 
@@ -376,7 +423,34 @@ impl RuleSet {
     pub fn rule_scopes(&self) -> std::collections::HashSet<u64> {
         self.domains
             .values()
-            .flat_map(|d| d.rules.iter().map(|r| r.id))
+            .flat_map(|d| d.rules.iter())
+            .flat_map(|r| {
+                std::iter::once(r.id).chain(r.windows().iter().map(|w| w.counter_scope(r.id)))
+            })
+            .collect()
+    }
+
+    /// The rules of this set whose limits count differently in `next` (an algorithm changed,
+    /// added or dropped for a unit, or a tokens budget moved across 32 bits): their counters
+    /// of that kind start afresh there.
+    pub fn recounted_in<'n>(&self, next: &'n RuleSet) -> Vec<&'n Rule> {
+        let old: HashMap<u64, &Rule> = self
+            .domains
+            .values()
+            .flat_map(|d| d.rules.iter().map(|r| (r.id, &**r)))
+            .collect();
+        // A counter's scope tells how its word is laid out.
+        let kinds = |r: &Rule| -> Vec<(Unit, u64)> {
+            r.windows()
+                .iter()
+                .map(|w| (w.unit, w.counter_scope(r.id)))
+                .collect()
+        };
+        next.domains
+            .values()
+            .flat_map(|d| d.rules.iter())
+            .filter(|r| old.get(&r.id).is_some_and(|o| kinds(o) != kinds(r)))
+            .map(|r| &**r)
             .collect()
     }
 
@@ -452,9 +526,10 @@ mod tests {
         Limit {
             name: None,
             unit: Unit::Minute,
-            per_unit,
+            per_unit: per_unit.into(),
             measure,
             replaces: Box::new([]),
+            algorithm: Algorithm::FixedWindow,
         }
     }
 
@@ -464,6 +539,7 @@ mod tests {
             unit: Unit::Minute,
             requests: Some(limit(600, Measure::Requests)),
             tokens: Some(limit(90_001, Measure::Tokens)),
+            algorithm: Algorithm::FixedWindow,
         };
         let full = window.in_force(Factor::FULL, |_| true);
         assert_eq!((full.requests, full.tokens), (Some(600), Some(90_001)));

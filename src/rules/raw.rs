@@ -128,21 +128,38 @@ pub enum UnknownKeys {
 pub struct RawLimit {
     #[serde(default)]
     pub unit: Option<String>,
+    /// sluice extension: a window of any whole number of seconds, in place of `unit`
+    /// (`90s`, `5m`, `2h`).
+    #[serde(default)]
+    pub window: Option<String>,
+    /// sluice extension: `calendar_day`, `calendar_week` or `calendar_month`, in place of
+    /// `unit`, in `timezone` (an IANA name; UTC by default).
+    #[serde(default)]
+    pub period: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
     /// envoyproxy/ratelimit's limit: each call counts its hits.
     #[serde(default)]
     pub requests_per_unit: Option<u32>,
     /// sluice extension: each call counts one.
     #[serde(default)]
     pub requests: Option<u32>,
-    /// sluice extension: each call counts its hits, reported as tokens.
+    /// sluice extension: each call counts its hits, reported as tokens. Read as 64 bits so a
+    /// budget too large to count yet gets an error that says so.
     #[serde(default)]
-    pub tokens: Option<u32>,
+    pub tokens: Option<u64>,
     #[serde(default)]
     pub unlimited: bool,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
     pub replaces: Vec<RawReplace>,
+    /// sluice extension: `fixed_window` (the default), `sliding_window` or `token_bucket`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// sluice extension: a token bucket's size (the limit by default).
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,7 +11,7 @@ use super::raw::{RawApiKeys, RawFile, RawTier, UnknownKeys};
 use super::{
     Consistency, ENDPOINT_KEY, Limit, Measure, MetricDetail, Policy, Rule, RuleWindow, rule_scope,
 };
-use crate::limiter::{Enforcement, Unit};
+use crate::limiter::{Algorithm, Enforcement, Unit};
 use crate::telemetry::RuleMetrics;
 
 impl Compiler<'_> {
@@ -208,9 +208,10 @@ fn per_minute_and_day(tier: &RawTier) -> Policy {
         per_unit.map(|per_unit| Limit {
             name: None,
             unit,
-            per_unit,
+            per_unit: per_unit.into(),
             measure,
             replaces: Box::new([]),
+            algorithm: Algorithm::FixedWindow,
         })
     };
     let windows: Vec<RuleWindow> = [
@@ -223,6 +224,7 @@ fn per_minute_and_day(tier: &RawTier) -> Policy {
         unit,
         requests: limit(unit, r, Measure::Requests),
         tokens: limit(unit, t, Measure::Tokens),
+        algorithm: Algorithm::FixedWindow,
     })
     .collect();
     if windows.is_empty() {

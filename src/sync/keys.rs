@@ -30,7 +30,7 @@ impl Fleet {
         let mut clear = String::new();
         path(&mut clear);
         self.write_counter_prefix(out, domain, &clear);
-        let _ = write!(out, "{unit}:{}", u64::from(window.0) * unit.seconds());
+        let _ = write!(out, "{unit}:{}", unit.window_start_ms(window) / 1000);
     }
 
     /// What every window's key of a counter starts with:
@@ -71,7 +71,7 @@ pub(super) fn glob_escape(text: &str) -> String {
 /// When a counter's key in `window` expires: the window's end, plus a margin so a late push
 /// still finds it.
 pub(super) fn expiry_ms(unit: Unit, window: Window) -> u64 {
-    (u64::from(window.0) + 1) * unit.millis() + super::EXPIRY_MARGIN.as_millis() as u64
+    unit.window_end_ms(window) + super::EXPIRY_MARGIN.as_millis() as u64
 }
 
 pub(super) fn write_key_of(

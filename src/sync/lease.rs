@@ -83,7 +83,10 @@ impl LeaseCall {
             .arg(key)
             .arg(replica)
             .arg(self.counted.map_or(-1, |c| i64::from(c.requests)))
-            .arg(self.counted.map_or(-1, |c| i64::from(c.tokens)))
+            .arg(
+                self.counted
+                    .map_or(-1, |c| i64::from(super::narrow(c.tokens))),
+            )
             .arg(self.expire_at_ms)
             .arg(self.replicas.max(1))
             .arg(u8::from(self.remember_limit));
@@ -113,15 +116,15 @@ impl LeaseCall {
             pushed: self.counted.unwrap_or(Counts::ZERO),
             fleet: Counts {
                 requests: leased,
-                tokens: tokens_leased,
+                tokens: tokens_leased.into(),
             },
             held: Counts {
                 requests: held,
-                tokens: tokens_held,
+                tokens: tokens_held.into(),
             },
             granted: Counts {
                 requests: granted,
-                tokens: tokens_granted,
+                tokens: tokens_granted.into(),
             },
         }
     }
@@ -236,7 +239,7 @@ pub(super) fn rest_at_rate(
     (unit, interval): (Unit, std::time::Duration),
     now_ms: u64,
 ) -> u32 {
-    let into_window = unit.millis() - unit.until_reset(now_ms).as_millis() as u64;
+    let into_window = unit.elapsed_ms(now_ms);
     let since = counter
         .pushed_ago(window, now_ms)
         .map_or(into_window, |ago| ago.min(into_window));
@@ -402,10 +405,10 @@ fn request_path_call(
         counter.fleet_leased_seen(window),
     );
     let tokens = ask(
-        want.limits.tokens,
-        (own.tokens, pushed.tokens),
-        counter.tokens_lease(window),
-        want.need.tokens.max(1),
+        want.limits.tokens.map(super::narrow),
+        (super::narrow(own.tokens), super::narrow(pushed.tokens)),
+        super::narrow(counter.tokens_lease(window)),
+        super::narrow(want.need.tokens).max(1),
         counter.fleet_tokens_leased_seen(window),
     );
     tracing::debug!(

@@ -241,7 +241,7 @@ impl Fleet {
             store.command(&cmd, self.timeout()).await?;
         Ok(Counts {
             requests: clamp(requests.unwrap_or(0)),
-            tokens: clamp(tokens.unwrap_or(0)),
+            tokens: clamp(tokens.unwrap_or(0)).into(),
         })
     }
 
@@ -345,6 +345,10 @@ impl Fleet {
 fn clamp(n: i64) -> u32 {
     n.clamp(0, i64::from(u32::MAX)) as u32
 }
+
+/// A tokens count or limit as the store's leases take it: 32-bit, for the rule compiler keeps
+/// a tokens budget above that (a wide counter) away from a fleet store.
+use crate::limiter::saturating_u32 as narrow;
 
 /// Syncs until the task is dropped: every interval, and sooner when a counter has used its
 /// share. Failures switch the request path to the failure policy and back.

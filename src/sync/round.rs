@@ -91,9 +91,9 @@ impl Found {
                 self.fleet_leased,
             ),
             Budget::Tokens => (
-                self.own.tokens,
+                super::narrow(self.own.tokens),
                 self.pending.1.max(0) as u32,
-                self.held.tokens,
+                super::narrow(self.held.tokens),
                 self.fleet_tokens_leased,
             ),
         }
@@ -115,7 +115,7 @@ pub(super) fn sync_now(found: Found, limits: Option<Limits>) -> bool {
     };
     [
         (Budget::Requests, limits.requests),
-        (Budget::Tokens, limits.tokens),
+        (Budget::Tokens, limits.tokens.map(super::narrow)),
     ]
     .into_iter()
     .any(|(budget, limit)| runs_out(budget, limit) || gives_back(found, budget, limit))
@@ -278,7 +278,7 @@ pub(super) async fn round(
                 own,
                 pending: (
                     i64::from(own.requests) - i64::from(base.requests),
-                    i64::from(own.tokens) - i64::from(base.tokens),
+                    i64::from(super::narrow(own.tokens)) - i64::from(super::narrow(base.tokens)),
                 ),
                 held: Counts {
                     requests: counter.lease(window),
@@ -316,7 +316,7 @@ pub(super) async fn round(
                 && counter.lease(next) == 0;
             // Sized only in the rounds that may lease ahead.
             let ahead_wanted = if ahead_round {
-                let elapsed = unit.millis() - unit.until_reset(now).as_millis() as u64;
+                let elapsed = unit.elapsed_ms(now);
                 let interval_ms = interval.as_millis() as u64;
                 let near = contended(found.fleet_leased, limits.requests);
                 let elsewhere = !counter.others(window).is_zero();
@@ -391,7 +391,9 @@ pub(super) async fn round(
                 let (target, release, held) = if leaving || gives_back(found, budget, limit) {
                     let released = match budget {
                         Budget::Requests => counter.shrink_lease(window, used).unwrap_or(0),
-                        Budget::Tokens => counter.shrink_tokens_lease(window, used),
+                        Budget::Tokens => {
+                            super::narrow(counter.shrink_tokens_lease(window, used.into()))
+                        }
                     };
                     (0, released, held - released.min(held))
                 } else if contended(fleet_leased, limit) {
@@ -403,7 +405,7 @@ pub(super) async fn round(
                     // admitted 2 of 3 under load).
                     let since = counter
                         .pushed_ago(window, now)
-                        .unwrap_or(unit.millis() - unit.until_reset(now).as_millis() as u64);
+                        .unwrap_or_else(|| unit.elapsed_ms(now));
                     let interval_ms = interval.as_millis() as u64;
                     let per_round =
                         (u64::from(spent) * interval_ms / since.max(interval_ms).max(1)) as u32;
@@ -425,12 +427,16 @@ pub(super) async fn round(
                 _ => NO_LIMIT,
             };
             let tokens_limit = match limits.tokens {
-                Some(limit) if !strict && !overridden => i64::from(limit),
+                Some(limit) if !strict && !overridden => i64::from(super::narrow(limit)),
                 _ => NO_LIMIT,
             };
             let call = LeaseCall {
                 requests: ask(Budget::Requests, requests_limit, limits.requests),
-                tokens: ask(Budget::Tokens, tokens_limit, limits.tokens),
+                tokens: ask(
+                    Budget::Tokens,
+                    tokens_limit,
+                    limits.tokens.map(super::narrow),
+                ),
                 remember_limit: false,
                 counted: Some(own),
                 expire_at_ms: expiry_ms(unit, window),
@@ -523,12 +529,12 @@ mod tests {
         Found {
             own: Counts {
                 requests: 0,
-                tokens: reported,
+                tokens: reported.into(),
             },
             pending: (0, pending),
             held: Counts {
                 requests: 0,
-                tokens: held,
+                tokens: held.into(),
             },
             synced_before: true,
             synced_this_window: true,
@@ -542,6 +548,7 @@ mod tests {
         let limits = Some(Limits {
             requests: Some(1000),
             tokens: None,
+            ..Default::default()
         });
         // 40 admitted since the last sync, 100 of the 140 held spare: lasts two rounds more.
         assert!(!sync_now(found(40, (40, 0), 140), limits));
@@ -624,6 +631,7 @@ mod tests {
         let limits = Some(Limits {
             requests: None,
             tokens: Some(1000),
+            ..Default::default()
         });
         // 100 reported since the last sync, 300 of the 500 held spare: lasts two rounds more.
         assert!(!sync_now(found_tokens(200, 100, 500, 600), limits));

@@ -173,11 +173,7 @@ impl Store {
             return Ok(Store::Cluster(connection));
         }
         let url = address.urls.first().map(String::as_str).unwrap_or_default();
-        let client = if address.tls.any() {
-            redis::Client::build_with_tls(url, address.tls.read()?)?
-        } else {
-            redis::Client::open(url)?
-        };
+        let client = client_for(address, url)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(address.timeout))
             .set_response_timeout(Some(address.timeout))
@@ -247,11 +243,7 @@ impl Store {
             .ok_or_else(|| {
                 RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
             })?;
-        if address.tls.any() {
-            redis::Client::build_with_tls(url.as_str(), address.tls.read()?)
-        } else {
-            redis::Client::open(url.as_str())
-        }
+        client_for(address, url)
     }
 
     pub async fn pipeline<T: FromRedisValue>(
@@ -397,4 +389,13 @@ if cr > 0 or ct > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
 return {r, t, 1}
 ",
     )
+}
+
+/// A client for one Redis at `url`, with the address's TLS files when it has any.
+fn client_for(address: &StoreAddress, url: &str) -> RedisResult<redis::Client> {
+    if address.tls.any() {
+        redis::Client::build_with_tls(url, address.tls.read()?)
+    } else {
+        redis::Client::open(url)
+    }
 }

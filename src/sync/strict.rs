@@ -30,7 +30,7 @@ impl Fleet {
             .arg(charge.0)
             .arg(limit(job.limits.requests))
             .arg(charge.1)
-            .arg(limit(job.limits.tokens))
+            .arg(limit(job.limits.tokens.map(super::narrow)))
             .arg(expire_at);
         let mut store = self.store().await?;
         let (requests, tokens, took): (i64, i64, i64) =
@@ -38,7 +38,7 @@ impl Fleet {
         Ok((
             Counts {
                 requests: super::clamp(requests),
-                tokens: super::clamp(tokens),
+                tokens: super::clamp(tokens).into(),
             },
             took == 1,
         ))
@@ -46,7 +46,10 @@ impl Fleet {
 }
 
 fn signed(c: Counts, sign: i64) -> (i64, i64) {
-    (sign * i64::from(c.requests), sign * i64::from(c.tokens))
+    (
+        sign * i64::from(c.requests),
+        sign * i64::from(super::narrow(c.tokens)),
+    )
 }
 
 /// Settles a request's strict jobs after its local limits allowed it (`allowed`), or only reads
