@@ -10,7 +10,8 @@
 //!     FLEET_RUNS=1/6000/1.5,100000/3/1.5 FLEET_SECONDS=190 cargo bench --bench fleet
 //!
 //! (`FLEET_RUNS`: counters/limit a minute/offered as a multiple of the limit, per run;
-//! `SLUICE=path/to/sluice`: the replicas' binary, when not this build's.)
+//! `SLUICE=path/to/sluice`: the replicas' binary, when not this build's;
+//! `FLEET_ALGORITHM=sliding_window`: the limit's algorithm, fixed_window by default.)
 //!
 //! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
 //! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
@@ -213,9 +214,10 @@ fn main() {
         std::env::var("SLUICE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
     // Another build of sluice, to compare two side by side.
     let sluice = std::env::var("SLUICE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
+    let algorithm = std::env::var("FLEET_ALGORITHM").unwrap_or_else(|_| "fixed_window".into());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute limit offered evenly, {seconds} s a run"
+        "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute {algorithm} limit offered evenly, {seconds} s a run"
     );
     println!(
         "{:>8} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
@@ -246,7 +248,7 @@ fn main() {
         std::fs::write(
             dir.path().join("fleet.yaml"),
             format!(
-                "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: minute, requests_per_unit: {limit} }}\n"
+                "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: minute, requests_per_unit: {limit}, algorithm: {algorithm} }}\n"
             ),
         )
         .unwrap();

@@ -46,6 +46,7 @@ fn admitted(algorithm: Algorithm, calls: &[u64]) -> Vec<u64> {
             tokens: None,
             algorithm,
             wide: false,
+            leased: false,
         },
         charge: Counts {
             requests: 1,

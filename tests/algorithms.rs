@@ -24,6 +24,7 @@ fn requests(limit: u32, algorithm: Algorithm) -> Limits {
         tokens: None,
         algorithm,
         wide: false,
+        leased: false,
     }
 }
 
@@ -307,6 +308,7 @@ fn eight_threads_reserving_tokens_from_a_bucket_take_exactly_what_it_holds() {
         tokens: Some(6_000),
         algorithm: Algorithm::TokenBucket { burst: 1_000 },
         wide: false,
+        leased: false,
     };
     let reserve = Demand {
         charge: Counts {

@@ -44,6 +44,9 @@ fn now_ms() -> u64 {
 #[derive(Default, Debug)]
 struct Tally {
     admitted: BTreeMap<u64, u64>,
+    /// Per window, how far into it (ms, from `duration_until_reset`) each admitted call was
+    /// decided.
+    admitted_at: BTreeMap<u64, Vec<u64>>,
     /// (replica, window) -> admitted by that replica.
     by_replica: BTreeMap<(usize, u64), u64>,
     calls: u64,
@@ -140,6 +143,8 @@ async fn drive(
                         tally.slowest_ms = tally.slowest_ms.max(answered - sent);
                         if is_ok(&response) {
                             *tally.admitted.entry(window).or_default() += 1;
+                            let into = 1000u64.saturating_sub(reset);
+                            tally.admitted_at.entry(window).or_default().push(into);
                             *tally.by_replica.entry((replica, window)).or_default() += 1;
                         } else {
                             tally.admitted.entry(window).or_default();
@@ -251,6 +256,28 @@ fn assert_exact(windows: &[(u64, u64)], limit: u32, what: &str) {
     }
 }
 
+/// A sliding window's guarantee, checked at every admitted call: what the fleet admitted in
+/// its one-second window so far, plus the previous window's count weighed by the share of that
+/// window still within the last second, is within the limit (`count × 1000 + previous ×
+/// (1000 − ms into the window) ≤ limit × 1000`, exact in integers, as the server decides).
+/// Calls decided in the same millisecond all count as before each other.
+fn assert_sliding(tally: &Tally, limit: u32, what: &str) {
+    for (w, at) in &tally.admitted_at {
+        let previous = tally.admitted.get(&(w - 1)).copied().unwrap_or(0);
+        let mut at = at.clone();
+        at.sort_unstable();
+        for &e in &at {
+            let so_far = at.iter().filter(|&&x| x <= e).count() as u64;
+            assert!(
+                so_far * 1000 + previous * (1000 - e) <= u64::from(limit) * 1000,
+                "{what}: window {w}, {e} ms in: {so_far} admitted and {previous} the window before \
+                 (estimate {:.1} of {limit})",
+                so_far as f64 + previous as f64 * (1000 - e) as f64 / 1000.0
+            );
+        }
+    }
+}
+
 /// `n` replicas at the default settings (sync every second) in a namespace of their own,
 /// offered `offered` times the limit for 6 s as `spread` says: no call fails, and every full
 /// window admits between 98 % of the limit and the limit.
@@ -263,7 +290,21 @@ async fn accuracy_phase(
     spread: Spread,
     what: &str,
 ) {
-    let namespace = unique_namespace(&what.replace(' ', "-"));
+    let (windows, _) = offer(n, redis, config, limit, (offered, spread), what).await;
+    assert_exact(&windows, limit, what);
+}
+
+/// [`accuracy_phase`]'s run: no call fails and every replica with traffic gets some; the
+/// full windows and the tally go back to the caller for the limit's own checks.
+async fn offer(
+    n: usize,
+    redis: &RedisServer,
+    config: &std::path::Path,
+    limit: u32,
+    (offered, spread): (f64, Spread),
+    what: &str,
+) -> (Vec<(u64, u64)>, Tally) {
+    let namespace = unique_namespace(&what.replace([' ', ','], "-"));
     let fleet = replicas(n, redis, &namespace, config, &[]).await;
     let clients = &fleet.clients;
     let call = request("fleet", &[&[("k", "shared-key")]]);
@@ -280,7 +321,7 @@ async fn accuracy_phase(
     )
     .await;
     let to = now_ms();
-    let tally = tally.lock().await;
+    let tally = std::mem::take(&mut *tally.lock().await);
     let windows = tally.full_windows(from, to);
     let served: Vec<u64> = (0..n)
         .map(|r| {
@@ -305,10 +346,53 @@ async fn accuracy_phase(
         tally.slowest_ms,
     );
     assert_eq!(tally.failures, 0);
-    assert_exact(&windows, limit, what);
     // Every replica with traffic got some.
     assert!(served.iter().all(|&s| s > 0), "{what}: {served:?}");
     stop_all(fleet.children).await;
+    (windows, tally)
+}
+
+/// [5/8] over [4/8]'s leases: a sliding window kept fleet-wide at the default settings holds
+/// its estimate within the limit at every admitted call, offered 3x evenly and 1.5x with 80 %
+/// on one replica. Offered more, a sliding window's estimate reaches the limit by each
+/// window's end, so a full window admits nearly the limit: the fleet admitted 183 to 197 of 200
+/// (0.915 to 0.985), short of the 98 % fixed windows keep, because what a replica holds unused
+/// at a window's end still weighs in the next (the README's accuracy model); the floor asserted
+/// here, 85 %, catches a fleet that starves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: second, requests_per_unit: {LIMIT}, algorithm: sliding_window }}\n"
+    );
+    write_rules(dir.path(), &[("fleet.yaml", &rules)]);
+    for (offered, spread, what) in [
+        (3.0, Spread::Even, "sliding, 3 replicas, 3x"),
+        (
+            1.5,
+            Spread::Skewed,
+            "sliding, 3 replicas, 1.5x, 80 % on one",
+        ),
+    ] {
+        let (windows, tally) = offer(3, &redis, dir.path(), LIMIT, (offered, spread), what).await;
+        assert_sliding(&tally, LIMIT, what);
+        assert!(
+            windows.len() >= 4,
+            "{what}: only {} full windows",
+            windows.len()
+        );
+        for (w, admitted) in &windows {
+            let ratio = *admitted as f64 / f64::from(LIMIT);
+            assert!(
+                (0.85..=1.0).contains(&ratio),
+                "{what}: window {w} admitted {admitted} of {LIMIT} ({ratio:.3})"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -771,6 +855,51 @@ async fn synced_in_process(
         configure(s);
     })
     .await
+}
+
+/// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
+/// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
+/// last seconds of one minute; a quarter into the next, three quarters of those 60 still
+/// weigh, so the two replicas together get 15 more, and at half way 15 more again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const RULES: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 60, algorithm: sliding_window }\n";
+    let namespace = unique_namespace("slide");
+    let a = synced_in_process(redis.url(), &namespace, ("ns.yaml", RULES), |_| {}).await;
+    let b = synced_in_process(redis.url(), &namespace, ("ns.yaml", RULES), |_| {}).await;
+    for s in [&a, &b] {
+        wait_synced(s).await;
+    }
+    // The store's keys expire by these clocks: the minute starts ahead of real time.
+    let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+    let at = |ms: u64| {
+        for s in [&a, &b] {
+            s.clock.set_ms(minute + ms);
+        }
+    };
+    let call = request("ns", &[&[("user", "u1")]]);
+    at(50_000);
+    assert_eq!(a.admitted(61, &call).await, 60);
+    // A quarter into the next minute: 60 × 3/4 = 45 still weigh.
+    at(75_000);
+    assert_eq!(a.admitted(10, &call).await, 10);
+    // What a holds unused goes back at its next sync rounds (every 20 ms here).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.admitted(10, &call).await, 5, "b gets the rest of the 15");
+    assert_eq!(a.admitted(3, &call).await, 0);
+    // Half way: 30 weigh, 15 counted: 15 more.
+    at(90_000);
+    let first = a.admitted(8, &call).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = b.admitted(10, &call).await;
+    assert_eq!((first, first + second), (8, 15));
+    for s in [a, b] {
+        s.stop().await;
+    }
 }
 
 /// Waits until Redis holds `want` requests admitted under `key`.

@@ -90,7 +90,7 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
             });
             match counter {
                 // A sliding window's estimate, a bucket's size less what it holds.
-                Some(c) if !w.algorithm.is_fixed() => {
+                Some(c) if !w.algorithm.is_fixed() && !w.leased => {
                     let limits = w.in_force(rule.capacity.get(), |_| true);
                     let (reading, until_reset) =
                         c.assess_by(now, w.unit.millis(), Counts::ZERO, limits);
@@ -104,7 +104,7 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
             }
         };
         let fleet = match &app.fleet {
-            Some(fleet) => fleet.usage(&rule.domain, &path, w.unit, window).await.ok(),
+            Some(fleet) => fleet.usage(&rule.domain, &path, w, window).await.ok(),
             None => None,
         };
         windows.push(WindowUsage {

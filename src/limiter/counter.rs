@@ -93,6 +93,18 @@ pub struct Limits {
     /// such a limit a counter of its own). Fixed for the counter's life, so it follows the
     /// limit as written, not the limit in force that a capacity factor scales.
     pub wide: bool,
+    /// The limits are kept fleet-wide in leases from a store (Redis). The counter is then the
+    /// fixed-window word whatever the algorithm: a replica admits what it holds, and the store
+    /// applies a sliding window when it grants a lease. Fixed for the process's life.
+    pub leased: bool,
+}
+
+impl Limits {
+    /// Whether the counter's word is the algorithm's own ([`super::algorithm`]) rather than the
+    /// fixed-window word: a sliding window or a token bucket decided by this replica alone.
+    pub fn counted_by_algorithm(&self) -> bool {
+        !self.algorithm.is_fixed() && !self.leased
+    }
 }
 
 /// Which of a counter's limits a charge would break.
@@ -185,6 +197,9 @@ pub struct Stored {
     pub held: Counts,
     /// What this call granted it.
     pub granted: Counts,
+    /// `fleet` holds a sliding window's previous window, weighed as of the call: it falls as
+    /// the window goes on, which is no lease given back to look for sooner.
+    pub fades: bool,
 }
 
 /// What a window-stamped lease word (window in the high half, units in the low) holds for
@@ -659,9 +674,9 @@ impl Counter {
         let counts = store.fleet.minus(store.held);
         let current = Word::load(&self.others);
         let unchanged = keep_trust
-            && store.granted.is_zero()
             && current.window == window.0
-            && current.counts.requests == counts.requests;
+            && (store.fades
+                || (store.granted.is_zero() && current.counts.requests == counts.requests));
         let doublings = if unchanged { current.note >> 28 } else { 0 };
         let others = Word {
             window: window.0,
@@ -687,9 +702,11 @@ impl Counter {
         self.leased_tokens(window, store.granted.tokens);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
-        // Asked again and nothing changed: trust the answer twice as long.
-        let unchanged =
-            store.granted.is_zero() && current.window == window.0 && current.counts == others_now;
+        // Asked again and nothing changed: trust the answer twice as long. A sliding window's
+        // budget opens a little at a time as the previous window fades: each call finds what
+        // opened since the last, so its calls, too, come twice as far apart each time.
+        let unchanged = current.window == window.0
+            && (store.fades || (store.granted.is_zero() && current.counts == others_now));
         let doublings = if unchanged {
             (current.note >> 28) + 1
         } else {
@@ -1220,6 +1237,7 @@ mod tests {
             fleet: req(fleet),
             held: req(held),
             granted: req(held),
+            fades: false,
         }
     }
 
@@ -1420,6 +1438,7 @@ mod tests {
             fleet: tokens(fleet.into()),
             held: tokens(held.into()),
             granted: tokens(granted.into()),
+            fades: false,
         };
         c.synced(W, leased(300, 300, 500), NOW);
         assert_eq!(c.tokens_lease(W), 300);

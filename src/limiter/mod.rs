@@ -129,7 +129,7 @@ impl Limiter {
         let (now, view, table) = (self.clock.now_ms(), self.fleet.get(), self.table.pin());
         for (demand, outcome) in demands.iter().zip(outcomes.iter_mut()) {
             let unit = demand.counter.unit;
-            let (reading, until_reset) = if demand.limits.algorithm.is_fixed() {
+            let (reading, until_reset) = if !demand.limits.counted_by_algorithm() {
                 let reading = read(&table, demand, unit.window_at(now), view, now);
                 (reading, unit.until_reset(now))
             } else {
@@ -170,7 +170,7 @@ impl Limiter {
             }
             // Once the request is denied, later demands are only read, so a key over its own
             // limit never takes from a budget it shares with others.
-            let reading = if !demand.limits.algorithm.is_fixed() {
+            let reading = if demand.limits.counted_by_algorithm() {
                 let (reading, until_reset) = if allowed {
                     table.with_counter(demand.counter, |c| {
                         c.charge_by(
@@ -275,7 +275,7 @@ fn give_back(
     window: Window,
     now_ms: u64,
 ) -> Counts {
-    if !demand.limits.algorithm.is_fixed() {
+    if demand.limits.counted_by_algorithm() {
         let unit_ms = demand.counter.unit.millis();
         return table.with_counter(demand.counter, |c| {
             c.refund_by(now_ms, unit_ms, demand.charge, demand.limits)

@@ -8,7 +8,10 @@ use super::locate::{YamlPath, locate};
 use super::matcher::{Level, Node, Pattern, Selector};
 use super::metadata::to_struct;
 use super::raw::{RawDescriptor, RawFile};
-use super::{ConfigError, Domain, ENDPOINT_KEY, MetricDetail, Rule, SourceFile, rule_scope};
+use super::{
+    ConfigError, Consistency, Domain, ENDPOINT_KEY, MetricDetail, Policy, Rule, SourceFile,
+    rule_scope,
+};
 use crate::limiter::Enforcement;
 use crate::telemetry::RuleMetrics;
 
@@ -201,6 +204,19 @@ impl Compiler<'_> {
         );
 
         let policy = self.policy(raw, at);
+        // A strict rule is counted call by call in the store's fixed window.
+        if raw.consistency == Some(Consistency::Strict)
+            && let Some(Policy::Limited(windows)) = &policy
+            && let Some(w) = windows.iter().find(|w| !w.algorithm.is_fixed())
+        {
+            self.error(
+                &at.field("consistency"),
+                format!(
+                    "consistency: strict counts in fixed windows: drop it, or drop `algorithm: {}`",
+                    w.algorithm.name()
+                ),
+            );
+        }
         let mut children = Level::default();
         self.level(&raw.descriptors, at, &ancestry, &mut children);
         if self.errors.len() > errors_before {
@@ -591,6 +607,47 @@ descriptors:
             errors[0]
                 .message
                 .starts_with("token_bucket is decided by each replica alone for now"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn with_a_fleet_store_a_sliding_window_is_leased_and_strict_counts_in_fixed_windows() {
+        let file = |text: &str| SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        };
+        let sliding = file(
+            "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: sliding_window }
+",
+        );
+        for fleet_store in [false, true] {
+            let domain = compile_file_for(&sliding, fleet_store).unwrap();
+            let window = &domain.rules[0].windows()[0];
+            assert_eq!(window.leased, fleet_store);
+            let limits = window.in_force(Factor::FULL, |_| true);
+            // Alone, the sliding window's own word; in a fleet, the leased fixed-window word.
+            assert_eq!(limits.counted_by_algorithm(), !fleet_store);
+        }
+        let strict = file(
+            "domain: d
+descriptors:
+  - key: a
+    consistency: strict
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: sliding_window }
+",
+        );
+        let errors = compile_file_for(&strict, true).expect_err("strict is fixed-window");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].line, Some(4));
+        assert!(
+            errors[0]
+                .message
+                .contains("consistency: strict counts in fixed windows"),
             "{}",
             errors[0].message
         );

@@ -84,6 +84,7 @@ impl Compiler<'_> {
                         requests: None,
                         tokens: None,
                         algorithm: limit.algorithm,
+                        leased: self.fleet_store,
                     });
                     windows.last_mut().expect("just pushed")
                 }
@@ -376,12 +377,14 @@ impl Compiler<'_> {
             );
             return None;
         }
-        if !algorithm.is_fixed() && self.fleet_store {
+        // A sliding window is kept fleet-wide by the store's lease grants; a bucket is not yet.
+        if matches!(algorithm, Algorithm::TokenBucket { .. }) && self.fleet_store {
             self.error(
                 &at.field("algorithm"),
                 format!(
                     "{} is decided by each replica alone for now, not fleet-wide: with a Redis \
-                     store configured, use fixed_window (the default) or run without Redis",
+                     store configured, use fixed_window (the default) or sliding_window, or run \
+                     without Redis",
                     algorithm.name()
                 ),
             );

@@ -101,6 +101,8 @@ pub struct RuleWindow {
     pub tokens: Option<Limit>,
     /// How its limits count (a token bucket's burst as written).
     pub algorithm: Algorithm,
+    /// Kept fleet-wide in leases from a store ([`Limits::leased`]).
+    pub leased: bool,
 }
 
 impl RuleWindow {
@@ -146,6 +148,7 @@ impl RuleWindow {
             tokens: in_force(&self.tokens),
             algorithm,
             wide: self.tokens.as_ref().is_some_and(Limit::is_wide),
+            leased: self.leased,
         }
     }
 }
@@ -201,6 +204,12 @@ impl Rule {
     /// Every limit of the rule, window by window.
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
         self.windows().iter().flat_map(RuleWindow::limits)
+    }
+
+    /// The scopes of its counters: its id (fixed windows, and where the store's keys are
+    /// looked up by rule), and each window's own ([`RuleWindow::counter_scope`]).
+    pub fn counter_scopes(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.id).chain(self.windows().iter().map(|w| w.counter_scope(self.id)))
     }
 
     /// Its windows, shortest unit first; none when unlimited.
@@ -540,6 +549,7 @@ mod tests {
             requests: Some(limit(600, Measure::Requests)),
             tokens: Some(limit(90_001, Measure::Tokens)),
             algorithm: Algorithm::FixedWindow,
+            leased: false,
         };
         let full = window.in_force(Factor::FULL, |_| true);
         assert_eq!((full.requests, full.tokens), (Some(600), Some(90_001)));

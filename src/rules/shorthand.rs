@@ -36,11 +36,14 @@ impl Compiler<'_> {
                     );
                     continue;
                 }
-                tpm => per_minute_and_day(&RawTier {
-                    rpm: endpoint.rpm_limit,
-                    tpm: tpm.map(|t| t as u32),
-                    ..RawTier::default()
-                }),
+                tpm => per_minute_and_day(
+                    self.fleet_store,
+                    &RawTier {
+                        rpm: endpoint.rpm_limit,
+                        tpm: tpm.map(|t| t as u32),
+                        ..RawTier::default()
+                    },
+                ),
             };
             let selector = Selector::Exact(endpoint.id.as_str().into());
             self.shorthand_rule(&at, ENDPOINT_KEY, &endpoint.id, selector, policy, tree);
@@ -96,7 +99,7 @@ impl Compiler<'_> {
                 &key,
                 &label,
                 selector,
-                per_minute_and_day(&limits),
+                per_minute_and_day(self.fleet_store, &limits),
                 tree,
             );
         }
@@ -109,7 +112,7 @@ impl Compiler<'_> {
         };
         match unknown {
             Some(Some(limits)) => {
-                let policy = per_minute_and_day(&limits);
+                let policy = per_minute_and_day(self.fleet_store, &limits);
                 self.shorthand_rule(at, &key, "", Selector::AnyValue, policy, tree);
             }
             Some(None) => {
@@ -203,7 +206,7 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
 }
 
 /// A tier's budgets as rule windows: requests and tokens per minute, and per day.
-fn per_minute_and_day(tier: &RawTier) -> Policy {
+fn per_minute_and_day(leased: bool, tier: &RawTier) -> Policy {
     let limit = |unit, per_unit: Option<u32>, measure| {
         per_unit.map(|per_unit| Limit {
             name: None,
@@ -225,6 +228,7 @@ fn per_minute_and_day(tier: &RawTier) -> Policy {
         requests: limit(unit, r, Measure::Requests),
         tokens: limit(unit, t, Measure::Tokens),
         algorithm: Algorithm::FixedWindow,
+        leased,
     })
     .collect();
     if windows.is_empty() {

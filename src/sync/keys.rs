@@ -1,11 +1,13 @@
 //! How counters are named in Redis:
-//! `{namespace}:ratelimit:{domain}:{<hash of the descriptor path>}:{unit}:{window start}`.
+//! `{namespace}:ratelimit:{domain}:{<hash of the descriptor path>}:{unit}:{window start}`
+//! (a sliding window's: `sliding.{unit}` or `sliding-tokens.{unit}`, apart from the fixed
+//! window of the same unit).
 //! The descriptor path carries the callers' values (API keys): Redis sees only its SHA-256,
 //! the first 128 bits in hex, so no one who can read Redis can read a key.
 
 use super::Fleet;
-use crate::limiter::{CounterKey, Unit, Window};
-use crate::rules::{OVERRIDE_SCOPE, Rule};
+use crate::limiter::{Algorithm, CounterKey, Unit, Window};
+use crate::rules::{OVERRIDE_SCOPE, Rule, RuleWindow};
 
 impl Fleet {
     /// The key of a counter in one window:
@@ -13,7 +15,13 @@ impl Fleet {
     /// The hashed path is the hash tag, so all windows of a counter share a cluster slot.
     pub fn counter_key(&self, domain: &str, path: &str, unit: Unit, window: Window) -> String {
         let mut key = String::new();
-        self.write_counter_key(&mut key, domain, |out| out.push_str(path), unit, window);
+        self.write_counter_key(
+            &mut key,
+            domain,
+            |out| out.push_str(path),
+            ("", unit),
+            window,
+        );
         key
     }
 
@@ -23,14 +31,14 @@ impl Fleet {
         out: &mut String,
         domain: &str,
         path: impl FnOnce(&mut String),
-        unit: Unit,
+        (kind, unit): (&str, Unit),
         window: Window,
     ) {
         use std::fmt::Write;
         let mut clear = String::new();
         path(&mut clear);
         self.write_counter_prefix(out, domain, &clear);
-        let _ = write!(out, "{unit}:{}", unit.window_start_ms(window) / 1000);
+        let _ = write!(out, "{kind}{unit}:{}", unit.window_start_ms(window) / 1000);
     }
 
     /// What every window's key of a counter starts with:
@@ -68,6 +76,25 @@ pub(super) fn glob_escape(text: &str) -> String {
 /// Appends a counter's Redis key in `window` to `out`, its descriptor path as
 /// `api_key_k1.model_gpt-4o` (overrides: `override.k_v`). False for a counter whose rule is no
 /// longer loaded.
+/// The key of the same counter `offset_s` seconds of window start away from `key` (a
+/// sliding window's previous or next window): only the window start, the key's last field,
+/// changes.
+pub(super) fn neighbour_key(key: &str, offset_s: i64) -> String {
+    let (head, start) = key.rsplit_once(':').unwrap_or(("", key));
+    let start: i64 = start.parse().unwrap_or(0);
+    format!("{head}:{}", start.saturating_add(offset_s).max(0))
+}
+
+/// What tells a window's keys from the fixed window's of the same unit: a sliding window
+/// counts one measure a counter, the fixed window both.
+pub(super) fn key_kind(window: &RuleWindow) -> &'static str {
+    match (window.algorithm, window.tokens.is_some()) {
+        (Algorithm::SlidingWindow, false) => "sliding.",
+        (Algorithm::SlidingWindow, true) => "sliding-tokens.",
+        _ => "",
+    }
+}
+
 /// When a counter's key in `window` expires: the window's end, plus a margin so a late push
 /// still finds it.
 pub(super) fn expiry_ms(unit: Unit, window: Window) -> u64 {
@@ -95,14 +122,22 @@ pub(super) fn write_key_of(
                 out.push_str(v);
             }
         };
-        fleet.write_counter_key(out, domain, path, unit, window);
+        fleet.write_counter_key(out, domain, path, ("", unit), window);
         return true;
     }
     let Some(rule) = rule else {
         return false;
     };
+    // A sliding window counts one measure a counter: its keys are told apart from the fixed
+    // window's of the same unit (which hold requests and tokens together), after the path's
+    // hash, so a reset by path still finds them.
+    let kind = rule
+        .windows()
+        .iter()
+        .find(|w| w.unit == unit && w.counter_scope(rule.id) == key.scope())
+        .map_or("", key_kind);
     let path = |out: &mut String| rule.write_counter_path(out, parts);
-    fleet.write_counter_key(out, &rule.domain, path, unit, window);
+    fleet.write_counter_key(out, &rule.domain, path, (kind, unit), window);
     true
 }
 
@@ -188,5 +223,58 @@ mod tests {
                 hashed("api_key_k1")
             )
         );
+    }
+
+    #[test]
+    fn a_sliding_windows_keys_are_its_own_and_its_neighbours_are_one_window_apart() {
+        let domain = crate::rules::compile_file_for(
+            &SourceFile {
+                path: "llm.yaml".into(),
+                text: "domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - { unit: minute, requests: 5 }\n      - { unit: minute, tokens: 900, algorithm: sliding_window }\n".into(),
+            },
+            true,
+        )
+        .unwrap();
+        let rule = &domain.rules[0];
+        let key = |scope| {
+            CounterRef {
+                scope,
+                unit: Unit::Minute,
+                parts: &["k1"],
+            }
+            .to_key()
+        };
+        let scopes: Vec<u64> = rule
+            .windows()
+            .iter()
+            .map(|w| w.counter_scope(rule.id))
+            .collect();
+        let hash = {
+            let mut out = String::new();
+            write_path_hash(&mut out, "api_key_k1");
+            out
+        };
+        let fixed = key_of(&key(scopes[0]), Some(rule)).unwrap();
+        let sliding = key_of(&key(scopes[1]), Some(rule)).unwrap();
+        assert_eq!(
+            fixed,
+            format!("left alone|prod:ratelimit:llm:{{{hash}}}:minute:1767225600")
+        );
+        assert_eq!(
+            sliding,
+            format!("left alone|prod:ratelimit:llm:{{{hash}}}:sliding-tokens.minute:1767225600")
+        );
+        // The previous and next windows' keys, as the lease script reads them.
+        let sliding = sliding.trim_start_matches("left alone|");
+        let mut previous = String::new();
+        write_key_of(
+            &fleet(),
+            &mut previous,
+            &key(scopes[1]),
+            Some(rule),
+            Window(1_767_225_600 / 60 - 1),
+        );
+        assert_eq!(neighbour_key(sliding, -60), previous);
+        assert!(neighbour_key(sliding, 60).ends_with("sliding-tokens.minute:1767225660"));
     }
 }

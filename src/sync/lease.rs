@@ -17,7 +17,7 @@ use redis::{Cmd, RedisError, Script};
 
 use super::Fleet;
 use crate::decision::LeaseWant;
-use crate::limiter::{Counter, Counts, Limiter, Stored, Unit, Window};
+use crate::limiter::{Algorithm, Counter, Counts, Limiter, Stored, Unit, Window};
 
 /// The limit argument: no requests limit on the counter.
 pub(super) const NO_LIMIT: i64 = -1;
@@ -65,6 +65,49 @@ pub(super) struct LeaseCall {
     pub counted: Option<Counts>,
     pub expire_at_ms: u64,
     pub replicas: u32,
+    /// A sliding window's: the store weighs the previous window's leases in its grants.
+    pub slide: Option<Slide>,
+}
+
+/// Where a call stands in a sliding window, for the store to weigh the previous window: the
+/// window's length and how far into it the call is, in one unit of time (milliseconds up to a
+/// day's window, seconds beyond, so the store's integer arithmetic stays within 2^53).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Slide {
+    pub length: u64,
+    pub elapsed: u64,
+    /// The window's length in seconds: its neighbours' keys are this far apart.
+    pub step_s: u64,
+}
+
+impl Slide {
+    /// For a limit counted under `algorithm` in `window` of `unit` at `now_ms` (before the
+    /// window: at its start); none unless it is a sliding window.
+    pub(super) fn of(
+        algorithm: Algorithm,
+        unit: Unit,
+        window: Window,
+        now_ms: u64,
+    ) -> Option<Slide> {
+        if algorithm != Algorithm::SlidingWindow {
+            return None;
+        }
+        let length_ms = unit.millis();
+        let elapsed_ms = now_ms
+            .saturating_sub(unit.window_start_ms(window))
+            .min(length_ms);
+        let tick = if length_ms <= 86_400_000 { 1 } else { 1_000 };
+        Some(Slide {
+            length: length_ms / tick,
+            elapsed: elapsed_ms / tick,
+            step_s: length_ms / 1_000,
+        })
+    }
+
+    /// When a sliding window's key may expire: not before the next window, which weighs it.
+    pub(super) fn keeps_until(slide: Option<Slide>, expire_at_ms: u64) -> u64 {
+        expire_at_ms + slide.map_or(0, |s| s.step_s * 1_000)
+    }
 }
 
 /// The script, hashed once: calls name it by its hash.
@@ -75,13 +118,20 @@ static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_LUA));
 pub(super) type Reply = [i64; 8];
 
 impl LeaseCall {
-    /// The call, as an `EVALSHA` of the lease script on `key` for `replica`.
+    /// The call, as an `EVALSHA` of the lease script on `key` for `replica` (a sliding
+    /// window's call names the previous and the next window's keys too).
     pub(super) fn command(&self, key: &str, replica: &str) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(LEASE.get_hash())
-            .arg(1)
-            .arg(key)
-            .arg(replica)
+        cmd.arg(LEASE.get_hash());
+        match self.slide {
+            Some(slide) => cmd
+                .arg(3)
+                .arg(key)
+                .arg(super::keys::neighbour_key(key, -(slide.step_s as i64)))
+                .arg(super::keys::neighbour_key(key, slide.step_s as i64)),
+            None => cmd.arg(1).arg(key),
+        };
+        cmd.arg(replica)
             .arg(self.counted.map_or(-1, |c| i64::from(c.requests)))
             .arg(
                 self.counted
@@ -96,6 +146,9 @@ impl LeaseCall {
                 .arg(ask.need)
                 .arg(ask.holding)
                 .arg(ask.release);
+        }
+        if let Some(slide) = self.slide {
+            cmd.arg(slide.length).arg(slide.elapsed);
         }
         cmd
     }
@@ -126,6 +179,7 @@ impl LeaseCall {
                 requests: granted,
                 tokens: tokens_granted.into(),
             },
+            fades: self.slide.is_some(),
         }
     }
 }
@@ -148,6 +202,15 @@ impl LeaseCall {
 /// requests grant also leaves the replica no more than a 64th of the limit unused: what a
 /// replica killed held unused is lost to the fleet for the rest of the window (before this
 /// bound, 186 to 195 of 200 in the window of a kill; with it, 197 to 200).
+///
+/// A sliding window's call names three keys: this window's, the previous one's and the next
+/// one's, and adds ARGV 17 and 18: the window's length and how far into it the call is. What
+/// is left to lease is then the limit less this window's leases and the previous window's,
+/// weighed by the share of it still within the last unit (rounded up), and less the next
+/// window's leases when that has begun (a grant here would weigh fully at its start). The
+/// weight only falls as the window goes on, so what was granted stays within the limit at
+/// every later moment. What the fleet has leased is answered with that weight added: the
+/// replicas see the fleet's count as the sliding window sees it.
 pub(super) const LEASE_LUA: &str = r"
 local key, me = KEYS[1], ARGV[1]
 local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -156,6 +219,20 @@ local fresh = redis.call('EXISTS', key) == 0
 local f = redis.call('HMGET', key, 'h:' .. me, 'k:' .. me, 'u:' .. me, 't:' .. me,
   'requests', 'tleased', 'used', 'tokens', 'limit')
 local stored_limit = f[9]
+local slide = #KEYS == 3
+-- previous x (length - elapsed) / length, rounded up, in integers a double holds exactly.
+local function weighed(total)
+  local previous = tonumber(redis.call('HGET', KEYS[2], total) or '0')
+  local length, elapsed = tonumber(ARGV[17]), tonumber(ARGV[18])
+  local left_of_it = length - elapsed
+  local whole = math.floor(previous / length)
+  local n = (previous - whole * length) * left_of_it
+  local q = math.floor(n / length)
+  if q * length > n then q = q - 1 end
+  if (q + 1) * length <= n then q = q + 1 end
+  if q * length < n then q = q + 1 end
+  return whole * left_of_it + q
+end
 local function lease(field, total, held, leased, at, counted)
   local limit, target, need = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
   local holding, release = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
@@ -163,6 +240,12 @@ local function lease(field, total, held, leased, at, counted)
     limit = tonumber(stored_limit or '-1')
   elseif at == 7 and ARGV[6] == '1' and tostring(limit) ~= stored_limit then
     redis.call('HSET', key, 'limit', limit)
+  end
+  local weight, room = 0, limit
+  if slide and limit >= 0 then
+    weight = weighed(total)
+    local next_leased = tonumber(redis.call('HGET', KEYS[3], total) or '0')
+    room = math.min(limit - weight, limit - next_leased)
   end
   if holding > held then
     leased = redis.call('HINCRBY', key, total, holding - held)
@@ -179,11 +262,17 @@ local function lease(field, total, held, leased, at, counted)
     -- the way (a timeout) left the store counting a grant the replica never had, and sizing
     -- from the store would refuse it more for the rest of the window. What was lost stays
     -- leased (unused, never admitted twice).
-    local left = limit - leased
+    local left = room - leased
     if left > 0 then
       local cap = math.max(1, math.ceil(left / (2 * replicas)))
+      if slide then
+        -- A sliding window's budget opens a little at a time as the previous window's weight
+        -- fades: what is left is what opened since the last grant, and the replica asking may
+        -- take all it wants of it (a share of it sent each replica back for more at once).
+        cap = left
+      end
       local most = cap
-      if counted and replicas > 1 then
+      if counted and replicas > 1 and not slide then
         -- In a fleet, what a replica holds of a requests lease unused, once the request
         -- waiting on it has taken what it needs, stays within a 64th of the limit (at least
         -- one unit): a replica killed loses that for the rest of the window, so the others
@@ -200,7 +289,7 @@ local function lease(field, total, held, leased, at, counted)
       end
     end
   end
-  return held, granted, leased
+  return held, granted, leased + weight
 end
 local held, granted, leased = lease('h:' .. me, 'requests', tonumber(f[1] or '0'), tonumber(f[5] or '0'), 7, used)
 local theld, tgranted, tleased = lease('k:' .. me, 'tleased', tonumber(f[2] or '0'), tonumber(f[6] or '0'), 12, nil)
@@ -365,6 +454,7 @@ fn request_path_call(
         Counts::ZERO
     };
     let unit = want.counter.unit();
+    let slide = Slide::of(want.limits.algorithm, unit, window, now_ms);
     let long_window = super::round::leases_ahead(unit, interval);
     // One budget: what the request needs of it (a tokens check, one token of lease left),
     // and half as much again as the counter has used in the window so far. Far from the
@@ -426,8 +516,9 @@ fn request_path_call(
             requests: own.requests,
             tokens: pushed.tokens,
         }),
-        expire_at_ms: super::keys::expiry_ms(unit, window),
+        expire_at_ms: Slide::keeps_until(slide, super::keys::expiry_ms(unit, window)),
         replicas,
+        slide,
     }
 }
 

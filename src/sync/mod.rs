@@ -23,7 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use clap::ValueEnum;
 use redis::RedisError;
 
-use crate::limiter::{Counts, FleetView, Limiter, Unit, Window};
+use crate::limiter::{Counts, FleetView, Limiter, Window};
 use crate::rules::RuleSet;
 use crate::telemetry::SyncMetrics;
 pub use store::{Store, StoreAddress, TlsFiles};
@@ -223,20 +223,22 @@ impl Fleet {
         }
     }
 
-    /// This fleet's counts of one counter in `window`.
+    /// This fleet's counts of one counter of `rule_window` in `window`.
     pub async fn usage(
         &self,
         domain: &str,
         path: &str,
-        unit: Unit,
+        rule_window: &crate::rules::RuleWindow,
         window: Window,
     ) -> Result<Counts, SyncError> {
         let mut store = self.store().await?;
         let mut cmd = redis::cmd("HMGET");
+        let mut key = String::new();
+        let kind = keys::key_kind(rule_window);
+        let path = |out: &mut String| out.push_str(path);
+        self.write_counter_key(&mut key, domain, path, (kind, rule_window.unit), window);
         // What the fleet admitted, not what it leased: as of each replica's last sync.
-        cmd.arg(self.counter_key(domain, path, unit, window))
-            .arg("used")
-            .arg("tokens");
+        cmd.arg(key).arg("used").arg("tokens");
         let (requests, tokens): (Option<i64>, Option<i64>) =
             store.command(&cmd, self.timeout()).await?;
         Ok(Counts {
@@ -287,7 +289,8 @@ impl Fleet {
         let rules = handles.rules.load();
         let by_scope: std::collections::HashMap<u64, &crate::rules::Rule> = rules
             .domains()
-            .flat_map(|d| d.rules.iter().map(|r| (r.id, &**r)))
+            .flat_map(|d| d.rules.iter())
+            .flat_map(|r| r.counter_scopes().map(move |s| (s, &**r)))
             .collect();
         let mut name = String::new();
         handles.limiter.counters().remove_where(|key| {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{Ask, LeaseCall, NO_LIMIT, Reply, STORED_LIMIT, rest_at_rate};
+use super::lease::{Ask, LeaseCall, NO_LIMIT, Reply, STORED_LIMIT, Slide, rest_at_rate};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -24,9 +24,12 @@ pub(super) struct RuleIndex {
 impl RuleIndex {
     fn follow(&mut self, rules: Arc<RuleSet>) {
         if !Arc::ptr_eq(&rules, &self.of) {
+            // A rule's counters: its id for fixed windows, a scope of their own for the
+            // other algorithms (`RuleWindow::counter_scope`).
             self.by_scope = rules
                 .domains()
-                .flat_map(|d| d.rules.iter().map(|r| (r.id, r.clone())))
+                .flat_map(|d| d.rules.iter())
+                .flat_map(|r| r.counter_scopes().map(|s| (s, r.clone())))
                 .collect();
             self.of = rules;
         }
@@ -269,7 +272,10 @@ pub(super) async fn round(
             // reduction holds the request path to less, the fleet could lease past it.
             let limits = rule
                 .and_then(|rule| {
-                    let w = rule.windows().iter().find(|w| w.unit == unit)?;
+                    let w = rule
+                        .windows()
+                        .iter()
+                        .find(|w| w.unit == unit && w.counter_scope(rule.id) == key.scope())?;
                     Some(w.in_force(rule.capacity.get(), |_| true))
                 })
                 .unwrap_or_default();
@@ -324,10 +330,13 @@ pub(super) async fn round(
             } else {
                 0
             };
+            // Not a sliding window's: a unit leased in the next window before this one ends
+            // weighs fully at its start, so it is one this window can no longer lease.
             let ahead = !leaving
                 && ahead_round
                 && !strict
                 && !overridden
+                && limits.algorithm.is_fixed()
                 && limits.requests.is_some()
                 && ahead_wanted > 0
                 && leases_ahead(unit, interval);
@@ -336,6 +345,7 @@ pub(super) async fn round(
             if ahead || ahead_back > 0 {
                 let start = keys.len();
                 if write_key_of(fleet, &mut keys, key, rule, next) {
+                    let slide_ahead = Slide::of(limits.algorithm, unit, next, now);
                     let holding = counter.ahead(next).saturating_add(counter.lease(next));
                     let call = LeaseCall {
                         requests: Ask {
@@ -348,8 +358,9 @@ pub(super) async fn round(
                         tokens: Ask::NONE,
                         remember_limit: false,
                         counted: None,
-                        expire_at_ms: expiry_ms(unit, next),
+                        expire_at_ms: Slide::keeps_until(slide_ahead, expiry_ms(unit, next)),
                         replicas,
+                        slide: slide_ahead,
                     };
                     batch.push(Work {
                         counter,
@@ -430,6 +441,7 @@ pub(super) async fn round(
                 Some(limit) if !strict && !overridden => i64::from(super::narrow(limit)),
                 _ => NO_LIMIT,
             };
+            let slide = Slide::of(limits.algorithm, unit, window, now);
             let call = LeaseCall {
                 requests: ask(Budget::Requests, requests_limit, limits.requests),
                 tokens: ask(
@@ -439,8 +451,9 @@ pub(super) async fn round(
                 ),
                 remember_limit: false,
                 counted: Some(own),
-                expire_at_ms: expiry_ms(unit, window),
+                expire_at_ms: Slide::keeps_until(slide, expiry_ms(unit, window)),
                 replicas,
+                slide,
             };
             batch.push(Work {
                 counter,
