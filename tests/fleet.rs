@@ -355,10 +355,10 @@ async fn offer(
 /// [5/8] over [4/8]'s leases: a sliding window kept fleet-wide at the default settings holds
 /// its estimate within the limit at every admitted call, offered 3x evenly and 1.5x with 80 %
 /// on one replica. Offered more, a sliding window's estimate reaches the limit by each
-/// window's end, so a full window admits nearly the limit: the fleet admitted 183 to 197 of 200
-/// (0.915 to 0.985), short of the 98 % fixed windows keep, because what a replica holds unused
-/// at a window's end still weighs in the next (the README's accuracy model); the floor asserted
-/// here, 85 %, catches a fleet that starves.
+/// window's end, so a full window admits nearly the limit: the fleet admitted 180 to 198 of 200
+/// (0.90 to 0.99), short of the 98 % fixed windows keep: budget that opens in a window's last
+/// moments goes unasked for (the README's accuracy model); the floor asserted here, 85 %,
+/// catches a fleet that starves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
     let _turn = TURNS.lock().await;

@@ -222,7 +222,9 @@ pub struct Counter {
     word: AtomicU128,
     pushed: AtomicU128,
     others: AtomicU128,
-    /// A lease of the next window, taken before it began: window (high half), requests.
+    /// A lease of the next window, taken before it began: window (high half), requests. A
+    /// sliding window takes none: its word keeps instead what the counter held unused when
+    /// its window closed, for the sync to give back (the next window weighs what was leased).
     ahead: AtomicU64,
     /// The tokens this replica holds in its lease for a window: window (high half), tokens.
     /// Apart from the counter word: a check only compares the tokens reported with it, and a
@@ -407,10 +409,12 @@ impl Counter {
     ) -> Result<Reading, Retired> {
         let fleet = self.fleet_counts_for(window, view, now_ms);
         let enforce = enforcement != Enforcement::Shadow;
-        self.update_as(limits.wide, |word| {
+        let mut closed = None;
+        let reading = self.update_as(limits.wide, |word| {
             // Another thread may already have rolled into the next window on a clock read a
             // moment later than ours: count in the newer window rather than reset it. A new
             // window starts with no lease.
+            closed = (word.window < window.0).then_some(word);
             let (stamp, held, counts) = if word.window < window.0 {
                 (window.0, 0, Counts::ZERO)
             } else {
@@ -445,7 +449,34 @@ impl Counter {
                 },
                 reading,
             )
-        })
+        })?;
+        // The step that wrote ran last: `closed` is the word it replaced, if it rolled over.
+        if reading.counted
+            && limits.algorithm == Algorithm::SlidingWindow
+            && limits.leased
+            && let Some(word) = closed
+        {
+            self.keep_closed(word);
+        }
+        Ok(reading)
+    }
+
+    /// Keeps what a sliding window's counter held unused in the window `word` closed, for the
+    /// sync to give back ([`Counter::take_closed`]).
+    fn keep_closed(&self, word: Word) {
+        let unused = word.note.saturating_sub(word.counts.requests);
+        if unused > 0 && word.window != 0 {
+            self.ahead.store(
+                (u64::from(word.window) << 32) | u64::from(unused),
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// What this sliding window's counter held unused when `window` closed, once: the caller
+    /// gives it back to the store, so the next window no longer weighs it.
+    pub fn take_closed(&self, window: Window) -> u32 {
+        self.take_ahead(window)
     }
 
     /// Gives back `amount` counted earlier in `window`, never below zero. Nothing happens when the
@@ -597,10 +628,18 @@ impl Counter {
     /// set from what the store says the replica holds: an answer can cross a give-back in
     /// flight, and a lease set from it could admit what was given back.
     pub fn leased(&self, window: Window, granted: u32) {
+        self.leased_as(window, granted, false);
+    }
+
+    /// [`Counter::leased`]; `sliding`: a sliding window's, which keeps what it held unused in
+    /// the window it rolls out of ([`Counter::take_closed`]).
+    fn leased_as(&self, window: Window, granted: u32, sliding: bool) {
         if granted == 0 {
             return;
         }
+        let mut closed = None;
         let _ = self.update(|word| {
+            closed = (word.window < window.0).then_some(word);
             if word.window > window.0 {
                 return Step::Keep(());
             }
@@ -618,6 +657,9 @@ impl Counter {
                 (),
             )
         });
+        if sliding && let Some(word) = closed {
+            self.keep_closed(word);
+        }
     }
 
     /// Lowers the lease of `window` to `to`, never below what this replica has admitted in
@@ -690,7 +732,7 @@ impl Counter {
         };
         self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
-        self.leased(window, store.granted.requests);
+        self.leased_as(window, store.granted.requests, store.fades);
         self.leased_tokens(window, store.granted.tokens);
     }
 
@@ -698,7 +740,7 @@ impl Counter {
     /// has leased in all, so that a fleet found spent is not asked again by every request
     /// that follows.
     pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
-        self.leased(window, store.granted.requests);
+        self.leased_as(window, store.granted.requests, store.fades);
         self.leased_tokens(window, store.granted.tokens);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
@@ -1371,6 +1413,61 @@ mod tests {
         // not keep the counter alive (it did, and with Redis on no counter was ever dropped).
         c.synced(Window(101), Stored::default(), NOW);
         assert!(c.retire_if_idle(Window(101)));
+    }
+
+    #[test]
+    fn a_sliding_windows_counter_keeps_what_it_held_unused_when_its_window_closed() {
+        let sliding = Limits {
+            requests: Some(100),
+            algorithm: Algorithm::SlidingWindow,
+            leased: true,
+            ..Default::default()
+        };
+        let fixed = Limits {
+            algorithm: Algorithm::FixedWindow,
+            ..sliding
+        };
+        let view = FleetView::Synced { replicas: 2 };
+        let next = Window(W.0 + 1);
+        for (limits, fades, kept) in [(sliding, true, 3), (fixed, false, 0)] {
+            let c = Counter::new();
+            let grant = |held| Stored {
+                fades,
+                ..stored(0, held, held)
+            };
+            c.leased_with_fleet(W, grant(10), NOW);
+            for _ in 0..7 {
+                let r = c.charge_in_fleet(W, req(1), limits, Enforcement::Enforce, view, NOW);
+                assert!(r.unwrap().counted);
+            }
+            // The sync's grant in the next window rolls the counter over.
+            c.leased_with_fleet(next, grant(5), NOW + 1_000);
+            assert_eq!(c.take_closed(W), kept, "10 held, 7 admitted");
+            assert_eq!(c.take_closed(W), 0, "taken once");
+            assert_eq!(c.lease(next), 5);
+        }
+        // A charge that rolls over keeps it too (a shadow charge needs no lease).
+        let c = Counter::new();
+        c.leased_with_fleet(
+            W,
+            Stored {
+                fades: true,
+                ..stored(0, 4, 4)
+            },
+            NOW,
+        );
+        c.charge_in_fleet(W, req(1), sliding, Enforcement::Enforce, view, NOW)
+            .unwrap();
+        c.charge_in_fleet(
+            next,
+            req(1),
+            sliding,
+            Enforcement::Shadow,
+            view,
+            NOW + 1_000,
+        )
+        .unwrap();
+        assert_eq!(c.take_closed(W), 3);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use redis::{FromRedisValue, RedisError};
 use super::keys::{expiry_ms, write_key_of};
 use super::lease::{Ask, LeaseCall, NO_LIMIT, Reply, STORED_LIMIT, Slide, rest_at_rate};
 use super::{Fleet, SyncHandles};
-use crate::limiter::{Counter, CounterKey, Counts, Limits, Window};
+use crate::limiter::{Algorithm, Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
 
 /// The rules in force by counter scope, rebuilt when the rule set changes.
@@ -38,8 +38,7 @@ impl RuleIndex {
 
 struct Work<'g> {
     counter: &'g Counter,
-    /// A lease of the next window (`window`), taken ahead of it: only the grant is kept.
-    ahead: bool,
+    purpose: Purpose,
     /// Whether the window is long against the sync interval ([`leases_ahead`]).
     long_window: bool,
     /// The requests limit the counter is judged against here, if known (for the overshoot
@@ -49,6 +48,18 @@ struct Work<'g> {
     call: LeaseCall,
     /// Where the key's name is in the batch's `keys`.
     key: std::ops::Range<usize>,
+}
+
+/// What a lease call of a round is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The counter's window as it goes: push, top up or give back, read the fleet.
+    Sync,
+    /// A lease of the next window (`window`), taken ahead of it: only the grant is kept.
+    Ahead,
+    /// A sliding window's window just closed (`window`): what the counter held of it unused
+    /// goes back, so the next window does not weigh it. The answer is not kept.
+    GiveBackClosed,
 }
 
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
@@ -340,6 +351,44 @@ pub(super) async fn round(
                 && limits.requests.is_some()
                 && ahead_wanted > 0
                 && leases_ahead(unit, interval);
+            // What a sliding window's counter held unused when its last window closed goes
+            // back, pushed into that window's key: the store weighs its leases in this one.
+            let previous = Window(window.0.saturating_sub(1));
+            let closed_unused = if limits.algorithm == Algorithm::SlidingWindow && !overridden {
+                counter.take_closed(previous)
+            } else {
+                0
+            };
+            if closed_unused > 0 {
+                let start = keys.len();
+                if write_key_of(fleet, &mut keys, key, rule, previous) {
+                    let slide = Slide::of(limits.algorithm, unit, previous, now);
+                    let call = LeaseCall {
+                        requests: Ask {
+                            limit: limits.requests.map_or(NO_LIMIT, i64::from),
+                            target: 0,
+                            release: closed_unused,
+                            need: 0,
+                            holding: 0,
+                        },
+                        tokens: Ask::NONE,
+                        remember_limit: false,
+                        counted: None,
+                        expire_at_ms: Slide::keeps_until(slide, expiry_ms(unit, previous)),
+                        replicas,
+                        slide,
+                    };
+                    batch.push(Work {
+                        counter,
+                        purpose: Purpose::GiveBackClosed,
+                        long_window: false,
+                        limit: None,
+                        window: previous,
+                        call,
+                        key: start..keys.len(),
+                    });
+                }
+            }
             // Leaving, a lease taken ahead of the next window goes back.
             let ahead_back = if leaving { counter.take_ahead(next) } else { 0 };
             if ahead || ahead_back > 0 {
@@ -364,7 +413,7 @@ pub(super) async fn round(
                     };
                     batch.push(Work {
                         counter,
-                        ahead: true,
+                        purpose: Purpose::Ahead,
                         long_window: true,
                         limit: None,
                         window: next,
@@ -457,7 +506,7 @@ pub(super) async fn round(
             };
             batch.push(Work {
                 counter,
-                ahead: false,
+                purpose: Purpose::Sync,
                 long_window: leases_ahead(unit, interval),
                 limit: limits.requests,
                 window,
@@ -488,10 +537,14 @@ pub(super) async fn round(
         }
         for (w, reply) in batch.iter().zip(replies) {
             let reply: Reply = redis::FromRedisValue::from_redis_value(reply)?;
-            if w.ahead {
-                w.counter
-                    .lease_ahead(w.window, w.call.stored(reply).granted.requests);
-                continue;
+            match w.purpose {
+                Purpose::Ahead => {
+                    w.counter
+                        .lease_ahead(w.window, w.call.stored(reply).granted.requests);
+                    continue;
+                }
+                Purpose::GiveBackClosed => continue,
+                Purpose::Sync => {}
             }
             if w.long_window {
                 w.counter
