@@ -212,6 +212,13 @@ impl Rule {
         std::iter::once(self.id).chain(self.windows().iter().map(|w| w.counter_scope(self.id)))
     }
 
+    /// The window of `unit` whose counters have scope `scope`, if it is one of this rule's.
+    pub fn window_of(&self, scope: u64, unit: Unit) -> Option<&RuleWindow> {
+        self.windows()
+            .iter()
+            .find(|w| w.unit == unit && w.counter_scope(self.id) == scope)
+    }
+
     /// Its windows, shortest unit first; none when unlimited.
     #[inline]
     pub fn windows(&self) -> &[RuleWindow] {
@@ -433,9 +440,7 @@ impl RuleSet {
         self.domains
             .values()
             .flat_map(|d| d.rules.iter())
-            .flat_map(|r| {
-                std::iter::once(r.id).chain(r.windows().iter().map(|w| w.counter_scope(r.id)))
-            })
+            .flat_map(|r| r.counter_scopes())
             .collect()
     }
 

@@ -131,11 +131,7 @@ pub(super) fn write_key_of(
     // A sliding window counts one measure a counter: its keys are told apart from the fixed
     // window's of the same unit (which hold requests and tokens together), after the path's
     // hash, so a reset by path still finds them.
-    let kind = rule
-        .windows()
-        .iter()
-        .find(|w| w.unit == unit && w.counter_scope(rule.id) == key.scope())
-        .map_or("", key_kind);
+    let kind = rule.window_of(key.scope(), unit).map_or("", key_kind);
     let path = |out: &mut String| rule.write_counter_path(out, parts);
     fleet.write_counter_key(out, &rule.domain, path, (kind, unit), window);
     true

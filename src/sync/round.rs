@@ -283,10 +283,7 @@ pub(super) async fn round(
             // reduction holds the request path to less, the fleet could lease past it.
             let limits = rule
                 .and_then(|rule| {
-                    let w = rule
-                        .windows()
-                        .iter()
-                        .find(|w| w.unit == unit && w.counter_scope(rule.id) == key.scope())?;
+                    let w = rule.window_of(key.scope(), unit)?;
                     Some(w.in_force(rule.capacity.get(), |_| true))
                 })
                 .unwrap_or_default();
