@@ -11,7 +11,10 @@
 //!
 //! (`FLEET_RUNS`: counters/limit a minute/offered as a multiple of the limit, per run;
 //! `SLUICE=path/to/sluice`: the replicas' binary, when not this build's;
-//! `FLEET_ALGORITHM=sliding_window`: the limit's algorithm, fixed_window by default.)
+//! `FLEET_ALGORITHM=sliding_window`: the limit's algorithm, fixed_window by default;
+//! `FLEET_BURST=100`: a token bucket's burst, the limit by default. A bucket offered more than
+//! it refills admits its rate, so a full minute admits about its limit: at most its burst and
+//! a second's refill more, by its bound.)
 //!
 //! redis-server comes from `SLUICE_REDIS_SERVER` or the PATH; the replicas are the sluice
 //! binary of this build. Everything listens on loopback and is stopped by its pid at the end.
@@ -215,9 +218,10 @@ fn main() {
     // Another build of sluice, to compare two side by side.
     let sluice = std::env::var("SLUICE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").into());
     let algorithm = std::env::var("FLEET_ALGORITHM").unwrap_or_else(|_| "fixed_window".into());
+    let burst = std::env::var("FLEET_BURST").map_or(String::new(), |b| format!(", burst: {b}"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     println!(
-        "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute {algorithm} limit offered evenly, {seconds} s a run"
+        "fleet: {REPLICAS} replicas at the default settings on one redis-server, a per-minute {algorithm}{burst} limit offered evenly, {seconds} s a run"
     );
     println!(
         "{:>8} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>8}",
@@ -248,7 +252,7 @@ fn main() {
         std::fs::write(
             dir.path().join("fleet.yaml"),
             format!(
-                "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: minute, requests_per_unit: {limit}, algorithm: {algorithm} }}\n"
+                "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: minute, requests_per_unit: {limit}, algorithm: {algorithm}{burst} }}\n"
             ),
         )
         .unwrap();

@@ -47,6 +47,7 @@ fn admitted(algorithm: Algorithm, calls: &[u64]) -> Vec<u64> {
             algorithm,
             wide: false,
             leased: false,
+            refill_ms: 0,
         },
         charge: Counts {
             requests: 1,

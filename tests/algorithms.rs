@@ -25,6 +25,7 @@ fn requests(limit: u32, algorithm: Algorithm) -> Limits {
         algorithm,
         wide: false,
         leased: false,
+        refill_ms: 0,
     }
 }
 
@@ -309,6 +310,7 @@ fn eight_threads_reserving_tokens_from_a_bucket_take_exactly_what_it_holds() {
         algorithm: Algorithm::TokenBucket { burst: 1_000 },
         wide: false,
         leased: false,
+        refill_ms: 0,
     };
     let reserve = Demand {
         charge: Counts {

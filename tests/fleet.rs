@@ -53,6 +53,9 @@ struct Tally {
     failures: u64,
     /// Answers whose round trip spanned two window ends: their window cannot be told.
     untold: u64,
+    /// Each admitted call's (sent, answered) times, ms since the epoch: it was decided
+    /// between the two.
+    admitted_spans: Vec<(u64, u64)>,
     slowest_ms: u64,
 }
 
@@ -142,6 +145,7 @@ async fn drive(
                         }
                         tally.slowest_ms = tally.slowest_ms.max(answered - sent);
                         if is_ok(&response) {
+                            tally.admitted_spans.push((sent, answered));
                             *tally.admitted.entry(window).or_default() += 1;
                             let into = 1000u64.saturating_sub(reset);
                             tally.admitted_at.entry(window).or_default().push(into);
@@ -304,6 +308,20 @@ async fn offer(
     (offered, spread): (f64, Spread),
     what: &str,
 ) -> (Vec<(u64, u64)>, Tally) {
+    let (tally, (from, to)) = offer_for(n, redis, config, limit, (offered, spread), what).await;
+    (tally.full_windows(from, to), tally)
+}
+
+/// [`offer`] without windows (a token bucket has none): the tally, and when the load began
+/// and ended (ms since the epoch).
+async fn offer_for(
+    n: usize,
+    redis: &RedisServer,
+    config: &std::path::Path,
+    limit: u32,
+    (offered, spread): (f64, Spread),
+    what: &str,
+) -> (Tally, (u64, u64)) {
     let namespace = unique_namespace(&what.replace([' ', ','], "-"));
     let fleet = replicas(n, redis, &namespace, config, &[]).await;
     let clients = &fleet.clients;
@@ -322,7 +340,6 @@ async fn offer(
     .await;
     let to = now_ms();
     let tally = std::mem::take(&mut *tally.lock().await);
-    let windows = tally.full_windows(from, to);
     let served: Vec<u64> = (0..n)
         .map(|r| {
             tally
@@ -334,14 +351,18 @@ async fn offer(
         })
         .collect();
     let requests = summed(&fleet.http, "sluice_lease_request_path_calls_total").await;
+    let mut by_second = BTreeMap::<u64, u64>::new();
+    for (sent, _) in &tally.admitted_spans {
+        *by_second.entry(sent / 1000).or_default() += 1;
+    }
     println!(
-        "{what}: {} calls in {:?}, {} failed; admitted per window (limit {limit}): {:?}; \
-         admitted per replica {served:?}; request-path lease calls {requests} ({:.2} % of calls); \
-         slowest answer {} ms",
+        "{what}: {} calls in {:?}, {} failed; admitted per second sent (limit {limit}): {:?}; \
+         admitted per replica {served:?}; request-path lease calls {requests} ({:.2} % of \
+         calls); slowest answer {} ms",
         tally.calls,
         started.elapsed(),
         tally.failures,
-        windows,
+        by_second.values().collect::<Vec<_>>(),
         100.0 * requests as f64 / tally.calls.max(1) as f64,
         tally.slowest_ms,
     );
@@ -349,7 +370,7 @@ async fn offer(
     // Every replica with traffic got some.
     assert!(served.iter().all(|&s| s > 0), "{what}: {served:?}");
     stop_all(fleet.children).await;
-    (windows, tally)
+    (tally, (from, to))
 }
 
 /// [5/8] over [4/8]'s leases: a sliding window kept fleet-wide at the default settings holds
@@ -392,6 +413,72 @@ async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
                 "{what}: window {w} admitted {admitted} of {LIMIT} ({ratio:.3})"
             );
         }
+    }
+}
+
+/// A token bucket's guarantee kept in leases: over any span of `t` ms, the fleet admits no
+/// more than `burst + rate × (t + 1 s)` (a lease is spent within the second it was granted in,
+/// or lost). Checked over every span from one admitted call's sending to another's answer:
+/// each call was decided between the two, so the span holds every call sent and answered
+/// within it.
+fn assert_bucket(spans: &[(u64, u64)], burst: u64, rate_per_s: u64, what: &str) {
+    let mut spans = spans.to_vec();
+    spans.sort_unstable();
+    for (i, &(from, _)) in spans.iter().enumerate() {
+        let mut ends: Vec<u64> = spans[i..].iter().map(|&(_, answered)| answered).collect();
+        ends.sort_unstable();
+        for (k, &to) in ends.iter().enumerate() {
+            let admitted = k as u64 + 1;
+            let bound_x1000 = burst * 1000 + rate_per_s * (to - from + 1000);
+            assert!(
+                admitted * 1000 <= bound_x1000,
+                "{what}: {admitted} admitted within {} ms (bound {:.1})",
+                to - from,
+                bound_x1000 as f64 / 1000.0
+            );
+        }
+    }
+}
+
+/// [5/8] over [4/8]'s leases: a token bucket kept fleet-wide at the default settings (sync
+/// every second) never admits more than its bound over any span, offered 1.5x evenly and 3x
+/// with 80 % on one replica (and half its rate, when it refuses nothing), and admits at least
+/// 98 % of what one exact bucket would: its burst and its rate over the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_bucket_holds_fleet_wide_at_the_default_settings() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const BURST: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: second, requests_per_unit: {LIMIT}, algorithm: token_bucket, burst: {BURST} }}\n"
+    );
+    write_rules(dir.path(), &[("fleet.yaml", &rules)]);
+    for (offered, spread, what) in [
+        (0.5, Spread::Even, "bucket, 3 replicas, 0.5x"),
+        (1.5, Spread::Even, "bucket, 3 replicas, 1.5x"),
+        (3.0, Spread::Skewed, "bucket, 3 replicas, 3x, 80 % on one"),
+    ] {
+        let (tally, (from, to)) =
+            offer_for(3, &redis, dir.path(), LIMIT, (offered, spread), what).await;
+        assert_bucket(&tally.admitted_spans, BURST, LIMIT.into(), what);
+        let admitted = tally.admitted_spans.len() as u64;
+        if offered < 1.0 {
+            // Offered half its rate, the bucket never runs dry: all pass.
+            assert_eq!(admitted, tally.calls, "{what}");
+            continue;
+        }
+        // One exact bucket, full at the start, offered more than it refills: its burst and
+        // its rate over the run.
+        let exact = BURST + u64::from(LIMIT) * (to - from) / 1000;
+        let ratio = admitted as f64 / exact as f64;
+        println!("{what}: admitted {admitted}, one exact bucket {exact}: {ratio:.3}");
+        assert!(
+            ratio >= 0.98,
+            "{what}: admitted {admitted} of {exact} ({ratio:.3})"
+        );
     }
 }
 
@@ -857,6 +944,26 @@ async fn synced_in_process(
     .await
 }
 
+/// Two replicas in this process on manual clocks, in a namespace of their own named after
+/// `prefix`, on one rules file of domain `ns`, once both have synced.
+async fn two_synced(redis: &RedisServer, prefix: &str, rules: &str) -> (TestServer, TestServer) {
+    two_synced_in(redis, &unique_namespace(prefix), rules).await
+}
+
+/// [`two_synced`] in `namespace`.
+async fn two_synced_in(
+    redis: &RedisServer,
+    namespace: &str,
+    rules: &str,
+) -> (TestServer, TestServer) {
+    let a = synced_in_process(redis.url(), namespace, ("ns.yaml", rules), |_| {}).await;
+    let b = synced_in_process(redis.url(), namespace, ("ns.yaml", rules), |_| {}).await;
+    for s in [&a, &b] {
+        wait_synced(s).await;
+    }
+    (a, b)
+}
+
 /// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
 /// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
 /// last seconds of one minute; a quarter into the next, three quarters of those 60 still
@@ -868,12 +975,7 @@ async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
         return;
     };
     const RULES: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 60, algorithm: sliding_window }\n";
-    let namespace = unique_namespace("slide");
-    let a = synced_in_process(redis.url(), &namespace, ("ns.yaml", RULES), |_| {}).await;
-    let b = synced_in_process(redis.url(), &namespace, ("ns.yaml", RULES), |_| {}).await;
-    for s in [&a, &b] {
-        wait_synced(s).await;
-    }
+    let (a, b) = two_synced(&redis, "slide", RULES).await;
     // The store's keys expire by these clocks: the minute starts ahead of real time.
     let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
     let at = |ms: u64| {
@@ -897,6 +999,71 @@ async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = b.admitted(10, &call).await;
     assert_eq!((first, first + second), (8, 15));
+    for s in [a, b] {
+        s.stop().await;
+    }
+}
+
+/// [5/8] over [4/8]'s leases: a token bucket shared by two replicas, on manual clocks (both set
+/// alike). 60 a minute with a burst of 30: the bucket refills one a second. The first replica
+/// takes the whole burst; the second then gets nothing until the bucket refills; five seconds
+/// later it gets five and the first none, which is told when one would fit; a second later,
+/// one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_buckets_grants_follow_the_fleets_bucket_across_replicas() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    const RULES: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 60, algorithm: token_bucket, burst: 30 }\n";
+    let namespace = unique_namespace("bucket");
+    let (a, b) = two_synced_in(&redis, &namespace, RULES).await;
+    let start = (now_ms() / 1_000 + 1) * 1_000;
+    let at = |ms: u64| {
+        for s in [&a, &b] {
+            s.clock.set_ms(start + ms);
+        }
+    };
+    let call = request("ns", &[&[("user", "u1")]]);
+    at(100);
+    assert_eq!(a.admitted(31, &call).await, 30, "a takes the whole burst");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.admitted(3, &call).await, 0, "the fleet's bucket is empty");
+    // Five seconds on (another window of a second): five have refilled, for either replica.
+    at(5_100);
+    assert_eq!(b.admitted(6, &call).await, 5, "b gets the five");
+    let refused = a.ok(call.clone()).await;
+    assert!(!is_ok(&refused));
+    assert_eq!(remaining(&refused, 0), 0);
+    // One more fits a second after the bucket was emptied.
+    let reset = refused.statuses[0].duration_until_reset.unwrap();
+    let reset_ms = reset.seconds as u64 * 1_000 + reset.nanos as u64 / 1_000_000;
+    assert!((1..=1_000).contains(&reset_ms), "reset {reset_ms} ms");
+    // `/v1/usage` reads the fleet's bucket: all 30 taken; one fits again in a second.
+    let app = &a.running.as_ref().unwrap().app;
+    let usage = sluice::counters::usage(app, "ns", &[("user", "u1")])
+        .await
+        .unwrap();
+    let window = &usage.windows[0];
+    assert_eq!(window.fleet.map(|c| c.requests), Some(30));
+    assert_eq!(window.until_reset, Duration::from_secs(1));
+    // The fleet's bucket is one key beside the windows' of a second, expiring once it would be
+    // full again (30 s from empty, plus the margin).
+    let bucket = format!(
+        "{}:bucket",
+        redis_key(&namespace, "ns", "user_u1", "bucket.minute.second", 0)
+            .rsplit_once(':')
+            .unwrap()
+            .0
+    );
+    let ttl: i64 = redis.query(::redis::cmd("PTTL").arg(&bucket));
+    assert!(
+        ttl > 30_000 && ttl <= 30_000 + 120_000,
+        "{bucket}: pttl {ttl}"
+    );
+    // A second later, one more.
+    at(6_100);
+    assert_eq!(a.admitted(2, &call).await, 1);
     for s in [a, b] {
         s.stop().await;
     }
@@ -993,7 +1160,7 @@ async fn namespaces_keep_counts_apart_and_keys_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_window_of_any_length_is_shared_by_the_fleet_and_other_algorithms_are_refused() {
+async fn a_window_of_any_length_is_shared_by_the_fleet() {
     let _turn = TURNS.lock().await;
     let Some(redis) = RedisServer::start() else {
         return;
@@ -1004,11 +1171,7 @@ async fn a_window_of_any_length_is_shared_by_the_fleet_and_other_algorithms_are_
     // Not near an hour (Tokyo's midnight is one in UTC), nor a 90 s boundary.
     clear_of_boundary(3_600_000, Duration::from_secs(20)).await;
     clear_of_boundary(90_000, Duration::from_secs(15)).await;
-    let a = synced_in_process(redis.url(), &namespace, ("ns.yaml", NINETY), |_| {}).await;
-    let b = synced_in_process(redis.url(), &namespace, ("ns.yaml", NINETY), |_| {}).await;
-    for s in [&a, &b] {
-        wait_synced(s).await;
-    }
+    let (a, b) = two_synced_in(&redis, &namespace, NINETY).await;
     let call = request("ns", &[&[("user", "u1")]]);
     assert_eq!(a.admitted(6, &call).await, 6);
     let mut admitted = 0;
@@ -1050,32 +1213,6 @@ async fn a_window_of_any_length_is_shared_by_the_fleet_and_other_algorithms_are_
     for s in [a, b] {
         s.stop().await;
     }
-
-    // A token bucket is decided by each replica alone for now: with Redis, refused at start.
-    let dir = tempfile::tempdir().unwrap();
-    write_rules(
-        dir.path(),
-        &[(
-            "ns.yaml",
-            "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 10, algorithm: token_bucket }\n",
-        )],
-    );
-    let mut settings = sluice::settings::Settings::local(dir.path().to_path_buf());
-    settings.redis_url = Some(redis.url());
-    let refused = sluice::start(settings, Arc::new(sluice::ManualClock::new(now_ms())))
-        .await
-        .err()
-        .expect("refused with Redis");
-    let sluice::ServerError::Rules(errors) = refused else {
-        panic!("refused for its rules: {refused}");
-    };
-    assert_eq!(errors.len(), 1);
-    let message = errors[0].to_string();
-    assert!(
-        message.contains("ns.yaml")
-            && message.contains("token_bucket is decided by each replica alone"),
-        "{message}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

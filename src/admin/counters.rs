@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::body::{ResetBody, UsageQuery};
 use super::{Failure, Shared, authorize};
 use crate::app::App;
-use crate::limiter::{Algorithm, CounterRef, Counts, Unit};
+use crate::limiter::{Algorithm, CounterRef, Counts, Demand, Enforcement, Outcome, Unit};
 use crate::rules::{Entry, Limit, Rule};
 use crate::sync::SyncError;
 
@@ -33,11 +33,14 @@ pub struct WindowUsage {
     pub requests_limit: Option<Limit>,
     /// Its tokens limit, as configured.
     pub tokens_limit: Option<Limit>,
-    /// This replica's own counts.
+    /// This replica's own counts (a token bucket kept in leases: what the fleet has taken of
+    /// it, as this replica knows it).
     pub local: Counts,
-    /// The fleet's counts in Redis; `None` without Redis or when it did not answer.
+    /// The fleet's counts in Redis (a token bucket: what the fleet's bucket has taken of its
+    /// burst); `None` without Redis or when it did not answer.
     pub fleet: Option<Counts>,
-    /// Time until the window ends.
+    /// Time until the window ends (a token bucket kept in leases: as a call would be told,
+    /// until it is full, or when it is empty until one more fits).
     pub until_reset: Duration,
 }
 
@@ -79,13 +82,32 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
     let now = app.limiter.clock().now_ms();
     let mut windows = Vec::new();
     for w in rule.windows() {
-        let window = w.unit.window_at(now);
+        let unit = w.counter_unit();
+        let window = unit.window_at(now);
         // The pinned table is not held across the fleet's await below.
-        let (local, until_reset) = {
+        let (local, until_reset) = if w.is_leased_bucket() {
+            // As a call would find it: what the fleet has taken of the bucket as this replica
+            // knows it, and when it is full again.
+            let demand = Demand {
+                counter: CounterRef {
+                    scope: w.counter_scope(rule.id),
+                    unit,
+                    parts: &refs,
+                },
+                limits: w.in_force(rule.capacity.get(), |_| true),
+                charge: Counts::ZERO,
+                refund: false,
+                enforcement: Enforcement::Enforce,
+            };
+            let mut outcome = [Outcome::default()];
+            app.limiter
+                .assess(std::slice::from_ref(&demand), &mut outcome);
+            (outcome[0].counts, outcome[0].until_reset)
+        } else {
             let counters = app.limiter.counters().pin();
             let counter = counters.get(CounterRef {
                 scope: w.counter_scope(rule.id),
-                unit: w.unit,
+                unit,
                 parts: &refs,
             });
             match counter {
@@ -98,13 +120,19 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
                 }
                 Some(c) => {
                     let wide = w.tokens.as_ref().is_some_and(|l| l.is_wide());
-                    (c.counts(window, wide), w.unit.until_reset(now))
+                    (c.counts(window, wide), unit.until_reset(now))
                 }
-                None => (Counts::ZERO, w.unit.until_reset(now)),
+                None => (Counts::ZERO, unit.until_reset(now)),
             }
         };
         let fleet = match &app.fleet {
-            Some(fleet) => fleet.usage(&rule.domain, &path, w, window).await.ok(),
+            Some(fleet) => {
+                let rule_window = (w, rule.capacity.get());
+                fleet
+                    .usage(&rule.domain, &path, rule_window, window, now)
+                    .await
+                    .ok()
+            }
             None => None,
         };
         windows.push(WindowUsage {

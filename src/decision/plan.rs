@@ -302,7 +302,7 @@ impl<'r, 'v> Plan<'r, 'v> {
             let demand = Demand {
                 counter: CounterRef {
                     scope: window.counter_scope(rule.id),
-                    unit: window.unit,
+                    unit: window.counter_unit(),
                     parts,
                 },
                 limits: window.in_force(scale, |l| !matched.replaced(l)),

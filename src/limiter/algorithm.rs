@@ -23,6 +23,8 @@
 
 use std::time::Duration;
 
+use super::counter::saturating_u32;
+
 /// How a limit counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Algorithm {
@@ -433,6 +435,29 @@ pub(super) fn bucket_refund(word: u128, now_ms: u64, rate: Rate, n: u32) -> u128
 pub(super) fn bucket_used_at(word: u128, now_ms: u64, rate: Rate, burst: u32) -> u32 {
     let clock = Clocked::new(now_ms, rate);
     Bucket::used(Bucket::unpack(word).fill_at(&clock, rate), burst, &clock)
+}
+
+/// A token bucket kept in leases, from what the fleet has taken of it as this replica knows it
+/// (`used`: its burst less what it holds): for a charge that fits, the time until it is full;
+/// for one over, the time until the charge would fit if nothing else came (a charge larger
+/// than the burst never fits: reported as the unit, as [`bucket_charge`] does).
+pub(super) fn leased_bucket_reset(
+    used: u64,
+    charge: u64,
+    over: bool,
+    burst: u32,
+    rate: Rate,
+) -> Duration {
+    let burst = u64::from(burst);
+    let short = if !over {
+        used.min(burst)
+    } else if charge > burst || rate.limit == 0 {
+        return Duration::from_millis(rate.unit_ms);
+    } else {
+        (used + probe(saturating_u32(charge))).saturating_sub(burst)
+    };
+    let ms = (u128::from(short) * u128::from(rate.unit_ms)).div_ceil(u128::from(rate.limit.max(1)));
+    Duration::from_millis(ms.min(u128::from(u64::MAX)) as u64)
 }
 
 #[cfg(test)]

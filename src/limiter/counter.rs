@@ -97,6 +97,10 @@ pub struct Limits {
     /// fixed-window word whatever the algorithm: a replica admits what it holds, and the store
     /// applies a sliding window when it grants a lease. Fixed for the process's life.
     pub leased: bool,
+    /// A token bucket kept in leases: the length of the unit its limit refills in (ms). Its
+    /// counter counts in windows of a second ([`super::LEASED_BUCKET_WINDOW`]); this is what
+    /// its reset and its share during an outage are reckoned from. Zero otherwise.
+    pub refill_ms: u64,
 }
 
 impl Limits {
@@ -200,6 +204,10 @@ pub struct Stored {
     /// `fleet` holds a sliding window's previous window, weighed as of the call: it falls as
     /// the window goes on, which is no lease given back to look for sooner.
     pub fades: bool,
+    /// `fleet` is a token bucket's, which refills all the time: a spent fleet is trusted for
+    /// the first [`FRESH_MS`] only, never twice as long, or what refills meanwhile could
+    /// overflow the bucket unclaimed.
+    pub refills: bool,
 }
 
 /// What a window-stamped lease word (window in the high half, units in the low) holds for
@@ -452,8 +460,8 @@ impl Counter {
         })?;
         // The step that wrote ran last: `closed` is the word it replaced, if it rolled over.
         if reading.counted
-            && limits.algorithm == Algorithm::SlidingWindow
-            && limits.leased
+            && ((limits.algorithm == Algorithm::SlidingWindow && limits.leased)
+                || limits.refill_ms > 0)
             && let Some(word) = closed
         {
             self.keep_closed(word);
@@ -473,8 +481,9 @@ impl Counter {
         }
     }
 
-    /// What this sliding window's counter held unused when `window` closed, once: the caller
-    /// gives it back to the store, so the next window no longer weighs it.
+    /// What this sliding window's counter (or token bucket's, kept in leases) held unused when
+    /// `window` closed, once: the caller gives it back to the store, so the next window no
+    /// longer weighs it (the bucket holds it again).
     pub fn take_closed(&self, window: Window) -> u32 {
         self.take_ahead(window)
     }
@@ -719,7 +728,11 @@ impl Counter {
             && current.window == window.0
             && (store.fades
                 || (store.granted.is_zero() && current.counts.requests == counts.requests));
-        let doublings = if unchanged { current.note >> 28 } else { 0 };
+        let doublings = if unchanged && !store.refills {
+            current.note >> 28
+        } else {
+            0
+        };
         let others = Word {
             window: window.0,
             note: stamp(now_ms, doublings),
@@ -749,7 +762,7 @@ impl Counter {
         // opened since the last, so its calls, too, come twice as far apart each time.
         let unchanged = current.window == window.0
             && (store.fades || (store.granted.is_zero() && current.counts == others_now));
-        let doublings = if unchanged {
+        let doublings = if unchanged && !store.refills {
             (current.note >> 28) + 1
         } else {
             0
@@ -1280,6 +1293,7 @@ mod tests {
             held: req(held),
             granted: req(held),
             fades: false,
+            refills: false,
         }
     }
 
@@ -1433,6 +1447,7 @@ mod tests {
             let c = Counter::new();
             let grant = |held| Stored {
                 fades,
+                refills: false,
                 ..stored(0, held, held)
             };
             c.leased_with_fleet(W, grant(10), NOW);
@@ -1452,6 +1467,7 @@ mod tests {
             W,
             Stored {
                 fades: true,
+                refills: false,
                 ..stored(0, 4, 4)
             },
             NOW,
@@ -1536,6 +1552,7 @@ mod tests {
             held: tokens(held.into()),
             granted: tokens(granted.into()),
             fades: false,
+            refills: false,
         };
         c.synced(W, leased(300, 300, 500), NOW);
         assert_eq!(c.tokens_lease(W), 300);

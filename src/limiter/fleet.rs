@@ -3,7 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::counter::{Counts, Limits, Over, breaks};
+use super::Algorithm;
+use super::counter::{Counts, Limits, Over, breaks, saturating_u32};
 
 /// How the rest of the fleet is seen, read once per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -187,6 +188,35 @@ impl FleetView {
     }
 }
 
+impl Limits {
+    /// What a counter counted in leases is judged against under `view`: its limits, but for a
+    /// token bucket kept in leases its burst while synced (the store answers what the fleet
+    /// has taken as the burst less what the bucket holds: the fleet is spent when the bucket
+    /// is empty), and without the store what the bucket refills in the counter's window of a
+    /// second, which the outage policies share as they share a fixed window's limit.
+    fn judged_under(self, view: FleetView) -> Limits {
+        let Algorithm::TokenBucket { burst } = self.algorithm else {
+            return self;
+        };
+        if self.refill_ms == 0 {
+            return self;
+        }
+        let per_window = |limit: u64| {
+            (u128::from(limit) * u128::from(super::LEASED_BUCKET_WINDOW.millis()))
+                .div_ceil(u128::from(self.refill_ms)) as u64
+        };
+        let limit = |limit: u64| match view {
+            FleetView::Synced { .. } => u64::from(burst),
+            _ => per_window(limit),
+        };
+        Limits {
+            requests: self.requests.map(|l| saturating_u32(limit(l.into()))),
+            tokens: self.tokens.map(limit),
+            ..self
+        }
+    }
+}
+
 /// Which of a counter's limits `charge` breaks on top of its `local` counts, under `view`:
 /// both counted in leases.
 pub(super) fn judge(
@@ -196,6 +226,7 @@ pub(super) fn judge(
     fleet: FleetCounts,
     view: FleetView,
 ) -> Over {
+    let limits = limits.judged_under(view);
     let requests = view.leased(
         Side {
             local: local.requests.into(),

@@ -20,6 +20,12 @@ pub use fleet::{FleetState, FleetView};
 pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Calendar, Period, Unit, Window, Zone};
 
+/// The window a token bucket kept in leases counts in, whatever its unit: what the store's
+/// bucket granted a replica is admitted within the second it was granted in, or lost. So no
+/// lease is older than a second when it is spent, and the fleet admits within any span `t` no
+/// more than the bucket grants within `t` and the second before it.
+pub const LEASED_BUCKET_WINDOW: Unit = Unit::Second;
+
 /// How a limit takes part in the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Enforcement {
@@ -131,7 +137,12 @@ impl Limiter {
             let unit = demand.counter.unit;
             let (reading, until_reset) = if !demand.limits.counted_by_algorithm() {
                 let reading = read(&table, demand, unit.window_at(now), view, now);
-                (reading, unit.until_reset(now))
+                let until_reset = if demand.limits.refill_ms > 0 {
+                    leased_bucket_reset(demand, &reading)
+                } else {
+                    unit.until_reset(now)
+                };
+                (reading, until_reset)
             } else {
                 assess_by(&table, demand, now)
             };
@@ -200,6 +211,9 @@ impl Limiter {
             } else {
                 read(&table, demand, window, view, now)
             };
+            if demand.limits.refill_ms > 0 {
+                outcome.until_reset = leased_bucket_reset(demand, &reading);
+            }
             outcome.counts = reading.counts;
             outcome.over = reading.over;
             outcome.counted = reading.counted;
@@ -233,6 +247,31 @@ impl Limiter {
         }
         allowed
     }
+}
+
+/// A token bucket kept in leases: its reset, from the fleet's count as the demand met it.
+fn leased_bucket_reset(demand: &Demand<'_>, reading: &Reading) -> Duration {
+    let Algorithm::TokenBucket { burst } = demand.limits.algorithm else {
+        return Duration::ZERO;
+    };
+    let (used, charge, limit) = match (demand.limits.requests, demand.limits.tokens) {
+        (Some(limit), _) => (
+            reading.counts.requests.into(),
+            demand.charge.requests.into(),
+            limit,
+        ),
+        (None, Some(limit)) => (
+            reading.counts.tokens,
+            demand.charge.tokens,
+            saturating_u32(limit),
+        ),
+        (None, None) => return Duration::ZERO,
+    };
+    let rate = algorithm::Rate {
+        limit,
+        unit_ms: demand.limits.refill_ms,
+    };
+    algorithm::leased_bucket_reset(used, charge, reading.over.any(), burst, rate)
 }
 
 /// What `demand` would meet in `window`, charging nothing (a counter not yet created is empty).

@@ -295,7 +295,7 @@ fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::Unit;
+    use crate::limiter::{Algorithm, Unit};
     use crate::rules::{Consistency, Factor, Policy};
 
     fn compile(text: &str) -> Result<Domain, Vec<ConfigError>> {
@@ -589,27 +589,84 @@ descriptors:
     }
 
     #[test]
-    fn with_a_fleet_store_a_replica_local_algorithm_is_an_error() {
+    fn with_a_fleet_store_a_token_bucket_is_leased_in_windows_of_a_second() {
         let text = "domain: d
 descriptors:
   - key: a
-    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket }
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket, burst: 9 }
+    descriptors:
+      - key: b
+        limits:
+          - { unit: minute, requests: 60, algorithm: token_bucket }
+          - { unit: hour, requests: 600, algorithm: token_bucket }
+  - key: huge
+    limits:
+      - { unit: year, tokens: 4000000000, algorithm: token_bucket }
 ";
         let file = SourceFile {
             path: "rules.yaml".into(),
             text: text.into(),
         };
-        assert!(compile_file_for(&file, false).is_ok());
-        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
+        // Alone, the year-long bucket is the replica's own word; in a fleet, the store's
+        // doubles cannot hold its fill (4e9 x 31,536,000 s is past 2^53).
+        let alone = compile_file_for(&file, false).unwrap();
+        assert_eq!(alone.rules[0].windows()[0].counter_unit(), Unit::Minute);
+        let errors = compile_file_for(&file, true).expect_err("too large for the store");
         assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].line, Some(4));
+        assert_eq!(errors[0].line, Some(12));
+        assert_eq!(
+            errors[0].field.as_deref(),
+            Some("descriptors[1].limits[0].algorithm")
+        );
         assert!(
             errors[0]
                 .message
-                .starts_with("token_bucket is decided by each replica alone for now"),
+                .starts_with("a token bucket kept fleet-wide holds burst x"),
             "{}",
             errors[0].message
         );
+        let fleet = compile_file_for(
+            &SourceFile {
+                path: "rules.yaml".into(),
+                text: text.split("  - key: huge").next().unwrap().into(),
+            },
+            true,
+        )
+        .unwrap();
+        let by_key = |key: &str| {
+            fleet
+                .rules
+                .iter()
+                .find(|r| r.keys.last().is_some_and(|k| &**k == key))
+                .unwrap()
+        };
+        let minute = &by_key("a").windows()[0];
+        assert!(minute.leased && minute.is_leased_bucket());
+        // The counter counts what the store granted in windows of a second, judged against
+        // the bucket's burst; the rate and its unit go to the store.
+        assert_eq!(minute.counter_unit(), Unit::Second);
+        let limits = minute.in_force(Factor::FULL, |_| true);
+        assert!(!limits.counted_by_algorithm());
+        assert_eq!(
+            (limits.requests, limits.algorithm, limits.refill_ms),
+            (Some(6), Algorithm::TokenBucket { burst: 9 }, 60_000)
+        );
+        // Two buckets of one rule count in windows of the same second, on counters of their
+        // own, and the sync finds each by its scope.
+        let two = by_key("b");
+        let scopes: Vec<u64> = two
+            .windows()
+            .iter()
+            .map(|w| w.counter_scope(two.id))
+            .collect();
+        assert_ne!(scopes[0], scopes[1]);
+        for (w, scope) in two.windows().iter().zip(&scopes) {
+            assert!(std::ptr::eq(
+                two.window_of(*scope, Unit::Second).unwrap(),
+                w
+            ));
+        }
+        assert!(two.window_of(scopes[0], Unit::Minute).is_none());
     }
 
     #[test]

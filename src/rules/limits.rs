@@ -248,6 +248,25 @@ impl Compiler<'_> {
         let written_limit = amount.map_or(0, |(_, n)| crate::limiter::saturating_u32(n));
         let algorithm = self.algorithm(raw, written_limit, at);
         let (unit, (measure, per_unit), algorithm) = (unit?, amount?, algorithm?);
+        if let Algorithm::TokenBucket { burst } = algorithm
+            && self.fleet_store
+            && !store_counts_bucket(burst, unit)
+        {
+            let field = if raw.burst.is_some() {
+                "burst"
+            } else {
+                "algorithm"
+            };
+            self.error(
+                &at.field(field),
+                format!(
+                    "a token bucket kept fleet-wide holds burst x its unit's length in seconds \
+                     under 2^53 (the store's exact integers): {burst} per {unit} is more; keep \
+                     a shorter unit or a smaller burst"
+                ),
+            );
+            return None;
+        }
         ok.then(|| {
             Written::Limited(Limit {
                 name: raw.name.as_deref().map(Into::into),
@@ -377,19 +396,23 @@ impl Compiler<'_> {
             );
             return None;
         }
-        // A sliding window is kept fleet-wide by the store's lease grants; a bucket is not yet.
-        if matches!(algorithm, Algorithm::TokenBucket { .. }) && self.fleet_store {
-            self.error(
-                &at.field("algorithm"),
-                format!(
-                    "{} is decided by each replica alone for now, not fleet-wide: with a Redis \
-                     store configured, use fixed_window (the default) or sliding_window, or run \
-                     without Redis",
-                    algorithm.name()
-                ),
-            );
-            return None;
-        }
         Some(algorithm)
+    }
+}
+
+/// Whether the store can keep a token bucket of `burst` per `unit` exactly: its script counts
+/// the bucket's fill in doubles, in milliseconds or, for long units, seconds
+/// ([`bucket_tick_ms`]), so the fill of a full bucket must stay under 2^53.
+fn store_counts_bucket(burst: u32, unit: Unit) -> bool {
+    u128::from(burst) * u128::from(unit.seconds()) < 1 << 53
+}
+
+/// The tick the store counts a token bucket's fill in, for a unit of `unit_ms`: a millisecond
+/// while a full bucket's fill in them stays under 2^53, else a second.
+pub fn bucket_tick_ms(burst: u32, unit_ms: u64) -> u64 {
+    if u128::from(burst) * u128::from(unit_ms) < 1 << 53 {
+        1
+    } else {
+        1_000
     }
 }

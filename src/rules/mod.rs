@@ -20,10 +20,11 @@ use envoy_types::pb::google::protobuf::Struct;
 
 pub use compile::{compile_file, compile_file_for};
 pub use files::{ConfigError, SourceFile, load_dir, load_dir_with, read_dir};
+pub use limits::bucket_tick_ms;
 pub use locate::YamlPath;
 pub use matcher::{Entry, Level};
 
-use crate::limiter::{Algorithm, Enforcement, Limits, Unit, saturating_u32};
+use crate::limiter::{Algorithm, Enforcement, LEASED_BUCKET_WINDOW, Limits, Unit, saturating_u32};
 use crate::telemetry::RuleMetrics;
 
 /// What a limit counts.
@@ -109,7 +110,8 @@ impl RuleWindow {
     /// The scope of its counters for rule `rule_id`: the rule's id for fixed windows (as ever),
     /// told apart for the other algorithms and measures, and for a wide tokens budget, so that
     /// a reload that changes how a limit counts starts its counter afresh rather than reading
-    /// another layout's word.
+    /// another layout's word. A token bucket kept in leases counts in windows of a second
+    /// whatever its unit ([`RuleWindow::counter_unit`]), so its scope tells its unit too.
     #[inline]
     pub fn counter_scope(&self, rule_id: u64) -> u64 {
         let wide = self.tokens.as_ref().is_some_and(Limit::is_wide);
@@ -117,10 +119,30 @@ impl RuleWindow {
             Algorithm::FixedWindow if wide => 3,
             Algorithm::FixedWindow => return rule_id,
             Algorithm::SlidingWindow => 1,
+            Algorithm::TokenBucket { .. } if self.leased => 4 + self.unit.millis() * 8,
             Algorithm::TokenBucket { .. } => 2,
         };
         let tag = tag * 2 + u64::from(self.tokens.is_some());
         (rule_id ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !OVERRIDE_SCOPE
+    }
+
+    /// The unit of the windows its counters count in: the limit's own, except for a token
+    /// bucket kept in leases, whose counter admits what the store's bucket granted it within
+    /// windows of a second ([`LEASED_BUCKET_WINDOW`]): a lease is spent within a second of
+    /// its grant or lost, which is what bounds the fleet's bucket.
+    #[inline]
+    pub fn counter_unit(&self) -> Unit {
+        if self.is_leased_bucket() {
+            LEASED_BUCKET_WINDOW
+        } else {
+            self.unit
+        }
+    }
+
+    /// Whether it is a token bucket kept fleet-wide in leases.
+    #[inline]
+    pub fn is_leased_bucket(&self) -> bool {
+        self.leased && matches!(self.algorithm, Algorithm::TokenBucket { .. })
     }
 
     pub fn limits(&self) -> impl Iterator<Item = &Limit> {
@@ -149,6 +171,11 @@ impl RuleWindow {
             algorithm,
             wide: self.tokens.as_ref().is_some_and(Limit::is_wide),
             leased: self.leased,
+            refill_ms: if self.is_leased_bucket() {
+                self.unit.millis()
+            } else {
+                0
+            },
         }
     }
 }
@@ -212,11 +239,12 @@ impl Rule {
         std::iter::once(self.id).chain(self.windows().iter().map(|w| w.counter_scope(self.id)))
     }
 
-    /// The window of `unit` whose counters have scope `scope`, if it is one of this rule's.
+    /// The window whose counters count in `unit` ([`RuleWindow::counter_unit`]) with scope
+    /// `scope`, if it is one of this rule's.
     pub fn window_of(&self, scope: u64, unit: Unit) -> Option<&RuleWindow> {
         self.windows()
             .iter()
-            .find(|w| w.unit == unit && w.counter_scope(self.id) == scope)
+            .find(|w| w.counter_unit() == unit && w.counter_scope(self.id) == scope)
     }
 
     /// Its windows, shortest unit first; none when unlimited.

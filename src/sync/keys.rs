@@ -5,6 +5,8 @@
 //! The descriptor path carries the callers' values (API keys): Redis sees only its SHA-256,
 //! the first 128 bits in hex, so no one who can read Redis can read a key.
 
+use std::borrow::Cow;
+
 use super::Fleet;
 use crate::limiter::{Algorithm, CounterKey, Unit, Window};
 use crate::rules::{OVERRIDE_SCOPE, Rule, RuleWindow};
@@ -86,13 +88,26 @@ pub(super) fn neighbour_key(key: &str, offset_s: i64) -> String {
 }
 
 /// What tells a window's keys from the fixed window's of the same unit: a sliding window
-/// counts one measure a counter, the fixed window both.
-pub(super) fn key_kind(window: &RuleWindow) -> &'static str {
+/// counts one measure a counter, the fixed window both. A token bucket's counter counts in
+/// windows of a second whatever its unit: its keys name the unit too
+/// (`bucket.minute.second:<start>`).
+pub(super) fn key_kind(window: &RuleWindow) -> Cow<'static, str> {
     match (window.algorithm, window.tokens.is_some()) {
-        (Algorithm::SlidingWindow, false) => "sliding.",
-        (Algorithm::SlidingWindow, true) => "sliding-tokens.",
-        _ => "",
+        (Algorithm::SlidingWindow, false) => "sliding.".into(),
+        (Algorithm::SlidingWindow, true) => "sliding-tokens.".into(),
+        (Algorithm::TokenBucket { .. }, tokens) if window.leased => {
+            let measure = if tokens { "bucket-tokens" } else { "bucket" };
+            format!("{measure}.{}.", window.unit).into()
+        }
+        _ => "".into(),
     }
+}
+
+/// The key of the fleet's token bucket whose window key is `key`: one for all its windows,
+/// beside them (the window start, the key's last field, replaced).
+pub(super) fn bucket_key(key: &str) -> String {
+    let (head, _) = key.rsplit_once(':').unwrap_or(("", key));
+    format!("{head}:bucket")
 }
 
 /// When a counter's key in `window` expires: the window's end, plus a margin so a late push
@@ -131,9 +146,11 @@ pub(super) fn write_key_of(
     // A sliding window counts one measure a counter: its keys are told apart from the fixed
     // window's of the same unit (which hold requests and tokens together), after the path's
     // hash, so a reset by path still finds them.
-    let kind = rule.window_of(key.scope(), unit).map_or("", key_kind);
+    let kind = rule
+        .window_of(key.scope(), unit)
+        .map_or("".into(), key_kind);
     let path = |out: &mut String| rule.write_counter_path(out, parts);
-    fleet.write_counter_key(out, &rule.domain, path, (kind, unit), window);
+    fleet.write_counter_key(out, &rule.domain, path, (&kind, unit), window);
     true
 }
 

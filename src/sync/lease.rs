@@ -17,7 +17,7 @@ use redis::{Cmd, RedisError, Script};
 
 use super::Fleet;
 use crate::decision::LeaseWant;
-use crate::limiter::{Algorithm, Counter, Counts, Limiter, Stored, Unit, Window};
+use crate::limiter::{Algorithm, Counter, Counts, Limiter, Limits, Stored, Unit, Window};
 
 /// The limit argument: no requests limit on the counter.
 pub(super) const NO_LIMIT: i64 = -1;
@@ -67,6 +67,83 @@ pub(super) struct LeaseCall {
     pub replicas: u32,
     /// A sliding window's: the store weighs the previous window's leases in its grants.
     pub slide: Option<Slide>,
+    /// A token bucket's: the store grants from the fleet's bucket.
+    pub refill: Option<Refill>,
+}
+
+/// How a token bucket kept in leases refills, for the store to keep the fleet's bucket: in
+/// ticks of a millisecond (a second for a bucket whose full fill in them passes 2^53), one
+/// unit costs `cost` (the unit's length) and the fill drains `drain` (the limit) a tick, as
+/// the replica's own bucket does ([`crate::limiter::Algorithm::TokenBucket`]). The call's
+/// limit is the burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Refill {
+    pub cost: u64,
+    pub drain: u64,
+    /// The time of the call, in ticks.
+    pub now: u64,
+    /// When the call's window of a second began, in ticks: what it gives back goes back into
+    /// the bucket only if the bucket was not full since (then every grant of the window is
+    /// still in its fill, and taking it out leaves the bucket as if it was never granted).
+    pub window_start: u64,
+    /// How long the bucket's key is kept after a call: until the bucket would be full again.
+    pub keep_ms: u64,
+}
+
+impl Refill {
+    /// For a counter judged against `limits`, a call about `window` at `now_ms`; none unless
+    /// it is a token bucket kept in leases.
+    pub(super) fn of(limits: Limits, window: Window, now_ms: u64) -> Option<Refill> {
+        let Algorithm::TokenBucket { burst } = limits.algorithm else {
+            return None;
+        };
+        if limits.refill_ms == 0 {
+            return None;
+        }
+        let rate = limits
+            .requests
+            .map(u64::from)
+            .or(limits.tokens)?
+            .clamp(1, u64::from(u32::MAX));
+        let tick = crate::rules::bucket_tick_ms(burst, limits.refill_ms);
+        let full_ms = (u128::from(burst) * u128::from(limits.refill_ms)).div_ceil(u128::from(rate));
+        Some(Refill {
+            cost: limits.refill_ms / tick,
+            drain: rate,
+            now: now_ms / tick,
+            window_start: crate::limiter::LEASED_BUCKET_WINDOW.window_start_ms(window) / tick,
+            keep_ms: full_ms.min(u128::from(u32::MAX)) as u64
+                + super::EXPIRY_MARGIN.as_millis() as u64,
+        })
+    }
+
+    /// What the fleet's bucket has taken of its burst now (`called`: its limits as a call
+    /// names them), from its fill as last stored and when it was last drained (in ticks), as
+    /// the lease script reckons it.
+    pub(super) fn taken(&self, called: Limits, fill: u64, at: Option<u64>) -> u64 {
+        let burst = called
+            .requests
+            .map(u64::from)
+            .or(called.tokens)
+            .unwrap_or(0);
+        let since = self.now.saturating_sub(at.unwrap_or(self.now));
+        let fill = fill.saturating_sub(since.saturating_mul(self.drain));
+        let holds = (burst * self.cost).saturating_sub(fill) / self.cost.max(1);
+        burst.saturating_sub(holds)
+    }
+
+    /// The limits a lease call names: for a token bucket its burst in place of its rate, since
+    /// the store's bucket holds no more than that.
+    pub(super) fn called(limits: Limits) -> Limits {
+        match limits.algorithm {
+            Algorithm::TokenBucket { burst } if limits.refill_ms > 0 => Limits {
+                requests: limits.requests.map(|_| burst),
+                tokens: limits.tokens.map(|_| burst.into()),
+                ..limits
+            },
+            _ => limits,
+        }
+    }
 }
 
 /// Where a call stands in a sliding window, for the store to weigh the previous window: the
@@ -123,13 +200,14 @@ impl LeaseCall {
     pub(super) fn command(&self, key: &str, replica: &str) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(LEASE.get_hash());
-        match self.slide {
-            Some(slide) => cmd
+        match (self.slide, self.refill) {
+            (Some(slide), _) => cmd
                 .arg(3)
                 .arg(key)
                 .arg(super::keys::neighbour_key(key, -(slide.step_s as i64)))
                 .arg(super::keys::neighbour_key(key, slide.step_s as i64)),
-            None => cmd.arg(1).arg(key),
+            (None, Some(_)) => cmd.arg(2).arg(key).arg(super::keys::bucket_key(key)),
+            (None, None) => cmd.arg(1).arg(key),
         };
         cmd.arg(replica)
             .arg(self.counted.map_or(-1, |c| i64::from(c.requests)))
@@ -149,6 +227,13 @@ impl LeaseCall {
         }
         if let Some(slide) = self.slide {
             cmd.arg(slide.length).arg(slide.elapsed);
+        }
+        if let Some(refill) = self.refill {
+            cmd.arg(refill.cost)
+                .arg(refill.drain)
+                .arg(refill.now)
+                .arg(refill.keep_ms)
+                .arg(refill.window_start);
         }
         cmd
     }
@@ -179,7 +264,8 @@ impl LeaseCall {
                 requests: granted,
                 tokens: tokens_granted.into(),
             },
-            fades: self.slide.is_some(),
+            fades: self.slide.is_some() || self.refill.is_some(),
+            refills: self.refill.is_some(),
         }
     }
 }
@@ -211,6 +297,19 @@ impl LeaseCall {
 /// weight only falls as the window goes on, so what was granted stays within the limit at
 /// every later moment. What the fleet has leased is answered with that weight added: the
 /// replicas see the fleet's count as the sliding window sees it.
+///
+/// A token bucket's call names two keys: this second's window and the fleet's bucket (per
+/// budget its fill in ticks, when it was last drained and when it was last full), and adds
+/// ARGV 17 to 21: what one unit costs, what drains a tick, the time now in ticks, how long to
+/// keep the bucket's key, when the call's window began in ticks. The limit is the burst. What
+/// is left to lease is what the bucket holds, drained to now; each unit granted (or counted
+/// past a lease) fills it by its cost. A grant is spent within its second or given back, so
+/// the fleet admits within any span no more than the bucket granted within it and the second
+/// before. What goes back leaves the fill only if the bucket was not full since the window
+/// began: then every grant of the window is still in the fill, and the bucket is left as if
+/// they were never granted; otherwise it is lost (a unit given back after the bucket filled
+/// up would be granted twice). What the fleet has leased is answered as the burst less what
+/// the bucket holds.
 pub(super) const LEASE_LUA: &str = r"
 local key, me = KEYS[1], ARGV[1]
 local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -220,6 +319,15 @@ local f = redis.call('HMGET', key, 'h:' .. me, 'k:' .. me, 'u:' .. me, 't:' .. m
   'requests', 'tleased', 'used', 'tokens', 'limit')
 local stored_limit = f[9]
 local slide = #KEYS == 3
+local bucket = #KEYS == 2
+-- floor(n / d) for integers a double holds exactly (the quotient's rounding corrected).
+local function whole_units(n, d)
+  if n <= 0 then return 0 end
+  local q = math.floor(n / d)
+  if q * d > n then q = q - 1 end
+  if (q + 1) * d <= n then q = q + 1 end
+  return q
+end
 -- previous x (length - elapsed) / length, rounded up, in integers a double holds exactly.
 local function weighed(total)
   local previous = tonumber(redis.call('HGET', KEYS[2], total) or '0')
@@ -247,8 +355,32 @@ local function lease(field, total, held, leased, at, counted)
     local next_leased = tonumber(redis.call('HGET', KEYS[3], total) or '0')
     room = math.min(limit - weight, limit - next_leased)
   end
+  -- A token bucket's fill, in ticks, drained to now; what is left is what it holds.
+  local fill, cost, ticked, full_at = 0, 1, false, -1
+  if bucket and limit >= 0 then
+    local drain, now = tonumber(ARGV[18]), tonumber(ARGV[19])
+    cost = tonumber(ARGV[17])
+    local b = redis.call('HMGET', KEYS[2], total, total .. ':at', total .. ':full')
+    fill = tonumber(b[1] or '0')
+    full_at = tonumber(b[3] or '-1')
+    local since = now - tonumber(b[2] or now)
+    if since > 0 then
+      if fill - since * drain <= 0 then
+        -- Full (at the latest now): what was granted before is no longer in its fill.
+        fill, full_at = 0, now
+        redis.call('HSET', KEYS[2], total .. ':full', now)
+      else
+        fill = fill - since * drain
+      end
+      ticked = true
+    end
+  end
+  local function holds()
+    return whole_units(limit * cost - fill, cost)
+  end
   if holding > held then
     leased = redis.call('HINCRBY', key, total, holding - held)
+    fill = fill + (holding - held) * cost
     held = holding
     redis.call('HSET', key, field, held)
   end
@@ -257,12 +389,18 @@ local function lease(field, total, held, leased, at, counted)
   if release > 0 then
     leased = redis.call('HINCRBY', key, total, -release)
     held = redis.call('HINCRBY', key, field, -release)
+    if bucket and limit >= 0 and full_at < tonumber(ARGV[21]) then
+      -- Not full since the window began, so every grant of it is still in the fill, whole:
+      -- taking these out leaves the bucket as if they were never granted.
+      fill = math.max(0, fill - release * cost)
+    end
   elseif limit >= 0 and (target > holding or need > holding) then
     -- Sized from what the replica knows it holds, not what the store says: an answer lost on
     -- the way (a timeout) left the store counting a grant the replica never had, and sizing
     -- from the store would refuse it more for the rest of the window. What was lost stays
     -- leased (unused, never admitted twice).
     local left = room - leased
+    if bucket then left = holds() end
     if left > 0 then
       local cap = math.max(1, math.ceil(left / (2 * replicas)))
       if slide then
@@ -272,7 +410,7 @@ local function lease(field, total, held, leased, at, counted)
         cap = left
       end
       local most = cap
-      if counted and replicas > 1 and not slide then
+      if counted and replicas > 1 and not slide and not bucket then
         -- In a fleet, what a replica holds of a requests lease unused, once the request
         -- waiting on it has taken what it needs, stays within a 64th of the limit (at least
         -- one unit): a replica killed loses that for the rest of the window, so the others
@@ -280,14 +418,31 @@ local function lease(field, total, held, leased, at, counted)
         local unused = holding - math.max(counted, 0)
         most = math.max(1, math.floor(limit / 64)) - unused + math.max(need - holding, 0)
       end
+      if bucket and left * 2 >= limit then
+        -- A token bucket at least half full grants the share, whatever was asked: the
+        -- replica's next calls in the second need no call here. Nearer empty, what the
+        -- replica asked for (its rate), so what a second strands unused is little.
+        most = math.max(cap, target - holding)
+        target = holding + cap
+      end
       granted = math.min(left, math.max(math.min(target - holding, cap, most), need - holding))
       if granted > 0 then
         held = redis.call('HINCRBY', key, field, granted)
         leased = redis.call('HINCRBY', key, total, granted)
+        fill = fill + granted * cost
       else
         granted = 0
       end
     end
+  end
+  if bucket and limit >= 0 then
+    -- The fleet's count, as a bucket has it: its burst less what it holds.
+    redis.call('HSET', KEYS[2], total, fill)
+    if ticked or redis.call('HEXISTS', KEYS[2], total .. ':at') == 0 then
+      redis.call('HSET', KEYS[2], total .. ':at', ARGV[19])
+    end
+    redis.call('PEXPIRE', KEYS[2], ARGV[20])
+    return held, granted, limit - holds()
   end
   return held, granted, leased + weight
 end
@@ -487,15 +642,16 @@ fn request_path_call(
             holding,
         }
     };
+    let called = Refill::called(want.limits);
     let requests = ask(
-        want.limits.requests,
+        called.requests,
         (own.requests, pushed.requests),
         counter.lease(window),
         want.need.requests,
         counter.fleet_leased_seen(window),
     );
     let tokens = ask(
-        want.limits.tokens.map(super::narrow),
+        called.tokens.map(super::narrow),
         (super::narrow(own.tokens), super::narrow(pushed.tokens)),
         super::narrow(counter.tokens_lease(window)),
         super::narrow(want.need.tokens).max(1),
@@ -519,6 +675,7 @@ fn request_path_call(
         expire_at_ms: Slide::keeps_until(slide, super::keys::expiry_ms(unit, window)),
         replicas,
         slide,
+        refill: Refill::of(want.limits, window, now_ms),
     }
 }
 

@@ -223,20 +223,58 @@ impl Fleet {
         }
     }
 
-    /// This fleet's counts of one counter of `rule_window` in `window`.
+    /// This fleet's counts of one counter of `rule_window` in `window` (at a capacity factor
+    /// of `scale` millionths, at `now_ms`). For a token bucket, what the fleet's bucket has
+    /// taken of its burst now, as its grants drained it.
     pub async fn usage(
         &self,
         domain: &str,
         path: &str,
-        rule_window: &crate::rules::RuleWindow,
+        (rule_window, scale): (&crate::rules::RuleWindow, u32),
         window: Window,
+        now_ms: u64,
     ) -> Result<Counts, SyncError> {
         let mut store = self.store().await?;
         let mut cmd = redis::cmd("HMGET");
         let mut key = String::new();
+        let limits = rule_window.in_force(scale, |_| true);
+        if let Some(refill) = lease::Refill::of(limits, window, now_ms) {
+            let path = |out: &mut String| out.push_str(path);
+            let kind = keys::key_kind(rule_window);
+            let unit = rule_window.counter_unit();
+            self.write_counter_key(&mut key, domain, path, (&kind, unit), window);
+            let total = if limits.tokens.is_some() {
+                "tleased"
+            } else {
+                "requests"
+            };
+            cmd.arg(keys::bucket_key(&key))
+                .arg(total)
+                .arg(format!("{total}:at"));
+            let (fill, at): (Option<u64>, Option<u64>) =
+                store.command(&cmd, self.timeout()).await?;
+            let taken = refill.taken(lease::Refill::called(limits), fill.unwrap_or(0), at);
+            return Ok(if limits.tokens.is_some() {
+                Counts {
+                    requests: 0,
+                    tokens: taken,
+                }
+            } else {
+                Counts {
+                    requests: clamp(taken as i64),
+                    tokens: 0,
+                }
+            });
+        }
         let kind = keys::key_kind(rule_window);
         let path = |out: &mut String| out.push_str(path);
-        self.write_counter_key(&mut key, domain, path, (kind, rule_window.unit), window);
+        self.write_counter_key(
+            &mut key,
+            domain,
+            path,
+            (&kind, rule_window.counter_unit()),
+            window,
+        );
         // What the fleet admitted, not what it leased: as of each replica's last sync.
         cmd.arg(key).arg("used").arg("tokens");
         let (requests, tokens): (Option<i64>, Option<i64>) =

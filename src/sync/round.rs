@@ -9,7 +9,7 @@ use std::sync::Arc;
 use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{Ask, LeaseCall, NO_LIMIT, Reply, STORED_LIMIT, Slide, rest_at_rate};
+use super::lease::{Ask, LeaseCall, NO_LIMIT, Refill, Reply, STORED_LIMIT, Slide, rest_at_rate};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Algorithm, Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -287,6 +287,9 @@ pub(super) async fn round(
                     Some(w.in_force(rule.capacity.get(), |_| true))
                 })
                 .unwrap_or_default();
+            // A token bucket is leased against its burst; the store refills it at its rate.
+            let (in_force, limits) = (limits, Refill::called(limits));
+            let refill = Refill::of(in_force, window, now);
             let (_, synced_in) = counter.last_synced(window);
             let found = Found {
                 own,
@@ -351,7 +354,8 @@ pub(super) async fn round(
             // What a sliding window's counter held unused when its last window closed goes
             // back, pushed into that window's key: the store weighs its leases in this one.
             let previous = Window(window.0.saturating_sub(1));
-            let closed_unused = if limits.algorithm == Algorithm::SlidingWindow && !overridden {
+            let gives_closed = limits.algorithm == Algorithm::SlidingWindow || refill.is_some();
+            let closed_unused = if gives_closed && !overridden {
                 counter.take_closed(previous)
             } else {
                 0
@@ -374,6 +378,7 @@ pub(super) async fn round(
                         expire_at_ms: Slide::keeps_until(slide, expiry_ms(unit, previous)),
                         replicas,
                         slide,
+                        refill: Refill::of(in_force, previous, now),
                     };
                     batch.push(Work {
                         counter,
@@ -407,6 +412,7 @@ pub(super) async fn round(
                         expire_at_ms: Slide::keeps_until(slide_ahead, expiry_ms(unit, next)),
                         replicas,
                         slide: slide_ahead,
+                        refill: None,
                     };
                     batch.push(Work {
                         counter,
@@ -500,6 +506,7 @@ pub(super) async fn round(
                 expire_at_ms: Slide::keeps_until(slide, expiry_ms(unit, window)),
                 replicas,
                 slide,
+                refill,
             };
             batch.push(Work {
                 counter,
