@@ -141,6 +141,7 @@ async fn drive(
     rate: f64,
     run: Duration,
     tally: Tally,
+    by_reset: bool,
 ) -> (u64, u64) {
     const TICK: Duration = Duration::from_millis(10);
     let mut ticker = tokio::time::interval(TICK);
@@ -165,7 +166,13 @@ async fn drive(
                             .duration_until_reset
                             .as_ref()
                             .map_or(0, |d| d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000);
-                        let window = (now_ms() + reset + 500) / 60_000 - 1;
+                        // A window's answer says when it ends; a token bucket's, when it
+                        // is full: its calls are counted in the minute they were answered.
+                        let window = if by_reset {
+                            (now_ms() + reset + 500) / 60_000 - 1
+                        } else {
+                            now_ms() / 60_000
+                        };
                         if answer.overall_code == 1 {
                             *tally
                                 .lock()
@@ -325,6 +332,7 @@ fn main() {
                 rate,
                 Duration::from_secs(seconds),
                 tally.clone(),
+                algorithm != "token_bucket",
             )
             .await
         });

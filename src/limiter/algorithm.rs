@@ -730,4 +730,20 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_leased_buckets_reset_is_reckoned_from_the_fleets_count() {
+        // 60 a minute, a burst of 30: one refills a second.
+        let reset = |used, charge, over| leased_bucket_reset(used, charge, over, 30, MINUTE);
+        // Fits: until the bucket is full again (10 taken: 10 s).
+        assert_eq!(reset(10, 1, false), Duration::from_secs(10));
+        assert_eq!(reset(0, 1, false), Duration::ZERO);
+        // Over: until this charge would fit (all 30 taken: 1 s for one, 5 s for five).
+        assert_eq!(reset(30, 1, true), Duration::from_secs(1));
+        assert_eq!(reset(30, 5, true), Duration::from_secs(5));
+        // A check (charge 0) is over when not one unit is left: as for one.
+        assert_eq!(reset(30, 0, true), Duration::from_secs(1));
+        // A charge larger than the burst never fits: the unit.
+        assert_eq!(reset(0, 31, true), Duration::from_secs(60));
+    }
 }

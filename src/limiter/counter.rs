@@ -204,6 +204,12 @@ pub struct Stored {
     /// `fleet` holds a sliding window's previous window, weighed as of the call: it falls as
     /// the window goes on, which is no lease given back to look for sooner.
     pub fades: bool,
+    /// What the call said this replica holds of its tokens lease, or has reported if more: the
+    /// store raised the replica's lease to it before granting, and so does the counter, or a
+    /// grant that follows a report past the lease would be partly spent on tokens already
+    /// counted (a replica reported 200 on a lease of 75 and was granted 31: it held 106 of the
+    /// 231 the store set aside for it, and was refused with 31 its own).
+    pub tokens_holding: u64,
     /// `fleet` is a token bucket's, which refills all the time: a spent fleet is trusted for
     /// the first [`FRESH_MS`] only, never twice as long, or what refills meanwhile could
     /// overflow the bucket unclaimed.
@@ -583,8 +589,8 @@ impl Counter {
 
     /// Adds what the store granted to the tokens lease of `window` (added, not set, as
     /// [`Counter::leased`]); a grant for a window gone is dropped.
-    fn leased_tokens(&self, window: Window, granted: u64) {
-        let granted = saturating_u32(granted);
+    fn leased_tokens(&self, window: Window, granted: u64, holding: u64) {
+        let (granted, holding) = (saturating_u32(granted), saturating_u32(holding));
         if granted == 0 {
             return;
         }
@@ -594,8 +600,8 @@ impl Counter {
                 let (stamp, held) = ((word >> 32) as u32, word as u32);
                 let held = match stamp.cmp(&window.0) {
                     std::cmp::Ordering::Greater => return None,
-                    std::cmp::Ordering::Equal => held.saturating_add(granted),
-                    std::cmp::Ordering::Less => granted,
+                    std::cmp::Ordering::Equal => held.max(holding).saturating_add(granted),
+                    std::cmp::Ordering::Less => holding.saturating_add(granted),
                 };
                 Some((u64::from(window.0) << 32) | u64::from(held))
             });
@@ -746,7 +752,7 @@ impl Counter {
         self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
         self.leased_as(window, store.granted.requests, store.fades);
-        self.leased_tokens(window, store.granted.tokens);
+        self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
     }
 
     /// Records a lease taken on the request path: [`Counter::leased`], and what the fleet
@@ -754,7 +760,7 @@ impl Counter {
     /// that follows.
     pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
         self.leased_as(window, store.granted.requests, store.fades);
-        self.leased_tokens(window, store.granted.tokens);
+        self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
         // Asked again and nothing changed: trust the answer twice as long. A sliding window's
@@ -1294,6 +1300,7 @@ mod tests {
             granted: req(held),
             fades: false,
             refills: false,
+            tokens_holding: 0,
         }
     }
 
@@ -1448,6 +1455,7 @@ mod tests {
             let grant = |held| Stored {
                 fades,
                 refills: false,
+                tokens_holding: 0,
                 ..stored(0, held, held)
             };
             c.leased_with_fleet(W, grant(10), NOW);
@@ -1468,6 +1476,7 @@ mod tests {
             Stored {
                 fades: true,
                 refills: false,
+                tokens_holding: 0,
                 ..stored(0, 4, 4)
             },
             NOW,
@@ -1553,6 +1562,7 @@ mod tests {
             granted: tokens(granted.into()),
             fades: false,
             refills: false,
+            tokens_holding: 0,
         };
         c.synced(W, leased(300, 300, 500), NOW);
         assert_eq!(c.tokens_lease(W), 300);
@@ -1652,5 +1662,26 @@ mod tests {
             )
             .unwrap();
         assert!(!r.counted && r.over.requests);
+    }
+
+    #[test]
+    fn a_grant_after_tokens_reported_past_the_lease_adds_to_what_was_reported() {
+        let (c, w) = (Counter::new(), Window(7));
+        let store = |granted, holding| Stored {
+            granted: Counts {
+                requests: 0,
+                tokens: granted,
+            },
+            tokens_holding: holding,
+            ..Stored::default()
+        };
+        c.synced(w, store(75, 0), 0);
+        assert_eq!(c.tokens_lease(w), 75);
+        // 200 reported on that lease: the store raised it to 200, then granted 31 more.
+        c.synced(w, store(31, 200), 0);
+        assert_eq!(c.tokens_lease(w), 231);
+        // A grant that follows no such report adds to the lease as it was.
+        c.synced(w, store(9, 231), 0);
+        assert_eq!(c.tokens_lease(w), 240);
     }
 }

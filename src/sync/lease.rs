@@ -266,6 +266,7 @@ impl LeaseCall {
             },
             fades: self.slide.is_some() || self.refill.is_some(),
             refills: self.refill.is_some(),
+            tokens_holding: self.tokens.holding.into(),
         }
     }
 }
@@ -308,8 +309,10 @@ impl LeaseCall {
 /// before. What goes back leaves the fill only if the bucket was not full since the window
 /// began: then every grant of the window is still in the fill, and the bucket is left as if
 /// they were never granted; otherwise it is lost (a unit given back after the bucket filled
-/// up would be granted twice). What the fleet has leased is answered as the burst less what
-/// the bucket holds.
+/// up would be granted twice). A bucket at least half full grants half a replica's share of
+/// what it holds whatever was asked (the replica's next calls in its second need no call);
+/// nearer empty, what was asked up to a whole share. What the fleet has leased is answered as
+/// the burst less what the bucket holds.
 pub(super) const LEASE_LUA: &str = r"
 local key, me = KEYS[1], ARGV[1]
 local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -420,10 +423,16 @@ local function lease(field, total, held, leased, at, counted)
       end
       if bucket and left * 2 >= limit then
         -- A token bucket at least half full grants the share, whatever was asked: the
-        -- replica's next calls in the second need no call here. Nearer empty, what the
-        -- replica asked for (its rate), so what a second strands unused is little.
+        -- replica's next calls in the second need no call here.
         most = math.max(cap, target - holding)
         target = holding + cap
+      elseif bucket then
+        -- Nearer empty, what refilled is what is left, and the replica asking may take its
+        -- whole share of it: what it leaves unused goes back into the bucket whole when its
+        -- second ends (a bucket near empty was not full since), and half a share sent each
+        -- replica back for more at every call.
+        cap = math.ceil(left / replicas)
+        most = cap
       end
       granted = math.min(left, math.max(math.min(target - holding, cap, most), need - holding))
       if granted > 0 then

@@ -303,10 +303,12 @@ pub(super) async fn round(
                 },
                 synced_before: synced_in.is_some(),
                 synced_this_window: counter.read_in(window),
-                fleet_leased: leases_ahead(unit, interval)
+                // A token bucket's is what the fleet has taken of its burst: under half, the
+                // bucket is far from empty, however short its counter's window.
+                fleet_leased: (leases_ahead(unit, interval) || refill.is_some())
                     .then(|| counter.fleet_leased_seen(window))
                     .flatten(),
-                fleet_tokens_leased: leases_ahead(unit, interval)
+                fleet_tokens_leased: (leases_ahead(unit, interval) || refill.is_some())
                     .then(|| counter.fleet_tokens_leased_seen(window))
                     .flatten(),
             };
