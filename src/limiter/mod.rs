@@ -21,9 +21,9 @@ pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Calendar, Period, Unit, Window, Zone};
 
 /// The window a token bucket kept in leases counts in, whatever its unit: what the store's
-/// bucket granted a replica is admitted within the second it was granted in, or lost. So no
-/// lease is older than a second when it is spent, and the fleet admits within any span `t` no
-/// more than the bucket grants within `t` and the second before it.
+/// bucket granted a replica is admitted within the second it was granted in, or given back. So
+/// no lease is older than a second when it is spent, and the fleet admits within any span `t`
+/// no more than the bucket grants within `t` and the second before it.
 pub const LEASED_BUCKET_WINDOW: Unit = Unit::Second;
 
 /// How a limit takes part in the decision.

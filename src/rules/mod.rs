@@ -129,7 +129,7 @@ impl RuleWindow {
     /// The unit of the windows its counters count in: the limit's own, except for a token
     /// bucket kept in leases, whose counter admits what the store's bucket granted it within
     /// windows of a second ([`LEASED_BUCKET_WINDOW`]): a lease is spent within a second of
-    /// its grant or lost, which is what bounds the fleet's bucket.
+    /// its grant or given back, which is what bounds the fleet's bucket.
     #[inline]
     pub fn counter_unit(&self) -> Unit {
         if self.is_leased_bucket() {

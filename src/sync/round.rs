@@ -354,7 +354,8 @@ pub(super) async fn round(
                 && ahead_wanted > 0
                 && leases_ahead(unit, interval);
             // What a sliding window's counter held unused when its last window closed goes
-            // back, pushed into that window's key: the store weighs its leases in this one.
+            // back, pushed into that window's key: the store weighs its leases in this one. A
+            // token bucket's goes back into the fleet's bucket (if it was not full since).
             let previous = Window(window.0.saturating_sub(1));
             let gives_closed = limits.algorithm == Algorithm::SlidingWindow || refill.is_some();
             let closed_unused = if gives_closed && !overridden {
