@@ -1060,6 +1060,13 @@ async fn two_synced(redis: &RedisServer, prefix: &str, rules: &str) -> (TestServ
     two_synced_in(redis, &unique_namespace(prefix), rules).await
 }
 
+/// Sets every server's manual clock to `ms` (ms since the epoch), alike.
+fn set_clocks(servers: &[&TestServer], ms: u64) {
+    for s in servers {
+        s.clock.set_ms(ms);
+    }
+}
+
 /// [`two_synced`] in `namespace`.
 async fn two_synced_in(
     redis: &RedisServer,
@@ -1088,11 +1095,7 @@ async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
     let (a, b) = two_synced(&redis, "slide", RULES).await;
     // The store's keys expire by these clocks: the minute starts ahead of real time.
     let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
-    let at = |ms: u64| {
-        for s in [&a, &b] {
-            s.clock.set_ms(minute + ms);
-        }
-    };
+    let at = |ms: u64| set_clocks(&[&a, &b], minute + ms);
     let call = request("ns", &[&[("user", "u1")]]);
     at(50_000);
     assert_eq!(a.admitted(61, &call).await, 60);
@@ -1129,11 +1132,7 @@ async fn a_token_buckets_grants_follow_the_fleets_bucket_across_replicas() {
     let namespace = unique_namespace("bucket");
     let (a, b) = two_synced_in(&redis, &namespace, RULES).await;
     let start = (now_ms() / 1_000 + 1) * 1_000;
-    let at = |ms: u64| {
-        for s in [&a, &b] {
-            s.clock.set_ms(start + ms);
-        }
-    };
+    let at = |ms: u64| set_clocks(&[&a, &b], start + ms);
     let call = request("ns", &[&[("user", "u1")]]);
     at(100);
     assert_eq!(a.admitted(31, &call).await, 30, "a takes the whole burst");
@@ -1192,11 +1191,7 @@ async fn a_tokens_bucket_is_spent_by_the_reports_of_every_replica() {
     const RULES: &str = "domain: ns\ndescriptors:\n  - key: user\n    limits:\n      - { unit: minute, tokens: 600, algorithm: token_bucket, burst: 300 }\n";
     let (a, b) = two_synced(&redis, "tokens-bucket", RULES).await;
     let start = (now_ms() / 1_000 + 1) * 1_000;
-    let at = |ms: u64| {
-        for s in [&a, &b] {
-            s.clock.set_ms(start + ms);
-        }
-    };
+    let at = |ms: u64| set_clocks(&[&a, &b], start + ms);
     let check = request("ns", &[&[("user", "u1")]]);
     let report = |tokens: u32| {
         let mut report = request("ns", &[&[("user", "u1"), ("sluice.report", "tokens")]]);
