@@ -1,6 +1,7 @@
 //! What sluice adds to a call beyond the gRPC stack, measured in process: the whole answer
-//! (validate, decide, statuses, OpenAI headers, metrics) and its encoding, beside the no-op
-//! server's answer to the same request (one empty status per descriptor), encoded alike.
+//! (read the request's bytes, validate, decide, statuses, OpenAI headers, metrics) and its
+//! encoding, beside the no-op server's answer to the same request (decoded by prost, one empty
+//! status per descriptor), encoded alike.
 //!
 //!     cargo bench --bench answer
 //!
@@ -38,8 +39,9 @@ descriptors:
     rate_limit: { unit: minute, requests_per_unit: 4000000000 }
 "#;
 
-fn request(descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
-    RateLimitRequest {
+/// A request as gRPC carries it: its protobuf bytes.
+fn request(descriptors: &[&[(&str, &str)]]) -> bytes::Bytes {
+    let request = RateLimitRequest {
         domain: "bench".into(),
         descriptors: descriptors
             .iter()
@@ -55,7 +57,8 @@ fn request(descriptors: &[&[(&str, &str)]]) -> RateLimitRequest {
             })
             .collect(),
         hits_addend: 0,
-    }
+    };
+    request.encode_to_vec().into()
 }
 
 fn answers(c: &mut Criterion) {
@@ -118,7 +121,7 @@ fn answers(c: &mut Criterion) {
         });
         group.bench_function(format!("no-op/{name}"), |b| {
             b.iter(|| {
-                let request = black_box(request.clone());
+                let request = RateLimitRequest::decode(black_box(request.clone())).unwrap();
                 let response = runtime.block_on(async {
                     RateLimitResponse {
                         overall_code: 1,

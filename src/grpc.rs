@@ -11,15 +11,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use bytes::{Buf, Bytes};
 use futures_util::future::{Either, Ready, ready};
+use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::codegen::{Body, StdError};
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
-use tonic_prost::ProstCodec;
+use tonic_prost::ProstEncoder;
 
 use crate::app::App;
-use crate::proto::{Answer, code, code_name};
+use crate::proto::{Answer, Call, code, code_name};
 use crate::service::{self, AnswerError};
 use crate::traces::CallSpan;
 
@@ -65,7 +66,7 @@ where
         }
         let method = ShouldRateLimit(self.app.clone());
         Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::<Answer, RateLimitRequest>::default());
+            let mut grpc = Grpc::new(ShouldRateLimitCodec);
             Ok(grpc.unary(method, request).await)
         })
     }
@@ -78,15 +79,16 @@ struct ShouldRateLimit(Arc<App>);
 /// Redis (leases, strict limits) are boxed.
 type Replied = Result<Response<Answer>, Status>;
 
-impl UnaryService<RateLimitRequest> for ShouldRateLimit {
+impl UnaryService<Bytes> for ShouldRateLimit {
     type Response = Answer;
     type Future = Either<Ready<Replied>, BoxFuture<Replied>>;
 
-    fn call(&mut self, request: Request<RateLimitRequest>) -> Self::Future {
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let app = &self.0;
         let span = app.traces.as_ref().map(|traces| {
-            let call = request.get_ref();
-            traces.call(request.metadata(), &call.domain, call.descriptors.len())
+            // Read here for the span; the pipeline reads (and checks) it again.
+            let call = Call::read(request.get_ref()).unwrap_or_default();
+            traces.call(request.metadata(), call.domain, call.descriptor_count())
         });
         match service::answer_at_once(app, request.into_inner()) {
             service::Answered::Now(answer) => Either::Left(ready(reply(span, answer))),
@@ -97,6 +99,38 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
                 }))
             }
         }
+    }
+}
+
+/// The route's codec: the answer written by [`Answer`]'s own encoding, the request handed on
+/// as its bytes (a slice of the frame tonic read, not a copy), which the pipeline reads in
+/// place ([`Call::read`]).
+struct ShouldRateLimitCodec;
+
+impl Codec for ShouldRateLimitCodec {
+    type Encode = Answer;
+    type Decode = Bytes;
+    type Encoder = ProstEncoder<Answer>;
+    type Decoder = RequestBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RequestBytes
+    }
+}
+
+/// Hands on a request message's bytes.
+struct RequestBytes;
+
+impl Decoder for RequestBytes {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 }
 

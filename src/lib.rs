@@ -67,7 +67,7 @@ pub use proto::Answer;
 pub use reload::ReloadStatus;
 pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};
-pub use service::{AnswerError, answer};
+pub use service::{AnswerError, answer, answer_request};
 pub use sync::{FailurePolicy, Fleet, SyncStatus};
 pub use traces::ExportProtocol;
 pub use transport::TransportError;

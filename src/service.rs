@@ -5,13 +5,15 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
 use crate::app::App;
 use crate::decision::{Ask, Code, LeaseWant, Purpose, StrictWork, Verdict, decide};
 use crate::limiter::{Enforcement, FleetView};
-use crate::proto::{self, Answer, AnswerStatus, Header, MetadataDetail, RequestError};
+use crate::proto::{
+    self, Answer, AnswerStatus, Call, CallEntry, Header, MetadataDetail, RequestError,
+};
 use crate::rules::MetricDetail;
 use crate::sync::strict;
 use crate::telemetry::RuleMetrics;
@@ -27,9 +29,9 @@ pub enum AnswerError {
     Internal,
 }
 
-/// Answers one RateLimitRequest: validation, the local decision, strict rules in Redis,
-/// metrics.
-pub async fn answer(app: &Arc<App>, request: RateLimitRequest) -> Result<Answer, AnswerError> {
+/// Answers one RateLimitRequest, given in its protobuf encoding as gRPC carries it:
+/// validation, the local decision, strict rules in Redis, metrics.
+pub async fn answer(app: &Arc<App>, request: Bytes) -> Result<Answer, AnswerError> {
     match answer_at_once(app, request) {
         Answered::Now(answer) => answer,
         Answered::Later(unfinished) => unfinished.finish(app).await,
@@ -44,9 +46,18 @@ pub enum Answered {
     Later(Unfinished),
 }
 
+/// [`answer`] for a request in prost's owned form (the admin API's, read from JSON).
+pub async fn answer_request(
+    app: &Arc<App>,
+    request: &RateLimitRequest,
+) -> Result<Answer, AnswerError> {
+    answer(app, prost::Message::encode_to_vec(request).into()).await
+}
+
 /// A request whose answer waits on Redis: see [`Unfinished::finish`].
 pub struct Unfinished {
-    request: RateLimitRequest,
+    /// The request's bytes, read again once Redis has answered.
+    request: Bytes,
     started: Instant,
     wait: Wait,
 }
@@ -60,22 +71,20 @@ enum Wait {
 
 /// [`answer`] without waiting: the request path as a plain function, so that the gRPC
 /// service needs no boxed future for the answers that need no Redis call (nearly all).
-pub fn answer_at_once(app: &Arc<App>, request: RateLimitRequest) -> Answered {
+pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
     let started = Instant::now();
     if let Some(total) = &app.metrics.requests.peer_total {
         total.increment(1);
     }
-    let asks = match proto::asks(&request, &app.settings.request_bounds) {
-        Ok(asks) => asks,
-        Err(error) => {
-            app.metrics.requests.invalid.increment(1);
-            if let Some(errors) = &app.metrics.requests.peer_service_error {
-                errors.increment(1);
-            }
-            return Answered::Now(Err(error.into()));
-        }
+    let call = match Call::read(&request) {
+        Ok(call) => call,
+        Err(error) => return invalid(app, RequestError::Undecodable(error)),
     };
-    let responded = match decide_once(app, &request, &asks, false) {
+    let asks = match proto::asks(&call, &app.settings.request_bounds) {
+        Ok(asks) => asks,
+        Err(error) => return invalid(app, error),
+    };
+    let responded = match decide_once(app, &call, &asks, false) {
         Ok(Responded::LeasesSpent(wants)) => {
             // A lease the sync took ahead of this window, claimed with no call to the store.
             let claimed = app
@@ -83,7 +92,7 @@ pub fn answer_at_once(app: &Arc<App>, request: RateLimitRequest) -> Answered {
                 .as_ref()
                 .is_some_and(|fleet| fleet.claim_ahead(&app.limiter, &wants));
             if claimed {
-                decide_once(app, &request, &asks, false)
+                decide_once(app, &call, &asks, false)
             } else {
                 Ok(Responded::LeasesSpent(wants))
             }
@@ -99,6 +108,7 @@ pub fn answer_at_once(app: &Arc<App>, request: RateLimitRequest) -> Answered {
         },
     };
     drop(asks);
+    drop(call);
     Answered::Later(Unfinished {
         request,
         started,
@@ -118,8 +128,9 @@ impl Unfinished {
             Wait::Strict(response, work) => (response, work),
             Wait::Leases(wants) => {
                 take_leases(app, &wants).await;
-                let asks = proto::asks(&request, &app.settings.request_bounds)?;
-                match decide_once(app, &request, &asks, true)? {
+                let call = Call::read(&request).map_err(RequestError::Undecodable)?;
+                let asks = proto::asks(&call, &app.settings.request_bounds)?;
+                match decide_once(app, &call, &asks, true)? {
                     Responded::Answer(response, strict) => match (strict, &app.fleet) {
                         (Some(work), Some(_)) => (response, work),
                         _ => return Ok(finish(app, response, started)),
@@ -138,6 +149,15 @@ impl Unfinished {
     }
 }
 
+/// A request refused before deciding: counted, and answered INVALID_ARGUMENT.
+fn invalid(app: &App, error: RequestError) -> Answered {
+    app.metrics.requests.invalid.increment(1);
+    if let Some(errors) = &app.metrics.requests.peer_service_error {
+        errors.increment(1);
+    }
+    Answered::Now(Err(error.into()))
+}
+
 /// A bug: logged, and answered as one.
 fn internal() -> AnswerError {
     tracing::error!("internal error while deciding a request");
@@ -147,8 +167,8 @@ fn internal() -> AnswerError {
 /// [`respond`], with a panic in it caught and answered as a bug.
 fn decide_once(
     app: &App,
-    request: &RateLimitRequest,
-    asks: &[Ask<'_, ProtoEntry>],
+    request: &Call<'_>,
+    asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
 ) -> Result<Responded, AnswerError> {
     std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, request, asks, last_try)))
@@ -209,12 +229,12 @@ enum Responded {
 /// may turn into an admission comes back as the leases to take first.
 fn respond(
     app: &App,
-    request: &RateLimitRequest,
-    asks: &[Ask<'_, ProtoEntry>],
+    request: &Call<'_>,
+    asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
 ) -> Responded {
     let rules = app.rules.load();
-    let mut verdict = decide(&rules, &app.limiter, &request.domain, asks, app.mode());
+    let mut verdict = decide(&rules, &app.limiter, request.domain, asks, app.mode());
     if !last_try && !verdict.spent_leases.is_empty() && app.fleet.is_some() {
         return Responded::LeasesSpent(std::mem::take(&mut verdict.spent_leases));
     }
@@ -256,7 +276,7 @@ fn respond(
 
 /// Counts each matched rule's hit: over, near or within its limit, shadowed, tokens reported.
 fn record_rules(
-    asks: &[Ask<'_, ProtoEntry>],
+    asks: &[Ask<'_, CallEntry<'_>>],
     verdict: &Verdict<'_>,
     near_ratio: f64,
     global_shadow: bool,
@@ -273,7 +293,7 @@ fn record_rules(
         let metrics = match values {
             None => &rule.metrics,
             Some(entries) => {
-                let values: Vec<&str> = entries.iter().map(|e| e.value.as_str()).collect();
+                let values: Vec<&str> = entries.iter().map(|e| e.value).collect();
                 let label = format!("{}[{}]", rule.path, values.join("."));
                 detailed = RuleMetrics::register(&rule.domain, &label);
                 &detailed

@@ -118,7 +118,7 @@ fn deciding_on_existing_counters_allocates_nothing() {
     assert_eq!(n, 0, "a denial rolls back without allocating");
 }
 
-/// The whole answer (validate, decide, statuses, OpenAI headers, metrics, and writing it to the
+/// The whole answer (read the request from its bytes, validate, decide, statuses, OpenAI headers, metrics, and writing it to the
 /// wire as tonic does, into its reused buffer) for a counter that exists, on a running server's
 /// state: one allocation, the headers' vector. A status sits inline in the answer, header
 /// names are `'static`, short values inline, limit names shared with the rules. (prost's owned
@@ -145,6 +145,8 @@ fn allocations_per_answer(
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
     let running = runtime.block_on(sluice::start(settings, clock)).unwrap();
     let app = running.app.clone();
+    // The request as gRPC carries it: the pipeline reads it in place, and that is counted.
+    let request = bytes::Bytes::from(request.encode_to_vec());
     // The first calls create the counters and the metrics' first samples.
     for _ in 0..3 {
         runtime

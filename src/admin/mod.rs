@@ -126,7 +126,7 @@ async fn check(
         authorize(&app, &headers)?;
     }
     let request = body.to_proto()?;
-    let response = service::answer(&app, request)
+    let response = service::answer_request(&app, &request)
         .await
         .map_err(|e| match e {
             AnswerError::Invalid(e) => Failure(StatusCode::BAD_REQUEST, e.to_string()),

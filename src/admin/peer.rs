@@ -140,7 +140,7 @@ pub(super) async fn json(State(app): Shared, body: Bytes) -> Response {
         },
         Err(e) => return bad(format!("not a RateLimitRequest in JSON: {e}")),
     };
-    let response = match service::answer(&app, request).await {
+    let response = match service::answer_request(&app, &request).await {
         Ok(answer) => answer.to_response(),
         Err(AnswerError::Invalid(e)) => return bad(e.to_string()),
         Err(e @ AnswerError::Internal) => {

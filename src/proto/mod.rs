@@ -1,9 +1,6 @@
 //! Envoy's protocol ⇄ sluice's domain: a `RateLimitRequest` checked against the configured
 //! bounds and read into asks, and a verdict written back as a `RateLimitResponse`.
 
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
     Code as ProtoCode, rate_limit::Unit as ProtoUnit,
 };
@@ -13,20 +10,13 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use smallvec::SmallVec;
 
 mod answer;
+mod call;
 pub use answer::{Answer, AnswerStatus, EndpointShare, Header, ShortText};
+pub use call::{Call, CallDescriptor, CallEntry, ReadError};
 
 use crate::decision::{Ask, Code, LimitOverride, Purpose, Verdict};
 use crate::limiter::Unit;
-use crate::rules::{ENDPOINT_KEY, Entry};
-
-impl Entry for ProtoEntry {
-    fn key(&self) -> &str {
-        &self.key
-    }
-    fn value(&self) -> &str {
-        &self.value
-    }
-}
+use crate::rules::ENDPOINT_KEY;
 
 /// Entries whose keys start with this are sluice's own, not part of the descriptor matched.
 pub const RESERVED_PREFIX: &str = "sluice.";
@@ -54,6 +44,8 @@ pub struct RequestBounds {
 /// A request sluice will not decide: answered INVALID_ARGUMENT.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
+    #[error("not a valid RateLimitRequest: {0}")]
+    Undecodable(ReadError),
     #[error("domain must not be empty")]
     EmptyDomain,
     #[error("domain is longer than {max} bytes")]
@@ -101,10 +93,10 @@ pub enum DescriptorError {
 /// Checks a request against the protocol and `bounds`, and resolves each descriptor's hits:
 /// the descriptor's `hits_addend` wins when set (0 means check only), else the request's,
 /// where 0 means 1.
-pub fn asks<'a>(
-    request: &'a RateLimitRequest,
+pub fn asks<'c, 'a>(
+    request: &'c Call<'a>,
     bounds: &RequestBounds,
-) -> Result<SmallVec<[Ask<'a, ProtoEntry>; 8]>, RequestError> {
+) -> Result<SmallVec<[Ask<'c, CallEntry<'a>>; 8]>, RequestError> {
     let max = bounds.max_value_bytes;
     if request.domain.is_empty() {
         return Err(RequestError::EmptyDomain);
@@ -112,12 +104,13 @@ pub fn asks<'a>(
     if request.domain.len() > max as usize {
         return Err(RequestError::LongDomain { max });
     }
-    if request.descriptors.is_empty() {
+    let count = request.descriptor_count();
+    if count == 0 {
         return Err(RequestError::NoDescriptors);
     }
-    if request.descriptors.len() > bounds.max_descriptors as usize {
+    if count > bounds.max_descriptors as usize {
         return Err(RequestError::TooManyDescriptors {
-            count: request.descriptors.len(),
+            count,
             max: bounds.max_descriptors,
         });
     }
@@ -126,7 +119,7 @@ pub fn asks<'a>(
         n => u64::from(n),
     };
     let mut asks = SmallVec::new();
-    for (index, descriptor) in request.descriptors.iter().enumerate() {
+    for (index, descriptor) in request.descriptors().enumerate() {
         let ask = ask(descriptor, request_hits, bounds)
             .map_err(|problem| RequestError::Descriptor { index, problem })?;
         asks.push(ask);
@@ -134,17 +127,17 @@ pub fn asks<'a>(
     Ok(asks)
 }
 
-fn ask<'a>(
-    descriptor: &'a RateLimitDescriptor,
+fn ask<'c, 'a>(
+    descriptor: CallDescriptor<'c, 'a>,
     request_hits: u64,
     bounds: &RequestBounds,
-) -> Result<Ask<'a, ProtoEntry>, DescriptorError> {
+) -> Result<Ask<'c, CallEntry<'a>>, DescriptorError> {
     let max = bounds.max_value_bytes;
     if descriptor.entries.is_empty() {
         // As envoyproxy/ratelimit: nothing to match, so no limit (its override too).
         return Ok(Ask {
             entries: &[],
-            hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
+            hits: descriptor.hits_addend.unwrap_or(request_hits),
             refund: descriptor.is_negative_hits,
             limit_override: None,
             purpose: Purpose::Call,
@@ -164,7 +157,7 @@ fn ask<'a>(
             return Err(DescriptorError::TooLong { entry, max });
         }
     }
-    let limit_override = match &descriptor.limit {
+    let limit_override = match descriptor.limit {
         None => None,
         Some(o) => match unit_of(o.unit) {
             Some(unit) => Some(LimitOverride {
@@ -185,7 +178,7 @@ fn ask<'a>(
     }
     let (mut report, mut estimate) = (false, None);
     for (entry, e) in descriptor.entries.iter().enumerate().skip(own) {
-        match (e.key.as_str(), e.value.as_str()) {
+        match (e.key, e.value) {
             (REPORT_KEY, "tokens") => report = true,
             (ESTIMATE_KEY, value) => match value.trim().parse::<u64>() {
                 Ok(n) => estimate = Some(n),
@@ -216,7 +209,7 @@ fn ask<'a>(
     };
     Ok(Ask {
         entries: &descriptor.entries[..own],
-        hits: descriptor.hits_addend.map_or(request_hits, |h| h.value),
+        hits: descriptor.hits_addend.unwrap_or(request_hits),
         refund: descriptor.is_negative_hits,
         limit_override,
         purpose,
@@ -295,9 +288,9 @@ pub enum MetadataDetail {
 /// Envoy's answer to a verdict, without headers or body (the caller adds those): statuses,
 /// and the dynamic metadata.
 pub fn answer(
-    request: &RateLimitRequest,
+    request: &Call<'_>,
     verdict: &Verdict<'_>,
-    asks: &[Ask<'_, ProtoEntry>],
+    asks: &[Ask<'_, CallEntry<'_>>],
     detail: MetadataDetail,
 ) -> Answer {
     Answer {
@@ -318,7 +311,7 @@ pub fn answer(
 /// configurations read `metadata.<key>`); `None` when there is nothing to say. sluice's
 /// `endpoint_utilization` joins it in the answer (see [`Answer::utilization`]).
 fn dynamic_metadata(
-    request: &RateLimitRequest,
+    request: &Call<'_>,
     verdict: &Verdict<'_>,
     detail: MetadataDetail,
 ) -> Option<Struct> {
@@ -332,8 +325,8 @@ fn dynamic_metadata(
     }
     let mut fields = HashMap::new();
     if detail == MetadataDetail::Request {
-        fields.insert("domain".into(), text(&request.domain));
-        let descriptors = request.descriptors.iter().map(descriptor_value).collect();
+        fields.insert("domain".into(), text(request.domain));
+        let descriptors = request.descriptors().map(descriptor_value).collect();
         fields.insert("descriptors".into(), list(descriptors));
         if request.hits_addend != 0 {
             fields.insert("hitsAddend".into(), number(request.hits_addend.into()));
@@ -357,20 +350,20 @@ fn dynamic_metadata(
 
 /// A request descriptor as envoyproxy/ratelimit reports it: `{entries: ["k=v", …], limit,
 /// hitsAddend}`, the last two only when the descriptor sets them.
-fn descriptor_value(descriptor: &RateLimitDescriptor) -> Value {
+fn descriptor_value(descriptor: CallDescriptor<'_, '_>) -> Value {
     let entries = descriptor
         .entries
         .iter()
         .map(|e| text(&format!("{}={}", e.key, e.value)))
         .collect();
     let mut fields: HashMap<String, Value> = [("entries".to_string(), list(entries))].into();
-    if let Some(limit) = &descriptor.limit {
+    if let Some(limit) = descriptor.limit {
         let unit = ProtoUnit::try_from(limit.unit).map_or("UNKNOWN", |u| u.as_str_name());
         let limit = format!("requests_per_unit:{} unit:{unit}", limit.requests_per_unit);
         fields.insert("limit".into(), text(&limit));
     }
     if let Some(hits) = descriptor.hits_addend {
-        fields.insert("hitsAddend".into(), number(hits.value as f64));
+        fields.insert("hitsAddend".into(), number(hits as f64));
     }
     structure(Struct { fields })
 }
@@ -461,7 +454,7 @@ pub fn add_limit_headers(answer: &mut Answer, names: LimitHeaderNames<'_>) {
 /// an endpoint the fleet has saturated.
 fn endpoint_utilization(
     verdict: &Verdict<'_>,
-    asks: &[Ask<'_, ProtoEntry>],
+    asks: &[Ask<'_, CallEntry<'_>>],
 ) -> SmallVec<[EndpointShare; 1]> {
     let mut shares = SmallVec::new();
     for (ask, status) in asks.iter().zip(&verdict.statuses) {
@@ -484,7 +477,7 @@ fn endpoint_utilization(
         {
             Some(known) => known.share = share,
             None => shares.push(EndpointShare {
-                endpoint: ShortText::from(endpoint.value.as_str()),
+                endpoint: ShortText::from(endpoint.value),
                 share,
             }),
         }
@@ -512,6 +505,9 @@ pub struct EntriesError(pub String);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry as ProtoEntry;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
     #[test]
     fn entries_parse_from_pairs() {
@@ -543,7 +539,11 @@ mod tests {
             }],
             hits_addend: 0,
         };
-        let message = |r: &RateLimitRequest| asks(r, &bounds).err().map(|e| e.to_string());
+        let message = |r: &RateLimitRequest| {
+            let wire = prost::Message::encode_to_vec(r);
+            let call = Call::read(&wire).unwrap();
+            asks(&call, &bounds).err().map(|e| e.to_string())
+        };
         assert_eq!(
             message(&request(vec![entry("k", "v"), entry("sluice.estimate", "lots")])),
             Some("descriptors[0]: entries[1]: sluice.estimate must be a number of tokens, not `lots`".into())
@@ -557,7 +557,9 @@ mod tests {
             Some("descriptors[0]: entries[0]: key or value is longer than 16 bytes".into())
         );
         let ok = request(vec![entry("k", "v"), entry("sluice.estimate", "300")]);
-        let asks = asks(&ok, &bounds).unwrap();
+        let wire = prost::Message::encode_to_vec(&ok);
+        let call = Call::read(&wire).unwrap();
+        let asks = asks(&call, &bounds).unwrap();
         assert_eq!(asks[0].purpose, Purpose::Reserve { tokens: 300 });
         assert_eq!((asks[0].entries.len(), asks[0].hits), (1, 1));
     }
