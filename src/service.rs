@@ -130,7 +130,18 @@ impl Unfinished {
                 take_leases(app, &wants).await;
                 let call = Call::read(&request).map_err(RequestError::Undecodable)?;
                 let asks = proto::asks(&call, &app.settings.request_bounds)?;
-                match decide_once(app, &call, &asks, true)? {
+                let responded = match decide_once(app, &call, &asks, false)? {
+                    // Still short of a lease the fleet may have: the window ended while the
+                    // store answered (what it granted went to the window gone), or the grant
+                    // fell short. Once more, then decided on what is held. A fleet found spent
+                    // is not asked again: the view just read says so.
+                    Responded::LeasesSpent(wants) => {
+                        take_leases(app, &wants).await;
+                        decide_once(app, &call, &asks, true)?
+                    }
+                    answered => answered,
+                };
+                match responded {
                     Responded::Answer(response, strict) => match (strict, &app.fleet) {
                         (Some(work), Some(_)) => (response, work),
                         _ => return Ok(finish(app, response, started)),

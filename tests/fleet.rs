@@ -56,6 +56,9 @@ struct Tally {
     /// Each admitted call's (sent, answered) times, ms since the epoch: it was decided
     /// between the two.
     admitted_spans: Vec<(u64, u64)>,
+    /// Each refused call: its replica, when it was sent (ms since the epoch), its round trip
+    /// and the reset it was answered (ms): what a failing assertion prints.
+    refused: Vec<(usize, u64, u64, u64)>,
     slowest_ms: u64,
 }
 
@@ -152,6 +155,7 @@ async fn drive(
                             *tally.by_replica.entry((replica, window)).or_default() += 1;
                         } else {
                             tally.admitted.entry(window).or_default();
+                            tally.refused.push((replica, sent, answered - sent, reset));
                         }
                     }
                     _ => tally.failures += 1,
@@ -478,7 +482,11 @@ async fn a_token_bucket_holds_fleet_wide_at_the_default_settings() {
         let admitted = tally.admitted_spans.len() as u64;
         if offered < 1.0 {
             // Offered half its rate, the bucket never runs dry: all pass.
-            assert_eq!(admitted, tally.calls, "{what}");
+            assert_eq!(
+                admitted, tally.calls,
+                "{what}: refused (replica, sent ms, round trip ms, reset ms): {:?}",
+                tally.refused
+            );
             continue;
         }
         // One exact bucket, full at the start, offered more than it refills: its burst and
