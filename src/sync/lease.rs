@@ -271,6 +271,13 @@ impl LeaseCall {
     }
 }
 
+/// What a replica in a fleet may hold of a requests lease unused, once the call waiting on it
+/// has taken its need: a 64th of the limit, at least one unit (the script's `most`; the sync
+/// lowers a lease leased while its replica saw itself alone to it).
+pub(super) fn unused_bound(limit: u32) -> u32 {
+    (limit / 64).max(1)
+}
+
 /// The lease script. KEYS[1]: the counter's window. ARGV: replica, requests counted, tokens
 /// counted (-1: left as they are), expiry (ms since the epoch), replicas, remember the
 /// requests limit (1/0); then for requests and for tokens: limit (-1 none, -2 the one

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use redis::{FromRedisValue, RedisError};
 
 use super::keys::{expiry_ms, write_key_of};
-use super::lease::{Ask, LeaseCall, NO_LIMIT, Refill, Reply, STORED_LIMIT, Slide, rest_at_rate};
+use super::lease::{
+    Ask, LeaseCall, NO_LIMIT, Refill, Reply, STORED_LIMIT, Slide, rest_at_rate, unused_bound,
+};
 use super::{Fleet, SyncHandles};
 use crate::limiter::{Algorithm, Counter, CounterKey, Counts, Limits, Window};
 use crate::rules::{Consistency, OVERRIDE_SCOPE, Rule, RuleSet};
@@ -461,6 +463,20 @@ pub(super) async fn round(
                             super::narrow(counter.shrink_tokens_lease(window, used.into()))
                         }
                     };
+                    (0, released, held - released.min(held))
+                } else if let Some(bound) = limit.map(unused_bound)
+                    && budget == Budget::Requests
+                    && replicas > 1
+                    && limits.algorithm == Algorithm::FixedWindow
+                    && held > used.saturating_add(bound)
+                {
+                    // Leased while this replica saw itself alone (another has joined since,
+                    // or a heartbeat came late): lowered to the fleet's bound, which the
+                    // script keeps for every grant in a fleet, so that a replica killed now
+                    // strands no more than that.
+                    let released = counter
+                        .shrink_lease(window, used.saturating_add(bound))
+                        .unwrap_or(0);
                     (0, released, held - released.min(held))
                 } else if contended(fleet_leased, limit) {
                     let rest = rest_at_rate(counter, window, (used, spent), (unit, interval), now);
