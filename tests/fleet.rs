@@ -446,6 +446,14 @@ fn assert_bucket(spans: &[(u64, u64)], burst: u64, rate_per_s: u64, what: &str) 
     }
 }
 
+/// What one exact bucket of `burst` refilling at [`LIMIT`] a second, full at the start and
+/// offered more than it refills, admits over `span_ms` (its burst and its rate over the span),
+/// and `admitted` as a share of it.
+fn against_one_bucket(admitted: u64, burst: u64, span_ms: u64) -> (u64, f64) {
+    let exact = burst + u64::from(LIMIT) * span_ms / 1000;
+    (exact, admitted as f64 / exact as f64)
+}
+
 /// [5/8] over [4/8]'s leases: a token bucket kept fleet-wide at the default settings (sync
 /// every second) never admits more than its bound over any span, offered 1.5x evenly and 3x
 /// with 80 % on one of 3 replicas, and 3x over 10 (and half its rate, when it refuses
@@ -489,10 +497,7 @@ async fn a_token_bucket_holds_fleet_wide_at_the_default_settings() {
             );
             continue;
         }
-        // One exact bucket, full at the start, offered more than it refills: its burst and
-        // its rate over the run.
-        let exact = BURST + u64::from(LIMIT) * (to - from) / 1000;
-        let ratio = admitted as f64 / exact as f64;
+        let (exact, ratio) = against_one_bucket(admitted, BURST, to - from);
         println!("{what}: admitted {admitted}, one exact bucket {exact}: {ratio:.3}");
         assert!(
             ratio >= 0.95,
@@ -715,9 +720,8 @@ async fn a_token_bucket_keeps_its_bound_through_replicas_joining_leaving_and_kil
     let run = churn(&redis, &rules, "bucket-churn").await;
     let what = "bucket churn";
     assert_bucket(&run.all.admitted_spans, BURST, LIMIT.into(), what);
-    let exact = BURST + u64::from(LIMIT) * (run.to - run.from) / 1000;
     let admitted = run.all.admitted_spans.len() as u64;
-    let ratio = admitted as f64 / exact as f64;
+    let (exact, ratio) = against_one_bucket(admitted, BURST, run.to - run.from);
     println!(
         "{what}: killed at {} ms, stopped at {} ms, joined at {} ms; admitted {admitted}, one exact bucket {exact}: {ratio:.3}; request-path lease failures {}",
         run.killed_at - run.from,

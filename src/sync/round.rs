@@ -456,27 +456,30 @@ pub(super) async fn round(
                         ..Ask::NONE
                     };
                 }
-                let (target, release, held) = if leaving || gives_back(found, budget, limit) {
-                    let released = match budget {
-                        Budget::Requests => counter.shrink_lease(window, used).unwrap_or(0),
-                        Budget::Tokens => {
-                            super::narrow(counter.shrink_tokens_lease(window, used.into()))
-                        }
-                    };
-                    (0, released, held - released.min(held))
+                // Lowered to what it admitted when idle or leaving; in a fleet, a requests lease
+                // leased while this replica
+                // saw itself alone (another has joined since, or a heartbeat came late) to the
+                // bound the script keeps for every grant in a fleet, so that a replica killed
+                // now strands no more than that.
+                let lower_to = if leaving || gives_back(found, budget, limit) {
+                    Some(used)
                 } else if let Some(bound) = limit.map(unused_bound)
                     && budget == Budget::Requests
                     && replicas > 1
                     && limits.algorithm == Algorithm::FixedWindow
                     && held > used.saturating_add(bound)
                 {
-                    // Leased while this replica saw itself alone (another has joined since,
-                    // or a heartbeat came late): lowered to the fleet's bound, which the
-                    // script keeps for every grant in a fleet, so that a replica killed now
-                    // strands no more than that.
-                    let released = counter
-                        .shrink_lease(window, used.saturating_add(bound))
-                        .unwrap_or(0);
+                    Some(used.saturating_add(bound))
+                } else {
+                    None
+                };
+                let (target, release, held) = if let Some(to) = lower_to {
+                    let released = match budget {
+                        Budget::Requests => counter.shrink_lease(window, to).unwrap_or(0),
+                        Budget::Tokens => {
+                            super::narrow(counter.shrink_tokens_lease(window, to.into()))
+                        }
+                    };
                     (0, released, held - released.min(held))
                 } else if contended(fleet_leased, limit) {
                     let rest = rest_at_rate(counter, window, (used, spent), (unit, interval), now);
