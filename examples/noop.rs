@@ -6,6 +6,8 @@
 //!     noop serve 127.0.0.1:9000 sized   (answers as large as sluice's: a limit, a reset and
 //!                                        the three OpenAI requests headers per answer)
 //!     noop serve 127.0.0.1:9000 graceful   (with a shutdown signal, as sluice serves)
+//!     noop serve 127.0.0.1:9000 direct   (no router: the service's path matched as sluice
+//!                                         matches ShouldRateLimit's, not by axum's routing)
 //!     noop serve 127.0.0.1:9000 multi-thread   (on tokio's multi-threaded scheduler, as
 //!                                               `sluice serve --runtime multi-thread`; by
 //!                                               default one thread, as each of sluice's)
@@ -105,16 +107,24 @@ fn main() {
             // `graceful`: served as sluice serves, with a shutdown signal (tonic then watches
             // every connection for it, to drain them on stop).
             let graceful = args[2..].iter().any(|a| a == "graceful");
+            // `direct`: the one service served without tonic's router (axum's path routing),
+            // as sluice serves ShouldRateLimit; the generated service matches the path itself.
+            let direct = args[2..].iter().any(|a| a == "direct");
             runtime.enable_all().build().unwrap().block_on(async move {
-                let router = tonic::transport::Server::builder()
-                    .add_service(RateLimitServiceServer::new(Noop { sized }));
-                if graceful {
-                    router
+                let service = RateLimitServiceServer::new(Noop { sized });
+                let mut server = tonic::transport::Server::builder();
+                match (direct, graceful) {
+                    (true, true) => server
+                        .serve_with_shutdown(addr, service, std::future::pending())
+                        .await
+                        .unwrap(),
+                    (true, false) => server.serve(addr, service).await.unwrap(),
+                    (false, true) => server
+                        .add_service(service)
                         .serve_with_shutdown(addr, std::future::pending())
                         .await
-                        .unwrap();
-                } else {
-                    router.serve(addr).await.unwrap();
+                        .unwrap(),
+                    (false, false) => server.add_service(service).serve(addr).await.unwrap(),
                 }
             });
         }
@@ -151,7 +161,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: noop serve HOST:PORT [sized] [multi-thread] [graceful] | noop request OUT DOMAIN k=v,k2=v2 ..."
+                "usage: noop serve HOST:PORT [sized] [multi-thread] [graceful] [direct] | noop request OUT DOMAIN k=v,k2=v2 ..."
             );
             std::process::exit(2);
         }

@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::Routes;
 
 use crate::app::App;
 use crate::capacity::RuleName;
-use crate::grpc::{RateLimitGrpc, UndecodableIsInvalid};
+use crate::grpc::{Dispatch, RateLimitGrpc, UndecodableIsInvalid};
 use crate::limiter::{Clock, Limiter};
 use crate::reload::{self, Catalog, ReloadSettings};
 use crate::rules::ConfigError;
@@ -215,7 +216,8 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     if let Some(grace) = app.settings.grpc_max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
     }
-    let router = builder.add_service(health_service).add_service(service);
+    let routes = Routes::new(health_service).add_service(service.clone());
+    let calls = Dispatch::new(service, routes);
     let stopping = async move {
         let _ = stopped.await;
         following.abort();
@@ -229,7 +231,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         RuntimeShape::PerCore => Threads::PerCore(app.settings.grpc_threads()),
         RuntimeShape::MultiThread => Threads::Shared,
     };
-    let serving = crate::transport::serve(listener, router, threads, tls, stopping)?;
+    let serving = crate::transport::serve(listener, (builder, calls), threads, tls, stopping)?;
     let (http_stop, _) = tokio::sync::watch::channel(false);
     let mut http = vec![serve_http(
         http_listener,

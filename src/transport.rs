@@ -8,6 +8,7 @@
 //! tokio's multi-threaded scheduler, saturated, and a call from Envoy, arriving alone, costs
 //! about 30 % less CPU.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -21,7 +22,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use tonic::transport::server::{Connected, Router, TcpConnectInfo};
+use tonic::body::Body;
+use tonic::transport::Server;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// A gRPC call as tonic's server hands it on, and its reply.
+type Request = http::Request<Body>;
+type Reply = http::Response<Body>;
 
 /// Why gRPC serving ended.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +56,29 @@ pub enum Threads {
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
-/// Serves `router` on the connections `listener` accepts until `stop` completes; then lets
-/// calls in flight finish. `tls`: the connections are TLS.
+/// What serves the calls of a connection: a tower service of gRPC requests, cloned for each
+/// worker thread.
+pub trait Calls:
+    tower_service::Service<Request, Response = Reply, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Calls for S where
+    S: tower_service::Service<Request, Response = Reply, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Serves `calls` with `server`'s settings on the connections `listener` accepts until `stop`
+/// completes; then lets calls in flight finish. `tls`: the connections are TLS.
 pub fn serve(
     listener: TcpListener,
-    router: Router,
+    (server, calls): (Server, impl Calls),
     threads: Threads,
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl Future<Output = ()> + Send + 'static,
@@ -70,7 +95,7 @@ pub fn serve(
                     }
                     stopping.send_replace(true);
                 };
-                let serving = serve_on_this_thread(router, incoming, tls, stopped);
+                let serving = serve_on_this_thread((server, calls), incoming, tls, stopped);
                 let ((), served) = tokio::join!(accepting, serving);
                 served
             }))
@@ -81,7 +106,8 @@ pub fn serve(
             for index in 0..count.max(1) {
                 let (accepted, incoming) = mpsc::unbounded_channel();
                 let (done, finished) = oneshot::channel();
-                let (router, tls, stopped) = (router.clone(), tls.clone(), stopped.clone());
+                let (server, calls) = (server.clone(), calls.clone());
+                let (tls, stopped) = (tls.clone(), stopped.clone());
                 std::thread::Builder::new()
                     .name(format!("sluice-grpc-{index}"))
                     .spawn(move || {
@@ -89,8 +115,12 @@ pub fn serve(
                             .enable_all()
                             .build()
                         {
-                            Ok(runtime) => runtime
-                                .block_on(serve_on_this_thread(router, incoming, tls, stopped)),
+                            Ok(runtime) => runtime.block_on(serve_on_this_thread(
+                                (server, calls),
+                                incoming,
+                                tls,
+                                stopped,
+                            )),
                             Err(e) => Err(TransportError::Worker(e)),
                         };
                         let _ = done.send(served);
@@ -160,7 +190,7 @@ async fn accept(
 
 /// Serves the connections that arrive on `incoming` on the current runtime.
 async fn serve_on_this_thread(
-    router: Router,
+    (server, calls): (Server, impl Calls),
     incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut stopped: watch::Receiver<bool>,
@@ -172,14 +202,14 @@ async fn serve_on_this_thread(
     match tls {
         None => {
             let connections = incoming.map(|tcp| TcpStream::from_std(tcp).map(Batched));
-            router
-                .serve_with_incoming_shutdown(connections, stop)
+            server
+                .serve_with_incoming_shutdown(calls, connections, stop)
                 .await?;
         }
         Some(config) => {
             let connections = handshakes(incoming, config);
-            router
-                .serve_with_incoming_shutdown(connections, stop)
+            server
+                .serve_with_incoming_shutdown(calls, connections, stop)
                 .await?;
         }
     }

@@ -5,9 +5,9 @@ mod common;
 use common::metrics::counted;
 use common::*;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
-use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit as ProtoUnit;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use envoy_types::pb::google::protobuf::UInt64Value;
 use envoy_types::pb::google::protobuf::value::Kind;
 
@@ -587,6 +587,51 @@ async fn grpc_health_reports_serving() {
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }
+    server.stop().await;
+}
+
+/// ShouldRateLimit is dispatched on its exact path before tonic's router; every other path
+/// still goes through the router: another method of the service, and a service not served,
+/// are answered UNIMPLEMENTED (as tonic's router answers them), and the health service too.
+#[tokio::test]
+async fn calls_other_than_should_rate_limit_still_reach_the_router() {
+    let server = start(&[("api.yaml", API)]).await;
+    let addr = server.running.as_ref().expect("running").grpc_addr;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    for path in [
+        "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimitNot",
+        "/envoy.service.ratelimit.v3.RateLimitService/",
+        "/no.such.Service/ShouldRateLimit",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.expect("ready");
+        let request = RateLimitRequest {
+            domain: "api".into(),
+            ..Default::default()
+        };
+        let answer: Result<tonic::Response<RateLimitResponse>, _> = grpc
+            .unary(
+                tonic::Request::new(request),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await;
+        let status = answer.expect_err(path);
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+    }
+    assert_eq!(
+        grpc_health(&server, "envoy.service.ratelimit.v3.RateLimitService").await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     server.stop().await;
 }
 
