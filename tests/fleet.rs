@@ -380,10 +380,12 @@ async fn offer_for(
 /// [5/8] over [4/8]'s leases: a sliding window kept fleet-wide at the default settings holds
 /// its estimate within the limit at every admitted call, offered 3x evenly and 1.5x with 80 %
 /// on one replica. Offered more, a sliding window's estimate reaches the limit by each
-/// window's end, so a full window admits nearly the limit: the fleet admitted 180 to 198 of 200
-/// (0.90 to 0.99), short of the 98 % fixed windows keep: budget that opens in a window's last
-/// moments goes unasked for (the README's accuracy model); the floor asserted here, 85 %,
-/// catches a fleet that starves.
+/// window's end, so a full window admits nearly the limit. Budget opens until the window's
+/// end, so in its last moments a refused call asks the store (`limiter::opening_at_its_end`):
+/// offered evenly, full windows admit 196 to 200 of 200 (before that step 186 to 199; the
+/// floor asserted, 95 %, fails without it). Skewed, no call is refused in the last moments
+/// (each replica still holds lease), and what opens then goes unasked for: 183 to 199 (the
+/// README's accuracy model); the floor asserted there, 85 %, catches a fleet that starves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
     let _turn = TURNS.lock().await;
@@ -395,15 +397,16 @@ async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
         "domain: fleet\ndescriptors:\n  - key: k\n    rate_limit: {{ unit: second, requests_per_unit: {LIMIT}, algorithm: sliding_window }}\n"
     );
     write_rules(dir.path(), &[("fleet.yaml", &rules)]);
-    for (n, offered, spread, what) in [
-        (3, 3.0, Spread::Even, "sliding, 3 replicas, 3x"),
+    for (n, offered, spread, what, floor) in [
+        (3, 3.0, Spread::Even, "sliding, 3 replicas, 3x", 0.95),
         (
             3,
             1.5,
             Spread::Skewed,
             "sliding, 3 replicas, 1.5x, 80 % on one",
+            0.85,
         ),
-        (10, 3.0, Spread::Even, "sliding, 10 replicas, 3x"),
+        (10, 3.0, Spread::Even, "sliding, 10 replicas, 3x", 0.95),
     ] {
         let (windows, tally) = offer(n, &redis, dir.path(), LIMIT, (offered, spread), what).await;
         assert_sliding(&tally, LIMIT, what);
@@ -415,7 +418,7 @@ async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
         for (w, admitted) in &windows {
             let ratio = *admitted as f64 / f64::from(LIMIT);
             assert!(
-                (0.85..=1.0).contains(&ratio),
+                (floor..=1.0).contains(&ratio),
                 "{what}: window {w} admitted {admitted} of {LIMIT} ({ratio:.3})"
             );
         }
@@ -672,7 +675,9 @@ async fn replicas_joining_leaving_and_killed_mid_window_keep_the_limit() {
 
 /// [5/8] over [4/8]'s churn: a sliding window kept fleet-wide through a replica killed, one
 /// stopped and one joining mid-run holds its estimate within the limit at every admitted call,
-/// and every full window admits at least the sliding accuracy test's floor.
+/// and every full window admits at least 95 % of the limit (evenly offered, as the accuracy
+/// test's even runs: 197 to 199 of 200 in three runs; 182 to 197 before a refused call asked
+/// the store in a window's last moments).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sliding_window_holds_through_replicas_joining_leaving_and_killed() {
     let _turn = TURNS.lock().await;
@@ -697,7 +702,7 @@ async fn a_sliding_window_holds_through_replicas_joining_leaving_and_killed() {
     for (w, admitted) in &windows {
         let ratio = *admitted as f64 / f64::from(LIMIT);
         assert!(
-            (0.85..=1.0).contains(&ratio),
+            (0.95..=1.0).contains(&ratio),
             "{what}: window {w} admitted {admitted} of {LIMIT} ({ratio:.3})"
         );
     }
