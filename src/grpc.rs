@@ -75,8 +75,8 @@ where
 
 /// The gRPC server's calls: ShouldRateLimit on its exact path straight to its service, every
 /// other call (health, an unknown method) through tonic's router. The router is axum's path
-/// routing with the wildcard tonic registers per service, which costs a ShouldRateLimit call
-/// about 2,900 instructions (5 % of a call, BENCHMARKS.md) to find a route that is known.
+/// routing with the wildcard tonic registers per service, which cost a ShouldRateLimit call
+/// about 4,200 instructions (8 % of a call, BENCHMARKS.md) to find a route that is known.
 #[derive(Clone)]
 pub struct Dispatch {
     rate_limit: UndecodableIsInvalid<RateLimitGrpc>,

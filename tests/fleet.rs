@@ -1098,10 +1098,6 @@ async fn two_synced_in(
     (a, b)
 }
 
-/// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
-/// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
-/// last seconds of one minute; a quarter into the next, three quarters of those 60 still
-/// weigh, so the two replicas together get 15 more, and at half way 15 more again.
 /// [4/8]'s kill window, on the lease script and the sync: in a fleet, what a replica holds of
 /// its requests lease unused, once the call waiting on it has taken its need, stays within a
 /// 64th of the limit (at least one unit), so a replica killed strands no more than that. 6,400
@@ -1177,6 +1173,10 @@ async fn a_replicas_unused_lease_stays_within_a_64th_of_the_limit() {
     b.stop().await;
 }
 
+/// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
+/// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
+/// last seconds of one minute; a quarter into the next, three quarters of those 60 still
+/// weigh, so the two replicas together get 15 more, and at half way 15 more again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
     let _turn = TURNS.lock().await;

@@ -457,10 +457,9 @@ pub(super) async fn round(
                     };
                 }
                 // Lowered to what it admitted when idle or leaving; in a fleet, a requests lease
-                // leased while this replica
-                // saw itself alone (another has joined since, or a heartbeat came late) to the
-                // bound the script keeps for every grant in a fleet, so that a replica killed
-                // now strands no more than that.
+                // leased while this replica saw itself alone (another has joined since, or a
+                // heartbeat came late) to the bound the script keeps for every grant in a
+                // fleet, so that a replica killed now strands no more than that.
                 let lower_to = if leaving || gives_back(found, budget, limit) {
                     Some(used)
                 } else if let Some(bound) = limit.map(unused_bound)
