@@ -51,6 +51,8 @@ struct Tally {
     by_replica: BTreeMap<(usize, u64), u64>,
     calls: u64,
     failures: u64,
+    /// When each failed call was sent (ms since the epoch).
+    failed_sent: Vec<u64>,
     /// Answers whose round trip spanned two window ends: their window cannot be told.
     untold: u64,
     /// Each admitted call's (sent, answered) times, ms since the epoch: it was decided
@@ -158,7 +160,10 @@ async fn drive(
                             tally.refused.push((replica, sent, answered - sent, reset));
                         }
                     }
-                    _ => tally.failures += 1,
+                    _ => {
+                        tally.failures += 1;
+                        tally.failed_sent.push(sent);
+                    }
                 }
             });
         }
@@ -378,14 +383,17 @@ async fn offer_for(
 }
 
 /// [5/8] over [4/8]'s leases: a sliding window kept fleet-wide at the default settings holds
-/// its estimate within the limit at every admitted call, offered 3x evenly and 1.5x with 80 %
-/// on one replica. Offered more, a sliding window's estimate reaches the limit by each
-/// window's end, so a full window admits nearly the limit. Budget opens until the window's
-/// end, so in its last moments a refused call asks the store (`limiter::opening_at_its_end`):
-/// offered evenly, full windows admit 196 to 200 of 200 (before that step 186 to 199; the
-/// floor asserted, 95 %, fails without it). Skewed, no call is refused in the last moments
-/// (each replica still holds lease), and what opens then goes unasked for: 183 to 199 (the
-/// README's accuracy model); the floor asserted there, 85 %, catches a fleet that starves.
+/// its estimate within the limit at every admitted call, offered 3x evenly over 3 and over 10
+/// replicas, and 1.5x with 80 % on one replica. Offered more, a sliding window's estimate
+/// reaches the limit by each window's end, so a full window admits nearly the limit. Budget
+/// opens until the window's end: a refused call asks the store once the view of a spent
+/// fleet is a 64th of the window old per replica, and at every refusal in the window's last
+/// moments (`limiter::opened_since_asked`), and a grant leaves a replica no more than a 64th
+/// of the limit unused. Full windows admitted 196 to 199 of 200 (3 replicas evenly and 10
+/// replicas) and 195 to 199 (skewed) in four runs; before those two steps 196 to 200, 196 to
+/// 199 and 174 to 199 (no call was refused in the last moments there, each replica still
+/// holding lease, and views of a spent fleet were trusted up to 400 ms). The floor asserted,
+/// 97 %, fails with the old trust (skewed windows of 192 and 184 in two runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
     let _turn = TURNS.lock().await;
@@ -398,15 +406,15 @@ async fn a_sliding_window_holds_fleet_wide_at_the_default_settings() {
     );
     write_rules(dir.path(), &[("fleet.yaml", &rules)]);
     for (n, offered, spread, what, floor) in [
-        (3, 3.0, Spread::Even, "sliding, 3 replicas, 3x", 0.95),
+        (3, 3.0, Spread::Even, "sliding, 3 replicas, 3x", 0.97),
         (
             3,
             1.5,
             Spread::Skewed,
             "sliding, 3 replicas, 1.5x, 80 % on one",
-            0.85,
+            0.97,
         ),
-        (10, 3.0, Spread::Even, "sliding, 10 replicas, 3x", 0.95),
+        (10, 3.0, Spread::Even, "sliding, 10 replicas, 3x", 0.97),
     ] {
         let (windows, tally) = offer(n, &redis, dir.path(), LIMIT, (offered, spread), what).await;
         assert_sliding(&tally, LIMIT, what);
@@ -554,6 +562,9 @@ struct Churn {
     /// failure policy, which does not keep the fleet's limit (the README's accuracy model holds
     /// with Redis answering).
     lease_failures: u64,
+    /// Calls to the killed replica sent before the kill that got no answer: each may have been
+    /// admitted there, its answer lost with the process (the client cannot tell).
+    unanswered_at_kill: u64,
 }
 
 /// Four replicas on `rules` (domain `fleet`, key `k`, a limit of [`LIMIT`] a second): replicas
@@ -611,6 +622,13 @@ async fn churn(redis: &RedisServer, rules: &str, prefix: &str) -> Churn {
         all.untold += tally.untold;
         all.slowest_ms = all.slowest_ms.max(tally.slowest_ms);
     }
+    let unanswered_at_kill = a
+        .lock()
+        .await
+        .failed_sent
+        .iter()
+        .filter(|&&sent| sent < killed_at)
+        .count() as u64;
     let live = [fleet.http[0].clone(), fleet.http[1].clone(), joined_http];
     let lease_failures = summed(&live, "sluice_lease_request_path_failures_total").await;
     assert_eq!(
@@ -642,6 +660,7 @@ async fn churn(redis: &RedisServer, rules: &str, prefix: &str) -> Churn {
         stopped_at,
         joined_at,
         lease_failures,
+        unanswered_at_kill,
     }
 }
 
@@ -655,29 +674,39 @@ async fn replicas_joining_leaving_and_killed_mid_window_keep_the_limit() {
     let windows = run.all.full_windows(run.from, run.to);
     let window_of = |ms: u64| ms / 1000;
     println!(
-        "churn: killed in window {}, stopped in {}, joined in {}; admitted per window (limit {LIMIT}): {windows:?}; request-path lease failures {}",
+        "churn: killed in window {}, stopped in {}, joined in {}; admitted per window (limit {LIMIT}): {windows:?}; calls in flight to the killed replica, unanswered: {}; request-path lease failures {}",
         window_of(run.killed_at),
         window_of(run.stopped_at),
         window_of(run.joined_at),
+        run.unanswered_at_kill,
         run.lease_failures
     );
     assert!(windows.len() >= 6, "{windows:?}");
     for (w, admitted) in &windows {
         assert!(*admitted <= u64::from(LIMIT), "window {w}: {admitted}");
         // The window of the kill too: what the killed replica held unused is lost with it,
-        // and a replica in a fleet holds no more than a 64th of the limit unused.
+        // and a replica in a fleet holds no more than a 64th of the limit unused. A call it
+        // admitted whose answer died with it was admitted all the same (Envoy, seeing the
+        // error, lets it through unless told to fail closed), but the client counts only
+        // answers: there the calls in flight at the kill are counted as the admissions they
+        // may have been.
+        let unseen = if *w == window_of(run.killed_at) {
+            run.unanswered_at_kill
+        } else {
+            0
+        };
         assert!(
-            *admitted >= u64::from(LIMIT) * 98 / 100,
-            "window {w}: {admitted} of {LIMIT}"
+            admitted + unseen >= u64::from(LIMIT) * 98 / 100,
+            "window {w}: {admitted} of {LIMIT} answered, {unseen} in flight at the kill"
         );
     }
 }
 
 /// [5/8] over [4/8]'s churn: a sliding window kept fleet-wide through a replica killed, one
 /// stopped and one joining mid-run holds its estimate within the limit at every admitted call,
-/// and every full window admits at least 95 % of the limit (evenly offered, as the accuracy
-/// test's even runs: 197 to 199 of 200 in three runs; 182 to 197 before a refused call asked
-/// the store in a window's last moments).
+/// and every full window admits at least 95 % of the limit (198 in every window of two runs;
+/// 197 to 199 before a spent view was trusted no longer than a 64th of the window per
+/// replica, 182 to 197 before a refused call asked the store in a window's last moments).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sliding_window_holds_through_replicas_joining_leaving_and_killed() {
     let _turn = TURNS.lock().await;
@@ -1115,11 +1144,24 @@ async fn a_replicas_unused_lease_stays_within_a_64th_of_the_limit() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    const RULES: &str = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 6400 }\n";
+    // A sliding window's grants keep the same bound: its previous minute is empty here, so
+    // the whole budget is open, as a fixed window's.
+    for (algorithm, keys) in [
+        ("", "minute"),
+        (", algorithm: sliding_window", "sliding.minute"),
+    ] {
+        unused_lease_within_a_64th(&redis, algorithm, keys).await;
+    }
+}
+
+async fn unused_lease_within_a_64th(redis: &RedisServer, algorithm: &str, keys: &str) {
+    let rules = format!(
+        "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: {{ unit: minute, requests_per_unit: 6400{algorithm} }}\n"
+    );
     let namespace = unique_namespace("a64th");
-    let (a, b) = two_synced_in(&redis, &namespace, RULES).await;
+    let (a, b) = two_synced_in(redis, &namespace, &rules).await;
     let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
-    let key = redis_key(&namespace, "ns", "user_u1", "minute", minute / 1_000);
+    let key = redis_key(&namespace, "ns", "user_u1", keys, minute / 1_000);
     let held = || -> i64 {
         let fields: std::collections::HashMap<String, i64> =
             redis.query(::redis::cmd("HGETALL").arg(&key));
@@ -1166,8 +1208,8 @@ async fn a_replicas_unused_lease_stays_within_a_64th_of_the_limit() {
     }
     assert_eq!(admitted, 1_500, "all within the limit");
     println!(
-        "held alone after 100 calls: {held_alone}; most held unused since: {most_unused} \
-         (bound 100)"
+        "{keys}: held alone after 100 calls: {held_alone}; most held unused since: \
+         {most_unused} (bound 100)"
     );
     a.stop().await;
     b.stop().await;

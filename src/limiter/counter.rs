@@ -184,9 +184,15 @@ fn stamp(now_ms: u64, doublings: u32) -> u32 {
 
 /// Whether a view stamped `note` is still fresh at `now_ms`.
 fn fresh(note: u32, now_ms: u64) -> bool {
-    let (doublings, ticks) = (note >> 28, note & 0x0fff_ffff);
+    let doublings = note >> 28;
+    age_of(note, now_ms).is_some_and(|age| age < FRESH_MS << doublings)
+}
+
+/// How long ago (ms, to 4 ms) a view stamped `note` was read; none if never.
+fn age_of(note: u32, now_ms: u64) -> Option<u64> {
+    let ticks = note & 0x0fff_ffff;
     let age = ((now_ms / 4) as u32 & 0x0fff_ffff).wrapping_sub(ticks) & 0x0fff_ffff;
-    ticks != 0 && u64::from(age) * 4 < FRESH_MS << doublings
+    (ticks != 0).then_some(u64::from(age) * 4)
 }
 
 /// What the fleet store holds of one counter's window after a sync.
@@ -570,6 +576,14 @@ impl Counter {
         }
     }
 
+    /// How long ago (ms) the store was last read for `window`; none if not in it.
+    pub fn fleet_read_ago(&self, window: Window, now_ms: u64) -> Option<u64> {
+        let others = Word::load(&self.others);
+        (others.window == window.0)
+            .then(|| age_of(others.note, now_ms))
+            .flatten()
+    }
+
     fn fleet_counts(&self, window: Window) -> FleetCounts {
         FleetCounts {
             others: Word::load(&self.others).counts_in(window),
@@ -765,7 +779,8 @@ impl Counter {
         let others_now = store.fleet.minus(store.held);
         // Asked again and nothing changed: trust the answer twice as long. A sliding window's
         // budget opens a little at a time as the previous window fades: each call finds what
-        // opened since the last, so its calls, too, come twice as far apart each time.
+        // opened since the last, so its calls, too, come twice as far apart each time, up to
+        // a 64th of the window per replica (the limiter's `opened_since_asked`).
         let unchanged = current.window == window.0
             && (store.fades || (store.granted.is_zero() && current.counts == others_now));
         let doublings = if unchanged && !store.refills {

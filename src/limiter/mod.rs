@@ -198,20 +198,20 @@ impl Limiter {
                 outcome.until_reset = until_reset;
                 reading
             } else if allowed {
-                let mut reading = table.with_counter(demand.counter, |c| {
-                    c.charge_in_fleet(
+                table.with_counter(demand.counter, |c| {
+                    let mut reading = c.charge_in_fleet(
                         window,
                         demand.charge,
                         demand.limits,
                         demand.enforcement,
                         view,
                         now,
-                    )
-                });
-                if reading.over.requests && opening_at_its_end(demand, view, now) {
-                    reading.over.lease_spent = true;
-                }
-                reading
+                    )?;
+                    if reading.over.requests && opened_since_asked(demand, c, view, now) {
+                        reading.over.lease_spent = true;
+                    }
+                    Ok(reading)
+                })
             } else {
                 read(&table, demand, window, view, now)
             };
@@ -278,19 +278,35 @@ fn leased_bucket_reset(demand: &Demand<'_>, reading: &Reading) -> Duration {
     algorithm::leased_bucket_reset(used, charge, reading.over.any(), burst, rate)
 }
 
-/// Whether `demand` is a sliding window kept in leases in the last moments of its window,
-/// where a fleet the store found spent is not taken at its word: the previous window's weight
-/// falls until the window's end, so budget opens until then, and what opens after the last
-/// call to the store goes unused (per-second windows synced once a second admitted 180 to 198
-/// of 200 a window). A request refused there asks the store for what opened. The last 20th of
-/// the window, and no more than its last 50 ms, so a long window adds a few calls at most.
-fn opening_at_its_end(demand: &Demand<'_>, view: FleetView, now_ms: u64) -> bool {
+/// Whether `demand` is a sliding window kept in leases whose budget has opened since its
+/// counter last asked the store, so that a fleet the store found spent is not taken at its
+/// word: the previous window's weight falls until the window's end, and what opens after the
+/// last call to the store goes to whoever asks. A request refused asks again once the view is
+/// a 64th of the window old (a full previous window has faded by a 64th of the limit since:
+/// the bound a replica's unused lease keeps), and at every refusal in the window's last 20th
+/// (50 ms at most), where what opens is lost if no one asks before the end. Trusting a spent
+/// view longer (100 ms, doubling at each call) left per-second windows 174 to 199 of 200 with
+/// 80 % of the load on one replica.
+fn opened_since_asked(
+    demand: &Demand<'_>,
+    counter: &Counter,
+    view: FleetView,
+    now_ms: u64,
+) -> bool {
     const LAST_MS: u64 = 50;
     let unit = demand.counter.unit;
-    demand.limits.leased
-        && demand.limits.algorithm == Algorithm::SlidingWindow
-        && matches!(view, FleetView::Synced { .. })
-        && (unit.until_reset(now_ms).as_millis() as u64) <= (unit.millis() / 20).min(LAST_MS)
+    let FleetView::Synced { replicas } = view else {
+        return false;
+    };
+    if !demand.limits.leased || demand.limits.algorithm != Algorithm::SlidingWindow {
+        return false;
+    }
+    let at_its_end =
+        (unit.until_reset(now_ms).as_millis() as u64) <= (unit.millis() / 20).min(LAST_MS);
+    at_its_end
+        || counter
+            .fleet_read_ago(unit.window_at(now_ms), now_ms)
+            .is_some_and(|ago| ago >= unit.millis() * u64::from(replicas) / 64)
 }
 
 /// What `demand` would meet in `window`, charging nothing (a counter not yet created is empty).
@@ -350,16 +366,18 @@ mod tests {
     use super::*;
 
     /// A sliding window kept in leases: the store last said the rest of the fleet holds the
-    /// whole limit. Mid-window the refusal trusts that (no call to the store); in the window's
-    /// last 50 ms the weight has fallen since, and the refusal asks the store. A fixed window
-    /// trusts it to the end: its budget opens only with the next window.
+    /// whole limit. Read moments ago, a refusal trusts that (no call to the store); once the
+    /// view is a 64th of the window old per replica, or in the window's last 50 ms, the weight
+    /// has fallen since, and the refusal asks the store. A fixed window trusts it to the end:
+    /// its budget opens only with the next window.
     #[test]
-    fn a_refused_sliding_window_asks_the_store_in_its_last_moments() {
+    fn a_refused_sliding_window_asks_the_store_once_budget_has_opened() {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let limiter = Limiter::new(clock.clone());
         limiter.fleet().set(FleetView::Synced { replicas: 2 });
-        let spent = |ms: u64, algorithm: Algorithm| {
-            clock.set_ms(1_000_000 + ms);
+        // The fleet read as spent at `read_ms` into a one-second window, then a request at `ms`.
+        let spent = |read_ms: u64, ms: u64, algorithm: Algorithm| {
+            clock.set_ms(1_000_000 + read_ms);
             let limits = Limits {
                 requests: Some(10),
                 algorithm,
@@ -386,6 +404,7 @@ mod tests {
                 Ok(())
             });
             drop(table);
+            clock.set_ms(1_000_000 + ms);
             let demand = Demand {
                 counter,
                 limits,
@@ -400,12 +419,21 @@ mod tests {
             assert!(!limiter.settle(&[demand], &mut outcome));
             outcome[0].over.lease_spent
         };
-        assert!(!spent(500, Algorithm::SlidingWindow), "mid-window: trusted");
+        let sliding = Algorithm::SlidingWindow;
         assert!(
-            !spent(940, Algorithm::SlidingWindow),
-            "60 ms before the end"
+            !spent(500, 500, sliding),
+            "mid-window, read just now: trusted"
         );
-        assert!(spent(960, Algorithm::SlidingWindow), "in the last 50 ms");
-        assert!(!spent(960, Algorithm::FixedWindow), "a fixed window");
+        assert!(!spent(940, 940, sliding), "60 ms before the end");
+        assert!(spent(960, 960, sliding), "in the last 50 ms");
+        assert!(!spent(960, 960, Algorithm::FixedWindow), "a fixed window");
+        // Two replicas: a view read 2 x 1000 / 64 ms ago or more has seen a 64th of a full
+        // previous window fade for each.
+        assert!(!spent(500, 528, sliding), "read 28 ms ago");
+        assert!(spent(500, 532, sliding), "read 32 ms ago");
+        assert!(
+            !spent(500, 532, Algorithm::FixedWindow),
+            "a fixed window, read 32 ms ago"
+        );
     }
 }

@@ -420,7 +420,7 @@ local function lease(field, total, held, leased, at, counted)
         cap = left
       end
       local most = cap
-      if counted and replicas > 1 and not slide and not bucket then
+      if counted and replicas > 1 and not bucket then
         -- In a fleet, what a replica holds of a requests lease unused, once the request
         -- waiting on it has taken what it needs, stays within a 64th of the limit (at least
         -- one unit): a replica killed loses that for the rest of the window, so the others

@@ -465,7 +465,10 @@ pub(super) async fn round(
                 } else if let Some(bound) = limit.map(unused_bound)
                     && budget == Budget::Requests
                     && replicas > 1
-                    && limits.algorithm == Algorithm::FixedWindow
+                    && matches!(
+                        limits.algorithm,
+                        Algorithm::FixedWindow | Algorithm::SlidingWindow
+                    )
                     && held > used.saturating_add(bound)
                 {
                     Some(used.saturating_add(bound))
