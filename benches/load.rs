@@ -601,7 +601,8 @@ fn main() {
     };
     // LOAD_KEYS=N: only the many-keys and many-descriptors runs, on a fresh server each round:
     // 1 key, then N keys each new to the server (every key met once), the same N again
-    // (they exist now), 10 descriptors a request and 1.
+    // (they exist now), 10 descriptors a request and 1; then the no-op server on 1 key and on
+    // the N keys, for the slowest answer the stack and the machine give without sluice.
     if let Some(keys) = std::env::var("LOAD_KEYS")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
@@ -609,7 +610,7 @@ fn main() {
         let many = requests(keys);
         runtime.block_on(async {
             let mut ratios: [Vec<f64>; 3] = Default::default();
-            let mut slowest: f64 = 0.0;
+            let (mut slowest, mut noop_slowest): (f64, f64) = (0.0, 0.0);
             for round in 1..=rounds {
                 println!("round {round} of {rounds}");
                 let fresh = sluice_server(false);
@@ -625,6 +626,19 @@ fn main() {
                 ratios[1].push(per_cpu(&existing) / per_cpu(&one));
                 ratios[2].push(ten_run.cpu_per_100k / one.cpu_per_100k);
                 slowest = slowest.max(new.max).max(existing.max);
+                // The same stream of calls to the no-op server: what the machine and the load
+                // tool's own pauses put on the slowest answer, with no table behind it.
+                let noop_one = measured(&noop, &one_key, "no-op server, 1 key").await;
+                let noop_many = load_each_once(&noop, &many).await;
+                show(&format!("no-op server, {keys} keys, once each"), &noop_many);
+                noop_slowest = noop_slowest.max(noop_one.max).max(noop_many.max);
+                println!(
+                    "round {round}: slowest answer, sluice {:.3} ms (1 key {:.3}), no-op {:.3} ms (1 key {:.3})",
+                    new.max.max(existing.max),
+                    one.max,
+                    noop_many.max,
+                    noop_one.max
+                );
                 println!(
                     "round {round}: per CPU-second, new keys / 1 key {:.3}, existing / 1 key {:.3}; CPU of 10 descriptors / 1 {:.3}",
                     ratios[0][round - 1],
@@ -633,7 +647,7 @@ fn main() {
                 );
             }
             println!(
-                "medians over {rounds} rounds: new keys / 1 key {:.3} [{}], existing / 1 key {:.3} [{}], 10 descriptors / 1 (CPU) {:.3} [{}]; slowest answer {slowest:.3} ms",
+                "medians over {rounds} rounds: new keys / 1 key {:.3} [{}], existing / 1 key {:.3} [{}], 10 descriptors / 1 (CPU) {:.3} [{}]; slowest answer {slowest:.3} ms (the no-op's on the same calls {noop_slowest:.3} ms)",
                 median(&ratios[0]),
                 listed(&ratios[0]),
                 median(&ratios[1]),
