@@ -84,9 +84,21 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    /// ShouldRateLimit served by `rate_limit`; `others` (which serves it too, for any other
-    /// path of the service) for the rest.
-    pub fn new(rate_limit: UndecodableIsInvalid<RateLimitGrpc>, others: Routes) -> Self {
+    /// ShouldRateLimit served by `rate_limit` straight; every other call through tonic's
+    /// router, which holds `health` and `rate_limit` (for the service's other paths, which it
+    /// answers UNIMPLEMENTED).
+    pub fn new<S>(rate_limit: UndecodableIsInvalid<RateLimitGrpc>, health: S) -> Self
+    where
+        S: tower_service::Service<HttpRequest, Error = Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let others = Routes::new(health).add_service(rate_limit.clone());
         Dispatch {
             rate_limit,
             others: others.prepare(),

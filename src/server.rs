@@ -9,7 +9,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::service::Routes;
 
 use crate::app::App;
 use crate::capacity::RuleName;
@@ -216,8 +215,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     if let Some(grace) = app.settings.grpc_max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
     }
-    let routes = Routes::new(health_service).add_service(service.clone());
-    let calls = Dispatch::new(service, routes);
+    let calls = Dispatch::new(service, health_service);
     let stopping = async move {
         let _ = stopped.await;
         following.abort();
