@@ -207,7 +207,9 @@ impl Limiter {
                         view,
                         now,
                     )?;
-                    if reading.over.requests && opened_since_asked(demand, c, view, now) {
+                    if (reading.over.requests || reading.over.tokens)
+                        && opened_since_asked(demand, c, view, now)
+                    {
                         reading.over.lease_spent = true;
                     }
                     Ok(reading)
@@ -375,17 +377,19 @@ mod tests {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let limiter = Limiter::new(clock.clone());
         limiter.fleet().set(FleetView::Synced { replicas: 2 });
-        // The fleet read as spent at `read_ms` into a one-second window, then a request at `ms`.
-        let spent = |read_ms: u64, ms: u64, algorithm: Algorithm| {
+        // The fleet read as spent at `read_ms` into a one-second window, then a request at
+        // `ms`: one request against a requests limit, or a check of a tokens limit.
+        let asks = |read_ms: u64, ms: u64, algorithm: Algorithm, tokens: bool| {
             clock.set_ms(1_000_000 + read_ms);
             let limits = Limits {
-                requests: Some(10),
+                requests: (!tokens).then_some(10),
+                tokens: tokens.then_some(10),
                 algorithm,
                 leased: true,
                 ..Limits::default()
             };
             let counter = CounterRef {
-                scope: if algorithm.is_fixed() { 1 } else { 2 },
+                scope: u64::from(algorithm.is_fixed()) + 2 * u64::from(tokens),
                 unit: Unit::Second,
                 parts: &["k"],
             };
@@ -395,7 +399,7 @@ mod tests {
                 let others = Stored {
                     fleet: Counts {
                         requests: 10,
-                        tokens: 0,
+                        tokens: 10,
                     },
                     fades: !algorithm.is_fixed(),
                     ..Stored::default()
@@ -409,7 +413,7 @@ mod tests {
                 counter,
                 limits,
                 charge: Counts {
-                    requests: 1,
+                    requests: u32::from(!tokens),
                     tokens: 0,
                 },
                 refund: false,
@@ -419,21 +423,22 @@ mod tests {
             assert!(!limiter.settle(&[demand], &mut outcome));
             outcome[0].over.lease_spent
         };
-        let sliding = Algorithm::SlidingWindow;
-        assert!(
-            !spent(500, 500, sliding),
-            "mid-window, read just now: trusted"
-        );
-        assert!(!spent(940, 940, sliding), "60 ms before the end");
-        assert!(spent(960, 960, sliding), "in the last 50 ms");
-        assert!(!spent(960, 960, Algorithm::FixedWindow), "a fixed window");
-        // Two replicas: a view read 2 x 1000 / 64 ms ago or more has seen a 64th of a full
-        // previous window fade for each.
-        assert!(!spent(500, 528, sliding), "read 28 ms ago");
-        assert!(spent(500, 532, sliding), "read 32 ms ago");
-        assert!(
-            !spent(500, 532, Algorithm::FixedWindow),
-            "a fixed window, read 32 ms ago"
-        );
+        let (sliding, fixed) = (Algorithm::SlidingWindow, Algorithm::FixedWindow);
+        for tokens in [false, true] {
+            let spent = |read_ms, ms, algorithm| asks(read_ms, ms, algorithm, tokens);
+            let what = if tokens { "tokens" } else { "requests" };
+            assert!(
+                !spent(500, 500, sliding),
+                "{what}: mid-window, read just now"
+            );
+            assert!(!spent(940, 940, sliding), "{what}: 60 ms before the end");
+            assert!(spent(960, 960, sliding), "{what}: in the last 50 ms");
+            assert!(!spent(960, 960, fixed), "{what}: a fixed window");
+            // Two replicas: a view read 2 x 1000 / 64 ms ago or more has seen a 64th of a
+            // full previous window fade for each.
+            assert!(!spent(500, 528, sliding), "{what}: read 28 ms ago");
+            assert!(spent(500, 532, sliding), "{what}: read 32 ms ago");
+            assert!(!spent(500, 532, fixed), "{what}: a fixed window, 32 ms");
+        }
     }
 }
