@@ -2,9 +2,8 @@
 //! default settings on one redis-server, offered a per-minute limit evenly: 1 counter at 1.5x
 //! its limit, 100,000 at 1.5x (each at its limit), and 100,000 far from theirs. For every minute window wholly inside the run it prints what was admitted
 //! against the limit (in all, the most and least of any one counter, and how many counters
-//! admitted less than their limit: "short"), and over those
-//! windows the share of decisions that leased on the request path and Redis commands per
-//! second.
+//! admitted less than their limit: "short"), and for each of those windows the share of
+//! decisions that leased on the request path and Redis commands per second.
 //!
 //!     cargo bench --bench fleet
 //!     FLEET_RUNS=1/6000/1.5,100000/3/1.5 FLEET_SECONDS=190 cargo bench --bench fleet
@@ -297,8 +296,10 @@ fn main() {
         let (from, commands_before) =
             (now_ms(), redis_info(redis_port, "total_commands_processed"));
         let started = Instant::now();
-        // Leases and commands are counted over the full windows only: the first, partial
-        // window has no lease taken ahead of it.
+        // Leases and commands are counted over each full window: the first, partial window
+        // has no lease taken ahead of it, and a replica's first call to a counter always asks
+        // the store, so the first windows of sparse keys show how the fleet warms up and the
+        // later ones how it runs.
         let (first, last) = (
             (from / 60_000 + 1) * 60_000,
             (from + seconds * 1000) / 60_000 * 60_000,
@@ -307,7 +308,7 @@ fn main() {
             let http = http.clone();
             std::thread::spawn(move || {
                 let mut marks = Vec::new();
-                for at in [first, last] {
+                for at in (first..=last).step_by(60_000) {
                     if last <= first {
                         break;
                     }
@@ -342,13 +343,22 @@ fn main() {
         let leased = scraped(&http, "sluice_lease_request_path_calls_total");
         let lease_failures = scraped(&http, "sluice_lease_request_path_failures_total");
         let marks = marks.join().unwrap();
-        let (in_windows, commands_per_s) = match marks[..] {
-            [a, b] => (
-                100.0 * (b.leased - a.leased) / (b.calls - a.calls).max(1.0),
-                (b.commands - a.commands) as f64 / (b.at - a.at).as_secs_f64(),
-            ),
-            _ => (f64::NAN, f64::NAN),
-        };
+        // Per full window (by its start, ms): the share of decisions leased on the request
+        // path, and Redis commands a second.
+        let per_window: HashMap<u64, (f64, f64)> = marks
+            .windows(2)
+            .zip((first..).step_by(60_000))
+            .map(|(pair, start)| {
+                let (a, b) = (pair[0], pair[1]);
+                (
+                    start,
+                    (
+                        100.0 * (b.leased - a.leased) / (b.calls - a.calls).max(1.0),
+                        (b.commands - a.commands) as f64 / (b.at - a.at).as_secs_f64(),
+                    ),
+                )
+            })
+            .collect();
         let tally = tally.lock().unwrap();
         let full: Vec<u64> = (from / 60_000 + 1..to / 60_000).collect();
         if full.is_empty() {
@@ -365,12 +375,16 @@ fn main() {
                 short += usize::from(n < limit);
             }
             let budget = f64::from(limit) * k as f64;
+            let (in_window, commands_per_s) = per_window
+                .get(&(window * 60_000))
+                .copied()
+                .unwrap_or((f64::NAN, f64::NAN));
             println!(
                 "{k:>8} {limit:>7} {offered:>7} {window:>10} {total:>10} {:>9.4} {:>9.3} {:>9.3} {:>9.3}% {:>9.0} {short:>8}",
                 total as f64 / budget,
                 f64::from(most) / f64::from(limit),
                 f64::from(least) / f64::from(limit),
-                in_windows,
+                in_window,
                 commands_per_s,
             );
         }

@@ -1215,6 +1215,59 @@ async fn unused_lease_within_a_64th(redis: &RedisServer, algorithm: &str, keys: 
     b.stop().await;
 }
 
+/// [4/8]'s leases ahead, on manual clocks: a key two replicas each called once, then no one,
+/// is leased ahead of the next minute by each (what it admitted), and then no more. Before,
+/// a replica leased a unit ahead for a key it did not see while "the rest of the fleet did",
+/// read from the fleet's leases: each replica's idle unit was the other's reason, and the
+/// pair leased the key ahead every minute for as long as they ran (six minutes here, in a
+/// probe), a Redis call per key and replica a minute for every key ever called twice. Now the
+/// reason is what the others admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_no_one_calls_is_no_longer_leased_ahead() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let namespace = unique_namespace("quiet-ahead");
+    let (a, b) = two_synced_in(&redis, &namespace, PER_MINUTE).await;
+    let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+    let call = request("ns", &[&[("user", "u1")]]);
+    set_clocks(&[&a, &b], minute + 1_000);
+    assert_eq!(a.admitted(1, &call).await, 1);
+    assert_eq!(b.admitted(1, &call).await, 1);
+    let mut leased_ahead = Vec::new();
+    for i in 0..4u64 {
+        let start = minute + i * MINUTE_MS;
+        // Rounds mid-minute (a lease ahead is claimed, the key read on its turn), then in
+        // the minute's last three rounds (20 ms each here), where leases ahead are taken.
+        set_clocks(&[&a, &b], start + 30_000);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        set_clocks(&[&a, &b], start + MINUTE_MS - 50);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = redis_key(
+            &namespace,
+            "ns",
+            "user_u1",
+            "minute",
+            (start + MINUTE_MS) / 1_000,
+        );
+        let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&next).arg("requests"));
+        leased_ahead.push(leased.unwrap_or(0));
+    }
+    println!("leased ahead of each next minute: {leased_ahead:?}");
+    assert_eq!(
+        leased_ahead[0], 2,
+        "each replica leases ahead what it admitted"
+    );
+    assert_eq!(
+        &leased_ahead[1..],
+        &[0, 0, 0],
+        "and then nothing: no one called"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
 /// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
 /// last seconds of one minute; a quarter into the next, three quarters of those 60 still

@@ -216,6 +216,8 @@ pub struct Stored {
     /// counted (a replica reported 200 on a lease of 75 and was granted 31: it held 106 of the
     /// 231 the store set aside for it, and was refused with 31 its own).
     pub tokens_holding: u64,
+    /// What the fleet has admitted in the window, as pushed (this replica's included).
+    pub fleet_admitted: u32,
     /// `fleet` is a token bucket's, which refills all the time: a spent fleet is trusted for
     /// the first [`FRESH_MS`] only, never twice as long, or what refills meanwhile could
     /// overflow the bucket unclaimed.
@@ -758,9 +760,15 @@ impl Counter {
             note: stamp(now_ms, doublings),
             counts,
         };
+        // The note's high bits, unused for this word's stamp, say whether the rest of the fleet
+        // admitted in the window (not only leased: a unit another replica holds idle is no
+        // sign the key is in use).
         let pushed = Word {
             window: window.0,
-            note: stamp(now_ms, 0),
+            note: stamp(
+                now_ms,
+                u32::from(store.fleet_admitted > store.pushed.requests),
+            ),
             counts: store.pushed,
         };
         self.pushed.store(pushed.pack(), Ordering::Release);
@@ -868,6 +876,12 @@ impl Counter {
     pub fn fleet_tokens_leased_seen(&self, window: Window) -> Option<u64> {
         let others = Word::load(&self.others);
         (others.window == window.0).then(|| self.tokens_lease(window) + others.counts.tokens)
+    }
+
+    /// Whether the other replicas had admitted in `window` when the sync last pushed it.
+    pub fn admitted_elsewhere(&self, window: Window) -> bool {
+        let pushed = Word::load(&self.pushed);
+        pushed.window == window.0 && pushed.note >> 28 != 0
     }
 
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
@@ -1313,9 +1327,33 @@ mod tests {
             fleet: req(fleet),
             held: req(held),
             granted: req(held),
+            fleet_admitted: pushed,
             fades: false,
             refills: false,
             tokens_holding: 0,
+        }
+    }
+
+    /// What the rest of the fleet admitted, not what it leased, is what says a key is in use
+    /// elsewhere: a sync that read 3 admitted, 1 of them this replica's, says so; one that read
+    /// only this replica's admission does not, however much the others hold; another window's
+    /// read says nothing of this one.
+    #[test]
+    fn admitted_elsewhere_follows_the_fleets_admissions() {
+        let c = Counter::new();
+        c.synced(W, stored(1, 5, 1).with_admitted(3), NOW);
+        assert!(c.admitted_elsewhere(W));
+        assert!(!c.admitted_elsewhere(Window(W.0 + 1)));
+        c.synced(W, stored(1, 5, 1).with_admitted(1), NOW);
+        assert!(!c.admitted_elsewhere(W), "others hold 4, admitted none");
+    }
+
+    impl Stored {
+        fn with_admitted(self, fleet_admitted: u32) -> Stored {
+            Stored {
+                fleet_admitted,
+                ..self
+            }
         }
     }
 
@@ -1575,6 +1613,7 @@ mod tests {
             fleet: tokens(fleet.into()),
             held: tokens(held.into()),
             granted: tokens(granted.into()),
+            fleet_admitted: 0,
             fades: false,
             refills: false,
             tokens_holding: 0,

@@ -247,7 +247,7 @@ impl LeaseCall {
             tokens_held,
             tokens_granted,
             tokens_leased,
-            _used,
+            used,
             _tokens,
         ] = reply.map(super::clamp);
         Stored {
@@ -264,6 +264,7 @@ impl LeaseCall {
                 requests: granted,
                 tokens: tokens_granted.into(),
             },
+            fleet_admitted: used,
             fades: self.slide.is_some() || self.refill.is_some(),
             refills: self.refill.is_some(),
             tokens_holding: self.tokens.holding.into(),

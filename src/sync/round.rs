@@ -340,7 +340,9 @@ pub(super) async fn round(
                 let elapsed = unit.elapsed_ms(now);
                 let interval_ms = interval.as_millis() as u64;
                 let near = contended(found.fleet_leased, limits.requests);
-                let elsewhere = !counter.others(window).is_zero();
+                // Admitted elsewhere, not only leased: replicas that each hold an idle unit of
+                // a key no one calls would otherwise lease it ahead for each other forever.
+                let elsewhere = counter.admitted_elsewhere(window);
                 ahead_target(own.requests, elapsed, interval_ms, near, elsewhere)
             } else {
                 0
