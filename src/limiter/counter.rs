@@ -242,6 +242,8 @@ pub struct Retired;
 #[derive(Debug)]
 pub struct Counter {
     word: AtomicU128,
+    /// What the sync last pushed: window, counts, and a note whose low bits stamp when and
+    /// whose high bits say whether the rest of the fleet had admitted in that window.
     pushed: AtomicU128,
     others: AtomicU128,
     /// A lease of the next window, taken before it began: window (high half), requests. A
@@ -887,12 +889,9 @@ impl Counter {
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
     pub fn pushed_ago(&self, window: Window, now_ms: u64) -> Option<u64> {
         let pushed = Word::load(&self.pushed);
-        let ticks = pushed.note & 0x0fff_ffff;
-        if pushed.window != window.0 || ticks == 0 {
-            return None;
-        }
-        let age = ((now_ms / 4) as u32 & 0x0fff_ffff).wrapping_sub(ticks) & 0x0fff_ffff;
-        Some(u64::from(age) * 4)
+        (pushed.window == window.0)
+            .then(|| age_of(pushed.note, now_ms))
+            .flatten()
     }
 
     /// The fleet's total in `window` as of the last sync (zero if none was read for it), and

@@ -417,7 +417,8 @@ local function lease(field, total, held, leased, at, counted)
       if slide then
         -- A sliding window's budget opens a little at a time as the previous window's weight
         -- fades: what is left is what opened since the last grant, and the replica asking may
-        -- take all it wants of it (a share of it sent each replica back for more at once).
+        -- take all it wants of it (a share of it sent each replica back for more at once),
+        -- within the 64th it may hold unused (below).
         cap = left
       end
       local most = cap
