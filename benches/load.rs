@@ -501,11 +501,21 @@ fn main() {
     std::fs::write(dir.path().join("bench.yaml"), rules(10)).unwrap();
     let many_rules_dir = tempfile::tempdir().unwrap();
     std::fs::write(many_rules_dir.path().join("bench.yaml"), rules(10_000)).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // Pinned to one core, the load runs on one thread. Two workers on one core preempted each
+    // other for a scheduler slice (up to 12 ms, `perf sched`), which landed on the slowest
+    // answer of whichever server was measured, and their hand-offs capped the load: one thread
+    // drives 110-130k calls a second where two drove 72k.
+    let runtime = match pinning.load {
+        Some(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    };
 
     let redis_port = free_port();
     let redis_server = start(
