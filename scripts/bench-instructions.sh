@@ -13,6 +13,9 @@
 #   NOOP_ARGS=sized scripts/bench-instructions.sh   # a no-op whose answers are as large as sluice's
 #   REQUESTS=50000 KEEP=/tmp/cg scripts/bench-instructions.sh   # keep the profiles, for
 #                                                               # callgrind_annotate --inclusive=yes
+#   CACHE_SIM=1 scripts/bench-instructions.sh   # also simulated cache misses per request
+#                                               # (callgrind's model of this CPU's L1 and last
+#                                               # level: a model, not the hardware's counters)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-lib.sh
@@ -50,6 +53,7 @@ count() {
     out="$keep/$name-$(basename "$body").cg"
     rm -f "$out"*
     local grind=(valgrind --tool=callgrind --compress-strings=no --compress-pos=no --callgrind-out-file="$out")
+    if [ -n "${CACHE_SIM:-}" ]; then grind+=(--cache-sim=yes); fi
     case "$name" in
         # shellcheck disable=SC2086
         no-op) "${grind[@]}" "$binary" serve "127.0.0.1:$p" ${NOOP_ARGS:-} >/dev/null 2>&1 & ;;
@@ -76,6 +80,11 @@ count() {
     server=""
     local total
     total="$(grep -h '^summary:' "$out".1 | awk '{ print $2 }')"
+    if [ -n "${CACHE_SIM:-}" ]; then
+        # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw, summed over the counted part.
+        grep -h '^summary:' "$out".1 | awk -v n="$done_" -v who="$name" -v body="$(basename "$body")" \
+            '{ printf "  %-8s %-5s per request: I1 misses %.0f, D1 misses %.0f, last-level misses %.0f\n", who, body, $5 / n, ($6 + $7) / n, ($8 + $9 + $10) / n }' >&2
+    fi
     awk -v t="$total" -v n="$done_" 'BEGIN { printf "%.0f\n", t / n }'
 }
 
