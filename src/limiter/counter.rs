@@ -174,17 +174,23 @@ pub struct Reading {
 const FRESH_MS: u64 = 100;
 const FRESH_MAX_DOUBLINGS: u32 = 5;
 
-/// The note of the others' word: when the store was read (in 4 ms ticks, wrapping, in the low
-/// 28 bits; never 0, which is "never read") and how many times the trust has doubled (the
-/// high 4 bits).
-fn stamp(now_ms: u64, doublings: u32) -> u32 {
+/// The note of a synced word: when the store was read (in 4 ms ticks, wrapping, in the low
+/// 28 bits; never 0, which is "never read") and a mark in the high 4 bits. In the others'
+/// word the mark is how many times the trust has doubled; in the pushed word, whether the
+/// rest of the fleet had admitted in the window (1) or not (0).
+fn stamp(now_ms: u64, mark: u32) -> u32 {
     let ticks = ((now_ms / 4) as u32 & 0x0fff_ffff).max(1);
-    (doublings.min(FRESH_MAX_DOUBLINGS) << 28) | ticks
+    (mark.min(FRESH_MAX_DOUBLINGS) << 28) | ticks
+}
+
+/// The mark [`stamp`] put in `note`'s high bits.
+fn mark_of(note: u32) -> u32 {
+    note >> 28
 }
 
 /// Whether a view stamped `note` is still fresh at `now_ms`.
 fn fresh(note: u32, now_ms: u64) -> bool {
-    let doublings = note >> 28;
+    let doublings = mark_of(note);
     age_of(note, now_ms).is_some_and(|age| age < FRESH_MS << doublings)
 }
 
@@ -753,7 +759,7 @@ impl Counter {
             && (store.fades
                 || (store.granted.is_zero() && current.counts.requests == counts.requests));
         let doublings = if unchanged && !store.refills {
-            current.note >> 28
+            mark_of(current.note)
         } else {
             0
         };
@@ -762,9 +768,8 @@ impl Counter {
             note: stamp(now_ms, doublings),
             counts,
         };
-        // The note's high bits, unused for this word's stamp, say whether the rest of the fleet
-        // admitted in the window (not only leased: a unit another replica holds idle is no
-        // sign the key is in use).
+        // The pushed word's mark says whether the rest of the fleet admitted in the window (not
+        // only leased: a unit another replica holds idle is no sign the key is in use).
         let pushed = Word {
             window: window.0,
             note: stamp(
@@ -794,7 +799,7 @@ impl Counter {
         let unchanged = current.window == window.0
             && (store.fades || (store.granted.is_zero() && current.counts == others_now));
         let doublings = if unchanged && !store.refills {
-            (current.note >> 28) + 1
+            mark_of(current.note) + 1
         } else {
             0
         };
@@ -883,7 +888,7 @@ impl Counter {
     /// Whether the other replicas had admitted in `window` when the sync last pushed it.
     pub fn admitted_elsewhere(&self, window: Window) -> bool {
         let pushed = Word::load(&self.pushed);
-        pushed.window == window.0 && pushed.note >> 28 != 0
+        pushed.window == window.0 && mark_of(pushed.note) != 0
     }
 
     /// How long ago the sync last pushed this counter's counts of `window`, if it did.
@@ -1669,18 +1674,18 @@ mod tests {
         c.leased_with_fleet(W, stored(0, 10, 0), NOW);
         c.leased_with_fleet(W, stored(0, 10, 0), NOW);
         let note = |c: &Counter| Word::load(&c.others).note;
-        assert_eq!(note(&c) >> 28, 2);
+        assert_eq!(mark_of(note(&c)), 2);
         c.synced_in_long_window(W, stored(0, 10, 0), NOW + 50);
-        assert_eq!(note(&c) >> 28, 2, "unchanged: kept");
+        assert_eq!(mark_of(note(&c)), 2, "unchanged: kept");
         assert!(fresh(note(&c), NOW + 50 + 390));
         // The others changed: trusted afresh for 100 ms only.
         c.synced_in_long_window(W, stored(0, 8, 0), NOW + 60);
-        assert_eq!(note(&c) >> 28, 0);
+        assert_eq!(mark_of(note(&c)), 0);
         assert!(!fresh(note(&c), NOW + 60 + 100));
         // In a short window every sync trusts afresh.
         c.leased_with_fleet(W, stored(0, 8, 0), NOW + 70);
         c.synced(W, stored(0, 8, 0), NOW + 80);
-        assert_eq!(note(&c) >> 28, 0);
+        assert_eq!(mark_of(note(&c)), 0);
     }
 
     #[test]
