@@ -505,17 +505,15 @@ fn main() {
     // other for a scheduler slice (up to 12 ms, `perf sched`), which landed on the slowest
     // answer of whichever server was measured, and their hand-offs capped the load: one thread
     // drives 110-130k calls a second where two drove 72k.
-    let runtime = match pinning.load {
-        Some(_) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap(),
-        None => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
+    let mut runtime = match pinning.load {
+        Some(_) => tokio::runtime::Builder::new_current_thread(),
+        None => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(2);
+            builder
+        }
     };
+    let runtime = runtime.enable_all().build().unwrap();
 
     let redis_port = free_port();
     let redis_server = start(
