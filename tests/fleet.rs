@@ -1865,11 +1865,12 @@ async fn over_rounds(
     redis: &RedisServer,
     n: u64,
     traffic: Option<&RateLimitRequest>,
-) -> (u64, usize, u64) {
+) -> (u64, usize, Syncs) {
     let request_path = || common::metrics::counted(server, "sluice_lease_request_path_calls_total");
-    let (rounds, served, taken) = (
+    let (rounds, scripts, hmgets, taken) = (
         sync_rounds(server),
         calls_of(redis, "evalsha"),
+        calls_of(redis, "hmget"),
         request_path().await,
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -1882,16 +1883,36 @@ async fn over_rounds(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let taken = request_path().await - taken;
+    let scripts = calls_of(redis, "evalsha") - scripts;
+    // Each call of the lease script on a fixed window runs one HMGET of its own.
+    let reads = calls_of(redis, "hmget") - hmgets - scripts;
     (
         sync_rounds(server) - rounds,
         admitted,
-        calls_of(redis, "evalsha") - served - taken,
+        Syncs {
+            scripts: scripts - taken,
+            reads,
+        },
     )
 }
 
-async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> (u64, u64) {
-    let (rounds, _, reads) = over_rounds(server, redis, n, None).await;
-    (rounds, reads)
+/// The sync's calls to the store for fixed windows: the lease script, and the plain reads
+/// that stand in for a call asking nothing (`LeaseCall::reads_only`).
+#[derive(Debug, Clone, Copy)]
+struct Syncs {
+    scripts: u64,
+    reads: u64,
+}
+
+impl Syncs {
+    fn all(self) -> u64 {
+        self.scripts + self.reads
+    }
+}
+
+async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> (u64, Syncs) {
+    let (rounds, _, syncs) = over_rounds(server, redis, n, None).await;
+    (rounds, syncs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1909,13 +1930,15 @@ async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_c
     // 1 of 10, then nothing more here or elsewhere.
     assert_eq!(server.admitted(1, &call).await, 1);
     until_stored(&redis, &key, 1).await;
-    let (rounds, reads) = reads_over_rounds(&server, &redis, 48).await;
+    let (rounds, syncs) = reads_over_rounds(&server, &redis, 48).await;
     // Idle: read on its turn, every 8th round, 6 in 48 rounds (one more may slip in at the
-    // edges, and one gives back what it held unused), where every round would be 48.
+    // edges, and one gives back what it held unused), where every round would be 48. Asking
+    // nothing, its turns are plain reads, not calls of the lease script.
     assert!(
-        (rounds / 8 - 2..=rounds / 8 + 2).contains(&reads),
-        "{reads} reads in {rounds} rounds"
+        (rounds / 8 - 2..=rounds / 8 + 2).contains(&syncs.all()),
+        "{syncs:?} in {rounds} rounds"
     );
+    assert!(syncs.scripts <= 2, "{syncs:?} in {rounds} rounds");
     // Far from its limit, it holds no more than the 1 it admitted and one unit unused (a
     // 64th of the limit, at least one: what a replica killed would strand).
     let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
@@ -1954,9 +1977,35 @@ async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_c
         &format!("{ns}:"),
     );
     until_stored(&redis, &key, 1).await;
-    let (rounds, reads) = reads_over_rounds(&eager, &redis, 30).await;
-    assert!(reads + 2 >= rounds, "{reads} reads in {rounds} rounds");
+    let (rounds, syncs) = reads_over_rounds(&eager, &redis, 30).await;
+    assert!(syncs.all() + 2 >= rounds, "{syncs:?} in {rounds} rounds");
     eager.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_counters_read_that_finds_its_counts_gone_pushes_them_again() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let ns = unique_namespace("lost");
+    let server = in_process(&redis, &ns).await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
+    assert_eq!(server.admitted(2, &call).await, 2);
+    until_stored(&redis, &key, 2).await;
+    let (_, syncs) = reads_over_rounds(&server, &redis, 24).await;
+    assert!(syncs.reads >= 1, "idle, it is read: {syncs:?}");
+    // The store loses the window (a restart without persistence, a key evicted): the next
+    // read finds it other than this replica left it, and the script puts back what the
+    // replica admitted and holds.
+    let _: () = redis.query(::redis::cmd("DEL").arg(&key));
+    until_stored(&redis, &key, 2).await;
+    let held: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+    assert!(held.is_some_and(|h| h >= 2), "{key}: leased {held:?}");
+    server.stop().await;
 }
 
 const BUSY: &str = "domain: busy\ndescriptors:\n  - key: far\n    rate_limit: { unit: minute, requests_per_unit: 1000000 }\n";
@@ -1985,8 +2034,8 @@ async fn busy_counters_lease_ahead_and_sync_on_their_turn() {
         admitted as u64 >= rounds,
         "{admitted} calls in {rounds} rounds"
     );
-    println!("{syncs} syncs in {rounds} rounds, {admitted} calls admitted");
-    assert!(syncs * 2 <= rounds, "{syncs} syncs in {rounds} rounds");
+    println!("{syncs:?} in {rounds} rounds, {admitted} calls admitted");
+    assert!(syncs.all() * 2 <= rounds, "{syncs:?} in {rounds} rounds");
     // Nothing is lost by waiting: the rest arrives in its turn.
     until_stored(&redis, &key, 1 + admitted as u32).await;
     server.stop().await;

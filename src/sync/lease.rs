@@ -238,6 +238,64 @@ impl LeaseCall {
         cmd
     }
 
+    /// Whether this call asks nothing of the store but to be answered: a fixed window's sync
+    /// that wants no grant, gives nothing back and names no stored limit. If the store also
+    /// holds what the replica last pushed and at least what it holds, the script would write
+    /// nothing, and a plain `HMGET` ([`LeaseCall::read_command`]) answers the same for a third
+    /// of the commands and none of the script's work. Most syncs of a fleet with many quiet
+    /// counters are such reads (a counter's turn, far from its limit, while it is idle).
+    pub(super) fn reads_only(&self) -> bool {
+        let asks_nothing = |a: Ask| {
+            a.limit != STORED_LIMIT
+                && a.release == 0
+                && a.target <= a.holding
+                && a.need <= a.holding
+        };
+        self.slide.is_none()
+            && self.refill.is_none()
+            && !self.remember_limit
+            && self.counted.is_some()
+            && asks_nothing(self.requests)
+            && asks_nothing(self.tokens)
+    }
+
+    /// A call that [`LeaseCall::reads_only`], as the `HMGET` of the fields the script reads.
+    pub(super) fn read_command(key: &str, replica: &str) -> Cmd {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key);
+        for prefix in ["h:", "k:", "u:", "t:"] {
+            cmd.arg(format!("{prefix}{replica}"));
+        }
+        cmd.arg("requests").arg("tleased").arg("used").arg("tokens");
+        cmd
+    }
+
+    /// What the script would have answered a call that [`LeaseCall::reads_only`], from what
+    /// [`LeaseCall::read_command`] read; none when the script would have written (the store
+    /// lost what this replica pushed or holds, or it was reset): then the call is sent as the
+    /// script, which gives it back.
+    pub(super) fn reply_of_read(&self, read: &[Option<i64>]) -> Option<Reply> {
+        let counted = self.counted?;
+        let field = |i: usize| read.get(i).copied().flatten().unwrap_or(0);
+        let (held, tokens_held, used, tokens) = (field(0), field(1), field(2), field(3));
+        let as_pushed = held >= i64::from(self.requests.holding)
+            && tokens_held >= i64::from(self.tokens.holding)
+            && used == i64::from(counted.requests)
+            && tokens == i64::from(super::narrow(counted.tokens));
+        as_pushed.then(|| {
+            [
+                held,
+                0,
+                field(4),
+                tokens_held,
+                0,
+                field(5),
+                field(6),
+                field(7),
+            ]
+        })
+    }
+
     /// What the store answered, as the counter records it.
     pub(super) fn stored(&self, reply: Reply) -> Stored {
         let [
@@ -723,6 +781,81 @@ mod tests {
         assert_eq!(
             rest_at_rate(&counter, window, (50, 10), (unit, second), now),
             10
+        );
+    }
+
+    /// A fixed window's sync of a counter that admitted 3 and holds 4, asking nothing.
+    fn quiet_sync() -> LeaseCall {
+        LeaseCall {
+            requests: Ask {
+                limit: 100,
+                target: 0,
+                release: 0,
+                need: 0,
+                holding: 4,
+            },
+            tokens: Ask::NONE,
+            remember_limit: false,
+            counted: Some(Counts {
+                requests: 3,
+                tokens: 0,
+            }),
+            expire_at_ms: 0,
+            replicas: 3,
+            slide: None,
+            refill: None,
+        }
+    }
+
+    #[test]
+    fn only_a_call_asking_nothing_is_sent_as_a_read() {
+        let quiet = quiet_sync();
+        assert!(quiet.reads_only());
+        let asking = |change: fn(&mut LeaseCall)| {
+            let mut call = quiet;
+            change(&mut call);
+            call.reads_only()
+        };
+        assert!(!asking(|c| c.requests.target = 5), "a top-up");
+        assert!(!asking(|c| c.requests.release = 1), "a give-back");
+        assert!(!asking(|c| c.requests.need = 5), "a request waiting");
+        assert!(!asking(|c| c.requests.limit = STORED_LIMIT), "an override");
+        assert!(!asking(|c| c.remember_limit = true), "a limit to store");
+        assert!(!asking(|c| c.counted = None), "a lease ahead");
+        assert!(
+            !asking(|c| c.slide = Slide::of(Algorithm::SlidingWindow, Unit::Minute, Window(1), 0)),
+            "a sliding window (the store weighs the previous window)"
+        );
+        // Wanting no more than it holds is asking nothing.
+        assert!(asking(|c| c.requests.target = 4));
+    }
+
+    #[test]
+    fn a_read_answers_as_the_script_only_when_the_store_holds_what_was_pushed() {
+        let quiet = quiet_sync();
+        // h:, k:, u:, t: of this replica; the fleet's requests, tleased, used, tokens.
+        let stored = [Some(4), None, Some(3), None, Some(40), None, Some(31), None];
+        assert_eq!(
+            quiet.reply_of_read(&stored),
+            Some([4, 0, 40, 0, 0, 0, 31, 0])
+        );
+        // The store holds more for this replica than it knows (a grant whose answer was lost):
+        // the script writes nothing either, and answers what the store holds.
+        let more = [Some(6), None, Some(3), None, Some(42), None, Some(31), None];
+        assert_eq!(quiet.reply_of_read(&more), Some([6, 0, 42, 0, 0, 0, 31, 0]));
+        // Lost (a restart, a reset): the script must push it back.
+        assert_eq!(quiet.reply_of_read(&[None; 8]), None);
+        let unpushed = [Some(4), None, Some(2), None, Some(40), None, Some(30), None];
+        assert_eq!(
+            quiet.reply_of_read(&unpushed),
+            None,
+            "admitted 3, the store has 2"
+        );
+        let short = [Some(3), None, Some(3), None, Some(39), None, Some(31), None];
+        assert_eq!(
+            quiet.reply_of_read(&short),
+            None,
+            "holds 4, the store has 3"
         );
     }
 }

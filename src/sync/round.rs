@@ -62,6 +62,8 @@ enum Purpose {
     /// A sliding window's window just closed (`window`): what the counter held of it unused
     /// goes back, so the next window does not weigh it. The answer is not kept.
     GiveBackClosed,
+    /// A sync that asks nothing ([`LeaseCall::reads_only`]), sent as a read.
+    Read,
 }
 
 /// Pipelines are cut at this many counters, so one round never builds an unbounded request.
@@ -536,7 +538,11 @@ pub(super) async fn round(
             };
             batch.push(Work {
                 counter,
-                purpose: Purpose::Sync,
+                purpose: if call.reads_only() {
+                    Purpose::Read
+                } else {
+                    Purpose::Sync
+                },
                 long_window: leases_ahead(unit, interval),
                 limit: limits.requests,
                 window,
@@ -555,8 +561,13 @@ pub(super) async fn round(
         if heartbeat {
             fleet.queue_heartbeat(&mut pipe, now);
         }
+        let replica = fleet.replica_field();
         for w in &batch {
-            pipe.add_command(w.call.command(&keys[w.key.clone()], fleet.replica_field()));
+            let key = &keys[w.key.clone()];
+            pipe.add_command(match w.purpose {
+                Purpose::Read => LeaseCall::read_command(key, replica),
+                _ => w.call.command(key, replica),
+            });
         }
         let mut replies: Vec<redis::Value> = store
             .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
@@ -565,8 +576,22 @@ pub(super) async fn round(
             let alive = replies.drain(..1).next().unwrap_or(redis::Value::Nil);
             replicas = u32::from_redis_value(alive)?.max(1);
         }
+        // Reads that found the store other than this replica left it, sent again as the script.
+        let mut again = Vec::new();
         for (w, reply) in batch.iter().zip(replies) {
-            let reply: Reply = redis::FromRedisValue::from_redis_value(reply)?;
+            let reply: Reply = match w.purpose {
+                Purpose::Read => {
+                    let read: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(reply)?;
+                    match w.call.reply_of_read(&read) {
+                        Some(reply) => reply,
+                        None => {
+                            again.push(w);
+                            continue;
+                        }
+                    }
+                }
+                _ => redis::FromRedisValue::from_redis_value(reply)?,
+            };
             match w.purpose {
                 Purpose::Ahead => {
                     w.counter
@@ -574,24 +599,38 @@ pub(super) async fn round(
                     continue;
                 }
                 Purpose::GiveBackClosed => continue,
-                Purpose::Sync => {}
+                Purpose::Sync | Purpose::Read => {}
             }
-            if w.long_window {
-                w.counter
-                    .synced_in_long_window(w.window, w.call.stored(reply), now);
-            } else {
-                w.counter.synced(w.window, w.call.stored(reply), now);
+            overshoot = overshoot.max(record_sync(w, reply, now));
+        }
+        if !again.is_empty() {
+            let mut pipe = redis::pipe();
+            for w in &again {
+                pipe.add_command(w.call.command(&keys[w.key.clone()], replica));
             }
-            // How far past a limit the fleet admitted (while Redis was away): what the
-            // accuracy model bounds.
-            let admitted = super::clamp(reply[6]);
-            if let Some(limit) = w.limit {
-                overshoot = overshoot.max(admitted.saturating_sub(limit));
+            let replies: Vec<Reply> = store
+                .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
+                .await?;
+            for (w, reply) in again.iter().zip(replies) {
+                overshoot = overshoot.max(record_sync(w, reply, now));
             }
         }
     }
     handles.metrics.overshoot.set(overshoot as f64);
     Ok((replicas, counters))
+}
+
+/// Records what a sync of the counter's window found; returns how far past its requests limit
+/// the fleet admitted (while Redis was away): what the accuracy model bounds.
+fn record_sync(w: &Work<'_>, reply: Reply, now: u64) -> u32 {
+    if w.long_window {
+        w.counter
+            .synced_in_long_window(w.window, w.call.stored(reply), now);
+    } else {
+        w.counter.synced(w.window, w.call.stored(reply), now);
+    }
+    let admitted = super::clamp(reply[6]);
+    w.limit.map_or(0, |limit| admitted.saturating_sub(limit))
 }
 
 #[cfg(test)]
