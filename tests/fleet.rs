@@ -2008,6 +2008,70 @@ async fn a_quiet_counters_read_that_finds_its_counts_gone_pushes_them_again() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_counters_turns_follow_the_interval_not_the_rounds_denials_wake() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
+    let ns = unique_namespace("woken");
+    let server = in_process(&redis, &ns).await;
+    wait_synced(&server).await;
+    let window = now_ms() / 60_000 * 60;
+    let (quiet, spent) = (
+        request("ns", &[&[("user", "quiet")]]),
+        request("ns", &[&[("user", "spent")]]),
+    );
+    assert_eq!(server.admitted(1, &quiet).await, 1);
+    assert_eq!(server.admitted(12, &spent).await, 10);
+    until_stored(
+        &redis,
+        &redis_key(&ns, "ns", "user_quiet", "minute", window),
+        1,
+    )
+    .await;
+    until_stored(
+        &redis,
+        &redis_key(&ns, "ns", "user_spent", "minute", window),
+        10,
+    )
+    .await;
+    let _ = reads_over_rounds(&server, &redis, 3).await;
+
+    // Refused calls, one every few milliseconds: each wakes the sync early.
+    let (rounds, scripts, hmgets) = (
+        sync_rounds(&server),
+        calls_of(&redis, "evalsha"),
+        calls_of(&redis, "hmget"),
+    );
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_millis(1_200) {
+        refused += 1 - server.admitted(1, &spent).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let elapsed = started.elapsed();
+    let rounds = sync_rounds(&server) - rounds;
+    let scripts = calls_of(&redis, "evalsha") - scripts;
+    let syncs = calls_of(&redis, "hmget") - hmgets;
+    // The sync's interval is 20 ms: no more rounds of the interval than that allows.
+    let ticks = (elapsed.as_millis() / 20) as u64 + 1;
+    println!(
+        "{refused} refused; {rounds} rounds, {ticks} of the interval at most; {syncs} syncs ({scripts} scripts)"
+    );
+    assert!(
+        rounds > ticks * 3 / 2,
+        "denials woke the sync: {rounds} rounds, {ticks} ticks"
+    );
+    // Two quiet counters, each on its turn once every 8 ticks (one more each at the edges).
+    assert!(
+        syncs <= 2 * (ticks / 8 + 2),
+        "{syncs} syncs of two quiet counters in {ticks} ticks ({rounds} rounds)"
+    );
+    server.stop().await;
+}
+
 const BUSY: &str = "domain: busy\ndescriptors:\n  - key: far\n    rate_limit: { unit: minute, requests_per_unit: 1000000 }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

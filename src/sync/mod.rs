@@ -204,7 +204,7 @@ impl Fleet {
             handles,
             self,
             &mut index,
-            (1, replicas),
+            (None, replicas),
             round::Mode::Leaving,
         );
         if let Err(error) = round.await {
@@ -412,26 +412,31 @@ async fn sync(handles: &SyncHandles, fleet: &Arc<Fleet>) {
     let mut failing_since: Option<Instant> = None;
     let mut last_log: Option<Instant> = None;
     let mut last_round = Instant::now() - interval;
-    let mut round_no = 0u32;
+    // Counts the rounds of the interval only: quiet counters take their turns on those, so
+    // their syncs follow time, not how often denials wake the sync.
+    let mut tick_no = 0u32;
     limiter.fleet().set(fleet.outage_view(1));
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
+        let ticked = tokio::select! {
+            _ = ticker.tick() => true,
             _ = wanted.notified() => {
                 let since = last_round.elapsed();
                 if since < earliest_gap {
                     tokio::time::sleep(earliest_gap - since).await;
                 }
+                false
             }
-        }
+        };
         last_round = Instant::now();
         let started = Instant::now();
-        round_no = round_no.wrapping_add(1).max(1);
+        if ticked {
+            tick_no = tick_no.wrapping_add(1).max(1);
+        }
         let result = round::round(
             handles,
             fleet,
             &mut index,
-            (round_no, replicas),
+            (ticked.then_some(tick_no), replicas),
             round::Mode::Serving,
         )
         .await;
