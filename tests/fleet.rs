@@ -1272,6 +1272,58 @@ async fn a_key_no_one_calls_is_no_longer_leased_ahead() {
     b.stop().await;
 }
 
+/// [4/8]'s leases ahead, on manual clocks: a key another replica admitted late in a window,
+/// after this replica last read it. Its turns are kept out of it (`--sync-quiet-refresh` of an
+/// hour): only the window's last round reads it, finds it admitted elsewhere, and leases its
+/// unit of the next window in the same round, so its first call there needs no call to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_admitted_elsewhere_late_in_a_window_is_leased_ahead_in_its_last_round() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let namespace = unique_namespace("late-elsewhere");
+    let no_turns = |s: &mut sluice::settings::Settings| {
+        s.sync_quiet_refresh = Some(Duration::from_secs(3_600));
+    };
+    let a = synced_in_process(redis.url(), &namespace, ("ns.yaml", PER_MINUTE), no_turns).await;
+    let b = synced_in_process(redis.url(), &namespace, ("ns.yaml", PER_MINUTE), no_turns).await;
+    for s in [&a, &b] {
+        wait_synced(s).await;
+    }
+    let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let rounds = || tokio::time::sleep(Duration::from_millis(200));
+    // b meets the key in one minute and leases ahead of the next.
+    set_clocks(&[&a, &b], minute + 1_000);
+    assert_eq!(b.admitted(1, &call).await, 1);
+    set_clocks(&[&a, &b], minute + MINUTE_MS - 10);
+    rounds().await;
+    // In the next, only a calls it, two seconds before its end; a's last round pushes it.
+    let next = minute + MINUTE_MS;
+    set_clocks(&[&a, &b], next + 1_000);
+    rounds().await;
+    set_clocks(&[&a, &b], next + 58_000);
+    rounds().await;
+    assert_eq!(a.admitted(1, &call).await, 1);
+    a.clock.set_ms(next + MINUTE_MS - 10);
+    let key = |start: u64| redis_key(&namespace, "ns", "user_u1", "minute", start / 1_000);
+    until_stored(&redis, &key(next), 1).await;
+    // b's last round of that minute.
+    b.clock.set_ms(next + MINUTE_MS - 10);
+    rounds().await;
+    let fields: std::collections::HashMap<String, u32> =
+        redis.query(::redis::cmd("HGETALL").arg(key(next + MINUTE_MS)));
+    println!("the minute after: {fields:?}");
+    let holders = fields
+        .iter()
+        .filter(|(f, n)| f.starts_with("h:") && **n > 0)
+        .count();
+    assert_eq!(holders, 2, "a for its call, b for a's: {fields:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A sliding window shared by two replicas, on manual clocks (both set alike): the store's
 /// grants weigh the previous window by what is left of it. 60 a minute, all of them in the
 /// last seconds of one minute; a quarter into the next, three quarters of those 60 still

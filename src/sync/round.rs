@@ -50,6 +50,9 @@ struct Work<'g> {
     call: LeaseCall,
     /// Where the key's name is in the batch's `keys`.
     key: std::ops::Range<usize>,
+    /// A unit of the next window to lease in the same round if this sync finds the key
+    /// admitted elsewhere (the call, and where its key's name is).
+    ahead_if_elsewhere: Option<(LeaseCall, std::ops::Range<usize>)>,
 }
 
 /// What a lease call of a round is for.
@@ -343,6 +346,9 @@ pub(super) async fn round(
                 && counter.ahead(next) == 0
                 && counter.lease(next) == 0;
             // Sized only in the rounds that may lease ahead.
+            // Whether a unit may yet be leased ahead for a key this replica did not see here,
+            // once a read shows the rest of the fleet admitted it.
+            let mut awaits_elsewhere = false;
             let ahead_wanted = if ahead_round {
                 let elapsed = unit.elapsed_ms(now);
                 let interval_ms = interval.as_millis() as u64;
@@ -350,6 +356,7 @@ pub(super) async fn round(
                 // Admitted elsewhere, not only leased: replicas that each hold an idle unit of
                 // a key no one calls would otherwise lease it ahead for each other forever.
                 let elsewhere = counter.admitted_elsewhere(window);
+                awaits_elsewhere = own.requests == 0 && !near && !elsewhere;
                 ahead_target(own.requests, elapsed, interval_ms, near, elsewhere)
             } else {
                 0
@@ -402,32 +409,41 @@ pub(super) async fn round(
                         window: previous,
                         call,
                         key: start..keys.len(),
+                        ahead_if_elsewhere: None,
                     });
                 }
             }
+            // A call leasing `target` of the next window (or giving `release` of it back).
+            let ahead_call = |keys: &mut String, target: u32, release: u32| {
+                let start = keys.len();
+                if !write_key_of(fleet, keys, key, rule, next) {
+                    return None;
+                }
+                let slide_ahead = Slide::of(limits.algorithm, unit, next, now);
+                let holding = counter.ahead(next).saturating_add(counter.lease(next));
+                let call = LeaseCall {
+                    requests: Ask {
+                        limit: limits.requests.map_or(NO_LIMIT, i64::from),
+                        target,
+                        release,
+                        need: 0,
+                        holding: holding + release,
+                    },
+                    tokens: Ask::NONE,
+                    remember_limit: false,
+                    counted: None,
+                    expire_at_ms: Slide::keeps_until(slide_ahead, expiry_ms(unit, next)),
+                    replicas,
+                    slide: slide_ahead,
+                    refill: None,
+                };
+                Some((call, start..keys.len()))
+            };
             // Leaving, a lease taken ahead of the next window goes back.
             let ahead_back = if leaving { counter.take_ahead(next) } else { 0 };
             if ahead || ahead_back > 0 {
-                let start = keys.len();
-                if write_key_of(fleet, &mut keys, key, rule, next) {
-                    let slide_ahead = Slide::of(limits.algorithm, unit, next, now);
-                    let holding = counter.ahead(next).saturating_add(counter.lease(next));
-                    let call = LeaseCall {
-                        requests: Ask {
-                            limit: limits.requests.map_or(NO_LIMIT, i64::from),
-                            target: if ahead { ahead_wanted } else { 0 },
-                            release: ahead_back,
-                            need: 0,
-                            holding: holding + ahead_back,
-                        },
-                        tokens: Ask::NONE,
-                        remember_limit: false,
-                        counted: None,
-                        expire_at_ms: Slide::keeps_until(slide_ahead, expiry_ms(unit, next)),
-                        replicas,
-                        slide: slide_ahead,
-                        refill: None,
-                    };
+                let target = if ahead { ahead_wanted } else { 0 };
+                if let Some((call, key)) = ahead_call(&mut keys, target, ahead_back) {
                     batch.push(Work {
                         counter,
                         purpose: Purpose::Ahead,
@@ -435,17 +451,37 @@ pub(super) async fn round(
                         limit: None,
                         window: next,
                         call,
-                        key: start..keys.len(),
+                        key,
+                        ahead_if_elsewhere: None,
                     });
                 }
             }
             let on_turn = tick.is_some_and(|tick| turn(key, tick, every));
-            if !(last || closing || sync_now(found, known) || on_turn) {
+            // In the window's last round such a key is read, and its unit leased ahead in the
+            // same round if the read finds the rest of the fleet admitted it: read on its turn
+            // only (every `every` rounds), the fleet's calls of the window's last seconds were
+            // missed (measured: 10,000 keys met once a minute by three replicas, 10 % of calls
+            // leased on the request path; read in each of the last rounds but one, 1.5 %; read
+            // and leased ahead in the last, 0.16-0.28 %).
+            let reads_for_ahead = awaits_elsewhere
+                && !leaving
+                && !strict
+                && !overridden
+                && limits.algorithm.is_fixed()
+                && limits.requests.is_some()
+                && leases_ahead(unit, interval)
+                && last_round;
+            if !(last || closing || sync_now(found, known) || on_turn || reads_for_ahead) {
                 if batch.len() >= BATCH {
                     break;
                 }
                 continue;
             }
+            let ahead_if_elsewhere = if reads_for_ahead {
+                ahead_call(&mut keys, 1, 0)
+            } else {
+                None
+            };
             let start = keys.len();
             if !write_key_of(fleet, &mut keys, key, rule, window) {
                 continue;
@@ -554,6 +590,7 @@ pub(super) async fn round(
                 window,
                 call,
                 key: start..keys.len(),
+                ahead_if_elsewhere,
             });
             if batch.len() >= BATCH {
                 break;
@@ -584,6 +621,8 @@ pub(super) async fn round(
         }
         // Reads that found the store other than this replica left it, sent again as the script.
         let mut again = Vec::new();
+        // Units of the next window for keys these syncs found admitted elsewhere.
+        let mut aheads = Vec::new();
         for (w, reply) in batch.iter().zip(replies) {
             let reply: Reply = match w.purpose {
                 Purpose::Read => {
@@ -608,17 +647,29 @@ pub(super) async fn round(
                 Purpose::Sync | Purpose::Read => {}
             }
             overshoot = overshoot.max(record_sync(w, reply, now));
+            if let Some((call, key)) = &w.ahead_if_elsewhere
+                && w.counter.admitted_elsewhere(w.window)
+            {
+                aheads.push((w.counter, call, key.clone(), Window(w.window.0 + 1)));
+            }
         }
-        if !again.is_empty() {
+        if !again.is_empty() || !aheads.is_empty() {
             let mut pipe = redis::pipe();
             for w in &again {
                 pipe.add_command(w.call.command(&keys[w.key.clone()], replica));
             }
+            for (_, call, key, _) in &aheads {
+                pipe.add_command(call.command(&keys[key.clone()], replica));
+            }
             let replies: Vec<Reply> = store
                 .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
                 .await?;
-            for (w, reply) in again.iter().zip(replies) {
-                overshoot = overshoot.max(record_sync(w, reply, now));
+            let (synced, ahead) = replies.split_at(again.len().min(replies.len()));
+            for (w, reply) in again.iter().zip(synced) {
+                overshoot = overshoot.max(record_sync(w, *reply, now));
+            }
+            for ((counter, call, _, next), reply) in aheads.iter().zip(ahead) {
+                counter.lease_ahead(*next, call.stored(*reply).granted.requests);
             }
         }
     }
