@@ -219,8 +219,8 @@ pub(super) fn target((own, spent): (u32, u32), every: u32, rest: u32) -> u32 {
 }
 
 /// Whether this round of the interval (`tick`) is the turn of a counter far from its limits:
-/// every `every` ticks, at a tick set by its key, so the syncs of many such counters spread evenly over the rounds
-/// instead of coming all at once. Most counters of a busy fleet are far from their limits:
+/// every `every` ticks, at a tick set by its key, so the syncs of many such counters spread
+/// evenly over the rounds instead of coming all at once. Most counters of a busy fleet are far from their limits:
 /// syncing each every round made Redis work follow requests and counters alive, not the
 /// counters near a limit.
 pub(super) fn turn(key: &CounterKey, tick: u32, every: u32) -> bool {
@@ -345,10 +345,10 @@ pub(super) async fn round(
             let ahead_round = unit.until_reset(now) <= 3 * interval
                 && counter.ahead(next) == 0
                 && counter.lease(next) == 0;
-            // Sized only in the rounds that may lease ahead.
             // Whether a unit may yet be leased ahead for a key this replica did not see here,
             // once a read shows the rest of the fleet admitted it.
             let mut awaits_elsewhere = false;
+            // Sized only in the rounds that may lease ahead.
             let ahead_wanted = if ahead_round {
                 let elapsed = unit.elapsed_ms(now);
                 let interval_ms = interval.as_millis() as u64;
