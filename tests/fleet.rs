@@ -1967,16 +1967,30 @@ async fn reads_over_rounds(server: &TestServer, redis: &RedisServer, n: u64) -> 
     (rounds, syncs)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_call() {
-    let _turn = TURNS.lock().await;
-    let Some(redis) = RedisServer::start() else {
-        return;
-    };
+/// A server in this process synced to a Redis of its own every 20 ms, in a namespace named
+/// after `prefix`, at least 15 s before a minute's end: the tests of one counter's syncs.
+async fn one_counter_server(
+    prefix: &str,
+) -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    RedisServer,
+    TestServer,
+    String,
+)> {
+    let turn = TURNS.lock().await;
+    let redis = RedisServer::start()?;
     clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
-    let ns = unique_namespace("quiet");
+    let ns = unique_namespace(prefix);
     let server = in_process(&redis, &ns).await;
     wait_synced(&server).await;
+    Some((turn, redis, server, ns))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_call() {
+    let Some((_turn, redis, server, ns)) = one_counter_server("quiet").await else {
+        return;
+    };
     let call = request("ns", &[&[("user", "u1")]]);
     let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     // 1 of 10, then nothing more here or elsewhere.
@@ -2036,14 +2050,9 @@ async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_counters_read_that_finds_its_counts_gone_pushes_them_again() {
-    let _turn = TURNS.lock().await;
-    let Some(redis) = RedisServer::start() else {
+    let Some((_turn, redis, server, ns)) = one_counter_server("lost").await else {
         return;
     };
-    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
-    let ns = unique_namespace("lost");
-    let server = in_process(&redis, &ns).await;
-    wait_synced(&server).await;
     let call = request("ns", &[&[("user", "u1")]]);
     let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     assert_eq!(server.admitted(2, &call).await, 2);
@@ -2062,14 +2071,9 @@ async fn a_quiet_counters_read_that_finds_its_counts_gone_pushes_them_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_counters_turns_follow_the_interval_not_the_rounds_denials_wake() {
-    let _turn = TURNS.lock().await;
-    let Some(redis) = RedisServer::start() else {
+    let Some((_turn, redis, server, ns)) = one_counter_server("woken").await else {
         return;
     };
-    clear_of_boundary(MINUTE_MS, Duration::from_secs(15)).await;
-    let ns = unique_namespace("woken");
-    let server = in_process(&redis, &ns).await;
-    wait_synced(&server).await;
     let window = now_ms() / 60_000 * 60;
     let (quiet, spent) = (
         request("ns", &[&[("user", "quiet")]]),
