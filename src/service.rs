@@ -102,10 +102,13 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
     let wait = match responded {
         Err(error) => return Answered::Now(Err(error)),
         Ok(Responded::LeasesSpent(wants)) => Wait::Leases(wants),
-        Ok(Responded::Answer(response, strict)) => match (strict, &app.fleet) {
-            (Some(work), Some(_)) => Wait::Strict(response, work),
-            _ => return Answered::Now(Ok(finish(app, response, started))),
-        },
+        Ok(Responded::Answer(response, strict, low)) => {
+            top_up(app, low);
+            match (strict, &app.fleet) {
+                (Some(work), Some(_)) => Wait::Strict(response, work),
+                _ => return Answered::Now(Ok(finish(app, response, started))),
+            }
+        }
     };
     drop(asks);
     drop(call);
@@ -142,10 +145,13 @@ impl Unfinished {
                     answered => answered,
                 };
                 match responded {
-                    Responded::Answer(response, strict) => match (strict, &app.fleet) {
-                        (Some(work), Some(_)) => (response, work),
-                        _ => return Ok(finish(app, response, started)),
-                    },
+                    Responded::Answer(response, strict, low) => {
+                        top_up(app, low);
+                        match (strict, &app.fleet) {
+                            (Some(work), Some(_)) => (response, work),
+                            _ => return Ok(finish(app, response, started)),
+                        }
+                    }
                     Responded::LeasesSpent(_) => return Err(internal()),
                 }
             }
@@ -202,6 +208,31 @@ async fn take_leases(app: &App, wants: &[LeaseWant]) {
     }
 }
 
+/// Tops up, in a task of its own, the leases an admission found running low: no request
+/// waits on it. Each lease crosses its low water once per grant, so these calls follow what
+/// the fleet admits, never more than a few for each 64th of a limit.
+fn top_up(app: &Arc<App>, low: Vec<LeaseWant>) {
+    if low.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let app = app.clone();
+    runtime.spawn(async move {
+        let Some(fleet) = &app.fleet else { return };
+        let FleetView::Synced { replicas } = app.limiter.fleet().get() else {
+            return;
+        };
+        app.metrics.requests.lease_top_ups.increment(1);
+        if let Err(error) = fleet.take_leases(&app.limiter, &low, replicas).await {
+            // The next request that finds its lease spent asks on the request path, and
+            // switches to the failure policy if the store still fails.
+            tracing::debug!(%error, "cannot top up a lease running low");
+        }
+    });
+}
+
 /// Adds what reads the final statuses (envoyproxy/ratelimit's headers) and counts the answer.
 fn finish(app: &App, mut response: Answer, started: Instant) -> Answer {
     let settings = &app.settings;
@@ -230,7 +261,8 @@ fn record_answer(app: &App, response: &Answer, started: Instant) {
 
 /// A decision, or the leases it needs first.
 enum Responded {
-    Answer(Answer, Option<Box<StrictWork>>),
+    /// The answer; strict limits still to settle; leases running low, to top up after.
+    Answer(Answer, Option<Box<StrictWork>>, Vec<LeaseWant>),
     /// Denied because leases ran out while the fleet had budget left: worth deciding again
     /// once leased. Nothing was counted or recorded.
     LeasesSpent(Vec<LeaseWant>),
@@ -282,7 +314,11 @@ fn respond(
             response.headers.push(Header::new(name, value));
         });
     }
-    Responded::Answer(response, verdict.strict.take())
+    Responded::Answer(
+        response,
+        verdict.strict.take(),
+        std::mem::take(&mut verdict.low_leases),
+    )
 }
 
 /// Counts each matched rule's hit: over, near or within its limit, shadowed, tokens reported.

@@ -36,6 +36,7 @@ pub mod names {
     pub const CAPACITY_FACTOR: &str = "sluice_capacity_factor";
     pub const LEASE_CALLS: &str = "sluice_lease_request_path_calls_total";
     pub const LEASE_FAILURES: &str = "sluice_lease_request_path_failures_total";
+    pub const LEASE_TOP_UPS: &str = "sluice_lease_top_up_calls_total";
 }
 
 /// envoyproxy/ratelimit's names, as its `default_mapper.yaml` maps its stats to Prometheus.
@@ -180,6 +181,8 @@ pub struct RequestMetrics {
     pub lease_calls: Counter,
     /// Of which Redis failed.
     pub lease_failures: Counter,
+    /// Leases topped up in the background when an admission found them running low.
+    pub lease_top_ups: Counter,
 }
 
 /// What rule reloads report.
@@ -235,6 +238,7 @@ impl ProcessMetrics {
                 reported_tokens: counter!(names::REPORTED_TOKENS),
                 lease_calls: counter!(names::LEASE_CALLS),
                 lease_failures: counter!(names::LEASE_FAILURES),
+                lease_top_ups: counter!(names::LEASE_TOP_UPS),
             },
             reload: ReloadMetrics {
                 peer_loads: peer_names_on().then(|| {

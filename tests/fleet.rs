@@ -1219,6 +1219,50 @@ async fn unused_lease_within_a_64th(redis: &RedisServer, algorithm: &str, keys: 
     b.stop().await;
 }
 
+/// [4/8]'s request path: an admission that takes a lease to its low water (half of a 64th of
+/// the limit; 50 of 6,400 a minute here) at a pace that spends the rest before the next sync
+/// has it topped up in the background, so the calls after it find lease and none waits on the
+/// store. The replica's sync waits an hour here, so only the top-ups can keep its lease: the
+/// first grants of a fresh counter are small (the ramp, taken on the request path), and after
+/// them 1,500 calls, one after the other, take none there. Before top-ups the lease was
+/// leased afresh on the request path each time it ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_running_low_is_topped_up_before_a_call_must_wait_on_the_store() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    clear_of_boundary(MINUTE_MS, Duration::from_secs(20)).await;
+    let rules = "domain: ns\ndescriptors:\n  - key: user\n    rate_limit: { unit: minute, requests_per_unit: 6400 }\n";
+    let server = synced_in_process(
+        redis.url(),
+        &unique_namespace("top-up"),
+        ("ns.yaml", rules),
+        |s| s.sync_interval = Duration::from_secs(3_600),
+    )
+    .await;
+    wait_synced(&server).await;
+    let call = request("ns", &[&[("user", "u1")]]);
+    let counted = |name: &'static str| common::metrics::counted(&server, name);
+    let waited = || counted("sluice_lease_request_path_calls_total");
+    let topped = || counted("sluice_lease_top_up_calls_total");
+    assert_eq!(server.admitted(300, &call).await, 300);
+    let (ramp, ramp_top_ups) = (waited().await, topped().await);
+    assert!(
+        ramp > 0,
+        "a fresh counter's first call leases on the request path"
+    );
+    assert_eq!(server.admitted(1_500, &call).await, 1_500);
+    let (after, top_ups) = (waited().await - ramp, topped().await - ramp_top_ups);
+    println!(
+        "first 300 calls: {ramp} on the request path, {ramp_top_ups} top-ups; next 1,500: \
+         {after} on the request path, {top_ups} top-ups"
+    );
+    assert_eq!(after, 0, "{top_ups} top-ups");
+    assert!(top_ups > 0);
+    server.stop().await;
+}
+
 /// [4/8]'s leases ahead, on manual clocks: a key two replicas each called once, then no one,
 /// is leased ahead of the next minute by each (what it admitted), and then no more. Before,
 /// a replica leased a unit ahead for a key it did not see while "the rest of the fleet did",

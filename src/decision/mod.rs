@@ -79,6 +79,9 @@ pub struct LeaseWant {
     /// What the request denied asks of it (a tokens check asks for none: it needs one token
     /// of lease left).
     pub need: Counts,
+    /// A lease running low, topped up ahead of need ([`crate::limiter::Over::lease_low`]): no
+    /// request waits on it, and it asks for more than the counter holds.
+    pub top_up: bool,
 }
 
 /// The limit a status reports.
@@ -151,6 +154,10 @@ pub struct Verdict<'r> {
     /// Counters whose lease ran out while the fleet had budget left (a denied request only):
     /// leased afresh, they may admit the request when it is decided again.
     pub spent_leases: Vec<LeaseWant>,
+    /// Counters whose requests lease this admission took to its low water while the fleet had
+    /// budget left (an allowed request only): topped up in the background, so that the next
+    /// calls find lease.
+    pub low_leases: Vec<LeaseWant>,
     /// The requests limit and the tokens limit nearest their end, over all descriptors: what
     /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
     pub headline: Headline<'r>,
@@ -168,6 +175,7 @@ impl Verdict<'_> {
             statuses,
             strict: None,
             spent_leases: Vec::new(),
+            low_leases: Vec::new(),
             headline: Headline::default(),
         }
     }
@@ -207,10 +215,10 @@ pub fn decide<'r, E: Entry>(
     let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
     let (statuses, headline) =
         report::statuses_and_headline(asks, &plan, &outcomes, &matched.rules, mode.shadow);
-    let spent_leases = if allowed {
-        Vec::new()
+    let (spent_leases, low_leases) = if allowed {
+        (Vec::new(), plan.low_leases(&outcomes, &matched))
     } else {
-        plan.spent_leases(&outcomes, &matched)
+        (plan.spent_leases(&outcomes, &matched), Vec::new())
     };
     Verdict {
         allowed,
@@ -218,6 +226,7 @@ pub fn decide<'r, E: Entry>(
         statuses,
         strict: plan.take_strict_work(&outcomes),
         spent_leases,
+        low_leases,
         headline,
     }
 }

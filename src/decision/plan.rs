@@ -207,18 +207,44 @@ impl<'r, 'v> Plan<'r, 'v> {
         outcomes: &[Outcome],
         matched: &Matched<'r>,
     ) -> Vec<LeaseWant> {
+        self.lease_wants(outcomes, matched, false)
+    }
+
+    /// The counters whose requests lease this admission (`outcomes` of an allowed request)
+    /// took to its low water while the fleet had budget left: worth topping up now. None in
+    /// nearly every request, and then nothing is allocated.
+    pub(super) fn low_leases(&self, outcomes: &[Outcome], matched: &Matched<'r>) -> Vec<LeaseWant> {
+        if !outcomes.iter().any(|o| o.over.lease_low && o.counted) {
+            return Vec::new();
+        }
+        self.lease_wants(outcomes, matched, true)
+    }
+
+    fn lease_wants(
+        &self,
+        outcomes: &[Outcome],
+        matched: &Matched<'r>,
+        top_up: bool,
+    ) -> Vec<LeaseWant> {
         self.demands
             .iter()
             .zip(outcomes)
             .zip(&self.sources)
-            .filter(|((_, o), _)| o.over.lease_spent)
+            .filter(|((_, o), _)| {
+                if top_up {
+                    o.over.lease_low && o.counted
+                } else {
+                    o.over.lease_spent
+                }
+            })
             .map(|((d, _), source)| LeaseWant {
                 counter: d.counter.to_key(),
                 rule: matched.rules[source.ask]
                     .filter(|_| source.over_ride.is_none())
                     .cloned(),
                 limits: d.limits,
-                need: d.charge,
+                need: if top_up { Counts::ZERO } else { d.charge },
+                top_up,
             })
             .collect()
     }

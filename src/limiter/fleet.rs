@@ -253,5 +253,6 @@ pub(super) fn judge(
         requests: requests.over,
         tokens: tokens.over,
         lease_spent: Judged::lease_may_admit(requests, tokens),
+        lease_low: false,
     }
 }

@@ -10,12 +10,13 @@ mod fleet;
 mod table;
 mod window;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use algorithm::Algorithm;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, Limits, Over, Reading, Stored, saturating_u32};
+pub use counter::{Counter, Counts, Limits, Over, Pace, Reading, Stored, saturating_u32};
 pub use fleet::{FleetState, FleetView};
 pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Calendar, Period, Unit, Window, Zone};
@@ -77,6 +78,9 @@ pub struct Limiter {
     clock: Arc<dyn Clock>,
     fleet: FleetState,
     wake_sync: OnceLock<Waker>,
+    /// The sync's interval (ms; 0 without a fleet store): how long a lease must last until
+    /// the sync tops it up ([`Pace`]).
+    sync_interval_ms: AtomicU64,
 }
 
 impl Limiter {
@@ -87,6 +91,7 @@ impl Limiter {
             clock,
             fleet: FleetState::default(),
             wake_sync: OnceLock::new(),
+            sync_interval_ms: AtomicU64::new(0),
         }
     }
 
@@ -109,6 +114,13 @@ impl Limiter {
     /// once, to sync sooner than its interval).
     pub fn on_denial_while_synced(&self, wake: impl Fn() + Send + Sync + 'static) {
         let _ = self.wake_sync.set(Box::new(wake));
+    }
+
+    /// Tells the request path how often the sync tops leases up, so that a lease that will
+    /// run out before then is flagged for a top-up ahead of need ([`Over::lease_low`]).
+    pub fn set_sync_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self.sync_interval_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Gives back a charge counted earlier in the current window (a request denied after its
@@ -199,12 +211,19 @@ impl Limiter {
                 reading
             } else if allowed {
                 table.with_counter(demand.counter, |c| {
+                    let pace = match view {
+                        FleetView::Synced { .. } => Pace {
+                            into_window_ms: now.saturating_sub(unit.window_start_ms(window)),
+                            horizon_ms: self.sync_interval_ms.load(Ordering::Relaxed),
+                        },
+                        _ => Pace::NONE,
+                    };
                     let mut reading = c.charge_in_fleet(
                         window,
                         demand.charge,
                         demand.limits,
                         demand.enforcement,
-                        view,
+                        (view, pace),
                         now,
                     )?;
                     if (reading.over.requests || reading.over.tokens)

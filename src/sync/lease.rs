@@ -719,13 +719,24 @@ fn request_path_call(
         }
     };
     let called = Refill::called(want.limits);
-    let requests = ask(
+    let held = counter.lease(window);
+    // A top-up asks one unit past what the counter holds unused, but no request waits on it:
+    // it needs nothing, and the store keeps the lease within its 64th unused.
+    let need = if want.top_up {
+        held.saturating_sub(own.requests).saturating_add(1)
+    } else {
+        want.need.requests
+    };
+    let mut requests = ask(
         called.requests,
         (own.requests, pushed.requests),
-        counter.lease(window),
-        want.need.requests,
+        held,
+        need,
         counter.fleet_leased_seen(window),
     );
+    if want.top_up {
+        requests.need = 0;
+    }
     let tokens = ask(
         called.tokens.map(super::narrow),
         (super::narrow(own.tokens), super::narrow(pushed.tokens)),
@@ -737,7 +748,8 @@ fn request_path_call(
         admitted = own.requests,
         reported = own.tokens,
         until_reset_ms = unit.until_reset(now_ms).as_millis() as u64,
-        "a lease ran out: leasing on the request path"
+        top_up = want.top_up,
+        "a lease ran out or runs low: leasing"
     );
     LeaseCall {
         requests,

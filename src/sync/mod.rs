@@ -404,6 +404,7 @@ async fn sync(handles: &SyncHandles, fleet: &Arc<Fleet>) {
     let wake = wanted.clone();
     limiter.on_denial_while_synced(move || wake.notify_one());
     let interval = fleet.settings.interval;
+    limiter.set_sync_interval(interval);
     let earliest_gap = (interval / 10).max(Duration::from_millis(5));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
