@@ -1489,6 +1489,49 @@ mod tests {
     }
 
     #[test]
+    fn a_replica_past_the_limit_on_its_own_count_does_not_ask_the_store_again() {
+        let l = Limits {
+            requests: Some(30),
+            tokens: None,
+            ..Default::default()
+        };
+        let view = FleetView::Synced { replicas: 1 };
+        let c = Counter::new();
+        // It holds the whole limit and admits it.
+        c.synced(W, stored(0, 30, 30), NOW);
+        assert_eq!(admitted(&c, l, view, 40), 30);
+        // Ten seconds on, its view of the fleet is stale, but no lease could admit the next
+        // call: refused with nothing to ask.
+        let later = NOW + 10_000;
+        let r = c
+            .charge_in_fleet(
+                W,
+                req(1),
+                l,
+                Enforcement::Enforce,
+                (view, Pace::NONE),
+                later,
+            )
+            .unwrap();
+        assert!(r.over.requests && !r.over.lease_spent, "{r:?}");
+        // Holding 20 of the 30, with the rest elsewhere: a stale view is asked again.
+        let c = Counter::new();
+        c.synced(W, stored(0, 30, 20), NOW);
+        assert_eq!(admitted(&c, l, view, 40), 20);
+        let r = c
+            .charge_in_fleet(
+                W,
+                req(1),
+                l,
+                Enforcement::Enforce,
+                (view, Pace::NONE),
+                later,
+            )
+            .unwrap();
+        assert!(r.over.requests && r.over.lease_spent, "{r:?}");
+    }
+
+    #[test]
     fn synced_replicas_admit_only_what_they_hold() {
         let l = Limits {
             requests: Some(30),

@@ -179,9 +179,13 @@ impl FleetView {
                 if fits(held) && within_limit {
                     return Judged::FITS;
                 }
+                // Past the limit on this replica's own count: no lease anywhere admits it, and
+                // asking the store again would only cost the call (a replica alone re-asked a
+                // few times a window once it had admitted the whole limit).
+                let own_within = fits(limit);
                 Judged {
                     over: true,
-                    lease_spent: !fresh || (within_limit && !fleet_spent),
+                    lease_spent: own_within && (!fresh || (within_limit && !fleet_spent)),
                 }
             }
         }
