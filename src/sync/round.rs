@@ -446,6 +446,20 @@ impl Planner<'_> {
         } else {
             0
         };
+        // A short window (a second at the default interval) is leased ahead only by a counter
+        // active in it, and no more than a replica may hold unused (a 64th of the limit): a
+        // replica that dies strands that much of the next window, as it does of this one.
+        // Without it, every replica's first call in every second waited on the store.
+        let ahead_wanted = match limits.requests {
+            Some(limit) if !leases_ahead(unit, interval) => {
+                if own.requests > 0 {
+                    ahead_wanted.min(unused_bound(limit))
+                } else {
+                    0
+                }
+            }
+            _ => ahead_wanted,
+        };
         // Not a sliding window's: a unit leased in the next window before this one ends
         // weighs fully at its start, so it is one this window can no longer lease.
         let ahead = !leaving
@@ -454,8 +468,7 @@ impl Planner<'_> {
             && !overridden
             && limits.algorithm.is_fixed()
             && limits.requests.is_some()
-            && ahead_wanted > 0
-            && leases_ahead(unit, interval);
+            && ahead_wanted > 0;
         // What a sliding window's counter held unused when its last window closed goes
         // back, pushed into that window's key: the store weighs its leases in this one. A
         // token bucket's goes back into the fleet's bucket (if it was not full since).
