@@ -447,13 +447,16 @@ impl Planner<'_> {
             0
         };
         // A short window (a second at the default interval) is leased ahead only by a counter
-        // active in it, and no more than a replica may hold unused (a 64th of the limit): a
-        // replica that dies strands that much of the next window, as it does of this one.
-        // Without it, every replica's first call in every second waited on the store.
+        // busy in it (two 64ths of the limit admitted here), and no more than a replica may
+        // hold unused (a 64th): a replica that dies, or gets no call in the next window,
+        // strands that much of it, as it does of this one. Not under 64 a window, where a
+        // unit is more than a 64th. Without it, every replica's first call in every second
+        // waited on the store.
         let ahead_wanted = match limits.requests {
             Some(limit) if !leases_ahead(unit, interval) => {
-                if own.requests > 0 {
-                    ahead_wanted.min(unused_bound(limit))
+                let bound = unused_bound(limit);
+                if limit >= 64 && own.requests >= 2 * bound {
+                    ahead_wanted.min(bound)
                 } else {
                     0
                 }
