@@ -1496,39 +1496,29 @@ mod tests {
             ..Default::default()
         };
         let view = FleetView::Synced { replicas: 1 };
-        let c = Counter::new();
-        // It holds the whole limit and admits it.
-        c.synced(W, stored(0, 30, 30), NOW);
-        assert_eq!(admitted(&c, l, view, 40), 30);
-        // Ten seconds on, its view of the fleet is stale, but no lease could admit the next
-        // call: refused with nothing to ask.
-        let later = NOW + 10_000;
-        let r = c
-            .charge_in_fleet(
-                W,
-                req(1),
-                l,
-                Enforcement::Enforce,
-                (view, Pace::NONE),
-                later,
-            )
-            .unwrap();
-        assert!(r.over.requests && !r.over.lease_spent, "{r:?}");
-        // Holding 20 of the 30, with the rest elsewhere: a stale view is asked again.
-        let c = Counter::new();
-        c.synced(W, stored(0, 30, 20), NOW);
-        assert_eq!(admitted(&c, l, view, 40), 20);
-        let r = c
-            .charge_in_fleet(
-                W,
-                req(1),
-                l,
-                Enforcement::Enforce,
-                (view, Pace::NONE),
-                later,
-            )
-            .unwrap();
-        assert!(r.over.requests && r.over.lease_spent, "{r:?}");
+        // Holding the whole limit, or 20 of it with the rest elsewhere, it admits what it
+        // holds; ten seconds on its view of the fleet is stale. Past the limit on its own
+        // count no lease could admit the next call: refused with nothing to ask. Short of it,
+        // the stale view is asked again.
+        for (held, asks) in [(30, false), (20, true)] {
+            let c = Counter::new();
+            c.synced(W, stored(0, 30, held), NOW);
+            assert_eq!(admitted(&c, l, view, 40), held as usize);
+            let r = c
+                .charge_in_fleet(
+                    W,
+                    req(1),
+                    l,
+                    Enforcement::Enforce,
+                    (view, Pace::NONE),
+                    NOW + 10_000,
+                )
+                .unwrap();
+            assert!(
+                r.over.requests && r.over.lease_spent == asks,
+                "{held}: {r:?}"
+            );
+        }
     }
 
     #[test]
