@@ -102,8 +102,8 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
     let wait = match responded {
         Err(error) => return Answered::Now(Err(error)),
         Ok(Responded::LeasesSpent(wants)) => Wait::Leases(wants),
-        Ok(Responded::Answer(response, strict, low)) => {
-            top_up(app, low);
+        Ok(Responded::Answer(response, strict, background)) => {
+            lease_in_background(app, background);
             match (strict, &app.fleet) {
                 (Some(work), Some(_)) => Wait::Strict(response, work),
                 _ => return Answered::Now(Ok(finish(app, response, started))),
@@ -145,8 +145,8 @@ impl Unfinished {
                     answered => answered,
                 };
                 match responded {
-                    Responded::Answer(response, strict, low) => {
-                        top_up(app, low);
+                    Responded::Answer(response, strict, background) => {
+                        lease_in_background(app, background);
                         match (strict, &app.fleet) {
                             (Some(work), Some(_)) => (response, work),
                             _ => return Ok(finish(app, response, started)),
@@ -208,16 +208,25 @@ async fn take_leases(app: &App, wants: &[LeaseWant]) {
     }
 }
 
-/// Tops up, in a task of its own, the leases an admission found running low: no request
-/// waits on it. Each lease crosses its low water once per grant, so these calls follow what
-/// the fleet admits, never more than a few for each 64th of a limit.
-fn top_up(app: &Arc<App>, low: Vec<LeaseWant>) {
-    if low.is_empty() {
+/// Tops up, in a task of its own, the leases an admission found running low, and asks again
+/// of a fleet a refusal found spent on a view read a while ago: no request waits on it. Each
+/// lease crosses its low water once per grant, so top-ups follow what the fleet admits, never
+/// more than a few for each 64th of a limit; a recheck goes once per stale view, the calls
+/// refused meanwhile deciding on the view it marks read.
+fn lease_in_background(app: &Arc<App>, wants: Vec<LeaseWant>) {
+    if wants.is_empty() {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    let wants = match &app.fleet {
+        Some(fleet) => fleet.unasked(&app.limiter, wants),
+        None => return,
+    };
+    if wants.is_empty() {
+        return;
+    }
     let app = app.clone();
     runtime.spawn(async move {
         let Some(fleet) = &app.fleet else { return };
@@ -225,10 +234,10 @@ fn top_up(app: &Arc<App>, low: Vec<LeaseWant>) {
             return;
         };
         app.metrics.requests.lease_top_ups.increment(1);
-        if let Err(error) = fleet.take_leases(&app.limiter, &low, replicas).await {
+        if let Err(error) = fleet.take_leases(&app.limiter, &wants, replicas).await {
             // The next request that finds its lease spent asks on the request path, and
             // switches to the failure policy if the store still fails.
-            tracing::debug!(%error, "cannot top up a lease running low");
+            tracing::debug!(%error, "cannot lease in the background");
         }
     });
 }
@@ -261,7 +270,8 @@ fn record_answer(app: &App, response: &Answer, started: Instant) {
 
 /// A decision, or the leases it needs first.
 enum Responded {
-    /// The answer; strict limits still to settle; leases running low, to top up after.
+    /// The answer; strict limits still to settle; leases to take in the background after
+    /// (running low, or a spent fleet to ask again).
     Answer(Answer, Option<Box<StrictWork>>, Vec<LeaseWant>),
     /// Denied because leases ran out while the fleet had budget left: worth deciding again
     /// once leased. Nothing was counted or recorded.
@@ -317,7 +327,7 @@ fn respond(
     Responded::Answer(
         response,
         verdict.strict.take(),
-        std::mem::take(&mut verdict.low_leases),
+        std::mem::take(&mut verdict.background_leases),
     )
 }
 

@@ -181,7 +181,8 @@ pub struct RequestMetrics {
     pub lease_calls: Counter,
     /// Of which Redis failed.
     pub lease_failures: Counter,
-    /// Leases topped up in the background when an admission found them running low.
+    /// Leases taken in the background: topped up when an admission found them running low,
+    /// or asked again for a fleet a refusal found spent on a view read a while ago.
     pub lease_top_ups: Counter,
 }
 

@@ -154,10 +154,11 @@ pub struct Verdict<'r> {
     /// Counters whose lease ran out while the fleet had budget left (a denied request only):
     /// leased afresh, they may admit the request when it is decided again.
     pub spent_leases: Vec<LeaseWant>,
-    /// Counters whose requests lease this admission took to its low water while the fleet had
-    /// budget left (an allowed request only): topped up in the background, so that the next
-    /// calls find lease.
-    pub low_leases: Vec<LeaseWant>,
+    /// Leases to take in the background, for the calls after this one: an allowed request's
+    /// counters whose requests lease it took to its low water while the fleet had budget left
+    /// ([`crate::limiter::Over::lease_low`]), and a denied one's counters refused on a view of
+    /// the fleet spent, read a while ago ([`crate::limiter::Over::recheck`]).
+    pub background_leases: Vec<LeaseWant>,
     /// The requests limit and the tokens limit nearest their end, over all descriptors: what
     /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
     pub headline: Headline<'r>,
@@ -175,7 +176,7 @@ impl Verdict<'_> {
             statuses,
             strict: None,
             spent_leases: Vec::new(),
-            low_leases: Vec::new(),
+            background_leases: Vec::new(),
             headline: Headline::default(),
         }
     }
@@ -215,10 +216,13 @@ pub fn decide<'r, E: Entry>(
     let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
     let (statuses, headline) =
         report::statuses_and_headline(asks, &plan, &outcomes, &matched.rules, mode.shadow);
-    let (spent_leases, low_leases) = if allowed {
+    let (spent_leases, background_leases) = if allowed {
         (Vec::new(), plan.low_leases(&outcomes, &matched))
     } else {
-        (plan.spent_leases(&outcomes, &matched), Vec::new())
+        (
+            plan.spent_leases(&outcomes, &matched),
+            plan.rechecks(&outcomes, &matched),
+        )
     };
     Verdict {
         allowed,
@@ -226,7 +230,7 @@ pub fn decide<'r, E: Entry>(
         statuses,
         strict: plan.take_strict_work(&outcomes),
         spent_leases,
-        low_leases,
+        background_leases,
         headline,
     }
 }

@@ -95,6 +95,15 @@ impl<'v> CounterNames<'v> {
 }
 
 /// Which limit of a descriptor a demand serves.
+/// Why a counter's lease is wanted: a denied request needs it now (`Spent`); the calls after
+/// this one will (`Low`, `Recheck`: taken in the background, a top-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Spent,
+    Low,
+    Recheck,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Source<'r> {
     pub ask: usize,
@@ -207,7 +216,17 @@ impl<'r, 'v> Plan<'r, 'v> {
         outcomes: &[Outcome],
         matched: &Matched<'r>,
     ) -> Vec<LeaseWant> {
-        self.lease_wants(outcomes, matched, false)
+        self.lease_wants(outcomes, matched, Want::Spent)
+    }
+
+    /// The counters a denied request (`outcomes`) was refused on a view of the fleet spent,
+    /// read a while ago ([`crate::limiter::Over::recheck`]): asked again in the background.
+    /// None in nearly every request, and then nothing is allocated.
+    pub(super) fn rechecks(&self, outcomes: &[Outcome], matched: &Matched<'r>) -> Vec<LeaseWant> {
+        if !outcomes.iter().any(|o| o.over.recheck) {
+            return Vec::new();
+        }
+        self.lease_wants(outcomes, matched, Want::Recheck)
     }
 
     /// The counters whose requests lease this admission (`outcomes` of an allowed request)
@@ -217,25 +236,24 @@ impl<'r, 'v> Plan<'r, 'v> {
         if !outcomes.iter().any(|o| o.over.lease_low && o.counted) {
             return Vec::new();
         }
-        self.lease_wants(outcomes, matched, true)
+        self.lease_wants(outcomes, matched, Want::Low)
     }
 
     fn lease_wants(
         &self,
         outcomes: &[Outcome],
         matched: &Matched<'r>,
-        top_up: bool,
+        want: Want,
     ) -> Vec<LeaseWant> {
+        let top_up = want != Want::Spent;
         self.demands
             .iter()
             .zip(outcomes)
             .zip(&self.sources)
-            .filter(|((_, o), _)| {
-                if top_up {
-                    o.over.lease_low && o.counted
-                } else {
-                    o.over.lease_spent
-                }
+            .filter(|((_, o), _)| match want {
+                Want::Spent => o.over.lease_spent,
+                Want::Low => o.over.lease_low && o.counted,
+                Want::Recheck => o.over.recheck,
             })
             .map(|((d, _), source)| LeaseWant {
                 counter: d.counter.to_key(),

@@ -124,6 +124,10 @@ pub struct Over {
     /// the next sync: worth topping up now, in the background, so that the next calls find
     /// lease and none waits on the store.
     pub lease_low: bool,
+    /// Refused on a view of the fleet's requests budget spent, read a while ago (a fixed
+    /// window, where only a lease given back reopens it): the refusal stands, and the store
+    /// is asked again in the background, for the calls after this one.
+    pub recheck: bool,
 }
 
 impl Over {
@@ -143,6 +147,7 @@ impl Over {
             tokens: breaks(used.tokens, charge.tokens, limits.tokens),
             lease_spent: false,
             lease_low: false,
+            recheck: false,
         }
     }
 }
@@ -162,6 +167,8 @@ pub fn low_water(limit: u32) -> u32 {
 pub struct Pace {
     pub into_window_ms: u64,
     pub horizon_ms: u64,
+    /// What is left of the window.
+    pub left_ms: u64,
 }
 
 impl Pace {
@@ -169,7 +176,17 @@ impl Pace {
     pub const NONE: Pace = Pace {
         into_window_ms: 0,
         horizon_ms: 0,
+        left_ms: 0,
     };
+
+    /// Whether, at the rate `admitted` came in the window so far, another call is due before
+    /// the window ends: then what a refused call asks of the store in the background serves
+    /// the calls after it. A counter too quiet for that asks on the request path, with the
+    /// call that needs it: a unit claimed for a call that never comes is lost to the window
+    /// (10 replicas, 9 of them at 3 calls a second, admitted 197 of 200, against 198 to 200).
+    pub fn expects_another(self, admitted: u32) -> bool {
+        self.horizon_ms > 0 && u64::from(admitted) * self.left_ms >= self.into_window_ms.max(1)
+    }
 
     /// Whether `left` will be spent within the horizon at the rate `admitted` came in the
     /// window so far. A counter that spends its lease slower waits for the sync: topping up
@@ -219,8 +236,17 @@ const FRESH_MAX_DOUBLINGS: u32 = 5;
 /// rest of the fleet had admitted in the window (1) or not (0).
 fn stamp(now_ms: u64, mark: u32) -> u32 {
     let ticks = ((now_ms / 4) as u32 & 0x0fff_ffff).max(1);
-    (mark.min(FRESH_MAX_DOUBLINGS) << 28) | ticks
+    let mark = if mark == SPENT_FOR_GOOD {
+        mark
+    } else {
+        mark.min(FRESH_MAX_DOUBLINGS)
+    };
+    (mark << 28) | ticks
 }
+
+/// The others' word's mark for a view the store said is spent for the rest of its window
+/// ([`Stored::spent_for_good`]): fresh until the window ends.
+const SPENT_FOR_GOOD: u32 = 0xf;
 
 /// The mark [`stamp`] put in `note`'s high bits.
 fn mark_of(note: u32) -> u32 {
@@ -230,7 +256,8 @@ fn mark_of(note: u32) -> u32 {
 /// Whether a view stamped `note` is still fresh at `now_ms`.
 fn fresh(note: u32, now_ms: u64) -> bool {
     let doublings = mark_of(note);
-    age_of(note, now_ms).is_some_and(|age| age < FRESH_MS << doublings)
+    doublings == SPENT_FOR_GOOD
+        || age_of(note, now_ms).is_some_and(|age| age < FRESH_MS << doublings)
 }
 
 /// How long ago (ms, to 4 ms) a view stamped `note` was read; none if never.
@@ -263,6 +290,10 @@ pub struct Stored {
     pub tokens_holding: u64,
     /// What the fleet has admitted in the window, as pushed (this replica's included).
     pub fleet_admitted: u32,
+    /// A fixed window's requests budget is all leased and no other replica holds any of it
+    /// unused, as last pushed: nothing can be given back in this window, so a refusal on it
+    /// stands until the window ends, with no need to ask again (a raised limit aside).
+    pub spent_for_good: bool,
     /// `fleet` is a token bucket's, which refills all the time: a spent fleet is trusted for
     /// the first [`FRESH_MS`] only, never twice as long, or what refills meanwhile could
     /// overflow the bucket unclaimed.
@@ -511,7 +542,8 @@ impl Counter {
                 },
                 ..fleet
             };
-            let over = judge(counts, charge, limits, fleet, view);
+            let background = pace.expects_another(counts.requests);
+            let over = judge(counts, charge, limits, fleet, (view, background));
             if (enforce && over.any()) || charge.is_zero() {
                 return Step::Keep(Reading {
                     counts: counts.plus(fleet.others),
@@ -625,7 +657,7 @@ impl Counter {
         };
         Reading {
             counts: local.plus(fleet.others),
-            over: judge(local, charge, limits, fleet, view),
+            over: judge(local, charge, limits, fleet, (view, false)),
             counted: false,
         }
     }
@@ -825,8 +857,10 @@ impl Counter {
             && current.window == window.0
             && (store.fades
                 || (store.granted.is_zero() && current.counts.requests == counts.requests));
-        let doublings = if unchanged && !store.refills {
-            mark_of(current.note)
+        let doublings = if store.spent_for_good {
+            SPENT_FOR_GOOD
+        } else if unchanged && !store.refills {
+            mark_of(current.note).min(FRESH_MAX_DOUBLINGS)
         } else {
             0
         };
@@ -865,8 +899,10 @@ impl Counter {
         // a 64th of the window per replica (the limiter's `opened_since_asked`).
         let unchanged = current.window == window.0
             && (store.fades || (store.granted.is_zero() && current.counts == others_now));
-        let doublings = if unchanged && !store.refills {
-            mark_of(current.note) + 1
+        let doublings = if store.spent_for_good {
+            SPENT_FOR_GOOD
+        } else if unchanged && !store.refills {
+            (mark_of(current.note) + 1).min(FRESH_MAX_DOUBLINGS)
         } else {
             0
         };
@@ -943,6 +979,38 @@ impl Counter {
             0
         };
         Some(u64::from(own) + u64::from(others.counts.requests))
+    }
+
+    /// Called by a request about to ask the store again because it found the fleet spent (a
+    /// requests `limit`) on a view gone stale: marks the view read now, so that the requests
+    /// that find it stale a moment later are refused on it rather than each asking too (two
+    /// and three such calls at once were common). True when another request marked it first,
+    /// or a fresh answer came meanwhile: the caller decides again on the view.
+    pub fn mark_fleet_asked(&self, window: Window, limit: u32, now_ms: u64) -> bool {
+        let mut current = self.others.load(Ordering::Acquire);
+        loop {
+            let others = Word::unpack(current);
+            let leased = u64::from(self.lease(window)) + u64::from(others.counts.requests);
+            if others.window != window.0 || leased < u64::from(limit) {
+                return false;
+            }
+            if fresh(others.note, now_ms) {
+                return true;
+            }
+            let marked = Word {
+                note: stamp(now_ms, mark_of(others.note)),
+                ..others
+            };
+            match self.others.compare_exchange(
+                current,
+                marked.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return false,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// What the fleet had leased of the tokens of `window` in all, as last read (none when
@@ -1155,6 +1223,7 @@ fn judged_reading(judged: Judged, tokens: bool) -> Reading {
             tokens: judged.over && tokens,
             lease_spent: false,
             lease_low: false,
+            recheck: false,
         },
         counted: judged.counted,
     }
@@ -1314,6 +1383,7 @@ mod tests {
                 tokens: true,
                 lease_spent: false,
                 lease_low: false,
+                recheck: false,
             }
         );
         assert_eq!(
@@ -1410,8 +1480,51 @@ mod tests {
             fleet_admitted: pushed,
             fades: false,
             refills: false,
+            spent_for_good: false,
             tokens_holding: 0,
         }
+    }
+
+    #[test]
+    fn a_fleet_spent_for_good_is_trusted_to_the_windows_end() {
+        let spent_for_good = Stored {
+            spent_for_good: true,
+            ..stored(0, 30, 20)
+        };
+        for by_sync in [false, true] {
+            let c = Counter::new();
+            if by_sync {
+                c.synced(W, spent_for_good, NOW);
+            } else {
+                c.leased_with_fleet(W, spent_for_good, NOW);
+            }
+            let note = |c: &Counter| Word::load(&c.others).note;
+            assert!(fresh(note(&c), NOW + 59_000), "{by_sync}");
+            // Refused on it, a request asks nothing, even a minute on.
+            assert!(c.mark_fleet_asked(W, 30, NOW + 59_000));
+            // An answer that says otherwise (a limit raised, say) is trusted as any other.
+            c.leased_with_fleet(W, stored(0, 40, 20), NOW + 100);
+            assert!(!fresh(note(&c), NOW + 100 + 150), "{by_sync}");
+        }
+    }
+
+    #[test]
+    fn one_request_at_a_time_asks_again_of_a_spent_fleet() {
+        let c = Counter::new();
+        // 20 held of a limit of 30, the others 10: spent, as read at NOW.
+        c.synced(W, stored(0, 30, 20), NOW);
+        // Fresh: nobody asks (the request is refused on the view).
+        assert!(c.mark_fleet_asked(W, 30, NOW + 50));
+        // Stale: the first request marks it and asks; the next, a moment later, decides on it.
+        assert!(!c.mark_fleet_asked(W, 30, NOW + 200));
+        assert!(c.mark_fleet_asked(W, 30, NOW + 201));
+        assert!(fresh(Word::load(&c.others).note, NOW + 250));
+        // A fleet with budget left (a limit raised to 40) is asked by each request that needs
+        // it: not marked.
+        assert!(!c.mark_fleet_asked(W, 40, NOW + 600));
+        assert!(!fresh(Word::load(&c.others).note, NOW + 600));
+        // Nor is another window's view.
+        assert!(!c.mark_fleet_asked(Window(W.0 + 1), 30, NOW + 600));
     }
 
     /// What the rest of the fleet admitted, not what it leased, is what says a key is in use
@@ -1465,6 +1578,7 @@ mod tests {
         let fast = Pace {
             into_window_ms: 100,
             horizon_ms: 1_000,
+            left_ms: 900,
         };
         let c = Counter::new();
         c.synced(W, stored(0, 40, 20), NOW);
@@ -1476,6 +1590,7 @@ mod tests {
             Pace {
                 into_window_ms: 50_000,
                 horizon_ms: 1_000,
+                left_ms: 10_000,
             },
         ] {
             let c = Counter::new();
@@ -1499,8 +1614,20 @@ mod tests {
         // Holding the whole limit, or 20 of it with the rest elsewhere, it admits what it
         // holds; ten seconds on its view of the fleet is stale. Past the limit on its own
         // count no lease could admit the next call: refused with nothing to ask. Short of it,
-        // the stale view is asked again.
-        for (held, asks) in [(30, false), (20, true)] {
+        // refused too, and the stale view is asked again in the background while the next
+        // call is due in the window (a fixed window's budget comes back only as a lease given
+        // back, for the calls after this one); 100 ms before the window's end, at 20 calls in
+        // 10 s, none is: this call asks, on the request path.
+        let pace = |left_ms| Pace {
+            into_window_ms: 10_000,
+            horizon_ms: 1_000,
+            left_ms,
+        };
+        for (held, left_ms, (asks_now, asks_after)) in [
+            (30, 50_000, (false, false)),
+            (20, 50_000, (false, true)),
+            (20, 100, (true, false)),
+        ] {
             let c = Counter::new();
             c.synced(W, stored(0, 30, held), NOW);
             assert_eq!(admitted(&c, l, view, 40), held as usize);
@@ -1510,13 +1637,13 @@ mod tests {
                     req(1),
                     l,
                     Enforcement::Enforce,
-                    (view, Pace::NONE),
+                    (view, pace(left_ms)),
                     NOW + 10_000,
                 )
                 .unwrap();
             assert!(
-                r.over.requests && r.over.lease_spent == asks,
-                "{held}: {r:?}"
+                r.over.requests && r.over.lease_spent == asks_now && r.over.recheck == asks_after,
+                "{held}, {left_ms} ms left: {r:?}"
             );
         }
     }
@@ -1808,6 +1935,7 @@ mod tests {
             fleet_admitted: 0,
             fades: false,
             refills: false,
+            spent_for_good: false,
             tokens_holding: 0,
         };
         c.synced(W, leased(300, 300, 500), NOW);

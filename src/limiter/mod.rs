@@ -215,6 +215,7 @@ impl Limiter {
                         FleetView::Synced { .. } => Pace {
                             into_window_ms: now.saturating_sub(unit.window_start_ms(window)),
                             horizon_ms: self.sync_interval_ms.load(Ordering::Relaxed),
+                            left_ms: outcome.until_reset.as_millis() as u64,
                         },
                         _ => Pace::NONE,
                     };

@@ -296,6 +296,24 @@ impl LeaseCall {
         })
     }
 
+    /// Whether the answer `held`, `leased` (requests) and `admitted` (the fleet's, as pushed)
+    /// says this fixed window's requests budget is spent for the rest of the window: all of
+    /// it leased, and what is leased but not admitted is this replica's own. A replica gives
+    /// back only what it holds unused, and what another pushed as admitted can only grow, so
+    /// nothing can come back (a killed replica's lease, unused as last pushed, keeps the
+    /// others asking). Windows that fade or refill, and counters with a tokens budget, are
+    /// never spent for good.
+    fn spent_for_good(&self, held: u32, leased: u32, admitted: u32) -> bool {
+        let Some(counted) = self.counted else {
+            return false;
+        };
+        let limit = self.requests.limit;
+        let fixed = self.slide.is_none() && self.refill.is_none() && self.tokens.limit == NO_LIMIT;
+        let own_unused = i64::from(held) - i64::from(counted.requests);
+        let fleet_unused = i64::from(leased) - i64::from(admitted);
+        fixed && limit >= 0 && i64::from(leased) >= limit && fleet_unused <= own_unused
+    }
+
     /// What the store answered, as the counter records it.
     pub(super) fn stored(&self, reply: Reply) -> Stored {
         let [
@@ -325,6 +343,7 @@ impl LeaseCall {
             fleet_admitted: used,
             fades: self.slide.is_some() || self.refill.is_some(),
             refills: self.refill.is_some(),
+            spent_for_good: self.spent_for_good(held, leased, used),
             tokens_holding: self.tokens.holding.into(),
         }
     }
@@ -586,7 +605,9 @@ fn request_path_target(admitted: u32, need: u32, rest: u32) -> u32 {
 impl Fleet {
     /// Claims, for each counter of a denied request whose lease ran out, the lease the sync
     /// took ahead of this window (no call to the store); whether any counter now holds lease
-    /// it has not used, so the request is decided again before the store is asked. That
+    /// it has not used, or another request is asking the store again for a fleet seen spent
+    /// ([`Counter::mark_fleet_asked`]), so the request is decided again before the store is
+    /// asked. That
     /// includes a lease the sync claimed a moment ago, after the request was decided: at a
     /// window's start the two race, and the request found nothing left to claim (measured: 3
     /// to 10 request-path calls in 5 window starts with 2 replicas, where 0 were needed).
@@ -598,10 +619,36 @@ impl Fleet {
             let parts: Vec<&str> = want.counter.parts().collect();
             if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
                 let window = want.counter.unit().window_at(now);
-                claimed |= counter.claim_ahead(window) > 0 || counter.has_unused_lease(window);
+                claimed |= counter.claim_ahead(window) > 0
+                    || counter.has_unused_lease(window)
+                    || want
+                        .limits
+                        .requests
+                        .is_some_and(|limit| counter.mark_fleet_asked(window, limit, now));
             }
         }
         claimed
+    }
+
+    /// Of `wants` to take in the background, those no other call is asking the store for
+    /// now: a recheck of a spent fleet marks the view read ([`Counter::mark_fleet_asked`]),
+    /// so that the calls refused on it meanwhile do not ask again; a lease running low is
+    /// flagged once per grant, and passes.
+    pub fn unasked(&self, limiter: &Limiter, mut wants: Vec<LeaseWant>) -> Vec<LeaseWant> {
+        let now = limiter.clock().now_ms();
+        let table = limiter.counters().pin();
+        wants.retain(|want| {
+            let parts: Vec<&str> = want.counter.parts().collect();
+            let window = want.counter.unit().window_at(now);
+            table
+                .get(want.counter.with_parts(&parts))
+                .is_some_and(|counter| {
+                    want.limits
+                        .requests
+                        .is_none_or(|limit| !counter.mark_fleet_asked(window, limit, now))
+                })
+        });
+        wants
     }
 
     /// Leases afresh the counters of a denied request whose lease ran out (the request path;
@@ -749,6 +796,9 @@ fn request_path_call(
         reported = own.tokens,
         until_reset_ms = unit.until_reset(now_ms).as_millis() as u64,
         top_up = want.top_up,
+        held,
+        into_ms = unit.elapsed_ms(now_ms),
+        fleet_seen = ?counter.fleet_leased_seen(window),
         "a lease ran out or runs low: leasing"
     );
     LeaseCall {
@@ -817,6 +867,48 @@ mod tests {
             slide: None,
             refill: None,
         }
+    }
+
+    #[test]
+    fn a_fixed_window_is_spent_for_good_when_no_other_replica_holds_lease_unused() {
+        // A limit of 100; this replica admitted 3 and holds 4. The answer: held, granted,
+        // leased, tokens held, granted, leased, the fleet's admitted, its tokens.
+        let quiet = quiet_sync();
+        let answer = |leased, admitted| {
+            quiet
+                .stored([4, 0, leased, 0, 0, 0, admitted, 0])
+                .spent_for_good
+        };
+        assert!(
+            answer(100, 99),
+            "all leased; the one unit unused is its own"
+        );
+        assert!(
+            !answer(100, 97),
+            "others hold 2 unused, and may give them back"
+        );
+        assert!(!answer(99, 98), "a unit not leased");
+        let spent_for_good = |change: fn(&mut LeaseCall)| {
+            let mut call = quiet;
+            change(&mut call);
+            call.stored([4, 0, 100, 0, 0, 0, 99, 0]).spent_for_good
+        };
+        assert!(spent_for_good(|_| {}));
+        assert!(
+            !spent_for_good(|c| {
+                c.slide = Slide::of(Algorithm::SlidingWindow, Unit::Minute, Window(1), 0)
+            }),
+            "a sliding window opens as its previous window fades"
+        );
+        assert!(
+            !spent_for_good(|c| c.tokens.limit = 1_000),
+            "a tokens budget too"
+        );
+        assert!(
+            !spent_for_good(|c| c.requests.limit = STORED_LIMIT),
+            "a limit not known here"
+        );
+        assert!(!spent_for_good(|c| c.counted = None), "a lease ahead");
     }
 
     #[test]
