@@ -101,8 +101,18 @@ impl Spread {
     }
 }
 
-/// Sends `rate` calls a second for `duration`, spread over `clients` as `spread` says. Bounded
-/// in time and count; every call is bounded by the client's timeout.
+/// When the calls of a load go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrivals {
+    /// Each at its own time, evenly spaced: a paced load, as the issues' scenarios send.
+    Paced,
+    /// In bursts every 10 ms (2 to 6 calls at once at these rates): a replica meets several
+    /// calls at the same moment, as it does behind Envoy's workers and clients that fan out.
+    Bursts,
+}
+
+/// Sends `rate` calls a second for `duration`, in bursts every 10 ms, spread over `clients` as
+/// `spread` says. Bounded in time and count; every call is bounded by the client's timeout.
 async fn drive(
     clients: &[RateLimitServiceClient<Channel>],
     request: &RateLimitRequest,
@@ -111,62 +121,76 @@ async fn drive(
     spread: Spread,
     tally: Arc<Mutex<Tally>>,
 ) {
+    let load = (rate, duration, spread, Arrivals::Bursts);
+    drive_arriving(clients, request, load, tally).await;
+}
+
+/// [`drive`], the calls going out as `arrivals` says.
+async fn drive_arriving(
+    clients: &[RateLimitServiceClient<Channel>],
+    request: &RateLimitRequest,
+    (rate, duration, spread, arrivals): (u64, Duration, Spread, Arrivals),
+    tally: Arc<Mutex<Tally>>,
+) {
     const TICK: Duration = Duration::from_millis(10);
-    let per_tick = (rate * TICK.as_millis() as u64 / 1000).max(1);
-    let mut ticker = tokio::time::interval(TICK);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     let mut n = 0usize;
     while started.elapsed() < duration {
-        ticker.tick().await;
-        for _ in 0..per_tick {
-            let replica = spread.pick(n, clients.len());
-            n += 1;
-            let mut client = clients[replica].clone();
-            let request = request.clone();
-            let tally = tally.clone();
-            calls.spawn(async move {
-                let sent = now_ms();
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(5), client.should_rate_limit(request))
-                        .await;
-                let answered = now_ms();
-                let mut tally = tally.lock().await;
-                tally.calls += 1;
-                match answer {
-                    Ok(Ok(response)) => {
-                        let response = response.into_inner();
-                        let reset = response.statuses[0]
-                            .duration_until_reset
-                            .as_ref()
-                            .map_or(0, |d| d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000);
-                        // Decided at t in [sent, answered], with t + reset at the window's
-                        // end (to the ms): the one window end in [sent, answered] + reset.
-                        // Two there (a round trip of a second or more) and it cannot be told.
-                        let window = (sent + reset).div_ceil(1000) - 1;
-                        if (window + 2) * 1000 <= answered + reset {
-                            tally.untold += 1;
-                        }
-                        tally.slowest_ms = tally.slowest_ms.max(answered - sent);
-                        if is_ok(&response) {
-                            tally.admitted_spans.push((sent, answered));
-                            *tally.admitted.entry(window).or_default() += 1;
-                            let into = 1000u64.saturating_sub(reset);
-                            tally.admitted_at.entry(window).or_default().push(into);
-                            *tally.by_replica.entry((replica, window)).or_default() += 1;
-                        } else {
-                            tally.admitted.entry(window).or_default();
-                            tally.refused.push((replica, sent, answered - sent, reset));
-                        }
+        let at = match arrivals {
+            Arrivals::Paced => Duration::from_nanos(n as u64 * 1_000_000_000 / rate.max(1)),
+            // The calls of the tick their paced time falls in, all at its start.
+            Arrivals::Bursts => {
+                let paced = n as u64 * 1_000_000_000 / rate.max(1);
+                Duration::from_nanos(paced - paced % TICK.as_nanos() as u64)
+            }
+        };
+        tokio::time::sleep_until(started + at).await;
+        let replica = spread.pick(n, clients.len());
+        n += 1;
+        let mut client = clients[replica].clone();
+        let request = request.clone();
+        let tally = tally.clone();
+        calls.spawn(async move {
+            let sent = now_ms();
+            let answer =
+                tokio::time::timeout(Duration::from_secs(5), client.should_rate_limit(request))
+                    .await;
+            let answered = now_ms();
+            let mut tally = tally.lock().await;
+            tally.calls += 1;
+            match answer {
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    let reset = response.statuses[0]
+                        .duration_until_reset
+                        .as_ref()
+                        .map_or(0, |d| d.seconds as u64 * 1000 + d.nanos as u64 / 1_000_000);
+                    // Decided at t in [sent, answered], with t + reset at the window's
+                    // end (to the ms): the one window end in [sent, answered] + reset.
+                    // Two there (a round trip of a second or more) and it cannot be told.
+                    let window = (sent + reset).div_ceil(1000) - 1;
+                    if (window + 2) * 1000 <= answered + reset {
+                        tally.untold += 1;
                     }
-                    _ => {
-                        tally.failures += 1;
-                        tally.failed_sent.push(sent);
+                    tally.slowest_ms = tally.slowest_ms.max(answered - sent);
+                    if is_ok(&response) {
+                        tally.admitted_spans.push((sent, answered));
+                        *tally.admitted.entry(window).or_default() += 1;
+                        let into = 1000u64.saturating_sub(reset);
+                        tally.admitted_at.entry(window).or_default().push(into);
+                        *tally.by_replica.entry((replica, window)).or_default() += 1;
+                    } else {
+                        tally.admitted.entry(window).or_default();
+                        tally.refused.push((replica, sent, answered - sent, reset));
                     }
                 }
-            });
-        }
+                _ => {
+                    tally.failures += 1;
+                    tally.failed_sent.push(sent);
+                }
+            }
+        });
     }
     while calls.join_next().await.is_some() {}
 }
@@ -318,11 +342,12 @@ async fn accuracy_phase(
     redis: &RedisServer,
     config: &std::path::Path,
     limit: u32,
-    offered: f64,
-    spread: Spread,
+    load: (f64, Spread, Arrivals),
     what: &str,
 ) {
-    let (windows, _) = offer(n, redis, config, limit, (offered, spread), what).await;
+    let (tally, (from, to)) = offer_arriving(n, redis, config, limit, load, what).await;
+    let windows = tally.full_windows(from, to);
+    println!("{what}: admitted per full window {windows:?}");
     assert_exact(&windows, limit, what);
 }
 
@@ -350,6 +375,19 @@ async fn offer_for(
     (offered, spread): (f64, Spread),
     what: &str,
 ) -> (Tally, (u64, u64)) {
+    let load = (offered, spread, Arrivals::Bursts);
+    offer_arriving(n, redis, config, limit, load, what).await
+}
+
+/// [`offer_for`], the calls going out as `arrivals` says.
+async fn offer_arriving(
+    n: usize,
+    redis: &RedisServer,
+    config: &std::path::Path,
+    limit: u32,
+    (offered, spread, arrivals): (f64, Spread, Arrivals),
+    what: &str,
+) -> (Tally, (u64, u64)) {
     let namespace = unique_namespace(&what.replace([' ', ','], "-"));
     let fleet = replicas(n, redis, &namespace, config, &[]).await;
     let clients = &fleet.clients;
@@ -357,15 +395,8 @@ async fn offer_for(
     let tally = Arc::new(Mutex::new(Tally::default()));
     let (from, started) = (now_ms(), Instant::now());
     let rate = (f64::from(limit) * offered) as u64;
-    drive(
-        clients,
-        &call,
-        rate,
-        Duration::from_secs(6),
-        spread,
-        tally.clone(),
-    )
-    .await;
+    let load = (rate, Duration::from_secs(6), spread, arrivals);
+    drive_arriving(clients, &call, load, tally.clone()).await;
     let to = now_ms();
     let tally = std::mem::take(&mut *tally.lock().await);
     let served: Vec<u64> = (0..n)
@@ -550,6 +581,10 @@ async fn a_token_bucket_holds_fleet_wide_at_the_default_settings() {
     }
 }
 
+/// [4/8] at the defaults: a limit of 200 a second over three replicas (3x evenly, 1.5x with
+/// 80 % on one, paced and in bursts) and on a replica alone; no call fails and every full
+/// window admits 98 % to 100 % of the limit. The share of calls that waited on the store is
+/// printed, not asserted (it follows the machine's speed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_admits_the_limit_exactly_at_the_default_settings() {
     let _turn = TURNS.lock().await;
@@ -559,27 +594,17 @@ async fn the_fleet_admits_the_limit_exactly_at_the_default_settings() {
     let dir = tempfile::tempdir().unwrap();
     write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(LIMIT))]);
     let config = dir.path();
-    accuracy_phase(
-        3,
-        &redis,
-        config,
-        LIMIT,
-        3.0,
-        Spread::Even,
-        "3 replicas, 3x",
-    )
-    .await;
-    accuracy_phase(
-        3,
-        &redis,
-        config,
-        LIMIT,
-        1.5,
-        Spread::Skewed,
-        "3 replicas, 1.5x, 80 % on one",
-    )
-    .await;
-    accuracy_phase(1, &redis, config, LIMIT, 2.0, Spread::Even, "lone replica").await;
+    let paced = |offered, spread| (offered, spread, Arrivals::Paced);
+    let (even, skewed) = (Spread::Even, Spread::Skewed);
+    accuracy_phase(3, &redis, config, LIMIT, paced(3.0, even), "3 replicas, 3x").await;
+    let what = "3 replicas, 1.5x, 80 % on one";
+    accuracy_phase(3, &redis, config, LIMIT, paced(1.5, skewed), what).await;
+    accuracy_phase(1, &redis, config, LIMIT, paced(2.0, even), "lone replica").await;
+    // The skewed load again, in bursts: the busy replica meets two to four calls at once, more
+    // than the 3 units (a 64th of 200) it may hold unused, so some wait on the store.
+    let what = "3 replicas, 1.5x, 80 % on one, in 10 ms bursts";
+    let bursts = (1.5, skewed, Arrivals::Bursts);
+    accuracy_phase(3, &redis, config, LIMIT, bursts, what).await;
 }
 
 /// What a churn run saw: every call's tally merged, when it ran, and when the replicas were
@@ -883,27 +908,12 @@ async fn ten_replicas_admit_the_limit_exactly() {
     };
     let dir = tempfile::tempdir().unwrap();
     write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(100))]);
-    accuracy_phase(
-        10,
-        &redis,
-        dir.path(),
-        100,
-        10.0,
-        Spread::Even,
-        "10 replicas, 10x",
-    )
-    .await;
+    let even = (10.0, Spread::Even, Arrivals::Bursts);
+    accuracy_phase(10, &redis, dir.path(), 100, even, "10 replicas, 10x").await;
     write_rules(dir.path(), &[("fleet.yaml", &per_second_rules(200))]);
-    accuracy_phase(
-        10,
-        &redis,
-        dir.path(),
-        200,
-        1.5,
-        Spread::Skewed,
-        "10 replicas, 1.5x, 80 % on one",
-    )
-    .await;
+    let skewed = (1.5, Spread::Skewed, Arrivals::Bursts);
+    let what = "10 replicas, 1.5x, 80 % on one";
+    accuracy_phase(10, &redis, dir.path(), 200, skewed, what).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
