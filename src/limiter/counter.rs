@@ -182,8 +182,7 @@ impl Pace {
     /// Whether, at the rate `admitted` came in the window so far, another call is due before
     /// the window ends: then what a refused call asks of the store in the background serves
     /// the calls after it. A counter too quiet for that asks on the request path, with the
-    /// call that needs it: a unit claimed for a call that never comes is lost to the window
-    /// (10 replicas, 9 of them at 3 calls a second, admitted 197 of 200, against 198 to 200).
+    /// call that needs it: a unit claimed for a call that never comes is lost to the window.
     pub fn expects_another(self, admitted: u32) -> bool {
         self.horizon_ms > 0 && u64::from(admitted) * self.left_ms >= self.into_window_ms.max(1)
     }
@@ -233,7 +232,8 @@ const FRESH_MAX_DOUBLINGS: u32 = 5;
 /// The note of a synced word: when the store was read (in 4 ms ticks, wrapping, in the low
 /// 28 bits; never 0, which is "never read") and a mark in the high 4 bits. In the others'
 /// word the mark is how many times the trust has doubled; in the pushed word, whether the
-/// rest of the fleet had admitted in the window (1) or not (0).
+/// rest of the fleet had admitted in the window (1) or not (0). The others' word's mark may
+/// also be [`SPENT_FOR_GOOD`].
 fn stamp(now_ms: u64, mark: u32) -> u32 {
     let ticks = ((now_ms / 4) as u32 & 0x0fff_ffff).max(1);
     let mark = if mark == SPENT_FOR_GOOD {
