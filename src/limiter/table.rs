@@ -268,6 +268,12 @@ impl<'t> PinnedTable<'t> {
     pub fn get(&self, key: CounterRef<'_>) -> Option<&Counter> {
         self.map.get(&key).filter(|c| !c.is_retired())
     }
+
+    /// [`PinnedTable::get`] by an owned key (a lease wanted).
+    pub fn get_owned(&self, key: &CounterKey) -> Option<&Counter> {
+        let parts: Vec<&str> = key.parts().collect();
+        self.get(key.with_parts(&parts))
+    }
 }
 
 #[cfg(test)]

@@ -616,8 +616,7 @@ impl Fleet {
         let table = limiter.counters().pin();
         let mut claimed = false;
         for want in wants {
-            let parts: Vec<&str> = want.counter.parts().collect();
-            if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
+            if let Some(counter) = table.get_owned(&want.counter) {
                 let window = want.counter.unit().window_at(now);
                 claimed |= counter.claim_ahead(window) > 0
                     || counter.has_unused_lease(window)
@@ -638,15 +637,12 @@ impl Fleet {
         let now = limiter.clock().now_ms();
         let table = limiter.counters().pin();
         wants.retain(|want| {
-            let parts: Vec<&str> = want.counter.parts().collect();
             let window = want.counter.unit().window_at(now);
-            table
-                .get(want.counter.with_parts(&parts))
-                .is_some_and(|counter| {
-                    want.limits
-                        .requests
-                        .is_none_or(|limit| !counter.mark_fleet_asked(window, limit, now))
-                })
+            table.get_owned(&want.counter).is_some_and(|counter| {
+                want.limits
+                    .requests
+                    .is_none_or(|limit| !counter.mark_fleet_asked(window, limit, now))
+            })
         });
         wants
     }
@@ -670,8 +666,7 @@ impl Fleet {
                 .filter_map(|(i, want)| {
                     let unit = want.counter.unit();
                     let window = unit.window_at(now);
-                    let parts: Vec<&str> = want.counter.parts().collect();
-                    let counter = table.get(want.counter.with_parts(&parts))?;
+                    let counter = table.get_owned(&want.counter)?;
                     let mut key = String::new();
                     let rule = want.rule.as_deref();
                     super::keys::write_key_of(self, &mut key, &want.counter, rule, window).then(
@@ -707,8 +702,7 @@ impl Fleet {
         let table = limiter.counters().pin();
         for ((i, window, _, call), reply) in calls.iter().zip(replies) {
             let want = &wants[*i];
-            let parts: Vec<&str> = want.counter.parts().collect();
-            if let Some(counter) = table.get(want.counter.with_parts(&parts)) {
+            if let Some(counter) = table.get_owned(&want.counter) {
                 counter.leased_with_fleet(*window, call.stored(reply), now);
             }
         }
