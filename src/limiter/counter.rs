@@ -1250,6 +1250,15 @@ mod tests {
             tokens: 0,
         }
     }
+    /// A requests limit alone.
+    fn requests_only(requests: u32) -> Limits {
+        Limits {
+            requests: Some(requests),
+            tokens: None,
+            ..Default::default()
+        }
+    }
+
     fn limit(requests: u32, tokens: u32) -> Limits {
         Limits {
             requests: Some(requests),
@@ -1261,11 +1270,7 @@ mod tests {
     #[test]
     fn counts_up_to_the_limit_and_refuses_without_counting() {
         let c = Counter::new();
-        let l = Limits {
-            requests: Some(2),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(2);
         assert!(
             c.charge(W, req(1), l, Enforcement::Enforce)
                 .unwrap()
@@ -1553,11 +1558,7 @@ mod tests {
     #[test]
     fn a_lease_spent_to_its_low_water_at_pace_is_flagged_once_for_a_top_up() {
         // A limit of 1,280: the low water is 10 (half of a 64th).
-        let l = Limits {
-            requests: Some(1_280),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(1_280);
         assert_eq!(low_water(1_280), 10);
         assert_eq!(low_water(200), 1);
         let view = FleetView::Synced { replicas: 3 };
@@ -1605,11 +1606,7 @@ mod tests {
 
     #[test]
     fn a_replica_past_the_limit_on_its_own_count_does_not_ask_the_store_again() {
-        let l = Limits {
-            requests: Some(30),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(30);
         let view = FleetView::Synced { replicas: 1 };
         // Holding the whole limit, or 20 of it with the rest elsewhere, it admits what it
         // holds; ten seconds on its view of the fleet is stale. Past the limit on its own
@@ -1650,11 +1647,7 @@ mod tests {
 
     #[test]
     fn synced_replicas_admit_only_what_they_hold() {
-        let l = Limits {
-            requests: Some(30),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(30);
         let view = FleetView::Synced { replicas: 3 };
         let c = Counter::new();
         // No lease yet: nothing admitted, and the denial says a lease may admit it.
@@ -1716,21 +1709,13 @@ mod tests {
         let c = Counter::new();
         c.synced(W, stored(0, 20, 10), NOW);
         // The limit went from 20 to 12 (a reload): the 10 held and the others' 10 are over it.
-        let l = Limits {
-            requests: Some(12),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(12);
         assert_eq!(admitted(&c, l, view, 5), 2);
     }
 
     #[test]
     fn outage_policies() {
-        let l = Limits {
-            requests: Some(30),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(30);
         assert_eq!(
             admitted(
                 &Counter::new(),
@@ -1856,11 +1841,7 @@ mod tests {
     #[test]
     fn a_lease_taken_ahead_is_admitted_from_only_once_claimed_and_only_once() {
         let c = Counter::new();
-        let l = Limits {
-            requests: Some(100),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(100);
         let view = FleetView::Synced { replicas: 2 };
         let next = Window(W.0 + 1);
         c.charge_in_fleet(W, req(1), l, Enforcement::Enforce, (view, Pace::NONE), NOW)
@@ -2047,11 +2028,7 @@ mod tests {
         assert_eq!(c.others(W), req(2));
         // Another window: no total read for it yet, the round kept.
         assert_eq!(c.last_synced(Window(101)), (Counts::ZERO, Some(41)));
-        let l = Limits {
-            requests: Some(5),
-            tokens: None,
-            ..Default::default()
-        };
+        let l = requests_only(5);
         // The note does not disturb the counts requests judge against.
         let r = c
             .charge_in_fleet(
