@@ -16,6 +16,7 @@ use std::sync::LazyLock;
 use redis::{Cmd, RedisError, Script};
 
 use super::Fleet;
+use super::given_up::Tag;
 use crate::decision::LeaseWant;
 use crate::limiter::{Algorithm, Counter, Counts, Limiter, Limits, Stored, Unit, Window};
 
@@ -197,7 +198,7 @@ pub(super) type Reply = [i64; 8];
 impl LeaseCall {
     /// The call, as an `EVALSHA` of the lease script on `key` for `replica` (a sliding
     /// window's call names the previous and the next window's keys too).
-    pub(super) fn command(&self, key: &str, replica: &str) -> Cmd {
+    pub(super) fn command(&self, key: &str, replica: &str, tag: &Tag) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(LEASE.get_hash());
         match (self.slide, self.refill) {
@@ -225,6 +226,7 @@ impl LeaseCall {
                 .arg(ask.holding)
                 .arg(ask.release);
         }
+        cmd.arg(tag.id).arg(tag.given_up_arg());
         if let Some(slide) = self.slide {
             cmd.arg(slide.length).arg(slide.elapsed);
         }
@@ -359,9 +361,10 @@ pub(super) fn unused_bound(limit: u32) -> u32 {
 /// The lease script. KEYS[1]: the counter's window. ARGV: replica, requests counted, tokens
 /// counted (-1: left as they are), expiry (ms since the epoch), replicas, remember the
 /// requests limit (1/0); then for requests and for tokens: limit (-1 none, -2 the one
-/// stored), target, need, holding, give back this many. Returns, for requests and for
-/// tokens, what the replica holds, what this call granted and what the fleet has leased;
-/// then what the fleet has admitted and reported in tokens.
+/// stored), target, need, holding, give back this many; then the call's id and the ids of
+/// calls this replica gave up on (comma-separated, [`super::given_up`]). Returns, for
+/// requests and for tokens, what the replica holds, what this call granted and what the fleet
+/// has leased; then what the fleet has admitted and reported in tokens.
 ///
 /// Per budget the store keeps what each replica holds (`h:`, `k:`) and the fleet's total
 /// (`requests`, `tleased`); tokens reported past a lease (by calls admitted before it was
@@ -376,7 +379,7 @@ pub(super) fn unused_bound(limit: u32) -> u32 {
 /// bound, 186 to 195 of 200 in the window of a kill; with it, 197 to 200).
 ///
 /// A sliding window's call names three keys: this window's, the previous one's and the next
-/// one's, and adds ARGV 17 and 18: the window's length and how far into it the call is. What
+/// one's, and adds ARGV 19 and 20: the window's length and how far into it the call is. What
 /// is left to lease is then the limit less this window's leases and the previous window's,
 /// weighed by the share of it still within the last unit (rounded up), and less the next
 /// window's leases when that has begun (a grant here would weigh fully at its start). The
@@ -386,7 +389,7 @@ pub(super) fn unused_bound(limit: u32) -> u32 {
 ///
 /// A token bucket's call names two keys: this second's window and the fleet's bucket (per
 /// budget its fill in ticks, when it was last drained and when it was last full), and adds
-/// ARGV 17 to 21: what one unit costs, what drains a tick, the time now in ticks, how long to
+/// ARGV 19 to 23: what one unit costs, what drains a tick, the time now in ticks, how long to
 /// keep the bucket's key, when the call's window began in ticks. The limit is the burst. What
 /// is left to lease is what the bucket holds, drained to now; each unit granted (or counted
 /// past a lease) fills it by its cost. A grant is spent within its second or given back, so
@@ -404,8 +407,29 @@ local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local replicas = math.max(1, tonumber(ARGV[5]))
 local fresh = redis.call('EXISTS', key) == 0
 local f = redis.call('HMGET', key, 'h:' .. me, 'k:' .. me, 'u:' .. me, 't:' .. me,
-  'requests', 'tleased', 'used', 'tokens', 'limit')
+  'requests', 'tleased', 'used', 'tokens', 'limit', 'g:' .. me, 'x:' .. me)
 local stored_limit = f[9]
+local call, newest_given_up = tonumber(ARGV[17]), tonumber(f[11] or '0')
+if call <= newest_given_up then
+  -- A call this replica gave up on, named by a later one before it got here (or sent before
+  -- one that was): it changes nothing and grants nothing.
+  local function n(v) return tonumber(v or '0') end
+  return {n(f[1]), 0, n(f[5]), n(f[2]), 0, n(f[6]), n(f[7]), n(f[8])}
+end
+-- The last grant of this replica's on the key, if it came from a call it gave up on: no one
+-- admits from it, so it goes back.
+local taken_back, tokens_taken_back = 0, 0
+if ARGV[18] ~= '' then
+  local last_id, last_granted, last_tokens = string.match(f[10] or '', '^(%d+):(%d+):(%d+)$')
+  for id in string.gmatch(ARGV[18], '%d+') do
+    if id == last_id then
+      taken_back, tokens_taken_back = tonumber(last_granted), tonumber(last_tokens)
+      redis.call('HDEL', key, 'g:' .. me)
+    end
+    newest_given_up = math.max(newest_given_up, tonumber(id))
+  end
+  redis.call('HSET', key, 'x:' .. me, newest_given_up)
+end
 local slide = #KEYS == 3
 local bucket = #KEYS == 2
 -- floor(n / d) for integers a double holds exactly (the quotient's rounding corrected).
@@ -419,7 +443,7 @@ end
 -- previous x (length - elapsed) / length, rounded up, in integers a double holds exactly.
 local function weighed(total)
   local previous = tonumber(redis.call('HGET', KEYS[2], total) or '0')
-  local length, elapsed = tonumber(ARGV[17]), tonumber(ARGV[18])
+  local length, elapsed = tonumber(ARGV[19]), tonumber(ARGV[20])
   local left_of_it = length - elapsed
   local whole = math.floor(previous / length)
   local n = (previous - whole * length) * left_of_it
@@ -429,7 +453,7 @@ local function weighed(total)
   if q * length < n then q = q + 1 end
   return whole * left_of_it + q
 end
-local function lease(field, total, held, leased, at, counted)
+local function lease(field, total, held, leased, at, counted, lost)
   local limit, target, need = tonumber(ARGV[at]), tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2])
   local holding, release = tonumber(ARGV[at + 3]), tonumber(ARGV[at + 4])
   if limit == -2 then
@@ -446,8 +470,8 @@ local function lease(field, total, held, leased, at, counted)
   -- A token bucket's fill, in ticks, drained to now; what is left is what it holds.
   local fill, cost, ticked, full_at = 0, 1, false, -1
   if bucket and limit >= 0 then
-    local drain, now = tonumber(ARGV[18]), tonumber(ARGV[19])
-    cost = tonumber(ARGV[17])
+    local drain, now = tonumber(ARGV[20]), tonumber(ARGV[21])
+    cost = tonumber(ARGV[19])
     local b = redis.call('HMGET', KEYS[2], total, total .. ':at', total .. ':full')
     fill = tonumber(b[1] or '0')
     full_at = tonumber(b[3] or '-1')
@@ -466,6 +490,17 @@ local function lease(field, total, held, leased, at, counted)
   local function holds()
     return whole_units(limit * cost - fill, cost)
   end
+  local function give_back(n)
+    leased = redis.call('HINCRBY', key, total, -n)
+    held = redis.call('HINCRBY', key, field, -n)
+    if bucket and limit >= 0 and full_at < tonumber(ARGV[23]) then
+      -- Not full since the window began, so every grant of it is still in the fill, whole:
+      -- taking these out leaves the bucket as if they were never granted.
+      fill = math.max(0, fill - n * cost)
+    end
+  end
+  lost = math.min(lost, held)
+  if lost > 0 then give_back(lost) end
   if holding > held then
     leased = redis.call('HINCRBY', key, total, holding - held)
     fill = fill + (holding - held) * cost
@@ -475,13 +510,7 @@ local function lease(field, total, held, leased, at, counted)
   local granted = 0
   release = math.min(release, held)
   if release > 0 then
-    leased = redis.call('HINCRBY', key, total, -release)
-    held = redis.call('HINCRBY', key, field, -release)
-    if bucket and limit >= 0 and full_at < tonumber(ARGV[21]) then
-      -- Not full since the window began, so every grant of it is still in the fill, whole:
-      -- taking these out leaves the bucket as if they were never granted.
-      fill = math.max(0, fill - release * cost)
-    end
+    give_back(release)
   elseif limit >= 0 and (target > holding or need > holding) then
     -- Sized from what the replica knows it holds, not what the store says: an answer lost on
     -- the way (a timeout) left the store counting a grant the replica never had, and sizing
@@ -534,15 +563,18 @@ local function lease(field, total, held, leased, at, counted)
     -- The fleet's count, as a bucket has it: its burst less what it holds.
     redis.call('HSET', KEYS[2], total, fill)
     if ticked or redis.call('HEXISTS', KEYS[2], total .. ':at') == 0 then
-      redis.call('HSET', KEYS[2], total .. ':at', ARGV[19])
+      redis.call('HSET', KEYS[2], total .. ':at', ARGV[21])
     end
-    redis.call('PEXPIRE', KEYS[2], ARGV[20])
+    redis.call('PEXPIRE', KEYS[2], ARGV[22])
     return held, granted, limit - holds()
   end
   return held, granted, leased + weight
 end
-local held, granted, leased = lease('h:' .. me, 'requests', tonumber(f[1] or '0'), tonumber(f[5] or '0'), 7, used)
-local theld, tgranted, tleased = lease('k:' .. me, 'tleased', tonumber(f[2] or '0'), tonumber(f[6] or '0'), 12, nil)
+local held, granted, leased = lease('h:' .. me, 'requests', tonumber(f[1] or '0'), tonumber(f[5] or '0'), 7, used, taken_back)
+local theld, tgranted, tleased = lease('k:' .. me, 'tleased', tonumber(f[2] or '0'), tonumber(f[6] or '0'), 12, nil, tokens_taken_back)
+if granted > 0 or tgranted > 0 then
+  redis.call('HSET', key, 'g:' .. me, ARGV[17] .. ':' .. granted .. ':' .. tgranted)
+end
 local mine_used, mine_tokens = tonumber(f[3] or '0'), tonumber(f[4] or '0')
 local all_used, all_tokens = tonumber(f[7] or '0'), tonumber(f[8] or '0')
 if used >= 0 and used ~= mine_used then
@@ -692,18 +724,22 @@ impl Fleet {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        // Calls not answered and recorded (a timeout, this future dropped) are given up on.
+        let mut in_flight = self.given_up.in_flight();
         for (_, _, key, call) in &calls {
-            pipe.add_command(call.command(key, self.replica_field()));
+            let (_, tag) = in_flight.call(key);
+            pipe.add_command(call.command(key, self.replica_field(), tag));
         }
         let mut store = self.store().await?;
         let replies: Vec<Reply> = store
             .pipeline_of_scripts(LEASE_LUA, &pipe, self.timeout())
             .await?;
         let table = limiter.counters().pin();
-        for ((i, window, _, call), reply) in calls.iter().zip(replies) {
+        for (n, ((i, window, _, call), reply)) in calls.iter().zip(replies).enumerate() {
             let want = &wants[*i];
             if let Some(counter) = table.get_owned(&want.counter) {
                 counter.leased_with_fleet(*window, call.stored(reply), now);
+                in_flight.answered(n);
             }
         }
         Ok(())

@@ -10,6 +10,7 @@
 //! deltas are pushed once Redis answers again (if their window is still open).
 
 mod capacity;
+mod given_up;
 mod keys;
 mod lease;
 mod round;
@@ -104,6 +105,8 @@ pub struct Fleet {
     /// window holds one per replica.
     replica_field: String,
     strict: redis::Script,
+    /// Lease calls given up on, for the next calls on their keys to name.
+    given_up: given_up::GivenUp,
 }
 
 /// How long after its last heartbeat a replica stops counting in the fleet size.
@@ -135,6 +138,7 @@ impl Fleet {
             store: ArcSwapOption::empty(),
             status: ArcSwap::from_pointee(SyncStatus::default()),
             strict: store::strict_script(),
+            given_up: given_up::GivenUp::default(),
         })
     }
 

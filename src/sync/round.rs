@@ -641,7 +641,8 @@ impl Planner<'_> {
         };
         batch.push(Work {
             counter,
-            purpose: if call.reads_only() {
+            // A key with calls given up on goes as the script, which names them.
+            purpose: if call.reads_only() && !fleet.given_up.has(&keys[start..]) {
                 Purpose::Read
             } else {
                 Purpose::Sync
@@ -722,11 +723,22 @@ async fn send_batch(
         fleet.queue_heartbeat(&mut pipe, now);
     }
     let replica = fleet.replica_field();
+    // Script calls not answered and recorded (an error, a timeout) are given up on: the next
+    // calls on their keys name them, for the store to take back what they granted.
+    let mut in_flight = fleet.given_up.in_flight();
+    let mut tagged = Vec::with_capacity(batch.len());
     for w in batch {
         let key = &keys[w.key.clone()];
         pipe.add_command(match w.purpose {
-            Purpose::Read => LeaseCall::read_command(key, replica),
-            _ => w.call.command(key, replica),
+            Purpose::Read => {
+                tagged.push(None);
+                LeaseCall::read_command(key, replica)
+            }
+            _ => {
+                let (i, tag) = in_flight.call(key);
+                tagged.push(Some(i));
+                w.call.command(key, replica, tag)
+            }
         });
     }
     let mut replies: Vec<redis::Value> = store
@@ -743,7 +755,7 @@ async fn send_batch(
     let mut again = Vec::new();
     // Units of the next window for keys these syncs found admitted elsewhere.
     let mut aheads = Vec::new();
-    for (w, reply) in batch.iter().zip(replies) {
+    for ((w, reply), tagged) in batch.iter().zip(replies).zip(tagged) {
         let reply: Reply = match w.purpose {
             Purpose::Read => {
                 let read: Vec<Option<i64>> = redis::FromRedisValue::from_redis_value(reply)?;
@@ -757,6 +769,10 @@ async fn send_batch(
             }
             _ => redis::FromRedisValue::from_redis_value(reply)?,
         };
+        if let Some(i) = tagged {
+            // Recorded below, with nothing in between that can fail.
+            in_flight.answered(i);
+        }
         match w.purpose {
             Purpose::Ahead => {
                 w.counter
@@ -771,26 +787,32 @@ async fn send_batch(
     }
     if !again.is_empty() {
         let mut pipe = redis::pipe();
+        let first = in_flight.len();
         for w in &again {
-            pipe.add_command(w.call.command(&keys[w.key.clone()], replica));
+            let (_, tag) = in_flight.call(&keys[w.key.clone()]);
+            pipe.add_command(w.call.command(&keys[w.key.clone()], replica, tag));
         }
         let replies: Vec<Reply> = store
             .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
             .await?;
-        for (w, reply) in again.iter().zip(replies) {
+        for (n, (w, reply)) in again.iter().zip(replies).enumerate() {
+            in_flight.answered(first + n);
             overshoot = overshoot.max(record_sync(w, reply, now));
             aheads.extend(w.ahead_if_found_elsewhere());
         }
     }
     if !aheads.is_empty() {
         let mut pipe = redis::pipe();
+        let first = in_flight.len();
         for (_, call, key) in &aheads {
-            pipe.add_command(call.command(&keys[key.clone()], replica));
+            let (_, tag) = in_flight.call(&keys[key.clone()]);
+            pipe.add_command(call.command(&keys[key.clone()], replica, tag));
         }
         let replies: Vec<Reply> = store
             .pipeline_of_scripts(super::lease::LEASE_LUA, &pipe, fleet.timeout() * 4)
             .await?;
-        for ((w, call, _), reply) in aheads.iter().zip(replies) {
+        for (n, ((w, call, _), reply)) in aheads.iter().zip(replies).enumerate() {
+            in_flight.answered(first + n);
             w.counter
                 .lease_ahead(Window(w.window.0 + 1), call.stored(reply).granted.requests);
         }
