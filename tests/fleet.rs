@@ -1436,12 +1436,15 @@ async fn a_sliding_windows_grants_weigh_the_previous_window_across_replicas() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(b.admitted(10, &call).await, 5, "b gets the rest of the 15");
     assert_eq!(a.admitted(3, &call).await, 0);
-    // Half way: 30 weigh, 15 counted: 15 more.
+    // Half way: 30 weigh, 15 counted: 15 more. A minute is a long window: the call that
+    // finds a's view stale is refused while a asks the store in the background (so may the
+    // next, while that call is out), and the calls after it are admitted from what opened.
     at(90_000);
     let first = a.admitted(8, &call).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = b.admitted(10, &call).await;
-    assert_eq!((first, first + second), (8, 15));
+    assert!((4..=8).contains(&first), "a admitted {first} of 8");
+    assert_eq!(first + second, 15, "b gets the rest");
     for s in [a, b] {
         s.stop().await;
     }

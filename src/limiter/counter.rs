@@ -187,6 +187,16 @@ impl Pace {
         self.horizon_ms > 0 && u64::from(admitted) * self.left_ms >= self.into_window_ms.max(1)
     }
 
+    /// Whether the window is long against the sync interval (ten rounds or more): a sliding
+    /// window's budget then opens by many units between rounds, and a refusal on a view read
+    /// a while ago is worth a call in the background ([`Over::recheck`]). In a short one (a
+    /// second, at the default interval) a 64th opens every 16 ms, and the call refused while
+    /// a background call claims it is a large share of what the window admits.
+    pub fn long_window(self) -> bool {
+        self.horizon_ms > 0
+            && self.into_window_ms.saturating_add(self.left_ms) >= 10 * self.horizon_ms
+    }
+
     /// Whether `left` will be spent within the horizon at the rate `admitted` came in the
     /// window so far. A counter that spends its lease slower waits for the sync: topping up
     /// every quiet counter that took its last units would cost a call per key per window.
@@ -542,7 +552,8 @@ impl Counter {
                 },
                 ..fleet
             };
-            let background = pace.expects_another(counts.requests);
+            let background = pace.expects_another(counts.requests)
+                && (limits.algorithm.is_fixed() || pace.long_window());
             let over = judge(counts, charge, limits, fleet, (view, background));
             if (enforce && over.any()) || charge.is_zero() {
                 return Step::Keep(Reading {

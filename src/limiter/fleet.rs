@@ -258,7 +258,7 @@ pub(super) fn judge(
             others: fleet.others.requests.into(),
             check_takes_lease: false,
             recheck_in_background: background
-                && limits.algorithm.is_fixed()
+                && !matches!(limits.algorithm, Algorithm::TokenBucket { .. })
                 && limits.refill_ms == 0,
         },
         fleet.held.requests.into(),

@@ -227,10 +227,16 @@ impl Limiter {
                         (view, pace),
                         now,
                     )?;
-                    if (reading.over.requests || reading.over.tokens)
-                        && opened_since_asked(demand, c, view, now)
-                    {
-                        reading.over.lease_spent = true;
+                    if reading.over.requests || reading.over.tokens {
+                        let (stamp, own) = c.local();
+                        let own = if stamp == window { own.requests } else { 0 };
+                        let background =
+                            !reading.over.tokens && pace.long_window() && pace.expects_another(own);
+                        match opened_since_asked(demand, c, view, now, background) {
+                            Opened::Background => reading.over.recheck = true,
+                            Opened::Ask => reading.over.lease_spent = true,
+                            Opened::No => {}
+                        }
                     }
                     Ok(reading)
                 })
@@ -310,27 +316,45 @@ fn leased_bucket_reset(demand: &Demand<'_>, reading: &Reading) -> Duration {
 /// window's last 20th (50 ms at most), where what opens is lost if no one asks before the
 /// end. Trusting a spent view longer (100 ms, doubling at each call) left per-second windows
 /// 174 to 199 of 200 with 80 % of the load on one replica; a 64th whatever the fleet's size
-/// put 44 to 65 % of decisions on the request path.
+/// put 44 to 65 % of decisions on the request path. `background`: a busy counter in a long
+/// window ([`Pace::long_window`]), whose refusal stands while the store is asked in the
+/// background once the view is a 64th of the window old, whatever the fleet's size: that call
+/// delays no request.
 fn opened_since_asked(
     demand: &Demand<'_>,
     counter: &Counter,
     view: FleetView,
     now_ms: u64,
-) -> bool {
+    background: bool,
+) -> Opened {
     const LAST_MS: u64 = 50;
     let unit = demand.counter.unit;
     let FleetView::Synced { replicas } = view else {
-        return false;
+        return Opened::No;
     };
     if !demand.limits.leased || demand.limits.algorithm != Algorithm::SlidingWindow {
-        return false;
+        return Opened::No;
+    }
+    let ago = counter.fleet_read_ago(unit.window_at(now_ms), now_ms);
+    if background && ago.is_some_and(|ago| ago >= unit.millis() / 64) {
+        return Opened::Background;
     }
     let at_its_end =
         (unit.until_reset(now_ms).as_millis() as u64) <= (unit.millis() / 20).min(LAST_MS);
-    at_its_end
-        || counter
-            .fleet_read_ago(unit.window_at(now_ms), now_ms)
-            .is_some_and(|ago| ago >= unit.millis() * u64::from(replicas) / 64)
+    if at_its_end || ago.is_some_and(|ago| ago >= unit.millis() * u64::from(replicas) / 64) {
+        Opened::Ask
+    } else {
+        Opened::No
+    }
+}
+
+/// Whether a refused sliding window asks the store for what opened since its last call.
+enum Opened {
+    No,
+    /// In the background; the refusal stands.
+    Background,
+    /// On the request path, with the call that needs it.
+    Ask,
 }
 
 /// What `demand` would meet in `window`, charging nothing (a counter not yet created is empty).
@@ -462,5 +486,86 @@ mod tests {
             assert!(spent(500, 532, sliding), "{what}: read 32 ms ago");
             assert!(!spent(500, 532, fixed), "{what}: a fixed window, 32 ms");
         }
+    }
+
+    /// In a window long against the sync interval (a minute, syncing every second), a busy
+    /// sliding window refused on a view of a spent fleet no longer fresh asks the store in
+    /// the background ([`Over::recheck`]): what opened serves the calls after it, and the
+    /// refused call waits on no store. In a second (the test above) it asks on the request
+    /// path.
+    #[test]
+    fn a_busy_sliding_window_in_a_long_window_asks_again_in_the_background() {
+        let clock = Arc::new(ManualClock::new(60_000_000));
+        let limiter = Limiter::new(clock.clone());
+        limiter.fleet().set(FleetView::Synced { replicas: 3 });
+        limiter.set_sync_interval(Duration::from_secs(1));
+        let limits = Limits {
+            requests: Some(60),
+            algorithm: Algorithm::SlidingWindow,
+            leased: true,
+            ..Limits::default()
+        };
+        let counter = CounterRef {
+            scope: 7,
+            unit: Unit::Minute,
+            parts: &["k"],
+        };
+        let demand = Demand {
+            counter,
+            limits,
+            charge: Counts {
+                requests: 1,
+                tokens: 0,
+            },
+            refund: false,
+            enforcement: Enforcement::Enforce,
+        };
+        // 30 s into the minute, the store grants this replica 5 and says the fleet holds all
+        // 60 (the previous minute's weight included); the 5 are admitted, the sixth refused on
+        // the fresh view.
+        clock.set_ms(60_000_000 + 30_000);
+        let window = Unit::Minute.window_at(clock.now_ms());
+        limiter.counters().pin().with_counter(counter, |c| {
+            let stored = Stored {
+                fleet: Counts {
+                    requests: 60,
+                    tokens: 0,
+                },
+                held: Counts {
+                    requests: 5,
+                    tokens: 0,
+                },
+                granted: Counts {
+                    requests: 5,
+                    tokens: 0,
+                },
+                fades: true,
+                ..Stored::default()
+            };
+            c.synced(window, stored, clock.now_ms());
+            Ok(())
+        });
+        let mut outcome = [Outcome::default()];
+        for _ in 0..5 {
+            assert!(limiter.settle(&[demand], &mut outcome));
+        }
+        let refused = |ms: u64| {
+            clock.set_ms(60_000_000 + 30_000 + ms);
+            let mut outcome = [Outcome::default()];
+            assert!(!limiter.settle(&[demand], &mut outcome));
+            (outcome[0].over.recheck, outcome[0].over.lease_spent)
+        };
+        assert_eq!(refused(50), (false, false), "read 50 ms ago: trusted");
+        assert_eq!(
+            refused(500),
+            (true, false),
+            "read 500 ms ago: in the background"
+        );
+        // Past a 64th of the minute (937.5 ms), however long the view was trusted.
+        assert_eq!(
+            refused(3_000),
+            (true, false),
+            "3 s ago: in the background still"
+        );
     }
 }
