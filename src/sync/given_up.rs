@@ -23,7 +23,14 @@ pub(super) struct GivenUp {
     next_id: AtomicU64,
     /// Whether any key has ids waiting to be named: the common case asks no lock.
     any: AtomicBool,
-    by_key: Mutex<HashMap<String, Vec<u64>>>,
+    by_key: Mutex<HashMap<String, Waiting>>,
+}
+
+/// A key's ids to name, and when the key expires (ms since the epoch): no call names it after.
+#[derive(Debug, Default)]
+struct Waiting {
+    ids: Vec<u64>,
+    expires_ms: u64,
 }
 
 /// The most ids one call names: a key whose calls failed longer than this many times in a row
@@ -70,7 +77,10 @@ impl GivenUp {
     pub(super) fn tag(&self, key: &str) -> Tag {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let given_up = if self.any.load(Ordering::Acquire) {
-            self.lock().get(key).cloned().unwrap_or_default()
+            self.lock()
+                .get(key)
+                .map(|w| w.ids.clone())
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -90,37 +100,41 @@ impl GivenUp {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiting>> {
         // A panic elsewhere while holding it leaves plain data: still good to use.
         self.by_key
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records the given-up calls and forgets the ids the answered calls named, in one lock.
-    fn settle(&self, given_up: Vec<(String, u64)>, named: Vec<(String, Vec<u64>)>) {
-        if given_up.is_empty() && named.is_empty() {
+    /// Records the given-up calls and forgets the ids the answered calls named, and the keys
+    /// expired, in one lock.
+    fn settle(&self, given_up: Vec<(String, u64, u64)>, named: Vec<(String, Vec<u64>)>) {
+        if given_up.is_empty() && named.is_empty() && !self.any.load(Ordering::Acquire) {
             return;
         }
         let mut by_key = self.lock();
         for (key, ids) in named {
             if let Some(waiting) = by_key.get_mut(&key) {
-                waiting.retain(|id| !ids.contains(id));
-                if waiting.is_empty() {
+                waiting.ids.retain(|id| !ids.contains(id));
+                if waiting.ids.is_empty() {
                     by_key.remove(&key);
                 }
             }
         }
-        for (key, id) in given_up {
+        for (key, id, expires_ms) in given_up {
             let waiting = by_key.entry(key).or_default();
-            waiting.push(id);
-            if waiting.len() > NAMED_AT_MOST {
-                waiting.remove(0);
+            waiting.ids.push(id);
+            waiting.expires_ms = waiting.expires_ms.max(expires_ms);
+            if waiting.ids.len() > NAMED_AT_MOST {
+                waiting.ids.remove(0);
             }
         }
-        // A key whose window ended keeps its ids (no call names it again) until the map is
-        // cleared: bounded, at the price of grants not taken back if a long outage gives up on
-        // more keys than this.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        by_key.retain(|_, waiting| waiting.expires_ms > now_ms);
+        // Bounded: past this many, grants of a long outage are not taken back.
         if by_key.len() > KEYS_AT_MOST {
             by_key.clear();
         }
@@ -137,16 +151,19 @@ pub(super) struct InFlight<'a> {
 
 struct Call<'a> {
     key: &'a str,
+    expires_ms: u64,
     tag: Tag,
     answered: bool,
 }
 
 impl<'a> InFlight<'a> {
-    /// Tags a call on `key` and keeps it in the batch; returns its index and tag.
-    pub(super) fn call(&mut self, key: &'a str) -> (usize, &Tag) {
+    /// Tags a call on `key`, which expires at `expires_ms` (ms since the epoch), and keeps it
+    /// in the batch; returns its index and tag.
+    pub(super) fn call(&mut self, key: &'a str, expires_ms: u64) -> (usize, &Tag) {
         let tag = self.given_up.tag(key);
         self.calls.push(Call {
             key,
+            expires_ms,
             tag,
             answered: false,
         });
@@ -173,7 +190,7 @@ impl Drop for InFlight<'_> {
         let mut named = Vec::new();
         for call in self.calls.drain(..) {
             if !call.answered {
-                given_up.push((call.key.to_string(), call.tag.id));
+                given_up.push((call.key.to_string(), call.tag.id, call.expires_ms));
             } else if !call.tag.given_up.is_empty() {
                 named.push((call.key.to_string(), call.tag.given_up));
             }
@@ -186,14 +203,17 @@ impl Drop for InFlight<'_> {
 mod tests {
     use super::*;
 
+    /// An expiry no test reaches.
+    const FAR: u64 = u64::MAX;
+
     #[test]
     fn calls_not_answered_are_named_by_the_next_calls_on_their_key_until_one_is_answered() {
         let given_up = GivenUp::default();
         {
             let mut batch = given_up.in_flight();
-            let (first, tag) = batch.call("k1");
+            let (first, tag) = batch.call("k1", FAR);
             assert!(tag.given_up.is_empty());
-            batch.call("k2");
+            batch.call("k2", FAR);
             batch.answered(first);
         }
         // k2's call was never answered: the next calls on k2 name it, none on k1.
@@ -206,7 +226,7 @@ mod tests {
         // A call naming it, given up on too: both are named next.
         {
             let mut batch = given_up.in_flight();
-            batch.call("k2");
+            batch.call("k2", FAR);
         }
         let named = given_up.tag("k2").given_up;
         assert_eq!(named.len(), 2);
@@ -223,7 +243,7 @@ mod tests {
         // Answered, it clears what it named.
         {
             let mut batch = given_up.in_flight();
-            let (i, tag) = batch.call("k2");
+            let (i, tag) = batch.call("k2", FAR);
             assert_eq!(tag.given_up, named);
             batch.answered(i);
         }
@@ -236,14 +256,14 @@ mod tests {
         let given_up = GivenUp::default();
         {
             let mut batch = given_up.in_flight();
-            batch.call("k");
+            batch.call("k", FAR);
         }
         let mut answered = given_up.in_flight();
-        let (i, _) = answered.call("k");
+        let (i, _) = answered.call("k", FAR);
         {
             // A call on the key given up on while `answered` was in flight.
             let mut late = given_up.in_flight();
-            late.call("k");
+            late.call("k", FAR);
         }
         answered.answered(i);
         drop(answered);
@@ -251,11 +271,23 @@ mod tests {
     }
 
     #[test]
+    fn a_key_expired_is_named_no_more() {
+        let given_up = GivenUp::default();
+        {
+            let mut batch = given_up.in_flight();
+            batch.call("gone", 1);
+            batch.call("kept", FAR);
+        }
+        assert!(!given_up.has("gone"), "its window is long over");
+        assert!(given_up.has("kept"));
+    }
+
+    #[test]
     fn a_key_names_its_newest_ids_only() {
         let given_up = GivenUp::default();
         for _ in 0..NAMED_AT_MOST + 5 {
             let mut batch = given_up.in_flight();
-            batch.call("k");
+            batch.call("k", FAR);
         }
         let named = given_up.tag("k").given_up;
         assert_eq!(named.len(), NAMED_AT_MOST);

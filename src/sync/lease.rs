@@ -727,7 +727,7 @@ impl Fleet {
         // Calls not answered and recorded (a timeout, this future dropped) are given up on.
         let mut in_flight = self.given_up.in_flight();
         for (_, _, key, call) in &calls {
-            let (_, tag) = in_flight.call(key);
+            let (_, tag) = in_flight.call(key, call.expire_at_ms);
             pipe.add_command(call.command(key, self.replica_field(), tag));
         }
         let mut store = self.store().await?;

@@ -735,7 +735,7 @@ async fn send_batch(
                 LeaseCall::read_command(key, replica)
             }
             _ => {
-                let (i, tag) = in_flight.call(key);
+                let (i, tag) = in_flight.call(key, w.call.expire_at_ms);
                 tagged.push(Some(i));
                 w.call.command(key, replica, tag)
             }
@@ -789,7 +789,7 @@ async fn send_batch(
         let mut pipe = redis::pipe();
         let first = in_flight.len();
         for w in &again {
-            let (_, tag) = in_flight.call(&keys[w.key.clone()]);
+            let (_, tag) = in_flight.call(&keys[w.key.clone()], w.call.expire_at_ms);
             pipe.add_command(w.call.command(&keys[w.key.clone()], replica, tag));
         }
         let replies: Vec<Reply> = store
@@ -805,7 +805,7 @@ async fn send_batch(
         let mut pipe = redis::pipe();
         let first = in_flight.len();
         for (_, call, key) in &aheads {
-            let (_, tag) = in_flight.call(&keys[key.clone()]);
+            let (_, tag) = in_flight.call(&keys[key.clone()], call.expire_at_ms);
             pipe.add_command(call.command(&keys[key.clone()], replica, tag));
         }
         let replies: Vec<Reply> = store
