@@ -50,14 +50,8 @@ pub(super) struct Tag {
 impl Tag {
     /// The ids given up on, as the script reads them: decimal, comma-separated.
     pub(super) fn given_up_arg(&self) -> String {
-        let mut arg = String::new();
-        for id in &self.given_up {
-            if !arg.is_empty() {
-                arg.push(',');
-            }
-            arg.push_str(&id.to_string());
-        }
-        arg
+        let ids: Vec<String> = self.given_up.iter().map(u64::to_string).collect();
+        ids.join(",")
     }
 }
 
