@@ -68,6 +68,8 @@ pub use reload::ReloadStatus;
 pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
 pub use server::{Running, ServerError, start};
 pub use service::{AnswerError, answer, answer_request};
+#[doc(hidden)]
+pub use sync::LEASE_SCRIPT;
 pub use sync::{FailurePolicy, Fleet, SyncStatus};
 pub use traces::ExportProtocol;
 pub use transport::TransportError;

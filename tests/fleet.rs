@@ -1800,8 +1800,8 @@ async fn answers_lost_to_a_paused_redis_count_nothing_twice_and_strand_no_grant(
     );
     // What the calls given up on while Redis was paused granted (the request path's call for
     // the calls past the lease, a sync's top-up sized by the rate) is taken back by the next
-    // calls, which name them. A grant lost so that no call names it (two calls on the key in
-    // flight at once) is simulated: Redis counts 100 more held by this replica than it knows
+    // calls, which name them, whichever of them Redis ran last. A grant lost so that no call
+    // names it (four more granted on the key before one named it) is simulated: Redis counts 100 more held by this replica than it knows
     // of. Those 100 stay leased, unused, and the replica is refused for nothing else: it
     // admits the rest of the limit.
     let fields: Vec<String> = redis.query(::redis::cmd("HKEYS").arg(&key));
@@ -1821,6 +1821,92 @@ async fn answers_lost_to_a_paused_redis_count_nothing_twice_and_strand_no_grant(
     );
     assert_eq!(leased, Some(1000));
     server.stop().await;
+}
+
+/// The lease script as a replica calls it for a requests limit of 1,000 a minute, lone:
+/// `counted` admitted, `holding` what it knows it holds, `target` what it asks to hold, the
+/// call's id and the ids it names as given up on. Answers what the store then holds for the
+/// replica, what the call granted, and what the fleet has leased.
+fn lease_call(
+    redis: &RedisServer,
+    key: &str,
+    (counted, holding, target): (i64, i64, i64),
+    id: u64,
+    given_up: &str,
+) -> (i64, i64, i64) {
+    let expires = now_ms() + 120_000;
+    let answer: Vec<i64> = redis.query(
+        ::redis::cmd("EVAL")
+            .arg(sluice::LEASE_SCRIPT)
+            .arg(1)
+            .arg(key)
+            .arg("r1")
+            .arg(counted)
+            .arg(-1)
+            .arg(expires)
+            .arg(1)
+            .arg(0)
+            // requests: limit, target, need, holding, give back
+            .arg(1_000)
+            .arg(target)
+            .arg(0)
+            .arg(holding)
+            .arg(0)
+            // no tokens limit
+            .arg(-1)
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(0)
+            .arg(id)
+            .arg(given_up),
+    );
+    (answer[0], answer[1], answer[2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_of_calls_given_up_on_go_back_even_when_others_granted_after_them() {
+    let _turn = TURNS.lock().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let key = format!("{}:lease-script", unique_namespace("given-up"));
+    // The sync (id 1) and the request path (id 2) both ask while Redis is slow; the replica
+    // gives up on both, and Redis runs both when it gets to them.
+    let (_, first, _) = lease_call(&redis, &key, (0, 0, 100), 1, "");
+    let (_, second, leased) = lease_call(&redis, &key, (0, 0, 100), 2, "");
+    assert!(first > 0 && second > 0, "granted {first} and {second}");
+    assert_eq!(leased, first + second);
+    // An answered call (id 3) grants after them: the replica holds what it granted.
+    let (_, third, _) = lease_call(&redis, &key, (0, 0, 10), 3, "");
+    assert!(third > 0);
+    // The next call names the two given up on: both grants go back, not only the last one's,
+    // and the answered call's stays.
+    let (held, granted, leased) = lease_call(&redis, &key, (5, third, 0), 4, "1,2");
+    assert_eq!((held, granted, leased), (third, 0, third));
+    // A call named, arriving late on another connection, changes nothing.
+    let (held, granted, leased) = lease_call(&redis, &key, (0, 0, 100), 2, "");
+    assert_eq!((held, granted, leased), (third, 0, third));
+    // Only the newest grants are kept: one given up on behind four more is not found, and
+    // stays held unused (never admitted twice).
+    let (_, lost, _) = lease_call(&redis, &key, (5, third, third + 20), 10, "");
+    assert!(lost > 0);
+    let mut known = third;
+    for id in 11..=14 {
+        let (held, granted, _) = lease_call(&redis, &key, (5, known, known + 1), id, "");
+        assert_eq!(granted, 1);
+        known += 1;
+        assert_eq!(held, known + lost);
+    }
+    let (held, _, _) = lease_call(&redis, &key, (5, known, 0), 15, "10");
+    assert_eq!(
+        held,
+        known + lost,
+        "a grant past the kept ones is not taken back"
+    );
+    // But one of the four kept is.
+    let (held, _, _) = lease_call(&redis, &key, (5, known, 0), 16, "13");
+    assert_eq!(held, known + lost - 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -777,25 +777,40 @@ impl Counter {
     /// set from what the store says the replica holds: an answer can cross a give-back in
     /// flight, and a lease set from it could admit what was given back.
     pub fn leased(&self, window: Window, granted: u32) {
-        self.leased_as(window, granted, false);
+        self.leased_as(window, granted, 0, false);
     }
 
     /// [`Counter::leased`]; `sliding`: a sliding window's, which keeps what it held unused in
     /// the window it rolls out of ([`Counter::take_closed`]).
-    fn leased_as(&self, window: Window, granted: u32, sliding: bool) {
-        if granted == 0 {
+    ///
+    /// `admitted`: what the call said this replica had admitted in the window. Admitted past
+    /// its lease (Redis failing, under `--redis-failure-policy local_share` or `allow`), it
+    /// said it held that much, and the store raised its lease to it before granting; so does
+    /// the counter, or the grant would be spent on requests already admitted and the rest of
+    /// it stay held in the store unused (a replica that admitted 470 on a lease of 254 was
+    /// granted 265: the store held 735 for it, the counter 519, and 216 were lost to the
+    /// fleet). Not what the call said it held: a give-back sent since would be held again.
+    fn leased_as(&self, window: Window, granted: u32, admitted: u32, sliding: bool) {
+        if granted == 0 && admitted == 0 {
             return;
         }
         let mut closed = None;
         let _ = self.update(|word| {
-            closed = (word.window < window.0).then_some(word);
-            if word.window > window.0 {
-                return Step::Keep(());
-            }
-            let (held, counts) = if word.window == window.0 {
-                (word.note.saturating_add(granted), word.counts)
-            } else {
-                (granted, Counts::ZERO)
+            closed = None;
+            let (held, counts) = match word.window.cmp(&window.0) {
+                std::cmp::Ordering::Greater => return Step::Keep(()),
+                std::cmp::Ordering::Equal => {
+                    let held = word.note.max(admitted).saturating_add(granted);
+                    if held == word.note {
+                        return Step::Keep(());
+                    }
+                    (held, word.counts)
+                }
+                std::cmp::Ordering::Less if granted == 0 => return Step::Keep(()),
+                std::cmp::Ordering::Less => {
+                    closed = Some(word);
+                    (granted, Counts::ZERO)
+                }
             };
             Step::Write(
                 Word {
@@ -892,7 +907,12 @@ impl Counter {
         };
         self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
-        self.leased_as(window, store.granted.requests, store.fades);
+        self.leased_as(
+            window,
+            store.granted.requests,
+            store.pushed.requests,
+            store.fades,
+        );
         self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
     }
 
@@ -900,7 +920,12 @@ impl Counter {
     /// has leased in all, so that a fleet found spent is not asked again by every request
     /// that follows.
     pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
-        self.leased_as(window, store.granted.requests, store.fades);
+        self.leased_as(
+            window,
+            store.granted.requests,
+            store.pushed.requests,
+            store.fades,
+        );
         self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
@@ -2030,7 +2055,12 @@ mod tests {
         c.charge(W, req(3), Limits::default(), Enforcement::Enforce)
             .unwrap();
         assert_eq!(c.last_synced(W), (Counts::ZERO, None));
-        c.synced(W, stored(3, 5, 3), 164);
+        // The sync said it admitted 3 (with no lease): the store raised its lease to that.
+        let raised = Stored {
+            granted: Counts::ZERO,
+            ..stored(3, 5, 3)
+        };
+        c.synced(W, raised, 164);
         assert_eq!(
             c.last_synced(W),
             (req(5), Some(41)),
@@ -2052,6 +2082,30 @@ mod tests {
             )
             .unwrap();
         assert!(!r.counted && r.over.requests);
+    }
+
+    #[test]
+    fn a_grant_after_requests_admitted_past_the_lease_adds_to_what_was_admitted() {
+        let c = Counter::new();
+        let store = |admitted, granted| Stored {
+            pushed: req(admitted),
+            granted: req(granted),
+            ..Stored::default()
+        };
+        c.synced(W, store(0, 4), NOW);
+        // Redis failing, the policy admitted 10 on that lease of 4; the next call said so, and
+        // the store raised the lease to 10 before granting 6.
+        c.charge(W, req(10), Limits::default(), Enforcement::Enforce)
+            .unwrap();
+        c.synced(W, store(10, 6), NOW);
+        assert_eq!(c.lease(W), 16);
+        // A call sent before a give-back, answered after it: what went back is not held again.
+        assert_eq!(c.shrink_lease(W, 0), Some(6));
+        c.leased_with_fleet(W, store(10, 2), NOW);
+        assert_eq!(c.lease(W), 12);
+        // A grant for a window the counter has not reached starts it afresh.
+        c.synced(Window(W.0 + 1), store(0, 3), NOW);
+        assert_eq!(c.lease(Window(W.0 + 1)), 3);
     }
 
     #[test]

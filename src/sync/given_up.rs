@@ -5,13 +5,14 @@
 //! A slow Redis times out round after round, each round's grants lost that way.
 //!
 //! So every lease call carries an id, unique in this process, and the store keeps, per key, the
-//! id and the grant of this replica's last call that granted anything (`g:<replica>`). The next
-//! calls on the key name the ids given up on: the store takes back the grant of one it finds
-//! (it is no one's), and a call named arriving later still (from a connection dropped while
-//! Redis was paused) changes nothing (`x:<replica>`, the newest id named). Only the last grant
-//! is kept, so a grant is found again unless a call that was not given up granted on the key
-//! after it (two calls on one key in flight at once: rare, and then the units stay held unused,
-//! which never admits a unit twice).
+//! ids and grants of this replica's last four calls that granted anything (`g:<replica>`). The
+//! next calls on the key name the ids given up on: the store takes back the grants it finds
+//! (they are no one's), and a call named arriving later still (from a connection dropped while
+//! Redis was paused) changes nothing (`x:<replica>`, the newest id named). Four are kept
+//! because a call given up on may run after others on the key granted (a sync and the request
+//! path's call in flight at once); a grant is found again unless four calls granted on the key
+//! after it before a call named it, and then its units stay held unused, which never admits a
+//! unit twice.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -34,7 +35,7 @@ struct Waiting {
 }
 
 /// The most ids one call names: a key whose calls failed longer than this many times in a row
-/// names the newest (the older ones' grants were overwritten by the newer ones' anyway).
+/// names the newest (the store keeps only the newest grants anyway).
 const NAMED_AT_MOST: usize = 16;
 
 /// The most keys kept with ids to name (each about a hundred bytes).

@@ -402,6 +402,7 @@ pub(super) fn unused_bound(limit: u32) -> u32 {
 /// nearer empty, what was asked up to a whole share. What the fleet has leased is answered as
 /// the burst less what the bucket holds.
 pub(super) const LEASE_LUA: &str = r"
+local GRANTS_KEPT = 4
 local key, me = KEYS[1], ARGV[1]
 local used, tokens = tonumber(ARGV[2]), tonumber(ARGV[3])
 local replicas = math.max(1, tonumber(ARGV[5]))
@@ -416,18 +417,28 @@ if call <= newest_given_up then
   local function n(v) return tonumber(v or '0') end
   return {n(f[1]), 0, n(f[5]), n(f[2]), 0, n(f[6]), n(f[7]), n(f[8])}
 end
--- The last grant of this replica's on the key, if it came from a call it gave up on: no one
--- admits from it, so it goes back.
+-- This replica's last grants on the key (`id:requests:tokens`, comma-separated, newest last):
+-- those of calls it gave up on are no one's, so they go back. Several are kept because a call
+-- given up on may run after others on the key granted (a sync and the request path in flight
+-- at once); the oldest falls off past GRANTS_KEPT.
 local taken_back, tokens_taken_back = 0, 0
+local grants, grants_changed = f[10] or '', false
 if ARGV[18] ~= '' then
-  local last_id, last_granted, last_tokens = string.match(f[10] or '', '^(%d+):(%d+):(%d+)$')
+  local named = {}
   for id in string.gmatch(ARGV[18], '%d+') do
-    if id == last_id then
-      taken_back, tokens_taken_back = tonumber(last_granted), tonumber(last_tokens)
-      redis.call('HDEL', key, 'g:' .. me)
-    end
+    named[id] = true
     newest_given_up = math.max(newest_given_up, tonumber(id))
   end
+  local kept = {}
+  for id, g, tg in string.gmatch(grants, '(%d+):(%d+):(%d+)') do
+    if named[id] then
+      taken_back, tokens_taken_back = taken_back + tonumber(g), tokens_taken_back + tonumber(tg)
+      grants_changed = true
+    else
+      kept[#kept + 1] = id .. ':' .. g .. ':' .. tg
+    end
+  end
+  grants = table.concat(kept, ',')
   redis.call('HSET', key, 'x:' .. me, newest_given_up)
 end
 local slide = #KEYS == 3
@@ -573,7 +584,15 @@ end
 local held, granted, leased = lease('h:' .. me, 'requests', tonumber(f[1] or '0'), tonumber(f[5] or '0'), 7, used, taken_back)
 local theld, tgranted, tleased = lease('k:' .. me, 'tleased', tonumber(f[2] or '0'), tonumber(f[6] or '0'), 12, nil, tokens_taken_back)
 if granted > 0 or tgranted > 0 then
-  redis.call('HSET', key, 'g:' .. me, ARGV[17] .. ':' .. granted .. ':' .. tgranted)
+  local all, kept = {}, {}
+  for grant in string.gmatch(grants, '[^,]+') do all[#all + 1] = grant end
+  for i = math.max(1, #all - GRANTS_KEPT + 2), #all do kept[#kept + 1] = all[i] end
+  kept[#kept + 1] = ARGV[17] .. ':' .. granted .. ':' .. tgranted
+  redis.call('HSET', key, 'g:' .. me, table.concat(kept, ','))
+elseif grants_changed and grants == '' then
+  redis.call('HDEL', key, 'g:' .. me)
+elseif grants_changed then
+  redis.call('HSET', key, 'g:' .. me, grants)
 end
 local mine_used, mine_tokens = tonumber(f[3] or '0'), tonumber(f[4] or '0')
 local all_used, all_tokens = tonumber(f[7] or '0'), tonumber(f[8] or '0')

@@ -29,6 +29,10 @@ use crate::rules::RuleSet;
 use crate::telemetry::SyncMetrics;
 pub use store::{Store, StoreAddress, TlsFiles};
 
+/// The lease script, for tests that run it against a real Redis; not a stable interface.
+#[doc(hidden)]
+pub const LEASE_SCRIPT: &str = lease::LEASE_LUA;
+
 /// A call to the fleet store that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
