@@ -571,10 +571,16 @@ impl Counter {
                 );
                 let fleet_spent =
                     u64::from(held) + u64::from(fleet.others.requests) >= u64::from(limit);
-                over.lease_low = before > low
-                    && left <= low
-                    && !fleet_spent
-                    && pace.spends(after.requests, left);
+                // Crossing the low water, once per grant; or, in a long window, a grant under
+                // it (what a sliding window opened since the last call, or a nearly spent
+                // fleet had left) spent to its last unit while the next call is due before
+                // the sync. In a short one (a second) the quiet replicas of a fleet would
+                // each hold that top-up idle while the busy one is refused (10 replicas, 80 %
+                // of the load on one: a window of 195 of 200).
+                let crossed = before > low && left <= low && pace.spends(after.requests, left);
+                let emptied =
+                    left == 0 && before > 0 && pace.long_window() && pace.spends(after.requests, 1);
+                over.lease_low = (crossed || emptied) && !fleet_spent;
             }
             let reading = Reading {
                 counts: after.plus(fleet.others),
@@ -1610,8 +1616,8 @@ mod tests {
                 })
                 .collect()
         };
-        // 20 held, the fleet 40 of 1,280; 100 ms into the window, a sync every second: the
-        // admission that leaves 10 is flagged, and only it.
+        // 20 held, the fleet 40 of 1,280; 100 ms into a window of a second, a sync every
+        // second: the admission that leaves 10 is flagged, and only it.
         let fast = Pace {
             into_window_ms: 100,
             horizon_ms: 1_000,
@@ -1620,6 +1626,22 @@ mod tests {
         let c = Counter::new();
         c.synced(W, stored(0, 40, 20), NOW);
         assert_eq!(flags(&c, fast, 20), [10]);
+        // In a window of a minute, the one that takes the last unit too (the top-up at 10 is
+        // not answered here; answered, it would have refilled the lease); and of a grant under
+        // the low water (what a sliding window opened), its last unit.
+        let long = Pace {
+            left_ms: 59_900,
+            ..fast
+        };
+        let c = Counter::new();
+        c.synced(W, stored(0, 40, 20), NOW);
+        assert_eq!(flags(&c, long, 20), [10, 20]);
+        let c = Counter::new();
+        c.synced(W, stored(0, 40, 3), NOW);
+        assert_eq!(flags(&c, long, 3), [3]);
+        let c = Counter::new();
+        c.synced(W, stored(0, 40, 3), NOW);
+        assert!(flags(&c, fast, 3).is_empty(), "in a second, none");
         // At the same pace with no sync to wait for (no store), or 50 s into the window (10
         // left lasts 50 s at 10 in 50 s): the sync tops it up in time, no flag.
         for pace in [
