@@ -645,9 +645,9 @@ pub(super) fn rest_at_rate(
 /// What a replica asks to hold when a request finds its lease spent: what the request needs,
 /// and half as much again as it has admitted in the window so far (so a busy counter asks on
 /// the request path a few times a window, the sync topping it up after that), but no more
-/// than half of what the rest of the window will use at its rate since its last sync. Half: a lease too small
-/// costs one more call to Redis; one too large strands what the replica does not use before
-/// the window ends, and the fleet admits that much less.
+/// than half of what the rest of the window will use at its rate since its last sync. Half: a
+/// lease too small costs one more call to Redis; one too large strands what the replica does
+/// not use before the window ends, and the fleet admits that much less.
 fn request_path_target(admitted: u32, need: u32, rest: u32) -> u32 {
     let ahead = admitted.min(rest) / 2;
     need.saturating_add(ahead.max(1))
