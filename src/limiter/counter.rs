@@ -292,12 +292,13 @@ pub struct Stored {
     /// `fleet` holds a sliding window's previous window, weighed as of the call: it falls as
     /// the window goes on, which is no lease given back to look for sooner.
     pub fades: bool,
-    /// What the call said this replica holds of its tokens lease, or has reported if more: the
-    /// store raised the replica's lease to it before granting, and so does the counter, or a
-    /// grant that follows a report past the lease would be partly spent on tokens already
-    /// counted (a replica reported 200 on a lease of 75 and was granted 31: it held 106 of the
-    /// 231 the store set aside for it, and was refused with 31 its own).
-    pub tokens_holding: u64,
+    /// The tokens this replica had reported when the call was made: the store raised its
+    /// tokens lease to that (if more) before granting, and so does the counter, or a grant
+    /// that follows a report past the lease would be partly spent on tokens already counted
+    /// (a replica reported 200 on a lease of 75 and was granted 31: it held 106 of the 231 the
+    /// store set aside for it, and was refused with 31 its own). Not what it said it held: a
+    /// give-back sent since would be held again.
+    pub tokens_counted: u64,
     /// What the fleet has admitted in the window, as pushed (this replica's included).
     pub fleet_admitted: u32,
     /// A fixed window's requests budget is all leased and no other replica holds any of it
@@ -919,7 +920,7 @@ impl Counter {
             store.pushed.requests,
             store.fades,
         );
-        self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
+        self.leased_tokens(window, store.granted.tokens, store.tokens_counted);
     }
 
     /// Records a lease taken on the request path: [`Counter::leased`], and what the fleet
@@ -932,7 +933,7 @@ impl Counter {
             store.pushed.requests,
             store.fades,
         );
-        self.leased_tokens(window, store.granted.tokens, store.tokens_holding);
+        self.leased_tokens(window, store.granted.tokens, store.tokens_counted);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
         // Asked again and nothing changed: trust the answer twice as long. A sliding window's
@@ -1528,7 +1529,7 @@ mod tests {
             fades: false,
             refills: false,
             spent_for_good: false,
-            tokens_holding: 0,
+            tokens_counted: 0,
         }
     }
 
@@ -1842,7 +1843,7 @@ mod tests {
             let grant = |held| Stored {
                 fades,
                 refills: false,
-                tokens_holding: 0,
+                tokens_counted: 0,
                 ..stored(0, held, held)
             };
             c.leased_with_fleet(W, grant(10), NOW);
@@ -1870,7 +1871,7 @@ mod tests {
             Stored {
                 fades: true,
                 refills: false,
-                tokens_holding: 0,
+                tokens_counted: 0,
                 ..stored(0, 4, 4)
             },
             NOW,
@@ -1975,7 +1976,7 @@ mod tests {
             fades: false,
             refills: false,
             spent_for_good: false,
-            tokens_holding: 0,
+            tokens_counted: 0,
         };
         c.synced(W, leased(300, 300, 500), NOW);
         assert_eq!(c.tokens_lease(W), 300);
@@ -2138,16 +2139,27 @@ mod tests {
                 requests: 0,
                 tokens: granted,
             },
-            tokens_holding: holding,
+            tokens_counted: holding,
             ..Stored::default()
         };
         c.synced(w, store(75, 0), 0);
         assert_eq!(c.tokens_lease(w), 75);
         // 200 reported on that lease: the store raised it to 200, then granted 31 more.
+        let reported = Counts {
+            requests: 0,
+            tokens: 200,
+        };
+        c.charge(w, reported, Limits::default(), Enforcement::Enforce)
+            .unwrap();
         c.synced(w, store(31, 200), 0);
         assert_eq!(c.tokens_lease(w), 231);
         // A grant that follows no such report adds to the lease as it was.
-        c.synced(w, store(9, 231), 0);
+        c.synced(w, store(9, 200), 0);
         assert_eq!(c.tokens_lease(w), 240);
+        // A call sent before a give-back (down to what was reported), answered after it: what
+        // went back is not held again.
+        assert_eq!(c.shrink_tokens_lease(w, 0), 40);
+        c.leased_with_fleet(w, store(5, 200), 0);
+        assert_eq!(c.tokens_lease(w), 205);
     }
 }

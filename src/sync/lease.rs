@@ -41,6 +41,10 @@ pub(super) struct Ask {
     /// tokens reported past the lease by calls already admitted): given back to a store that
     /// lost it, and taken from the fleet's budget.
     pub holding: u32,
+    /// What it had counted when the call was made (admitted, or tokens reported): the
+    /// counter's lease is raised to it before a grant is added, as the store raises it to
+    /// `holding` (not to `holding`: a give-back sent since would be held again).
+    pub counted: u32,
 }
 
 impl Ask {
@@ -51,6 +55,7 @@ impl Ask {
         release: 0,
         need: 0,
         holding: 0,
+        counted: 0,
     };
 }
 
@@ -346,7 +351,7 @@ impl LeaseCall {
             fades: self.slide.is_some() || self.refill.is_some(),
             refills: self.refill.is_some(),
             spent_for_good: self.spent_for_good(held, leased, used),
-            tokens_holding: self.tokens.holding.into(),
+            tokens_counted: self.tokens.counted.into(),
         }
     }
 }
@@ -797,6 +802,7 @@ fn request_path_call(
             // Not this budget's lease that is spent.
             return Ask {
                 holding,
+                counted: used,
                 ..Ask::NONE
             };
         }
@@ -812,6 +818,7 @@ fn request_path_call(
             release: 0,
             need,
             holding,
+            counted: used,
         }
     };
     let called = Refill::called(want.limits);
@@ -904,6 +911,7 @@ mod tests {
                 release: 0,
                 need: 0,
                 holding: 4,
+                counted: 3,
             },
             tokens: Ask::NONE,
             remember_limit: false,
@@ -981,6 +989,27 @@ mod tests {
         );
         // Wanting no more than it holds is asking nothing.
         assert!(asking(|c| c.requests.target = 4));
+    }
+
+    #[test]
+    fn a_grant_is_added_to_what_was_counted_not_to_what_was_held() {
+        // Tokens: 240 held, 200 reported when the call was made. The counter raises its lease
+        // to the 200 before adding the grant; 240 would hold again what a give-back sent
+        // meanwhile returned.
+        let mut call = quiet_sync();
+        call.tokens = Ask {
+            limit: 1_000,
+            target: 300,
+            release: 0,
+            need: 0,
+            holding: 240,
+            counted: 200,
+        };
+        let stored = call.stored([4, 0, 40, 245, 5, 500, 31, 200]);
+        assert_eq!(stored.tokens_counted, 200);
+        assert_eq!(stored.granted.tokens, 5);
+        // Requests: what was admitted (the call's counts).
+        assert_eq!(stored.pushed.requests, 3);
     }
 
     #[test]

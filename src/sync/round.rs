@@ -494,6 +494,7 @@ impl Planner<'_> {
                     release,
                     need: 0,
                     holding: holding + release,
+                    counted: 0,
                 },
                 tokens: Ask::NONE,
                 remember_limit: false,
@@ -562,6 +563,7 @@ impl Planner<'_> {
                     } else {
                         0
                     },
+                    counted: used,
                     ..Ask::NONE
                 };
             }
@@ -613,6 +615,7 @@ impl Planner<'_> {
                 release,
                 need: 0,
                 holding: held.max(used),
+                counted: used,
             }
         };
         let requests_limit = match (overridden, limits.requests) {
@@ -684,6 +687,7 @@ impl Planner<'_> {
                 release: closed_unused,
                 need: 0,
                 holding: 0,
+                counted: 0,
             },
             tokens: Ask::NONE,
             remember_limit: false,
