@@ -914,6 +914,12 @@ impl Counter {
         };
         self.pushed.store(pushed.pack(), Ordering::Release);
         self.others.store(others.pack(), Ordering::Release);
+        self.take_grants(window, &store);
+    }
+
+    /// Adds what a call granted to the leases of `window`, each raised first to what the call
+    /// said was counted ([`Counter::leased_as`]).
+    fn take_grants(&self, window: Window, store: &Stored) {
         self.leased_as(
             window,
             store.granted.requests,
@@ -927,13 +933,7 @@ impl Counter {
     /// has leased in all, so that a fleet found spent is not asked again by every request
     /// that follows.
     pub fn leased_with_fleet(&self, window: Window, store: Stored, now_ms: u64) {
-        self.leased_as(
-            window,
-            store.granted.requests,
-            store.pushed.requests,
-            store.fades,
-        );
-        self.leased_tokens(window, store.granted.tokens, store.tokens_counted);
+        self.take_grants(window, &store);
         let current = Word::load(&self.others);
         let others_now = store.fleet.minus(store.held);
         // Asked again and nothing changed: trust the answer twice as long. A sliding window's
