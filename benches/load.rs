@@ -385,13 +385,39 @@ fn h2load(server: &Server, duration: Duration, load: H2Load) -> Option<Run> {
 }
 
 /// How long callers keep calling.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Calls {
     /// For this long, each caller walking its slice of the requests and round again.
     For(Duration),
-    /// Every request once, each caller its own slice: with one key per request, every key met
-    /// exactly once.
-    EachOnce,
+    /// Every request in the range once, each caller its own slice of it: with one key per
+    /// request, every key met exactly once.
+    EachOnce(std::ops::Range<usize>),
+}
+
+/// Runs taken in slices, between slices of another run, and summed: latencies merged, time
+/// and server CPU added. The machine's speed drifts within seconds; two runs compared slice by
+/// slice see the same drift.
+#[derive(Default)]
+struct Tally {
+    latencies: Option<hdrhistogram::Histogram<u64>>,
+    elapsed: f64,
+    cpu: f64,
+}
+
+impl Tally {
+    async fn add(&mut self, server: &Server, requests: &Arc<Vec<RateLimitRequest>>, calls: Calls) {
+        let (latencies, elapsed, cpu) = drive_raw(server, requests, calls).await;
+        match &mut self.latencies {
+            Some(all) => all.add(latencies).unwrap(),
+            None => self.latencies = Some(latencies),
+        }
+        self.elapsed += elapsed;
+        self.cpu += cpu;
+    }
+
+    fn run(&self) -> Run {
+        summary(self.latencies.as_ref().unwrap(), self.elapsed, self.cpu)
+    }
 }
 
 /// `CONCURRENCY` callers over `CONNECTIONS` HTTP/2 connections, each as fast as it can (closed
@@ -402,10 +428,20 @@ async fn load(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, duration: 
 
 /// Every request of `requests` once (see [`Calls::EachOnce`]).
 async fn load_each_once(server: &Server, requests: &Arc<Vec<RateLimitRequest>>) -> Run {
-    drive(server, requests, Calls::EachOnce).await
+    drive(server, requests, Calls::EachOnce(0..requests.len())).await
 }
 
 async fn drive(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, calls: Calls) -> Run {
+    let (latencies, elapsed, cpu) = drive_raw(server, requests, calls).await;
+    summary(&latencies, elapsed, cpu)
+}
+
+/// The latencies, seconds and server CPU seconds of one closed-loop run.
+async fn drive_raw(
+    server: &Server,
+    requests: &Arc<Vec<RateLimitRequest>>,
+    calls: Calls,
+) -> (hdrhistogram::Histogram<u64>, f64, f64) {
     let channels = clients(server).await;
     let cpu_before = cpu_seconds(server.child.id());
     let started = Instant::now();
@@ -413,24 +449,32 @@ async fn drive(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, calls: Ca
     for c in 0..CONCURRENCY {
         let mut client: RateLimitServiceClient<Channel> = channels[c % CONNECTIONS].clone();
         let requests = requests.clone();
+        let calls = calls.clone();
         callers.push(tokio::spawn(async move {
             let mut latencies = hdrhistogram::Histogram::<u64>::new(3).unwrap();
             // Each caller walks its own slice of the keys, so together they reach every key
             // rather than trailing one another through the same few.
-            let len = requests.len();
-            let (mut i, end) = (c * len / CONCURRENCY, (c + 1) * len / CONCURRENCY);
+            let range = match &calls {
+                Calls::For(_) => 0..requests.len(),
+                Calls::EachOnce(range) => range.clone(),
+            };
+            let len = range.len();
+            let (mut i, end) = (
+                range.start + c * len / CONCURRENCY,
+                range.start + (c + 1) * len / CONCURRENCY,
+            );
             loop {
                 match calls {
                     Calls::For(duration) if started.elapsed() >= duration => break,
                     Calls::For(_) => i = (i + 1) % len,
-                    Calls::EachOnce if i >= end => break,
-                    Calls::EachOnce => {}
+                    Calls::EachOnce(_) if i >= end => break,
+                    Calls::EachOnce(_) => {}
                 }
                 let sent = Instant::now();
                 let answer = client.should_rate_limit(requests[i].clone()).await;
                 assert!(answer.is_ok(), "{answer:?}");
                 latencies.record(sent.elapsed().as_micros() as u64).unwrap();
-                if let Calls::EachOnce = calls {
+                if let Calls::EachOnce(_) = calls {
                     i += 1;
                 }
             }
@@ -443,7 +487,7 @@ async fn drive(server: &Server, requests: &Arc<Vec<RateLimitRequest>>, calls: Ca
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(server.child.id()) - cpu_before;
-    summary(&all, elapsed, cpu)
+    (all, elapsed, cpu)
 }
 
 /// The closed-loop rounds' ratios (median and each round's) and Redis commands per request.
@@ -601,6 +645,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let slices: usize = std::env::var("LOAD_SLICES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(10);
     // A closed-loop run of `duration`, its figures printed under `name`.
     let measured = async |server: &Server, requests: &Arc<Vec<RateLimitRequest>>, name: &str| {
         let run = load(server, requests, duration).await;
@@ -623,16 +672,35 @@ fn main() {
                 println!("round {round} of {rounds}");
                 let fresh = sluice_server(false);
                 load(&fresh, &one_key, Duration::from_secs(1)).await;
-                let one = measured(&fresh, &one_key, "sluice, 1 key").await;
-                let new = load_each_once(&fresh, &many).await;
+                // Each run in LOAD_SLICES slices, taken in turn with the 1-key run it is
+                // compared with: the new keys a tenth at a time between tenths of a 1-key run,
+                // then (the keys existing now) the same with the 10-descriptor run as well.
+                let chunk = |s: usize| s * keys / slices..(s + 1) * keys / slices;
+                let slice = duration / slices as u32;
+                let (mut one, mut new) = (Tally::default(), Tally::default());
+                for s in 0..slices {
+                    one.add(&fresh, &one_key, Calls::For(slice)).await;
+                    new.add(&fresh, &many, Calls::EachOnce(chunk(s))).await;
+                }
+                let (mut one_again, mut existing, mut ten_run) =
+                    (Tally::default(), Tally::default(), Tally::default());
+                for s in 0..slices {
+                    one_again.add(&fresh, &one_key, Calls::For(slice)).await;
+                    existing.add(&fresh, &many, Calls::EachOnce(chunk(s))).await;
+                    ten_run.add(&fresh, &ten, Calls::For(slice)).await;
+                }
+                let (one, new) = (one.run(), new.run());
+                let (one_again, existing, ten_run) =
+                    (one_again.run(), existing.run(), ten_run.run());
+                show("sluice, 1 key (beside new keys)", &one);
                 show(&format!("sluice, {keys} keys, each new"), &new);
-                let existing = load_each_once(&fresh, &many).await;
+                show("sluice, 1 key (beside the rest)", &one_again);
                 show(&format!("sluice, {keys} keys, existing"), &existing);
-                let ten_run = measured(&fresh, &ten, "sluice, 10 descriptors").await;
+                show("sluice, 10 descriptors", &ten_run);
                 let per_cpu = |run: &Run| 100_000.0 / run.cpu_per_100k;
                 ratios[0].push(per_cpu(&new) / per_cpu(&one));
-                ratios[1].push(per_cpu(&existing) / per_cpu(&one));
-                ratios[2].push(ten_run.cpu_per_100k / one.cpu_per_100k);
+                ratios[1].push(per_cpu(&existing) / per_cpu(&one_again));
+                ratios[2].push(ten_run.cpu_per_100k / one_again.cpu_per_100k);
                 slowest = slowest.max(new.max).max(existing.max);
                 // The same stream of calls to the no-op server: what the machine and the load
                 // tool's own pauses put on the slowest answer, with no table behind it.
@@ -643,7 +711,7 @@ fn main() {
                 println!(
                     "round {round}: slowest answer, sluice {:.3} ms (1 key {:.3}), no-op {:.3} ms (1 key {:.3})",
                     new.max.max(existing.max),
-                    one.max,
+                    one.max.max(one_again.max),
                     noop_many.max,
                     noop_one.max
                 );

@@ -7,6 +7,7 @@
 #
 #   scripts/bench-core.sh               # 3 rounds of 10 s, the 1- and 5-descriptor requests
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-core.sh
+#   SLICES=1 scripts/bench-core.sh      # each round one run of each server (default 5 slices)
 #   SLUICE_ARGS="--openai-headers false" scripts/bench-core.sh
 #   SLUICE_B=path/to/other/sluice scripts/bench-core.sh   # a second sluice build, in turn (A B C)
 #   SLUICE=path/to/sluice NOOP=path/to/noop scripts/bench-core.sh   # other builds, none made
@@ -20,6 +21,9 @@ cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 ROUNDS="${ROUNDS:-3}"
 RUN_SECONDS="${RUN_SECONDS:-10}"
+# Each round's RUN_SECONDS per server is cut into SLICES runs taken in turn.
+SLICES="${SLICES:-5}"
+SLICE_SECONDS=$(( RUN_SECONDS / SLICES > 0 ? RUN_SECONDS / SLICES : 1 ))
 CLIENTS="${CLIENTS:-8}"
 STREAMS="${STREAMS:-16}"
 SERVER_CPU="${SERVER_CPU:-0}"
@@ -86,7 +90,7 @@ run() {
         'BEGIN { c = a - b; printf "%.0f %.2f %.0f\n", r, c, (c > 0 ? n / c : 0) }'
 }
 
-echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connections x $STREAMS streams) on core $LOAD_CPU, $RUN_SECONDS s a run"
+echo "per core: servers on core $SERVER_CPU, h2load (1 thread, $CLIENTS connections x $STREAMS streams) on core $LOAD_CPU, $RUN_SECONDS s a round per server in $SLICES slices taken in turn"
 echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}; no-op ${NOOP_ARGS:-}"
 start sluice
 read -r sluice_pid sluice_port <<<"$started"
@@ -109,15 +113,28 @@ for body in one five; do
     fi
     printf '%-6s %-6s %10s %8s %12s\n' request server req/s cpu-s req/cpu-s
     for round in $(seq "$ROUNDS"); do
-        read -r s_rps s_cpu s_per < <(run "$sluice_pid" "$sluice_port" "$work/$body" "$RUN_SECONDS")
-        printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice "$s_rps" "$s_cpu" "$s_per"
-        read -r n_rps n_cpu n_per < <(run "$noop_pid" "$noop_port" "$work/$body" "$RUN_SECONDS")
-        printf '%-6s %-6s %10s %8s %12s\n' "$body" no-op "$n_rps" "$n_cpu" "$n_per"
+        # A round is SLICES short runs of each server in turn (A B A B ...), summed: the
+        # machine's speed drifts within seconds, and slices cancel that drift out of the ratio.
+        s_n=0 s_c=0 n_n=0 n_c=0 b_n=0 b_c=0 s_r=0 n_r=0 b_r=0
+        for _ in $(seq "$SLICES"); do
+            read -r r c p < <(run "$sluice_pid" "$sluice_port" "$work/$body" "$SLICE_SECONDS")
+            read -r s_n s_c s_r < <(awk -v a="$s_n" -v b="$s_c" -v q="$s_r" -v r="$r" -v c="$c" -v p="$p" 'BEGIN { printf "%.0f %.2f %.0f\n", a + p * c, b + c, q + r }')
+            read -r r c p < <(run "$noop_pid" "$noop_port" "$work/$body" "$SLICE_SECONDS")
+            read -r n_n n_c n_r < <(awk -v a="$n_n" -v b="$n_c" -v q="$n_r" -v r="$r" -v c="$c" -v p="$p" 'BEGIN { printf "%.0f %.2f %.0f\n", a + p * c, b + c, q + r }')
+            if [ -n "${SLUICE_B:-}" ]; then
+                read -r r c p < <(run "$b_pid" "$b_port" "$work/$body" "$SLICE_SECONDS")
+                read -r b_n b_c b_r < <(awk -v a="$b_n" -v b="$b_c" -v q="$b_r" -v r="$r" -v c="$c" -v p="$p" 'BEGIN { printf "%.0f %.2f %.0f\n", a + p * c, b + c, q + r }')
+            fi
+        done
+        s_per="$(awk -v n="$s_n" -v c="$s_c" 'BEGIN { printf "%.0f", n / c }')"
+        n_per="$(awk -v n="$n_n" -v c="$n_c" 'BEGIN { printf "%.0f", n / c }')"
+        printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice "$((s_r / SLICES))" "$s_c" "$s_per"
+        printf '%-6s %-6s %10s %8s %12s\n' "$body" no-op "$((n_r / SLICES))" "$n_c" "$n_per"
         awk -v s="$s_per" -v n="$n_per" -v r="$round" -v b="$body" \
             'BEGIN { printf "round %d (%s): sluice / no-op per server CPU-second = %.3f\n", r, b, s / n }'
         if [ -n "${SLUICE_B:-}" ]; then
-            read -r b_rps b_cpu b_per < <(run "$b_pid" "$b_port" "$work/$body" "$RUN_SECONDS")
-            printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice-b "$b_rps" "$b_cpu" "$b_per"
+            b_per="$(awk -v n="$b_n" -v c="$b_c" 'BEGIN { printf "%.0f", n / c }')"
+            printf '%-6s %-6s %10s %8s %12s\n' "$body" sluice-b "$((b_r / SLICES))" "$b_c" "$b_per"
             awk -v s="$s_per" -v o="$b_per" -v n="$n_per" -v r="$round" -v b="$body" \
                 'BEGIN { printf "round %d (%s): sluice-b / no-op = %.3f, sluice / sluice-b = %.3f\n", r, b, o / n, s / o }'
         fi

@@ -11,6 +11,7 @@
 #
 #   scripts/bench-envoy.sh
 #   ROUNDS=5 RUN_SECONDS=20 scripts/bench-envoy.sh
+#   SLICES=1 scripts/bench-envoy.sh     # each round one run of each server (default 5 slices)
 #   SLUICE_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh
 #   SLUICE_B_ARGS="--grpc-runtime multi-thread" scripts/bench-envoy.sh   # a second sluice, in turn
 #   SLUICE=path/to/sluice NOOP=path/to/noop scripts/bench-envoy.sh       # other builds, none made
@@ -21,6 +22,9 @@ cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
 ROUNDS="${ROUNDS:-3}"
 RUN_SECONDS="${RUN_SECONDS:-10}"
+# Each round's RUN_SECONDS per server is cut into SLICES runs taken in turn.
+SLICES="${SLICES:-5}"
+SLICE_SECONDS=$(( RUN_SECONDS / SLICES > 0 ? RUN_SECONDS / SLICES : 1 ))
 CLIENTS="${CLIENTS:-16}"
 STREAMS="${STREAMS:-4}"
 SERVER_CPU="${SERVER_CPU:-0}"
@@ -194,10 +198,10 @@ run() {
     rps="$(grep -oP 'finished in [0-9.]+s, \K[0-9.]+(?= req/s)' <<<"$out")"
     if [ "${failed:-0}" != 0 ]; then echo "$failed answers were 5xx: the rate-limit call failed" >&2; fi
     awk -v n="$done_" -v r="$rps" -v rb="$rb" -v ra="$ra" -v eb="$eb" -v ea="$ea" \
-        'BEGIN { c = ra - rb; printf "%.0f %.2f %.2f %.2f\n", r, c, (n > 0 ? c / n * 1e6 : 0), (n > 0 ? (ea - eb) / n * 1e6 : 0) }'
+        'BEGIN { c = ra - rb; printf "%.0f %.2f %.2f %.2f %d %.2f\n", r, c, (n > 0 ? c / n * 1e6 : 0), (n > 0 ? (ea - eb) / n * 1e6 : 0), n, ea - eb }'
 }
 
-echo "through Envoy $("$ENVOY" --version 2>/dev/null | grep -oP 'version: \S+' | head -1) (1 worker): rate-limit server on core $SERVER_CPU; Envoy, nginx and h2load ($CLIENTS connections x $STREAMS streams) on core $EDGE_CPU; $RUN_SECONDS s a run"
+echo "through Envoy $("$ENVOY" --version 2>/dev/null | grep -oP 'version: \S+' | head -1) (1 worker): rate-limit server on core $SERVER_CPU; Envoy, nginx and h2load ($CLIENTS connections x $STREAMS streams) on core $EDGE_CPU; $RUN_SECONDS s a round per server in $SLICES slices taken in turn"
 echo "sluice $(git rev-parse --short HEAD 2>/dev/null || echo '?') ${SLUICE_ARGS:-}"
 start sluice
 read -r s_pid s_port <<<"$started"
@@ -229,17 +233,41 @@ if [ -n "${PERF_OUT:-}" ]; then
     PROFILE_THIS="$PERF_OUT-noop" run "$n_pid" "$ne_pid" "$ne_port" "$RUN_SECONDS" >/dev/null
     echo "profiles (runs of their own, not in the figures): $PERF_OUT (sluice), $PERF_OUT-noop"
 fi
+# measure PID ENVOY_PID PORT: SLICE_SECONDS of load; adds to the server's totals in `sums`.
+declare -A sums
+measure() {
+    local name="$1" r c u e n ec
+    read -r r c u e n ec < <(run "$2" "$3" "$4" "$SLICE_SECONDS")
+    sums[$name.rps]=$(( ${sums[$name.rps]:-0} + r ))
+    sums[$name.n]=$(( ${sums[$name.n]:-0} + n ))
+    sums[$name.cpu]="$(awk -v a="${sums[$name.cpu]:-0}" -v c="$c" 'BEGIN { printf "%.2f", a + c }')"
+    sums[$name.edge]="$(awk -v a="${sums[$name.edge]:-0}" -v c="$ec" 'BEGIN { printf "%.2f", a + c }')"
+}
+# report NAME: the round's line for one server; sets `per_call` to its µs of CPU a call.
+report() {
+    local name="$1"
+    per_call="$(awk -v c="${sums[$name.cpu]}" -v n="${sums[$name.n]}" 'BEGIN { printf "%.2f", c / n * 1e6 }')"
+    printf '%-9s %10s %8s %14s %14s\n' "$name" "$(( ${sums[$name.rps]} / SLICES ))" "${sums[$name.cpu]}" "$per_call" \
+        "$(awk -v c="${sums[$name.edge]}" -v n="${sums[$name.n]}" 'BEGIN { printf "%.2f", c / n * 1e6 }')"
+}
 for round in $(seq "$ROUNDS"); do
-    read -r s_rps s_cpu s_us s_env < <(run "$s_pid" "$se_pid" "$se_port" "$RUN_SECONDS")
-    printf '%-9s %10s %8s %14s %14s\n' sluice "$s_rps" "$s_cpu" "$s_us" "$s_env"
-    read -r n_rps n_cpu n_us n_env < <(run "$n_pid" "$ne_pid" "$ne_port" "$RUN_SECONDS")
-    printf '%-9s %10s %8s %14s %14s\n' no-op "$n_rps" "$n_cpu" "$n_us" "$n_env"
+    # A round is SLICES short runs of each server in turn, summed: the machine's speed drifts
+    # within seconds, and slices cancel that drift out of the ratio.
+    sums=()
+    for _ in $(seq "$SLICES"); do
+        measure sluice "$s_pid" "$se_pid" "$se_port"
+        measure no-op "$n_pid" "$ne_pid" "$ne_port"
+        if [ -n "${SLUICE_B:-}${SLUICE_B_ARGS:-}" ]; then measure sluice-b "$b_pid" "$be_pid" "$be_port"; fi
+    done
+    report sluice
+    s_us="$per_call"
+    report no-op
+    n_us="$per_call"
     awk -v s="$s_us" -v n="$n_us" -v r="$round" \
         'BEGIN { printf "round %d: sluice / no-op CPU per request = %.3f\n", r, s / n }'
     if [ -n "${SLUICE_B:-}${SLUICE_B_ARGS:-}" ]; then
-        read -r b_rps b_cpu b_us b_env < <(run "$b_pid" "$be_pid" "$be_port" "$RUN_SECONDS")
-        printf '%-9s %10s %8s %14s %14s\n' sluice-b "$b_rps" "$b_cpu" "$b_us" "$b_env"
-        awk -v s="$s_us" -v b="$b_us" -v n="$n_us" -v r="$round" \
+        report sluice-b
+        awk -v s="$s_us" -v b="$per_call" -v n="$n_us" -v r="$round" \
             'BEGIN { printf "round %d: sluice-b / no-op = %.3f, sluice / sluice-b = %.3f\n", r, b / n, s / b }'
     fi
 done
