@@ -573,14 +573,23 @@ fn main() {
         ]),
         redis_port,
     );
+    // NOOP_BIN=target/release/examples/noop: the no-op built with sluice's release profile,
+    // when this bench is built with another (its own no-op is this program, as built).
     let noop = {
         let port = free_port();
-        start(
-            Pinning::command(pinning.server, std::env::current_exe().unwrap())
-                .args(["--noop", &port.to_string()])
-                .args(pinning.server.map(|_| "--one-thread")),
-            port,
-        )
+        match std::env::var("NOOP_BIN") {
+            Ok(noop) => start(
+                Pinning::command(pinning.server, noop)
+                    .args(["serve".to_string(), format!("127.0.0.1:{port}")]),
+                port,
+            ),
+            Err(_) => start(
+                Pinning::command(pinning.server, std::env::current_exe().unwrap())
+                    .args(["--noop", &port.to_string()])
+                    .args(pinning.server.map(|_| "--one-thread")),
+                port,
+            ),
+        }
     };
     let sluice_server_of = |config: &std::path::Path, with_redis: bool| {
         let (port, http_port) = (free_port(), free_port());
