@@ -9,7 +9,14 @@
 //! ```text
 //! sliding window:  | last window that matters (current + 1): u32 | previous: u32 | current: u32 | 0 |
 //! token bucket:    | window in which the bucket is full: u32 | last charged: u42 | fill: u54 |
+//! in flight:       | last window that matters (current + 1): u32 | previous: u32 | current: u32 | 0 |
 //! ```
+//!
+//! In flight (`concurrency`): holds taken and not yet given back, counted by the window of
+//! `hold_ttl` in which each was taken. A charge fits when `previous + current + n ≤ limit`. A
+//! release names when its hold was taken, and so the window it is counted in; holds of a window
+//! two windows back are dropped, so a hold whose release never comes lapses between `hold_ttl`
+//! and twice that after it was taken, and its late release finds nothing to give back.
 //!
 //! Sliding window: the weighted estimate of the last unit of time, `current + previous × (the
 //! share of the previous window still inside it)`, computed exactly in integers: a charge `n`
@@ -40,6 +47,9 @@ pub enum Algorithm {
         /// The bucket's size: what may pass at once after a quiet spell.
         burst: u32,
     },
+    /// Holds in flight (`concurrency`): a call takes one while its stream lasts and gives it
+    /// back at its end; the limit's unit is the hold's time to live.
+    InFlight,
 }
 
 impl Algorithm {
@@ -49,6 +59,7 @@ impl Algorithm {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
             Algorithm::TokenBucket { .. } => "token_bucket",
+            Algorithm::InFlight => "concurrency",
         }
     }
 
@@ -72,6 +83,7 @@ pub(super) fn charge(
     match algorithm {
         Algorithm::SlidingWindow => sliding_charge(word, now_ms, rate, n, enforce),
         Algorithm::TokenBucket { burst } => bucket_charge(word, now_ms, rate, burst, n, enforce),
+        Algorithm::InFlight => hold_charge(word, now_ms, rate, n, enforce),
         Algorithm::FixedWindow => (
             None,
             Judged {
@@ -287,6 +299,115 @@ pub(super) fn sliding_used(word: u128, now_ms: u64, rate: Rate) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
+// In flight
+
+/// Holds in flight at `now_ms`: the sliding window's state, counted unweighted.
+fn holds_at(word: u128, now_ms: u64, rate: Rate) -> Sliding {
+    Sliding::unpack(word).at(now_ms / rate.unit_ms)
+}
+
+fn held(s: Sliding) -> u64 {
+    u64::from(s.previous) + u64::from(s.current)
+}
+
+/// Milliseconds from `now_ms` until the holds counted lapse, if none is given back: those of
+/// the previous window when this one ends, the current window's when the next one ends. With
+/// `need` set, until enough have lapsed for `need` more to fit.
+fn holds_lapse(s: Sliding, rate: Rate, now_ms: u64, need: Option<u64>) -> u64 {
+    let this_end = (s.window + 1) * rate.unit_ms;
+    let next_end = this_end + rate.unit_ms;
+    let last = match need {
+        Some(n) if u64::from(s.current) + n <= u64::from(rate.limit) => this_end,
+        Some(_) => next_end,
+        None if s.current > 0 => next_end,
+        None if s.previous > 0 => this_end,
+        None => return 0,
+    };
+    last.saturating_sub(now_ms).max(1)
+}
+
+/// One charge of `n` holds at `now_ms`: the word to write (none to keep it) and what it came
+/// to. An enforced charge that does not fit takes nothing.
+pub(super) fn hold_charge(
+    word: u128,
+    now_ms: u64,
+    rate: Rate,
+    n: u32,
+    enforce: bool,
+) -> (Option<u128>, Judged) {
+    let s = holds_at(word, now_ms, rate);
+    let fits = held(s) + probe(n) <= u64::from(rate.limit);
+    if (enforce && !fits) || n == 0 {
+        let need = (!fits).then_some(probe(n));
+        return (
+            None,
+            Judged {
+                used: saturating_u32(held(s)),
+                over: !fits,
+                counted: false,
+                until_reset: Duration::from_millis(holds_lapse(s, rate, now_ms, need)),
+            },
+        );
+    }
+    let after = Sliding {
+        current: s.current.saturating_add(n),
+        ..s
+    };
+    (
+        Some(after.pack()),
+        Judged {
+            used: saturating_u32(held(after)),
+            over: !fits,
+            counted: true,
+            until_reset: Duration::from_millis(holds_lapse(after, rate, now_ms, None)),
+        },
+    )
+}
+
+/// Gives back `n` holds taken at `taken_ms` (when known): from the window they are counted in,
+/// or nothing if they have lapsed. Without a time, from the oldest holds first. Returns the
+/// word to write (none to keep it) and the holds left.
+pub(super) fn hold_release(
+    word: u128,
+    now_ms: u64,
+    rate: Rate,
+    taken_ms: Option<u64>,
+    n: u32,
+) -> (Option<u128>, u32) {
+    if stamp_of(word) == 0 {
+        return (None, 0);
+    }
+    let s = holds_at(word, now_ms, rate);
+    let after = match taken_ms.map(|t| t / rate.unit_ms) {
+        // A clock a little ahead of this one: its hold is of the current window.
+        Some(taken) if taken >= s.window => Sliding {
+            current: s.current.saturating_sub(n),
+            ..s
+        },
+        Some(taken) if taken + 1 == s.window => Sliding {
+            previous: s.previous.saturating_sub(n),
+            ..s
+        },
+        Some(_) => return (None, saturating_u32(held(s))),
+        None => {
+            let from_previous = n.min(s.previous);
+            Sliding {
+                previous: s.previous - from_previous,
+                current: s.current.saturating_sub(n - from_previous),
+                ..s
+            }
+        }
+    };
+    (Some(after.pack()), saturating_u32(held(after)))
+}
+
+/// The holds in flight in a word at `now_ms`, charging nothing.
+#[cfg(test)]
+fn holds_used(word: u128, now_ms: u64, rate: Rate) -> u32 {
+    saturating_u32(held(holds_at(word, now_ms, rate)))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Token bucket
 
 const FILL_BITS: u32 = 54;
@@ -469,6 +590,105 @@ mod tests {
         limit: 60,
         unit_ms: 60_000,
     };
+
+    /// Three streams, holds living 10 s.
+    const THREE_HOLDS: Rate = Rate {
+        limit: 3,
+        unit_ms: 10_000,
+    };
+
+    fn take(word: &mut u128, now_ms: u64) -> Judged {
+        let (next, judged) = hold_charge(*word, now_ms, THREE_HOLDS, 1, true);
+        if let Some(next) = next {
+            *word = next;
+        }
+        judged
+    }
+
+    fn give_back(word: &mut u128, now_ms: u64, taken_ms: Option<u64>) -> u32 {
+        let (next, left) = hold_release(*word, now_ms, THREE_HOLDS, taken_ms, 1);
+        if let Some(next) = next {
+            *word = next;
+        }
+        left
+    }
+
+    #[test]
+    fn holds_fill_to_the_limit_and_a_release_frees_one() {
+        let (mut word, t0) = (0u128, 1_000_000_000);
+        for i in 1..=3 {
+            let judged = take(&mut word, t0 + i);
+            assert!(judged.counted && !judged.over, "hold {i}");
+            assert_eq!(judged.used, i as u32);
+        }
+        let refused = take(&mut word, t0 + 10);
+        assert!(refused.over && !refused.counted);
+        assert_eq!(refused.used, 3, "a refusal takes nothing");
+        assert_eq!(give_back(&mut word, t0 + 20, Some(t0 + 1)), 2);
+        assert!(take(&mut word, t0 + 30).counted, "the freed slot is taken");
+        assert!(take(&mut word, t0 + 40).over);
+    }
+
+    #[test]
+    fn a_hold_never_given_back_lapses_after_its_time_to_live_and_before_twice_that() {
+        // Taken 1 s into a window of 10 s: counted until the window after next begins.
+        let (mut word, start) = (0u128, 1_000_000_000);
+        for _ in 0..3 {
+            take(&mut word, start + 1_000);
+        }
+        // Still held 10.9 s later (the next window), lapsed at 19 s (two windows on).
+        assert!(take(&mut word, start + 11_900).over);
+        assert_eq!(holds_used(word, start + 19_999, THREE_HOLDS), 3);
+        assert_eq!(holds_used(word, start + 20_000, THREE_HOLDS), 0);
+        let judged = take(&mut word, start + 20_000);
+        assert!(judged.counted && judged.used == 1);
+        // Its late release finds nothing to give back: the new hold stays.
+        assert_eq!(give_back(&mut word, start + 20_001, Some(start + 1_000)), 1);
+    }
+
+    #[test]
+    fn a_release_gives_back_from_the_window_its_hold_was_taken_in() {
+        let (mut word, start) = (0u128, 1_000_000_000);
+        take(&mut word, start + 100); // window 0
+        take(&mut word, start + 10_100); // window 1: the first is now the previous window's
+        take(&mut word, start + 10_200);
+        // The first's release frees the previous window's hold: when window 1 ends, the two
+        // of window 1 are still counted.
+        assert_eq!(give_back(&mut word, start + 10_300, Some(start + 100)), 2);
+        assert_eq!(holds_used(word, start + 20_000, THREE_HOLDS), 2);
+        // A release with no time gives back the oldest first.
+        assert_eq!(give_back(&mut word, start + 20_100, None), 1);
+    }
+
+    #[test]
+    fn a_release_on_a_word_never_charged_writes_nothing() {
+        assert_eq!(
+            hold_release(0, 5_000, THREE_HOLDS, Some(4_000), 1),
+            (None, 0)
+        );
+        let mut word = 0;
+        take(&mut word, 5_000);
+        // Releasing more than is held stops at zero.
+        assert_eq!(give_back(&mut word, 5_001, Some(5_000)), 0);
+        assert_eq!(give_back(&mut word, 5_002, Some(5_000)), 0);
+    }
+
+    #[test]
+    fn a_refusal_says_when_enough_holds_lapse() {
+        let (mut word, start) = (0u128, 1_000_000_000);
+        take(&mut word, start + 1_000); // window 0
+        take(&mut word, start + 12_000); // window 1
+        take(&mut word, start + 13_000);
+        // At 15 s: one hold lapses when window 1 ends (20 s), enough for one more.
+        let refused = take(&mut word, start + 15_000);
+        assert!(refused.over);
+        assert_eq!(refused.until_reset, Duration::from_millis(5_000));
+        // A charge that fits reports when every hold would have lapsed: its own, taken in
+        // window 2, when window 3 ends.
+        let (_, fits) = hold_charge(word, start + 20_500, THREE_HOLDS, 1, true);
+        assert!(fits.counted);
+        assert_eq!(fits.until_reset, Duration::from_millis(19_500));
+    }
 
     /// Charges `n` at `now` in a loop as the counter does, returning the judgement.
     fn charge(word: &mut u128, step: impl Fn(u128) -> (Option<u128>, Judged)) -> Judged {

@@ -1201,6 +1201,8 @@ impl Counter {
                     algorithm::bucket_used_at(next, now_ms, rate, burst),
                 )
             }
+            // What this call took, now: in the current window.
+            Algorithm::InFlight => algorithm::hold_release(word, now_ms, rate, Some(now_ms), n),
             Algorithm::FixedWindow => (None, 0),
         })?;
         Ok(in_slot(used, tokens))

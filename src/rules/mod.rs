@@ -121,6 +121,7 @@ impl RuleWindow {
             Algorithm::SlidingWindow => 1,
             Algorithm::TokenBucket { .. } if self.leased => 4 + self.unit.millis() * 8,
             Algorithm::TokenBucket { .. } => 2,
+            Algorithm::InFlight => 5,
         };
         let tag = tag * 2 + u64::from(self.tokens.is_some());
         (rule_id ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)) & !OVERRIDE_SCOPE
