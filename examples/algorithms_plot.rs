@@ -54,6 +54,7 @@ fn admitted(algorithm: Algorithm, calls: &[u64]) -> Vec<u64> {
             tokens: 0,
         },
         refund: false,
+        hold_taken_ms: None,
         enforcement: Enforcement::Enforce,
     };
     let mut outcome = [Outcome::default()];

@@ -356,9 +356,14 @@ fn record_rules(
                 &detailed
             }
         };
-        if let Purpose::Report { .. } = ask.purpose {
-            metrics.tokens.increment(ask.hits);
-            continue;
+        match ask.purpose {
+            Purpose::Report { .. } => {
+                metrics.tokens.increment(ask.hits);
+                continue;
+            }
+            // A stream's end, not a call: its hold was counted when it was taken.
+            Purpose::Release { .. } => continue,
+            Purpose::Call | Purpose::Reserve { .. } => {}
         }
         metrics.hits.increment(ask.hits);
         let peer = metrics.peer.as_deref();

@@ -39,6 +39,7 @@ fn demand<'a>(limits: Limits, unit: Unit, parts: &'a [&'a str]) -> Demand<'a> {
         limits,
         charge: ONE,
         refund: false,
+        hold_taken_ms: None,
         enforcement: Enforcement::Enforce,
     }
 }

@@ -27,6 +27,7 @@ fn one_request<'a>(scope: u64, unit: Unit, parts: &'a [&'a str], limit: u32) -> 
             tokens: 0,
         },
         refund: false,
+        hold_taken_ms: None,
         enforcement: Enforcement::Enforce,
     }
 }
@@ -46,6 +47,7 @@ fn hammer(limits: Limits, charge: Counts, attempts: usize) -> Vec<(u64, u64, u64
         limits,
         charge,
         refund: false,
+        hold_taken_ms: None,
         enforcement: Enforcement::Enforce,
     };
     let mut per_window = Vec::new();

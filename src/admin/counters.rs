@@ -97,6 +97,7 @@ pub async fn usage_of<E: Entry>(app: &App, rule: Arc<Rule>, entries: &[E]) -> Us
                 limits: w.in_force(rule.capacity.get(), |_| true),
                 charge: Counts::ZERO,
                 refund: false,
+                hold_taken_ms: None,
                 enforcement: Enforcement::Enforce,
             };
             let mut outcome = [Outcome::default()];

@@ -247,6 +247,7 @@ pub(super) async fn rlconfig(State(app): Shared) -> Response {
                         let amount = match limit.measure {
                             Measure::Tokens => "tokens_per_unit",
                             Measure::Hits | Measure::Requests => "requests_per_unit",
+                            Measure::Concurrency => "concurrency",
                         };
                         lines.push(format!(
                             "{key}: unit={unit} {amount}={}, shadow_mode: {shadow}",

@@ -51,6 +51,13 @@ pub enum Purpose {
         /// What the request reserved up front.
         reserved: u64,
     },
+    /// The end of a stream that took holds in flight (`concurrency` limits): gives them back.
+    /// Never denied, never counted as a request.
+    Release {
+        /// When the holds were taken (milliseconds since the epoch, as the answer that took
+        /// them said), which tells the window they are counted in; none gives back the oldest.
+        taken_ms: Option<u64>,
+    },
 }
 
 /// One request descriptor, as the decision needs it.
@@ -162,6 +169,9 @@ pub struct Verdict<'r> {
     /// The requests limit and the tokens limit nearest their end, over all descriptors: what
     /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.
     pub headline: Headline<'r>,
+    /// When the request took holds in flight (milliseconds since the epoch), if it did: the
+    /// answer tells Envoy, whose stream-done call hands it back to release them.
+    pub holds_taken_ms: Option<u64>,
 }
 
 impl Verdict<'_> {
@@ -178,6 +188,7 @@ impl Verdict<'_> {
             spent_leases: Vec::new(),
             background_leases: Vec::new(),
             headline: Headline::default(),
+            holds_taken_ms: None,
         }
     }
 }
@@ -224,6 +235,8 @@ pub fn decide<'r, E: Entry>(
             plan.rechecks(&outcomes, &matched),
         )
     };
+    // A request denied gave its holds back (the limiter undoes an allowed charge).
+    let holds_taken_ms = outcomes.iter().find_map(|o| o.hold_taken_ms);
     Verdict {
         allowed,
         known_domain: true,
@@ -231,6 +244,7 @@ pub fn decide<'r, E: Entry>(
         strict: plan.take_strict_work(&outcomes),
         spent_leases,
         background_leases,
+        holds_taken_ms,
         headline,
     }
 }

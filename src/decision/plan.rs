@@ -322,6 +322,7 @@ impl<'r, 'v> Plan<'r, 'v> {
                     tokens: 0,
                 },
                 refund: ask.refund,
+                hold_taken_ms: None,
                 enforcement,
             });
             self.sources.push(Source {
@@ -352,6 +353,10 @@ impl<'r, 'v> Plan<'r, 'v> {
                 limits: window.in_force(scale, |l| !matched.replaced(l)),
                 charge,
                 refund,
+                hold_taken_ms: match ask.purpose {
+                    Purpose::Release { taken_ms } => taken_ms,
+                    _ => None,
+                },
                 enforcement,
             };
             if rule.consistency == Consistency::Strict && mode.strict_in_store {
@@ -391,7 +396,7 @@ fn charge_for(
     enforcement: Enforcement,
 ) -> (Counts, bool, Enforcement) {
     let per_call = match requests.map(|l| l.measure) {
-        Some(Measure::Requests) => u32::from(hits > 0),
+        Some(Measure::Requests | Measure::Concurrency) => u32::from(hits > 0),
         Some(_) => hits,
         None => 0,
     };
@@ -426,6 +431,15 @@ fn charge_for(
                 tokens: tokens(amount),
             };
             (report, refund, Enforcement::Shadow)
+        }
+        // A stream's end gives back its hold; the descriptor's other limits are only read.
+        Purpose::Release { .. } => {
+            let holds = requests.is_some_and(|l| l.measure == Measure::Concurrency);
+            let release = Counts {
+                requests: u32::from(holds),
+                tokens: 0,
+            };
+            (release, holds, Enforcement::Shadow)
         }
     }
 }

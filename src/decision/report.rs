@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 use super::plan::Plan;
 use super::{Ask, Code, Purpose, ReportedLimit, Status};
 use crate::limiter::{Counts, Enforcement, Outcome, Over};
-use crate::rules::{Policy, Rule};
+use crate::rules::{Measure, Policy, Rule};
 
 /// Where one limit stands after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,14 +127,18 @@ pub(super) fn statuses_and_headline<'r, E>(
     let (mut requests, mut tokens) = (Nearest::default(), Nearest::default());
     let mut statuses = SmallVec::new();
     for (i, ask) in asks.iter().enumerate() {
-        let is_call = !matches!(ask.purpose, Purpose::Report { .. });
+        let is_call = !matches!(
+            ask.purpose,
+            Purpose::Report { .. } | Purpose::Release { .. }
+        );
         let mut nearest = Nearest::default();
         for d in plan.of_ask(i) {
             let headlined = is_call && plan.demands()[d].enforcement != Enforcement::Shadow;
             let [r, t] = plan.sources()[d].standings(&outcomes[d]);
             if let Some(r) = r {
                 nearest.offer(r, d);
-                if headlined {
+                // The OpenAI headers speak of requests a window: streams in flight are not.
+                if headlined && r.limit.measure != Measure::Concurrency {
                     requests.offer(r, ());
                 }
             }

@@ -1177,13 +1177,15 @@ impl Counter {
     }
 
     /// Gives back `amount` charged in this window under a sliding window or a token bucket (a
-    /// request denied by another of its limits) at `now_ms`; returns what is used after.
+    /// request denied by another of its limits) at `now_ms`, or holds in flight taken at
+    /// `hold_taken_ms` (the oldest when not given); returns what is used after.
     pub fn refund_by(
         &self,
         now_ms: u64,
         unit_ms: u64,
         amount: Counts,
         limits: Limits,
+        hold_taken_ms: Option<u64>,
     ) -> Result<Counts, Retired> {
         let Some((rate, n, tokens)) = one_measure(limits, amount, unit_ms) else {
             return Ok(Counts::ZERO);
@@ -1201,8 +1203,7 @@ impl Counter {
                     algorithm::bucket_used_at(next, now_ms, rate, burst),
                 )
             }
-            // What this call took, now: in the current window.
-            Algorithm::InFlight => algorithm::hold_release(word, now_ms, rate, Some(now_ms), n),
+            Algorithm::InFlight => algorithm::hold_release(word, now_ms, rate, hold_taken_ms, n),
             Algorithm::FixedWindow => (None, 0),
         })?;
         Ok(in_slot(used, tokens))

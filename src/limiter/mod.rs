@@ -51,6 +51,9 @@ pub struct Demand<'a> {
     pub charge: Counts,
     /// Give `charge` back instead of taking it (Envoy's `is_negative_hits`).
     pub refund: bool,
+    /// For holds in flight given back: when they were taken (milliseconds since the epoch),
+    /// which tells the window they are counted in; none gives back the oldest.
+    pub hold_taken_ms: Option<u64>,
     /// How the limits take part in the decision.
     pub enforcement: Enforcement,
 }
@@ -66,6 +69,9 @@ pub struct Outcome {
     pub counted: bool,
     /// Time until the counter's window ends.
     pub until_reset: Duration,
+    /// For holds in flight taken: when (milliseconds since the epoch), as their release must
+    /// say.
+    pub hold_taken_ms: Option<u64>,
 }
 
 /// Called when a request is denied while synced: the fleet view is worth refreshing before
@@ -163,6 +169,7 @@ impl Limiter {
                 over: reading.over,
                 counted: false,
                 until_reset,
+                hold_taken_ms: None,
             };
         }
     }
@@ -186,7 +193,7 @@ impl Limiter {
             let window = unit.window_at(now);
             outcome.until_reset = unit.until_reset(now);
             if demand.refund {
-                outcome.counts = give_back(&table, demand, window, now);
+                outcome.counts = give_back(&table, demand, window, now, demand.hold_taken_ms);
                 outcome.over = Over::default();
                 outcome.counted = false;
                 continue;
@@ -249,6 +256,8 @@ impl Limiter {
             outcome.counts = reading.counts;
             outcome.over = reading.over;
             outcome.counted = reading.counted;
+            outcome.hold_taken_ms =
+                (reading.counted && demand.limits.algorithm == Algorithm::InFlight).then_some(now);
             match demand.enforcement {
                 Enforcement::Enforce if reading.over.any() => allowed = false,
                 Enforcement::Quota => {
@@ -272,8 +281,9 @@ impl Limiter {
                 if outcome.counted {
                     // Another request may have seen these hits for a moment; the counts end exact.
                     let window = demand.counter.unit.window_at(now);
-                    outcome.counts = give_back(&table, demand, window, now);
+                    outcome.counts = give_back(&table, demand, window, now, Some(now));
                     outcome.counted = false;
+                    outcome.hold_taken_ms = None;
                 }
             }
         }
@@ -389,18 +399,19 @@ fn assess_by(
     }
 }
 
-/// Gives `demand`'s charge back in `window` (at `now_ms`), returning the fleet's counts after
-/// it.
+/// Gives `demand`'s charge back in `window` (at `now_ms`; holds in flight taken at
+/// `hold_taken_ms`), returning the fleet's counts after it.
 fn give_back(
     table: &table::PinnedTable<'_>,
     demand: &Demand<'_>,
     window: Window,
     now_ms: u64,
+    hold_taken_ms: Option<u64>,
 ) -> Counts {
     if demand.limits.counted_by_algorithm() {
         let unit_ms = demand.counter.unit.millis();
         return table.with_counter(demand.counter, |c| {
-            c.refund_by(now_ms, unit_ms, demand.charge, demand.limits)
+            c.refund_by(now_ms, unit_ms, demand.charge, demand.limits, hold_taken_ms)
         });
     }
     table.with_counter(demand.counter, |c| {
@@ -463,6 +474,7 @@ mod tests {
                     tokens: 0,
                 },
                 refund: false,
+                hold_taken_ms: None,
                 enforcement: Enforcement::Enforce,
             };
             let mut outcome = [Outcome::default()];
@@ -518,6 +530,7 @@ mod tests {
                 tokens: 0,
             },
             refund: false,
+            hold_taken_ms: None,
             enforcement: Enforcement::Enforce,
         };
         // 30 s into the minute, the store grants this replica 5 and says the fleet holds all

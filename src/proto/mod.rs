@@ -24,6 +24,13 @@ pub const RESERVED_PREFIX: &str = "sluice.";
 pub const REPORT_KEY: &str = "sluice.report";
 /// `sluice.estimate=N`: the request reserves N tokens now; its report settles the difference.
 pub const ESTIMATE_KEY: &str = "sluice.estimate";
+/// The reserved entry that gives back the holds in flight a stream took, at its end: its value
+/// is when they were taken, as the answer's dynamic metadata said ([`HOLD_METADATA_KEY`]).
+pub const RELEASE_KEY: &str = "sluice.release";
+/// The dynamic metadata field of an answer that took holds in flight: when (milliseconds since
+/// the epoch, as text), for Envoy to send back in [`RELEASE_KEY`] when the stream ends. Only
+/// streams that took a hold have it, so only they release one.
+pub const HOLD_METADATA_KEY: &str = "sluice.hold";
 
 /// Bounds on what one ShouldRateLimit call may carry; larger calls get INVALID_ARGUMENT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
@@ -77,7 +84,15 @@ pub enum DescriptorError {
     #[error("entries[{entry}]: {ESTIMATE_KEY} must be a number of tokens, not `{value}`")]
     BadEstimate { entry: usize, value: String },
     #[error(
-        "entries[{entry}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N)"
+        "entries[{entry}]: {RELEASE_KEY} must be when the hold was taken, as the answer's `{HOLD_METADATA_KEY}` metadata gives it (milliseconds since the epoch), not `{value}`"
+    )]
+    BadRelease { entry: usize, value: String },
+    #[error(
+        "entries[{entry}]: {RELEASE_KEY} gives back holds and stands alone: send {REPORT_KEY} and {ESTIMATE_KEY} in a descriptor of their own"
+    )]
+    ReleaseWithOthers { entry: usize },
+    #[error(
+        "entries[{entry}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N, {RELEASE_KEY}=T)"
     )]
     UnknownReserved {
         entry: usize,
@@ -176,9 +191,16 @@ fn ask<'c, 'a>(
     if own == 0 {
         return Err(DescriptorError::OnlyReserved);
     }
-    let (mut report, mut estimate) = (false, None);
+    let (mut report, mut estimate, mut release) = (false, None, None);
     for (entry, e) in descriptor.entries.iter().enumerate().skip(own) {
         match (e.key, e.value) {
+            (RELEASE_KEY, value) => match value.trim().parse::<u64>() {
+                Ok(taken_ms) => release = Some((entry, taken_ms)),
+                Err(_) => {
+                    let value = value.to_string();
+                    return Err(DescriptorError::BadRelease { entry, value });
+                }
+            },
             (REPORT_KEY, "tokens") => report = true,
             (ESTIMATE_KEY, value) => match value.trim().parse::<u64>() {
                 Ok(n) => estimate = Some(n),
@@ -200,12 +222,16 @@ fn ask<'c, 'a>(
             }
         }
     }
-    let purpose = match (report, estimate) {
-        (true, reserved) => Purpose::Report {
+    let purpose = match (report, estimate, release) {
+        (false, None, Some((_, taken_ms))) => Purpose::Release {
+            taken_ms: Some(taken_ms),
+        },
+        (_, _, Some((entry, _))) => return Err(DescriptorError::ReleaseWithOthers { entry }),
+        (true, reserved, None) => Purpose::Report {
             reserved: reserved.unwrap_or(0),
         },
-        (false, Some(tokens)) => Purpose::Reserve { tokens },
-        (false, None) => Purpose::Call,
+        (false, Some(tokens), None) => Purpose::Reserve { tokens },
+        (false, None, None) => Purpose::Call,
     };
     Ok(Ask {
         entries: &descriptor.entries[..own],
@@ -320,10 +346,14 @@ fn dynamic_metadata(
         .statuses
         .iter()
         .any(|s| s.rule.is_some_and(|rule| rule.metadata.is_some()));
-    if detail == MetadataDetail::Rules && !rule_metadata {
+    let holds_taken_ms = verdict.holds_taken_ms.filter(|_| verdict.allowed);
+    if detail == MetadataDetail::Rules && !rule_metadata && holds_taken_ms.is_none() {
         return None;
     }
     let mut fields = HashMap::new();
+    if let Some(taken_ms) = holds_taken_ms {
+        fields.insert(HOLD_METADATA_KEY.into(), text(&taken_ms.to_string()));
+    }
     if detail == MetadataDetail::Request {
         fields.insert("domain".into(), text(request.domain));
         let descriptors = request.descriptors().map(descriptor_value).collect();

@@ -589,6 +589,75 @@ descriptors:
     }
 
     #[test]
+    fn a_concurrency_limit_takes_a_hold_ttl_and_nothing_of_a_window() {
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { concurrency: 3, unit: minute }
+  - key: b
+    rate_limit: { concurrency: 3, algorithm: token_bucket }
+  - key: c
+    rate_limit: { requests: 6, unit: minute, hold_ttl: 30s }
+  - key: e
+    rate_limit: { concurrency: 3, hold_ttl: soon }
+  - key: f
+    limits:
+      - { concurrency: 3 }
+      - { concurrency: 4 }
+  - key: g
+    rate_limit: { concurrency: 3, requests: 5 }
+"
+            ),
+            [
+                "4: descriptors[0].rate_limit.unit: a concurrency limit counts streams in flight, not calls over time: `unit` does not apply (`hold_ttl` sets how long a hold lives if its release never comes)",
+                "6: descriptors[1].rate_limit.algorithm: a concurrency limit counts streams in flight, not calls over time: `algorithm` does not apply (`hold_ttl` sets how long a hold lives if its release never comes)",
+                "8: descriptors[2].rate_limit.hold_ttl: hold_ttl is a concurrency limit's: set `concurrency: N` with it",
+                "10: descriptors[3].rate_limit.hold_ttl: `soon` is not a length of time (expected number at 0); write e.g. 90s, 5m or 2h",
+                "14: descriptors[4].limits[1]: a second concurrency limit of hold_ttl 300s on this descriptor (the first is at line 13)",
+                "16: descriptors[5].rate_limit.requests: set only one of requests_per_unit, requests, tokens and concurrency per limit; use `limits:` for several",
+            ]
+        );
+        let text = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { concurrency: 3 }\n";
+        let file = SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        };
+        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
+        assert_eq!(
+            errors[0].to_string(),
+            "rules.yaml:4:32: descriptors[0].rate_limit.concurrency: a concurrency limit is kept by each replica alone for now, not fleet-wide: with a Redis store configured it would admit N streams on every replica"
+        );
+    }
+
+    #[test]
+    fn a_concurrency_limit_holds_for_five_minutes_unless_told() {
+        use crate::rules::Measure;
+        let domain = compile(
+            "domain: d
+descriptors:
+  - key: a
+    limits:
+      - { concurrency: 3 }
+      - { concurrency: 10, hold_ttl: 90s }
+      - { requests: 60, unit: minute }
+",
+        )
+        .expect("valid");
+        let rule = &domain.rules[0];
+        let limits: Vec<_> = rule
+            .limits()
+            .map(|l| (l.measure, l.per_unit, l.unit.seconds(), l.algorithm))
+            .collect();
+        assert!(limits.contains(&(Measure::Concurrency, 3, 300, Algorithm::InFlight)));
+        assert!(limits.contains(&(Measure::Concurrency, 10, 90, Algorithm::InFlight)));
+        assert!(limits.contains(&(Measure::Requests, 60, 60, Algorithm::FixedWindow)));
+        // Each in a counter of its own: the requests limit is not shared with the holds.
+        assert_eq!(rule.windows().len(), 3);
+    }
+
+    #[test]
     fn with_a_fleet_store_a_token_bucket_is_leased_in_windows_of_a_second() {
         let text = "domain: d
 descriptors:
@@ -783,7 +852,7 @@ descriptors:
             errors(text),
             [
                 "4: descriptors[0].rate_limit.unit: unknown unit `fortnight` (expected second, minute, hour, day, week, month or year)",
-                "6: descriptors[1].rate_limit: missing the limit: set requests_per_unit, requests or tokens, or unlimited: true",
+                "6: descriptors[1].rate_limit: missing the limit: set requests_per_unit, requests, tokens or concurrency, or unlimited: true",
                 "8: descriptors[2].rate_limit.replaces[0].name: replaces `nobody`, but no limit in this domain has that name",
             ]
         );
@@ -820,7 +889,7 @@ descriptors:
         assert_eq!(
             errors(two_kinds),
             [
-                "4: descriptors[0].rate_limit.tokens: set only one of requests_per_unit, requests and tokens per limit; use `limits:` for several"
+                "4: descriptors[0].rate_limit.tokens: set only one of requests_per_unit, requests, tokens and concurrency per limit; use `limits:` for several"
             ]
         );
     }

@@ -9,6 +9,9 @@ use super::raw::{RawDescriptor, RawLimit};
 use super::{Limit, Measure, Policy, RuleWindow};
 use crate::limiter::{Algorithm, Calendar, Period, Unit, Zone};
 
+/// How long a concurrency hold lives when its release never comes, unless `hold_ttl` says.
+pub const DEFAULT_HOLD_TTL_SECONDS: u64 = 300;
+
 /// One limit as written: a limit, or `unlimited: true`.
 enum Written {
     Unlimited,
@@ -42,7 +45,7 @@ impl Compiler<'_> {
         }
         let mut windows: Vec<RuleWindow> = Vec::new();
         let mut unlimited = false;
-        let mut slot_paths: HashMap<(Unit, bool), YamlPath> = HashMap::new();
+        let mut slot_paths: HashMap<(Unit, Measure), YamlPath> = HashMap::new();
         for (path, raw_limit) in &written {
             let limit = match self.limit(raw_limit, path) {
                 None => continue,
@@ -52,16 +55,21 @@ impl Compiler<'_> {
                 }
                 Some(Written::Limited(limit)) => limit,
             };
-            let slot = (limit.unit, limit.measure.is_tokens());
+            // Requests-like limits share a slot; tokens and concurrency have their own.
+            let slot = match limit.measure {
+                Measure::Hits => (limit.unit, Measure::Requests),
+                measure => (limit.unit, measure),
+            };
             if let Some(first) = slot_paths.get(&slot) {
                 let line = self.line_of(first);
-                let kind = if slot.1 { "tokens" } else { "requests" };
+                let what = match slot.1 {
+                    Measure::Tokens => format!("tokens limit per {}", limit.unit),
+                    Measure::Concurrency => format!("concurrency limit of hold_ttl {}", limit.unit),
+                    _ => format!("requests limit per {}", limit.unit),
+                };
                 self.error(
                     path,
-                    format!(
-                        "a second {kind} limit per {} on this descriptor (the first is at line {line})",
-                        limit.unit
-                    ),
+                    format!("a second {what} on this descriptor (the first is at line {line})"),
                 );
                 continue;
             }
@@ -136,6 +144,7 @@ impl Compiler<'_> {
             (Measure::Hits, raw.requests_per_unit.map(u64::from)),
             (Measure::Requests, raw.requests.map(u64::from)),
             (Measure::Tokens, raw.tokens),
+            (Measure::Concurrency, raw.concurrency.map(u64::from)),
         ]
         .into_iter()
         .filter_map(|(m, n)| n.map(|n| (m, n)))
@@ -176,6 +185,16 @@ impl Compiler<'_> {
                 ok = false;
             }
             return ok.then_some(Written::Unlimited);
+        }
+        if raw.concurrency.is_some() {
+            return self.in_flight(raw, &amounts, at).filter(|_| ok);
+        }
+        if raw.hold_ttl.is_some() {
+            self.error(
+                &at.field("hold_ttl"),
+                "hold_ttl is a concurrency limit's: set `concurrency: N` with it".into(),
+            );
+            ok = false;
         }
         if raw.timezone.is_some() && raw.period.is_none() {
             self.error(
@@ -229,7 +248,8 @@ impl Compiler<'_> {
             [] => {
                 self.error(
                     at,
-                    "missing the limit: set requests_per_unit, requests or tokens, or unlimited: true"
+                    "missing the limit: set requests_per_unit, requests, tokens or concurrency, \
+                     or unlimited: true"
                         .into(),
                 );
                 None
@@ -237,8 +257,8 @@ impl Compiler<'_> {
             [_, (second, _), ..] => {
                 self.error(
                     &at.field(second.field()),
-                    "set only one of requests_per_unit, requests and tokens per limit; \
-                     use `limits:` for several"
+                    "set only one of requests_per_unit, requests, tokens and concurrency per \
+                     limit; use `limits:` for several"
                         .into(),
                 );
                 None
@@ -279,6 +299,74 @@ impl Compiler<'_> {
                     .map(|r| r.name.as_str().into())
                     .collect(),
                 algorithm,
+            })
+        })
+    }
+
+    /// A `concurrency` limit: holds in flight, each living `hold_ttl` at most (with no
+    /// release) and from then on until the next window of that length begins. A window, an
+    /// algorithm or a second amount does not apply. `None` when it is wrong (errors recorded).
+    fn in_flight(
+        &mut self,
+        raw: &RawLimit,
+        amounts: &[(Measure, u64)],
+        at: &YamlPath,
+    ) -> Option<Written> {
+        let mut ok = true;
+        if let Some((other, _)) = amounts.iter().find(|(m, _)| *m != Measure::Concurrency) {
+            self.error(
+                &at.field(other.field()),
+                "set only one of requests_per_unit, requests, tokens and concurrency per limit; \
+                 use `limits:` for several"
+                    .into(),
+            );
+            ok = false;
+        }
+        let not_here = [
+            ("unit", raw.unit.is_some()),
+            ("window", raw.window.is_some()),
+            ("period", raw.period.is_some()),
+            ("timezone", raw.timezone.is_some()),
+            ("algorithm", raw.algorithm.is_some()),
+            ("burst", raw.burst.is_some()),
+        ];
+        for (field, _) in not_here.iter().filter(|(_, set)| *set) {
+            self.error(
+                &at.field(field),
+                format!(
+                    "a concurrency limit counts streams in flight, not calls over time: \
+                     `{field}` does not apply (`hold_ttl` sets how long a hold lives if its \
+                     release never comes)"
+                ),
+            );
+            ok = false;
+        }
+        if self.fleet_store {
+            self.error(
+                &at.field("concurrency"),
+                "a concurrency limit is kept by each replica alone for now, not fleet-wide: \
+                 with a Redis store configured it would admit N streams on every replica"
+                    .into(),
+            );
+            ok = false;
+        }
+        let hold_ttl = match &raw.hold_ttl {
+            Some(text) => self.window(text, &at.field("hold_ttl")),
+            None => Unit::of_seconds(DEFAULT_HOLD_TTL_SECONDS),
+        };
+        let (hold_ttl, per_unit) = (hold_ttl?, raw.concurrency?);
+        ok.then(|| {
+            Written::Limited(Limit {
+                name: raw.name.as_deref().map(Into::into),
+                unit: hold_ttl,
+                per_unit: per_unit.into(),
+                measure: Measure::Concurrency,
+                replaces: raw
+                    .replaces
+                    .iter()
+                    .map(|r| r.name.as_str().into())
+                    .collect(),
+                algorithm: Algorithm::InFlight,
             })
         })
     }

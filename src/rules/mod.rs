@@ -36,6 +36,9 @@ pub enum Measure {
     Requests,
     /// `tokens`: each call counts its hits, reported as tokens.
     Tokens,
+    /// `concurrency`: each call takes one hold while its stream lasts, given back at its end
+    /// (a `sluice.release` call).
+    Concurrency,
 }
 
 impl Measure {
@@ -49,6 +52,7 @@ impl Measure {
             Measure::Hits => "requests_per_unit",
             Measure::Requests => "requests",
             Measure::Tokens => "tokens",
+            Measure::Concurrency => "concurrency",
         }
     }
 }

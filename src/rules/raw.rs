@@ -148,6 +148,13 @@ pub struct RawLimit {
     /// budget too large to count yet gets an error that says so.
     #[serde(default)]
     pub tokens: Option<u64>,
+    /// sluice extension: holds in flight, each taken by a call while its stream lasts.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// sluice extension: how long a concurrency hold lives when its release never comes
+    /// (`30s`, `5m`; 5 minutes by default).
+    #[serde(default)]
+    pub hold_ttl: Option<String>,
     #[serde(default)]
     pub unlimited: bool,
     #[serde(default)]

@@ -144,6 +144,7 @@ fn fallback(
         limits: job.limits,
         charge: if allowed { charge } else { Counts::ZERO },
         refund: job.refund,
+        hold_taken_ms: None,
         enforcement: Enforcement::Enforce,
     };
     let mut outcome = [Outcome::default()];
