@@ -406,3 +406,169 @@ async fn failure_mode_deny_decides_when_sluice_is_down() {
         assert_eq!(answer.status().as_u16(), want, "failure_mode_deny: {deny}");
     }
 }
+
+const STREAMS: &str = r#"
+domain: llm_gateway
+descriptors:
+  - key: api_key
+    limits:
+      - name: key_streams
+        concurrency: 3
+        hold_ttl: 1m
+"#;
+
+/// Five streams at once, each held open a second by the upstream: `count` at a time.
+async fn five_at_once(stack: &std::sync::Arc<Stack>) -> Vec<u16> {
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..5 {
+        let stack = stack.clone();
+        calls.spawn(async move {
+            stack
+                .chat_with("k1", "m", 10, true, &[("x-mock-delay-ms", "1000")])
+                .await
+                .status
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = calls.join_next().await {
+        statuses.push(status.unwrap());
+    }
+    statuses.sort();
+    statuses
+}
+
+/// Sends calls, each ending at once, until one passes: the stream-done calls of streams just
+/// ended reach sluice a moment after their clients see the end.
+async fn until_one_passes(stack: &Stack) -> Duration {
+    let started = Instant::now();
+    loop {
+        if stack.chat("k1", "m", 10, false).await.status == 200 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no slot came free"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_streams_on_a_key_of_three_slots_give_three_answers_and_two_429s() {
+    let Some(stack) = start_stack(STREAMS).await else {
+        return;
+    };
+    let stack = std::sync::Arc::new(stack);
+    assert_eq!(five_at_once(&stack).await, [200, 200, 200, 429, 429]);
+    // The three ended; their releases free the slots.
+    until_one_passes(&stack).await;
+    assert_eq!(five_at_once(&stack).await, [200, 200, 200, 429, 429]);
+
+    // Refused streams release nothing, though Envoy makes a stream-done call for them too:
+    // three long streams hold the slots while refused ones come and go.
+    until_one_passes(&stack).await;
+    let mut long = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let stack = stack.clone();
+        long.spawn(async move {
+            stack
+                .chat_with("k1", "m", 10, true, &[("x-mock-delay-ms", "3000")])
+                .await
+                .status
+        });
+    }
+    let app = stack.sluice.running.as_ref().unwrap().app.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holds_in_flight(&app, "k1").await < 3 {
+        assert!(Instant::now() < deadline, "the three streams took no holds");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..4 {
+        assert_eq!(stack.chat("k1", "m", 10, false).await.status, 429);
+    }
+    // Time for the refused streams' stream-done calls to arrive: the holds stay three.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(holds_in_flight(&app, "k1").await, 3);
+    assert_eq!(stack.chat("k1", "m", 10, false).await.status, 429);
+    while let Some(status) = long.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    until_one_passes(&stack).await;
+    std::sync::Arc::into_inner(stack).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_of_streams_whose_envoy_died_lapse_after_their_time_to_live() {
+    let Some(binary) = envoy_binary() else { return };
+    let Some(stack) = start_stack(STREAMS).await else {
+        return;
+    };
+    // Three streams held open for a long while, then their Envoy is killed: no stream-done
+    // call is ever made for them.
+    let url = stack.envoy.url("/v1/chat/completions");
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let request = stack
+            .http
+            .post(url.clone())
+            .header("authorization", "Bearer k1")
+            .header("x-model", "m")
+            .header("x-mock-delay-ms", "8000")
+            .json(&serde_json::json!({"model": "m", "stream": false, "messages": []}));
+        held.spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
+    }
+    let app = stack.sluice.running.as_ref().unwrap().app.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holds_in_flight(&app, "k1").await < 3 {
+        assert!(Instant::now() < deadline, "the three streams took no holds");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let Stack {
+        sluice,
+        _mock,
+        envoy,
+        http,
+        ..
+    } = stack;
+    drop(envoy);
+    held.abort_all();
+    let sluice_port = sluice.running.as_ref().unwrap().grpc_addr.port();
+    let envoy = Envoy::start(&binary, sluice_port, _mock.port, false).await;
+    let chat = async || {
+        http.post(envoy.url("/v1/chat/completions"))
+            .header("authorization", "Bearer k1")
+            .header("x-model", "m")
+            .json(&serde_json::json!({"model": "m", "stream": false, "messages": []}))
+            .send()
+            .await
+            .expect("Envoy answers")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(
+        chat().await,
+        429,
+        "the lost streams still hold the key's slots"
+    );
+    // Within the hold's time to live (1 minute, from when they were taken) they stay held;
+    // once the window after the next begins they have lapsed.
+    sluice.clock.advance_ms(59_000);
+    assert_eq!(chat().await, 429);
+    sluice.clock.advance_ms(61_000);
+    assert_eq!(chat().await, 200, "the lapsed holds freed their slots");
+    drop(envoy);
+    sluice.stop().await;
+}
+
+/// Holds in flight on a key, as sluice's admin API reads them.
+async fn holds_in_flight(app: &std::sync::Arc<sluice::App>, key: &str) -> u64 {
+    let usage = sluice::counters::usage(app, "llm_gateway", &[("api_key", key)])
+        .await
+        .expect("a rule matches");
+    usage
+        .windows
+        .iter()
+        .map(|w| u64::from(w.local.requests))
+        .max()
+        .unwrap_or(0)
+}

@@ -60,6 +60,8 @@ fn istio_manifests_are_envoy_filters_that_match_the_envoy_example() {
         "domain: llm_gateway",
         "descriptor_key: sluice.report",
         "descriptor_key: sluice.estimate",
+        "descriptor_key: sluice.release",
+        "path: [{ key: sluice.hold }]",
         "%DYNAMIC_METADATA(envoy.filters.http.lua:tokens)%",
         "apply_on_stream_done: true",
     ] {
