@@ -417,18 +417,24 @@ descriptors:
         hold_ttl: 1m
 "#;
 
-/// Five streams at once, each held open a second by the upstream: `count` at a time.
-async fn five_at_once(stack: &std::sync::Arc<Stack>) -> Vec<u16> {
+/// `n` streams on key k1 at once, each held open `delay_ms` by the upstream.
+fn streams(stack: &std::sync::Arc<Stack>, n: usize, delay_ms: &str) -> tokio::task::JoinSet<u16> {
     let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..5 {
-        let stack = stack.clone();
+    for _ in 0..n {
+        let (stack, delay_ms) = (stack.clone(), delay_ms.to_string());
         calls.spawn(async move {
             stack
-                .chat_with("k1", "m", 10, true, &[("x-mock-delay-ms", "1000")])
+                .chat_with("k1", "m", 10, true, &[("x-mock-delay-ms", &delay_ms)])
                 .await
                 .status
         });
     }
+    calls
+}
+
+/// Five streams at once, each held open a second: their statuses, sorted.
+async fn five_at_once(stack: &std::sync::Arc<Stack>) -> Vec<u16> {
+    let mut calls = streams(stack, 5, "1000");
     let mut statuses = Vec::new();
     while let Some(status) = calls.join_next().await {
         statuses.push(status.unwrap());
@@ -467,16 +473,7 @@ async fn five_streams_on_a_key_of_three_slots_give_three_answers_and_two_429s() 
     // Refused streams release nothing, though Envoy makes a stream-done call for them too:
     // three long streams hold the slots while refused ones come and go.
     until_one_passes(&stack).await;
-    let mut long = tokio::task::JoinSet::new();
-    for _ in 0..3 {
-        let stack = stack.clone();
-        long.spawn(async move {
-            stack
-                .chat_with("k1", "m", 10, true, &[("x-mock-delay-ms", "3000")])
-                .await
-                .status
-        });
-    }
+    let mut long = streams(&stack, 3, "3000");
     let app = stack.sluice.running.as_ref().unwrap().app.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
     while holds_in_flight(&app, "k1").await < 3 {
