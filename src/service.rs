@@ -352,7 +352,8 @@ fn record_rules(
             Some(entries) => {
                 let values: Vec<&str> = entries.iter().map(|e| e.value).collect();
                 let label = format!("{}[{}]", rule.path, values.join("."));
-                detailed = RuleMetrics::register(&rule.domain, &label);
+                detailed =
+                    RuleMetrics::register(&rule.domain, &label, rule.metrics.holds.is_some());
                 &detailed
             }
         };
@@ -362,8 +363,20 @@ fn record_rules(
                 continue;
             }
             // A stream's end, not a call: its hold was counted when it was taken.
-            Purpose::Release { .. } => continue,
+            Purpose::Release { .. } => {
+                if let Some(holds) = &metrics.holds {
+                    holds.released.increment(1);
+                }
+                continue;
+            }
             Purpose::Call | Purpose::Reserve { .. } => {}
+        }
+        // Holds taken, less those released: the rule's streams in flight (or lapsed).
+        if let Some(holds) = &metrics.holds
+            && verdict.holds_taken_ms.is_some()
+            && verdict.allowed
+        {
+            holds.taken.increment(1);
         }
         metrics.hits.increment(ask.hits);
         let peer = metrics.peer.as_deref();

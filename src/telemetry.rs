@@ -14,6 +14,8 @@ pub mod names {
     pub const RULE_WITHIN_LIMIT: &str = "sluice_rule_within_limit_total";
     pub const RULE_SHADOW_MODE: &str = "sluice_rule_shadow_mode_total";
     pub const RULE_TOKENS: &str = "sluice_rule_tokens_total";
+    pub const RULE_HOLDS_TAKEN: &str = "sluice_rule_holds_taken_total";
+    pub const RULE_HOLDS_RELEASED: &str = "sluice_rule_holds_released_total";
     pub const REQUESTS: &str = "sluice_requests_total";
     pub const REQUEST_DURATION: &str = "sluice_request_duration_seconds";
     pub const UNKNOWN_DOMAIN: &str = "sluice_unknown_domain_total";
@@ -113,6 +115,8 @@ pub struct RuleMetrics {
     pub within_limit: Counter,
     pub shadow_mode: Counter,
     pub tokens: Counter,
+    /// For a rule with a concurrency limit, its holds.
+    pub holds: Option<Box<HoldMetrics>>,
     /// The same hits under envoyproxy/ratelimit's names, unless turned off.
     pub peer: Option<Box<PeerRuleMetrics>>,
 }
@@ -147,9 +151,18 @@ impl PeerRuleMetrics {
     }
 }
 
+/// Holds in flight taken by admitted calls, and given back by `sluice.release` calls, of one
+/// rule with a concurrency limit: their difference is its streams in flight, plus holds lapsed.
+#[derive(Debug, Clone)]
+pub struct HoldMetrics {
+    pub taken: Counter,
+    pub released: Counter,
+}
+
 impl RuleMetrics {
-    /// Registers the counters of one rule; `rule` is its label (its stats key, `key_value.key`).
-    pub fn register(domain: &str, rule: &str) -> RuleMetrics {
+    /// Registers the counters of one rule; `rule` is its label (its stats key, `key_value.key`);
+    /// `holds` for a rule with a concurrency limit.
+    pub fn register(domain: &str, rule: &str, holds: bool) -> RuleMetrics {
         let labels = [("domain", domain.to_string()), ("rule", rule.to_string())];
         RuleMetrics {
             peer: peer_names_on().then(|| Box::new(PeerRuleMetrics::register(domain, rule))),
@@ -159,6 +172,12 @@ impl RuleMetrics {
             within_limit: counter!(names::RULE_WITHIN_LIMIT, &labels),
             shadow_mode: counter!(names::RULE_SHADOW_MODE, &labels),
             tokens: counter!(names::RULE_TOKENS, &labels),
+            holds: holds.then(|| {
+                Box::new(HoldMetrics {
+                    taken: counter!(names::RULE_HOLDS_TAKEN, &labels),
+                    released: counter!(names::RULE_HOLDS_RELEASED, &labels),
+                })
+            }),
         }
     }
 }

@@ -147,3 +147,47 @@ async fn a_malformed_release_is_invalid_argument() {
         mixed.message()
     );
 }
+
+#[tokio::test]
+async fn holds_taken_and_released_are_counted_per_rule() {
+    // A domain of its own: the metrics registry is shared by the tests of this process.
+    let rules = STREAMS.replace("domain: llm", "domain: counted_streams");
+    let other = "domain: no_streams\ndescriptors:\n  - key: api_key\n    rate_limit: { requests: 5, unit: minute }\n";
+    let mut server = start(&[("llm.yaml", &rules), ("other.yaml", other)]).await;
+    let ask = |key: &str| request("counted_streams", &[&[("api_key", key)]]);
+    let mut holds = Vec::new();
+    for _ in 0..4 {
+        let answer = server.client.should_rate_limit(ask("k1")).await.unwrap();
+        holds.extend(hold_of(&answer.into_inner()));
+    }
+    assert_eq!(holds.len(), 3, "the fourth is refused and takes no hold");
+    let release = request(
+        "counted_streams",
+        &[&[("api_key", "k1"), ("sluice.release", &holds[0])]],
+    );
+    server.client.should_rate_limit(release).await.unwrap();
+    server
+        .client
+        .should_rate_limit(request("no_streams", &[&[("api_key", "k1")]]))
+        .await
+        .unwrap();
+    let samples = common::metrics::scrape(&server).await;
+    let of = |name: &str, domain: &str| {
+        common::metrics::sample(&samples, name, &[("domain", domain), ("rule", "api_key")])
+    };
+    assert_eq!(of("sluice_rule_holds_taken_total", "counted_streams"), 3.0);
+    assert_eq!(
+        of("sluice_rule_holds_released_total", "counted_streams"),
+        1.0
+    );
+    // A rule without a concurrency limit has no such series.
+    assert!(
+        !samples
+            .iter()
+            .any(|(name, labels, _)| name.starts_with("sluice_rule_holds")
+                && labels
+                    .iter()
+                    .any(|(k, v)| k == "domain" && v == "no_streams")),
+        "holds series for a rule without holds"
+    );
+}

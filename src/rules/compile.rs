@@ -224,10 +224,16 @@ impl Compiler<'_> {
         }
         let rule = policy.map(|policy| {
             let path = ancestry.stats_path.join(".");
+            let holds = match &policy {
+                Policy::Limited(windows) => windows
+                    .iter()
+                    .any(|w| w.algorithm == crate::limiter::Algorithm::InFlight),
+                Policy::Unlimited => false,
+            };
             let rule = Arc::new(Rule {
                 id: rule_scope(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
-                metrics: RuleMetrics::register(&self.domain, &path),
+                metrics: RuleMetrics::register(&self.domain, &path, holds),
                 capacity: Default::default(),
                 endpoint: (ancestry.keys.len() == 1 && raw.key == ENDPOINT_KEY)
                     .then_some(value)

@@ -149,7 +149,7 @@ impl Compiler<'_> {
         let rule = Arc::new(Rule {
             id: rule_scope(&self.domain, [identity.as_str()]),
             domain: self.domain.as_str().into(),
-            metrics: RuleMetrics::register(&self.domain, &label),
+            metrics: RuleMetrics::register(&self.domain, &label, false),
             capacity: Default::default(),
             endpoint: (key == ENDPOINT_KEY).then(|| value.into()),
             path: label.into(),
