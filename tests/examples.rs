@@ -62,7 +62,9 @@ fn istio_manifests_are_envoy_filters_that_match_the_envoy_example() {
         "descriptor_key: sluice.estimate",
         "descriptor_key: sluice.release",
         "path: [{ key: sluice.hold }]",
-        "%DYNAMIC_METADATA(envoy.filters.http.lua:tokens)%",
+        "%DYNAMIC_METADATA(sluice:tokens)%",
+        "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+        "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata",
         "apply_on_stream_done: true",
     ] {
         assert!(text.contains(shared) && envoy.contains(shared), "{shared}");
