@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use crate::decision::Verdict;
+use crate::decision::{Code, Verdict};
+use crate::rules::Measure;
 
 /// A header's text, built on the stack: the longest, a reset of `u64::MAX` milliseconds, is 24
 /// bytes. Numbers are written by `itoa`: `core::fmt` cost more than the decision itself here.
@@ -106,7 +107,7 @@ pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str))
         .filter_map(|(what, line)| line.filter(|l| l.over).map(|l| (*what, l)))
         .max_by_key(|(_, l)| l.until_reset);
     let Some((what, line)) = over else {
-        return Vec::new();
+        return streams_refusal(verdict, header);
     };
     let retry = line.until_reset.as_millis().div_ceil(1000).max(1);
     header("retry-after", number.format(retry));
@@ -121,6 +122,37 @@ pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str))
         unit = line.limit.unit,
         limit = line.limit.per_unit,
         used = line.used,
+    );
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": "rate_limit_exceeded",
+            "param": null,
+            "code": "rate_limit_exceeded",
+        }
+    });
+    body.to_string().into_bytes()
+}
+
+/// The body of a denial by a concurrency limit (the headers speak of requests a window and
+/// cannot say it): how many streams may run at once. Its holds free as streams end, so the
+/// client is asked to retry in a second, not when they would lapse.
+fn streams_refusal(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str)) -> Vec<u8> {
+    let Some(limit) = verdict
+        .statuses
+        .iter()
+        .filter(|s| s.over && s.code == Code::OverLimit)
+        .filter_map(|s| s.limit)
+        .find(|l| l.measure == Measure::Concurrency)
+    else {
+        return Vec::new();
+    };
+    header("retry-after", "1");
+    header("content-type", "application/json");
+    let name = limit.name.map(|n| format!(" ({n})")).unwrap_or_default();
+    let message = format!(
+        "Too many requests in flight{name}: at most {} at once. Please try again when one of them ends.",
+        limit.per_unit
     );
     let body = serde_json::json!({
         "error": {

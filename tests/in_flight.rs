@@ -65,6 +65,20 @@ async fn three_streams_pass_the_fourth_waits_for_one_to_end() {
         // Envoy sends a stream-done call for refused streams too; with no hold metadata its
         // release descriptor is not built, so nothing is given back for them.
         assert_eq!(hold_of(&refused), None);
+        // The 429 says why, and asks for a retry in a second (holds free as streams end).
+        let header = |name: &str| {
+            refused
+                .response_headers_to_add
+                .iter()
+                .find(|h| h.key == name)
+                .map(|h| h.value.clone())
+        };
+        assert_eq!(header("retry-after").as_deref(), Some("1"));
+        let body = String::from_utf8_lossy(&refused.raw_body);
+        assert!(
+            body.contains("Too many requests in flight: at most 3 at once"),
+            "{body}"
+        );
     }
     // Another key has slots of its own.
     assert!(is_ok(&call(&mut server, "k2").await));
