@@ -60,6 +60,7 @@ fn ask<'a>(entries: &'a [(&'a str, &'a str)]) -> Ask<'a, (&'a str, &'a str)> {
         refund: false,
         limit_override: None,
         purpose: Purpose::Call,
+        class: None,
     }
 }
 

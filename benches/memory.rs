@@ -59,6 +59,7 @@ fn main() {
                 refund: false,
                 limit_override: None,
                 purpose: Purpose::Call,
+                class: None,
             };
             decide(&rules, &limiter, "bench", &[ask], Mode::default());
         }

@@ -32,6 +32,7 @@ fn main() {
             refund: false,
             limit_override: None,
             purpose: Purpose::Call,
+            class: None,
         }];
         decide(&rules, &limiter, "bench", &asks, Mode::default()).allowed
     };

@@ -46,6 +46,7 @@ fn main() {
             refund: false,
             limit_override: None,
             purpose: Purpose::Call,
+            class: None,
         })
         .collect();
     let mut allowed = 0;

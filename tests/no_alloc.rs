@@ -77,6 +77,7 @@ fn deciding_on_existing_counters_allocates_nothing() {
         refund: false,
         limit_override: None,
         purpose: Purpose::Call,
+        class: None,
     };
     let key: &'static [(&str, &str)] = Box::leak(Box::new(key));
     let model: &'static [(&str, &str)] = Box::leak(Box::new(model));

@@ -85,6 +85,7 @@ pub(super) async fn explain(
             refund: false,
             limit_override: None,
             purpose: Purpose::Call,
+            class: None,
         })
         .collect();
     let Some(judged) = decision::explain(&rules, &app.limiter, &body.domain, &asks, app.mode())

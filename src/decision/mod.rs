@@ -73,6 +73,8 @@ pub struct Ask<'a, E> {
     pub limit_override: Option<LimitOverride>,
     /// What the call is for.
     pub purpose: Purpose,
+    /// Its priority class (a rule's `reserve`), if the descriptor names one.
+    pub class: Option<&'a str>,
 }
 
 /// A counter whose requests lease is spent, and what a fresh one must cover.

@@ -13,7 +13,9 @@ use super::report::Standing;
 use super::strict::{StrictJob, StrictWork};
 use super::{Ask, LimitOverride, Mode, Purpose, ReportedLimit};
 use crate::limiter::{CounterRef, Counts, Demand, Enforcement, Limits, Outcome};
-use crate::rules::{Consistency, Domain, Entry, Factor, Limit, Measure, Rule, override_scope};
+use crate::rules::{
+    Consistency, Domain, Entry, Factor, Limit, Measure, Rule, narrowed, override_scope,
+};
 
 /// Each descriptor's rule, found in its domain.
 pub(super) struct Matched<'r> {
@@ -335,7 +337,8 @@ impl<'r, 'v> Plan<'r, 'v> {
             return;
         }
         let Some(rule) = rule else { return };
-        let scale = rule.capacity.get();
+        // A priority class's share of the limits, within the capacity factor.
+        let scale = narrowed(rule.capacity.get(), rule.reserve.share(ask.class));
         for (w, window) in rule.windows().iter().enumerate() {
             let requests = window.requests.as_ref().filter(|l| !matched.replaced(l));
             let tokens = window.tokens.as_ref().filter(|l| !matched.replaced(l));

@@ -54,6 +54,7 @@ fn ask(
         refund: false,
         limit_override: None,
         purpose: Purpose::Call,
+        class: None,
     }
 }
 

@@ -24,6 +24,8 @@ pub const RESERVED_PREFIX: &str = "sluice.";
 pub const REPORT_KEY: &str = "sluice.report";
 /// `sluice.estimate=N`: the request reserves N tokens now; its report settles the difference.
 pub const ESTIMATE_KEY: &str = "sluice.estimate";
+/// The reserved entry that picks a call's priority class, unless `--priority-key` names another.
+pub const PRIORITY_KEY: &str = "sluice.priority";
 /// The reserved entry that gives back the holds in flight a stream took, at its end: its value
 /// is when they were taken, as the answer's dynamic metadata said ([`HOLD_METADATA_KEY`]).
 pub const RELEASE_KEY: &str = "sluice.release";
@@ -33,7 +35,7 @@ pub const RELEASE_KEY: &str = "sluice.release";
 pub const HOLD_METADATA_KEY: &str = "sluice.hold";
 
 /// Bounds on what one ShouldRateLimit call may carry; larger calls get INVALID_ARGUMENT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct RequestBounds {
     /// Most descriptors in one request.
     #[arg(long, env = "SLUICE_MAX_DESCRIPTORS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -46,6 +48,13 @@ pub struct RequestBounds {
     /// Longest domain, entry key or entry value, in bytes.
     #[arg(long, env = "SLUICE_MAX_VALUE_BYTES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub max_value_bytes: u32,
+
+    /// The descriptor entry key whose value picks a call's priority class (a rule's
+    /// `reserve`); the entry comes last among the descriptor's own entries and is not matched.
+    /// The default is reserved, so descriptors written for envoyproxy/ratelimit never lose an
+    /// entry to it; `--priority-key priority` takes `priority=high`.
+    #[arg(long, env = "SLUICE_PRIORITY_KEY", default_value = PRIORITY_KEY)]
+    pub priority_key: String,
 }
 
 /// A request sluice will not decide: answered INVALID_ARGUMENT.
@@ -92,7 +101,7 @@ pub enum DescriptorError {
     )]
     ReleaseWithOthers { entry: usize },
     #[error(
-        "entries[{entry}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N, {RELEASE_KEY}=T)"
+        "entries[{entry}]: unknown reserved entry `{key}={value}` (known: {REPORT_KEY}=tokens, {ESTIMATE_KEY}=N, {RELEASE_KEY}=T, {PRIORITY_KEY}=CLASS)"
     )]
     UnknownReserved {
         entry: usize,
@@ -156,6 +165,7 @@ fn ask<'c, 'a>(
             refund: descriptor.is_negative_hits,
             limit_override: None,
             purpose: Purpose::Call,
+            class: None,
         });
     }
     if descriptor.entries.len() > bounds.max_entries as usize {
@@ -183,16 +193,24 @@ fn ask<'c, 'a>(
         },
     };
     // sluice's reserved entries come after the descriptor's own and are not matched.
-    let own = descriptor
+    let priority = bounds.priority_key.as_str();
+    let mut own = descriptor
         .entries
         .iter()
-        .position(|e| e.key.starts_with(RESERVED_PREFIX))
+        .position(|e| e.key.starts_with(RESERVED_PREFIX) && e.key != priority)
         .unwrap_or(descriptor.entries.len());
+    // The priority entry, last of the descriptor's own (or first of the reserved ones).
+    let mut class = None;
+    if own > 0 && descriptor.entries[own - 1].key == priority {
+        own -= 1;
+        class = Some(descriptor.entries[own].value);
+    }
     if own == 0 {
         return Err(DescriptorError::OnlyReserved);
     }
     let (mut report, mut estimate, mut release) = (false, None, None);
-    for (entry, e) in descriptor.entries.iter().enumerate().skip(own) {
+    let reserved_from = own + usize::from(class.is_some());
+    for (entry, e) in descriptor.entries.iter().enumerate().skip(reserved_from) {
         match (e.key, e.value) {
             (RELEASE_KEY, value) => match value.trim().parse::<u64>() {
                 Ok(taken_ms) => release = Some((entry, taken_ms)),
@@ -201,6 +219,7 @@ fn ask<'c, 'a>(
                     return Err(DescriptorError::BadRelease { entry, value });
                 }
             },
+            (key, value) if key == priority && class.is_none() => class = Some(value),
             (REPORT_KEY, "tokens") => report = true,
             (ESTIMATE_KEY, value) => match value.trim().parse::<u64>() {
                 Ok(n) => estimate = Some(n),
@@ -239,6 +258,7 @@ fn ask<'c, 'a>(
         refund: descriptor.is_negative_hits,
         limit_override,
         purpose,
+        class,
     })
 }
 
@@ -556,6 +576,7 @@ mod tests {
             max_descriptors: 2,
             max_entries: 2,
             max_value_bytes: 16,
+            priority_key: PRIORITY_KEY.into(),
         };
         let entry = |key: &str, value: &str| ProtoEntry {
             key: key.into(),

@@ -9,8 +9,8 @@ use super::matcher::{Level, Node, Pattern, Selector};
 use super::metadata::to_struct;
 use super::raw::{RawDescriptor, RawFile};
 use super::{
-    ConfigError, Consistency, Domain, ENDPOINT_KEY, MetricDetail, Policy, Rule, SourceFile,
-    rule_scope,
+    ConfigError, Consistency, Domain, ENDPOINT_KEY, Factor, MetricDetail, Policy, Reserve, Rule,
+    SourceFile, rule_scope,
 };
 use crate::limiter::Enforcement;
 use crate::telemetry::RuleMetrics;
@@ -217,6 +217,7 @@ impl Compiler<'_> {
                 ),
             );
         }
+        let reserve = self.reserve(raw, policy.as_ref(), at);
         let mut children = Level::default();
         self.level(&raw.descriptors, at, &ancestry, &mut children);
         if self.errors.len() > errors_before {
@@ -234,6 +235,7 @@ impl Compiler<'_> {
                 id: rule_scope(&self.domain, ancestry.identity.iter().map(String::as_str)),
                 domain: self.domain.as_str().into(),
                 metrics: RuleMetrics::register(&self.domain, &path, holds),
+                reserve,
                 capacity: Default::default(),
                 endpoint: (ancestry.keys.len() == 1 && raw.key == ENDPOINT_KEY)
                     .then_some(value)
@@ -296,6 +298,61 @@ fn selector(raw: &RawDescriptor) -> (Selector, String) {
 fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
     let v = |d: &RawDescriptor| d.value.clone().filter(|v| !v.is_empty());
     v(a) == v(b)
+}
+
+impl Compiler<'_> {
+    /// `reserve: {class: N%}`: shares of the descriptor's limits kept for priority classes, each
+    /// above 0 % and together below 100 %. Errors recorded; an empty reserve when wrong.
+    fn reserve(&mut self, raw: &RawDescriptor, policy: Option<&Policy>, at: &YamlPath) -> Reserve {
+        let Some(written) = &raw.reserve else {
+            return Reserve::default();
+        };
+        let path = at.field("reserve");
+        let mut errors = Vec::new();
+        if !matches!(policy, Some(Policy::Limited(_))) {
+            errors.push("reserve keeps shares of a descriptor's limits: this one sets none".into());
+        }
+        if self.fleet_store {
+            errors.push(
+                "reserve is kept by each replica alone for now, not fleet-wide: with a Redis \
+                 store configured, drop it"
+                    .into(),
+            );
+        }
+        let mut classes = Vec::new();
+        for (class, share) in written {
+            let percent = share
+                .as_str()
+                .and_then(|t| t.trim().strip_suffix('%'))
+                .and_then(|n| n.trim().parse::<f64>().ok());
+            match percent {
+                _ if class.trim().is_empty() => {
+                    errors.push("a class name must not be empty".into())
+                }
+                Some(p) if p > 0.0 && p < 100.0 => {
+                    classes.push((class.as_str().into(), (p * 10_000.0).round() as u32));
+                }
+                Some(_) => errors.push(format!(
+                    "the share of `{class}` must be above 0% and below 100%"
+                )),
+                None => errors.push(format!(
+                    "the share of `{class}` is a percentage of the limit, e.g. 20%, not `{}`",
+                    serde_yaml::to_string(share).unwrap_or_default().trim()
+                )),
+            }
+        }
+        let total: u32 = classes.iter().map(|(_, share)| share).sum();
+        if errors.is_empty() && total >= Factor::FULL {
+            errors.push("the shares reserved must add up to less than 100%".into());
+        }
+        if errors.is_empty() {
+            return Reserve::new(classes);
+        }
+        for message in errors {
+            self.error(&path, message);
+        }
+        Reserve::default()
+    }
 }
 
 #[cfg(test)]
@@ -590,6 +647,49 @@ descriptors:
                 "6: descriptors[1].rate_limit.burst: burst is a token bucket's size: set `algorithm: token_bucket` with it",
                 "8: descriptors[2].rate_limit.burst: burst must be at least 1",
                 "10: descriptors[3].rate_limit.algorithm: an unlimited limit must not set algorithm",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reserve_keeps_shares_of_the_limits_for_named_classes() {
+        let domain = compile(
+            "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: minute, requests: 100 }
+    reserve: { high: 20%, critical: 5% }
+",
+        )
+        .expect("valid");
+        let reserve = &domain.rules[0].reserve;
+        // Ordinary calls: 75 %; each named class all but the other's share.
+        assert_eq!(reserve.share(None), 750_000);
+        assert_eq!(reserve.share(Some("batch")), 750_000);
+        assert_eq!(reserve.share(Some("high")), 950_000);
+        assert_eq!(reserve.share(Some("critical")), 800_000);
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: minute, requests: 100 }
+    reserve: { high: 20 }
+  - key: b
+    rate_limit: { unit: minute, requests: 100 }
+    reserve: { high: 60%, low: 40% }
+  - key: c
+    reserve: { high: 10% }
+  - key: e
+    rate_limit: { unit: minute, requests: 100 }
+    reserve: { high: 0% }
+"
+            ),
+            [
+                "5: descriptors[0].reserve: the share of `high` is a percentage of the limit, e.g. 20%, not `20`",
+                "8: descriptors[1].reserve: the shares reserved must add up to less than 100%",
+                "10: descriptors[2].reserve: reserve keeps shares of a descriptor's limits: this one sets none",
+                "13: descriptors[3].reserve: the share of `high` must be above 0% and below 100%",
             ]
         );
     }

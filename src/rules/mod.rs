@@ -193,6 +193,55 @@ pub enum Policy {
     Limited(Box<[RuleWindow]>),
 }
 
+/// Shares of a rule's limits kept for priority classes (`reserve: {high: 20%}`): a call of a
+/// class named here may use all of a limit but the other classes' shares; any other call
+/// (no class, or one not named) none of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reserve {
+    /// Each class and its share, in millionths of the limit.
+    classes: Box<[(Box<str>, u32)]>,
+    /// Their sum, below [`Factor::FULL`].
+    total: u32,
+}
+
+impl Reserve {
+    /// Shares in millionths; their sum must be below [`Factor::FULL`] (the compiler checks).
+    pub fn new(classes: Vec<(Box<str>, u32)>) -> Reserve {
+        let total = classes.iter().map(|(_, share)| share).sum();
+        debug_assert!(total < Factor::FULL);
+        Reserve {
+            classes: classes.into_boxed_slice(),
+            total,
+        }
+    }
+
+    /// The share of a limit a call of `class` may use, in millionths.
+    #[inline]
+    pub fn share(&self, class: Option<&str>) -> u32 {
+        if self.total == 0 {
+            return Factor::FULL;
+        }
+        let own = class
+            .and_then(|c| self.classes.iter().find(|(name, _)| &**name == c))
+            .map_or(0, |(_, share)| *share);
+        Factor::FULL - (self.total - own)
+    }
+
+    /// The classes and their shares (millionths), as written.
+    pub fn classes(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.classes.iter().map(|(name, share)| (&**name, *share))
+    }
+}
+
+/// A scale in millionths (a capacity factor) narrowed by a share in millionths.
+#[inline]
+pub fn narrowed(scale: u32, share: u32) -> u32 {
+    if share == Factor::FULL {
+        return scale;
+    }
+    (u64::from(scale) * u64::from(share) / u64::from(Factor::FULL)) as u32
+}
+
 /// A descriptor of a rule file that sets limits.
 #[derive(Debug)]
 pub struct Rule {
@@ -219,6 +268,8 @@ pub struct Rule {
     pub metadata: Option<Struct>,
     /// Its counters, labelled by domain and path.
     pub metrics: RuleMetrics,
+    /// Shares of its limits kept for priority classes.
+    pub reserve: Reserve,
     /// The share of its limits in force (capacity reduction), set by the capacity task.
     pub capacity: Factor,
     /// The upstream endpoint the rule limits, for a one-level rule on the [`ENDPOINT_KEY`]

@@ -106,6 +106,9 @@ pub struct RawDescriptor {
     pub share_threshold: bool,
     #[serde(default)]
     pub metadata: Option<serde_yaml::Mapping>,
+    /// sluice extension: shares of the limits kept for priority classes (`{high: 20%}`).
+    #[serde(default)]
+    pub reserve: Option<std::collections::BTreeMap<String, serde_yaml::Value>>,
     /// sluice extension: `strict` decides in Redis on the request path, exactly;
     /// `approximate` (the default) decides locally against synced fleet totals.
     #[serde(default)]

@@ -150,6 +150,7 @@ impl Compiler<'_> {
             id: rule_scope(&self.domain, [identity.as_str()]),
             domain: self.domain.as_str().into(),
             metrics: RuleMetrics::register(&self.domain, &label, false),
+            reserve: Default::default(),
             capacity: Default::default(),
             endpoint: (key == ENDPOINT_KEY).then(|| value.into()),
             path: label.into(),
