@@ -197,11 +197,15 @@ fn ask<'c, 'a>(
     let mut own = descriptor
         .entries
         .iter()
-        .position(|e| e.key.starts_with(RESERVED_PREFIX) && e.key != priority)
+        .position(|e| e.key.starts_with(RESERVED_PREFIX))
         .unwrap_or(descriptor.entries.len());
-    // The priority entry, last of the descriptor's own (or first of the reserved ones).
+    // A priority entry of a plain key is the last of the descriptor's own; a reserved one is
+    // read with the other reserved entries below.
     let mut class = None;
-    if own > 0 && descriptor.entries[own - 1].key == priority {
+    if !priority.starts_with(RESERVED_PREFIX)
+        && own > 0
+        && descriptor.entries[own - 1].key == priority
+    {
         own -= 1;
         class = Some(descriptor.entries[own].value);
     }
@@ -613,5 +617,40 @@ mod tests {
         let asks = asks(&call, &bounds).unwrap();
         assert_eq!(asks[0].purpose, Purpose::Reserve { tokens: 300 });
         assert_eq!((asks[0].entries.len(), asks[0].hits), (1, 1));
+
+        // The priority class: a reserved entry, or the last own entry of a plain key.
+        let classed = |bounds: &RequestBounds, entries: Vec<ProtoEntry>| {
+            let wire = prost::Message::encode_to_vec(&request(entries));
+            let call = Call::read(&wire).unwrap();
+            super::asks(&call, bounds)
+                .map(|a| (a[0].entries.len(), a[0].class.map(str::to_string)))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            classed(
+                &bounds,
+                vec![entry("k", "v"), entry("sluice.priority", "hi")]
+            ),
+            Ok((1, Some("hi".into())))
+        );
+        assert_eq!(
+            classed(
+                &bounds,
+                vec![entry("sluice.priority", "hi"), entry("k", "v")]
+            ),
+            Err("descriptors[0]: needs an entry besides the sluice.* ones".into())
+        );
+        let plain = RequestBounds {
+            priority_key: "priority".into(),
+            ..bounds.clone()
+        };
+        assert_eq!(
+            classed(&plain, vec![entry("k", "v"), entry("priority", "hi")]),
+            Ok((1, Some("hi".into())))
+        );
+        assert_eq!(
+            classed(&plain, vec![entry("priority", "hi"), entry("k", "v")]),
+            Ok((2, None))
+        );
     }
 }
