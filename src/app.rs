@@ -39,6 +39,37 @@ pub struct App {
     pub domains_loaded: tokio::sync::watch::Sender<bool>,
     /// OpenTelemetry traces of ShouldRateLimit, when on.
     pub traces: Option<Traces>,
+    /// Calls waiting for capacity (a rule's `wait:`), in arrival order per descriptor.
+    pub waiting: WaitQueues,
+}
+
+/// The calls waiting for capacity: one first-come-first-served queue per descriptor refused
+/// (a tokio semaphore of one permit, fair), whose head alone retries; and a wake-up for heads
+/// whose capacity comes back by a release rather than with time.
+#[derive(Debug, Default)]
+pub struct WaitQueues {
+    queues: std::sync::Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Semaphore>>>,
+    /// Notified when holds in flight are given back.
+    pub released: tokio::sync::Notify,
+}
+
+impl WaitQueues {
+    /// The queue of descriptor `key`.
+    pub fn queue(&self, key: u64) -> Arc<tokio::sync::Semaphore> {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+            .clone()
+    }
+
+    /// Drops the queue of `key` once no one waits in it (the map's own handle and `queue`'s).
+    pub fn leave(&self, key: u64, queue: Arc<tokio::sync::Semaphore>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&queue) <= 2 {
+            queues.remove(&key);
+        }
+    }
 }
 
 impl App {
@@ -61,6 +92,7 @@ impl App {
             metrics: ProcessMetrics::register(),
             capacity: Capacity::default(),
             capacity_changed: tokio::sync::Notify::new(),
+            waiting: WaitQueues::default(),
         }
     }
 

@@ -65,6 +65,9 @@ pub struct Unfinished {
 enum Wait {
     /// Denied for spent leases: lease, then decide again (nothing was counted).
     Leases(Vec<LeaseWant>),
+    /// Denied by rules that let a call wait (`wait:`): queue, and decide again as capacity
+    /// comes back, until admitted or `wait` has passed (nothing was counted or recorded).
+    Capacity(Waitable),
     /// Decided locally; its strict limits are still to settle.
     Strict(Answer, Box<StrictWork>),
 }
@@ -84,7 +87,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
         Ok(asks) => asks,
         Err(error) => return invalid(app, error),
     };
-    let responded = match decide_once(app, &call, &asks, false) {
+    let responded = match decide_once(app, &call, &asks, false, true) {
         Ok(Responded::LeasesSpent(wants)) => {
             // A lease the sync took ahead of this window, claimed with no call to the store.
             let claimed = app
@@ -92,7 +95,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
                 .as_ref()
                 .is_some_and(|fleet| fleet.claim_ahead(&app.limiter, &wants));
             if claimed {
-                decide_once(app, &call, &asks, false)
+                decide_once(app, &call, &asks, false, true)
             } else {
                 Ok(Responded::LeasesSpent(wants))
             }
@@ -102,6 +105,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
     let wait = match responded {
         Err(error) => return Answered::Now(Err(error)),
         Ok(Responded::LeasesSpent(wants)) => Wait::Leases(wants),
+        Ok(Responded::Wait(waitable)) => Wait::Capacity(waitable),
         Ok(Responded::Answer(response, strict, background)) => {
             lease_in_background(app, background);
             match (strict, &app.fleet) {
@@ -129,18 +133,30 @@ impl Unfinished {
         } = self;
         let (response, work) = match wait {
             Wait::Strict(response, work) => (response, work),
+            Wait::Capacity(waitable) => {
+                match wait_for_capacity(app, &request, waitable, started).await? {
+                    Responded::Answer(response, strict, background) => {
+                        lease_in_background(app, background);
+                        match (strict, &app.fleet) {
+                            (Some(work), Some(_)) => (response, work),
+                            _ => return Ok(finish(app, response, started)),
+                        }
+                    }
+                    Responded::LeasesSpent(_) | Responded::Wait(_) => return Err(internal()),
+                }
+            }
             Wait::Leases(wants) => {
                 take_leases(app, &wants).await;
                 let call = Call::read(&request).map_err(RequestError::Undecodable)?;
                 let asks = proto::asks(&call, &app.settings.request_bounds)?;
-                let responded = match decide_once(app, &call, &asks, false)? {
+                let responded = match decide_once(app, &call, &asks, false, false)? {
                     // Still short of a lease the fleet may have: the window ended while the
                     // store answered (what it granted went to the window gone), or the grant
                     // fell short. Once more, then decided on what is held. A fleet found spent
                     // is not asked again: the view just read says so.
                     Responded::LeasesSpent(wants) => {
                         take_leases(app, &wants).await;
-                        decide_once(app, &call, &asks, true)?
+                        decide_once(app, &call, &asks, true, false)?
                     }
                     answered => answered,
                 };
@@ -152,7 +168,7 @@ impl Unfinished {
                             _ => return Ok(finish(app, response, started)),
                         }
                     }
-                    Responded::LeasesSpent(_) => return Err(internal()),
+                    Responded::LeasesSpent(_) | Responded::Wait(_) => return Err(internal()),
                 }
             }
         };
@@ -187,9 +203,131 @@ fn decide_once(
     request: &Call<'_>,
     asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
+    may_wait: bool,
 ) -> Result<Responded, AnswerError> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| respond(app, request, asks, last_try)))
-        .map_err(|_| internal())
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        respond(app, request, asks, last_try, may_wait)
+    }))
+    .map_err(|_| internal())
+}
+
+/// A denial the call may wait out: how long at most (from its start), when to try again if
+/// nothing wakes it sooner, and the queue it waits in (its first refused descriptor's).
+struct Waitable {
+    wait: std::time::Duration,
+    retry_in: std::time::Duration,
+    queue: u64,
+}
+
+impl Waitable {
+    /// The wait a denial allows: every descriptor refused must be of a rule with `wait:`; the
+    /// shortest of them bounds it.
+    fn of(
+        request: &Call<'_>,
+        asks: &[Ask<'_, CallEntry<'_>>],
+        verdict: &Verdict<'_>,
+    ) -> Option<Waitable> {
+        let mut refused = verdict
+            .statuses
+            .iter()
+            .zip(asks)
+            .filter(|(s, _)| s.code == Code::OverLimit)
+            .peekable();
+        let (_, first) = refused.peek()?;
+        let queue = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            request.domain.hash(&mut hasher);
+            for e in first.entries {
+                (e.key, e.value).hash(&mut hasher);
+            }
+            hasher.finish()
+        };
+        let (mut wait, mut retry_in) = (std::time::Duration::MAX, std::time::Duration::MAX);
+        for (status, _) in refused {
+            wait = wait.min(status.rule?.wait?);
+            retry_in = retry_in.min(status.until_reset);
+        }
+        Some(Waitable {
+            wait,
+            retry_in: retry_in.max(std::time::Duration::from_millis(1)),
+            queue,
+        })
+    }
+}
+
+/// Waits in the descriptor's queue, first come first served, then decides again each time
+/// capacity may have come back (the time the denial named, or a release of holds), until the
+/// call is admitted or its wait is over; then decides it for good. A waiter is a sleeping
+/// future: no thread, no polling loop. Dropped (the client gone), it leaves the queue.
+async fn wait_for_capacity(
+    app: &Arc<App>,
+    request: &Bytes,
+    first: Waitable,
+    started: Instant,
+) -> Result<Responded, AnswerError> {
+    let deadline = tokio::time::Instant::from_std(started) + first.wait;
+    let queue = app.waiting.queue(first.queue);
+    let leave = LeaveQueue {
+        app,
+        key: first.queue,
+        queue: Some(queue.clone()),
+    };
+    let queued = tokio::time::Instant::now();
+    let turn = tokio::time::timeout_at(deadline, queue.clone().acquire_owned())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    // Its turn came after others' waits: capacity may be back already, so it decides first.
+    let mut sleep_first = queued.elapsed() < std::time::Duration::from_millis(1);
+    let mut retry_in = first.retry_in;
+    loop {
+        let now = tokio::time::Instant::now();
+        let last = turn.is_none() || now >= deadline;
+        if !last && std::mem::replace(&mut sleep_first, true) {
+            let released = app.waiting.released.notified();
+            tokio::select! {
+                _ = tokio::time::sleep_until((now + retry_in).min(deadline)) => {}
+                _ = released => {}
+            }
+        }
+        let last = last || tokio::time::Instant::now() >= deadline;
+        let call = Call::read(request).map_err(RequestError::Undecodable)?;
+        let asks = proto::asks(&call, &app.settings.request_bounds)?;
+        match decide_once(app, &call, &asks, true, !last)? {
+            Responded::Wait(again) => retry_in = again.retry_in,
+            answered => {
+                let metrics = &app.metrics.requests;
+                metrics
+                    .wait_duration
+                    .record(started.elapsed().as_secs_f64());
+                match &answered {
+                    Responded::Answer(response, ..) if response.code == Code::Ok => {
+                        metrics.waited_admitted.increment(1)
+                    }
+                    _ => metrics.waited_refused.increment(1),
+                }
+                drop(turn);
+                drop(leave);
+                return Ok(answered);
+            }
+        }
+    }
+}
+
+/// Leaves a wait queue however the wait ends (an answer, or the call dropped).
+struct LeaveQueue<'a> {
+    app: &'a App,
+    key: u64,
+    queue: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Drop for LeaveQueue<'_> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            self.app.waiting.leave(self.key, queue);
+        }
+    }
 }
 
 /// Leases afresh the counters a request found spent, on the request path (bounded by the
@@ -276,6 +414,8 @@ enum Responded {
     /// Denied because leases ran out while the fleet had budget left: worth deciding again
     /// once leased. Nothing was counted or recorded.
     LeasesSpent(Vec<LeaseWant>),
+    /// Denied by rules that let the call wait for capacity. Nothing was counted or recorded.
+    Wait(Waitable),
 }
 
 /// Decides the request and builds its answer; unless `last_try`, a denial that fresh leases
@@ -285,11 +425,24 @@ fn respond(
     request: &Call<'_>,
     asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
+    may_wait: bool,
 ) -> Responded {
     let rules = app.rules.load();
     let mut verdict = decide(&rules, &app.limiter, request.domain, asks, app.mode());
     if !last_try && !verdict.spent_leases.is_empty() && app.fleet.is_some() {
         return Responded::LeasesSpent(std::mem::take(&mut verdict.spent_leases));
+    }
+    if may_wait
+        && !verdict.allowed
+        && let Some(waitable) = Waitable::of(request, asks, &verdict)
+    {
+        return Responded::Wait(waitable);
+    }
+    if asks
+        .iter()
+        .any(|a| matches!(a.purpose, Purpose::Release { .. }))
+    {
+        app.waiting.released.notify_waiters();
     }
     // One usage report per call, however many descriptors carry it.
     let reported = asks

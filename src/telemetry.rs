@@ -39,6 +39,8 @@ pub mod names {
     pub const LEASE_CALLS: &str = "sluice_lease_request_path_calls_total";
     pub const LEASE_FAILURES: &str = "sluice_lease_request_path_failures_total";
     pub const LEASE_TOP_UPS: &str = "sluice_lease_top_up_calls_total";
+    pub const WAITS: &str = "sluice_waits_total";
+    pub const WAIT_DURATION: &str = "sluice_wait_duration_seconds";
 }
 
 /// envoyproxy/ratelimit's names, as its `default_mapper.yaml` maps its stats to Prometheus.
@@ -203,6 +205,11 @@ pub struct RequestMetrics {
     /// Leases taken in the background: topped up when an admission found them running low,
     /// or asked again for a fleet a refusal found spent on a view read a while ago.
     pub lease_top_ups: Counter,
+    /// Calls that waited for capacity (a rule's `wait:`), then were admitted or refused.
+    pub waited_admitted: Counter,
+    pub waited_refused: Counter,
+    /// How long they waited.
+    pub wait_duration: Histogram,
 }
 
 /// What rule reloads report.
@@ -259,6 +266,9 @@ impl ProcessMetrics {
                 lease_calls: counter!(names::LEASE_CALLS),
                 lease_failures: counter!(names::LEASE_FAILURES),
                 lease_top_ups: counter!(names::LEASE_TOP_UPS),
+                waited_admitted: counter!(names::WAITS, "outcome" => "admitted"),
+                waited_refused: counter!(names::WAITS, "outcome" => "refused"),
+                wait_duration: histogram!(names::WAIT_DURATION),
             },
             reload: ReloadMetrics {
                 peer_loads: peer_names_on().then(|| {

@@ -218,6 +218,7 @@ impl Compiler<'_> {
             );
         }
         let reserve = self.reserve(raw, policy.as_ref(), at);
+        let wait = self.wait(raw, policy.as_ref(), at);
         let mut children = Level::default();
         self.level(&raw.descriptors, at, &ancestry, &mut children);
         if self.errors.len() > errors_before {
@@ -236,6 +237,7 @@ impl Compiler<'_> {
                 domain: self.domain.as_str().into(),
                 metrics: RuleMetrics::register(&self.domain, &path, holds),
                 reserve,
+                wait,
                 capacity: Default::default(),
                 endpoint: (ancestry.keys.len() == 1 && raw.key == ENDPOINT_KEY)
                     .then_some(value)
@@ -300,7 +302,52 @@ fn same_value(a: &RawDescriptor, b: &RawDescriptor) -> bool {
     v(a) == v(b)
 }
 
+/// The longest a rule may make a call wait: Envoy's rate-limit filter gives up on sluice after
+/// its own `timeout`, which a wait must stay under.
+pub const LONGEST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Compiler<'_> {
+    /// `wait: 250ms`: how long a call the rule would refuse waits for capacity, from 1 ms to
+    /// [`LONGEST_WAIT`]. `None` when absent or wrong (errors recorded).
+    fn wait(
+        &mut self,
+        raw: &RawDescriptor,
+        policy: Option<&Policy>,
+        at: &YamlPath,
+    ) -> Option<std::time::Duration> {
+        let text = raw.wait.as_deref()?;
+        let path = at.field("wait");
+        if !matches!(policy, Some(Policy::Limited(_))) {
+            self.error(
+                &path,
+                "wait is for a call a limit refuses: this descriptor sets none".into(),
+            );
+            return None;
+        }
+        match humantime::parse_duration(text.trim()) {
+            Ok(wait) if wait >= std::time::Duration::from_millis(1) && wait <= LONGEST_WAIT => {
+                Some(wait)
+            }
+            Ok(_) => {
+                self.error(
+                    &path,
+                    format!(
+                        "wait must be from 1ms to {}s, and below Envoy's rate-limit `timeout`: `{text}` is not",
+                        LONGEST_WAIT.as_secs()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                self.error(
+                    &path,
+                    format!("`{text}` is not a length of time ({e}); write e.g. 250ms or 2s"),
+                );
+                None
+            }
+        }
+    }
+
     /// `reserve: {class: N%}`: shares of the descriptor's limits kept for priority classes, each
     /// above 0 % and together below 100 %. Errors recorded; an empty reserve when wrong.
     fn reserve(&mut self, raw: &RawDescriptor, policy: Option<&Policy>, at: &YamlPath) -> Reserve {
@@ -647,6 +694,38 @@ descriptors:
                 "6: descriptors[1].rate_limit.burst: burst is a token bucket's size: set `algorithm: token_bucket` with it",
                 "8: descriptors[2].rate_limit.burst: burst must be at least 1",
                 "10: descriptors[3].rate_limit.algorithm: an unlimited limit must not set algorithm",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wait_is_a_length_from_a_millisecond_to_thirty_seconds_on_a_limited_descriptor() {
+        let domain = compile(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: second, requests: 1 }\n    wait: 250ms\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            domain.rules[0].wait,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            errors(
+                "domain: d
+descriptors:
+  - key: a
+    rate_limit: { unit: second, requests: 1 }
+    wait: 1m
+  - key: b
+    rate_limit: { unit: second, requests: 1 }
+    wait: soon
+  - key: c
+    wait: 1s
+"
+            ),
+            [
+                "5: descriptors[0].wait: wait must be from 1ms to 30s, and below Envoy's rate-limit `timeout`: `1m` is not",
+                "8: descriptors[1].wait: `soon` is not a length of time (expected number at 0); write e.g. 250ms or 2s",
+                "10: descriptors[2].wait: wait is for a call a limit refuses: this descriptor sets none",
             ]
         );
     }

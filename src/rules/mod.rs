@@ -270,6 +270,8 @@ pub struct Rule {
     pub metrics: RuleMetrics,
     /// Shares of its limits kept for priority classes.
     pub reserve: Reserve,
+    /// How long a call it would refuse may wait for capacity instead (`wait:`).
+    pub wait: Option<std::time::Duration>,
     /// The share of its limits in force (capacity reduction), set by the capacity task.
     pub capacity: Factor,
     /// The upstream endpoint the rule limits, for a one-level rule on the [`ENDPOINT_KEY`]

@@ -106,6 +106,9 @@ pub struct RawDescriptor {
     pub share_threshold: bool,
     #[serde(default)]
     pub metadata: Option<serde_yaml::Mapping>,
+    /// sluice extension: how long a call that would be refused may wait for capacity (`250ms`).
+    #[serde(default)]
+    pub wait: Option<String>,
     /// sluice extension: shares of the limits kept for priority classes (`{high: 20%}`).
     #[serde(default)]
     pub reserve: Option<std::collections::BTreeMap<String, serde_yaml::Value>>,

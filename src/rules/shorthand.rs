@@ -151,6 +151,7 @@ impl Compiler<'_> {
             domain: self.domain.as_str().into(),
             metrics: RuleMetrics::register(&self.domain, &label, false),
             reserve: Default::default(),
+            wait: None,
             capacity: Default::default(),
             endpoint: (key == ENDPOINT_KEY).then(|| value.into()),
             path: label.into(),
