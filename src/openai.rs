@@ -123,6 +123,11 @@ pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str))
         limit = line.limit.per_unit,
         used = line.used,
     );
+    error_body(&message)
+}
+
+/// An OpenAI-style error body: what a client SDK reads to back off.
+fn error_body(message: &str) -> Vec<u8> {
     let body = serde_json::json!({
         "error": {
             "message": message,
@@ -154,15 +159,7 @@ fn streams_refusal(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &
         "Too many requests in flight{name}: at most {} at once. Please try again when one of them ends.",
         limit.per_unit
     );
-    let body = serde_json::json!({
-        "error": {
-            "message": message,
-            "type": "rate_limit_exceeded",
-            "param": null,
-            "code": "rate_limit_exceeded",
-        }
-    });
-    body.to_string().into_bytes()
+    error_body(&message)
 }
 
 #[cfg(test)]

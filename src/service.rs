@@ -134,15 +134,10 @@ impl Unfinished {
         let (response, work) = match wait {
             Wait::Strict(response, work) => (response, work),
             Wait::Capacity(waitable) => {
-                match wait_for_capacity(app, &request, waitable, started).await? {
-                    Responded::Answer(response, strict, background) => {
-                        lease_in_background(app, background);
-                        match (strict, &app.fleet) {
-                            (Some(work), Some(_)) => (response, work),
-                            _ => return Ok(finish(app, response, started)),
-                        }
-                    }
-                    Responded::LeasesSpent(_) | Responded::Wait(_) => return Err(internal()),
+                let responded = wait_for_capacity(app, &request, waitable, started).await?;
+                match strict_left(app, responded)? {
+                    Decided::Unsettled(response, work) => (response, work),
+                    Decided::Done(response) => return Ok(finish(app, response, started)),
                 }
             }
             Wait::Leases(wants) => {
@@ -160,15 +155,9 @@ impl Unfinished {
                     }
                     answered => answered,
                 };
-                match responded {
-                    Responded::Answer(response, strict, background) => {
-                        lease_in_background(app, background);
-                        match (strict, &app.fleet) {
-                            (Some(work), Some(_)) => (response, work),
-                            _ => return Ok(finish(app, response, started)),
-                        }
-                    }
-                    Responded::LeasesSpent(_) | Responded::Wait(_) => return Err(internal()),
+                match strict_left(app, responded)? {
+                    Decided::Unsettled(response, work) => (response, work),
+                    Decided::Done(response) => return Ok(finish(app, response, started)),
                 }
             }
         };
@@ -180,6 +169,24 @@ impl Unfinished {
             .map_err(|_| internal())?;
         Ok(finish(app, response, started))
     }
+}
+
+/// A final decision's answer: with strict limits still to settle, or done.
+enum Decided {
+    Unsettled(Answer, Box<StrictWork>),
+    Done(Answer),
+}
+
+/// What a final decision leaves to do; leases running low are topped up in the background.
+fn strict_left(app: &Arc<App>, responded: Responded) -> Result<Decided, AnswerError> {
+    let Responded::Answer(response, strict, background) = responded else {
+        return Err(internal());
+    };
+    lease_in_background(app, background);
+    Ok(match (strict, &app.fleet) {
+        (Some(work), Some(_)) => Decided::Unsettled(response, work),
+        _ => Decided::Done(response),
+    })
 }
 
 /// A request refused before deciding: counted, and answered INVALID_ARGUMENT.
