@@ -54,21 +54,15 @@ pub struct WaitQueues {
 }
 
 impl WaitQueues {
-    /// The queue of descriptor `key`.
+    /// The queue of descriptor `key`. Queues no waiter holds any more (the map's handle is
+    /// their last) are dropped here, so the map keeps only the queues in use and the last few.
     pub fn queue(&self, key: u64) -> Arc<tokio::sync::Semaphore> {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.retain(|_, queue| Arc::strong_count(queue) > 1);
         queues
             .entry(key)
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
             .clone()
-    }
-
-    /// Drops the queue of `key` once no one waits in it (the map's own handle and `queue`'s).
-    pub fn leave(&self, key: u64, queue: Arc<tokio::sync::Semaphore>) {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&queue) <= 2 {
-            queues.remove(&key);
-        }
     }
 }
 

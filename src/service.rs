@@ -241,20 +241,21 @@ impl Waitable {
             .filter(|(s, _)| s.code == Code::OverLimit)
             .peekable();
         let (_, first) = refused.peek()?;
-        let queue = {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            request.domain.hash(&mut hasher);
-            for e in first.entries {
-                (e.key, e.value).hash(&mut hasher);
-            }
-            hasher.finish()
-        };
+        let domain_and_entries = (request.domain, first.entries);
         let (mut wait, mut retry_in) = (std::time::Duration::MAX, std::time::Duration::MAX);
         for (status, _) in refused {
             wait = wait.min(status.rule?.wait?);
             retry_in = retry_in.min(status.until_reset);
         }
+        let queue = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            domain_and_entries.0.hash(&mut hasher);
+            for e in domain_and_entries.1 {
+                (e.key, e.value).hash(&mut hasher);
+            }
+            hasher.finish()
+        };
         Some(Waitable {
             wait,
             retry_in: retry_in.max(std::time::Duration::from_millis(1)),
@@ -275,13 +276,8 @@ async fn wait_for_capacity(
 ) -> Result<Responded, AnswerError> {
     let deadline = tokio::time::Instant::from_std(started) + first.wait;
     let queue = app.waiting.queue(first.queue);
-    let leave = LeaveQueue {
-        app,
-        key: first.queue,
-        queue: Some(queue.clone()),
-    };
     let queued = tokio::time::Instant::now();
-    let turn = tokio::time::timeout_at(deadline, queue.clone().acquire_owned())
+    let turn = tokio::time::timeout_at(deadline, queue.acquire_owned())
         .await
         .ok()
         .and_then(Result::ok);
@@ -314,25 +310,8 @@ async fn wait_for_capacity(
                     }
                     _ => metrics.waited_refused.increment(1),
                 }
-                drop(turn);
-                drop(leave);
                 return Ok(answered);
             }
-        }
-    }
-}
-
-/// Leaves a wait queue however the wait ends (an answer, or the call dropped).
-struct LeaveQueue<'a> {
-    app: &'a App,
-    key: u64,
-    queue: Option<Arc<tokio::sync::Semaphore>>,
-}
-
-impl Drop for LeaveQueue<'_> {
-    fn drop(&mut self) {
-        if let Some(queue) = self.queue.take() {
-            self.app.waiting.leave(self.key, queue);
         }
     }
 }
