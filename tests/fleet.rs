@@ -1269,7 +1269,7 @@ async fn unused_lease_within_a_64th(redis: &RedisServer, algorithm: &str, keys: 
 /// has it topped up in the background, so the calls after it find lease and none waits on the
 /// store. The replica's sync waits an hour here, so only the top-ups can keep its lease: the
 /// first grants of a fresh counter are small (the ramp, taken on the request path), and after
-/// them 1,500 calls, one after the other, take none there. Before top-ups the lease was
+/// them 1,500 calls, one after the other, take (almost) none there. Before top-ups the lease was
 /// leased afresh on the request path each time it ran out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_running_low_is_topped_up_before_a_call_must_wait_on_the_store() {
@@ -1303,8 +1303,16 @@ async fn a_lease_running_low_is_topped_up_before_a_call_must_wait_on_the_store()
         "first 300 calls: {ramp} on the request path, {ramp_top_ups} top-ups; next 1,500: \
          {after} on the request path, {top_ups} top-ups"
     );
-    assert_eq!(after, 0, "{top_ups} top-ups");
-    assert!(top_ups > 0);
+    // A top-up is a Redis call in the background; on a host busy with other tests one may
+    // finish after the 50 calls of low water are spent, and that call then leases on the
+    // request path. What must hold: top-ups did the work (several for every call that
+    // waited), and at least 99 % of decisions made no Redis call. Without top-ups, every
+    // lease spent was leased again on the request path and no top-up was counted.
+    assert!(top_ups > 0, "no top-up in 1,500 calls");
+    assert!(
+        after * 4 <= top_ups && after * 100 <= 1_500,
+        "{after} of 1,500 calls leased on the request path beside {top_ups} top-ups"
+    );
     server.stop().await;
 }
 
