@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::decision::{Code, Verdict};
+use crate::decision::{Code, ReportedLimit, Status, Verdict};
 use crate::rules::Measure;
 
 /// A header's text, built on the stack: the longest, a reset of `u64::MAX` milliseconds, is 24
@@ -139,10 +139,47 @@ fn error_body(message: &str) -> Vec<u8> {
     body.to_string().into_bytes()
 }
 
+/// `retry-after` and the error body of a request denied by limits settled in the fleet store
+/// (`statuses`: theirs), which the local decision's headline did not see: a concurrency limit
+/// asks for a retry in a second, as [`streams_refusal`]; else the over limit that resets last
+/// decides.
+pub fn store_refusal(
+    statuses: &[Status<'_>],
+    mut header: impl FnMut(&'static str, &str),
+) -> Vec<u8> {
+    let over = || {
+        statuses
+            .iter()
+            .filter(|s| s.over && s.code == Code::OverLimit)
+            .filter_map(|s| s.limit.map(|l| (l, s)))
+    };
+    if let Some((limit, _)) = over().find(|(l, _)| l.measure == Measure::Concurrency) {
+        return streams_message(limit, header);
+    }
+    let Some((limit, status)) = over().max_by_key(|(_, s)| s.until_reset) else {
+        return Vec::new();
+    };
+    let retry = status.until_reset.as_millis().div_ceil(1000).max(1);
+    header("retry-after", itoa::Buffer::new().format(retry));
+    header("content-type", "application/json");
+    let what = match limit.measure {
+        Measure::Tokens => "tokens",
+        _ => "requests",
+    };
+    let name = limit.name.map(|n| format!(" ({n})")).unwrap_or_default();
+    let message = format!(
+        "Rate limit reached for {what} per {unit}{name}: limit {limit}, used {used}. Please try again in {retry}s.",
+        unit = limit.unit,
+        limit = limit.per_unit,
+        used = limit.ceiling.saturating_sub(status.remaining),
+    );
+    error_body(&message)
+}
+
 /// The body of a denial by a concurrency limit (the headers speak of requests a window and
 /// cannot say it): how many streams may run at once. Its holds free as streams end, so the
 /// client is asked to retry in a second, not when they would lapse.
-fn streams_refusal(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str)) -> Vec<u8> {
+fn streams_refusal(verdict: &Verdict<'_>, header: impl FnMut(&'static str, &str)) -> Vec<u8> {
     let Some(limit) = verdict
         .statuses
         .iter()
@@ -152,6 +189,13 @@ fn streams_refusal(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &
     else {
         return Vec::new();
     };
+    streams_message(limit, header)
+}
+
+fn streams_message(
+    limit: ReportedLimit<'_>,
+    mut header: impl FnMut(&'static str, &str),
+) -> Vec<u8> {
     header("retry-after", "1");
     header("content-type", "application/json");
     let name = limit.name.map(|n| format!(" ({n})")).unwrap_or_default();

@@ -161,14 +161,33 @@ impl Unfinished {
                 }
             }
         };
-        // Strict rules wait on Redis: settled in a task of their own, so a panic there is
-        // caught too.
-        let settling = app.clone();
-        let response = tokio::spawn(async move { settle_strict(&settling, response, &work).await })
-            .await
-            .map_err(|_| internal())?;
+        let (response, store_wait) = settle_in_task(app, response, work).await?;
+        // Refused by limits settled in the store whose rules let a call wait: it waits for
+        // them as for a replica's own.
+        if let Some(store_wait) = store_wait {
+            let waitable = Waitable::in_store(&request, app, store_wait)?;
+            let responded = wait_for_capacity(app, &request, waitable, started).await?;
+            if let Decided::Done(response) = strict_left(app, responded)? {
+                return Ok(finish(app, response, started));
+            }
+            return Err(internal());
+        }
         Ok(finish(app, response, started))
     }
+}
+
+/// Settles the limits of a request kept in the fleet store (strict rules, reserves, holds in
+/// flight), in a task of its own so a panic there is caught too: the answer, and for a denial
+/// the call may wait out, how long and the descriptor denied first.
+async fn settle_in_task(
+    app: &Arc<App>,
+    response: Answer,
+    work: Box<StrictWork>,
+) -> Result<(Answer, Option<(std::time::Duration, usize)>), AnswerError> {
+    let settling = app.clone();
+    tokio::spawn(async move { settle_strict(&settling, response, &work).await })
+        .await
+        .map_err(|_| internal())
 }
 
 /// A final decision's answer: with strict limits still to settle, or done.
@@ -247,21 +266,44 @@ impl Waitable {
             wait = wait.min(status.rule?.wait?);
             retry_in = retry_in.min(status.until_reset);
         }
-        let queue = {
-            use std::hash::{Hash, Hasher};
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            domain_and_entries.0.hash(&mut hasher);
-            for e in domain_and_entries.1 {
-                (e.key, e.value).hash(&mut hasher);
-            }
-            hasher.finish()
-        };
         Some(Waitable {
             wait,
             retry_in: retry_in.max(std::time::Duration::from_millis(1)),
-            queue,
+            queue: queue_of(domain_and_entries.0, domain_and_entries.1),
         })
     }
+
+    /// A denial by limits settled in the fleet store that let the call wait (`wait` and the
+    /// descriptor denied first, from [`settle_strict`]): retried every [`STORE_RETRY`], as a
+    /// stream's release that reaches another replica wakes no waiter here.
+    fn in_store(
+        request: &Bytes,
+        app: &App,
+        (wait, ask): (std::time::Duration, usize),
+    ) -> Result<Waitable, AnswerError> {
+        let call = Call::read(request).map_err(RequestError::Undecodable)?;
+        let asks = proto::asks(&call, &app.settings.request_bounds)?;
+        let entries = asks.get(ask).map_or(&[][..], |a| a.entries);
+        Ok(Waitable {
+            wait,
+            retry_in: STORE_RETRY,
+            queue: queue_of(call.domain, entries),
+        })
+    }
+}
+
+/// How often a call waiting on limits settled in the fleet store asks it again.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The wait queue of a descriptor: its domain and entries, hashed.
+fn queue_of(domain: &str, entries: &[CallEntry<'_>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    domain.hash(&mut hasher);
+    for e in entries {
+        (e.key, e.value).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Waits in the descriptor's queue, first come first served, then decides again each time
@@ -297,22 +339,34 @@ async fn wait_for_capacity(
         let last = last || tokio::time::Instant::now() >= deadline;
         let call = Call::read(request).map_err(RequestError::Undecodable)?;
         let asks = proto::asks(&call, &app.settings.request_bounds)?;
-        match decide_once(app, &call, &asks, true, !last)? {
-            Responded::Wait(again) => retry_in = again.retry_in,
-            answered => {
-                let metrics = &app.metrics.requests;
-                metrics
-                    .wait_duration
-                    .record(started.elapsed().as_secs_f64());
-                match &answered {
-                    Responded::Answer(response, ..) if response.code == Code::Ok => {
-                        metrics.waited_admitted.increment(1)
-                    }
-                    _ => metrics.waited_refused.increment(1),
-                }
-                return Ok(answered);
+        let answered = match decide_once(app, &call, &asks, true, !last)? {
+            Responded::Wait(again) => {
+                retry_in = again.retry_in;
+                continue;
             }
+            // Allowed here: the limits settled in the store decide, and may refuse again.
+            Responded::Answer(response, Some(work), background) if app.fleet.is_some() => {
+                lease_in_background(app, background);
+                let (response, store_wait) = settle_in_task(app, response, work).await?;
+                if store_wait.is_some() && !last {
+                    retry_in = STORE_RETRY;
+                    continue;
+                }
+                Responded::Answer(response, None, Vec::new())
+            }
+            answered => answered,
+        };
+        let metrics = &app.metrics.requests;
+        metrics
+            .wait_duration
+            .record(started.elapsed().as_secs_f64());
+        match &answered {
+            Responded::Answer(response, ..) if response.code == Code::Ok => {
+                metrics.waited_admitted.increment(1)
+            }
+            _ => metrics.waited_refused.increment(1),
         }
+        return Ok(answered);
     }
 }
 
@@ -555,18 +609,61 @@ fn record_rules(
 }
 
 /// Settles the strict limits of a request decided locally, and reports them.
-async fn settle_strict(app: &App, mut response: Answer, work: &StrictWork) -> Answer {
+async fn settle_strict(
+    app: &App,
+    mut response: Answer,
+    work: &StrictWork,
+) -> (Answer, Option<(std::time::Duration, usize)>) {
     let Some(fleet) = &app.fleet else {
-        return response;
+        return (response, None);
     };
     let allowed = response.code == Code::Ok;
     let shadow = app.settings.shadow_mode;
     let (allowed, settled) = strict::settle(fleet, &app.limiter, work, allowed, shadow).await;
+    let denied_here = response.code == Code::Ok && !allowed;
     response.code = if allowed { Code::Ok } else { Code::OverLimit };
+    let mut statuses = Vec::with_capacity(response.statuses.len());
     for (ask, status) in response.statuses.iter_mut().enumerate() {
         if let Some(strict) = work.status_of(ask, &settled) {
             *status = AnswerStatus::from(&strict);
+            statuses.push(strict);
         }
     }
-    response
+    // Holds taken in the store: Envoy hands the time back to release them; counted once
+    // per rule, as a replica's own holds are.
+    if allowed {
+        let taken = work.jobs.iter().zip(&settled);
+        let mut told = false;
+        for (job, result) in taken.filter(|(_, r)| r.hold_taken_ms.is_some()) {
+            if let Some(holds) = &job.rule.metrics.holds {
+                holds.taken.increment(1);
+            }
+            if !std::mem::replace(&mut told, true)
+                && let Some(taken_ms) = result.hold_taken_ms
+            {
+                proto::tell_holds_taken(&mut response, taken_ms);
+            }
+        }
+    }
+    // A denial by a limit settled in the store says why, as a local one does.
+    if denied_here && app.settings.openai_headers && response.body.is_empty() {
+        response.body = crate::openai::store_refusal(&statuses, |name, value| {
+            response.headers.push(Header::new(name, value));
+        });
+    }
+    // Waitable when every enforced limit over is of a rule with `wait:`.
+    let store_wait = denied_here
+        .then(|| {
+            let mut over = work
+                .jobs
+                .iter()
+                .zip(&settled)
+                .filter(|(job, r)| r.over.any() && job.enforcement != Enforcement::Shadow)
+                .peekable();
+            let first = over.peek()?.0.ask;
+            let wait = over.map(|(job, _)| job.rule.wait).min()??;
+            Some((wait, first))
+        })
+        .flatten();
+    (response, store_wait)
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::redis::{RedisServer, unique_namespace};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -204,4 +205,158 @@ async fn holds_taken_and_released_are_counted_per_rule() {
                     .any(|(k, v)| k == "domain" && v == "no_streams")),
         "holds series for a rule without holds"
     );
+}
+
+/// Three replicas on one real Redis at the default settings, manual clocks set alike (to
+/// wall-clock time, so the store's expiries are ahead): holds in flight are taken and given
+/// back in the store, so the fleet admits 3 streams in all, whichever replica each call
+/// reaches; a stream's release frees its slot though it reaches another replica than its
+/// take did; and holds whose release never comes lapse fleet-wide after their time to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_admit_three_streams_in_all() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let namespace = unique_namespace("streams");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // 1 s into a window of the holds' 10 s time to live.
+    let start_ms = wall / 10_000 * 10_000 + 1_000;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            start_at(start_ms, &[("llm.yaml", STREAMS)], move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    let mut holds = Vec::new();
+    for (i, replica) in replicas.iter_mut().enumerate() {
+        let answer = call(replica, "k1").await;
+        assert!(is_ok(&answer), "stream {i}: {answer:?}");
+        assert_eq!(remaining(&answer, 0), 2 - i as u32, "slots left fleet-wide");
+        holds.push(hold_of(&answer).expect("an admitted stream is told its hold"));
+    }
+    for (i, replica) in replicas.iter_mut().enumerate() {
+        let refused = call(replica, "k1").await;
+        assert_eq!(
+            code(&refused, 0),
+            Code::OverLimit,
+            "replica {i}: {refused:?}"
+        );
+        assert_eq!(hold_of(&refused), None);
+        let retry = refused
+            .response_headers_to_add
+            .iter()
+            .find(|h| h.key == "retry-after");
+        assert_eq!(retry.map(|h| h.value.as_str()), Some("1"), "replica {i}");
+        let body = String::from_utf8_lossy(&refused.raw_body);
+        assert!(
+            body.contains("Too many requests in flight: at most 3 at once"),
+            "replica {i}: {body}"
+        );
+    }
+    // The stream taken on replica 0 ends; its stream-done call reaches replica 2.
+    for r in &replicas {
+        r.clock.advance_ms(1_500);
+    }
+    assert!(is_ok(&release(&mut replicas[2], "k1", &holds[0]).await));
+    let answer = call(&mut replicas[1], "k1").await;
+    assert!(
+        is_ok(&answer),
+        "the freed slot, on another replica: {answer:?}"
+    );
+    assert_eq!(
+        code(&call(&mut replicas[0], "k1").await, 0),
+        Code::OverLimit
+    );
+    // No other release comes: once the window after the holds' has begun, they have lapsed.
+    for r in &replicas {
+        r.clock.advance_ms(20_000);
+    }
+    for (i, replica) in replicas.iter_mut().enumerate() {
+        let answer = call(replica, "k1").await;
+        assert!(is_ok(&answer), "replica {i} after the lapse: {answer:?}");
+    }
+    assert_eq!(
+        code(&call(&mut replicas[0], "k1").await, 0),
+        Code::OverLimit
+    );
+    for r in replicas {
+        r.stop().await;
+    }
+}
+
+/// With a store, a call refused by a concurrency limit of a rule with `wait:` waits for a
+/// slot as it does on one replica, though the slot's release reaches another replica (it asks
+/// the store again every 50 ms; a replica's own releases wake it at once): the waiter on
+/// replica B is admitted once the stream held on replica A ends, and refused at its deadline
+/// when none does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waits_for_a_slot_released_on_another_replica() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let rules = "domain: llm\ndescriptors:\n  - key: api_key\n    wait: 1s\n    rate_limit: { concurrency: 1, hold_ttl: 10s }\n";
+    let namespace = unique_namespace("wait-streams");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let start_ms = wall / 10_000 * 10_000 + 1_000;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            start_at(start_ms, &[("llm.yaml", rules)], move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    let hold = hold_of(&call(&mut replicas[0], "k1").await).expect("the slot");
+    let mut b = replicas[1].client.clone();
+    let started = std::time::Instant::now();
+    let waiter = tokio::spawn(async move {
+        let answer = b
+            .should_rate_limit(request("llm", &[&[("api_key", "k1")]]))
+            .await
+            .expect("answer")
+            .into_inner();
+        (answer, started.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(is_ok(&release(&mut replicas[0], "k1", &hold).await));
+    let (answer, waited) = waiter.await.unwrap();
+    assert!(
+        is_ok(&answer),
+        "admitted once the slot was released: {answer:?}"
+    );
+    let second = hold_of(&answer).expect("the waiter holds the slot now");
+    println!("released after 200 ms on replica A: the waiter on B admitted after {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(200)
+            && waited < std::time::Duration::from_secs(1),
+        "waited {waited:?}"
+    );
+    // Nobody releases the waiter's slot: the next call waits its second out, and is refused.
+    let started = std::time::Instant::now();
+    let refused = call(&mut replicas[0], "k1").await;
+    let waited = started.elapsed();
+    assert_eq!(code(&refused, 0), Code::OverLimit);
+    println!("no release: refused after {waited:?} (wait: 1s)");
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(3),
+        "refused after {waited:?}"
+    );
+    assert!(is_ok(&release(&mut replicas[1], "k1", &second).await));
+    for r in replicas {
+        r.stop().await;
+    }
 }

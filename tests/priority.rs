@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::redis::{RedisServer, unique_namespace};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
@@ -85,4 +86,106 @@ async fn a_configured_priority_key_takes_a_plain_entry() {
     .await;
     assert_eq!(calls(&mut server, "priority", Some("low"), 20).await, 8);
     assert_eq!(calls(&mut server, "priority", Some("high"), 5).await, 2);
+}
+
+/// Three replicas on one real Redis at the default settings: batch traffic at 10x a shared
+/// limit of 50 a minute and production traffic at 0.2x, sent at once to every replica, in one
+/// window (manual clocks at wall-clock time, alike). A rule with a reserve is settled in the
+/// store call by call, so the fleet keeps the shares as one replica does: every production
+/// call passes, and batch calls get exactly the limit less the reserve (40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_keep_the_reserve_fleet_wide() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let rules = r#"
+domain: provider
+descriptors:
+  - key: upstream
+    rate_limit: { unit: minute, requests: 50 }
+    reserve: { high: 20% }
+"#;
+    let namespace = unique_namespace("reserve");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // 5 s into a minute: every call of the test is decided in that minute.
+    let start_ms = wall / 60_000 * 60_000 + 5_000;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            start_at(start_ms, &[("provider.yaml", rules)], move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    // Each replica: 167 batch calls (500 in all) with a production call after every 50th
+    // (10 in all), all three replicas at once.
+    let mut sent = tokio::task::JoinSet::new();
+    for (r, replica) in replicas.iter().enumerate() {
+        let mut client = replica.client.clone();
+        sent.spawn(async move {
+            let (mut low, mut high, mut high_sent) = (0, 0, 0);
+            for i in 0..167 {
+                let class = if i % 50 == 49 || (r == 0 && i == 166) {
+                    high_sent += 1;
+                    "high"
+                } else {
+                    "low"
+                };
+                let entries = [("upstream", "openai"), ("sluice.priority", class)];
+                let answer = client
+                    .should_rate_limit(request("provider", &[&entries]))
+                    .await
+                    .expect("answer")
+                    .into_inner();
+                let admitted = usize::from(code(&answer, 0) == Code::Ok);
+                if admitted == 0 {
+                    // A denial settled in the store says why, as a replica's own does.
+                    let body = String::from_utf8_lossy(&answer.raw_body);
+                    assert!(
+                        body.contains("Rate limit reached for requests per minute"),
+                        "{body}"
+                    );
+                    assert!(
+                        answer
+                            .response_headers_to_add
+                            .iter()
+                            .any(|h| h.key == "retry-after"),
+                        "{answer:?}"
+                    );
+                }
+                match class {
+                    "high" => high += admitted,
+                    _ => low += admitted,
+                }
+            }
+            (low, high, high_sent)
+        });
+    }
+    let (mut low, mut high, mut high_sent) = (0, 0, 0);
+    while let Some(result) = sent.join_next().await {
+        let (l, h, s) = result.expect("replica's calls");
+        (low, high, high_sent) = (low + l, high + h, high_sent + s);
+    }
+    println!(
+        "batch admitted {low} of {}; production {high} of {high_sent}",
+        501 - high_sent
+    );
+    assert_eq!(high_sent, 10);
+    assert_eq!(
+        high, 10,
+        "a production call refused while the reserve lasted"
+    );
+    assert_eq!(
+        low, 40,
+        "batch calls get the limit less the reserve, fleet-wide"
+    );
+    for r in replicas {
+        r.stop().await;
+    }
 }

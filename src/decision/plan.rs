@@ -362,7 +362,11 @@ impl<'r, 'v> Plan<'r, 'v> {
                 },
                 enforcement,
             };
-            if rule.consistency == Consistency::Strict && mode.strict_in_store {
+            // Holds in flight are taken and given back in the store, call by call, when
+            // there is one: a stream's release may reach any replica.
+            let in_store = rule.consistency == Consistency::Strict
+                || window.algorithm == crate::limiter::Algorithm::InFlight;
+            if in_store && mode.strict_in_store {
                 self.strict.push(StrictJob {
                     ask: i,
                     rule: rule.clone(),
@@ -373,6 +377,7 @@ impl<'r, 'v> Plan<'r, 'v> {
                     limits: demand.limits,
                     charge: demand.charge,
                     refund: demand.refund,
+                    hold_taken_ms: demand.hold_taken_ms,
                     enforcement,
                 });
                 continue;

@@ -27,6 +27,8 @@ pub struct StrictJob {
     pub limits: Limits,
     pub charge: Counts,
     pub refund: bool,
+    /// A release's: when the holds it gives back were taken (a concurrency limit's).
+    pub hold_taken_ms: Option<u64>,
     pub enforcement: Enforcement,
 }
 
@@ -49,6 +51,9 @@ pub struct Settled {
     pub counts: Counts,
     pub over: Over,
     pub until_reset: Duration,
+    /// When the job took holds in flight (a concurrency limit's, milliseconds since the
+    /// epoch), if it did.
+    pub hold_taken_ms: Option<u64>,
 }
 
 /// What is left of a request once it is decided locally: its strict jobs, and the local

@@ -402,6 +402,15 @@ fn dynamic_metadata(
     (!fields.is_empty()).then_some(Struct { fields })
 }
 
+/// Tells Envoy, in the answer's dynamic metadata, when the request took holds in flight that
+/// were settled in the fleet store (a replica's own are written with the answer).
+pub fn tell_holds_taken(answer: &mut Answer, taken_ms: u64) {
+    let metadata = answer.metadata.get_or_insert_with(Default::default);
+    metadata
+        .fields
+        .insert(HOLD_METADATA_KEY.into(), text(&taken_ms.to_string()));
+}
+
 /// A request descriptor as envoyproxy/ratelimit reports it: `{entries: ["k=v", …], limit,
 /// hitsAddend}`, the last two only when the descriptor sets them.
 fn descriptor_value(descriptor: CallDescriptor<'_, '_>) -> Value {

@@ -12,7 +12,7 @@ use super::{
     ConfigError, Consistency, Domain, ENDPOINT_KEY, Factor, MetricDetail, Policy, Reserve, Rule,
     SourceFile, rule_scope,
 };
-use crate::limiter::Enforcement;
+use crate::limiter::{Algorithm, Enforcement};
 use crate::telemetry::RuleMetrics;
 
 /// Compiles one rule file into its domain, for a server with no fleet store.
@@ -207,7 +207,9 @@ impl Compiler<'_> {
         // A strict rule is counted call by call in the store's fixed window.
         if raw.consistency == Some(Consistency::Strict)
             && let Some(Policy::Limited(windows)) = &policy
-            && let Some(w) = windows.iter().find(|w| !w.algorithm.is_fixed())
+            && let Some(w) = windows
+                .iter()
+                .find(|w| !w.algorithm.is_fixed() && w.algorithm != Algorithm::InFlight)
         {
             self.error(
                 &at.field("consistency"),
@@ -218,6 +220,7 @@ impl Compiler<'_> {
             );
         }
         let reserve = self.reserve(raw, policy.as_ref(), at);
+        let reserve_is_empty = reserve == Reserve::default();
         let wait = self.wait(raw, policy.as_ref(), at);
         let mut children = Level::default();
         self.level(&raw.descriptors, at, &ancestry, &mut children);
@@ -254,7 +257,12 @@ impl Compiler<'_> {
                 } else {
                     Enforcement::Enforce
                 },
-                consistency: raw.consistency.unwrap_or_default(),
+                // A reserve's shares hold fleet-wide only settled in the store.
+                consistency: if self.fleet_store && !reserve_is_empty {
+                    Consistency::Strict
+                } else {
+                    raw.consistency.unwrap_or_default()
+                },
                 metric_detail: if raw.detailed_metric {
                     MetricDetail::AllValues
                 } else if raw.value_to_metric {
@@ -359,12 +367,19 @@ impl Compiler<'_> {
         if !matches!(policy, Some(Policy::Limited(_))) {
             errors.push("reserve keeps shares of a descriptor's limits: this one sets none".into());
         }
-        if self.fleet_store {
-            errors.push(
-                "reserve is kept by each replica alone for now, not fleet-wide: with a Redis \
-                 store configured, drop it"
-                    .into(),
-            );
+        // With a store, a reserve's shares are kept exactly by settling the rule there call
+        // by call (as `consistency: strict`), which counts in fixed windows.
+        if self.fleet_store
+            && let Some(Policy::Limited(windows)) = policy
+            && let Some(w) = windows
+                .iter()
+                .find(|w| !w.algorithm.is_fixed() && w.algorithm != Algorithm::InFlight)
+        {
+            errors.push(format!(
+                "with a Redis store, a reserve is kept in the store call by call, in fixed \
+                 windows: drop `algorithm: {}` here, or the reserve",
+                w.algorithm.name()
+            ));
         }
         let mut classes = Vec::new();
         for (class, share) in written {
@@ -771,6 +786,26 @@ descriptors:
                 "13: descriptors[3].reserve: the share of `high` must be above 0% and below 100%",
             ]
         );
+        // With a store, a rule with a reserve is settled there call by call, in fixed windows.
+        let file = |text: &str| SourceFile {
+            path: "rules.yaml".into(),
+            text: text.into(),
+        };
+        let fixed = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests: 100 }\n    reserve: { high: 20% }\n";
+        for (fleet_store, consistency) in [
+            (false, Consistency::Approximate),
+            (true, Consistency::Strict),
+        ] {
+            let domain = compile_file_for(&file(fixed), fleet_store).unwrap();
+            assert_eq!(domain.rules[0].consistency, consistency);
+        }
+        let sliding = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests: 100, algorithm: sliding_window }\n    reserve: { high: 20% }\n";
+        assert!(compile_file_for(&file(sliding), false).is_ok());
+        let errors = compile_file_for(&file(sliding), true).expect_err("fixed windows only");
+        assert_eq!(
+            errors[0].to_string(),
+            "rules.yaml:5:14: descriptors[0].reserve: with a Redis store, a reserve is kept in the store call by call, in fixed windows: drop `algorithm: sliding_window` here, or the reserve"
+        );
     }
 
     #[test]
@@ -809,11 +844,13 @@ descriptors:
             path: "rules.yaml".into(),
             text: text.into(),
         };
-        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
-        assert_eq!(
-            errors[0].to_string(),
-            "rules.yaml:4:32: descriptors[0].rate_limit.concurrency: a concurrency limit is kept by each replica alone for now, not fleet-wide: with a Redis store configured it would admit N streams on every replica"
-        );
+        // With a store, holds are taken there call by call: the window is not leased, so a
+        // replica's own counter (while the store is away) keeps the holds' own word.
+        let domain = compile_file_for(&file, true).expect("fleet-wide with a store");
+        let window = &domain.rules[0].windows()[0];
+        assert_eq!(window.algorithm, Algorithm::InFlight);
+        assert!(!window.leased);
+        assert_eq!(domain.rules[0].consistency, Consistency::Approximate);
     }
 
     #[test]

@@ -92,7 +92,8 @@ impl Compiler<'_> {
                         requests: None,
                         tokens: None,
                         algorithm: limit.algorithm,
-                        leased: self.fleet_store,
+                        // Holds are taken in the store call by call, not leased.
+                        leased: self.fleet_store && limit.algorithm != Algorithm::InFlight,
                     });
                     windows.last_mut().expect("just pushed")
                 }
@@ -338,15 +339,6 @@ impl Compiler<'_> {
                      `{field}` does not apply (`hold_ttl` sets how long a hold lives if its \
                      release never comes)"
                 ),
-            );
-            ok = false;
-        }
-        if self.fleet_store {
-            self.error(
-                &at.field("concurrency"),
-                "a concurrency limit is kept by each replica alone for now, not fleet-wide: \
-                 with a Redis store configured it would admit N streams on every replica"
-                    .into(),
             );
             ok = false;
         }

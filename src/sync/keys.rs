@@ -99,6 +99,8 @@ pub(super) fn key_kind(window: &RuleWindow) -> Cow<'static, str> {
             let measure = if tokens { "bucket-tokens" } else { "bucket" };
             format!("{measure}.{}.", window.unit).into()
         }
+        // Holds in flight count in their own keys, apart from a window's requests.
+        (Algorithm::InFlight, _) => "holds.".into(),
         _ => "".into(),
     }
 }

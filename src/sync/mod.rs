@@ -1,5 +1,5 @@
 //! Fleet-wide limits: the only code that talks to Redis, always off the request path (strict
-//! rules aside). Every round it pushes counters' unsynced deltas with HINCRBY, reads the fleet
+//! rules, reserves and holds in flight aside: [`strict`]). Every round it pushes counters' unsynced deltas with HINCRBY, reads the fleet
 //! totals back from the replies, and stores them in the counters; counters with no local delta
 //! are read back with HMGET. Near a limit a counter is synced every round; far from its limits,
 //! on its turn, once every few rounds (`sync_now`, `turn`): Redis work follows the counters in
@@ -109,6 +109,7 @@ pub struct Fleet {
     /// window holds one per replica.
     replica_field: String,
     strict: redis::Script,
+    holds: redis::Script,
     /// Lease calls given up on, for the next calls on their keys to name.
     given_up: given_up::GivenUp,
 }
@@ -142,6 +143,7 @@ impl Fleet {
             store: ArcSwapOption::empty(),
             status: ArcSwap::from_pointee(SyncStatus::default()),
             strict: store::strict_script(),
+            holds: store::holds_script(),
             given_up: given_up::GivenUp::default(),
         })
     }
@@ -162,6 +164,10 @@ impl Fleet {
 
     fn strict_script(&self) -> &redis::Script {
         &self.strict
+    }
+
+    fn holds_script(&self) -> &redis::Script {
+        &self.holds
     }
 
     fn timeout(&self) -> Duration {

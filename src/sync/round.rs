@@ -386,6 +386,11 @@ impl Planner<'_> {
                 Some(w.in_force(rule.capacity.get(), |_| true))
             })
             .unwrap_or_default();
+        // Holds in flight are taken and given back in the store call by call; a local
+        // counter holds only those taken while the store was away, which lapse here.
+        if limits.algorithm == Algorithm::InFlight {
+            return;
+        }
         // A token bucket is leased against its burst; the store refills it at its rate.
         let (in_force, limits) = (limits, Refill::called(limits));
         let refill = Refill::of(in_force, window, now);

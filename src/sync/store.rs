@@ -391,6 +391,45 @@ return {r, t, 1}
     )
 }
 
+/// Atomically takes or gives back holds in flight (a concurrency limit) in the fleet's two
+/// windows of a hold's time to live: `KEYS[1]` the current window's, `KEYS[2]` the previous
+/// one's (holds lapse when the window after theirs ends, as a replica's own counter has them).
+/// ARGV: the holds to take (0 only checks) or, negative, to give back; the limit; which window
+/// a give-back comes from (`current`, `previous`, `oldest` first, or `none`: lapsed); the
+/// current window key's expiry (ms since the epoch). A take fits when both windows' holds and
+/// it stay within the limit. Returns the current and previous windows' holds after the call,
+/// and 1 if it was taken (a give-back always is), 0 if refused.
+pub fn holds_script() -> Script {
+    Script::new(
+        r"
+local c = tonumber(redis.call('HGET', KEYS[1], 'requests') or '0')
+local p = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
+local n, limit, from = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+if n < 0 then
+  local give = -n
+  if (from == 'previous' or from == 'oldest') and p > 0 then
+    local g = math.min(give, p)
+    p = p - g
+    give = give - g
+    redis.call('HSET', KEYS[2], 'requests', p, 'used', p)
+  end
+  if (from == 'current' or from == 'oldest') and give > 0 and c > 0 then
+    c = c - math.min(give, c)
+    redis.call('HSET', KEYS[1], 'requests', c, 'used', c)
+  end
+  return {c, p, 1}
+end
+if c + p + math.max(n, 1) > limit then return {c, p, 0} end
+if n > 0 then
+  c = redis.call('HINCRBY', KEYS[1], 'requests', n)
+  redis.call('HINCRBY', KEYS[1], 'used', n)
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
+end
+return {c, p, 1}
+",
+    )
+}
+
 /// A client for one Redis at `url`, with the address's TLS files when it has any.
 fn client_for(address: &StoreAddress, url: &str) -> RedisResult<redis::Client> {
     if address.tls.any() {

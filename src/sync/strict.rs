@@ -1,13 +1,20 @@
 //! Strict rules (`consistency: strict`): for small limits where an approximation is wrong
 //! (10 a day), the decision is an atomic check-and-take in Redis, on the request path, by a Lua
 //! script run by its hash (and loaded again after a Redis restart or SCRIPT FLUSH). Calls are
-//! bounded by the Redis timeout; when Redis fails, the failure policy decides.
+//! bounded by the Redis timeout; when Redis fails, the failure policy decides. Rules with a
+//! `reserve` are settled here too (each class's share is a limit on the fleet's one count), and
+//! so are holds in flight (`concurrency`): a stream's take and its release, which may reach any
+//! replica, in the two windows of the hold's time to live.
+
+use std::time::Duration;
 
 use redis::RedisError;
 
 use super::{FailurePolicy, Fleet};
 use crate::decision::{Settled, StrictJob, StrictWork};
-use crate::limiter::{Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over};
+use crate::limiter::{
+    Algorithm, Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over, Window,
+};
 
 impl Fleet {
     /// One check-and-take of a strict job in Redis: the counts after it, and whether it took.
@@ -45,6 +52,88 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// One take (or, negative, give-back) of holds in flight of a concurrency job in Redis:
+    /// the holds after it, whether it took, and the time until the holds counted lapse (for a
+    /// refusal, until one more would fit), as a replica's own counter reports them.
+    async fn holds_call(
+        &self,
+        job: &StrictJob,
+        charge: i64,
+        now_ms: u64,
+    ) -> Result<(Counts, bool, Duration), RedisError> {
+        let unit = job.counter.unit();
+        let window = unit.window_at(now_ms);
+        let previous = Window(window.0.saturating_sub(1));
+        let mut keys = [String::new(), String::new()];
+        for (key, w) in keys.iter_mut().zip([window, previous]) {
+            super::keys::write_key_of(self, key, &job.counter, Some(&job.rule), w);
+        }
+        // A release names the window its holds were taken in: gone from both, they lapsed.
+        let from = match job.hold_taken_ms.map(|t| unit.window_at(t)) {
+            None => "oldest",
+            Some(taken) if taken >= window => "current",
+            Some(taken) if taken.0 + 1 == window.0 => "previous",
+            Some(_) => "none",
+        };
+        // The current window's holds count until the next window ends.
+        let next = Window(window.0.saturating_add(1));
+        let expire_at = super::keys::expiry_ms(unit, next);
+        let limit = job.limits.requests.map_or(i64::MAX, i64::from);
+        let [current_key, previous_key] = keys;
+        let script = self.holds_script();
+        let mut invocation = script.key(current_key);
+        invocation
+            .key(previous_key)
+            .arg(charge)
+            .arg(limit)
+            .arg(from)
+            .arg(expire_at);
+        let mut store = self.store().await?;
+        let (current, previous, took): (i64, i64, i64) =
+            store.script(&invocation, self.timeout()).await?;
+        let this_end = unit.window_end_ms(window);
+        let next_end = unit.window_end_ms(next);
+        let lapse_at = if took == 0 {
+            // Enough of the previous window's lapse when this one ends, or none do.
+            if current + charge.max(1) <= limit {
+                this_end
+            } else {
+                next_end
+            }
+        } else if current > 0 {
+            next_end
+        } else if previous > 0 {
+            this_end
+        } else {
+            now_ms
+        };
+        let held = super::clamp(current.saturating_add(previous));
+        Ok((
+            Counts {
+                requests: held,
+                tokens: 0,
+            },
+            took == 1,
+            Duration::from_millis(lapse_at.saturating_sub(now_ms)),
+        ))
+    }
+
+    /// A strict job's call: a fixed window's check-and-take, or a concurrency limit's holds.
+    async fn job_call(
+        &self,
+        job: &StrictJob,
+        charge: (i64, i64),
+        now_ms: u64,
+    ) -> Result<(Counts, bool, Duration), RedisError> {
+        if job.limits.algorithm == Algorithm::InFlight {
+            return self.holds_call(job, charge.0, now_ms).await;
+        }
+        let (counts, took) = self.strict_call(job, charge, now_ms).await?;
+        Ok((counts, took, job.counter.unit().until_reset(now_ms)))
+    }
+}
+
 fn signed(c: Counts, sign: i64) -> (i64, i64) {
     (
         sign * i64::from(c.requests),
@@ -67,8 +156,7 @@ pub async fn settle(
     let mut taken: Vec<usize> = Vec::new();
     let mut taken_locally: Vec<usize> = Vec::new();
     for (i, job) in work.jobs.iter().enumerate() {
-        let unit = job.counter.unit();
-        let until_reset = unit.until_reset(now);
+        let holds = job.limits.algorithm == Algorithm::InFlight;
         let sign = if job.refund { -1 } else { 1 };
         // Once denied, later jobs are only read.
         let charge = if allowed || job.refund {
@@ -76,25 +164,29 @@ pub async fn settle(
         } else {
             Counts::ZERO
         };
-        let (counts, over) = match fleet.strict_call(job, signed(charge, sign), now).await {
-            Ok((counts, took)) => {
+        let mut took_holds = false;
+        let (counts, over, until_reset) = match fleet.job_call(job, signed(charge, sign), now).await
+        {
+            Ok((counts, took, until_reset)) => {
                 if took && !charge.is_zero() && !job.refund {
                     taken.push(i);
+                    took_holds = holds;
                 }
                 let over = if took {
                     Over::default()
                 } else {
                     Over::check(counts, charge, job.limits)
                 };
-                (counts, over)
+                (counts, over, until_reset)
             }
             Err(error) => {
                 tracing::warn!(%error, policy = ?fleet.settings.policy, "strict limit: Redis failed; deciding by the failure policy");
-                let (counts, over, counted) = fallback(fleet, limiter, job, charge, allowed);
+                let (outcome, counted) = fallback(fleet, limiter, job, charge, allowed);
                 if counted && !job.refund {
                     taken_locally.push(i);
+                    took_holds = holds;
                 }
-                (counts, over)
+                (outcome.counts, outcome.over, outcome.until_reset)
             }
         };
         let enforced = job.enforcement != Enforcement::Shadow && !shadow;
@@ -105,19 +197,29 @@ pub async fn settle(
             counts,
             over,
             until_reset,
+            hold_taken_ms: took_holds.then_some(now),
         });
     }
     if !allowed {
         for &i in &taken {
             let job = &work.jobs[i];
-            let _ = fleet.strict_call(job, signed(job.charge, -1), now).await;
+            // Holds just taken are the current window's.
+            let given_back = StrictJob {
+                hold_taken_ms: Some(now),
+                ..job.clone()
+            };
+            let _ = fleet
+                .job_call(&given_back, signed(job.charge, -1), now)
+                .await;
             settled[i].counts = settled[i].counts.minus(job.charge);
+            settled[i].hold_taken_ms = None;
         }
         for (key, charge) in &work.charged {
             limiter.give_back(key, *charge);
         }
         for &i in &taken_locally {
             limiter.give_back(&work.jobs[i].counter, work.jobs[i].charge);
+            settled[i].hold_taken_ms = None;
         }
     }
     (allowed, settled)
@@ -130,9 +232,9 @@ fn fallback(
     job: &StrictJob,
     charge: Counts,
     allowed: bool,
-) -> (Counts, Over, bool) {
+) -> (Outcome, bool) {
     let view = match fleet.settings.policy {
-        FailurePolicy::Allow => return (Counts::ZERO, Over::default(), false),
+        FailurePolicy::Allow => return (Outcome::default(), false),
         FailurePolicy::Deny => FleetView::DenyAll,
         FailurePolicy::LocalShare => FleetView::LocalShare {
             replicas: fleet.status.load().replicas.max(1),
@@ -144,10 +246,12 @@ fn fallback(
         limits: job.limits,
         charge: if allowed { charge } else { Counts::ZERO },
         refund: job.refund,
-        hold_taken_ms: None,
+        hold_taken_ms: job.hold_taken_ms,
         enforcement: Enforcement::Enforce,
     };
     let mut outcome = [Outcome::default()];
     limiter.settle_in(view, &[demand], &mut outcome);
-    (outcome[0].counts, outcome[0].over, outcome[0].counted)
+    let [outcome] = outcome;
+    let counted = outcome.counted;
+    (outcome, counted)
 }
