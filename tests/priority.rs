@@ -76,6 +76,22 @@ async fn the_status_reports_the_share_a_class_may_use() {
         .unwrap()
         .into_inner();
     assert_eq!((limit_of(&high, 0), remaining(&high, 0)), (Some(10), 8));
+    // The answer names the class whose share decided (dynamic metadata `sluice.priority`):
+    // a class the reserve does not name is an ordinary call.
+    assert_eq!(class_of(&low).as_deref(), Some("ordinary"));
+    assert_eq!(class_of(&high).as_deref(), Some("high"));
+}
+
+/// The `sluice.priority` metadata of an answer.
+fn class_of(
+    answer: &envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse,
+) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let fields = &answer.dynamic_metadata.as_ref()?.fields;
+    match fields.get("sluice.priority")?.kind.as_ref()? {
+        Kind::StringValue(text) => Some(text.clone()),
+        other => panic!("sluice.priority is not text: {other:?}"),
+    }
 }
 
 #[tokio::test]

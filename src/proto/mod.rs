@@ -352,9 +352,21 @@ pub fn answer(
         statuses: verdict.statuses.iter().map(AnswerStatus::from).collect(),
         headers: Vec::new(),
         body: Vec::new(),
-        metadata: dynamic_metadata(request, verdict, detail).map(Box::new),
+        metadata: dynamic_metadata(request, verdict, asks, detail).map(Box::new),
         utilization: endpoint_utilization(verdict, asks),
     }
+}
+
+/// The dynamic metadata field that names the priority class a decision used.
+pub const PRIORITY_METADATA_KEY: &str = "sluice.priority";
+
+/// The class whose share of a rule with a `reserve` decided the first such descriptor: the
+/// class the call named, if the reserve names it, else `ordinary`.
+fn class_used<'a>(verdict: &Verdict<'a>, asks: &[Ask<'_, CallEntry<'_>>]) -> Option<&'a str> {
+    verdict.statuses.iter().zip(asks).find_map(|(status, ask)| {
+        let reserve = &status.rule?.reserve;
+        (!reserve.is_empty()).then(|| reserve.named(ask.class).unwrap_or("ordinary"))
+    })
 }
 
 /// The response's dynamic metadata, laid out as envoyproxy/ratelimit lays it out (Envoy
@@ -363,20 +375,29 @@ pub fn answer(
 fn dynamic_metadata(
     request: &Call<'_>,
     verdict: &Verdict<'_>,
+    asks: &[Ask<'_, CallEntry<'_>>],
     detail: MetadataDetail,
 ) -> Option<Struct> {
     // The common answer has nothing to say: no maps built (each seeds a hasher).
-    let rule_metadata = verdict
-        .statuses
-        .iter()
-        .any(|s| s.rule.is_some_and(|rule| rule.metadata.is_some()));
+    let (rule_metadata, reserve) = verdict.statuses.iter().filter_map(|s| s.rule).fold(
+        (false, false),
+        |(metadata, reserve), rule| {
+            (
+                metadata || rule.metadata.is_some(),
+                reserve || !rule.reserve.is_empty(),
+            )
+        },
+    );
     let holds_taken_ms = verdict.holds_taken_ms.filter(|_| verdict.allowed);
-    if detail == MetadataDetail::Rules && !rule_metadata && holds_taken_ms.is_none() {
+    if detail == MetadataDetail::Rules && !rule_metadata && !reserve && holds_taken_ms.is_none() {
         return None;
     }
     let mut fields = HashMap::new();
     if let Some(taken_ms) = holds_taken_ms {
         fields.insert(HOLD_METADATA_KEY.into(), text(&taken_ms.to_string()));
+    }
+    if let Some(class) = class_used(verdict, asks).filter(|_| reserve) {
+        fields.insert(PRIORITY_METADATA_KEY.into(), text(class));
     }
     if detail == MetadataDetail::Request {
         fields.insert("domain".into(), text(request.domain));

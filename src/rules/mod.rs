@@ -227,6 +227,20 @@ impl Reserve {
         Factor::FULL - (self.total - own)
     }
 
+    /// Whether it keeps no share for any class.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// `class` as the reserve names it, if it does: the class whose share a call of it uses.
+    pub fn named<'r>(&'r self, class: Option<&str>) -> Option<&'r str> {
+        let class = class?;
+        self.classes
+            .iter()
+            .find(|(name, _)| &**name == class)
+            .map(|(name, _)| &**name)
+    }
+
     /// The classes and their shares (millionths), as written.
     pub fn classes(&self) -> impl Iterator<Item = (&str, u32)> {
         self.classes.iter().map(|(name, share)| (&**name, *share))
