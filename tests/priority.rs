@@ -205,3 +205,68 @@ descriptors:
         r.stop().await;
     }
 }
+
+/// A sliding window with a reserve on three replicas on one real Redis, default settings: the
+/// shares are kept on the fleet's one sliding estimate, settled in the store call by call. In
+/// a first minute batch calls take 40 and production 10 (50 in all); half-way through the next
+/// minute the previous one still weighs 25, so batch calls get 40 - 25 = 15 and production
+/// the 10 left up to 50, whichever replica each call reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_keep_the_reserve_of_a_sliding_window() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let rules = r#"
+domain: provider
+descriptors:
+  - key: upstream
+    rate_limit: { unit: minute, requests: 50, algorithm: sliding_window }
+    reserve: { high: 20% }
+"#;
+    let namespace = unique_namespace("reserve-sliding");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let start_ms = wall / 60_000 * 60_000 + 5_000;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            start_at(start_ms, &[("provider.yaml", rules)], move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    // `n` calls of `class`, one replica after the other: how many were admitted.
+    async fn round_robin(replicas: &mut [TestServer], class: &str, n: usize) -> usize {
+        let mut admitted = 0;
+        for i in 0..n {
+            let entries = [("upstream", "openai"), ("sluice.priority", class)];
+            let answer = replicas[i % replicas.len()]
+                .client
+                .should_rate_limit(request("provider", &[&entries]))
+                .await
+                .expect("answer")
+                .into_inner();
+            admitted += usize::from(code(&answer, 0) == Code::Ok);
+        }
+        admitted
+    }
+    assert_eq!(round_robin(&mut replicas, "low", 100).await, 40);
+    assert_eq!(round_robin(&mut replicas, "high", 12).await, 10);
+    // 30 s into the next minute (90 s on): the previous minute's 50 weigh 25.
+    for r in &replicas {
+        r.clock.advance_ms(90_000 - 5_000);
+    }
+    let low = round_robin(&mut replicas, "low", 100).await;
+    let high = round_robin(&mut replicas, "high", 12).await;
+    println!("next minute, half-way: batch {low} of 100, production {high} of 12");
+    assert_eq!(low, 15, "batch: 40 less the previous minute's weight");
+    assert_eq!(high, 10, "production: the rest of 50");
+    for r in replicas {
+        r.stop().await;
+    }
+}

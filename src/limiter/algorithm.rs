@@ -228,6 +228,30 @@ fn sliding_wait(s: Sliding, n: u64, rate: Rate, now_ms: u64) -> u64 {
     next_start + wait_in_next.min(rate.unit_ms) - now_ms
 }
 
+/// A sliding window counted elsewhere (the fleet store, call by call) as a status reports it:
+/// its `current` and `previous` windows' counts at `now_ms` (after a charge that was taken)
+/// come to the estimate used, and the time until the limit is wholly free again or, for a
+/// charge of `refused` that did not fit, until it would.
+pub fn sliding_standing(
+    (current, previous): (u64, u64),
+    now_ms: u64,
+    rate: Rate,
+    refused: Option<u64>,
+) -> (u32, Duration) {
+    let window = now_ms / rate.unit_ms;
+    let s = Sliding {
+        window,
+        previous: saturating_u32(previous),
+        current: saturating_u32(current),
+    };
+    let elapsed = now_ms - window * rate.unit_ms;
+    let wait = match refused {
+        Some(n) => sliding_wait(s, n.max(1), rate, now_ms),
+        None => (window + 1) * rate.unit_ms - now_ms,
+    };
+    (estimate(s, rate, elapsed), Duration::from_millis(wait))
+}
+
 /// One charge of `n` to a sliding window word at `now_ms`: the word to write (none to keep it)
 /// and what it came to. An enforced charge that does not fit adds nothing.
 pub(super) fn sliding_charge(

@@ -207,14 +207,12 @@ impl Compiler<'_> {
         // A strict rule is counted call by call in the store's fixed window.
         if raw.consistency == Some(Consistency::Strict)
             && let Some(Policy::Limited(windows)) = &policy
-            && let Some(w) = windows
-                .iter()
-                .find(|w| !w.algorithm.is_fixed() && w.algorithm != Algorithm::InFlight)
+            && let Some(w) = windows.iter().find(|w| !settled_in_store(w.algorithm))
         {
             self.error(
                 &at.field("consistency"),
                 format!(
-                    "consistency: strict counts in fixed windows: drop it, or drop `algorithm: {}`",
+                    "consistency: strict counts in fixed or sliding windows: drop it, or drop `algorithm: {}`",
                     w.algorithm.name()
                 ),
             );
@@ -290,6 +288,12 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+/// Whether the fleet store can settle a limit of `algorithm` call by call (strict rules,
+/// reserves): fixed and sliding windows, and holds in flight; not a token bucket.
+fn settled_in_store(algorithm: Algorithm) -> bool {
+    !matches!(algorithm, Algorithm::TokenBucket { .. })
 }
 
 fn selector(raw: &RawDescriptor) -> (Selector, String) {
@@ -371,13 +375,11 @@ impl Compiler<'_> {
         // by call (as `consistency: strict`), which counts in fixed windows.
         if self.fleet_store
             && let Some(Policy::Limited(windows)) = policy
-            && let Some(w) = windows
-                .iter()
-                .find(|w| !w.algorithm.is_fixed() && w.algorithm != Algorithm::InFlight)
+            && let Some(w) = windows.iter().find(|w| !settled_in_store(w.algorithm))
         {
             errors.push(format!(
-                "with a Redis store, a reserve is kept in the store call by call, in fixed \
-                 windows: drop `algorithm: {}` here, or the reserve",
+                "with a Redis store, a reserve is kept in the store call by call, in fixed or \
+                 sliding windows: drop `algorithm: {}` here, or the reserve",
                 w.algorithm.name()
             ));
         }
@@ -800,11 +802,14 @@ descriptors:
             assert_eq!(domain.rules[0].consistency, consistency);
         }
         let sliding = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests: 100, algorithm: sliding_window }\n    reserve: { high: 20% }\n";
-        assert!(compile_file_for(&file(sliding), false).is_ok());
-        let errors = compile_file_for(&file(sliding), true).expect_err("fixed windows only");
+        let domain = compile_file_for(&file(sliding), true).expect("sliding in the store");
+        assert_eq!(domain.rules[0].consistency, Consistency::Strict);
+        let bucket = sliding.replace("sliding_window", "token_bucket");
+        assert!(compile_file_for(&file(&bucket), false).is_ok());
+        let errors = compile_file_for(&file(&bucket), true).expect_err("no bucket in the store");
         assert_eq!(
             errors[0].to_string(),
-            "rules.yaml:5:14: descriptors[0].reserve: with a Redis store, a reserve is kept in the store call by call, in fixed windows: drop `algorithm: sliding_window` here, or the reserve"
+            "rules.yaml:5:14: descriptors[0].reserve: with a Redis store, a reserve is kept in the store call by call, in fixed or sliding windows: drop `algorithm: token_bucket` here, or the reserve"
         );
     }
 
@@ -961,7 +966,8 @@ descriptors:
     }
 
     #[test]
-    fn with_a_fleet_store_a_sliding_window_is_leased_and_strict_counts_in_fixed_windows() {
+    fn with_a_fleet_store_a_sliding_window_is_leased_and_strict_counts_in_fixed_or_sliding_windows()
+    {
         let file = |text: &str| SourceFile {
             path: "rules.yaml".into(),
             text: text.into(),
@@ -986,16 +992,16 @@ descriptors:
 descriptors:
   - key: a
     consistency: strict
-    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: sliding_window }
+    rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket }
 ",
         );
-        let errors = compile_file_for(&strict, true).expect_err("strict is fixed-window");
+        let errors = compile_file_for(&strict, true).expect_err("no strict bucket");
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].line, Some(4));
         assert!(
             errors[0]
                 .message
-                .contains("consistency: strict counts in fixed windows"),
+                .contains("consistency: strict counts in fixed or sliding windows"),
             "{}",
             errors[0].message
         );

@@ -110,6 +110,7 @@ pub struct Fleet {
     replica_field: String,
     strict: redis::Script,
     holds: redis::Script,
+    sliding: redis::Script,
     /// Lease calls given up on, for the next calls on their keys to name.
     given_up: given_up::GivenUp,
 }
@@ -144,6 +145,7 @@ impl Fleet {
             status: ArcSwap::from_pointee(SyncStatus::default()),
             strict: store::strict_script(),
             holds: store::holds_script(),
+            sliding: store::sliding_script(),
             given_up: given_up::GivenUp::default(),
         })
     }
@@ -168,6 +170,10 @@ impl Fleet {
 
     fn holds_script(&self) -> &redis::Script {
         &self.holds
+    }
+
+    fn sliding_script(&self) -> &redis::Script {
+        &self.sliding
     }
 
     fn timeout(&self) -> Duration {

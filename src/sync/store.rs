@@ -391,6 +391,46 @@ return {r, t, 1}
     )
 }
 
+/// Atomically checks and takes a charge from a sliding window kept in the store call by call:
+/// `KEYS[1]` the current window's counts, `KEYS[2]` the previous one's (fields `requests` and
+/// `tokens`). ARGV: requests charge, requests limit (-1: none), tokens charge, tokens limit
+/// (-1: none), the current key's expiry (ms since the epoch), the window's length W and the
+/// time elapsed in it (ms). A charge `n` fits when `(current + n) × W + previous × (W −
+/// elapsed) ≤ limit × W`, as a replica's own sliding window has it (a charge of 0 checks that
+/// one more fits); negative charges give back from the current window, never below zero.
+/// Returns the current and previous windows' requests and tokens after the call, and 1 if
+/// the charge was taken, 0 if refused.
+pub fn sliding_script() -> Script {
+    Script::new(
+        r"
+local rc = tonumber(redis.call('HGET', KEYS[1], 'requests') or '0')
+local tc = tonumber(redis.call('HGET', KEYS[1], 'tokens') or '0')
+local rp = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
+local tp = tonumber(redis.call('HGET', KEYS[2], 'tokens') or '0')
+local cr, lr, ct, lt = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local w, e = tonumber(ARGV[6]), tonumber(ARGV[7])
+local function over(current, previous, charge, limit)
+  if limit < 0 then return false end
+  return (current + math.max(charge, 1)) * w + previous * (w - e) > limit * w
+end
+if cr < 0 or ct < 0 then
+  rc = math.max(0, rc + cr)
+  tc = math.max(0, tc + ct)
+  redis.call('HSET', KEYS[1], 'requests', rc, 'tokens', tc)
+  redis.call('PEXPIREAT', KEYS[1], ARGV[5])
+  return {rc, tc, rp, tp, 1}
+end
+if over(rc, rp, cr, lr) or over(tc, tp, ct, lt) then
+  return {rc, tc, rp, tp, 0}
+end
+if cr > 0 then rc = redis.call('HINCRBY', KEYS[1], 'requests', cr) end
+if ct > 0 then tc = redis.call('HINCRBY', KEYS[1], 'tokens', ct) end
+if cr > 0 or ct > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
+return {rc, tc, rp, tp, 1}
+",
+    )
+}
+
 /// Atomically takes or gives back holds in flight (a concurrency limit) in the fleet's two
 /// windows of a hold's time to live: `KEYS[1]` the current window's, `KEYS[2]` the previous
 /// one's (holds lapse when the window after theirs ends, as a replica's own counter has them).

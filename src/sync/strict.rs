@@ -13,7 +13,8 @@ use redis::RedisError;
 use super::{FailurePolicy, Fleet};
 use crate::decision::{Settled, StrictJob, StrictWork};
 use crate::limiter::{
-    Algorithm, Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over, Window,
+    Algorithm, Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over, Rate, Window,
+    sliding_standing,
 };
 
 impl Fleet {
@@ -119,6 +120,81 @@ impl Fleet {
         ))
     }
 
+    /// One check-and-take (or, negative, give-back) of a sliding window's job in Redis: the
+    /// estimates after it, whether it took, and the time until the limit is free again (for
+    /// a refusal, until the charge would fit), as a replica's own sliding window reports them.
+    async fn sliding_call(
+        &self,
+        job: &StrictJob,
+        charge: (i64, i64),
+        now_ms: u64,
+    ) -> Result<(Counts, bool, Duration), RedisError> {
+        let unit = job.counter.unit();
+        let window = unit.window_at(now_ms);
+        let previous = Window(window.0.saturating_sub(1));
+        let mut keys = [String::new(), String::new()];
+        for (key, w) in keys.iter_mut().zip([window, previous]) {
+            super::keys::write_key_of(self, key, &job.counter, Some(&job.rule), w);
+        }
+        // The current window's counts weigh until the next window ends.
+        let expire_at = super::keys::expiry_ms(unit, Window(window.0.saturating_add(1)));
+        let (requests_limit, tokens_limit) = (
+            job.limits.requests.map(u64::from),
+            job.limits.tokens.map(|t| u64::from(super::narrow(t))),
+        );
+        let arg = |l: Option<u64>| l.map_or(-1, |l| l as i64);
+        let unit_ms = unit.millis();
+        let elapsed = now_ms - unit.window_start_ms(window);
+        let [current_key, previous_key] = keys;
+        let script = self.sliding_script();
+        let mut invocation = script.key(current_key);
+        invocation
+            .key(previous_key)
+            .arg(charge.0)
+            .arg(arg(requests_limit))
+            .arg(charge.1)
+            .arg(arg(tokens_limit))
+            .arg(expire_at)
+            .arg(unit_ms)
+            .arg(elapsed);
+        let mut store = self.store().await?;
+        let (rc, tc, rp, tp, took): (i64, i64, i64, i64, i64) =
+            store.script(&invocation, self.timeout()).await?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let standing = |(current, previous), limit: Option<u64>, charge: i64| {
+            let rate = Rate {
+                limit: super::clamp(limit.map_or(0, |l| l as i64)),
+                unit_ms,
+            };
+            let fits = took == 1
+                || limit.is_none()
+                || sliding_standing((current, previous), now_ms, rate, None).0 as u64
+                    + count(charge).max(1)
+                    <= limit.unwrap_or(0);
+            let refused = (!fits).then_some(count(charge));
+            let (used, wait) = sliding_standing((current, previous), now_ms, rate, refused);
+            (used, wait, refused.is_some())
+        };
+        let requests = standing((count(rc), count(rp)), requests_limit, charge.0);
+        let tokens = standing((count(tc), count(tp)), tokens_limit, charge.1);
+        // Refused: until every refused measure would fit; else until the window ends.
+        let until_reset = [requests, tokens]
+            .iter()
+            .filter(|(_, _, refused)| *refused || took == 1)
+            .map(|(_, wait, _)| *wait)
+            .max()
+            .unwrap_or(requests.1);
+        let (requests, tokens) = (requests.0, tokens.0);
+        Ok((
+            Counts {
+                requests,
+                tokens: tokens.into(),
+            },
+            took == 1,
+            until_reset,
+        ))
+    }
+
     /// A strict job's call: a fixed window's check-and-take, or a concurrency limit's holds.
     async fn job_call(
         &self,
@@ -126,8 +202,10 @@ impl Fleet {
         charge: (i64, i64),
         now_ms: u64,
     ) -> Result<(Counts, bool, Duration), RedisError> {
-        if job.limits.algorithm == Algorithm::InFlight {
-            return self.holds_call(job, charge.0, now_ms).await;
+        match job.limits.algorithm {
+            Algorithm::InFlight => return self.holds_call(job, charge.0, now_ms).await,
+            Algorithm::SlidingWindow => return self.sliding_call(job, charge, now_ms).await,
+            _ => {}
         }
         let (counts, took) = self.strict_call(job, charge, now_ms).await?;
         Ok((counts, took, job.counter.unit().until_reset(now_ms)))
