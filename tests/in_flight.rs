@@ -242,6 +242,17 @@ async fn three_replicas_on_redis_admit_three_streams_in_all() {
         assert_eq!(remaining(&answer, 0), 2 - i as u32, "slots left fleet-wide");
         holds.push(hold_of(&answer).expect("an admitted stream is told its hold"));
     }
+    // `/v1/usage` on any replica reads the fleet's holds.
+    let app = &replicas[2].running.as_ref().unwrap().app;
+    let usage = sluice::counters::usage(app, "llm", &[("api_key", "k1")])
+        .await
+        .expect("a rule matches");
+    let in_flight = usage
+        .windows
+        .iter()
+        .find(|w| w.algorithm() == Some(sluice::Algorithm::InFlight))
+        .expect("the concurrency window");
+    assert_eq!(in_flight.fleet.map(|c| c.requests), Some(3), "{usage:?}");
     for (i, replica) in replicas.iter_mut().enumerate() {
         let refused = call(replica, "k1").await;
         assert_eq!(

@@ -287,6 +287,14 @@ impl Fleet {
             });
         }
         let kind = keys::key_kind(rule_window);
+        let earlier_key = (limits.algorithm == crate::limiter::Algorithm::InFlight).then(|| {
+            let mut previous = String::new();
+            let before = Window(window.0.saturating_sub(1));
+            let path = |out: &mut String| out.push_str(path);
+            let unit = rule_window.counter_unit();
+            self.write_counter_key(&mut previous, domain, path, (&kind, unit), before);
+            previous
+        });
         let path = |out: &mut String| out.push_str(path);
         self.write_counter_key(
             &mut key,
@@ -295,6 +303,18 @@ impl Fleet {
             (&kind, rule_window.counter_unit()),
             window,
         );
+        // Holds in flight count in this window and the one before (taken call by call).
+        if let Some(previous) = earlier_key {
+            cmd.arg(key).arg("used");
+            let (current,): (Option<i64>,) = store.command(&cmd, self.timeout()).await?;
+            let mut get = redis::cmd("HGET");
+            get.arg(previous).arg("used");
+            let earlier: Option<i64> = store.command(&get, self.timeout()).await?;
+            return Ok(Counts {
+                requests: clamp(current.unwrap_or(0).saturating_add(earlier.unwrap_or(0))),
+                tokens: 0,
+            });
+        }
         // What the fleet admitted, not what it leased: as of each replica's last sync.
         cmd.arg(key).arg("used").arg("tokens");
         let (requests, tokens): (Option<i64>, Option<i64>) =

@@ -416,14 +416,17 @@ end
 if cr < 0 or ct < 0 then
   rc = math.max(0, rc + cr)
   tc = math.max(0, tc + ct)
-  redis.call('HSET', KEYS[1], 'requests', rc, 'tokens', tc)
+  redis.call('HSET', KEYS[1], 'requests', rc, 'used', rc, 'tokens', tc)
   redis.call('PEXPIREAT', KEYS[1], ARGV[5])
   return {rc, tc, rp, tp, 1}
 end
 if over(rc, rp, cr, lr) or over(tc, tp, ct, lt) then
   return {rc, tc, rp, tp, 0}
 end
-if cr > 0 then rc = redis.call('HINCRBY', KEYS[1], 'requests', cr) end
+if cr > 0 then
+  rc = redis.call('HINCRBY', KEYS[1], 'requests', cr)
+  redis.call('HSET', KEYS[1], 'used', rc)
+end
 if ct > 0 then tc = redis.call('HINCRBY', KEYS[1], 'tokens', ct) end
 if cr > 0 or ct > 0 then redis.call('PEXPIREAT', KEYS[1], ARGV[5]) end
 return {rc, tc, rp, tp, 1}
