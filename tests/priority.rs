@@ -270,3 +270,75 @@ descriptors:
         r.stop().await;
     }
 }
+
+/// A token bucket with a reserve on three replicas on one real Redis, default settings: one
+/// bucket in the store, checked and taken call by call, refilling at the rule's rate (one a
+/// second), of which batch calls may fill 15 of its 20 and production calls all of it. At
+/// first batch calls get 15 and production the 5 left; ten seconds later 10 have drained, and
+/// batch calls get 5 more (up to 15) and production 5 (up to 20), whichever replica each call
+/// reaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_keep_the_reserve_of_a_token_bucket() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let rules = r#"
+domain: provider
+descriptors:
+  - key: upstream
+    rate_limit: { unit: minute, requests: 60, algorithm: token_bucket, burst: 20 }
+    reserve: { high: 25% }
+"#;
+    let namespace = unique_namespace("reserve-bucket");
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            start_at(wall, &[("provider.yaml", rules)], move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    async fn round_robin(replicas: &mut [TestServer], class: &str, n: usize) -> usize {
+        let mut admitted = 0;
+        for i in 0..n {
+            let entries = [("upstream", "openai"), ("sluice.priority", class)];
+            let answer = replicas[i % replicas.len()]
+                .client
+                .should_rate_limit(request("provider", &[&entries]))
+                .await
+                .expect("answer")
+                .into_inner();
+            admitted += usize::from(code(&answer, 0) == Code::Ok);
+        }
+        admitted
+    }
+    assert_eq!(round_robin(&mut replicas, "low", 60).await, 15);
+    assert_eq!(round_robin(&mut replicas, "high", 10).await, 5);
+    for r in &replicas {
+        r.clock.advance_ms(10_000);
+    }
+    let low = round_robin(&mut replicas, "low", 60).await;
+    let high = round_robin(&mut replicas, "high", 10).await;
+    println!("ten seconds on: batch {low} of 60, production {high} of 10");
+    assert_eq!((low, high), (5, 5));
+    // `/v1/usage` on any replica reads the fleet's bucket: full.
+    let app = &replicas[1].running.as_ref().unwrap().app;
+    let usage = sluice::counters::usage(app, "provider", &[("upstream", "openai")])
+        .await
+        .expect("a rule matches");
+    assert_eq!(
+        usage.windows[0].fleet.map(|c| c.requests),
+        Some(20),
+        "{usage:?}"
+    );
+    for r in replicas {
+        r.stop().await;
+    }
+}

@@ -565,6 +565,42 @@ pub(super) fn bucket_charge(
     )
 }
 
+/// A token bucket counted elsewhere (the fleet store, call by call) in this module's terms:
+/// the tick of its clock (ms) and the fill one unit costs (`W`, the unit's length in ticks).
+pub fn bucket_terms(rate: Rate) -> (u64, u64) {
+    let tick = tick_ms(rate.unit_ms);
+    (tick, rate.unit_ms / tick)
+}
+
+/// A token bucket counted elsewhere as a status reports it: its `fill` at `now_ms` (after a
+/// charge that was taken) comes to what is used of `burst`, and the time until it is full or,
+/// for a charge of `refused` units that did not fit, until it would.
+pub fn bucket_standing(
+    fill: u128,
+    now_ms: u64,
+    rate: Rate,
+    burst: u32,
+    refused: Option<u64>,
+) -> (u32, Duration) {
+    let clock = Clocked::new(now_ms, rate);
+    let capacity = u128::from(burst) * clock.w;
+    let wait = match refused {
+        None => clock.drain_ms(fill, 0, rate),
+        Some(n) => {
+            let cost = u128::from(n.max(1)) * clock.w;
+            if rate.limit == 0 || cost > capacity {
+                rate.unit_ms
+            } else {
+                clock.drain_ms(fill + cost, capacity, rate)
+            }
+        }
+    };
+    (
+        Bucket::used(fill, burst, &clock),
+        Duration::from_millis(wait),
+    )
+}
+
 /// Gives `n` back to a token bucket word at `now_ms` (never fuller than full).
 pub(super) fn bucket_refund(word: u128, now_ms: u64, rate: Rate, n: u32) -> u128 {
     let clock = Clocked::new(now_ms, rate);

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub use algorithm::{Algorithm, Rate, sliding_standing};
+pub use algorithm::{Algorithm, Rate, bucket_standing, bucket_terms, sliding_standing};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use counter::{Counter, Counts, Limits, Over, Pace, Reading, Stored, saturating_u32};
 pub use fleet::{FleetState, FleetView};

@@ -12,7 +12,7 @@ use super::{
     ConfigError, Consistency, Domain, ENDPOINT_KEY, Factor, MetricDetail, Policy, Reserve, Rule,
     SourceFile, rule_scope,
 };
-use crate::limiter::{Algorithm, Enforcement};
+use crate::limiter::Enforcement;
 use crate::telemetry::RuleMetrics;
 
 /// Compiles one rule file into its domain, for a server with no fleet store.
@@ -204,19 +204,6 @@ impl Compiler<'_> {
         );
 
         let policy = self.policy(raw, at);
-        // A strict rule is counted call by call in the store's fixed window.
-        if raw.consistency == Some(Consistency::Strict)
-            && let Some(Policy::Limited(windows)) = &policy
-            && let Some(w) = windows.iter().find(|w| !settled_in_store(w.algorithm))
-        {
-            self.error(
-                &at.field("consistency"),
-                format!(
-                    "consistency: strict counts in fixed or sliding windows: drop it, or drop `algorithm: {}`",
-                    w.algorithm.name()
-                ),
-            );
-        }
         let reserve = self.reserve(raw, policy.as_ref(), at);
         let reserve_is_empty = reserve == Reserve::default();
         let wait = self.wait(raw, policy.as_ref(), at);
@@ -288,12 +275,6 @@ impl Compiler<'_> {
             }
         }
     }
-}
-
-/// Whether the fleet store can settle a limit of `algorithm` call by call (strict rules,
-/// reserves): fixed and sliding windows, and holds in flight; not a token bucket.
-fn settled_in_store(algorithm: Algorithm) -> bool {
-    !matches!(algorithm, Algorithm::TokenBucket { .. })
 }
 
 fn selector(raw: &RawDescriptor) -> (Selector, String) {
@@ -370,18 +351,6 @@ impl Compiler<'_> {
         let mut errors = Vec::new();
         if !matches!(policy, Some(Policy::Limited(_))) {
             errors.push("reserve keeps shares of a descriptor's limits: this one sets none".into());
-        }
-        // With a store, a reserve's shares are kept exactly by settling the rule there call
-        // by call (as `consistency: strict`), which counts in fixed windows.
-        if self.fleet_store
-            && let Some(Policy::Limited(windows)) = policy
-            && let Some(w) = windows.iter().find(|w| !settled_in_store(w.algorithm))
-        {
-            errors.push(format!(
-                "with a Redis store, a reserve is kept in the store call by call, in fixed or \
-                 sliding windows: drop `algorithm: {}` here, or the reserve",
-                w.algorithm.name()
-            ));
         }
         let mut classes = Vec::new();
         for (class, share) in written {
@@ -804,13 +773,12 @@ descriptors:
         let sliding = "domain: d\ndescriptors:\n  - key: a\n    rate_limit: { unit: minute, requests: 100, algorithm: sliding_window }\n    reserve: { high: 20% }\n";
         let domain = compile_file_for(&file(sliding), true).expect("sliding in the store");
         assert_eq!(domain.rules[0].consistency, Consistency::Strict);
+        // A token bucket too: in the store, not in leases (a replica's own counter keeps the
+        // bucket's word while the store is away).
         let bucket = sliding.replace("sliding_window", "token_bucket");
-        assert!(compile_file_for(&file(&bucket), false).is_ok());
-        let errors = compile_file_for(&file(&bucket), true).expect_err("no bucket in the store");
-        assert_eq!(
-            errors[0].to_string(),
-            "rules.yaml:5:14: descriptors[0].reserve: with a Redis store, a reserve is kept in the store call by call, in fixed or sliding windows: drop `algorithm: token_bucket` here, or the reserve"
-        );
+        let domain = compile_file_for(&file(&bucket), true).expect("a bucket in the store");
+        assert_eq!(domain.rules[0].consistency, Consistency::Strict);
+        assert!(!domain.rules[0].windows()[0].leased);
     }
 
     #[test]
@@ -966,8 +934,7 @@ descriptors:
     }
 
     #[test]
-    fn with_a_fleet_store_a_sliding_window_is_leased_and_strict_counts_in_fixed_or_sliding_windows()
-    {
+    fn with_a_fleet_store_a_sliding_window_is_leased_and_a_strict_one_is_not() {
         let file = |text: &str| SourceFile {
             path: "rules.yaml".into(),
             text: text.into(),
@@ -995,15 +962,13 @@ descriptors:
     rate_limit: { unit: minute, requests_per_unit: 6, algorithm: token_bucket }
 ",
         );
-        let errors = compile_file_for(&strict, true).expect_err("no strict bucket");
-        assert_eq!(errors.len(), 1);
-        assert_eq!(errors[0].line, Some(4));
+        let domain = compile_file_for(&strict, true).expect("a strict bucket");
+        let window = &domain.rules[0].windows()[0];
+        assert!(!window.leased && !window.is_leased_bucket());
         assert!(
-            errors[0]
-                .message
-                .contains("consistency: strict counts in fixed or sliding windows"),
-            "{}",
-            errors[0].message
+            window
+                .in_force(Factor::FULL, |_| true)
+                .counted_by_algorithm()
         );
     }
 

@@ -43,6 +43,8 @@ impl Compiler<'_> {
                 "an unlimited descriptor cannot have other limits".into(),
             );
         }
+        let settled_in_store =
+            raw.consistency == Some(super::Consistency::Strict) || raw.reserve.is_some();
         let mut windows: Vec<RuleWindow> = Vec::new();
         let mut unlimited = false;
         let mut slot_paths: HashMap<(Unit, Measure), YamlPath> = HashMap::new();
@@ -92,8 +94,12 @@ impl Compiler<'_> {
                         requests: None,
                         tokens: None,
                         algorithm: limit.algorithm,
-                        // Holds are taken in the store call by call, not leased.
-                        leased: self.fleet_store && limit.algorithm != Algorithm::InFlight,
+                        // Holds, strict rules and reserves are settled in the store call
+                        // by call, not leased: a replica's own counter (while the store is
+                        // away) keeps the algorithm's own word.
+                        leased: self.fleet_store
+                            && limit.algorithm != Algorithm::InFlight
+                            && !settled_in_store,
                     });
                     windows.last_mut().expect("just pushed")
                 }

@@ -99,6 +99,14 @@ pub(super) fn key_kind(window: &RuleWindow) -> Cow<'static, str> {
             let measure = if tokens { "bucket-tokens" } else { "bucket" };
             format!("{measure}.{}.", window.unit).into()
         }
+        // A bucket settled in the store call by call: one key of its own.
+        (Algorithm::TokenBucket { .. }, tokens) => {
+            if tokens {
+                "gcra-tokens.".into()
+            } else {
+                "gcra.".into()
+            }
+        }
         // Holds in flight count in their own keys, apart from a window's requests.
         (Algorithm::InFlight, _) => "holds.".into(),
         _ => "".into(),

@@ -111,6 +111,7 @@ pub struct Fleet {
     strict: redis::Script,
     holds: redis::Script,
     sliding: redis::Script,
+    bucket: redis::Script,
     /// Lease calls given up on, for the next calls on their keys to name.
     given_up: given_up::GivenUp,
 }
@@ -146,6 +147,7 @@ impl Fleet {
             strict: store::strict_script(),
             holds: store::holds_script(),
             sliding: store::sliding_script(),
+            bucket: store::bucket_script(),
             given_up: given_up::GivenUp::default(),
         })
     }
@@ -174,6 +176,10 @@ impl Fleet {
 
     fn sliding_script(&self) -> &redis::Script {
         &self.sliding
+    }
+
+    fn bucket_script(&self) -> &redis::Script {
+        &self.bucket
     }
 
     fn timeout(&self) -> Duration {
@@ -287,6 +293,43 @@ impl Fleet {
             });
         }
         let kind = keys::key_kind(rule_window);
+        // A bucket settled in the store call by call: its one key's fill, drained to now.
+        if let crate::limiter::Algorithm::TokenBucket { burst } = limits.algorithm
+            && !limits.leased
+        {
+            let path = |out: &mut String| out.push_str(path);
+            let unit = rule_window.counter_unit();
+            self.write_counter_key(&mut key, domain, path, (&kind, unit), Window(0));
+            cmd.arg(key).arg("fill").arg("at");
+            let (fill, at): (Option<u64>, Option<u64>) =
+                store.command(&cmd, self.timeout()).await?;
+            let tokens = limits.requests.is_none();
+            let rate = crate::limiter::Rate {
+                limit: if tokens {
+                    limits.tokens.map_or(0, narrow)
+                } else {
+                    limits.requests.unwrap_or(0)
+                },
+                unit_ms: unit.millis(),
+            };
+            let (tick, _) = crate::limiter::bucket_terms(rate);
+            let now = now_ms / tick;
+            let drained =
+                u64::from(rate.limit).saturating_mul(now.saturating_sub(at.unwrap_or(now)));
+            let fill = u128::from(fill.unwrap_or(0).saturating_sub(drained));
+            let (used, _) = crate::limiter::bucket_standing(fill, now_ms, rate, burst, None);
+            return Ok(if tokens {
+                Counts {
+                    requests: 0,
+                    tokens: used.into(),
+                }
+            } else {
+                Counts {
+                    requests: used,
+                    tokens: 0,
+                }
+            });
+        }
         let earlier_key = (limits.algorithm == crate::limiter::Algorithm::InFlight).then(|| {
             let mut previous = String::new();
             let before = Window(window.0.saturating_sub(1));

@@ -386,9 +386,13 @@ impl Planner<'_> {
                 Some(w.in_force(rule.capacity.get(), |_| true))
             })
             .unwrap_or_default();
-        // Holds in flight are taken and given back in the store call by call; a local
-        // counter holds only those taken while the store was away, which lapse here.
-        if limits.algorithm == Algorithm::InFlight {
+        // Holds in flight, and the sliding windows and buckets of strict rules, are taken
+        // and given back in the store call by call; a local counter holds only what was
+        // taken while the store was away, in the algorithm's own word, which lapses here.
+        let settled_in_store = rule.is_some_and(|r| r.consistency == Consistency::Strict);
+        if limits.algorithm == Algorithm::InFlight
+            || (settled_in_store && !limits.algorithm.is_fixed())
+        {
             return;
         }
         // A token bucket is leased against its burst; the store refills it at its rate.

@@ -434,6 +434,45 @@ return {rc, tc, rp, tp, 1}
     )
 }
 
+/// Atomically checks and takes a charge from a token bucket kept in the store call by call
+/// (GCRA in a replica's own terms, [`crate::limiter::bucket_terms`]): `KEYS[1]` holds its
+/// `fill` (in W-ths of a unit) and when it was last charged (`at`, in ticks). ARGV: the
+/// charge `n` (0 checks that one more fits; negative gives back, never below empty), the
+/// burst, the fill drained a tick (the rule's rate), W, the time now in ticks, the tick (ms).
+/// A charge fits when `fill + n × W ≤ burst × W`. The key lives until the bucket is full
+/// again, plus a minute. Returns the fill after the call, and 1 if taken, 0 if refused.
+pub fn bucket_script() -> Script {
+    Script::new(
+        r"
+local n, burst, drain = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local w, now, tick = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local fill = tonumber(redis.call('HGET', KEYS[1], 'fill') or '0')
+local at = tonumber(redis.call('HGET', KEYS[1], 'at') or ARGV[5])
+if now > at then
+  fill = math.max(0, fill - (now - at) * drain)
+  at = now
+end
+local function keep(f)
+  if drain <= 0 then return 60000 end
+  return math.ceil(f / drain) * tick + 60000
+end
+if n < 0 then
+  fill = math.max(0, fill + n * w)
+  redis.call('HSET', KEYS[1], 'fill', fill, 'at', at)
+  redis.call('PEXPIRE', KEYS[1], keep(fill))
+  return {fill, 1}
+end
+if drain <= 0 or fill + math.max(n, 1) * w > burst * w then return {fill, 0} end
+if n > 0 then
+  fill = fill + n * w
+  redis.call('HSET', KEYS[1], 'fill', fill, 'at', at)
+  redis.call('PEXPIRE', KEYS[1], keep(fill))
+end
+return {fill, 1}
+",
+    )
+}
+
 /// Atomically takes or gives back holds in flight (a concurrency limit) in the fleet's two
 /// windows of a hold's time to live: `KEYS[1]` the current window's, `KEYS[2]` the previous
 /// one's (holds lapse when the window after theirs ends, as a replica's own counter has them).

@@ -14,7 +14,7 @@ use super::{FailurePolicy, Fleet};
 use crate::decision::{Settled, StrictJob, StrictWork};
 use crate::limiter::{
     Algorithm, Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over, Rate, Window,
-    sliding_standing,
+    bucket_standing, bucket_terms, sliding_standing,
 };
 
 impl Fleet {
@@ -195,6 +195,66 @@ impl Fleet {
         ))
     }
 
+    /// One check-and-take (or, negative, give-back) of a token bucket's job in Redis: what is
+    /// used of the burst after it, whether it took, and the time until the bucket is full (for
+    /// a refusal, until the charge would fit), as a replica's own bucket reports them. The
+    /// bucket refills at the rule's rate; a priority class's share narrows only its burst.
+    async fn bucket_call(
+        &self,
+        job: &StrictJob,
+        charge: (i64, i64),
+        now_ms: u64,
+    ) -> Result<(Counts, bool, Duration), RedisError> {
+        let Algorithm::TokenBucket { burst } = job.limits.algorithm else {
+            return Ok((Counts::ZERO, true, Duration::ZERO));
+        };
+        let unit_ms = job.counter.unit().millis();
+        let tokens = job.limits.requests.is_none();
+        let full = job.rule.windows()[job.window].in_force(job.rule.capacity.get(), |_| true);
+        let rate_of = |limits: crate::limiter::Limits| {
+            if tokens {
+                limits.tokens.map_or(0, super::narrow)
+            } else {
+                limits.requests.unwrap_or(0)
+            }
+        };
+        let rate = Rate {
+            limit: rate_of(full),
+            unit_ms,
+        };
+        let (tick, w) = bucket_terms(rate);
+        let n = if tokens { charge.1 } else { charge.0 };
+        let mut key = String::new();
+        // One key for the bucket, whatever the window.
+        super::keys::write_key_of(self, &mut key, &job.counter, Some(&job.rule), Window(0));
+        let script = self.bucket_script();
+        let mut invocation = script.key(key);
+        invocation
+            .arg(n)
+            .arg(burst)
+            .arg(rate.limit)
+            .arg(w)
+            .arg(now_ms / tick)
+            .arg(tick);
+        let mut store = self.store().await?;
+        let (fill, took): (i64, i64) = store.script(&invocation, self.timeout()).await?;
+        let fill = u128::try_from(fill).unwrap_or(0);
+        let refused = (took == 0).then(|| u64::try_from(n).unwrap_or(0));
+        let (used, until_reset) = bucket_standing(fill, now_ms, rate, burst, refused);
+        let counts = if tokens {
+            Counts {
+                requests: 0,
+                tokens: used.into(),
+            }
+        } else {
+            Counts {
+                requests: used,
+                tokens: 0,
+            }
+        };
+        Ok((counts, took == 1, until_reset))
+    }
+
     /// A strict job's call: a fixed window's check-and-take, or a concurrency limit's holds.
     async fn job_call(
         &self,
@@ -205,6 +265,7 @@ impl Fleet {
         match job.limits.algorithm {
             Algorithm::InFlight => return self.holds_call(job, charge.0, now_ms).await,
             Algorithm::SlidingWindow => return self.sliding_call(job, charge, now_ms).await,
+            Algorithm::TokenBucket { .. } => return self.bucket_call(job, charge, now_ms).await,
             _ => {}
         }
         let (counts, took) = self.strict_call(job, charge, now_ms).await?;
@@ -250,10 +311,15 @@ pub async fn settle(
                     taken.push(i);
                     took_holds = holds;
                 }
-                let over = if took {
-                    Over::default()
-                } else {
-                    Over::check(counts, charge, job.limits)
+                let over = match job.limits.algorithm {
+                    _ if took => Over::default(),
+                    // Refused against its burst, which `check` does not know.
+                    Algorithm::TokenBucket { .. } => Over {
+                        requests: job.limits.requests.is_some(),
+                        tokens: job.limits.requests.is_none(),
+                        ..Over::default()
+                    },
+                    _ => Over::check(counts, charge, job.limits),
                 };
                 (counts, over, until_reset)
             }
