@@ -98,6 +98,9 @@ pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str))
         header(remaining, number.format(line.remaining()));
         header(reset, reset_text(line.until_reset).as_str());
     }
+    if let Some(streams) = verdict.headline.concurrency {
+        concurrency_headers(streams.limit.per_unit, streams.remaining(), &mut header);
+    }
     if verdict.allowed {
         return Vec::new();
     }
@@ -124,6 +127,18 @@ pub fn answer(verdict: &Verdict<'_>, mut header: impl FnMut(&'static str, &str))
         used = line.used,
     );
     error_body(&message)
+}
+
+/// Streams in flight, beside OpenAI's headers (which speak of requests and tokens a window):
+/// how many may run at once and how many more may start now. No reset: slots free as
+/// streams end.
+pub fn concurrency_headers(limit: u64, remaining: u64, mut header: impl FnMut(&'static str, &str)) {
+    let mut number = itoa::Buffer::new();
+    header("x-ratelimit-limit-concurrency", number.format(limit));
+    header(
+        "x-ratelimit-remaining-concurrency",
+        number.format(remaining),
+    );
 }
 
 /// An OpenAI-style error body: what a client SDK reads to back off.

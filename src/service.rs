@@ -645,6 +645,26 @@ async fn settle_strict(
             }
         }
     }
+    // Streams in flight settled in the store: their headers, as a replica's own have them.
+    if app.settings.openai_headers {
+        let fewest = work
+            .jobs
+            .iter()
+            .zip(&settled)
+            .filter(|(job, _)| {
+                job.limits.algorithm == crate::limiter::Algorithm::InFlight && !job.refund
+            })
+            .filter_map(|(job, result)| {
+                let limit = u64::from(job.limits.requests?);
+                Some((limit, limit.saturating_sub(result.counts.requests.into())))
+            })
+            .min_by_key(|(_, remaining)| *remaining);
+        if let Some((limit, remaining)) = fewest {
+            crate::openai::concurrency_headers(limit, remaining, |name, value| {
+                response.headers.push(Header::new(name, value));
+            });
+        }
+    }
     // A denial by a limit settled in the store says why, as a local one does.
     if denied_here && app.settings.openai_headers && response.body.is_empty() {
         response.body = crate::openai::store_refusal(&statuses, |name, value| {

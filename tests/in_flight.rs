@@ -28,6 +28,15 @@ fn hold_of(response: &RateLimitResponse) -> Option<String> {
     }
 }
 
+/// A response header an answer asks Envoy to add.
+fn header_of(response: &RateLimitResponse, name: &str) -> Option<String> {
+    response
+        .response_headers_to_add
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| h.value.clone())
+}
+
 async fn call(server: &mut TestServer, key: &str) -> RateLimitResponse {
     server
         .client
@@ -58,6 +67,15 @@ async fn three_streams_pass_the_fourth_waits_for_one_to_end() {
         let answer = call(&mut server, "k1").await;
         assert!(is_ok(&answer), "stream {i}: {answer:?}");
         assert_eq!(remaining(&answer, 0), 2 - i, "slots left after stream {i}");
+        // Beside OpenAI's headers, streams in flight have their own.
+        assert_eq!(
+            header_of(&answer, "x-ratelimit-limit-concurrency").as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header_of(&answer, "x-ratelimit-remaining-concurrency"),
+            Some((2 - i).to_string())
+        );
         holds.push(hold_of(&answer).expect("an admitted stream is told its hold"));
     }
     for _ in 0..2 {
@@ -240,6 +258,11 @@ async fn three_replicas_on_redis_admit_three_streams_in_all() {
         let answer = call(replica, "k1").await;
         assert!(is_ok(&answer), "stream {i}: {answer:?}");
         assert_eq!(remaining(&answer, 0), 2 - i as u32, "slots left fleet-wide");
+        assert_eq!(
+            header_of(&answer, "x-ratelimit-remaining-concurrency"),
+            Some((2 - i).to_string()),
+            "fleet-wide, in the headers too"
+        );
         holds.push(hold_of(&answer).expect("an admitted stream is told its hold"));
     }
     // `/v1/usage` on any replica reads the fleet's holds.

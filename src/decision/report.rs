@@ -105,6 +105,8 @@ pub struct Headline<'r> {
     pub requests: Option<Standing<'r>>,
     /// The tokens limit nearest its end.
     pub tokens: Option<Standing<'r>>,
+    /// The concurrency limit with the fewest slots free (`x-ratelimit-*-concurrency`).
+    pub concurrency: Option<Standing<'r>>,
 }
 
 /// Each descriptor's status and the request's headline, from one reading of each limit's
@@ -125,6 +127,7 @@ pub(super) fn statuses_and_headline<'r, E>(
     global_shadow: bool,
 ) -> (SmallVec<[Status<'r>; 8]>, Headline<'r>) {
     let (mut requests, mut tokens) = (Nearest::default(), Nearest::default());
+    let mut concurrency = Nearest::default();
     let mut statuses = SmallVec::new();
     for (i, ask) in asks.iter().enumerate() {
         let is_call = !matches!(
@@ -137,9 +140,14 @@ pub(super) fn statuses_and_headline<'r, E>(
             let [r, t] = plan.sources()[d].standings(&outcomes[d]);
             if let Some(r) = r {
                 nearest.offer(r, d);
-                // The OpenAI headers speak of requests a window: streams in flight are not.
-                if headlined && r.limit.measure != Measure::Concurrency {
-                    requests.offer(r, ());
+                // The OpenAI headers speak of requests a window: streams in flight have
+                // headers of their own.
+                if headlined {
+                    if r.limit.measure == Measure::Concurrency {
+                        concurrency.offer(r, ());
+                    } else {
+                        requests.offer(r, ());
+                    }
                 }
             }
             if let Some(t) = t {
@@ -173,6 +181,7 @@ pub(super) fn statuses_and_headline<'r, E>(
     let headline = Headline {
         requests: requests.into_inner().map(|(s, ())| s),
         tokens: tokens.into_inner().map(|(s, ())| s),
+        concurrency: concurrency.into_inner().map(|(s, ())| s),
     };
     (statuses, headline)
 }
