@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::redis::{RedisServer, unique_namespace};
+use common::redis::{RedisServer, replicas, wall_ms};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitResponse;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -235,24 +235,9 @@ async fn three_replicas_on_redis_admit_three_streams_in_all() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let namespace = unique_namespace("streams");
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     // 1 s into a window of the holds' 10 s time to live.
-    let start_ms = wall / 10_000 * 10_000 + 1_000;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let (url, namespace) = (redis.url(), namespace.clone());
-        replicas.push(
-            start_at(start_ms, &[("llm.yaml", STREAMS)], move |s| {
-                s.redis_url = Some(url);
-                s.redis_namespace = Some(namespace);
-            })
-            .await,
-        );
-    }
+    let start_ms = wall_ms() / 10_000 * 10_000 + 1_000;
+    let mut replicas = replicas(&redis, "streams", 3, start_ms, &[("llm.yaml", STREAMS)]).await;
     let mut holds = Vec::new();
     for (i, replica) in replicas.iter_mut().enumerate() {
         let answer = call(replica, "k1").await;
@@ -337,23 +322,8 @@ async fn a_call_waits_for_a_slot_released_on_another_replica() {
         return;
     };
     let rules = "domain: llm\ndescriptors:\n  - key: api_key\n    wait: 1s\n    rate_limit: { concurrency: 1, hold_ttl: 10s }\n";
-    let namespace = unique_namespace("wait-streams");
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let start_ms = wall / 10_000 * 10_000 + 1_000;
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let (url, namespace) = (redis.url(), namespace.clone());
-        replicas.push(
-            start_at(start_ms, &[("llm.yaml", rules)], move |s| {
-                s.redis_url = Some(url);
-                s.redis_namespace = Some(namespace);
-            })
-            .await,
-        );
-    }
+    let start_ms = wall_ms() / 10_000 * 10_000 + 1_000;
+    let mut replicas = replicas(&redis, "wait-streams", 2, start_ms, &[("llm.yaml", rules)]).await;
     let hold = hold_of(&call(&mut replicas[0], "k1").await).expect("the slot");
     let mut b = replicas[1].client.clone();
     let started = std::time::Instant::now();

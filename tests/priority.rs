@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::redis::{RedisServer, unique_namespace};
+use common::redis::{RedisServer, replicas, wall_ms};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
 
@@ -121,24 +121,9 @@ descriptors:
     rate_limit: { unit: minute, requests: 50 }
     reserve: { high: 20% }
 "#;
-    let namespace = unique_namespace("reserve");
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     // 5 s into a minute: every call of the test is decided in that minute.
-    let start_ms = wall / 60_000 * 60_000 + 5_000;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let (url, namespace) = (redis.url(), namespace.clone());
-        replicas.push(
-            start_at(start_ms, &[("provider.yaml", rules)], move |s| {
-                s.redis_url = Some(url);
-                s.redis_namespace = Some(namespace);
-            })
-            .await,
-        );
-    }
+    let start_ms = wall_ms() / 60_000 * 60_000 + 5_000;
+    let replicas = replicas(&redis, "reserve", 3, start_ms, &[("provider.yaml", rules)]).await;
     // Each replica: 167 batch calls (500 in all) with a production call after every 50th
     // (10 in all), all three replicas at once.
     let mut sent = tokio::task::JoinSet::new();
@@ -223,38 +208,15 @@ descriptors:
     rate_limit: { unit: minute, requests: 50, algorithm: sliding_window }
     reserve: { high: 20% }
 "#;
-    let namespace = unique_namespace("reserve-sliding");
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let start_ms = wall / 60_000 * 60_000 + 5_000;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let (url, namespace) = (redis.url(), namespace.clone());
-        replicas.push(
-            start_at(start_ms, &[("provider.yaml", rules)], move |s| {
-                s.redis_url = Some(url);
-                s.redis_namespace = Some(namespace);
-            })
-            .await,
-        );
-    }
-    // `n` calls of `class`, one replica after the other: how many were admitted.
-    async fn round_robin(replicas: &mut [TestServer], class: &str, n: usize) -> usize {
-        let mut admitted = 0;
-        for i in 0..n {
-            let entries = [("upstream", "openai"), ("sluice.priority", class)];
-            let answer = replicas[i % replicas.len()]
-                .client
-                .should_rate_limit(request("provider", &[&entries]))
-                .await
-                .expect("answer")
-                .into_inner();
-            admitted += usize::from(code(&answer, 0) == Code::Ok);
-        }
-        admitted
-    }
+    let start_ms = wall_ms() / 60_000 * 60_000 + 5_000;
+    let mut replicas = replicas(
+        &redis,
+        "reserve-sliding",
+        3,
+        start_ms,
+        &[("provider.yaml", rules)],
+    )
+    .await;
     assert_eq!(round_robin(&mut replicas, "low", 100).await, 40);
     assert_eq!(round_robin(&mut replicas, "high", 12).await, 10);
     // 30 s into the next minute (90 s on): the previous minute's 50 weigh 25.
@@ -289,36 +251,14 @@ descriptors:
     rate_limit: { unit: minute, requests: 60, algorithm: token_bucket, burst: 20 }
     reserve: { high: 25% }
 "#;
-    let namespace = unique_namespace("reserve-bucket");
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let mut replicas = Vec::new();
-    for _ in 0..3 {
-        let (url, namespace) = (redis.url(), namespace.clone());
-        replicas.push(
-            start_at(wall, &[("provider.yaml", rules)], move |s| {
-                s.redis_url = Some(url);
-                s.redis_namespace = Some(namespace);
-            })
-            .await,
-        );
-    }
-    async fn round_robin(replicas: &mut [TestServer], class: &str, n: usize) -> usize {
-        let mut admitted = 0;
-        for i in 0..n {
-            let entries = [("upstream", "openai"), ("sluice.priority", class)];
-            let answer = replicas[i % replicas.len()]
-                .client
-                .should_rate_limit(request("provider", &[&entries]))
-                .await
-                .expect("answer")
-                .into_inner();
-            admitted += usize::from(code(&answer, 0) == Code::Ok);
-        }
-        admitted
-    }
+    let mut replicas = replicas(
+        &redis,
+        "reserve-bucket",
+        3,
+        wall_ms(),
+        &[("provider.yaml", rules)],
+    )
+    .await;
     assert_eq!(round_robin(&mut replicas, "low", 60).await, 15);
     assert_eq!(round_robin(&mut replicas, "high", 10).await, 5);
     for r in &replicas {
@@ -341,4 +281,20 @@ descriptors:
     for r in replicas {
         r.stop().await;
     }
+}
+
+/// `n` calls of `class` on the shared limit, one replica after the other: how many passed.
+async fn round_robin(replicas: &mut [TestServer], class: &str, n: usize) -> usize {
+    let mut admitted = 0;
+    for i in 0..n {
+        let entries = [("upstream", "openai"), ("sluice.priority", class)];
+        let answer = replicas[i % replicas.len()]
+            .client
+            .should_rate_limit(request("provider", &[&entries]))
+            .await
+            .expect("answer")
+            .into_inner();
+        admitted += usize::from(code(&answer, 0) == Code::Ok);
+    }
+    admitted
 }

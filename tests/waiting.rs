@@ -74,7 +74,9 @@ async fn twenty_calls_on_a_bucket_of_ten_admit_fifteen_in_arrival_order() {
     assert_eq!(admitted, (0..15).collect::<Vec<_>>(), "{answers:?}");
     let longest = answers.iter().map(|(.., took)| *took).max().unwrap();
     let refused_after: Vec<_> = answers[15..].iter().map(|(.., took)| *took).collect();
-    println!("admitted calls {admitted:?}; longest answer {longest:?}; refused after {refused_after:?}");
+    println!(
+        "admitted calls {admitted:?}; longest answer {longest:?}; refused after {refused_after:?}"
+    );
     assert!(
         longest <= Duration::from_millis(1100) + SLACK,
         "a call waited {longest:?}"

@@ -50,6 +50,22 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// `used` in the slot of its measure (a counter of one measure: a sliding window's, a
+    /// token bucket's).
+    pub fn in_slot(used: u32, tokens: bool) -> Counts {
+        if tokens {
+            Counts {
+                requests: 0,
+                tokens: used.into(),
+            }
+        } else {
+            Counts {
+                requests: used,
+                tokens: 0,
+            }
+        }
+    }
+
     /// Nothing counted.
     pub const ZERO: Counts = Counts {
         requests: 0,
@@ -1206,7 +1222,7 @@ impl Counter {
             Algorithm::InFlight => algorithm::hold_release(word, now_ms, rate, hold_taken_ms, n),
             Algorithm::FixedWindow => (None, 0),
         })?;
-        Ok(in_slot(used, tokens))
+        Ok(Counts::in_slot(used, tokens))
     }
 
     /// Retires the counter if its window ended before `current`. Once retired it accepts no more
@@ -1246,24 +1262,9 @@ fn one_measure(limits: Limits, charge: Counts, unit_ms: u64) -> Option<(Rate, u3
     Some((Rate { limit, unit_ms }, n, tokens))
 }
 
-/// `used` in the slot of its measure.
-fn in_slot(used: u32, tokens: bool) -> Counts {
-    if tokens {
-        Counts {
-            requests: 0,
-            tokens: used.into(),
-        }
-    } else {
-        Counts {
-            requests: used,
-            tokens: 0,
-        }
-    }
-}
-
 fn judged_reading(judged: Judged, tokens: bool) -> Reading {
     Reading {
-        counts: in_slot(judged.used, tokens),
+        counts: Counts::in_slot(judged.used, tokens),
         over: Over {
             requests: judged.over && !tokens,
             tokens: judged.over && tokens,

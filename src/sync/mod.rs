@@ -318,17 +318,7 @@ impl Fleet {
                 u64::from(rate.limit).saturating_mul(now.saturating_sub(at.unwrap_or(now)));
             let fill = u128::from(fill.unwrap_or(0).saturating_sub(drained));
             let (used, _) = crate::limiter::bucket_standing(fill, now_ms, rate, burst, None);
-            return Ok(if tokens {
-                Counts {
-                    requests: 0,
-                    tokens: used.into(),
-                }
-            } else {
-                Counts {
-                    requests: used,
-                    tokens: 0,
-                }
-            });
+            return Ok(Counts::in_slot(used, tokens));
         }
         let earlier_key = (limits.algorithm == crate::limiter::Algorithm::InFlight).then(|| {
             let mut previous = String::new();

@@ -54,6 +54,17 @@ impl Fleet {
 }
 
 impl Fleet {
+    /// The keys of a job's counter in `window` and in the window before it: one hash tag, so
+    /// one cluster slot for a script that reads both.
+    fn this_and_previous_keys(&self, job: &StrictJob, window: Window) -> [String; 2] {
+        let previous = Window(window.0.saturating_sub(1));
+        [window, previous].map(|w| {
+            let mut key = String::new();
+            super::keys::write_key_of(self, &mut key, &job.counter, Some(&job.rule), w);
+            key
+        })
+    }
+
     /// One take (or, negative, give-back) of holds in flight of a concurrency job in Redis:
     /// the holds after it, whether it took, and the time until the holds counted lapse (for a
     /// refusal, until one more would fit), as a replica's own counter reports them.
@@ -65,11 +76,7 @@ impl Fleet {
     ) -> Result<(Counts, bool, Duration), RedisError> {
         let unit = job.counter.unit();
         let window = unit.window_at(now_ms);
-        let previous = Window(window.0.saturating_sub(1));
-        let mut keys = [String::new(), String::new()];
-        for (key, w) in keys.iter_mut().zip([window, previous]) {
-            super::keys::write_key_of(self, key, &job.counter, Some(&job.rule), w);
-        }
+        let keys = self.this_and_previous_keys(job, window);
         // A release names the window its holds were taken in: gone from both, they lapsed.
         let from = match job.hold_taken_ms.map(|t| unit.window_at(t)) {
             None => "oldest",
@@ -131,11 +138,7 @@ impl Fleet {
     ) -> Result<(Counts, bool, Duration), RedisError> {
         let unit = job.counter.unit();
         let window = unit.window_at(now_ms);
-        let previous = Window(window.0.saturating_sub(1));
-        let mut keys = [String::new(), String::new()];
-        for (key, w) in keys.iter_mut().zip([window, previous]) {
-            super::keys::write_key_of(self, key, &job.counter, Some(&job.rule), w);
-        }
+        let keys = self.this_and_previous_keys(job, window);
         // The current window's counts weigh until the next window ends.
         let expire_at = super::keys::expiry_ms(unit, Window(window.0.saturating_add(1)));
         let (requests_limit, tokens_limit) = (
@@ -241,18 +244,7 @@ impl Fleet {
         let fill = u128::try_from(fill).unwrap_or(0);
         let refused = (took == 0).then(|| u64::try_from(n).unwrap_or(0));
         let (used, until_reset) = bucket_standing(fill, now_ms, rate, burst, refused);
-        let counts = if tokens {
-            Counts {
-                requests: 0,
-                tokens: used.into(),
-            }
-        } else {
-            Counts {
-                requests: used,
-                tokens: 0,
-            }
-        };
-        Ok((counts, took == 1, until_reset))
+        Ok((Counts::in_slot(used, tokens), took == 1, until_reset))
     }
 
     /// A strict job's call: a fixed window's check-and-take, or a concurrency limit's holds.

@@ -142,3 +142,37 @@ pub fn unique_namespace(test: &str) -> String {
         .as_nanos();
     format!("test-{test}-{}-{nanos}", std::process::id())
 }
+
+/// Milliseconds since the epoch by the wall clock: where the tests set manual clocks that
+/// must agree with Redis's own time (key expiries).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `n` replicas of sluice in this process, on the rule `files`, syncing with `redis` in a
+/// namespace of their own named after `test`, at the default settings otherwise; their
+/// manual clocks start at `start_ms`, alike.
+pub async fn replicas(
+    redis: &RedisServer,
+    test: &str,
+    n: usize,
+    start_ms: u64,
+    files: &[(&str, &str)],
+) -> Vec<super::TestServer> {
+    let namespace = unique_namespace(test);
+    let mut replicas = Vec::new();
+    for _ in 0..n {
+        let (url, namespace) = (redis.url(), namespace.clone());
+        replicas.push(
+            super::start_at(start_ms, files, move |s| {
+                s.redis_url = Some(url);
+                s.redis_namespace = Some(namespace);
+            })
+            .await,
+        );
+    }
+    replicas
+}
