@@ -63,7 +63,7 @@ fn admitted(algorithm: Algorithm, calls: &[u64]) -> Vec<u64> {
         .copied()
         .filter(|&t| {
             clock.set_ms(T0 + t);
-            limiter.settle(&[demand], &mut outcome)
+            limiter.settle(&[demand], &mut outcome).allowed
         })
         .collect()
 }

@@ -54,7 +54,7 @@ fn burst(limiter: &Limiter, demand: Demand<'_>, attempts: usize) -> u64 {
                 barrier.wait();
                 let mut outcome = [Outcome::default()];
                 for _ in 0..attempts {
-                    if limiter.settle(&[demand], &mut outcome) {
+                    if limiter.settle(&[demand], &mut outcome).allowed {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -69,7 +69,7 @@ fn one_by_one(limiter: &Limiter, clock: &ManualClock, demand: Demand<'_>, at: u6
     clock.set_ms(at);
     let mut outcome = [Outcome::default()];
     (0..n)
-        .filter(|_| limiter.settle(&[demand], &mut outcome))
+        .filter(|_| limiter.settle(&[demand], &mut outcome).allowed)
         .count() as u64
 }
 
@@ -485,7 +485,7 @@ fn a_request_denied_by_another_limit_leaves_a_bucket_and_a_sliding_window_as_the
         };
         let mut outcomes = [Outcome::default(), Outcome::default()];
         let passed = (0..6)
-            .filter(|_| limiter.settle(&[first, second], &mut outcomes))
+            .filter(|_| limiter.settle(&[first, second], &mut outcomes).allowed)
             .count();
         assert_eq!(passed, 2, "{algorithm:?}");
         // Four denied calls later, the first limit has counted only the two that passed.
@@ -494,7 +494,7 @@ fn a_request_denied_by_another_limit_leaves_a_bucket_and_a_sliding_window_as_the
         assert_eq!(alone[0].counts.requests, 2, "{algorithm:?}");
         assert_eq!(
             (0..20)
-                .filter(|_| limiter.settle(&[first], &mut alone))
+                .filter(|_| limiter.settle(&[first], &mut alone).allowed)
                 .count(),
             8,
             "{algorithm:?}: the rest of the 10"
@@ -535,17 +535,21 @@ fn eight_threads_on_a_ten_billion_token_budget_take_exactly_it_in_every_window()
         };
         let mut outcome = [Outcome::default()];
         assert!(
-            limiter.settle(&[left], &mut outcome),
+            limiter.settle(&[left], &mut outcome).allowed,
             "day {day}: the last 10"
         );
         assert_eq!(outcome[0].counts.tokens, BUDGET);
-        assert!(!limiter.settle(
-            &[Demand {
-                charge: ONE,
-                ..left
-            }],
-            &mut outcome
-        ));
+        assert!(
+            !limiter
+                .settle(
+                    &[Demand {
+                        charge: ONE,
+                        ..left
+                    }],
+                    &mut outcome
+                )
+                .allowed
+        );
     }
 }
 

@@ -61,7 +61,7 @@ fn hammer(limits: Limits, charge: Counts, attempts: usize) -> Vec<(u64, u64, u64
                     barrier.wait();
                     let mut outcome = [Outcome::default()];
                     for _ in 0..attempts {
-                        if limiter.settle(&[demand], &mut outcome) {
+                        if limiter.settle(&[demand], &mut outcome).allowed {
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -153,7 +153,7 @@ fn a_denied_multi_limit_request_rolls_back_under_contention() {
                 ];
                 let mut outcomes = [Outcome::default(); 2];
                 for _ in 0..1_000 {
-                    if limiter.settle(&demands, &mut outcomes) {
+                    if limiter.settle(&demands, &mut outcomes).allowed {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -226,7 +226,8 @@ pub fn decide<'r, E: Entry>(
     plan.build(&matched, &names, domain, asks, mode);
     let mut outcomes: SmallVec<[Outcome; 8]> =
         SmallVec::from_elem(Outcome::default(), plan.demands().len());
-    let allowed = limiter.settle(plan.demands(), &mut outcomes) || mode.shadow;
+    let settled = limiter.settle(plan.demands(), &mut outcomes);
+    let allowed = settled.allowed || mode.shadow;
     let (statuses, headline) =
         report::statuses_and_headline(asks, &plan, &outcomes, &matched.rules, mode.shadow);
     let (spent_leases, background_leases) = if allowed {
@@ -238,7 +239,10 @@ pub fn decide<'r, E: Entry>(
         )
     };
     // A request denied gave its holds back (the limiter undoes an allowed charge).
-    let holds_taken_ms = outcomes.iter().find_map(|o| o.hold_taken_ms);
+    let holds_taken_ms = outcomes
+        .iter()
+        .any(|o| o.took_hold)
+        .then_some(settled.at_ms);
     Verdict {
         allowed,
         known_domain: true,

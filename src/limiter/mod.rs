@@ -69,9 +69,17 @@ pub struct Outcome {
     pub counted: bool,
     /// Time until the counter's window ends.
     pub until_reset: Duration,
-    /// For holds in flight taken: when (milliseconds since the epoch), as their release must
-    /// say.
-    pub hold_taken_ms: Option<u64>,
+    /// Whether it took holds in flight (a concurrency limit's), at the settlement's time.
+    pub took_hold: bool,
+}
+
+/// What a settlement came to: whether the request is allowed, and the time it was settled at
+/// (milliseconds since the epoch: when its holds in flight were taken, as their release must
+/// say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    pub allowed: bool,
+    pub at_ms: u64,
 }
 
 /// Called when a request is denied while synced: the fleet view is worth refreshing before
@@ -143,7 +151,7 @@ impl Limiter {
     /// Settles a request: charges every demand, or none. Returns whether the request is allowed
     /// and fills `outcomes` (same order and length as `demands`). Takes no lock and allocates
     /// only to create a counter that does not exist yet.
-    pub fn settle(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> bool {
+    pub fn settle(&self, demands: &[Demand<'_>], outcomes: &mut [Outcome]) -> Settlement {
         self.settle_in(self.fleet.get(), demands, outcomes)
     }
 
@@ -169,7 +177,7 @@ impl Limiter {
                 over: reading.over,
                 counted: false,
                 until_reset,
-                hold_taken_ms: None,
+                took_hold: false,
             };
         }
     }
@@ -181,7 +189,7 @@ impl Limiter {
         view: FleetView,
         demands: &[Demand<'_>],
         outcomes: &mut [Outcome],
-    ) -> bool {
+    ) -> Settlement {
         debug_assert_eq!(demands.len(), outcomes.len());
         let now = self.clock.now_ms();
         let table = self.table.pin();
@@ -256,8 +264,7 @@ impl Limiter {
             outcome.counts = reading.counts;
             outcome.over = reading.over;
             outcome.counted = reading.counted;
-            outcome.hold_taken_ms =
-                (reading.counted && demand.limits.algorithm == Algorithm::InFlight).then_some(now);
+            outcome.took_hold = reading.counted && demand.limits.algorithm == Algorithm::InFlight;
             match demand.enforcement {
                 Enforcement::Enforce if reading.over.any() => allowed = false,
                 Enforcement::Quota => {
@@ -283,11 +290,14 @@ impl Limiter {
                     let window = demand.counter.unit.window_at(now);
                     outcome.counts = give_back(&table, demand, window, now, Some(now));
                     outcome.counted = false;
-                    outcome.hold_taken_ms = None;
+                    outcome.took_hold = false;
                 }
             }
         }
-        allowed
+        Settlement {
+            allowed,
+            at_ms: now,
+        }
     }
 }
 
@@ -478,7 +488,7 @@ mod tests {
                 enforcement: Enforcement::Enforce,
             };
             let mut outcome = [Outcome::default()];
-            assert!(!limiter.settle(&[demand], &mut outcome));
+            assert!(!limiter.settle(&[demand], &mut outcome).allowed);
             outcome[0].over.lease_spent
         };
         let (sliding, fixed) = (Algorithm::SlidingWindow, Algorithm::FixedWindow);
@@ -560,12 +570,12 @@ mod tests {
         });
         let mut outcome = [Outcome::default()];
         for _ in 0..5 {
-            assert!(limiter.settle(&[demand], &mut outcome));
+            assert!(limiter.settle(&[demand], &mut outcome).allowed);
         }
         let refused = |ms: u64| {
             clock.set_ms(60_000_000 + 30_000 + ms);
             let mut outcome = [Outcome::default()];
-            assert!(!limiter.settle(&[demand], &mut outcome));
+            assert!(!limiter.settle(&[demand], &mut outcome).allowed);
             (outcome[0].over.recheck, outcome[0].over.lease_spent)
         };
         assert_eq!(refused(50), (false, false), "read 50 ms ago: trusted");
