@@ -202,15 +202,24 @@ fn ask<'c, 'a>(
     // A priority entry of a plain key is the last of the descriptor's own; a reserved one is
     // read with the other reserved entries below.
     let mut class = None;
-    if !priority.starts_with(RESERVED_PREFIX)
-        && own > 0
-        && descriptor.entries[own - 1].key == priority
-    {
+    let plain_priority = !priority.starts_with(RESERVED_PREFIX);
+    if plain_priority && own > 0 && descriptor.entries[own - 1].key == priority {
         own -= 1;
         class = Some(descriptor.entries[own].value);
     }
     if own == 0 {
         return Err(DescriptorError::OnlyReserved);
+    }
+    // The common call: no reserved entry, no class.
+    if own == descriptor.entries.len() && class.is_none() {
+        return Ok(Ask {
+            entries: descriptor.entries,
+            hits: descriptor.hits_addend.unwrap_or(request_hits),
+            refund: descriptor.is_negative_hits,
+            limit_override,
+            purpose: Purpose::Call,
+            class: None,
+        });
     }
     let (mut report, mut estimate, mut release) = (false, None, None);
     let reserved_from = own + usize::from(class.is_some());
