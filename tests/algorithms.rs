@@ -627,3 +627,54 @@ descriptors:
     );
     server.stop().await;
 }
+
+/// A ten-billion-token month on three replicas on one real Redis, default settings: a budget
+/// above 32 bits is settled in the store call by call (its leases are 32-bit), so reports sent
+/// to any replica add up in 64 bits, and every replica refuses once the fleet has spent it.
+/// The manual clocks run at wall-clock time (the store's keys expire by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_billion_token_month_is_counted_exactly_across_three_replicas() {
+    use common::redis::{RedisServer, replicas, wall_ms};
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let rules = "domain: llm
+descriptors:
+  - key: tenant
+    limits:
+      - { period: calendar_month, tokens: 10000000000 }
+";
+    let replicas = replicas(&redis, "wide", 3, wall_ms(), &[("llm.yaml", rules)]).await;
+    let tenant = &[("tenant", "acme")][..];
+    let call = request("llm", &[tenant]);
+    for r in &replicas {
+        assert!(is_ok(&r.ok(report(tenant, 3_000_000_000)).await));
+    }
+    // 9 of 10 billion spent, on three replicas: what is left fits 32 bits again.
+    let r = replicas[0].ok(call.clone()).await;
+    assert!(is_ok(&r));
+    assert_eq!(remaining(&r, 0), 1_000_000_000);
+    replicas[1].ok(report(tenant, 999_999_999)).await;
+    let r = replicas[2].ok(call.clone()).await;
+    assert!(is_ok(&r), "one token left: {r:?}");
+    assert_eq!(remaining(&r, 0), 1);
+    replicas[0].ok(report(tenant, 1)).await;
+    for (i, replica) in replicas.iter().enumerate() {
+        let denied = replica.ok(call.clone()).await;
+        assert_eq!(code(&denied, 0), Code::OverLimit, "replica {i}");
+        assert_eq!(remaining(&denied, 0), 0);
+    }
+    // `/v1/usage` reads the fleet's count whole.
+    let app = &replicas[1].running.as_ref().unwrap().app;
+    let usage = sluice::counters::usage(app, "llm", tenant)
+        .await
+        .expect("a rule matches");
+    assert_eq!(
+        usage.windows[0].fleet.map(|c| c.tokens),
+        Some(10_000_000_000),
+        "{usage:?}"
+    );
+    for r in replicas {
+        r.stop().await;
+    }
+}

@@ -206,6 +206,7 @@ impl Compiler<'_> {
         let policy = self.policy(raw, at);
         let reserve = self.reserve(raw, policy.as_ref(), at);
         let reserve_is_empty = reserve == Reserve::default();
+        let wide = matches!(&policy, Some(Policy::Limited(ws)) if ws.iter().any(|w| w.is_wide()));
         let wait = self.wait(raw, policy.as_ref(), at);
         let mut children = Level::default();
         self.level(&raw.descriptors, at, &ancestry, &mut children);
@@ -242,8 +243,9 @@ impl Compiler<'_> {
                 } else {
                     Enforcement::Enforce
                 },
-                // A reserve's shares hold fleet-wide only settled in the store.
-                consistency: if self.fleet_store && !reserve_is_empty {
+                // A reserve's shares, and a tokens budget above 32 bits, hold fleet-wide only
+                // settled in the store.
+                consistency: if self.fleet_store && (!reserve_is_empty || wide) {
                     Consistency::Strict
                 } else {
                     raw.consistency.unwrap_or_default()
@@ -646,17 +648,15 @@ descriptors:
         assert!(day.requests.is_some() && day.tokens.is_some());
         assert!(!day.in_force(Factor::FULL, |_| true).wide);
 
-        // With a fleet store, refused and said why: the store's leases are 32-bit.
+        // With a fleet store, the rule is settled in the store call by call (its leases are
+        // 32-bit): strict, and none of its windows leased.
         let file = SourceFile {
             path: "rules.yaml".into(),
             text: text.into(),
         };
-        let errors = compile_file_for(&file, true).expect_err("not fleet-wide yet");
-        assert_eq!(errors.len(), 1);
-        assert_eq!(
-            errors[0].to_string(),
-            "rules.yaml:5:43: descriptors[0].limits[0].tokens: a tokens limit above 4294967295 a window is counted by each replica alone for now, not fleet-wide: with a Redis store configured, keep it within that (a day's share of a monthly budget)"
-        );
+        let domain = compile_file_for(&file, true).expect("settled in the store");
+        assert_eq!(domain.rules[0].consistency, Consistency::Strict);
+        assert!(domain.rules[0].windows().iter().all(|w| !w.leased));
     }
 
     #[test]

@@ -114,6 +114,13 @@ impl Compiler<'_> {
             return Some(Policy::Unlimited);
         }
         windows.sort_by_key(|w| w.unit);
+        // A tokens budget above 32 bits is settled in the store call by call, with its rule's
+        // other windows: none of them is leased.
+        if windows.iter().any(RuleWindow::is_wide) {
+            for w in &mut windows {
+                w.leased = false;
+            }
+        }
         Some(Policy::Limited(windows.into_boxed_slice()))
     }
 
@@ -419,16 +426,13 @@ impl Compiler<'_> {
     }
 
     /// Whether a tokens limit above `u32::MAX` a window can be counted as written: in fixed
-    /// windows (the other algorithms keep 32 bits), by this replica alone (a fleet store's
-    /// leases are 32-bit). Records the error when not.
+    /// windows (the other algorithms keep 32 bits). With a fleet store its rule is settled in
+    /// the store call by call (a store's leases are 32-bit). Records the error when not.
     fn wide_fits(&mut self, raw: &RawLimit, at: &YamlPath) -> bool {
         let algorithm = raw.algorithm.as_deref().map(str::trim);
         let why = if algorithm.is_some_and(|a| a != "fixed_window") {
             "counts in fixed windows only (the other algorithms keep 32 bits): drop `algorithm`, \
              or keep the limit within that"
-        } else if self.fleet_store {
-            "is counted by each replica alone for now, not fleet-wide: with a Redis store \
-             configured, keep it within that (a day's share of a monthly budget)"
         } else {
             return true;
         };

@@ -144,6 +144,11 @@ impl RuleWindow {
         }
     }
 
+    /// Whether it has a tokens limit above `u32::MAX` a window (a counter of 64-bit tokens).
+    pub fn is_wide(&self) -> bool {
+        self.tokens.as_ref().is_some_and(Limit::is_wide)
+    }
+
     /// Whether it is a token bucket kept fleet-wide in leases.
     #[inline]
     pub fn is_leased_bucket(&self) -> bool {

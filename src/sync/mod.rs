@@ -354,7 +354,8 @@ impl Fleet {
             store.command(&cmd, self.timeout()).await?;
         Ok(Counts {
             requests: clamp(requests.unwrap_or(0)),
-            tokens: clamp(tokens.unwrap_or(0)).into(),
+            // Whole: a budget above 32 bits is counted here by its strict script.
+            tokens: tokens.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
         })
     }
 

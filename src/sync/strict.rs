@@ -38,7 +38,12 @@ impl Fleet {
             .arg(charge.0)
             .arg(limit(job.limits.requests))
             .arg(charge.1)
-            .arg(limit(job.limits.tokens.map(super::narrow)))
+            // Whole: a tokens budget above 32 bits is settled here (Redis counts in 64 bits).
+            .arg(
+                job.limits
+                    .tokens
+                    .map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+            )
             .arg(expire_at);
         let mut store = self.store().await?;
         let (requests, tokens, took): (i64, i64, i64) =
@@ -46,7 +51,7 @@ impl Fleet {
         Ok((
             Counts {
                 requests: super::clamp(requests),
-                tokens: super::clamp(tokens).into(),
+                tokens: u64::try_from(tokens).unwrap_or(0),
             },
             took == 1,
         ))
@@ -268,7 +273,7 @@ impl Fleet {
 fn signed(c: Counts, sign: i64) -> (i64, i64) {
     (
         sign * i64::from(c.requests),
-        sign * i64::from(super::narrow(c.tokens)),
+        sign * i64::try_from(c.tokens).unwrap_or(i64::MAX),
     )
 }
 
