@@ -88,7 +88,7 @@ pub struct LeaseWant {
     /// What the request denied asks of it (a tokens check asks for none: it needs one token
     /// of lease left).
     pub need: Counts,
-    /// A lease running low, topped up ahead of need ([`crate::limiter::Over::lease_low`]): no
+    /// A lease running low, topped up ahead of need (`Over::lease_low`): no
     /// request waits on it, and it asks for more than the counter holds.
     pub top_up: bool,
 }
@@ -99,7 +99,7 @@ pub struct ReportedLimit<'r> {
     /// The limit's name, if the rule file gives one.
     pub name: Option<&'r Arc<str>>,
     /// The limit in force per unit (capacity factor applied). Envoy's API carries 32 bits: an
-    /// answer clamps it ([`crate::proto`]); OpenAI headers and the admin API show it whole.
+    /// answer clamps it (`proto`); OpenAI headers and the admin API show it whole.
     pub per_unit: u64,
     /// The unit of its window.
     pub unit: Unit,
@@ -165,8 +165,8 @@ pub struct Verdict<'r> {
     pub spent_leases: Vec<LeaseWant>,
     /// Leases to take in the background, for the calls after this one: an allowed request's
     /// counters whose requests lease it took to its low water while the fleet had budget left
-    /// ([`crate::limiter::Over::lease_low`]), and a denied one's counters refused on a view of
-    /// the fleet spent, read a while ago ([`crate::limiter::Over::recheck`]).
+    /// (`Over::lease_low`), and a denied one's counters refused on a view of
+    /// the fleet spent, read a while ago (`Over::recheck`).
     pub background_leases: Vec<LeaseWant>,
     /// The requests limit and the tokens limit nearest their end, over all descriptors: what
     /// OpenAI-style `x-ratelimit-*-requests` and `-tokens` headers report.

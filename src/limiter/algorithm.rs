@@ -63,14 +63,14 @@ impl Algorithm {
         }
     }
 
-    /// Whether it counts in fixed windows (the counter word of [`super::Counter`] as it was).
+    /// Whether it counts in fixed windows (the counter word of `Counter` as it was).
     pub fn is_fixed(self) -> bool {
         self == Algorithm::FixedWindow
     }
 }
 
 /// One charge of `n` under `algorithm` (a sliding window or a token bucket; a fixed window
-/// counts in [`super::Counter`]'s own word and is never sent here): the word to write (none to
+/// counts in `Counter`'s own word and is never sent here): the word to write (none to
 /// keep it) and what the charge came to.
 pub(super) fn charge(
     algorithm: Algorithm,

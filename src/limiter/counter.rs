@@ -114,13 +114,13 @@ pub struct Limits {
     /// applies a sliding window when it grants a lease. Fixed for the process's life.
     pub leased: bool,
     /// A token bucket kept in leases: the length of the unit its limit refills in (ms). Its
-    /// counter counts in windows of a second ([`super::LEASED_BUCKET_WINDOW`]); this is what
+    /// counter counts in windows of a second (`LEASED_BUCKET_WINDOW`); this is what
     /// its reset and its share during an outage are reckoned from. Zero otherwise.
     pub refill_ms: u64,
 }
 
 impl Limits {
-    /// Whether the counter's word is the algorithm's own ([`super::algorithm`]) rather than the
+    /// Whether the counter's word is the algorithm's own (`limiter::algorithm`) rather than the
     /// fixed-window word: a sliding window or a token bucket decided by this replica alone.
     pub fn counted_by_algorithm(&self) -> bool {
         !self.algorithm.is_fixed() && !self.leased

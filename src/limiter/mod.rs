@@ -131,7 +131,7 @@ impl Limiter {
     }
 
     /// Tells the request path how often the sync tops leases up, so that a lease that will
-    /// run out before then is flagged for a top-up ahead of need ([`Over::lease_low`]).
+    /// run out before then is flagged for a top-up ahead of need (`Over::lease_low`).
     pub fn set_sync_interval(&self, interval: Duration) {
         let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         self.sync_interval_ms.store(ms, Ordering::Relaxed);

@@ -662,7 +662,7 @@ impl Fleet {
     /// Claims, for each counter of a denied request whose lease ran out, the lease the sync
     /// took ahead of this window (no call to the store); whether any counter now holds lease
     /// it has not used, or another request is asking the store again for a fleet seen spent
-    /// ([`Counter::mark_fleet_asked`]), so the request is decided again before the store is
+    /// (`Counter::mark_fleet_asked`), so the request is decided again before the store is
     /// asked. That
     /// includes a lease the sync claimed a moment ago, after the request was decided: at a
     /// window's start the two race, and the request found nothing left to claim (measured: 3
@@ -686,7 +686,7 @@ impl Fleet {
     }
 
     /// Of `wants` to take in the background, those no other call is asking the store for
-    /// now: a recheck of a spent fleet marks the view read ([`Counter::mark_fleet_asked`]),
+    /// now: a recheck of a spent fleet marks the view read (`Counter::mark_fleet_asked`),
     /// so that the calls refused on it meanwhile do not ask again; a lease running low is
     /// flagged once per grant, and passes.
     pub fn unasked(&self, limiter: &Limiter, mut wants: Vec<LeaseWant>) -> Vec<LeaseWant> {
