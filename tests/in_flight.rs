@@ -261,6 +261,40 @@ async fn three_replicas_on_redis_admit_three_streams_in_all() {
         .find(|w| w.algorithm() == Some(sluice::Algorithm::InFlight))
         .expect("the concurrency window");
     assert_eq!(in_flight.fleet.map(|c| c.requests), Some(3), "{usage:?}");
+    // `/v1/explain` judges the holds by the store's count: spent, on a replica that took none.
+    let explained: serde_json::Value = common::metrics::http()
+        .post(format!(
+            "{}/v1/explain",
+            common::metrics::base(&replicas[2])
+        ))
+        .json(&serde_json::json!({"domain": "llm", "descriptors": [
+            {"entries": [{"key": "api_key", "value": "k1"}]}]}))
+        .send()
+        .await
+        .expect("explain answers")
+        .json()
+        .await
+        .expect("JSON");
+    let slots = explained["descriptors"][0]["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .find(|w| w["algorithm"]["name"] == "concurrency")
+        .map(|w| w["requests"].clone())
+        .expect("the concurrency window");
+    assert_eq!(
+        (
+            &slots["used"],
+            &slots["remaining"],
+            &slots["settled_in_store"]
+        ),
+        (
+            &serde_json::json!(3),
+            &serde_json::json!(0),
+            &serde_json::json!(true)
+        ),
+        "{explained}"
+    );
     for (i, replica) in replicas.iter_mut().enumerate() {
         let refused = call(replica, "k1").await;
         assert_eq!(

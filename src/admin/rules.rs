@@ -101,11 +101,18 @@ pub(super) async fn explain(
             continue;
         };
         let usage = counters::usage(&app, &body.domain, entries).await;
+        // Limits settled in the store call by call are judged by its counts, not this
+        // replica's (which hold only what was counted while the store was away).
+        let in_store = |w: &WindowUsage| {
+            app.fleet.is_some()
+                && (rule.consistency == Consistency::Strict
+                    || w.algorithm() == Some(crate::limiter::Algorithm::InFlight))
+        };
         let windows: Vec<Value> = usage
             .map(|u| {
                 u.windows
                     .iter()
-                    .map(|w| explain_window(w, &limits))
+                    .map(|w| explain_window(w, &limits, in_store(w)))
                     .collect()
             })
             .unwrap_or_default();
@@ -124,7 +131,7 @@ pub(super) async fn explain(
 }
 
 /// One window of a rule: each limit with the counts behind it and where the decision sees it.
-fn explain_window(w: &WindowUsage, judged: &[Judged<'_>]) -> Value {
+fn explain_window(w: &WindowUsage, judged: &[Judged<'_>], in_store: bool) -> Value {
     let slot = |limit: &Option<Limit>, local: u64, fleet: Option<u64>| {
         let limit = limit.as_ref()?;
         let tokens = limit.measure.is_tokens();
@@ -141,12 +148,19 @@ fn explain_window(w: &WindowUsage, judged: &[Judged<'_>]) -> Value {
                 "why": "replaced by another matched limit: not evaluated"}),
             );
         };
+        let (used, remaining, spent) = match fleet.filter(|_| in_store) {
+            Some(used) => {
+                let per_unit = standing.limit.per_unit;
+                (used, per_unit.saturating_sub(used), used >= per_unit)
+            }
+            None => (standing.used, standing.remaining(), standing.over),
+        };
         Some(
             json!({"name": limit.name.as_deref(), "limit": standing.limit.per_unit,
             "configured": limit.per_unit, "counts": limit.measure.field(),
-            "local": local, "fleet": fleet, "used": standing.used,
-            "remaining": standing.remaining(), "replaced": false,
-            "why": if standing.over { "spent: the next call that counts is denied" } else { "within the limit" }}),
+            "local": local, "fleet": fleet, "used": used,
+            "remaining": remaining, "replaced": false, "settled_in_store": in_store,
+            "why": if spent { "spent: the next call that counts is denied" } else { "within the limit" }}),
         )
     };
     let algorithm = w.algorithm().map(algorithm_json);
