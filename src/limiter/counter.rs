@@ -1250,9 +1250,10 @@ impl Counter {
     }
 }
 
-/// The one limit a sliding window or token bucket counter judges: its rate, the charge on its
-/// measure, and whether that measure is tokens. None when neither limit is set.
-fn one_measure(limits: Limits, charge: Counts, unit_ms: u64) -> Option<(Rate, u32, bool)> {
+/// The one limit a sliding window or token bucket counter judges (here or in the fleet
+/// store): its rate, the charge on its measure, and whether that measure is tokens. None when
+/// neither limit is set.
+pub fn one_measure(limits: Limits, charge: Counts, unit_ms: u64) -> Option<(Rate, u32, bool)> {
     // The rule compiler keeps these limits within 32 bits (only a fixed window is wide).
     let (limit, n, tokens) = match (limits.requests, limits.tokens) {
         (Some(limit), _) => (limit, charge.requests, false),

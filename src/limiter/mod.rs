@@ -16,7 +16,9 @@ use std::time::Duration;
 
 pub use algorithm::{Algorithm, Rate, bucket_standing, bucket_terms, sliding_standing};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use counter::{Counter, Counts, Limits, Over, Pace, Reading, Stored, saturating_u32};
+pub use counter::{
+    Counter, Counts, Limits, Over, Pace, Reading, Stored, one_measure, saturating_u32,
+};
 pub use fleet::{FleetState, FleetView};
 pub use table::{CounterKey, CounterRef, CounterTable};
 pub use window::{Calendar, Period, Unit, Window, Zone};

@@ -303,14 +303,10 @@ impl Fleet {
             cmd.arg(key).arg("fill").arg("at");
             let (fill, at): (Option<u64>, Option<u64>) =
                 store.command(&cmd, self.timeout()).await?;
-            let tokens = limits.requests.is_none();
-            let rate = crate::limiter::Rate {
-                limit: if tokens {
-                    limits.tokens.map_or(0, narrow)
-                } else {
-                    limits.requests.unwrap_or(0)
-                },
-                unit_ms: unit.millis(),
+            let Some((rate, _, tokens)) =
+                crate::limiter::one_measure(limits, Counts::ZERO, unit.millis())
+            else {
+                return Ok(Counts::ZERO);
             };
             let (tick, _) = crate::limiter::bucket_terms(rate);
             let now = now_ms / tick;

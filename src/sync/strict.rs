@@ -14,7 +14,7 @@ use super::{FailurePolicy, Fleet};
 use crate::decision::{Settled, StrictJob, StrictWork};
 use crate::limiter::{
     Algorithm, Counts, Demand, Enforcement, FleetView, Limiter, Outcome, Over, Rate, Window,
-    bucket_standing, bucket_terms, sliding_standing,
+    bucket_standing, bucket_terms, one_measure, sliding_standing,
 };
 
 impl Fleet {
@@ -217,18 +217,10 @@ impl Fleet {
             return Ok((Counts::ZERO, true, Duration::ZERO));
         };
         let unit_ms = job.counter.unit().millis();
-        let tokens = job.limits.requests.is_none();
+        // The rule's own rate (the capacity factor applied, not a class's share).
         let full = job.rule.windows()[job.window].in_force(job.rule.capacity.get(), |_| true);
-        let rate_of = |limits: crate::limiter::Limits| {
-            if tokens {
-                limits.tokens.map_or(0, super::narrow)
-            } else {
-                limits.requests.unwrap_or(0)
-            }
-        };
-        let rate = Rate {
-            limit: rate_of(full),
-            unit_ms,
+        let Some((rate, _, tokens)) = one_measure(full, Counts::ZERO, unit_ms) else {
+            return Ok((Counts::ZERO, true, Duration::ZERO));
         };
         let (tick, w) = bucket_terms(rate);
         let n = if tokens { charge.1 } else { charge.0 };
