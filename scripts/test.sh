@@ -48,3 +48,5 @@ echo "test.sh: redis-server: $SLUICE_REDIS_SERVER" >&2
 echo "test.sh: envoy: $SLUICE_ENVOY_BIN ($("$SLUICE_ENVOY_BIN" --version 2>/dev/null | grep -o 'version: [^ ]*' | head -1))" >&2
 
 cargo test --locked --all-targets "$@"
+# The examples in the API docs (--all-targets leaves doctests out).
+cargo test --locked --doc "$@"

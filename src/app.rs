@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::capacity::{Capacity, Recovery};
+use crate::capacity::{Announcement, Capacity, Changed, Recovery, RuleName};
 use crate::decision::Mode;
 use crate::limiter::{Clock, Limiter};
 use crate::reload::{ReloadStatus, Reloaded};
@@ -41,7 +41,13 @@ pub struct App {
     pub traces: Option<Traces>,
     /// Calls waiting for capacity (a rule's `wait:`), in arrival order per descriptor.
     pub waiting: WaitQueues,
+    /// Told of every change of a rule's capacity factor (an embedded limiter's
+    /// `on_capacity_change`), by the capacity task.
+    pub capacity_listeners: std::sync::RwLock<Vec<CapacityListener>>,
 }
+
+/// A callback told of a rule's capacity factor as it changes.
+pub type CapacityListener = Box<dyn Fn(&Changed) + Send + Sync>;
 
 /// The calls waiting for capacity: one first-come-first-served queue per descriptor refused
 /// (a tokio semaphore of one permit, fair), whose head alone retries; and a wake-up for heads
@@ -87,6 +93,39 @@ impl App {
             capacity: Capacity::default(),
             capacity_changed: tokio::sync::Notify::new(),
             waiting: WaitQueues::default(),
+            capacity_listeners: std::sync::RwLock::default(),
+        }
+    }
+
+    /// Announces that the upstream behind a rule is saturated: its limit drops to `factor` of
+    /// what is in force now (`in_force`, a fraction of the configured limit: reductions
+    /// compound), here and, with a fleet store, on every replica; then recovers step by step.
+    pub async fn reduce_capacity(
+        &self,
+        name: RuleName,
+        in_force: f64,
+        factor: f64,
+    ) -> Result<Announcement, crate::sync::SyncError> {
+        let announcement = Announcement {
+            factor: (in_force * factor).max(0.000_001),
+            at_ms: self.limiter.clock().now_ms(),
+        };
+        self.capacity.record(name.clone(), announcement);
+        if let Some(fleet) = &self.fleet {
+            fleet.announce_capacity(&name, announcement).await?;
+        }
+        self.capacity_changed.notify_one();
+        Ok(announcement)
+    }
+
+    /// Tells every capacity listener of `changed`.
+    pub fn tell_capacity_listeners(&self, changed: &Changed) {
+        let listeners = self
+            .capacity_listeners
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        for listener in listeners.iter() {
+            listener(changed);
         }
     }
 

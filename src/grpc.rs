@@ -151,7 +151,7 @@ impl UnaryService<Bytes> for ShouldRateLimit {
             let call = Call::read(request.get_ref()).unwrap_or_default();
             traces.call(request.metadata(), call.domain, call.descriptor_count())
         });
-        match service::answer_at_once(app, request.into_inner()) {
+        match service::answer_at_once(app, request.into_inner(), service::Patience::AsRules) {
             service::Answered::Now(answer) => Either::Left(ready(reply(span, answer))),
             service::Answered::Later(unfinished) => {
                 let app = app.clone();

@@ -35,9 +35,11 @@
 
 mod admin;
 mod app;
+mod background;
 mod capacity;
 pub mod client;
 mod decision;
+mod embedded;
 mod grpc;
 mod limiter;
 mod openai;
@@ -58,6 +60,10 @@ pub use app::App;
 pub use decision::{
     Ask, Code, Headline, LimitOverride, Mode, Purpose, ReportedLimit, Standing, Status, Verdict,
     decide, explain,
+};
+pub use embedded::{
+    AcquireError, BuildError, Builder, Capacity, CapacityChange, CapacityError, Decision,
+    Descriptor, Hold, Limit, RESOURCE_KEY, RateLimiter, Why,
 };
 pub use limiter::{
     Algorithm, Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter,

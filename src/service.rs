@@ -32,7 +32,16 @@ pub enum AnswerError {
 /// Answers one RateLimitRequest, given in its protobuf encoding as gRPC carries it:
 /// validation, the local decision, strict rules in Redis, metrics.
 pub async fn answer(app: &Arc<App>, request: Bytes) -> Result<Answer, AnswerError> {
-    match answer_at_once(app, request) {
+    answer_with(app, request, Patience::AsRules).await
+}
+
+/// [`answer`], a refusal waiting for capacity as `patience` says rather than as the rules do.
+pub async fn answer_with(
+    app: &Arc<App>,
+    request: Bytes,
+    patience: Patience,
+) -> Result<Answer, AnswerError> {
+    match answer_at_once(app, request, patience) {
         Answered::Now(answer) => answer,
         Answered::Later(unfinished) => unfinished.finish(app).await,
     }
@@ -60,6 +69,19 @@ pub struct Unfinished {
     request: Bytes,
     started: Instant,
     wait: Wait,
+    patience: Patience,
+}
+
+/// How long a call refused may wait for capacity to come back, from its arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Not at all: answered at once.
+    Never,
+    /// As its rules say (`wait:`): a call waits only when every descriptor refused allows it,
+    /// for the shortest of their waits. What a ShouldRateLimit call gets.
+    AsRules,
+    /// Up to this long, whatever the rules say (an embedded limiter's `acquire`).
+    UpTo(std::time::Duration),
 }
 
 enum Wait {
@@ -74,7 +96,7 @@ enum Wait {
 
 /// [`answer`] without waiting: the request path as a plain function, so that the gRPC
 /// service needs no boxed future for the answers that need no Redis call (nearly all).
-pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
+pub fn answer_at_once(app: &Arc<App>, request: Bytes, patience: Patience) -> Answered {
     let started = Instant::now();
     if let Some(total) = &app.metrics.requests.peer_total {
         total.increment(1);
@@ -87,7 +109,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
         Ok(asks) => asks,
         Err(error) => return invalid(app, error),
     };
-    let responded = match decide_once(app, &call, &asks, false, true) {
+    let responded = match decide_once(app, &call, &asks, false, patience) {
         Ok(Responded::LeasesSpent(wants)) => {
             // A lease the sync took ahead of this window, claimed with no call to the store.
             let claimed = app
@@ -95,7 +117,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
                 .as_ref()
                 .is_some_and(|fleet| fleet.claim_ahead(&app.limiter, &wants));
             if claimed {
-                decide_once(app, &call, &asks, false, true)
+                decide_once(app, &call, &asks, false, patience)
             } else {
                 Ok(Responded::LeasesSpent(wants))
             }
@@ -120,6 +142,7 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes) -> Answered {
         request,
         started,
         wait,
+        patience,
     })
 }
 
@@ -130,11 +153,13 @@ impl Unfinished {
             request,
             started,
             wait,
+            patience,
         } = self;
         let (response, work) = match wait {
             Wait::Strict(response, work) => (response, work),
             Wait::Capacity(waitable) => {
-                let responded = wait_for_capacity(app, &request, waitable, started).await?;
+                let responded =
+                    wait_for_capacity(app, &request, waitable, started, patience).await?;
                 match strict_left(app, responded)? {
                     Decided::Unsettled(response, work) => (response, work),
                     Decided::Done(response) => return Ok(finish(app, response, started)),
@@ -144,14 +169,14 @@ impl Unfinished {
                 take_leases(app, &wants).await;
                 let call = Call::read(&request).map_err(RequestError::Undecodable)?;
                 let asks = proto::asks(&call, &app.settings.request_bounds)?;
-                let responded = match decide_once(app, &call, &asks, false, false)? {
+                let responded = match decide_once(app, &call, &asks, false, Patience::Never)? {
                     // Still short of a lease the fleet may have: the window ended while the
                     // store answered (what it granted went to the window gone), or the grant
                     // fell short. Once more, then decided on what is held. A fleet found spent
                     // is not asked again: the view just read says so.
                     Responded::LeasesSpent(wants) => {
                         take_leases(app, &wants).await;
-                        decide_once(app, &call, &asks, true, false)?
+                        decide_once(app, &call, &asks, true, Patience::Never)?
                     }
                     answered => answered,
                 };
@@ -161,12 +186,12 @@ impl Unfinished {
                 }
             }
         };
-        let (response, store_wait) = settle_in_task(app, response, work).await?;
+        let (response, store_wait) = settle_in_task(app, response, work, patience).await?;
         // Refused by limits settled in the store whose rules let a call wait: it waits for
         // them as for a replica's own.
         if let Some(store_wait) = store_wait {
             let waitable = Waitable::in_store(&request, app, store_wait)?;
-            let responded = wait_for_capacity(app, &request, waitable, started).await?;
+            let responded = wait_for_capacity(app, &request, waitable, started, patience).await?;
             if let Decided::Done(response) = strict_left(app, responded)? {
                 return Ok(finish(app, response, started));
             }
@@ -183,9 +208,10 @@ async fn settle_in_task(
     app: &Arc<App>,
     response: Answer,
     work: Box<StrictWork>,
+    patience: Patience,
 ) -> Result<(Answer, Option<(std::time::Duration, usize)>), AnswerError> {
     let settling = app.clone();
-    tokio::spawn(async move { settle_strict(&settling, response, &work).await })
+    tokio::spawn(async move { settle_strict(&settling, response, &work, patience).await })
         .await
         .map_err(|_| internal())
 }
@@ -229,10 +255,10 @@ fn decide_once(
     request: &Call<'_>,
     asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
-    may_wait: bool,
+    patience: Patience,
 ) -> Result<Responded, AnswerError> {
     std::panic::catch_unwind(AssertUnwindSafe(|| {
-        respond(app, request, asks, last_try, may_wait)
+        respond(app, request, asks, last_try, patience)
     }))
     .map_err(|_| internal())
 }
@@ -246,13 +272,17 @@ struct Waitable {
 }
 
 impl Waitable {
-    /// The wait a denial allows: every descriptor refused must be of a rule with `wait:`; the
-    /// shortest of them bounds it.
+    /// The wait a denial allows: as the call's patience says, or, as the rules say, when
+    /// every descriptor refused is of a rule with `wait:`, the shortest of them.
     fn of(
         request: &Call<'_>,
         asks: &[Ask<'_, CallEntry<'_>>],
         verdict: &Verdict<'_>,
+        patience: Patience,
     ) -> Option<Waitable> {
+        if patience == Patience::Never {
+            return None;
+        }
         let mut refused = verdict
             .statuses
             .iter()
@@ -263,7 +293,11 @@ impl Waitable {
         let domain_and_entries = (request.domain, first.entries);
         let (mut wait, mut retry_in) = (std::time::Duration::MAX, std::time::Duration::MAX);
         for (status, _) in refused {
-            wait = wait.min(status.rule?.wait?);
+            if let Patience::UpTo(up_to) = patience {
+                wait = up_to;
+            } else {
+                wait = wait.min(status.rule?.wait?);
+            }
             retry_in = retry_in.min(status.until_reset);
         }
         Some(Waitable {
@@ -315,6 +349,7 @@ async fn wait_for_capacity(
     request: &Bytes,
     first: Waitable,
     started: Instant,
+    patience: Patience,
 ) -> Result<Responded, AnswerError> {
     let deadline = tokio::time::Instant::from_std(started) + first.wait;
     let queue = app.waiting.queue(first.queue);
@@ -339,7 +374,8 @@ async fn wait_for_capacity(
         let last = last || tokio::time::Instant::now() >= deadline;
         let call = Call::read(request).map_err(RequestError::Undecodable)?;
         let asks = proto::asks(&call, &app.settings.request_bounds)?;
-        let answered = match decide_once(app, &call, &asks, true, !last)? {
+        let patience = if last { Patience::Never } else { patience };
+        let answered = match decide_once(app, &call, &asks, true, patience)? {
             Responded::Wait(again) => {
                 retry_in = again.retry_in;
                 continue;
@@ -347,7 +383,7 @@ async fn wait_for_capacity(
             // Allowed here: the limits settled in the store decide, and may refuse again.
             Responded::Answer(response, Some(work), background) if app.fleet.is_some() => {
                 lease_in_background(app, background);
-                let (response, store_wait) = settle_in_task(app, response, work).await?;
+                let (response, store_wait) = settle_in_task(app, response, work, patience).await?;
                 if store_wait.is_some() && !last {
                     retry_in = STORE_RETRY;
                     continue;
@@ -465,16 +501,15 @@ fn respond(
     request: &Call<'_>,
     asks: &[Ask<'_, CallEntry<'_>>],
     last_try: bool,
-    may_wait: bool,
+    patience: Patience,
 ) -> Responded {
     let rules = app.rules.load();
     let mut verdict = decide(&rules, &app.limiter, request.domain, asks, app.mode());
     if !last_try && !verdict.spent_leases.is_empty() && app.fleet.is_some() {
         return Responded::LeasesSpent(std::mem::take(&mut verdict.spent_leases));
     }
-    if may_wait
-        && !verdict.allowed
-        && let Some(waitable) = Waitable::of(request, asks, &verdict)
+    if !verdict.allowed
+        && let Some(waitable) = Waitable::of(request, asks, &verdict, patience)
     {
         return Responded::Wait(waitable);
     }
@@ -613,6 +648,7 @@ async fn settle_strict(
     app: &App,
     mut response: Answer,
     work: &StrictWork,
+    patience: Patience,
 ) -> (Answer, Option<(std::time::Duration, usize)>) {
     let Some(fleet) = &app.fleet else {
         return (response, None);
@@ -681,7 +717,11 @@ async fn settle_strict(
                 .filter(|(job, r)| r.over.any() && job.enforcement != Enforcement::Shadow)
                 .peekable();
             let first = over.peek()?.0.ask;
-            let wait = over.map(|(job, _)| job.rule.wait).min()??;
+            let wait = match patience {
+                Patience::Never => return None,
+                Patience::AsRules => over.map(|(job, _)| job.rule.wait).min()??,
+                Patience::UpTo(up_to) => up_to,
+            };
             Some((wait, first))
         })
         .flatten();

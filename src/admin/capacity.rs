@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::body::ReduceBody;
 use super::{Failure, Shared, authorize, counters};
-use crate::capacity::{Announcement, RuleName};
+use crate::capacity::RuleName;
 use crate::rules::{ENDPOINT_KEY, Factor};
 
 /// Announces that an upstream is saturated: the rule's limit drops by `factor` here and, with
@@ -39,24 +39,14 @@ pub(super) async fn reduce(
         ));
     };
     // Reductions compound: half of what is in force now.
-    let now = app.limiter.clock().now_ms();
-    let current = rule.capacity.fraction();
-    let announcement = Announcement {
-        factor: (current * factor).max(0.000_001),
-        at_ms: now,
-    };
     let name = RuleName {
         domain: body.domain.clone(),
         rule: body.rule.clone(),
     };
-    app.capacity.record(name.clone(), announcement);
-    if let Some(fleet) = &app.fleet {
-        fleet
-            .announce_capacity(&name, announcement)
-            .await
-            .map_err(|e| Failure(StatusCode::BAD_GATEWAY, format!("Redis: {e}")))?;
-    }
-    app.capacity_changed.notify_one();
+    let announcement = app
+        .reduce_capacity(name, rule.capacity.fraction(), factor)
+        .await
+        .map_err(|e| Failure(StatusCode::BAD_GATEWAY, e.to_string()))?;
     tracing::warn!(domain = %body.domain, rule = %body.rule, factor = announcement.factor, "capacity reduced by the admin API");
     Ok(Json(
         json!({"domain": body.domain, "rule": body.rule, "factor": announcement.factor}),

@@ -302,6 +302,9 @@ pub struct ReloadSettings {
     pub debounce: Duration,
     /// Rescan this often whatever the events say.
     pub rescan_every: Duration,
+    /// Whether SIGHUP reloads too: a server's choice; a library embedded in another process
+    /// leaves that process's signals alone.
+    pub on_hangup: bool,
 }
 
 /// Reloads until the task is dropped: on file events (debounced), SIGHUP, and periodically.
@@ -313,9 +316,13 @@ pub async fn run(
     now_ms: impl Fn() -> u64 + Send,
     mut apply: impl FnMut(Reloaded) + Send,
 ) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => Some(signal),
-        Err(e) => {
+    let hangup = settings
+        .on_hangup
+        .then(|| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()));
+    let mut hangup = match hangup {
+        None => None,
+        Some(Ok(signal)) => Some(signal),
+        Some(Err(e)) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP");
             None
         }

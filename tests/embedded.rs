@@ -1,0 +1,396 @@
+//! sluice as a library: a `RateLimiter` in the test's own process, with the server's rules and
+//! pipeline, and no Envoy. Each test drives it as a service embedding it would.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sluice::{Descriptor, ManualClock, RateLimiter, Unit, Why};
+
+/// 2026-12-07 00:00:00 UTC, a minute's start.
+const T0: u64 = 1_796_601_600_000;
+
+const LLM: &str = r#"
+domain: llm
+descriptors:
+  - key: api_key
+    limits:
+      - { unit: minute, requests: 3 }
+      - { unit: minute, tokens: 1000 }
+      - { concurrency: 2, hold_ttl: 1m }
+"#;
+
+fn limiter_at(clock: &Arc<ManualClock>, yaml: &str) -> RateLimiter {
+    RateLimiter::builder()
+        .rules_yaml(yaml)
+        .clock(clock.clone())
+        .build()
+        .expect("limiter builds")
+}
+
+#[test]
+fn a_limiter_admits_its_limit_a_window_and_says_when_the_next_call_may_pass() {
+    let clock = Arc::new(ManualClock::new(T0 + 45_000));
+    let limiter = limiter_at(&clock, LLM);
+    let key = Descriptor::new("llm").entry("api_key", "k1");
+    let mut holds = Vec::new();
+    for left in [2, 1] {
+        let mut decision = limiter.try_acquire(&key).unwrap();
+        assert!(decision.is_allowed(), "{decision:?}");
+        assert_eq!(decision.why(), Why::Within);
+        assert!(decision.remaining() <= left, "{decision:?}");
+        holds.push(
+            decision
+                .take_hold()
+                .expect("a concurrency limit takes a hold"),
+        );
+    }
+    // Two streams run: the third call is refused by the concurrency limit.
+    let third = limiter.try_acquire(&key).unwrap();
+    assert!(!third.is_allowed());
+    assert_eq!(third.why(), Why::OverLimit);
+    drop(third);
+    // One stream ends: its slot comes back, and a call passes (the third request of 3).
+    holds.pop().unwrap().release();
+    let mut decision = until_allowed(&limiter, &key);
+    let hold = decision.take_hold().expect("a hold");
+    // Every stream ends; then the minute's three requests are spent: refused until the
+    // minute ends, 15 s from now.
+    drop((holds, hold));
+    let started = Instant::now();
+    while limiter.capacity(&key).unwrap().in_flight > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "holds never given back"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let refused = limiter.try_acquire(&key).unwrap();
+    assert!(!refused.is_allowed());
+    let limit = refused.limit().expect("the limit that refused");
+    assert_eq!((limit.per_unit, limit.unit), (3, Unit::Minute));
+    assert_eq!(refused.retry_after(), Some(Duration::from_secs(15)));
+    clock.set_ms(T0 + 60_000);
+    assert!(limiter.try_acquire(&key).unwrap().is_allowed());
+    // Another key has limits of its own.
+    let other = Descriptor::new("llm").entry("api_key", "k2");
+    assert!(limiter.try_acquire(&other).unwrap().is_allowed());
+}
+
+/// A release travels on the limiter's own thread: a caller sees it within moments.
+fn until_allowed(limiter: &RateLimiter, key: &Descriptor) -> sluice::Decision {
+    let started = Instant::now();
+    loop {
+        let decision = limiter.try_acquire(key).unwrap();
+        if decision.is_allowed() {
+            return decision;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a hold given back was never seen"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_descriptor_no_rule_matches_passes_with_no_limit() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = limiter_at(&clock, LLM);
+    for descriptor in [
+        Descriptor::new("llm").entry("team", "a"),
+        Descriptor::new("unknown").entry("api_key", "k1"),
+    ] {
+        let decision = limiter.try_acquire(&descriptor).unwrap();
+        assert!(decision.is_allowed());
+        assert_eq!(decision.why(), Why::NoLimit);
+        assert!(decision.limit().is_none());
+    }
+}
+
+#[test]
+fn a_malformed_descriptor_is_an_error_not_a_decision() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = limiter_at(&clock, LLM);
+    let empty = Descriptor::new("llm");
+    let error = limiter.try_acquire(&empty).unwrap_err();
+    assert!(
+        matches!(error, sluice::AcquireError::Invalid(_)),
+        "{error:?}"
+    );
+    let only_reserved = Descriptor::new("llm").entry("sluice.report", "tokens");
+    let error = limiter.try_acquire(&only_reserved).unwrap_err().to_string();
+    assert!(error.contains("needs an entry besides"), "{error}");
+    let unknown = Descriptor::new("llm")
+        .entry("api_key", "k1")
+        .entry("sluice.bogus", "1");
+    let error = limiter.try_acquire(&unknown).unwrap_err().to_string();
+    assert!(error.contains("sluice.bogus=1"), "{error}");
+}
+
+#[test]
+fn broken_rules_name_their_file_line_and_field() {
+    let error = RateLimiter::builder()
+        .rules_yaml("domain: d\ndescriptors:\n  - key: k\n    rate_limit: { unit: fortnight, requests_per_unit: 1 }\n")
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("<rules_yaml #1>:4"), "{error}");
+    assert!(error.contains("unit"), "{error}");
+    assert!(error.contains("fortnight"), "{error}");
+}
+
+#[test]
+fn tokens_reported_spend_the_budget_and_an_estimate_is_settled_by_its_report() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = limiter_at(&clock, LLM);
+    let key = Descriptor::new("llm").entry("api_key", "k1");
+    limiter.report_tokens(&key, 700).unwrap();
+    // A call reserving 400 tokens does not fit in the 300 left.
+    let reserving = key.clone().estimate_tokens(400);
+    let refused = limiter.try_acquire(&reserving).unwrap();
+    assert!(!refused.is_allowed(), "{refused:?}");
+    // One reserving 200 does; its report of 50 gives 150 back: 250 left, so 250 fits, 251 not.
+    let small = key.clone().estimate_tokens(200);
+    let mut admitted = limiter.try_acquire(&small).unwrap();
+    assert!(admitted.is_allowed(), "{admitted:?}");
+    admitted.take_hold().unwrap().release();
+    limiter.report_tokens(&small, 50).unwrap();
+    let capacity = limiter.capacity(&key).unwrap();
+    assert_eq!(capacity.in_flight_limit, Some(2));
+    let over = key.clone().estimate_tokens(251);
+    assert!(!until_refused_or_allowed(&limiter, &over));
+    let fits = key.clone().estimate_tokens(250);
+    assert!(until_refused_or_allowed(&limiter, &fits));
+}
+
+/// The decision on `descriptor` once the limiter's thread has given back earlier holds.
+fn until_refused_or_allowed(limiter: &RateLimiter, descriptor: &Descriptor) -> bool {
+    // Holds are given back on the limiter's thread; a concurrency refusal may be stale.
+    let started = Instant::now();
+    loop {
+        let decision = limiter.try_acquire(descriptor).unwrap();
+        let by_concurrency = decision
+            .limit()
+            .is_some_and(|l| l.unit == Unit::Minute && l.per_unit == 2);
+        if decision.is_allowed() || !by_concurrency || started.elapsed() > Duration::from_secs(5) {
+            return decision.is_allowed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_capacity_set_in_code_is_a_rule_that_can_change_and_keeps_its_counts() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = RateLimiter::builder().clock(clock.clone()).build().unwrap();
+    let openai = Descriptor::resource("openai");
+    assert_eq!(limiter.try_acquire(&openai).unwrap().why(), Why::NoLimit);
+    let two = NonZeroU32::new(2).unwrap();
+    limiter
+        .set_capacity("openai", two, Duration::from_secs(90))
+        .unwrap();
+    assert!(limiter.try_acquire(&openai).unwrap().is_allowed());
+    assert!(limiter.try_acquire(&openai).unwrap().is_allowed());
+    let refused = limiter.try_acquire(&openai).unwrap();
+    assert!(!refused.is_allowed());
+    assert_eq!(refused.limit().unwrap().per_unit, 2);
+    let capacity = limiter.capacity(&openai).unwrap();
+    assert_eq!(
+        (capacity.total, capacity.available, capacity.in_flight),
+        (Some(2), Some(0), 0)
+    );
+    // Raised to 3 in the same window: one more passes, as the two counted stay counted.
+    let three = NonZeroU32::new(3).unwrap();
+    limiter
+        .set_capacity("openai", three, Duration::from_secs(90))
+        .unwrap();
+    assert!(limiter.try_acquire(&openai).unwrap().is_allowed());
+    assert!(!limiter.try_acquire(&openai).unwrap().is_allowed());
+    // Bad input is refused with a reason.
+    let bad_name = limiter.set_capacity("open ai", two, Duration::from_secs(60));
+    assert!(matches!(bad_name, Err(sluice::CapacityError::Name(_))));
+    let bad_window = limiter.set_capacity("openai", two, Duration::from_millis(1500));
+    assert!(matches!(bad_window, Err(sluice::CapacityError::Window(_))));
+}
+
+#[test]
+fn a_reduction_announced_lowers_the_limit_and_tells_the_listeners() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = RateLimiter::builder().clock(clock.clone()).build().unwrap();
+    let ten = NonZeroU32::new(10).unwrap();
+    limiter
+        .set_capacity("anthropic", ten, Duration::from_secs(60))
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let told = seen.clone();
+    limiter.on_capacity_change(move |change| told.lock().unwrap().push(change.clone()));
+    let anthropic = Descriptor::resource("anthropic");
+    let factor = limiter
+        .announce_reduced(&anthropic, 0.5, "upstream answered 429")
+        .unwrap();
+    assert_eq!(factor, 0.5);
+    let started = Instant::now();
+    while seen.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no listener told"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let change = seen.lock().unwrap()[0].clone();
+    assert_eq!((change.domain.as_str(), change.factor), ("anthropic", 0.5));
+    assert_eq!(limiter.capacity(&anthropic).unwrap().total, Some(5));
+    let admitted = (0..10)
+        .filter(|_| limiter.try_acquire(&anthropic).unwrap().is_allowed())
+        .count();
+    assert_eq!(admitted, 5);
+    let no_rule = limiter.announce_reduced(&Descriptor::resource("none"), 0.5, "test");
+    assert!(matches!(no_rule, Err(sluice::CapacityError::NoRule { .. })));
+    let bad = limiter.announce_reduced(&anthropic, 1.5, "test");
+    assert!(matches!(bad, Err(sluice::CapacityError::Factor(_))));
+}
+
+#[tokio::test]
+async fn acquire_waits_for_capacity_in_arrival_order_and_gives_up_at_its_deadline() {
+    // A real clock: the wait is for a token bucket refilling 20 a second (one every 50 ms).
+    let limiter = RateLimiter::builder()
+        .rules_yaml(
+            "domain: d\ndescriptors:\n  - key: k\n    limits:\n      - { unit: second, requests: 20, algorithm: token_bucket, burst: 1 }\n",
+        )
+        .build()
+        .unwrap();
+    let key = Descriptor::new("d").entry("k", "v");
+    assert!(
+        limiter
+            .acquire(&key, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_allowed()
+    );
+    assert!(!limiter.try_acquire(&key).unwrap().is_allowed());
+    // Waited for: admitted within the refill's 50 ms (and a margin for a busy machine).
+    let started = Instant::now();
+    let waited = limiter.acquire(&key, Duration::from_secs(2)).await.unwrap();
+    assert!(waited.is_allowed(), "{waited:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Three waiters at once share the refills in turn; a wait too short to see one gives up.
+    let mut waiting = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let (limiter, key) = (limiter.clone(), key.clone());
+        waiting.spawn(async move { limiter.acquire(&key, Duration::from_secs(3)).await });
+    }
+    let mut admitted = 0;
+    while let Some(done) = waiting.join_next().await {
+        admitted += usize::from(done.unwrap().unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 3);
+    let short = limiter
+        .acquire(&key, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert!(!short.is_allowed());
+    assert!(short.retry_after().unwrap() <= Duration::from_millis(50));
+}
+
+#[tokio::test]
+async fn an_acquire_given_up_on_leaves_its_queue_and_takes_nothing() {
+    let limiter = RateLimiter::builder()
+        .rules_yaml("domain: d\ndescriptors:\n  - key: k\n    limits:\n      - { concurrency: 1, hold_ttl: 1m }\n")
+        .build()
+        .unwrap();
+    let key = Descriptor::new("d").entry("k", "v");
+    let mut first = limiter.try_acquire(&key).unwrap();
+    let hold = first.take_hold().expect("a hold");
+    // Waits for the slot; its caller gives up after 50 ms.
+    let waiting = limiter.acquire(&key, Duration::from_secs(30));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), waiting).await;
+    assert!(gave_up.is_err(), "the call was not kept waiting");
+    // The slot comes back. A waiter still queued would wake on it and take it for a caller
+    // that is gone; given up, it took nothing.
+    hold.release();
+    let started = Instant::now();
+    while limiter.capacity(&key).unwrap().in_flight > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut next = limiter.try_acquire(&key).unwrap();
+    assert!(next.is_allowed(), "{next:?}");
+    drop(next.take_hold());
+}
+
+#[test]
+fn a_rules_directory_reloads_and_the_capacities_set_in_code_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("d.yaml");
+    let rule = |n: u32| {
+        format!(
+            "domain: d\ndescriptors:\n  - key: k\n    limits:\n      - {{ unit: minute, requests: {n} }}\n"
+        )
+    };
+    std::fs::write(&file, rule(1)).unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = RateLimiter::builder()
+        .rules_dir(dir.path())
+        .watch(true)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    let one = NonZeroU32::new(1).unwrap();
+    limiter
+        .set_capacity("openai", one, Duration::from_secs(60))
+        .unwrap();
+    let key = Descriptor::new("d").entry("k", "v");
+    assert!(limiter.try_acquire(&key).unwrap().is_allowed());
+    assert!(!limiter.try_acquire(&key).unwrap().is_allowed());
+    std::fs::write(&file, rule(5)).unwrap();
+    let started = Instant::now();
+    while limiter.capacity(&key).unwrap().total != Some(5) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The count carried on (1 of 5 used), and the domain set in code is still there.
+    assert_eq!(limiter.capacity(&key).unwrap().available, Some(4));
+    let openai = Descriptor::resource("openai");
+    assert_eq!(limiter.capacity(&openai).unwrap().total, Some(1));
+    // A broken file never replaces a good one.
+    std::fs::write(&file, "domain: d\ndescriptors: [").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(limiter.capacity(&key).unwrap().total, Some(5));
+}
+
+#[test]
+fn clones_share_one_limiter_across_threads_and_admit_exactly_the_limit() {
+    let clock = Arc::new(ManualClock::new(T0));
+    let limiter = RateLimiter::builder()
+        .rules_yaml("domain: d\ndescriptors:\n  - key: k\n    limits:\n      - { unit: minute, requests: 1000 }\n")
+        .clock(clock)
+        .build()
+        .unwrap();
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (limiter, admitted) = (limiter.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                let key = Descriptor::new("d").entry("k", "v");
+                for _ in 0..250 {
+                    if limiter.try_acquire(&key).unwrap().is_allowed() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 1000);
+}
