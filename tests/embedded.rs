@@ -570,3 +570,21 @@ async fn an_embedded_limiter_and_a_server_replica_enforce_one_limit_together() {
         let _ = tokio::time::timeout(Duration::from_secs(15), server.wait()).await;
     }
 }
+
+#[allow(dead_code)] // its main() is the example's, not this test's
+#[path = "../examples/embedded.rs"]
+mod embedded_example;
+
+/// `examples/embedded.rs`, run: the worker pool never runs more than its 4 slots at once,
+/// finishes every job, and once it has announced the provider's saturation (a reduction to
+/// half) the provider refuses nothing more.
+#[test]
+fn the_embedded_example_keeps_its_slots_and_backs_off_when_the_provider_is_saturated() {
+    let summary = embedded_example::run(150);
+    println!("{summary:?}");
+    assert_eq!(summary.done, 150);
+    assert!(summary.peak_in_flight <= 4, "{summary:?}");
+    assert!(summary.refused_by_provider > 0, "{summary:?}");
+    assert_eq!(summary.factors.first(), Some(&0.5), "{summary:?}");
+    assert_eq!(summary.refused_after_reduction, 0, "{summary:?}");
+}

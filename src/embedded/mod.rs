@@ -530,6 +530,26 @@ impl RateLimiter {
         (&mut deciding.0).await.map_err(|_| AcquireError::Stopped)?
     }
 
+    /// [`RateLimiter::acquire`] for a thread outside async code (a worker pool): blocks the
+    /// calling thread until the call is admitted or `wait` has passed.
+    pub fn acquire_blocking(
+        &self,
+        descriptor: &Descriptor,
+        wait: Duration,
+    ) -> Result<Decision, AcquireError> {
+        let request = encode(descriptor, Purpose::Call)?;
+        let patience = if wait.is_zero() {
+            Patience::Never
+        } else {
+            Patience::UpTo(wait)
+        };
+        let (inner, descriptor) = (self.inner.clone(), descriptor.clone());
+        self.inner.wait_for(async move {
+            let answer = crate::service::answer_with(&inner.app, request, patience).await?;
+            Ok(inner.decision(&descriptor, &answer))
+        })?
+    }
+
     /// Reports the tokens a call admitted with `descriptor` used (its usage, known once the
     /// response is done): counted against the descriptor's tokens limits, never refused. If
     /// the descriptor reserved an estimate ([`Descriptor::estimate_tokens`]), the report
