@@ -588,3 +588,55 @@ fn the_embedded_example_keeps_its_slots_and_backs_off_when_the_provider_is_satur
     assert_eq!(summary.factors.first(), Some(&0.5), "{summary:?}");
     assert_eq!(summary.refused_after_reduction, 0, "{summary:?}");
 }
+
+/// `examples/swarm.rs`, run against a real Redis: three processes share one limit of 100 a
+/// second set in code, one announces a reduction halfway, and the example checks the swarm's
+/// totals itself (no second over its limit, steady seconds at 98 % or more, the reduction
+/// heard by all) and exits 1 if any fails. Built here if `cargo test` was not given
+/// `--all-targets` (which builds the examples first).
+#[test]
+fn the_swarm_example_shares_one_limit_across_processes_and_hears_the_reduction() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let exe = std::env::current_exe().unwrap();
+    let debug = exe.parent().unwrap().parent().unwrap();
+    let swarm = debug.join("examples").join("swarm");
+    if !swarm.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = std::process::Command::new(cargo)
+            .args(["build", "--example", "swarm"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(built.success());
+    }
+    let mut child = std::process::Command::new(&swarm)
+        .args([redis.url().as_str(), "3", "6"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: six seconds of load, a few to start; killed by its id past a minute.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the swarm example ran past a minute");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    println!("{out}");
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("3 of 3 members heard the reduction"), "{out}");
+    let seconds = out.lines().filter(|l| l.starts_with("second ")).count();
+    assert!(seconds >= 4, "{out}");
+    assert!(
+        out.contains("limit 50") && out.contains("limit 100"),
+        "{out}"
+    );
+}
