@@ -1,4 +1,22 @@
-//! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API, with LLM token limits.
+//! sluice: a rate-limit server for Envoy's `ShouldRateLimit` API, with LLM token limits, and
+//! the same limiter as a library.
+//!
+//! # The public API
+//!
+//! - **In-process limits:** [`RateLimiter`] (built with [`Builder`]) decides [`Descriptor`]s
+//!   into [`Decision`]s, holds slots in flight as [`Hold`]s, reads [`Capacity`], and announces
+//!   and follows [`CapacityChange`]s; its errors are [`BuildError`], [`AcquireError`] and
+//!   [`CapacityError`]. Time comes from a [`Clock`] ([`SystemClock`], or [`ManualClock`] in
+//!   tests); windows are [`Unit`]s.
+//! - **The server in a process of yours:** [`start`] with [`settings::Settings`] gives a
+//!   [`Running`] server ([`ServerError`], [`TransportError`]); [`FailurePolicy`] and
+//!   [`ExportProtocol`] are settings' types.
+//! - **Rule files:** [`load_dir`] / [`load_dir_with`] ([`DomainFiles`]) check a directory as
+//!   `sluice validate` does, into a [`RuleSet`] or [`ConfigError`]s.
+//! - **A client:** [`client`] asks a running server, as `sluice check` does.
+//!
+//! Anything else this crate exports is hidden from these docs: it serves sluice's own tests,
+//! benches and binary, and may change in any release.
 //!
 //! # One request, in reading order
 //!
@@ -55,27 +73,38 @@ mod tls;
 mod traces;
 mod transport;
 
+// The public API: what a service embedding sluice, or starting its server, uses. The items
+// below it are for sluice's own tests, benches and binary; they may change in any release.
+pub use embedded::{
+    Acquire, AcquireError, BuildError, Builder, Capacity, CapacityChange, CapacityError, Decision,
+    Descriptor, Hold, Limit, RESOURCE_KEY, RateLimiter, Why,
+};
+pub use limiter::{Clock, ManualClock, SystemClock, Unit};
+pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
+pub use server::{Running, ServerError, start};
+pub use sync::FailurePolicy;
+pub use traces::ExportProtocol;
+pub use transport::TransportError;
+
+#[doc(hidden)]
 pub use admin::counters;
+#[doc(hidden)]
 pub use app::App;
+#[doc(hidden)]
 pub use decision::{
     Ask, Code, Headline, LimitOverride, Mode, Purpose, ReportedLimit, Standing, Status, Verdict,
     decide, explain,
 };
-pub use embedded::{
-    AcquireError, BuildError, Builder, Capacity, CapacityChange, CapacityError, Decision,
-    Descriptor, Hold, Limit, RESOURCE_KEY, RateLimiter, Why,
-};
+#[doc(hidden)]
 pub use limiter::{
-    Algorithm, Clock, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter,
-    Limits, ManualClock, Outcome, SystemClock, Unit,
+    Algorithm, CounterRef, Counts, Demand, Enforcement, FleetState, FleetView, Limiter, Limits,
+    Outcome,
 };
+#[doc(hidden)]
 pub use proto::Answer;
+#[doc(hidden)]
 pub use reload::ReloadStatus;
-pub use rules::{ConfigError, DomainFiles, RuleSet, load_dir, load_dir_with};
-pub use server::{Running, ServerError, start};
+#[doc(hidden)]
 pub use service::{AnswerError, answer, answer_request};
 #[doc(hidden)]
-pub use sync::LEASE_SCRIPT;
-pub use sync::{FailurePolicy, Fleet, SyncStatus};
-pub use traces::ExportProtocol;
-pub use transport::TransportError;
+pub use sync::{Fleet, LEASE_SCRIPT, SyncStatus};

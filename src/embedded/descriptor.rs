@@ -218,6 +218,20 @@ impl Decision {
 
     /// The slot in flight the call took, when one of its limits is a `concurrency` limit:
     /// keep it for as long as the call runs; dropping it gives the slot back.
+    ///
+    /// ```
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// let limiter = RateLimiter::builder()
+    ///     .rules_yaml("domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - { concurrency: 1, hold_ttl: 5m }\n")
+    ///     .build()?;
+    /// let stream = Descriptor::new("llm").entry("api_key", "k1");
+    /// let mut first = limiter.try_acquire(&stream)?;
+    /// let hold = first.take_hold().expect("a slot in flight");
+    /// assert!(!limiter.try_acquire(&stream)?.is_allowed()); // the one slot is taken
+    /// hold.release(); // or drop it: the stream has ended
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn take_hold(&mut self) -> Option<Hold> {
         self.hold.take()
     }

@@ -7,22 +7,6 @@
 //! the same rules and the same fleet totals. It runs its background work (the counter sweep,
 //! capacity recovery, rule reloads, the fleet sync and every Redis call) on a thread of its
 //! own, so [`RateLimiter::try_acquire`] needs no async runtime from its caller.
-//!
-//! ```
-//! use std::num::NonZeroU32;
-//! use std::time::Duration;
-//! use sluice::{Descriptor, RateLimiter};
-//!
-//! let limiter = RateLimiter::builder().build()?;
-//! limiter.set_capacity("openai", NonZeroU32::new(2).unwrap(), Duration::from_secs(60))?;
-//! let openai = Descriptor::resource("openai");
-//! assert!(limiter.try_acquire(&openai)?.is_allowed());
-//! assert!(limiter.try_acquire(&openai)?.is_allowed());
-//! let third = limiter.try_acquire(&openai)?;
-//! assert!(!third.is_allowed());
-//! assert!(third.retry_after().unwrap() <= Duration::from_secs(60));
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
 
 mod descriptor;
 
@@ -445,6 +429,22 @@ impl Drop for Inner {
 
 /// A rate limiter in the calling process, with the server's rules and counters. Cheap to
 /// clone: clones share one limiter.
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use std::time::Duration;
+/// use sluice::{Descriptor, RateLimiter};
+///
+/// let limiter = RateLimiter::builder().build()?;
+/// limiter.set_capacity("openai", NonZeroU32::new(2).unwrap(), Duration::from_secs(60))?;
+/// let openai = Descriptor::resource("openai");
+/// assert!(limiter.try_acquire(&openai)?.is_allowed());
+/// assert!(limiter.try_acquire(&openai)?.is_allowed());
+/// let third = limiter.try_acquire(&openai)?;
+/// assert!(!third.is_allowed());
+/// assert!(third.retry_after().unwrap() <= Duration::from_secs(60));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone)]
 pub struct RateLimiter {
     inner: Arc<Inner>,
@@ -494,6 +494,20 @@ impl RateLimiter {
     /// timeout, when a lease must be taken or the rule is settled in Redis call by call. In
     /// async code, prefer [`RateLimiter::acquire`] with a zero wait, which waits without
     /// blocking a thread.
+    ///
+    /// ```
+    /// use sluice::{Descriptor, RateLimiter, Why};
+    ///
+    /// let limiter = RateLimiter::builder()
+    ///     .rules_yaml("domain: api\ndescriptors:\n  - key: api_key\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n")
+    ///     .build()?;
+    /// let key = Descriptor::new("api").entry("api_key", "k1");
+    /// assert_eq!(limiter.try_acquire(&key)?.why(), Why::Within);
+    /// let refused = limiter.try_acquire(&key)?;
+    /// assert_eq!(refused.why(), Why::OverLimit);
+    /// assert_eq!(refused.limit().unwrap().per_unit, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn try_acquire(&self, descriptor: &Descriptor) -> Result<Decision, AcquireError> {
         let answer = self
             .inner
@@ -504,15 +518,33 @@ impl RateLimiter {
     /// Decides a call, waiting up to `wait` for capacity to come back if it is refused now
     /// (a window moving on, a bucket refilling, a slot given back), in arrival order with
     /// every other call waiting on the same descriptor. Nothing is counted while it waits.
-    /// Dropped before it returns, it leaves the queue and counts nothing, except in the
-    /// instant between admission and return, where the request stays counted as made (a slot
-    /// in flight it took is given back).
-    pub async fn acquire(
-        &self,
-        descriptor: &Descriptor,
-        wait: Duration,
-    ) -> Result<Decision, AcquireError> {
-        let request = encode(descriptor, Purpose::Call)?;
+    /// The call is decided on the limiter's thread from the moment `acquire` is called; await
+    /// the [`Acquire`] for its decision, from any executor. Dropped before it is ready, the
+    /// call leaves the queue and counts nothing, except in the instant between admission and
+    /// the decision's return, where the request stays counted as made (a slot in flight it
+    /// took is given back).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// # tokio::runtime::Runtime::new()?.block_on(async {
+    /// // 20 a second, one at a time: the second call waits ~50 ms for the bucket to refill.
+    /// let limiter = RateLimiter::builder()
+    ///     .rules_yaml("domain: d\ndescriptors:\n  - key: k\n    limits:\n      - { unit: second, requests: 20, algorithm: token_bucket, burst: 1 }\n")
+    ///     .build()?;
+    /// let call = Descriptor::new("d").entry("k", "v");
+    /// assert!(limiter.acquire(&call, Duration::ZERO).await?.is_allowed());
+    /// assert!(limiter.acquire(&call, Duration::from_secs(1)).await?.is_allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn acquire(&self, descriptor: &Descriptor, wait: Duration) -> Acquire {
+        let request = match encode(descriptor, Purpose::Call) {
+            Ok(request) => request,
+            Err(error) => return Acquire(Err(Some(error))),
+        };
         let patience = if wait.is_zero() {
             Patience::Never
         } else {
@@ -521,13 +553,10 @@ impl RateLimiter {
         let (inner, descriptor) = (self.inner.clone(), descriptor.clone());
         // The decision is made in the task, so that if its caller is gone by then, the hold
         // it took is dropped with it, and given back.
-        let deciding = self.inner.thread.handle.spawn(async move {
+        Acquire(Ok(self.inner.thread.handle.spawn(async move {
             let answer = crate::service::answer_with(&inner.app, request, patience).await?;
-            Ok::<_, AcquireError>(inner.decision(&descriptor, &answer))
-        });
-        // Dropping this future aborts the task: a waiter leaves its queue.
-        let mut deciding = AbortOnDrop(deciding);
-        (&mut deciding.0).await.map_err(|_| AcquireError::Stopped)?
+            Ok(inner.decision(&descriptor, &answer))
+        })))
     }
 
     /// [`RateLimiter::acquire`] for a thread outside async code (a worker pool): blocks the
@@ -554,6 +583,24 @@ impl RateLimiter {
     /// response is done): counted against the descriptor's tokens limits, never refused. If
     /// the descriptor reserved an estimate ([`Descriptor::estimate_tokens`]), the report
     /// settles the difference.
+    ///
+    /// ```
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// let limiter = RateLimiter::builder()
+    ///     .rules_yaml("domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - { unit: minute, tokens: 1000 }\n")
+    ///     .build()?;
+    /// // Reserve the call's max_tokens up front; settle what it used after.
+    /// let call = Descriptor::new("llm").entry("api_key", "k1").estimate_tokens(800);
+    /// assert!(limiter.try_acquire(&call)?.is_allowed());
+    /// limiter.report_tokens(&call, 120)?;
+    /// let capacity = limiter.capacity(&Descriptor::new("llm").entry("api_key", "k1"));
+    /// # let _ = capacity;
+    /// // 120 used, 880 left: a call reserving 900 does not fit, one reserving 880 does.
+    /// let big = Descriptor::new("llm").entry("api_key", "k1").estimate_tokens(900);
+    /// assert!(!limiter.try_acquire(&big)?.is_allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn report_tokens(&self, descriptor: &Descriptor, tokens: u64) -> Result<(), AcquireError> {
         let request = encode(descriptor, Purpose::Report { tokens })?;
         self.inner.answer(request, Patience::Never).map(drop)
@@ -612,6 +659,21 @@ impl RateLimiter {
 
     /// Where the limits of the rule matching `descriptor` stand now, counting nothing; none
     /// when no rule matches it.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use std::time::Duration;
+    /// use sluice::{Descriptor, RateLimiter, Unit};
+    ///
+    /// let limiter = RateLimiter::builder().build()?;
+    /// limiter.set_capacity("search", NonZeroU32::new(10).unwrap(), Duration::from_secs(60))?;
+    /// let search = Descriptor::resource("search");
+    /// let _ = limiter.try_acquire(&search)?;
+    /// let capacity = limiter.capacity(&search).unwrap();
+    /// assert_eq!((capacity.total, capacity.available), (Some(10), Some(9)));
+    /// assert_eq!(capacity.window, Some(Unit::Minute));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn capacity(&self, descriptor: &Descriptor) -> Option<Capacity> {
         self.inner
             .judged(descriptor, |_, limits| capacity_of(limits))
@@ -657,6 +719,20 @@ impl RateLimiter {
     /// and, with a fleet store, on every replica and embedded limiter at once; then they
     /// recover step by step, as the server's `/v1/capacity/reduce` does. `reason` goes to the
     /// log. Returns the share of the configured limits in force now.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use std::time::Duration;
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// let limiter = RateLimiter::builder().build()?;
+    /// limiter.set_capacity("openai", NonZeroU32::new(100).unwrap(), Duration::from_secs(60))?;
+    /// limiter.on_capacity_change(|change| println!("{} now at {}", change.domain, change.factor));
+    /// let openai = Descriptor::resource("openai");
+    /// assert_eq!(limiter.announce_reduced(&openai, 0.5, "429 from the provider")?, 0.5);
+    /// assert_eq!(limiter.capacity(&openai).unwrap().total, Some(50));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn announce_reduced(
         &self,
         descriptor: &Descriptor,
@@ -711,11 +787,41 @@ impl RateLimiter {
     }
 }
 
-/// A task aborted when dropped, so a caller that gives up takes its waiter out of the queue.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+/// A call being decided on the limiter's thread ([`RateLimiter::acquire`]): await it for the
+/// [`Decision`]. Dropped before it is ready, the call leaves its queue.
+#[must_use = "dropping it gives the call up"]
+pub struct Acquire(
+    Result<tokio::task::JoinHandle<Result<Decision, AcquireError>>, Option<AcquireError>>,
+);
 
-impl<T> Drop for AbortOnDrop<T> {
+impl std::future::Future for Acquire {
+    type Output = Result<Decision, AcquireError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Ok(deciding) => std::pin::Pin::new(deciding)
+                .poll(cx)
+                .map(|done| done.map_err(|_| AcquireError::Stopped)?),
+            Err(error) => {
+                std::task::Poll::Ready(Err(error.take().unwrap_or(AcquireError::Stopped)))
+            }
+        }
+    }
+}
+
+impl Drop for Acquire {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Ok(deciding) = &self.0 {
+            deciding.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for Acquire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acquire")
     }
 }
