@@ -147,6 +147,26 @@ fn broken_rules_name_their_file_line_and_field() {
 }
 
 #[test]
+fn a_rules_file_is_read_at_build_and_a_missing_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llm.yaml");
+    std::fs::write(&path, LLM).unwrap();
+    let limiter = RateLimiter::builder().rules_file(&path).build().unwrap();
+    let key = Descriptor::new("llm").entry("api_key", "k1");
+    assert_eq!(limiter.capacity(&key).unwrap().total, Some(3));
+    let missing = dir.path().join("missing.yaml");
+    let error = RateLimiter::builder()
+        .rules_file(&missing)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("missing.yaml") && error.contains("cannot read"),
+        "{error}"
+    );
+}
+
+#[test]
 fn tokens_reported_spend_the_budget_and_an_estimate_is_settled_by_its_report() {
     let clock = Arc::new(ManualClock::new(T0));
     let limiter = limiter_at(&clock, LLM);

@@ -91,3 +91,41 @@ fn the_readmes_picture_of_the_algorithms_is_what_the_limiter_does_now() {
         "docs/algorithms.svg is out of date: cargo run --example algorithms_plot > docs/algorithms.svg"
     );
 }
+
+/// [7/8]'s crate hygiene: what `cargo package` would publish is the library, the server, their
+/// default rules and examples and the docs; no test, fixture, bench or chart, and no file over
+/// 128 kB (the README is the largest).
+#[test]
+fn the_package_ships_the_crate_and_no_test_fixtures() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let listed = std::process::Command::new(cargo)
+        .args(["package", "--list", "--allow-dirty", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo runs");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let files: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(files.iter().any(|f| f == "src/lib.rs"), "{files:?}");
+    assert!(
+        files.iter().any(|f| f == "examples/embedded.rs"),
+        "{files:?}"
+    );
+    for file in &files {
+        for kept_out in [
+            "tests/", "benches/", "helm/", "scripts/", "docs/", "target/",
+        ] {
+            assert!(!file.starts_with(kept_out), "{file} would be published");
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            assert!(meta.len() <= 128 * 1024, "{file}: {} bytes", meta.len());
+        }
+    }
+}

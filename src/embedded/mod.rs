@@ -111,7 +111,7 @@ pub enum CapacityError {
 pub struct Builder {
     settings: Settings,
     dir: Option<PathBuf>,
-    texts: Vec<String>,
+    texts: Vec<RulesText>,
     watch: bool,
     clock: Arc<dyn Clock>,
 }
@@ -123,9 +123,18 @@ impl Builder {
         self
     }
 
-    /// Adds one rule file's text (one domain, in the server's format).
+    /// Adds one rule file's text (one domain, in the server's format); its errors name it
+    /// `<rules_yaml #N>`.
     pub fn rules_yaml(mut self, text: impl Into<String>) -> Builder {
-        self.texts.push(text.into());
+        self.texts.push(RulesText::Given(text.into()));
+        self
+    }
+
+    /// Adds one rule file (one domain), read when the limiter is built; its errors name it.
+    /// Not reloaded: for rules that change, use [`Builder::rules_dir`] with
+    /// [`Builder::watch`].
+    pub fn rules_file(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.texts.push(RulesText::File(path.into()));
         self
     }
 
@@ -179,9 +188,23 @@ impl Builder {
         };
         let mut given = BTreeMap::new();
         for (i, text) in texts.into_iter().enumerate() {
-            let file = SourceFile {
-                path: PathBuf::from(format!("<rules_yaml #{}>", i + 1)),
-                text,
+            let file = match text {
+                RulesText::Given(text) => SourceFile {
+                    path: PathBuf::from(format!("<rules_yaml #{}>", i + 1)),
+                    text,
+                },
+                RulesText::File(path) => match std::fs::read_to_string(&path) {
+                    Ok(text) => SourceFile { path, text },
+                    Err(error) => {
+                        return Err(BuildError::Rules(vec![ConfigError {
+                            file: path,
+                            line: None,
+                            column: None,
+                            field: None,
+                            message: format!("cannot read: {error}"),
+                        }]));
+                    }
+                },
             };
             let domain = compile_file_for(&file, store).map_err(BuildError::Rules)?;
             given.insert(domain.name.to_string(), Arc::new(domain));
@@ -238,6 +261,14 @@ impl Builder {
             }),
         })
     }
+}
+
+/// One rule file given to the builder.
+enum RulesText {
+    /// Its text, from code.
+    Given(String),
+    /// Its path, read at build.
+    File(PathBuf),
 }
 
 /// The rule set `files` with `own` (domains set in code) in place of any domain of that name.
