@@ -660,3 +660,44 @@ fn the_swarm_example_shares_one_limit_across_processes_and_hears_the_reduction()
         "{out}"
     );
 }
+
+/// With a fleet store, holds in flight are the fleet's: a slot one embedded limiter holds is
+/// seen by another on the same Redis, in its `capacity` and in its decisions, and comes back
+/// to both when released.
+#[test]
+fn holds_in_flight_are_shared_by_limiters_on_one_store() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let namespace = unique_namespace("embedded-holds");
+    let limiter = || {
+        let mut settings = Settings::local("config".into());
+        settings.redis_url = Some(redis.url());
+        settings.redis_namespace = Some(namespace.clone());
+        RateLimiter::builder()
+            .rules_yaml("domain: llm\ndescriptors:\n  - key: api_key\n    limits:\n      - { concurrency: 1, hold_ttl: 1m }\n")
+            .settings(settings)
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (limiter(), limiter());
+    let stream = Descriptor::new("llm").entry("api_key", "k1");
+    let mut first = a.try_acquire(&stream).unwrap();
+    assert!(first.is_allowed(), "{first:?}");
+    let hold = first.take_hold().expect("a hold");
+    let seen = b.capacity(&stream).unwrap();
+    assert_eq!((seen.in_flight, seen.in_flight_limit), (1, Some(1)));
+    assert!(!b.try_acquire(&stream).unwrap().is_allowed());
+    hold.release();
+    let started = Instant::now();
+    while b.capacity(&stream).unwrap().in_flight > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the hold never came back"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut second = b.try_acquire(&stream).unwrap();
+    assert!(second.is_allowed(), "{second:?}");
+    drop(second.take_hold());
+}

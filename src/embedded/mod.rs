@@ -23,13 +23,16 @@ pub use descriptor::{
     Capacity, CapacityChange, Decision, Descriptor, Hold, Limit, RESOURCE_KEY, Why,
 };
 
+use crate::admin::counters::usage_of;
 use crate::app::App;
 use crate::background::{Background, Reloads};
 use crate::capacity::RuleName;
 use crate::decision::{Ask, Judged, Purpose as AskPurpose, explain};
-use crate::limiter::{Clock, SystemClock};
+use crate::limiter::{Algorithm, Clock, SystemClock};
 use crate::reload::{Catalog, Changes, ReloadSettings};
-use crate::rules::{ConfigError, Domain, Measure, Rule, RuleSet, SourceFile, compile_file_for};
+use crate::rules::{
+    ConfigError, Consistency, Domain, Measure, Rule, RuleSet, SourceFile, compile_file_for,
+};
 use crate::service::{AnswerError, Answered, Patience, answer_at_once};
 use crate::settings::Settings;
 use crate::sync::Fleet;
@@ -689,7 +692,9 @@ impl RateLimiter {
     }
 
     /// Where the limits of the rule matching `descriptor` stand now, counting nothing; none
-    /// when no rule matches it.
+    /// when no rule matches it. With a fleet store, the holds in flight and strict limits,
+    /// settled in Redis call by call, are read from Redis (a wait of at most the Redis
+    /// timeout; this process's own counts if it does not answer).
     ///
     /// ```
     /// use std::num::NonZeroU32;
@@ -706,8 +711,44 @@ impl RateLimiter {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn capacity(&self, descriptor: &Descriptor) -> Option<Capacity> {
-        self.inner
-            .judged(descriptor, |_, limits| capacity_of(limits))
+        let (rule, mut capacity) = self.inner.judged(descriptor, |rule, limits| {
+            (rule.clone(), capacity_of(limits))
+        })?;
+        // Limits settled in the fleet store call by call (holds in flight, strict rules) are
+        // read from the fleet's counts there, as `/v1/explain` does: this process's own
+        // counters hold only what it counted while the store was away.
+        let app = self.inner.app.clone();
+        let strict = rule.consistency == Consistency::Strict;
+        let in_store = strict
+            || rule
+                .windows()
+                .iter()
+                .any(|w| w.algorithm == Algorithm::InFlight);
+        if app.fleet.is_none() || !in_store {
+            return Some(capacity);
+        }
+        let entries: Vec<(String, String)> = descriptor
+            .entries()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let reading = self.inner.wait_for(async move {
+            let entries: Vec<(&str, &str)> = entries
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            usage_of(&app, rule, &entries).await
+        });
+        for window in reading.map(|usage| usage.windows).unwrap_or_default() {
+            let Some(fleet) = window.fleet else { continue };
+            if window.algorithm() == Some(Algorithm::InFlight) {
+                capacity.in_flight = fleet.requests.into();
+            } else if strict && capacity.window == Some(window.unit) {
+                capacity.available = capacity
+                    .total
+                    .map(|total| total.saturating_sub(fleet.requests.into()));
+            }
+        }
+        Some(capacity)
     }
 }
 
