@@ -61,6 +61,8 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
+    /// Where the admin API is served apart (`--admin-addr`, the bound port), if it is.
+    pub admin_addr: Option<SocketAddr>,
     /// The server's shared state.
     pub app: Arc<App>,
     shutdown: oneshot::Sender<()>,
@@ -224,12 +226,32 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     };
     let serving = crate::transport::serve(listener, (builder, calls), threads, tls, stopping)?;
     let (http_stop, _) = tokio::sync::watch::channel(false);
-    let mut http = vec![serve_http(
-        http_listener,
-        crate::admin::router(app.clone()),
-        &http_stop,
-    )];
-    tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
+    let (main_routes, admin_addr) = match app.settings.admin_addr {
+        None => {
+            tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
+            (crate::admin::router(app.clone()), None)
+        }
+        Some(addr) => {
+            tracing::info!(%http_addr, "serving health and metrics over HTTP");
+            (crate::admin::health_router(app.clone()), Some(addr))
+        }
+    };
+    let mut http = vec![serve_http(http_listener, main_routes, &http_stop)];
+    let admin_addr = match admin_addr {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::BindHttp { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::BindHttp { addr, source })?;
+            let routes = crate::admin::admin_router(app.clone());
+            http.push(serve_http(listener, routes, &http_stop));
+            tracing::info!(addr = %bound, "serving the admin API over HTTP");
+            Some(bound)
+        }
+    };
     let extra = [
         (app.settings.metrics_addr, "metrics"),
         (app.settings.debug_addr, "debug (/rlconfig)"),
@@ -265,6 +287,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     Ok(Running {
         grpc_addr,
         http_addr,
+        admin_addr,
         http,
         http_stop,
         app,

@@ -597,3 +597,49 @@ async fn a_capacity_reduction_reaches_every_replica_and_recovers() {
             .unwrap();
     }
 }
+
+/// [8/8]: `--admin-addr` takes the admin API to a listener of its own (loopback here), while
+/// health and metrics stay on `--http-addr`, which then answers no admin route.
+#[tokio::test]
+async fn the_admin_api_can_listen_apart_from_health_and_metrics() {
+    let server = start_with(&[("ops.yaml", OPS)], |s| {
+        s.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let running = server.running.as_ref().unwrap();
+    let (main, admin) = (
+        format!("http://{}", running.http_addr),
+        format!("http://{}", running.admin_addr.expect("an admin listener")),
+    );
+    assert_ne!(main, admin);
+    let client = http();
+    let status = |url: String| {
+        let client = client.clone();
+        async move { client.get(url).send().await.unwrap().status().as_u16() }
+    };
+    for path in ["/healthz", "/readyz", "/metrics", "/healthcheck"] {
+        assert_eq!(
+            status(format!("{main}{path}")).await,
+            200,
+            "{path} on the main listener"
+        );
+        assert_eq!(
+            status(format!("{admin}{path}")).await,
+            404,
+            "{path} on the admin listener"
+        );
+    }
+    for path in ["/v1/rules", "/v1/capacity", "/rlconfig"] {
+        assert_eq!(
+            status(format!("{main}{path}")).await,
+            404,
+            "{path} on the main listener"
+        );
+        assert_eq!(
+            status(format!("{admin}{path}")).await,
+            200,
+            "{path} on the admin listener"
+        );
+    }
+    server.stop().await;
+}

@@ -29,12 +29,24 @@ use body::CheckBody;
 /// The state every handler takes.
 type Shared = State<Arc<App>>;
 
-/// The HTTP routes of a server.
+/// The HTTP routes of a server: health, metrics and the admin API on one listener.
 pub fn router(app: Arc<App>) -> Router {
+    health_router(app.clone()).merge(admin_router(app))
+}
+
+/// Health and metrics: what load balancers, probes and Prometheus reach.
+pub fn health_router(app: Arc<App>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/healthcheck", get(peer::healthcheck))
+        .with_state(app)
+}
+
+/// The admin API: rules, checks, usage, resets, capacity (`--admin-addr` serves it apart).
+pub fn admin_router(app: Arc<App>) -> Router {
+    Router::new()
         .route("/v1/rules", get(rules::rules))
         .route("/v1/check", post(check))
         .route("/v1/explain", post(rules::explain))
@@ -43,7 +55,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/capacity", get(capacity::capacity))
         .route("/v1/capacity/reduce", post(capacity::reduce))
         .route("/v1/utilization", get(capacity::utilization))
-        .route("/healthcheck", get(peer::healthcheck))
         .route("/json", post(peer::json))
         .route("/rlconfig", get(peer::rlconfig))
         .with_state(app)

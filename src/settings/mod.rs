@@ -109,6 +109,12 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
 
+    /// Address of an HTTP listener of its own for the admin API (`/v1/*`, and
+    /// envoyproxy/ratelimit's `/json` and `/rlconfig`), e.g. `127.0.0.1:8082` to keep it off
+    /// the network while health and metrics stay on --http-addr. Unset: all on --http-addr.
+    #[arg(long, env = "SLUICE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+
     /// Address of a second HTTP listener serving only `/metrics` (envoyproxy/ratelimit's
     /// `USE_PROMETHEUS` listener). Unset: metrics are on --http-addr only.
     #[arg(long, env = "SLUICE_METRICS_ADDR")]
