@@ -105,6 +105,8 @@ pub use proto::Answer;
 #[doc(hidden)]
 pub use reload::ReloadStatus;
 #[doc(hidden)]
+pub use rules::{SourceFile, compile_file};
+#[doc(hidden)]
 pub use service::{AnswerError, answer, answer_request};
 #[doc(hidden)]
 pub use sync::{Fleet, LEASE_SCRIPT, SyncStatus};

@@ -43,7 +43,9 @@ impl std::error::Error for ConfigError {}
 /// A rule file as read from disk.
 #[derive(Debug, Clone)]
 pub struct SourceFile {
+    /// Where it was read from (or what names it in errors).
     pub path: PathBuf,
+    /// Its YAML text.
     pub text: String,
 }
 
