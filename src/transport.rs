@@ -153,16 +153,28 @@ async fn accept(
     mut workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
 ) {
     let mut next = 0;
+    // Accepts failing in a row (out of file descriptors, most likely), and since when: told
+    // once as it starts and once as it ends, not every 100 ms between.
+    let mut failing: Option<(u64, std::time::Instant)> = None;
     while !workers.is_empty() {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
             Err(error) => {
-                // Out of file descriptors, most likely: wait rather than spin.
-                tracing::warn!(%error, "cannot accept a gRPC connection");
+                match &mut failing {
+                    Some((failed, _)) => *failed += 1,
+                    None => {
+                        tracing::warn!(%error, "cannot accept a gRPC connection; new connections wait until this clears (connections already open are served)");
+                        failing = Some((1, std::time::Instant::now()));
+                    }
+                }
+                // Wait rather than spin: the connection stays in the listen queue.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        if let Some((failed, since)) = failing.take() {
+            tracing::warn!(failed, after = ?since.elapsed(), "cannot accept a gRPC connection: cleared, accepting again");
+        }
         let _ = tcp.set_nodelay(true);
         // Leaves this runtime's reactor, to join the worker's.
         let Ok(mut tcp) = tcp.into_std() else {
