@@ -203,7 +203,15 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
 
     let (shutdown, stopped) = oneshot::channel::<()>();
     let service = UndecodableIsInvalid(RateLimitGrpc::new(app.clone()));
-    let mut builder = tonic::transport::Server::builder();
+    let settings = &app.settings;
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(settings.grpc_max_concurrent_streams)
+        .http2_keepalive_interval(Some(settings.grpc_keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.grpc_keepalive_timeout))
+        .http2_max_header_list_size(settings.grpc_max_header_bytes);
+    if let Some(timeout) = settings.grpc_call_timeout {
+        builder = builder.timeout(timeout);
+    }
     if let Some(age) = app.settings.grpc_max_connection_age {
         builder = builder.max_connection_age(age);
     }

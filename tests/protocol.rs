@@ -825,3 +825,46 @@ async fn the_multi_threaded_layout_answers_alike() {
     assert_eq!(admitted_over_connections(&server, 3).await, 12);
     server.stop().await;
 }
+
+/// [8/8]: the gRPC listener's HTTP/2 limits hold. A call whose headers pass
+/// `--grpc-max-header-bytes` is refused before it is read, one under it is answered; with
+/// `--grpc-call-timeout`, a call kept waiting (here by `wait:`) longer than the timeout is
+/// answered CANCELLED ("Timeout expired") at the timeout, not at the end of its wait.
+#[tokio::test]
+async fn the_grpc_listeners_header_and_call_limits_hold() {
+    const WAITING: &str = "domain: d\ndescriptors:\n  - key: api_key\n    wait: 5s\n    rate_limit: { unit: hour, requests_per_unit: 1 }\n";
+    let server = start_with(&[("d.yaml", WAITING)], |s| {
+        s.grpc_max_header_bytes = 4096;
+        s.grpc_call_timeout = Some(std::time::Duration::from_millis(300));
+    })
+    .await;
+    let call = || request("d", &[&[("api_key", "k1")]]);
+    let with_header = |bytes: usize| {
+        let mut request = tonic::Request::new(call());
+        request
+            .metadata_mut()
+            .insert("x-padding", "p".repeat(bytes).parse().unwrap());
+        request
+    };
+    let mut client = server.client.clone();
+    let small = client.should_rate_limit(with_header(1000)).await;
+    assert!(small.is_ok(), "{small:?}");
+    let large = server
+        .client
+        .clone()
+        .should_rate_limit(with_header(8000))
+        .await;
+    assert!(
+        large.is_err(),
+        "a header block of 8,000 bytes was read: {large:?}"
+    );
+    // The hour's one call is spent: the next waits, up to 5 s, and is cut at 300 ms.
+    let started = std::time::Instant::now();
+    let waited = server.client.clone().should_rate_limit(call()).await;
+    let status = waited.expect_err("a call past the timeout");
+    // tonic's own answer to a call past its server timeout.
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    assert_eq!(status.message(), "Timeout expired");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    server.stop().await;
+}

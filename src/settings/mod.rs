@@ -193,6 +193,33 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_GRPC_MAX_CONNECTION_AGE_GRACE", value_parser = parse_duration)]
     pub grpc_max_connection_age_grace: Option<Duration>,
 
+    /// Most calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a client past it waits for a stream. Calls waiting for capacity (`wait:`) hold theirs.
+    #[arg(long, env = "SLUICE_GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// How often an idle gRPC connection is pinged (HTTP/2 PING); one whose peer does not
+    /// answer within --grpc-keepalive-timeout is closed, so dead or silent peers free their
+    /// connections.
+    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub grpc_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered.
+    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout: Duration,
+
+    /// Largest header block a gRPC call may send (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[arg(long, env = "SLUICE_GRPC_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub grpc_max_header_bytes: u32,
+
+    /// Longest a gRPC call may take, its request read included: a client that opens a call
+    /// and sends nothing more is answered CANCELLED ("Timeout expired") after this. Set it above the
+    /// longest `wait:` (30 s at most). Unset: no limit (a timer a call costs CPU), and a
+    /// client that never finishes its calls holds at most --grpc-max-concurrent-streams
+    /// streams a connection.
+    #[arg(long, env = "SLUICE_GRPC_CALL_TIMEOUT", value_parser = parse_duration)]
+    pub grpc_call_timeout: Option<Duration>,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
