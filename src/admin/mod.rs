@@ -57,8 +57,14 @@ pub fn admin_router(app: Arc<App>) -> Router {
         .route("/v1/utilization", get(capacity::utilization))
         .route("/json", post(peer::json))
         .route("/rlconfig", get(peer::rlconfig))
+        .layer(axum::extract::DefaultBodyLimit::max(ADMIN_BODY_LIMIT))
         .with_state(app)
 }
+
+/// The largest body the admin API reads (a `/v1/check` of the most descriptors and entries the
+/// request bounds allow, at ordinary value lengths, is a few hundred kB); larger bodies are
+/// answered 413 before they are read.
+pub const ADMIN_BODY_LIMIT: usize = 1024 * 1024;
 
 /// The metrics listener's routes (`--metrics-addr`): the scrape at `path`.
 pub fn metrics_router(app: Arc<App>, path: &str) -> Router {
