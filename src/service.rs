@@ -416,7 +416,7 @@ async fn take_leases(app: &App, wants: &[LeaseWant]) {
     };
     app.metrics.requests.lease_calls.increment(1);
     if let Err(error) = fleet.take_leases(&app.limiter, wants, replicas).await {
-        tracing::warn!(%error, policy = ?fleet.settings.policy, "cannot lease from Redis on the request path; deciding by the failure policy until the sync reaches it");
+        fleet.request_path_failed("a lease", &error);
         app.metrics.requests.lease_failures.increment(1);
         app.limiter.fleet().set(fleet.outage_view(replicas));
     }

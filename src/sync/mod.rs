@@ -114,6 +114,9 @@ pub struct Fleet {
     bucket: redis::Script,
     /// Lease calls given up on, for the next calls on their keys to name.
     given_up: given_up::GivenUp,
+    /// Whether a Redis failure on the request path has been logged since the sync last
+    /// reached Redis: an outage is told once, not once a call.
+    request_path_told: std::sync::atomic::AtomicBool,
 }
 
 /// How long after its last heartbeat a replica stops counting in the fleet size.
@@ -149,6 +152,7 @@ impl Fleet {
             sliding: store::sliding_script(),
             bucket: store::bucket_script(),
             given_up: given_up::GivenUp::default(),
+            request_path_told: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -220,6 +224,20 @@ impl Fleet {
             .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(ttl * 2).ignore();
         pipe.cmd("ZCARD").arg(&key);
+    }
+
+    /// Logs a Redis failure on the request path (`what` failed): at warn the first time since
+    /// the sync last reached Redis, at debug after, so an outage is told once, not once a
+    /// call.
+    pub fn request_path_failed(&self, what: &str, error: &dyn std::fmt::Display) {
+        let told = self
+            .request_path_told
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        if told {
+            tracing::debug!(%error, "{what}: Redis failed on the request path");
+        } else {
+            tracing::warn!(%error, policy = ?self.settings.policy, "{what}: Redis failed on the request path; deciding by the failure policy (told once, until Redis answers the sync again)");
+        }
     }
 
     /// Pushes every counter's counts and gives back what its leases hold unused (at shutdown).
@@ -522,6 +540,9 @@ async fn sync(handles: &SyncHandles, fleet: &Arc<Fleet>) {
                 metrics.redis_up.set(1.0);
                 metrics.lag.set(0.0);
                 limiter.fleet().set(FleetView::Synced { replicas });
+                fleet
+                    .request_path_told
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 if let Some(since) = failing_since.take() {
                     tracing::info!(down_for = ?since.elapsed(), counters, "Redis answers again; counts pushed");
                 }

@@ -313,7 +313,7 @@ pub async fn settle(
                 (counts, over, until_reset)
             }
             Err(error) => {
-                tracing::warn!(%error, policy = ?fleet.settings.policy, "strict limit: Redis failed; deciding by the failure policy");
+                fleet.request_path_failed("a limit settled in Redis", &error);
                 let (outcome, counted) = fallback(fleet, limiter, job, charge, allowed);
                 if counted && !job.refund {
                     taken_locally.push(i);
