@@ -53,6 +53,7 @@ fn the_chart_lints_renders_and_validates_against_kubernetes() {
         "external-redis-secret.yaml",
         "existing-configmap.yaml",
         "everything.yaml",
+        "admin-loopback.yaml",
     ] {
         assert!(
             stdout.contains(&format!("{values}: ")) && stdout.contains("manifests valid"),
@@ -61,7 +62,7 @@ fn the_chart_lints_renders_and_validates_against_kubernetes() {
     }
     assert_eq!(
         stdout.matches("rejected as it should be").count(),
-        4,
+        5,
         "{stdout}"
     );
 }
