@@ -8,9 +8,9 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::redis::{RedisServer, unique_namespace};
+use common::redis::{RedisServer, unique_namespace, wall_ms};
 use common::*;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::Channel;
@@ -30,44 +30,19 @@ async fn replica(
     namespace: &str,
     log: std::path::PathBuf,
 ) -> Replica {
-    let (grpc, http) = (free_port(), free_port());
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .args(["--redis-url", &redis.url(), "--redis-namespace", namespace])
-        .args(["--redis-timeout", "100ms"])
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
-        .unwrap()
-        .timeout(Duration::from_secs(5));
-    let started = Instant::now();
-    let channel = loop {
-        if let Ok(channel) = endpoint.connect().await {
-            break channel;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "a replica never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    Replica {
-        child,
-        client: RateLimitServiceClient::new(channel),
-        log,
-    }
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+    let (url, config) = (redis.url(), config.to_str().unwrap());
+    let args = [
+        "--config",
+        config,
+        "--redis-url",
+        &url,
+        "--redis-namespace",
+        namespace,
+        "--redis-timeout",
+        "100ms",
+    ];
+    let (child, client, _) = spawn_logged(&args, &[], &log).await;
+    Replica { child, client, log }
 }
 
 /// What one scenario's load saw.

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::redis::{RedisServer, unique_namespace};
+use common::redis::{RedisServer, unique_namespace, wall_ms};
 use sluice::settings::Settings;
 use sluice::{Descriptor, ManualClock, RateLimiter, Unit, Why};
 
@@ -420,13 +420,6 @@ fn clones_share_one_limiter_across_threads_and_admit_exactly_the_limit() {
     assert_eq!(admitted.load(Ordering::Relaxed), 1000);
 }
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// Admitted calls per window of a second, from each call's send and answer times and the
 /// reset it was told: decided at t in [sent, answered] with t + reset at its window's end.
 #[derive(Default)]
@@ -619,39 +612,9 @@ fn the_swarm_example_shares_one_limit_across_processes_and_hears_the_reduction()
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().unwrap().parent().unwrap();
-    let swarm = debug.join("examples").join("swarm");
-    if !swarm.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = std::process::Command::new(cargo)
-            .args(["build", "--example", "swarm"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(built.success());
-    }
-    let mut child = std::process::Command::new(&swarm)
-        .args([redis.url().as_str(), "3", "6"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounded: six seconds of load, a few to start; killed by its id past a minute.
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            panic!("the swarm example ran past a minute");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let swarm = common::example_binary("swarm");
+    let out = common::runs(&swarm, &[redis.url().as_str(), "3", "6"], &[]);
     println!("{out}");
-    assert!(status.success(), "{status:?}\n{out}");
     assert!(out.contains("3 of 3 members heard the reduction"), "{out}");
     let seconds = out.lines().filter(|l| l.starts_with("second ")).count();
     assert!(seconds >= 4, "{out}");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_yaml::Value;
@@ -133,58 +133,6 @@ fn the_package_ships_the_crate_and_no_test_fixtures() {
     }
 }
 
-/// Where cargo put the examples' binaries, building them first if this run did not (`cargo
-/// test --all-targets`, the test command, builds them before any test runs).
-fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = std::process::Command::new(cargo)
-            .args(["build", "--example", name])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(built.success(), "cargo build --example {name}");
-    }
-    binary
-}
-
-/// Runs `binary` with `args` (and `envs`), killed by its id past 60 s; its exit must be 0.
-fn runs(binary: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
-    let mut child = std::process::Command::new(binary)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            child.kill().unwrap();
-            panic!("{} {args:?} ran past a minute", binary.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    assert!(
-        status.success(),
-        "{} {args:?}: {status:?}",
-        binary.display()
-    );
-    out
-}
-
 /// The examples that are tools for profilers and the benches run, on small counts: the
 /// decision loops (one key, many keys, keys met once, several descriptors, a synced view),
 /// and the no-op server answers a real ShouldRateLimit call. (`embedded.rs` and `swarm.rs`
@@ -192,18 +140,18 @@ fn runs(binary: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
 /// tests/envoy.rs.)
 #[tokio::test]
 async fn the_profiler_and_bench_examples_run() {
-    let decide_loop = example_binary("decide_loop");
-    runs(&decide_loop, &["2000"], &[]);
-    runs(&decide_loop, &["2000", "500"], &[]);
-    let slowest = runs(&decide_loop, &["new", "2000"], &[]);
+    let decide_loop = common::example_binary("decide_loop");
+    common::runs(&decide_loop, &["2000"], &[]);
+    common::runs(&decide_loop, &["2000", "500"], &[]);
+    let slowest = common::runs(&decide_loop, &["new", "2000"], &[]);
     assert!(
         !slowest.trim().is_empty(),
         "decide_loop new printed nothing"
     );
-    let decide_many = example_binary("decide_many");
-    runs(&decide_many, &["2000", "5"], &[]);
-    runs(&decide_many, &["2000", "10"], &[("SYNCED", "1")]);
-    let noop = example_binary("noop");
+    let decide_many = common::example_binary("decide_many");
+    common::runs(&decide_many, &["2000", "5"], &[]);
+    common::runs(&decide_many, &["2000", "10"], &[("SYNCED", "1")]);
+    let noop = common::example_binary("noop");
     let addr = format!("127.0.0.1:{}", common::free_port());
     let mut child = tokio::process::Command::new(&noop)
         .args(["serve", &addr])

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::redis::{RedisServer, unique_namespace};
 use common::*;
@@ -46,38 +46,22 @@ async fn a_planted_api_key_is_in_no_log_metric_redis_key_error_or_rules_output()
     };
     let dir = tempfile::tempdir().unwrap();
     write_rules(dir.path(), &[("llm.yaml", RULES)]);
-    let logs = tempfile::tempdir().unwrap();
-    let (out_path, err_path) = (logs.path().join("out"), logs.path().join("err"));
-    let (grpc, http) = (free_port(), free_port());
+    let log = dir.path().join("log");
     let url = redis.url();
     let namespace = unique_namespace("planted");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["serve", "--config", dir.path().to_str().unwrap()])
-        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-        .args(["--http-addr", &format!("127.0.0.1:{http}")])
-        .args(["--redis-url", &url, "--redis-namespace", &namespace])
-        .args(["--log-level", "trace"])
-        .env("SLUICE_ADMIN_TOKEN", "admin-secret-token")
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
-        .unwrap()
-        .timeout(Duration::from_secs(5));
-    let started = Instant::now();
-    let channel = loop {
-        if let Ok(channel) = endpoint.connect().await {
-            break channel;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "sluice never listened"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut client = envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(channel);
+    let config = dir.path().to_str().unwrap();
+    let args = [
+        "--config",
+        config,
+        "--redis-url",
+        &url,
+        "--redis-namespace",
+        &namespace,
+        "--log-level",
+        "trace",
+    ];
+    let envs = [("SLUICE_ADMIN_TOKEN", "admin-secret-token")];
+    let (mut child, mut client, http) = spawn_logged(&args, &envs, &log).await;
     let mut answered = String::new();
     let key = ("api_key", PLANTED);
     let calls = [
@@ -106,24 +90,8 @@ async fn a_planted_api_key_is_in_no_log_metric_redis_key_error_or_rules_output()
     }
     // Past a sync interval: the counts are in Redis.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let base = format!("http://127.0.0.1:{http}");
-    let web = reqwest::Client::new();
-    let metrics = web
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let rules = web
-        .get(format!("{base}/v1/rules"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics::text_of(&format!("http://{http}/metrics")).await;
+    let rules = common::metrics::text_of(&format!("http://{http}/v1/rules")).await;
     let mut stored = String::new();
     let keys: Vec<String> = redis.query(::redis::cmd("KEYS").arg("*"));
     assert!(
@@ -146,8 +114,7 @@ async fn a_planted_api_key_is_in_no_log_metric_redis_key_error_or_rules_output()
     }
     signal(&child, "TERM");
     let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
-    let logged =
-        std::fs::read_to_string(&out_path).unwrap() + &std::fs::read_to_string(&err_path).unwrap();
+    let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.lines().count() > 100,
         "the trace log is too short to say anything: {} lines",

@@ -25,6 +25,11 @@ pub async fn scrape(server: &TestServer) -> Vec<Sample> {
 }
 
 /// Every sample of the scrape served at `base` (`http://host:port`).
+/// The body of `GET url`, as text.
+pub async fn text_of(url: &str) -> String {
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
 pub async fn scrape_at(base: &str) -> Vec<Sample> {
     let text = http()
         .get(format!("{base}/metrics"))

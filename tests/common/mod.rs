@@ -358,3 +358,99 @@ pub const MINUTE_MS: u64 = 60_000;
 pub fn python() -> String {
     std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
+
+/// A `sluice serve` process on free ports with `args`, its log (stdout and stderr) written to
+/// `log` for the test to read: returned once it serves gRPC, with a client and its HTTP
+/// address (`127.0.0.1:port`). Stopped by its pid (or dropped: killed).
+pub async fn spawn_logged(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    log: &Path,
+) -> (
+    tokio::process::Child,
+    RateLimitServiceClient<Channel>,
+    String,
+) {
+    let (grpc, http) = (free_port(), free_port());
+    let file = std::fs::File::create(log).expect("a log file");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("serve")
+        .args(args)
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .envs(envs.iter().copied())
+        .stdout(file.try_clone().expect("the log file again"))
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sluice serve");
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
+        .expect("endpoint")
+        .timeout(CALL_TIMEOUT);
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            let client = RateLimitServiceClient::new(channel);
+            return (child, client, format!("127.0.0.1:{http}"));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "sluice never listened; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where cargo put an example's binary, building it first if this run did not (`cargo test
+/// --all-targets`, the test command, builds the examples before any test runs).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = std::process::Command::new(cargo)
+            .args(["build", "--example", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(built.success(), "cargo build --example {name}");
+    }
+    binary
+}
+
+/// Runs `binary` with `args` (and `envs`), killed by its pid past 60 s; its exit must be 0.
+/// Returns what it printed.
+pub fn runs(binary: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let mut child = std::process::Command::new(binary)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("{} {args:?} ran past a minute", binary.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success(),
+        "{} {args:?}: {status:?}\n{out}",
+        binary.display()
+    );
+    out
+}
