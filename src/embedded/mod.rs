@@ -111,6 +111,39 @@ pub enum CapacityError {
 
 /// Builds a [`RateLimiter`]: where its rules come from, and optionally the fleet store it
 /// shares limits through.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluice::{Descriptor, RateLimiter};
+///
+/// // A directory of rule files, reloaded as they change, as `sluice serve --config` reads it.
+/// let dir = std::env::temp_dir().join(format!("sluice-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// std::fs::write(
+///     dir.join("api.yaml"),
+///     "domain: api\ndescriptors:\n  - key: team\n    rate_limit: { unit: minute, requests_per_unit: 100 }\n",
+/// )?;
+/// let limiter = RateLimiter::builder().rules_dir(&dir).watch(true).build()?;
+/// let team = Descriptor::new("api").entry("team", "search");
+/// assert_eq!(limiter.capacity(&team).unwrap().total, Some(100));
+/// # drop(limiter);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// Sharing the limits with server replicas takes their store and namespace, as the server's
+/// settings name them (`--redis-url`, `--redis-namespace`):
+///
+/// ```no_run
+/// use sluice::RateLimiter;
+/// use sluice::settings::Settings;
+///
+/// let mut settings = Settings::local("config".into());
+/// settings.redis_url = Some("redis://redis.internal:6379".into());
+/// settings.redis_namespace = Some("production".into());
+/// let limiter = RateLimiter::builder().rules_dir("config").settings(settings).build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Builder {
     settings: Settings,
     dir: Option<PathBuf>,
@@ -595,6 +628,27 @@ impl RateLimiter {
 
     /// [`RateLimiter::acquire`] for a thread outside async code (a worker pool): blocks the
     /// calling thread until the call is admitted or `wait` has passed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// // Two workers share one slot: the second waits for the first to end.
+    /// let limiter = RateLimiter::builder()
+    ///     .rules_yaml("domain: jobs\ndescriptors:\n  - key: queue\n    limits:\n      - { concurrency: 1, hold_ttl: 1m }\n")
+    ///     .build()?;
+    /// let job = Descriptor::new("jobs").entry("queue", "exports");
+    /// let mut first = limiter.acquire_blocking(&job, Duration::ZERO)?;
+    /// let slot = first.take_hold().unwrap();
+    /// let waiting = {
+    ///     let (limiter, job) = (limiter.clone(), job.clone());
+    ///     std::thread::spawn(move || limiter.acquire_blocking(&job, Duration::from_secs(5)))
+    /// };
+    /// std::thread::sleep(Duration::from_millis(50));
+    /// drop(slot); // the first job ends
+    /// assert!(waiting.join().unwrap()?.is_allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn acquire_blocking(
         &self,
         descriptor: &Descriptor,
@@ -644,6 +698,24 @@ impl RateLimiter {
     /// one-rule domain named after the resource, matched by [`Descriptor::resource`]. Set
     /// again, the limit changes and the counts carry on. The domain stays through reloads of
     /// the rules directory.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use std::time::Duration;
+    /// use sluice::{Descriptor, RateLimiter};
+    ///
+    /// let limiter = RateLimiter::builder().build()?;
+    /// let every_90s = Duration::from_secs(90);
+    /// limiter.set_capacity("geocoder", NonZeroU32::new(3).unwrap(), every_90s)?;
+    /// let geocoder = Descriptor::resource("geocoder");
+    /// for _ in 0..3 {
+    ///     assert!(limiter.try_acquire(&geocoder)?.is_allowed());
+    /// }
+    /// assert!(!limiter.try_acquire(&geocoder)?.is_allowed());
+    /// // Zero is not a capacity: `NonZeroU32` says so before the call.
+    /// assert!(NonZeroU32::new(0).is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn set_capacity(
         &self,
         resource: &str,
