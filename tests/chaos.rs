@@ -41,7 +41,7 @@ async fn replica(
         "--redis-timeout",
         "100ms",
     ];
-    let (child, client, _) = spawn_logged(&args, &[], &log).await;
+    let (child, client, _, _) = spawn_logged(&args, &[], &log).await;
     Replica { child, client, log }
 }
 

@@ -119,3 +119,134 @@ async fn out_of_file_descriptors_a_server_keeps_its_connections_and_recovers() {
     );
     assert!(told <= 4, "the log told of it {told} times:\n{logged}");
 }
+
+/// One HTTP/2 frame: its 9-byte header (length, type, flags, stream) and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// An HPACK header field, literal without indexing: a static-table name (`index`) or a new
+/// name, and the value, neither Huffman-coded.
+fn field(index: u8, name: &str, value: &str) -> Vec<u8> {
+    let mut out = vec![index];
+    if index == 0 {
+        out.push(name.len() as u8);
+        out.extend(name.as_bytes());
+    }
+    out.push(value.len() as u8);
+    out.extend(value.as_bytes());
+    out
+}
+
+/// [8/8]: a slowloris client (its own HTTP/2 frames on a raw socket) opens twenty
+/// ShouldRateLimit calls on one connection and never sends a body. The server advertises its
+/// limit of streams (`--grpc-max-concurrent-streams 8`), refuses the twelve past it at once
+/// (RST_STREAM REFUSED_STREAM), ends the eight it holds at `--grpc-call-timeout` (700 ms),
+/// and serves another client meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_bounded_by_the_listeners_stream_limit_and_call_timeout() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("d.yaml", RULES)]);
+    let config = dir.path().to_str().unwrap();
+    let args = [
+        "--config",
+        config,
+        "--grpc-max-concurrent-streams",
+        "8",
+        "--grpc-call-timeout",
+        "700ms",
+    ];
+    let (mut child, mut client, _, grpc) = spawn_logged(&args, &[], &dir.path().join("log")).await;
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", grpc)).unwrap();
+    let path = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit";
+    // :method POST and :scheme http by index; :path and :authority by indexed name.
+    let mut headers = vec![0x83, 0x86];
+    headers.extend(field(4, "", path));
+    headers.extend(field(1, "", "127.0.0.1"));
+    headers.extend(field(0, "content-type", "application/grpc"));
+    headers.extend(field(0, "te", "trailers"));
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(4, 0, 0, &[]));
+    for i in 0..20u32 {
+        // END_HEADERS, and neither END_STREAM nor any DATA: the call is never finished.
+        opening.extend(frame(1, 0x4, 1 + 2 * i, &headers));
+    }
+    slow.write_all(&opening).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    // Another client is served while the slow one holds its streams.
+    client
+        .should_rate_limit(request("d", &[&[("k", "v")]]))
+        .await
+        .expect("another client served");
+    let (mut buffer, mut limit, mut refused, mut ended) =
+        (Vec::new(), None, Vec::new(), Vec::new());
+    while started.elapsed() < Duration::from_secs(5) && ended.len() < 8 {
+        let mut chunk = [0u8; 16384];
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buffer.extend(&chunk[..n]),
+            Err(_) => continue,
+        }
+        while buffer.len() >= 9 {
+            let length = u32::from_be_bytes([0, buffer[0], buffer[1], buffer[2]]) as usize;
+            if buffer.len() < 9 + length {
+                break;
+            }
+            let (kind, flags) = (buffer[3], buffer[4]);
+            let stream =
+                u32::from_be_bytes([buffer[5], buffer[6], buffer[7], buffer[8]]) & 0x7fff_ffff;
+            let payload: Vec<u8> = buffer[9..9 + length].to_vec();
+            buffer.drain(..9 + length);
+            match kind {
+                // The server's SETTINGS (not an ack): acked, and its stream limit read.
+                4 if flags & 1 == 0 => {
+                    for setting in payload.chunks(6) {
+                        if setting[..2] == [0, 3] {
+                            limit = Some(u32::from_be_bytes(setting[2..6].try_into().unwrap()));
+                        }
+                    }
+                    slow.write_all(&frame(4, 1, 0, &[])).unwrap();
+                }
+                3 if payload == 7u32.to_be_bytes() => refused.push((stream, started.elapsed())),
+                // A response HEADERS that ends its stream: the call answered (trailers only).
+                1 if flags & 1 == 1 => ended.push((stream, started.elapsed())),
+                _ => {}
+            }
+        }
+    }
+    println!("stream limit {limit:?}; refused {refused:?}; ended {ended:?}");
+    assert_eq!(limit, Some(8));
+    let refused_streams: Vec<u32> = refused.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        refused_streams,
+        (8..20).map(|i| 1 + 2 * i).collect::<Vec<u32>>()
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|(_, at)| *at < Duration::from_millis(500))
+    );
+    let mut ended_streams: Vec<u32> = ended.iter().map(|(s, _)| *s).collect();
+    ended_streams.sort();
+    assert_eq!(
+        ended_streams,
+        (0..8).map(|i| 1 + 2 * i).collect::<Vec<u32>>()
+    );
+    assert!(
+        ended
+            .iter()
+            .all(|(_, at)| *at >= Duration::from_millis(600) && *at < Duration::from_secs(3)),
+        "{ended:?}"
+    );
+    // The slow connection closes first, or the stop waits its grace for it.
+    drop(slow);
+    signal(&child, "TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+}

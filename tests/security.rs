@@ -61,7 +61,7 @@ async fn a_planted_api_key_is_in_no_log_metric_redis_key_error_or_rules_output()
         "trace",
     ];
     let envs = [("SLUICE_ADMIN_TOKEN", "admin-secret-token")];
-    let (mut child, mut client, http) = spawn_logged(&args, &envs, &log).await;
+    let (mut child, mut client, http, _) = spawn_logged(&args, &envs, &log).await;
     let mut answered = String::new();
     let key = ("api_key", PLANTED);
     let calls = [

@@ -360,8 +360,8 @@ pub fn python() -> String {
 }
 
 /// A `sluice serve` process on free ports with `args`, its log (stdout and stderr) written to
-/// `log` for the test to read: returned once it serves gRPC, with a client and its HTTP
-/// address (`127.0.0.1:port`). Stopped by its pid (or dropped: killed).
+/// `log` for the test to read: returned once it serves gRPC, with a client, its HTTP address
+/// (`127.0.0.1:port`) and its gRPC port. Stopped by its pid (or dropped: killed).
 pub async fn spawn_logged(
     args: &[&str],
     envs: &[(&str, &str)],
@@ -370,6 +370,7 @@ pub async fn spawn_logged(
     tokio::process::Child,
     RateLimitServiceClient<Channel>,
     String,
+    u16,
 ) {
     let (grpc, http) = (free_port(), free_port());
     let file = std::fs::File::create(log).expect("a log file");
@@ -391,7 +392,7 @@ pub async fn spawn_logged(
     loop {
         if let Ok(channel) = endpoint.connect().await {
             let client = RateLimitServiceClient::new(channel);
-            return (child, client, format!("127.0.0.1:{http}"));
+            return (child, client, format!("127.0.0.1:{http}"), grpc);
         }
         assert!(
             started.elapsed() < Duration::from_secs(20),
