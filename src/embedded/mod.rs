@@ -654,17 +654,8 @@ impl RateLimiter {
         descriptor: &Descriptor,
         wait: Duration,
     ) -> Result<Decision, AcquireError> {
-        let request = encode(descriptor, Purpose::Call)?;
-        let patience = if wait.is_zero() {
-            Patience::Never
-        } else {
-            Patience::UpTo(wait)
-        };
-        let (inner, descriptor) = (self.inner.clone(), descriptor.clone());
-        self.inner.wait_for(async move {
-            let answer = crate::service::answer_with(&inner.app, request, patience).await?;
-            Ok(inner.decision(&descriptor, &answer))
-        })?
+        // The same call as `acquire`'s, this thread waiting for it.
+        self.inner.wait_for(self.acquire(descriptor, wait))?
     }
 
     /// Reports the tokens a call admitted with `descriptor` used (its usage, known once the
