@@ -9,10 +9,10 @@
 //! their CPU time is read from /proc apart from the load generator's.
 
 mod common;
-use common::free_port;
+use common::{Pinning, Server, cpu_seconds, free_port, start, start_redis};
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,114 +67,6 @@ fn noop_server(port: u16, one_thread: bool) {
             .await
             .unwrap();
     });
-}
-
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields
-        .get(11)
-        .and_then(|u| u.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|s| s.parse::<f64>().ok())
-            .unwrap_or(0.0);
-    ticks / 100.0
-}
-
-struct Server {
-    child: Child,
-    port: u16,
-    /// sluice's HTTP port (metrics); 0 for the no-op server.
-    http_port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-/// The cores servers run on and the load generator (this process, and Redis) runs on: on two
-/// cores or more, apart, so the load never takes the server's core (`LOAD_PIN=0`: unpinned).
-struct Pinning {
-    server: Option<&'static str>,
-    load: Option<&'static str>,
-    /// The machine's cores, read before this process is pinned.
-    cores: usize,
-}
-
-impl Pinning {
-    fn from_env() -> Pinning {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let wanted = std::env::var("LOAD_PIN").map_or(true, |v| v != "0");
-        if wanted && cores >= 2 {
-            Pinning {
-                server: Some("0"),
-                load: Some("1"),
-                cores,
-            }
-        } else {
-            Pinning {
-                server: None,
-                load: None,
-                cores,
-            }
-        }
-    }
-
-    /// `program`, started on `cpu` when one is given (with `taskset`, which execs it: the pid
-    /// is the program's).
-    fn command(cpu: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        match cpu {
-            None => Command::new(program),
-            Some(cpu) => {
-                let mut command = Command::new("taskset");
-                command.arg("-c").arg(cpu).arg(program);
-                command
-            }
-        }
-    }
-
-    /// Pins this process's main thread, before any other thread exists: the load runtime's
-    /// threads inherit it.
-    fn pin_self(&self) {
-        let Some(cpu) = self.load else { return };
-        let pinned = Command::new("taskset")
-            .args(["-p", "-c", cpu, &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status();
-        assert!(
-            pinned.is_ok_and(|s| s.success()),
-            "taskset -p failed; LOAD_PIN=0 runs unpinned"
-        );
-    }
-}
-
-fn start(command: &mut Command, port: u16) -> Server {
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Server {
-        child,
-        port,
-        http_port: 0,
-    }
 }
 
 /// A synced server's rounds so far, from its metrics: how many, and their seconds in all.
@@ -559,20 +451,7 @@ fn main() {
     };
     let runtime = runtime.enable_all().build().unwrap();
 
-    let redis_port = free_port();
-    let redis_server = start(
-        Pinning::command(pinning.load, &redis).args([
-            "--port",
-            &redis_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]),
-        redis_port,
-    );
+    let (redis_server, redis_port) = start_redis(pinning.load, &redis);
     // NOOP_BIN=target/release/examples/noop: the no-op built with sluice's release profile,
     // when this bench is built with another (its own no-op is this program, as built).
     let noop = {
