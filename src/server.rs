@@ -4,6 +4,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::IntoResponse;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -234,6 +237,10 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     };
     let serving = crate::transport::serve(listener, (builder, calls), threads, tls, stopping)?;
     let (http_stop, _) = tokio::sync::watch::channel(false);
+    let limits = HttpLimits {
+        headers: app.settings.http_header_timeout,
+        request: app.settings.http_request_timeout,
+    };
     let (main_routes, admin_addr) = match app.settings.admin_addr {
         None => {
             tracing::info!(%http_addr, "serving health, metrics and the admin API over HTTP");
@@ -244,7 +251,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
             (crate::admin::health_router(app.clone()), Some(addr))
         }
     };
-    let mut http = vec![serve_http(http_listener, main_routes, &http_stop)];
+    let mut http = vec![serve_http(http_listener, main_routes, &http_stop, limits)];
     let admin_addr = match admin_addr {
         None => None,
         Some(addr) => {
@@ -255,7 +262,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
                 .local_addr()
                 .map_err(|source| ServerError::BindHttp { addr, source })?;
             let routes = crate::admin::admin_router(app.clone());
-            http.push(serve_http(listener, routes, &http_stop));
+            http.push(serve_http(listener, routes, &http_stop, limits));
             tracing::info!(addr = %bound, "serving the admin API over HTTP");
             Some(bound)
         }
@@ -274,7 +281,7 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
         } else {
             crate::admin::debug_router(app.clone())
         };
-        http.push(serve_http(listener, router, &http_stop));
+        http.push(serve_http(listener, router, &http_stop, limits));
         tracing::info!(%addr, "serving {what} over HTTP");
     }
     let reloads = Reloads {
@@ -305,22 +312,92 @@ pub async fn start(settings: Settings, clock: Arc<dyn Clock>) -> Result<Running,
     })
 }
 
-/// Serves `router` on `listener` until `stop` turns true.
+/// Time limits of the HTTP listeners (`--http-header-timeout`, `--http-request-timeout`).
+#[derive(Clone, Copy)]
+struct HttpLimits {
+    headers: Duration,
+    request: Duration,
+}
+
+/// Serves `router` on `listener` until `stop` turns true, HTTP/1 or HTTP/2 on each connection.
+/// A client gets `limits.headers` to send a request's headers and `limits.request` for the
+/// whole request (408 past it), so a slow client holds a connection no longer than that.
 fn serve_http(
     listener: TcpListener,
     router: axum::Router,
     stop: &tokio::sync::watch::Sender<bool>,
+    limits: HttpLimits,
 ) -> JoinHandle<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let mut stop = stop.subscribe();
+    let router = router.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(limits.request, next.run(request)).await {
+                Ok(response) => response,
+                // Its body may be unread: the connection ends with the answer.
+                Err(_) => (
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    [(axum::http::header::CONNECTION, "close")],
+                )
+                    .into_response(),
+            }
+        },
+    ));
     tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.headers)
+            .keep_alive_timeout(limits.headers);
+        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        // Accepts failing in a row (out of file descriptors, most likely): told as it starts
+        // and as it clears, not every 100 ms between.
+        let mut failing: Option<u64> = None;
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            let tcp = match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(error) => {
+                    if failing.is_none() {
+                        tracing::warn!(%error, "cannot accept an HTTP connection; new connections wait until this clears");
+                    }
+                    *failing.get_or_insert(0) += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if let Some(failed) = failing.take() {
+                tracing::warn!(
+                    failed,
+                    "cannot accept an HTTP connection: cleared, accepting again"
+                );
+            }
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let (builder, watcher) = (builder.clone(), connections.watcher());
+            tokio::spawn(async move {
+                // The first bytes tell HTTP/1 from HTTP/2, and hyper's header timer starts only
+                // after them: a client silent from the start is timed here.
+                match tokio::time::timeout(limits.headers, tcp.peek(&mut [0u8; 1])).await {
+                    Ok(Ok(1..)) => {}
+                    _ => return,
+                }
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                if let Err(error) = watcher.watch(connection).await {
+                    tracing::debug!(%error, "HTTP connection ended");
+                }
+            });
         }
+        drop(listener);
+        // Requests in flight finish (each within its own time limit), then the listener ends.
+        let _ = tokio::time::timeout(limits.request, connections.shutdown()).await;
     })
 }
 

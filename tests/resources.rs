@@ -250,3 +250,120 @@ async fn a_slowloris_client_is_bounded_by_the_listeners_stream_limit_and_call_ti
     signal(&child, "TERM");
     let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
 }
+
+/// What a raw HTTP/1 client gets back before the server closes the connection, and when it
+/// closed.
+fn read_until_closed(stream: &mut std::net::TcpStream, started: Instant) -> (String, Duration) {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_are_disconnected_at_the_header_and_request_time_limits() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    write_rules(dir.path(), &[("d.yaml", RULES)]);
+    let config = dir.path().to_str().unwrap();
+    let args = [
+        "--config",
+        config,
+        "--http-header-timeout",
+        "500ms",
+        "--http-request-timeout",
+        "800ms",
+    ];
+    let (mut child, _, http, _) = spawn_logged(&args, &[], &dir.path().join("log")).await;
+    let run = tokio::task::spawn_blocking(move || {
+        let connect = || std::net::TcpStream::connect(&http).unwrap();
+        // Half a request line's headers, then nothing.
+        let mut headers_cut = connect();
+        let started = Instant::now();
+        headers_cut
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: sluice\r\n")
+            .unwrap();
+        // Connected, silent.
+        let mut silent = connect();
+        let silent_since = Instant::now();
+        // Headers whole, the body promised and never finished.
+        let mut body_cut = connect();
+        let body_since = Instant::now();
+        body_cut
+            .write_all(b"POST /v1/check HTTP/1.1\r\nHost: sluice\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"domain\":")
+            .unwrap();
+        // One request answered, the connection kept alive, then nothing.
+        let mut idle = connect();
+        let idle_since = Instant::now();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: sluice\r\n\r\n")
+            .unwrap();
+        // Meanwhile another client is served at once.
+        let mut quick = connect();
+        let quick_since = Instant::now();
+        quick
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let quick = read_until_closed(&mut quick, quick_since);
+        (
+            read_until_closed(&mut idle, idle_since),
+            read_until_closed(&mut headers_cut, started),
+            read_until_closed(&mut silent, silent_since),
+            read_until_closed(&mut body_cut, body_since),
+            quick,
+        )
+    });
+    let (idle, headers_cut, silent, body_cut, quick) = run.await.unwrap();
+    println!(
+        "idle after an answer: closed after {:?} ({:?}); headers cut: {:?} ({:?}); silent: {:?} ({:?}); body cut: {:?} ({:?}); a quick client: {:?}",
+        idle.1,
+        idle.0.lines().next(),
+        headers_cut.1,
+        headers_cut.0.lines().next(),
+        silent.1,
+        silent.0.lines().next(),
+        body_cut.1,
+        body_cut.0.lines().next(),
+        quick.1
+    );
+    assert!(quick.0.starts_with("HTTP/1.1 200"), "{}", quick.0);
+    assert!(quick.1 < Duration::from_millis(400), "{:?}", quick.1);
+    // Headers not sent within 500 ms: the connection is closed (hyper answers 408 first).
+    for (what, (answer, after)) in [("headers cut", &headers_cut), ("silent", &silent)] {
+        assert!(
+            *after >= Duration::from_millis(450) && *after < Duration::from_secs(3),
+            "{what}: {after:?}"
+        );
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{what}: {answer}"
+        );
+    }
+    // Kept alive and idle past 500 ms: closed, after its answer.
+    assert!(idle.0.starts_with("HTTP/1.1 200"), "{}", idle.0);
+    assert!(
+        idle.1 >= Duration::from_millis(450) && idle.1 < Duration::from_secs(3),
+        "idle: {:?}",
+        idle.1
+    );
+    // A body not finished within the request's 800 ms: 408.
+    assert!(body_cut.0.starts_with("HTTP/1.1 408"), "{}", body_cut.0);
+    assert!(
+        body_cut.1 >= Duration::from_millis(750) && body_cut.1 < Duration::from_secs(3),
+        "{:?}",
+        body_cut.1
+    );
+    signal(&child, "TERM");
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+}

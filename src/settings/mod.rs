@@ -220,6 +220,17 @@ pub struct Settings {
     #[arg(long, env = "SLUICE_GRPC_CALL_TIMEOUT", value_parser = parse_duration)]
     pub grpc_call_timeout: Option<Duration>,
 
+    /// How long an HTTP client (health, metrics, the admin API) has to send a request's headers,
+    /// on a new connection or a kept-alive one; one slower is disconnected, so slow or silent
+    /// clients cannot hold connections.
+    #[arg(long, env = "SLUICE_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Longest an HTTP request may take, reading its body included; past it the answer is
+    /// 408 Request Timeout.
+    #[arg(long, env = "SLUICE_HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_request_timeout: Duration,
+
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
