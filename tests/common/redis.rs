@@ -57,7 +57,9 @@ impl RedisServer {
         Some(server)
     }
 
-    fn run(&mut self) {
+    /// Starts it on its port (again, after [`RedisServer::kill`]: empty, as after a crash
+    /// without persistence).
+    pub fn run(&mut self) {
         let child = Command::new(&self.binary)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
