@@ -104,14 +104,16 @@ struct Minute {
     server_cpu: f64,
     redis_mib: f64,
     redis_keys: u64,
+    /// Calls that leased on the request path this minute (a Redis round trip in the call).
+    path_leases: f64,
 }
 
-const CSV_HEADER: &str = "minute,calls,over_limit,failed,p50_ms,p99_ms,max_ms,rss_mib,fds,active_counters,reloads,server_cpu_share,redis_mib,redis_keys";
+const CSV_HEADER: &str = "minute,calls,over_limit,failed,p50_ms,p99_ms,max_ms,rss_mib,fds,active_counters,reloads,server_cpu_share,redis_mib,redis_keys,request_path_leases";
 
 impl Minute {
     fn csv(&self) -> String {
         format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{:.2},{},{},{},{:.3},{:.2},{}",
+            "{},{},{},{},{:.3},{:.3},{:.3},{:.2},{},{},{},{:.3},{:.2},{},{}",
             self.minute,
             self.calls,
             self.over_limit,
@@ -125,7 +127,8 @@ impl Minute {
             self.reloads,
             self.server_cpu,
             self.redis_mib,
-            self.redis_keys
+            self.redis_keys,
+            self.path_leases
         )
     }
 
@@ -148,12 +151,13 @@ impl Minute {
             server_cpu: n(11)?,
             redis_mib: n(12)?,
             redis_keys: n(13)? as u64,
+            path_leases: n(14).unwrap_or(0.0),
         })
     }
 
     fn show(&self) {
         println!(
-            "{:>6} {:>9} {:>8} {:>6} {:>7.2} {:>7.2} {:>8.1} {:>8.1} {:>5} {:>9} {:>7} {:>6.2} {:>8.1} {:>8}",
+            "{:>6} {:>9} {:>8} {:>6} {:>7.2} {:>7.2} {:>8.1} {:>8.1} {:>5} {:>9} {:>7} {:>6.2} {:>8.1} {:>8} {:>6.1}",
             self.minute,
             self.calls,
             self.over_limit,
@@ -167,7 +171,8 @@ impl Minute {
             self.reloads,
             self.server_cpu,
             self.redis_mib,
-            self.redis_keys
+            self.redis_keys,
+            self.path_leases / self.calls.max(1) as f64 * 100.0
         );
     }
 }
@@ -404,9 +409,9 @@ fn main() {
             }
         );
         println!(
-            "{:>6} {:>9} {:>8} {:>6} {:>7} {:>7} {:>8} {:>8} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8}",
+            "{:>6} {:>9} {:>8} {:>6} {:>7} {:>7} {:>8} {:>8} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>6}",
             "minute", "calls", "denied", "failed", "p50 ms", "p99 ms", "max ms", "RSS MiB", "fds",
-            "counters", "reloads", "CPU", "Redis MiB", "keys"
+            "counters", "reloads", "CPU", "Redis MiB", "keys", "path %"
         );
         let calls = Arc::new(Mutex::new(Calls::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -415,6 +420,8 @@ fn main() {
         let mut csv = format!("{CSV_HEADER}\n");
         let started = Instant::now();
         let mut cpu_before = cpu_seconds(pid);
+        let path_leases = "sluice_lease_request_path_calls_total";
+        let mut leased_before = metric(http_port, path_leases).await;
         for minute in 1..=minutes {
             tokio::time::sleep_until((started + Duration::from_secs(60 * minute as u64)).into())
                 .await;
@@ -437,8 +444,10 @@ fn main() {
                 server_cpu: (cpu - cpu_before) / 60.0,
                 redis_mib,
                 redis_keys,
+                path_leases: metric(http_port, path_leases).await - leased_before,
             };
             cpu_before = cpu;
+            leased_before += row.path_leases;
             row.show();
             csv.push_str(&row.csv());
             csv.push('\n');
@@ -493,6 +502,11 @@ fn summarize(rows: &[Minute], minutes: usize) {
     let failed: u64 = rows.iter().map(|r| r.failed).sum();
     let denied: u64 = rows.iter().map(|r| r.over_limit).sum();
     let reloads = rows.last().map_or(0.0, |r| r.reloads);
+    let leased: f64 = rows.iter().map(|r| r.path_leases).sum();
+    println!(
+        "calls that leased on the request path (a Redis round trip in the call): {leased:.0}, {:.1} % of all",
+        leased / calls.max(1) as f64 * 100.0
+    );
     println!(
         "\nafter the {WARM_UP_MINUTES}-minute warm-up (minutes {}-{minutes}):\n{report}\
          calls {calls}, denied {denied}, failed {failed}; {reloads} reloads of the {minutes} rule \
