@@ -110,26 +110,59 @@ struct Minute {
 
 const CSV_HEADER: &str = "minute,calls,over_limit,failed,p50_ms,p99_ms,max_ms,rss_mib,fds,active_counters,reloads,server_cpu_share,redis_mib,redis_keys,request_path_leases";
 
+/// The table's columns as printed: heading, width, decimals (CSV_HEADER's order; the last
+/// printed as a share of the calls, in %).
+const COLUMNS: [(&str, usize, usize); 15] = [
+    ("minute", 6, 0),
+    ("calls", 9, 0),
+    ("denied", 8, 0),
+    ("failed", 6, 0),
+    ("p50 ms", 7, 2),
+    ("p99 ms", 7, 2),
+    ("max ms", 8, 1),
+    ("RSS MiB", 8, 1),
+    ("fds", 5, 0),
+    ("counters", 9, 0),
+    ("reloads", 7, 0),
+    ("CPU", 6, 2),
+    ("Redis MiB", 8, 1),
+    ("keys", 8, 0),
+    ("path %", 6, 1),
+];
+
+fn show_header() {
+    let cells: Vec<String> = COLUMNS
+        .iter()
+        .map(|(name, width, _)| format!("{name:>width$}"))
+        .collect();
+    println!("{}", cells.join(" "));
+}
+
 impl Minute {
-    fn csv(&self) -> String {
-        format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{:.2},{},{},{},{:.3},{:.2},{},{}",
-            self.minute,
-            self.calls,
-            self.over_limit,
-            self.failed,
+    /// The row's figures in CSV_HEADER's order.
+    fn values(&self) -> [f64; 15] {
+        [
+            self.minute as f64,
+            self.calls as f64,
+            self.over_limit as f64,
+            self.failed as f64,
             self.p50_ms,
             self.p99_ms,
             self.max_ms,
             self.rss_mib,
-            self.fds,
+            self.fds as f64,
             self.counters,
             self.reloads,
             self.server_cpu,
             self.redis_mib,
-            self.redis_keys,
-            self.path_leases
-        )
+            self.redis_keys as f64,
+            self.path_leases,
+        ]
+    }
+
+    fn csv(&self) -> String {
+        let cells: Vec<String> = self.values().iter().map(f64::to_string).collect();
+        cells.join(",")
     }
 
     /// A row as [`Minute::csv`] wrote it.
@@ -156,24 +189,14 @@ impl Minute {
     }
 
     fn show(&self) {
-        println!(
-            "{:>6} {:>9} {:>8} {:>6} {:>7.2} {:>7.2} {:>8.1} {:>8.1} {:>5} {:>9} {:>7} {:>6.2} {:>8.1} {:>8} {:>6.1}",
-            self.minute,
-            self.calls,
-            self.over_limit,
-            self.failed,
-            self.p50_ms,
-            self.p99_ms,
-            self.max_ms,
-            self.rss_mib,
-            self.fds,
-            self.counters,
-            self.reloads,
-            self.server_cpu,
-            self.redis_mib,
-            self.redis_keys,
-            self.path_leases / self.calls.max(1) as f64 * 100.0
-        );
+        let mut values = self.values();
+        values[14] = self.path_leases / self.calls.max(1) as f64 * 100.0;
+        let cells: Vec<String> = values
+            .iter()
+            .zip(COLUMNS)
+            .map(|(value, (_, width, decimals))| format!("{value:>width$.decimals$}"))
+            .collect();
+        println!("{}", cells.join(" "));
     }
 }
 
@@ -191,13 +214,17 @@ fn open_fds(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
 }
 
-/// A metric's value from sluice's `/metrics` (the first series of that name), 0 if absent.
-async fn metric(http_port: u16, name: &str) -> f64 {
+/// sluice's `/metrics` text ("" if it did not answer).
+async fn metrics_text(http_port: u16) -> String {
     let url = format!("http://127.0.0.1:{http_port}/metrics");
-    let text = match reqwest::get(url).await {
+    match reqwest::get(url).await {
         Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => return 0.0,
-    };
+        Err(_) => String::new(),
+    }
+}
+
+/// A metric's value in `/metrics` text (its first series), 0 if absent.
+fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
@@ -408,11 +435,7 @@ fn main() {
                 None => "unpinned".into(),
             }
         );
-        println!(
-            "{:>6} {:>9} {:>8} {:>6} {:>7} {:>7} {:>8} {:>8} {:>5} {:>9} {:>7} {:>6} {:>8} {:>8} {:>6}",
-            "minute", "calls", "denied", "failed", "p50 ms", "p99 ms", "max ms", "RSS MiB", "fds",
-            "counters", "reloads", "CPU", "Redis MiB", "keys", "path %"
-        );
+        show_header();
         let calls = Arc::new(Mutex::new(Calls::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pacer = tokio::spawn(pace(server.port, rate, calls.clone(), stop.clone()));
@@ -421,13 +444,14 @@ fn main() {
         let started = Instant::now();
         let mut cpu_before = cpu_seconds(pid);
         let path_leases = "sluice_lease_request_path_calls_total";
-        let mut leased_before = metric(http_port, path_leases).await;
+        let mut leased_before = metric(&metrics_text(http_port).await, path_leases);
         for minute in 1..=minutes {
             tokio::time::sleep_until((started + Duration::from_secs(60 * minute as u64)).into())
                 .await;
             let taken = std::mem::take(&mut *calls.lock().unwrap());
             let cpu = cpu_seconds(pid);
             let (redis_mib, redis_keys) = redis_figures(redis_port);
+            let metrics = metrics_text(http_port).await;
             let latencies = taken.latencies.unwrap_or_else(latency_histogram);
             let row = Minute {
                 minute,
@@ -439,12 +463,12 @@ fn main() {
                 max_ms: latencies.max() as f64 / 1000.0,
                 rss_mib: resident_mib(pid),
                 fds: open_fds(pid),
-                counters: metric(http_port, "sluice_active_counters").await,
-                reloads: metric(http_port, "sluice_config_reloads_total").await,
+                counters: metric(&metrics, "sluice_active_counters"),
+                reloads: metric(&metrics, "sluice_config_reloads_total"),
                 server_cpu: (cpu - cpu_before) / 60.0,
                 redis_mib,
                 redis_keys,
-                path_leases: metric(http_port, path_leases).await - leased_before,
+                path_leases: metric(&metrics, path_leases) - leased_before,
             };
             cpu_before = cpu;
             leased_before += row.path_leases;
@@ -468,10 +492,11 @@ fn main() {
     let log = std::fs::read_to_string(out.join("sluice.log")).unwrap_or_default();
     let said = |level: &str| log.lines().filter(|l| l.contains(level)).count();
     println!(
-        "server log: {} lines, {} WARN, {} ERROR (target/soak/sluice.log)",
+        "server log: {} lines, {} WARN, {} ERROR ({})",
         log.lines().count(),
         said("WARN"),
-        said("ERROR")
+        said("ERROR"),
+        out.join("sluice.log").display()
     );
 }
 
