@@ -355,9 +355,7 @@ fn serve_http(
             .keep_alive_interval(limits.headers)
             .keep_alive_timeout(limits.headers);
         let connections = hyper_util::server::graceful::GracefulShutdown::new();
-        // Accepts failing in a row (out of file descriptors, most likely): told as it starts
-        // and as it clears, not every 100 ms between.
-        let mut failing: Option<u64> = None;
+        let mut failures = crate::transport::AcceptFailures::new("HTTP");
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -366,20 +364,11 @@ fn serve_http(
             let tcp = match accepted {
                 Ok((tcp, _)) => tcp,
                 Err(error) => {
-                    if failing.is_none() {
-                        tracing::warn!(%error, "cannot accept an HTTP connection; new connections wait until this clears");
-                    }
-                    *failing.get_or_insert(0) += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    failures.failed(&error).await;
                     continue;
                 }
             };
-            if let Some(failed) = failing.take() {
-                tracing::warn!(
-                    failed,
-                    "cannot accept an HTTP connection: cleared, accepting again"
-                );
-            }
+            failures.cleared();
             let service = hyper_util::service::TowerToHyperService::new(router.clone());
             let (builder, watcher) = (builder.clone(), connections.watcher());
             tokio::spawn(async move {

@@ -147,34 +147,58 @@ pub fn serve(
     }
 }
 
+/// Accepts failing in a row on one listener (out of file descriptors, most likely), and since
+/// when: told once as it starts and once as it clears, not every 100 ms between.
+pub struct AcceptFailures {
+    listener: &'static str,
+    failing: Option<(u64, std::time::Instant)>,
+}
+
+impl AcceptFailures {
+    pub fn new(listener: &'static str) -> AcceptFailures {
+        AcceptFailures {
+            listener,
+            failing: None,
+        }
+    }
+
+    /// An accept failed: told if it is the first in a row, then a pause rather than a spin
+    /// (the connection stays in the listen queue).
+    pub async fn failed(&mut self, error: &std::io::Error) {
+        match &mut self.failing {
+            Some((failed, _)) => *failed += 1,
+            None => {
+                tracing::warn!(%error, listener = self.listener, "cannot accept a connection; new connections wait until this clears (connections already open are served)");
+                self.failing = Some((1, std::time::Instant::now()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// An accept succeeded: told if failures came before it.
+    pub fn cleared(&mut self) {
+        if let Some((failed, since)) = self.failing.take() {
+            tracing::warn!(failed, after = ?since.elapsed(), listener = self.listener, "cannot accept a connection: cleared, accepting again");
+        }
+    }
+}
+
 /// Accepts connections, dealing them to `workers` in turn; returns when no worker is left.
 async fn accept(
     listener: TcpListener,
     mut workers: Vec<mpsc::UnboundedSender<std::net::TcpStream>>,
 ) {
     let mut next = 0;
-    // Accepts failing in a row (out of file descriptors, most likely), and since when: told
-    // once as it starts and once as it ends, not every 100 ms between.
-    let mut failing: Option<(u64, std::time::Instant)> = None;
+    let mut failures = AcceptFailures::new("gRPC");
     while !workers.is_empty() {
         let tcp = match listener.accept().await {
             Ok((tcp, _)) => tcp,
             Err(error) => {
-                match &mut failing {
-                    Some((failed, _)) => *failed += 1,
-                    None => {
-                        tracing::warn!(%error, "cannot accept a gRPC connection; new connections wait until this clears (connections already open are served)");
-                        failing = Some((1, std::time::Instant::now()));
-                    }
-                }
-                // Wait rather than spin: the connection stays in the listen queue.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failures.failed(&error).await;
                 continue;
             }
         };
-        if let Some((failed, since)) = failing.take() {
-            tracing::warn!(failed, after = ?since.elapsed(), "cannot accept a gRPC connection: cleared, accepting again");
-        }
+        failures.cleared();
         let _ = tcp.set_nodelay(true);
         // Leaves this runtime's reactor, to join the worker's.
         let Ok(mut tcp) = tcp.into_std() else {
