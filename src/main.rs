@@ -157,6 +157,11 @@ fn init_logging(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long an idle blocking-pool thread (the counter sweep's, every 10 s; the rule rescan's,
+/// every 30 s) stays before it exits. At tokio's default, 10 s, a sweep or rescan often found
+/// its thread gone and started a new one (thread ids seen changing every 10-20 s).
+const BLOCKING_THREADS_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 fn serve(settings: Settings, adopted: settings::peer::Adopted) -> anyhow::Result<()> {
     init_logging(&settings)?;
     if !settings.transparent_huge_pages {
@@ -175,6 +180,7 @@ fn serve(settings: Settings, adopted: settings::peer::Adopted) -> anyhow::Result
     };
     let runtime = runtime
         .enable_all()
+        .thread_keep_alive(BLOCKING_THREADS_KEPT)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
