@@ -1,5 +1,7 @@
-//! The counter table gives back the arrays it outgrows while keys churn. Its own binary: the
-//! test counts large allocations with a global allocator of its own, made on threads it marks.
+//! The counter table's memory while keys churn: it gives back the arrays it outgrows, and it
+//! reaches its size at the first peak instead of growing minutes later. Its own binary: the
+//! tests count large allocations with a global allocator of their own, made on threads they
+//! mark, one test at a time.
 //!
 //! Found by the soak (BENCHMARKS.md): 100,000 new keys a minute, swept as their windows end,
 //! and the heap grew about 1.1 MiB a minute. Removed counters leave tombstones, so the table is
@@ -10,16 +12,24 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use sluice::{CounterRef, Limiter, ManualClock, Unit};
+use sluice::{
+    CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome, Unit,
+};
 
 /// Allocations this large are the table's arrays here: counters and keys are far smaller.
 const LARGE: usize = 256 * 1024;
 
 /// Large allocations live, made or freed on the test's marked threads.
 static LARGE_LIVE: AtomicIsize = AtomicIsize::new(0);
+
+/// The largest allocation made on the marked threads since it was last read (swapped to 0).
+static LARGEST_MADE: AtomicUsize = AtomicUsize::new(0);
+
+/// Held by each test for its whole run: the counts above are the process's, not a test's.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 thread_local! {
     static MARKED: Cell<bool> = const { Cell::new(false) };
@@ -30,6 +40,9 @@ struct CountingLarge;
 fn counted(size: usize, by: isize) {
     if size >= LARGE && MARKED.with(Cell::get) {
         LARGE_LIVE.fetch_add(by, Ordering::Relaxed);
+        if by > 0 {
+            LARGEST_MADE.fetch_max(size, Ordering::Relaxed);
+        }
     }
 }
 
@@ -90,6 +103,7 @@ fn run(worker: &(mpsc::Sender<Job>, mpsc::Receiver<()>), job: Job) {
 
 #[test]
 fn churning_keys_leave_no_old_table_arrays_behind() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let limiter = Arc::new(Limiter::new(Arc::new(ManualClock::new(1_796_601_600_000))));
     // As in the server: requests insert on their threads, the sync walks the table on
     // another, the sweep removes on a third.
@@ -136,5 +150,77 @@ fn churning_keys_leave_no_old_table_arrays_behind() {
     assert!(
         most <= 3,
         "{most} large arrays live after churning: old table arrays are kept ({live:?})"
+    );
+}
+
+/// The table grows to the size its churn needs at the first sweep that sees the peak, not at
+/// some later moment when a rebuild happens to meet a peak (the soak's one step of resident
+/// memory, at minute 16 of 30). As in the soak: each minute brings new keys, and the sweep
+/// drops the last minute's only after most of this minute's have come, so the table is at
+/// its fullest just before a sweep.
+#[test]
+fn the_table_reaches_its_size_at_the_first_peak_and_keeps_it() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    const MINUTE: u64 = 60_000;
+    const KEYS_A_MINUTE: usize = 20_000;
+    const BEFORE_SWEEP: usize = KEYS_A_MINUTE * 9 / 10;
+    const MINUTES: u64 = 100;
+    let t0 = 1_796_601_600_000;
+    let clock = Arc::new(ManualClock::new(t0));
+    let limiter = Arc::new(Limiter::new(clock.clone()));
+    let requests = worker(limiter.clone());
+    let sweep = worker(limiter.clone());
+    let hit = move |minute: u64, keys: std::ops::Range<usize>| -> Job {
+        Box::new(move |limiter: &Limiter| {
+            let mut outcome = [Outcome::default()];
+            for i in keys {
+                let part = format!("m{minute}-k{i}");
+                let parts = [part.as_str()];
+                let demand = Demand {
+                    counter: CounterRef {
+                        scope: 9,
+                        unit: Unit::Minute,
+                        parts: &parts,
+                    },
+                    limits: Limits {
+                        requests: Some(100),
+                        ..Default::default()
+                    },
+                    charge: Counts {
+                        requests: 1,
+                        tokens: 0,
+                    },
+                    refund: false,
+                    hold_taken_ms: None,
+                    enforcement: Enforcement::Enforce,
+                };
+                assert!(limiter.settle(&[demand], &mut outcome).allowed);
+            }
+        })
+    };
+    // The largest array made in each minute, in KiB.
+    let mut largest = Vec::new();
+    for minute in 0..MINUTES {
+        let now = t0 + minute * MINUTE + 1_000;
+        clock.set_ms(now);
+        LARGEST_MADE.store(0, Ordering::Relaxed);
+        run(&requests, hit(minute, 0..BEFORE_SWEEP));
+        run(
+            &sweep,
+            Box::new(move |limiter: &Limiter| {
+                limiter.counters().sweep(now);
+            }),
+        );
+        run(&requests, hit(minute, BEFORE_SWEEP..KEYS_A_MINUTE));
+        assert_eq!(limiter.counters().len(), KEYS_A_MINUTE);
+        largest.push(LARGEST_MADE.swap(0, Ordering::Relaxed) / 1024);
+    }
+    println!("the largest array made in each minute (KiB): {largest:?}");
+    // Minute 0 fills an empty table; minute 1's sweep is the first to see the peak.
+    let settled = *largest[..2].iter().max().unwrap();
+    let later = largest[2..].iter().copied().max().unwrap();
+    assert!(
+        later <= settled,
+        "the table grew after the first peak ({settled} KiB by minute 1, {later} KiB later): {largest:?}"
     );
 }

@@ -194,6 +194,12 @@ impl CounterTable {
     pub fn sweep(&self, now_ms: u64) -> usize {
         let map = self.map.pin();
         let before = map.len();
+        // Counters leave the table only here, so it holds the most it will before this sweep
+        // now. Grown now to what its next rebuild would make it at this count (twice the size
+        // once half full), it does so on this thread, once, at the first peak, and not later
+        // at whatever moment a rebuild meets a peak again: on a request's insert, and with
+        // keys churning minutes into a steady state (the soak's one step of resident memory).
+        map.reserve(before / 2 + 1);
         map.retain(|key, counter| !counter.retire_if_idle(key.unit.window_at(now_ms)));
         release_retired(&self.map.guard());
         before.saturating_sub(map.len())
