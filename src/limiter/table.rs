@@ -185,7 +185,6 @@ impl CounterTable {
     pub fn pin(&self) -> PinnedTable<'_> {
         PinnedTable {
             map: self.map.pin(),
-            table: &self.map,
         }
     }
 
@@ -303,8 +302,6 @@ fn release_retired(guard: &impl papaya::Guard) {
 /// A view of the table for one request.
 pub struct PinnedTable<'t> {
     map: Pinned<'t>,
-    /// The table itself, for a guard of this thread's own ([`PinnedTable::inserted`]).
-    table: &'t HashMap<CounterKey, Counter, foldhash::fast::RandomState>,
 }
 
 impl<'t> PinnedTable<'t> {
@@ -342,7 +339,7 @@ impl<'t> PinnedTable<'t> {
             next >= RELEASE_EVERY
         });
         if due {
-            release_retired(&self.table.guard());
+            release_retired(&self.map.map().guard());
         }
     }
 
