@@ -6,31 +6,13 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use common::T0;
+use common::{T0, one_request};
 use sluice::{
     Clock, CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome, Unit,
 };
 
 const THREADS: usize = 8;
 
-/// One request (1 per call) against `limit` on the counter `scope`/`parts`.
-fn one_request<'a>(scope: u64, unit: Unit, parts: &'a [&'a str], limit: u32) -> Demand<'a> {
-    Demand {
-        counter: CounterRef { scope, unit, parts },
-        limits: Limits {
-            requests: Some(limit),
-            tokens: None,
-            ..Default::default()
-        },
-        charge: Counts {
-            requests: 1,
-            tokens: 0,
-        },
-        refund: false,
-        hold_taken_ms: None,
-        enforcement: Enforcement::Enforce,
-    }
-}
 const WINDOWS: u64 = 40;
 
 /// Every thread tries `attempts` calls in each window; returns what each window admitted.

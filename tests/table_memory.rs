@@ -15,9 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use sluice::{
-    CounterRef, Counts, Demand, Enforcement, Limiter, Limits, ManualClock, Outcome, Unit,
-};
+mod common;
+
+use common::{T0, one_request};
+use sluice::{CounterRef, Limiter, ManualClock, Outcome, Unit};
 
 /// Allocations this large are the table's arrays here: counters and keys are far smaller.
 const LARGE: usize = 256 * 1024;
@@ -104,7 +105,7 @@ fn run(worker: &(mpsc::Sender<Job>, mpsc::Receiver<()>), job: Job) {
 #[test]
 fn churning_keys_leave_no_old_table_arrays_behind() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let limiter = Arc::new(Limiter::new(Arc::new(ManualClock::new(1_796_601_600_000))));
+    let limiter = Arc::new(Limiter::new(Arc::new(ManualClock::new(T0))));
     // As in the server: requests insert on their threads, the sync walks the table on
     // another, the sweep removes on a third.
     let requests = worker(limiter.clone());
@@ -165,8 +166,7 @@ fn the_table_reaches_its_size_at_the_first_peak_and_keeps_it() {
     const KEYS_A_MINUTE: usize = 20_000;
     const BEFORE_SWEEP: usize = KEYS_A_MINUTE * 9 / 10;
     const MINUTES: u64 = 100;
-    let t0 = 1_796_601_600_000;
-    let clock = Arc::new(ManualClock::new(t0));
+    let clock = Arc::new(ManualClock::new(T0));
     let limiter = Arc::new(Limiter::new(clock.clone()));
     let requests = worker(limiter.clone());
     let sweep = worker(limiter.clone());
@@ -176,24 +176,7 @@ fn the_table_reaches_its_size_at_the_first_peak_and_keeps_it() {
             for i in keys {
                 let part = format!("m{minute}-k{i}");
                 let parts = [part.as_str()];
-                let demand = Demand {
-                    counter: CounterRef {
-                        scope: 9,
-                        unit: Unit::Minute,
-                        parts: &parts,
-                    },
-                    limits: Limits {
-                        requests: Some(100),
-                        ..Default::default()
-                    },
-                    charge: Counts {
-                        requests: 1,
-                        tokens: 0,
-                    },
-                    refund: false,
-                    hold_taken_ms: None,
-                    enforcement: Enforcement::Enforce,
-                };
+                let demand = one_request(9, Unit::Minute, &parts, 100);
                 assert!(limiter.settle(&[demand], &mut outcome).allowed);
             }
         })
@@ -201,7 +184,7 @@ fn the_table_reaches_its_size_at_the_first_peak_and_keeps_it() {
     // The largest array made in each minute, in KiB.
     let mut largest = Vec::new();
     for minute in 0..MINUTES {
-        let now = t0 + minute * MINUTE + 1_000;
+        let now = T0 + minute * MINUTE + 1_000;
         clock.set_ms(now);
         LARGEST_MADE.store(0, Ordering::Relaxed);
         run(&requests, hit(minute, 0..BEFORE_SWEEP));

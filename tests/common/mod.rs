@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimit
 use sluice::ManualClock;
 use sluice::Running;
 use sluice::settings::Settings;
+use sluice::{CounterRef, Counts, Demand, Enforcement, Limits, Unit};
 use tonic::transport::Channel;
 
 /// 2026-01-01T00:00:00Z: the start of a second, minute, hour and day window.
@@ -454,4 +455,23 @@ pub fn runs(binary: &Path, args: &[&str], envs: &[(&str, &str)]) -> String {
         binary.display()
     );
     out
+}
+
+/// One request (1 per call) against `limit` on the counter `scope`/`parts`.
+pub fn one_request<'a>(scope: u64, unit: Unit, parts: &'a [&'a str], limit: u32) -> Demand<'a> {
+    Demand {
+        counter: CounterRef { scope, unit, parts },
+        limits: Limits {
+            requests: Some(limit),
+            tokens: None,
+            ..Default::default()
+        },
+        charge: Counts {
+            requests: 1,
+            tokens: 0,
+        },
+        refund: false,
+        hold_taken_ms: None,
+        enforcement: Enforcement::Enforce,
+    }
 }
