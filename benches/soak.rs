@@ -1,7 +1,8 @@
 //! The soak: one sluice synced through a real Redis, under half of its saturation load for
 //! `SOAK_MINUTES` (30), with 100,000 API keys a minute, each minute's keys new (the last
 //! minute's expire), and its rule file rewritten every minute (a hot reload each time).
-//! Every minute it prints what would show a leak or a slow drift: resident memory, open file
+//! Every minute it prints what would show a leak or a slow drift: resident memory (its peak and
+//! low of a reading every second, and the reading at the minute's end), open file
 //! descriptors, active counters, Redis's memory and keys, latency percentiles and server CPU.
 //!
 //!     scripts/soak.sh        (builds the release binary, then runs this)
@@ -106,41 +107,49 @@ struct Minute {
     redis_keys: u64,
     /// Calls that leased on the request path this minute (a Redis round trip in the call).
     path_leases: f64,
+    /// Resident memory at its highest and lowest of the minute's samples (one a second).
+    rss_peak_mib: f64,
+    rss_low_mib: f64,
 }
 
-const CSV_HEADER: &str = "minute,calls,over_limit,failed,p50_ms,p99_ms,max_ms,rss_mib,fds,active_counters,reloads,server_cpu_share,redis_mib,redis_keys,request_path_leases";
-
-/// The table's columns as printed: heading, width, decimals (CSV_HEADER's order; the last
-/// printed as a share of the calls, in %).
-const COLUMNS: [(&str, usize, usize); 15] = [
-    ("minute", 6, 0),
-    ("calls", 9, 0),
-    ("denied", 8, 0),
-    ("failed", 6, 0),
-    ("p50 ms", 7, 2),
-    ("p99 ms", 7, 2),
-    ("max ms", 8, 1),
-    ("RSS MiB", 8, 1),
-    ("fds", 5, 0),
-    ("counters", 9, 0),
-    ("reloads", 7, 0),
-    ("CPU", 6, 2),
-    ("Redis MiB", 8, 1),
-    ("keys", 8, 0),
-    ("path %", 6, 1),
+/// The table's columns in the CSV's order: the CSV's name, the printed heading, width and
+/// decimals. Request-path leases are printed as a share of the calls, in %.
+const COLUMNS: [(&str, &str, usize, usize); 17] = [
+    ("minute", "minute", 6, 0),
+    ("calls", "calls", 9, 0),
+    ("over_limit", "denied", 8, 0),
+    ("failed", "failed", 6, 0),
+    ("p50_ms", "p50 ms", 7, 2),
+    ("p99_ms", "p99 ms", 7, 2),
+    ("max_ms", "max ms", 8, 1),
+    ("rss_mib", "RSS MiB", 8, 1),
+    ("fds", "fds", 5, 0),
+    ("active_counters", "counters", 9, 0),
+    ("reloads", "reloads", 7, 0),
+    ("server_cpu_share", "CPU", 6, 2),
+    ("redis_mib", "Redis MiB", 8, 1),
+    ("redis_keys", "keys", 8, 0),
+    ("request_path_leases", "path %", 6, 1),
+    ("rss_peak_mib", "RSS peak", 8, 1),
+    ("rss_low_mib", "RSS low", 8, 1),
 ];
+
+fn csv_header() -> String {
+    let names: Vec<&str> = COLUMNS.iter().map(|(name, ..)| *name).collect();
+    names.join(",")
+}
 
 fn show_header() {
     let cells: Vec<String> = COLUMNS
         .iter()
-        .map(|(name, width, _)| format!("{name:>width$}"))
+        .map(|(_, heading, width, _)| format!("{heading:>width$}"))
         .collect();
     println!("{}", cells.join(" "));
 }
 
 impl Minute {
-    /// The row's figures in CSV_HEADER's order.
-    fn values(&self) -> [f64; 15] {
+    /// The row's figures in [`COLUMNS`]' order.
+    fn values(&self) -> [f64; 17] {
         [
             self.minute as f64,
             self.calls as f64,
@@ -157,6 +166,8 @@ impl Minute {
             self.redis_mib,
             self.redis_keys as f64,
             self.path_leases,
+            self.rss_peak_mib,
+            self.rss_low_mib,
         ]
     }
 
@@ -169,6 +180,8 @@ impl Minute {
     fn from_csv(line: &str) -> Option<Minute> {
         let f: Vec<&str> = line.split(',').collect();
         let n = |i: usize| f.get(i)?.parse::<f64>().ok();
+        // Soaks before the per-second samples had only the reading at each minute's end.
+        let rss_mib = n(7)?;
         Some(Minute {
             minute: n(0)? as usize,
             calls: n(1)? as u64,
@@ -177,7 +190,7 @@ impl Minute {
             p50_ms: n(4)?,
             p99_ms: n(5)?,
             max_ms: n(6)?,
-            rss_mib: n(7)?,
+            rss_mib,
             fds: n(8)? as u64,
             counters: n(9)?,
             reloads: n(10)?,
@@ -185,16 +198,24 @@ impl Minute {
             redis_mib: n(12)?,
             redis_keys: n(13)? as u64,
             path_leases: n(14).unwrap_or(0.0),
+            rss_peak_mib: n(15).unwrap_or(rss_mib),
+            rss_low_mib: n(16).unwrap_or(rss_mib),
         })
     }
 
     fn show(&self) {
-        let mut values = self.values();
-        values[14] = self.path_leases / self.calls.max(1) as f64 * 100.0;
+        let values = self.values();
         let cells: Vec<String> = values
             .iter()
             .zip(COLUMNS)
-            .map(|(value, (_, width, decimals))| format!("{value:>width$.decimals$}"))
+            .map(|(&value, (name, _, width, decimals))| {
+                let value = if name == "request_path_leases" {
+                    value / self.calls.max(1) as f64 * 100.0
+                } else {
+                    value
+                };
+                format!("{value:>width$.decimals$}")
+            })
             .collect();
         println!("{}", cells.join(" "));
     }
@@ -208,6 +229,46 @@ fn resident_mib(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Resident memory's highest and lowest since the last minute's row was taken.
+#[derive(Clone, Copy)]
+struct ResidentRange {
+    peak: f64,
+    low: f64,
+}
+
+impl ResidentRange {
+    fn of(mib: f64) -> Self {
+        Self {
+            peak: mib,
+            low: mib,
+        }
+    }
+
+    fn with(self, mib: f64) -> Self {
+        Self {
+            peak: self.peak.max(mib),
+            low: self.low.min(mib),
+        }
+    }
+}
+
+/// Reads `pid`'s resident memory every second into `range` until `stop`: within each minute
+/// the live heap climbs as the minute's new keys arrive and falls when the last minute's are
+/// swept, so one reading a minute lands anywhere on that climb.
+async fn sample_resident(
+    pid: u32,
+    range: Arc<Mutex<Option<ResidentRange>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    while !stop.load(Ordering::Relaxed) {
+        ticks.tick().await;
+        let mib = resident_mib(pid);
+        let mut range = range.lock().unwrap();
+        *range = Some(range.map_or(ResidentRange::of(mib), |r| r.with(mib)));
+    }
 }
 
 fn open_fds(pid: u32) -> u64 {
@@ -439,8 +500,10 @@ fn main() {
         let calls = Arc::new(Mutex::new(Calls::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pacer = tokio::spawn(pace(server.port, rate, calls.clone(), stop.clone()));
+        let resident = Arc::new(Mutex::new(None));
+        let sampler = tokio::spawn(sample_resident(pid, resident.clone(), stop.clone()));
         let mut rows: Vec<Minute> = Vec::new();
-        let mut csv = format!("{CSV_HEADER}\n");
+        let mut csv = format!("{}\n", csv_header());
         let started = Instant::now();
         let mut cpu_before = cpu_seconds(pid);
         let path_leases = "sluice_lease_request_path_calls_total";
@@ -453,6 +516,9 @@ fn main() {
             let (redis_mib, redis_keys) = redis_figures(redis_port);
             let metrics = metrics_text(http_port).await;
             let latencies = taken.latencies.unwrap_or_else(latency_histogram);
+            let rss_mib = resident_mib(pid);
+            let range = resident.lock().unwrap().take();
+            let range = range.map_or(ResidentRange::of(rss_mib), |r| r.with(rss_mib));
             let row = Minute {
                 minute,
                 calls: latencies.len(),
@@ -461,7 +527,7 @@ fn main() {
                 p50_ms: latencies.value_at_quantile(0.5) as f64 / 1000.0,
                 p99_ms: latencies.value_at_quantile(0.99) as f64 / 1000.0,
                 max_ms: latencies.max() as f64 / 1000.0,
-                rss_mib: resident_mib(pid),
+                rss_mib,
                 fds: open_fds(pid),
                 counters: metric(&metrics, "sluice_active_counters"),
                 reloads: metric(&metrics, "sluice_config_reloads_total"),
@@ -469,6 +535,8 @@ fn main() {
                 redis_mib,
                 redis_keys,
                 path_leases: metric(&metrics, path_leases) - leased_before,
+                rss_peak_mib: range.peak,
+                rss_low_mib: range.low,
             };
             cpu_before = cpu;
             leased_before += row.path_leases;
@@ -484,6 +552,7 @@ fn main() {
         }
         stop.store(true, Ordering::Relaxed);
         pacer.await.unwrap();
+        sampler.await.unwrap();
         summarize(&rows, minutes);
         std::fs::write(out.join("soak.svg"), plot(&rows, rate)).unwrap();
         println!("wrote {}", out.join("soak.svg").display());
@@ -509,7 +578,9 @@ fn summarize(rows: &[Minute], minutes: usize) {
     let of = |f: fn(&Minute) -> f64| settled.iter().map(|r| f(r)).collect::<Vec<f64>>();
     let mut report = String::new();
     for (name, values) in [
-        ("resident memory, MiB", of(|r| r.rss_mib)),
+        ("resident memory, peak", of(|r| r.rss_peak_mib)),
+        ("resident memory, low", of(|r| r.rss_low_mib)),
+        ("resident at minute end", of(|r| r.rss_mib)),
         ("open fds", of(|r| r.fds as f64)),
         ("active counters", of(|r| r.counters)),
         ("Redis memory, MiB", of(|r| r.redis_mib)),
@@ -540,23 +611,21 @@ fn summarize(rows: &[Minute], minutes: usize) {
     );
 }
 
-/// Four panels over the soak's minutes: resident memory, open fds, active counters (thousands)
-/// and p99 (ms), each line from 0, the warm-up shaded.
+/// Four panels over the soak's minutes: resident memory (each minute's peak, and its low in
+/// grey), open fds, active counters (thousands) and p99 (ms), each from 0, the warm-up shaded.
 fn plot(rows: &[Minute], rate: f64) -> String {
-    let panels: [(&str, Vec<f64>); 4] = [
+    let of = |f: fn(&Minute) -> f64| rows.iter().map(f).collect::<Vec<f64>>();
+    let panels: [(&str, Vec<Vec<f64>>); 4] = [
         (
-            "resident memory (MiB)",
-            rows.iter().map(|r| r.rss_mib).collect(),
+            "resident memory (MiB): each minute's peak, and its low (grey)",
+            vec![of(|r| r.rss_peak_mib), of(|r| r.rss_low_mib)],
         ),
-        (
-            "open file descriptors",
-            rows.iter().map(|r| r.fds as f64).collect(),
-        ),
+        ("open file descriptors", vec![of(|r| r.fds as f64)]),
         (
             "active counters (thousands)",
-            rows.iter().map(|r| r.counters / 1000.0).collect(),
+            vec![of(|r| r.counters / 1000.0)],
         ),
-        ("p99 latency (ms)", rows.iter().map(|r| r.p99_ms).collect()),
+        ("p99 latency (ms)", vec![of(|r| r.p99_ms)]),
     ];
     let (w, panel_h, left, right, top) = (760.0, 130.0, 64.0, 20.0, 34.0);
     let h = top + panel_h * panels.len() as f64 + 30.0;
@@ -573,11 +642,12 @@ fn plot(rows: &[Minute], rate: f64) -> String {
         r#"<text x="{left}" y="16">sluice soak: {} minutes at {rate:.0} calls/s, 100k new keys a minute, a reload a minute, Redis sync on</text>"#,
         rows.len()
     );
-    for (p, (title, values)) in panels.iter().enumerate() {
+    for (p, (title, lines)) in panels.iter().enumerate() {
         let y_top = top + p as f64 * panel_h;
         let (y0, y1) = (y_top + panel_h - 24.0, y_top + 14.0);
-        let max = values
+        let max = lines
             .iter()
+            .flatten()
             .copied()
             .fold(0.0, f64::max)
             .max(f64::MIN_POSITIVE)
@@ -610,16 +680,18 @@ fn plot(rows: &[Minute], rate: f64) -> String {
                 x0 - 3.0
             );
         }
-        let points: Vec<String> = values
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| format!("{:.1},{:.1}", x((i + 1) as f64), y(v)))
-            .collect();
-        let _ = writeln!(
-            out,
-            r##"<polyline points="{}" stroke="#1f77b4" stroke-width="2" fill="none"/>"##,
-            points.join(" ")
-        );
+        for (values, colour) in lines.iter().zip(["#1f77b4", "#999999"]) {
+            let points: Vec<String> = values
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| format!("{:.1},{:.1}", x((i + 1) as f64), y(v)))
+                .collect();
+            let _ = writeln!(
+                out,
+                r##"<polyline points="{}" stroke="{colour}" stroke-width="2" fill="none"/>"##,
+                points.join(" ")
+            );
+        }
     }
     let last_y = top + panel_h * panels.len() as f64 - 24.0;
     for minute in (0..=rows.len()).step_by(5) {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The soak (benches/soak.rs): one sluice synced through a real Redis under half of its measured
 # saturation for SOAK_MINUTES (default 30), 100,000 new API keys every minute, its rule file
-# rewritten every minute. Prints resident memory, open fds, active counters, Redis's memory
-# and keys, and latency every minute, then each figure's spread after a 5-minute warm-up.
+# rewritten every minute. Prints resident memory (read every second: each minute's peak and
+# low, and the reading at its end), open fds, active counters, Redis's memory and keys, and
+# latency every minute, then each figure's spread after a 5-minute warm-up.
 # Writes target/soak/soak.csv, target/soak/soak.svg (the plot) and target/soak/sluice.log.
 #
 #   scripts/soak.sh                       # 30 minutes, server on core 0, load and Redis on core 1
