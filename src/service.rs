@@ -139,7 +139,9 @@ pub fn answer_at_once(app: &Arc<App>, request: Bytes, patience: Patience) -> Ans
     drop(asks);
     drop(call);
     Answered::Later(Unfinished {
-        request,
+        // A copy of the call's few bytes: the bytes given are a slice of the frame buffer the
+        // gRPC codec read them into (8 KiB each), which a call waiting on Redis kept alive.
+        request: Bytes::copy_from_slice(&request),
         started,
         wait,
         patience,
