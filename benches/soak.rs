@@ -231,21 +231,24 @@ fn resident_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Resident memory's highest and lowest since the last minute's row was taken.
+/// Resident memory's highest and lowest since the last minute's row was taken (none yet: the
+/// default).
 #[derive(Clone, Copy)]
 struct ResidentRange {
     peak: f64,
     low: f64,
 }
 
-impl ResidentRange {
-    fn of(mib: f64) -> Self {
+impl Default for ResidentRange {
+    fn default() -> Self {
         Self {
-            peak: mib,
-            low: mib,
+            peak: f64::NEG_INFINITY,
+            low: f64::INFINITY,
         }
     }
+}
 
+impl ResidentRange {
     fn with(self, mib: f64) -> Self {
         Self {
             peak: self.peak.max(mib),
@@ -259,7 +262,7 @@ impl ResidentRange {
 /// swept, so one reading a minute lands anywhere on that climb.
 async fn sample_resident(
     pid: u32,
-    range: Arc<Mutex<Option<ResidentRange>>>,
+    range: Arc<Mutex<ResidentRange>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
@@ -267,7 +270,7 @@ async fn sample_resident(
         ticks.tick().await;
         let mib = resident_mib(pid);
         let mut range = range.lock().unwrap();
-        *range = Some(range.map_or(ResidentRange::of(mib), |r| r.with(mib)));
+        *range = range.with(mib);
     }
 }
 
@@ -500,7 +503,7 @@ fn main() {
         let calls = Arc::new(Mutex::new(Calls::default()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let pacer = tokio::spawn(pace(server.port, rate, calls.clone(), stop.clone()));
-        let resident = Arc::new(Mutex::new(None));
+        let resident = Arc::new(Mutex::new(ResidentRange::default()));
         let sampler = tokio::spawn(sample_resident(pid, resident.clone(), stop.clone()));
         let mut rows: Vec<Minute> = Vec::new();
         let mut csv = format!("{}\n", csv_header());
@@ -517,8 +520,7 @@ fn main() {
             let metrics = metrics_text(http_port).await;
             let latencies = taken.latencies.unwrap_or_else(latency_histogram);
             let rss_mib = resident_mib(pid);
-            let range = resident.lock().unwrap().take();
-            let range = range.map_or(ResidentRange::of(rss_mib), |r| r.with(rss_mib));
+            let range = std::mem::take(&mut *resident.lock().unwrap()).with(rss_mib);
             let row = Minute {
                 minute,
                 calls: latencies.len(),

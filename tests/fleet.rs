@@ -1225,17 +1225,7 @@ async fn unused_lease_within_a_64th(redis: &RedisServer, algorithm: &str, keys: 
     set_clocks(&[&a, &b], minute + 1_000);
     let mut admitted = a.admitted(100, &call).await;
     let held_alone = held();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for s in [&a, &b] {
-        let app = &s.running.as_ref().unwrap().app;
-        while app.limiter.fleet().get() != (sluice::FleetView::Synced { replicas: 2 }) {
-            assert!(
-                Instant::now() < deadline,
-                "the replicas never saw each other"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    see_each_other(&[&a, &b]).await;
     // A few sync rounds, in which the lease taken alone is lowered.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut most_unused = held() - admitted as i64;
