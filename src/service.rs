@@ -168,7 +168,7 @@ impl Unfinished {
                 }
             }
             Wait::Leases(wants) => {
-                take_leases(app, &wants).await;
+                take_leases(app, wants).await;
                 let call = Call::read(&request).map_err(RequestError::Undecodable)?;
                 let asks = proto::asks(&call, &app.settings.request_bounds)?;
                 let responded = match decide_once(app, &call, &asks, false, Patience::Never)? {
@@ -177,7 +177,7 @@ impl Unfinished {
                     // fell short. Once more, then decided on what is held. A fleet found spent
                     // is not asked again: the view just read says so.
                     Responded::LeasesSpent(wants) => {
-                        take_leases(app, &wants).await;
+                        take_leases(app, wants).await;
                         decide_once(app, &call, &asks, true, Patience::Never)?
                     }
                     answered => answered,
@@ -411,7 +411,7 @@ async fn wait_for_capacity(
 /// Leases afresh the counters a request found spent, on the request path (bounded by the
 /// Redis timeout). A store that fails switches the request path to the failure policy until
 /// the sync reaches it again, so that a Redis down costs one timeout, not one per request.
-async fn take_leases(app: &App, wants: &[LeaseWant]) {
+async fn take_leases(app: &App, wants: Vec<LeaseWant>) {
     let Some(fleet) = &app.fleet else { return };
     let FleetView::Synced { replicas } = app.limiter.fleet().get() else {
         return;
@@ -424,38 +424,25 @@ async fn take_leases(app: &App, wants: &[LeaseWant]) {
     }
 }
 
-/// Tops up, in a task of its own, the leases an admission found running low, and asks again
-/// of a fleet a refusal found spent on a view read a while ago: no request waits on it. Each
-/// lease crosses its low water once per grant, so top-ups follow what the fleet admits, never
-/// more than a few for each 64th of a limit; a recheck goes once per stale view, the calls
-/// refused meanwhile deciding on the view it marks read.
+/// Tops up the leases an admission found running low, and asks again of a fleet a refusal
+/// found spent on a view read a while ago, in the fleet's next lease pipeline: no request
+/// waits on it. Each lease crosses its low water once per grant, so top-ups follow what the
+/// fleet admits, never more than a few for each 64th of a limit; a recheck goes once per
+/// stale view, the calls refused meanwhile deciding on the view it marks read.
 fn lease_in_background(app: &Arc<App>, wants: Vec<LeaseWant>) {
+    if wants.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let Some(fleet) = &app.fleet else { return };
+    let wants = fleet.unasked(&app.limiter, wants);
     if wants.is_empty() {
         return;
     }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+    let FleetView::Synced { replicas } = app.limiter.fleet().get() else {
         return;
     };
-    let wants = match &app.fleet {
-        Some(fleet) => fleet.unasked(&app.limiter, wants),
-        None => return,
-    };
-    if wants.is_empty() {
-        return;
-    }
-    let app = app.clone();
-    runtime.spawn(async move {
-        let Some(fleet) = &app.fleet else { return };
-        let FleetView::Synced { replicas } = app.limiter.fleet().get() else {
-            return;
-        };
-        app.metrics.requests.lease_top_ups.increment(1);
-        if let Err(error) = fleet.take_leases(&app.limiter, &wants, replicas).await {
-            // The next request that finds its lease spent asks on the request path, and
-            // switches to the failure policy if the store still fails.
-            tracing::debug!(%error, "cannot lease in the background");
-        }
-    });
+    app.metrics.requests.lease_top_ups.increment(1);
+    fleet.top_up_leases(&app.limiter, wants, replicas);
 }
 
 /// Adds what reads the final statuses (envoyproxy/ratelimit's headers) and counts the answer.

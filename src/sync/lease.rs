@@ -703,14 +703,14 @@ impl Fleet {
         wants
     }
 
-    /// Leases afresh the counters of a denied request whose lease ran out (the request path;
-    /// bounded by the Redis timeout). Each counter records what the store answered, so the
-    /// request can be decided again.
-    pub async fn take_leases(
+    /// Leases afresh the counters of `wants`, each for a fleet of the replicas given, in one
+    /// pipeline (bounded by the Redis timeout): what the request path's queue gathered
+    /// (`lease_queue`). Each counter records what the store answered, so the requests waiting
+    /// on it can be decided again.
+    pub(super) async fn lease_now(
         &self,
         limiter: &Limiter,
-        wants: &[LeaseWant],
-        replicas: u32,
+        wants: &[(LeaseWant, u32)],
     ) -> Result<(), RedisError> {
         let now = limiter.clock().now_ms();
         // The calls are made with the table unpinned: a pin may not wait on Redis.
@@ -719,7 +719,7 @@ impl Fleet {
             wants
                 .iter()
                 .enumerate()
-                .filter_map(|(i, want)| {
+                .filter_map(|(i, (want, replicas))| {
                     let unit = want.counter.unit();
                     let window = unit.window_at(now);
                     let counter = table.get_owned(&want.counter)?;
@@ -735,7 +735,7 @@ impl Fleet {
                                     counter,
                                     window,
                                     want,
-                                    (replicas, self.settings.interval),
+                                    (*replicas, self.settings.interval),
                                     now,
                                 ),
                             )
@@ -760,7 +760,7 @@ impl Fleet {
             .await?;
         let table = limiter.counters().pin();
         for (n, ((i, window, _, call), reply)) in calls.iter().zip(replies).enumerate() {
-            let want = &wants[*i];
+            let (want, _) = &wants[*i];
             if let Some(counter) = table.get_owned(&want.counter) {
                 counter.leased_with_fleet(*window, call.stored(reply), now);
                 in_flight.answered(n);

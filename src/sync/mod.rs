@@ -13,6 +13,7 @@ mod capacity;
 mod given_up;
 mod keys;
 mod lease;
+mod lease_queue;
 mod round;
 mod store;
 pub mod strict;
@@ -114,6 +115,8 @@ pub struct Fleet {
     bucket: redis::Script,
     /// Lease calls given up on, for the next calls on their keys to name.
     given_up: given_up::GivenUp,
+    /// The request path's lease calls, gathered into pipelines.
+    lease_queue: lease_queue::LeaseQueue,
     /// Whether a Redis failure on the request path has been logged since the sync last
     /// reached Redis: an outage is told once, not once a call.
     request_path_told: std::sync::atomic::AtomicBool,
@@ -152,6 +155,7 @@ impl Fleet {
             sliding: store::sliding_script(),
             bucket: store::bucket_script(),
             given_up: given_up::GivenUp::default(),
+            lease_queue: lease_queue::LeaseQueue::default(),
             request_path_told: std::sync::atomic::AtomicBool::new(false),
         })
     }
