@@ -160,11 +160,7 @@ fn merged(calls: &[Queued]) -> Vec<(LeaseWant, u32)> {
                 }
                 Some(_) if want.top_up => {}
                 Some(&i) if wants[i].0.top_up => wants[i] = (want.clone(), call.replicas),
-                Some(&i) => {
-                    let need = &mut wants[i].0.need;
-                    need.requests = need.requests.saturating_add(want.need.requests);
-                    need.tokens = need.tokens.saturating_add(want.need.tokens);
-                }
+                Some(&i) => wants[i].0.need = wants[i].0.need.plus(want.need),
             }
         }
     }
