@@ -1324,6 +1324,9 @@ async fn a_key_no_one_calls_is_no_longer_leased_ahead() {
     let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
     let call = request("ns", &[&[("user", "u1")]]);
     set_clocks(&[&a, &b], minute + 1_000);
+    // Each sees the other's heartbeat a minute old until it beats again by the new clock:
+    // alone, the first would lease the whole minute.
+    see_each_other(&[&a, &b]).await;
     assert_eq!(a.admitted(1, &call).await, 1);
     assert_eq!(b.admitted(1, &call).await, 1);
     let mut leased_ahead = Vec::new();
@@ -1755,6 +1758,9 @@ async fn answers_lost_to_a_paused_redis_count_nothing_twice_and_strand_no_grant(
     })
     .await;
     wait_synced(&server).await;
+    // In a fleet: a grant lost is taken from what is left, and a replica alone leases the
+    // rest of the window at its rate, leaving nothing for the lost grant simulated below.
+    with_a_peer(&server, &redis, &ns).await;
     let call = request("ns", &[&[("user", "u1")]]);
     let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     assert_eq!(server.admitted(50, &call).await, 50);
@@ -2200,11 +2206,92 @@ async fn one_counter_server(
     Some((turn, redis, server, ns))
 }
 
+/// Makes `server` see a second replica in `namespace`: a heartbeat, as another replica's,
+/// that stays fresh an hour by the test's clocks. Returns once its sync counts two.
+async fn with_a_peer(server: &TestServer, redis: &RedisServer, namespace: &str) {
+    let _: () = redis.query(
+        ::redis::cmd("ZADD")
+            .arg(format!("{namespace}:sluice:replicas"))
+            .arg(now_ms() + 3_600_000)
+            .arg("a-peer-of-the-test"),
+    );
+    let two = sluice::FleetView::Synced { replicas: 2 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.running.as_ref().unwrap().app.limiter.fleet().get() != two {
+        assert!(Instant::now() < deadline, "the peer was never seen");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A replica alone strands nothing another could use, so a quiet counter's first call in a
+/// long window leases what the rest of the window would admit at the counter's rate: 1 call
+/// 1 s into a minute, 60 at that rate, so the whole limit of 10; its next 9 calls need no
+/// call to the store (with the fleet's target, a lease of 2, then 2, 1...: four or five
+/// request-path calls a window for a counter met 8 times a minute). Once another replica is
+/// seen, the sync lowers what it holds unused (given back, as any idle lease near the limit
+/// in a fleet), and the two share the limit exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_alone_leases_a_quiet_counters_window_in_one_call() {
+    let Some((_turn, redis, server, ns)) = one_counter_server("lone").await else {
+        return;
+    };
+    let minute = (now_ms() / MINUTE_MS + 1) * MINUTE_MS;
+    set_clocks(&[&server], minute + 1_000);
+    // Rounds by the new clock: its own heartbeat a minute ahead, still alone.
+    let _ = reads_over_rounds(&server, &redis, 3).await;
+    assert_eq!(
+        server.running.as_ref().unwrap().app.limiter.fleet().get(),
+        sluice::FleetView::Synced { replicas: 1 }
+    );
+    let request_path =
+        || common::metrics::counted(&server, "sluice_lease_request_path_calls_total");
+    let before = request_path().await;
+    let call = request("ns", &[&[("user", "early")]]);
+    let key = redis_key(&ns, "ns", "user_early", "minute", minute / 1_000);
+    assert_eq!(server.admitted(1, &call).await, 1);
+    let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+    assert_eq!(leased, Some(10), "{key}: the whole limit");
+    assert_eq!(server.admitted(2, &call).await, 2);
+    assert_eq!(request_path().await - before, 1, "one call for 3 admitted");
+
+    // Another replica shows up: within a few rounds the lease goes back to what this one
+    // admitted (an idle lease of a fleet past half its limit goes back).
+    with_a_peer(&server, &redis, &ns).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let leased: Option<u32> = redis.query(::redis::cmd("HGET").arg(&key).arg("requests"));
+        if leased.is_some_and(|l| l <= 3 + 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key}: still leased {leased:?} for 3 admitted with a peer seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The peer takes 5 of what went back; this replica admits the rest of the 10, no more.
+    let _: () = redis.query(
+        ::redis::cmd("HINCRBY")
+            .arg(&key)
+            .arg("h:a-peer-of-the-test")
+            .arg(5),
+    );
+    let _: () = redis.query(::redis::cmd("HINCRBY").arg(&key).arg("requests").arg(5));
+    assert_eq!(
+        server.admitted(10, &call).await,
+        2,
+        "3 + 5 elsewhere + 2 = 10"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_counters_are_read_back_on_their_turn_and_a_spent_fleet_costs_no_call() {
     let Some((_turn, redis, server, ns)) = one_counter_server("quiet").await else {
         return;
     };
+    // In a fleet: a replica alone leases for the rest of the window at once (below).
+    with_a_peer(&server, &redis, &ns).await;
     let call = request("ns", &[&[("user", "u1")]]);
     let key = redis_key(&ns, "ns", "user_u1", "minute", now_ms() / 60_000 * 60);
     // 1 of 10, then nothing more here or elsewhere.

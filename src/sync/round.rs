@@ -91,6 +91,9 @@ pub(super) struct Found {
     pub fleet_leased: Option<u64>,
     /// The same of the tokens budget (this window only).
     pub fleet_tokens_leased: Option<u64>,
+    /// Whether this replica saw itself the fleet's only one at its last heartbeat: what it
+    /// holds unused is then refused to no one.
+    pub alone: bool,
 }
 
 /// One of a counter's two budgets, each leased on its own.
@@ -146,11 +149,12 @@ pub(super) fn sync_now(found: Found, limits: Option<Limits>) -> bool {
 /// reported) and holds more of a budget than it used, while the fleet has leased at least half
 /// of its limit: what it holds goes back to the fleet, for the replicas that have traffic. Far
 /// from the limit a spare lease is kept, so a quiet counter's next call needs no call to the
-/// store; near it, a lease held unused is what another replica is refused.
+/// store; near it, a lease held unused is what another replica is refused. A replica alone
+/// keeps it: no other is refused, and its next call would lease again.
 pub(super) fn gives_back(found: Found, budget: Budget, limit: Option<u32>) -> bool {
     let (own, _, held, fleet_leased) = found.of(budget);
     let idle = found.pending.0 == 0 && (budget == Budget::Requests || found.pending.1 == 0);
-    contended(fleet_leased, limit) && found.synced_this_window && idle && held > own
+    !found.alone && contended(fleet_leased, limit) && found.synced_this_window && idle && held > own
 }
 
 /// Whether the fleet has leased at least half of `limit`, as last read. In a short window
@@ -419,6 +423,7 @@ impl Planner<'_> {
             fleet_tokens_leased: (leases_ahead(unit, interval) || refill.is_some())
                 .then(|| counter.fleet_tokens_leased_seen(window))
                 .flatten(),
+            alone: replicas == 1,
         };
         // Overrides carry their limits in the request: not known here.
         let overridden = key.scope() & OVERRIDE_SCOPE != 0;
@@ -879,6 +884,7 @@ mod tests {
             synced_this_window: true,
             fleet_leased: Some(u64::from(held)),
             fleet_tokens_leased: None,
+            alone: false,
         }
     }
 
@@ -899,6 +905,7 @@ mod tests {
             synced_this_window: true,
             fleet_leased: None,
             fleet_tokens_leased: Some(fleet),
+            alone: false,
         }
     }
 
@@ -961,6 +968,14 @@ mod tests {
         assert!(
             gives_back(unknown, Requests, Some(1_000)),
             "a short window, or nothing read"
+        );
+        let alone = Found {
+            alone: true,
+            ..idle
+        };
+        assert!(
+            !gives_back(alone, Requests, Some(60)),
+            "alone: refused to no one, kept"
         );
     }
 
