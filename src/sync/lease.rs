@@ -624,6 +624,12 @@ pub(super) fn rest_of_window(spent: u32, over_ms: u64, unit: Unit, now_ms: u64) 
     projected.min(u64::from(u32::MAX)) as u32
 }
 
+/// The shortest span a window's rate so far is read over: a quarter of a sync interval (or
+/// the window, if shorter), so a few calls at a window's start do not read as a burst.
+fn shortest_read(unit: Unit, interval: std::time::Duration) -> u64 {
+    (interval.as_millis() as u64 / 4).min(unit.millis())
+}
+
 /// What a counter will admit in the rest of its window, at the lower of two rates: what it
 /// admitted since it last synced (`spent`), and what it admitted in the window so far (`own`),
 /// read over a quarter of a sync interval at least. The first follows a change of rate; the
@@ -640,10 +646,9 @@ pub(super) fn rest_at_rate(
     let since = counter
         .pushed_ago(window, now_ms)
         .map_or(into_window, |ago| ago.min(into_window));
-    let least = (interval.as_millis() as u64 / 4).min(unit.millis());
     rest_of_window(spent, since, unit, now_ms).min(rest_of_window(
         own,
-        into_window.max(least),
+        into_window.max(shortest_read(unit, interval)),
         unit,
         now_ms,
     ))
@@ -666,8 +671,7 @@ fn request_path_target(admitted: u32, need: u32, rest: u32) -> u32 {
 /// five times a window with the fleet's half-again target (100,000 keys a minute, each called
 /// 8.6 times against a limit of 6: 61-64 % of the soak's calls leased on the request path).
 fn lone_target(need: u32, unit: Unit, interval: std::time::Duration, now_ms: u64) -> u32 {
-    let least = (interval.as_millis() as u64 / 4).min(unit.millis());
-    let over = unit.elapsed_ms(now_ms).max(least);
+    let over = unit.elapsed_ms(now_ms).max(shortest_read(unit, interval));
     need.saturating_add(rest_of_window(need, over, unit, now_ms))
 }
 
