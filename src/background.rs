@@ -87,10 +87,8 @@ impl Background {
 
 /// Drops counters whose window has ended, so memory follows active keys.
 async fn sweep(limiter: Arc<Limiter>, every: Duration, live: metrics::Gauge) {
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(until_next_sweep(limiter.clock().now_ms(), every)).await;
         let dropped = sweep_once(limiter.clone()).await;
         live.set(limiter.counters().len() as f64);
         if dropped > 0 {
@@ -101,6 +99,23 @@ async fn sweep(limiter: Arc<Limiter>, every: Duration, live: metrics::Gauge) {
             );
         }
     }
+}
+
+/// How long until the next sweep. Sweeps fall just after the instants that are multiples of
+/// `every` since the epoch, where fixed windows end (a minute's end is one at the default 10 s),
+/// so an ended window's counters go before its keys' next ones arrive. A sweep at a phase
+/// fixed by the start-up time kept them up to `every` longer: with 100,000 keys a minute
+/// (the soak) it fell 8 s into each minute, and the table held both minutes' counters, 165,000.
+fn until_next_sweep(now_ms: u64, every: Duration) -> Duration {
+    // Calls at the boundary have moved to the new window by then.
+    const AFTER_THE_END_MS: u64 = 200;
+    let every_ms = (every.as_millis() as u64).max(1);
+    let after = AFTER_THE_END_MS.min(every_ms / 2);
+    let next = match now_ms.checked_sub(after) {
+        Some(since) => (since / every_ms + 1) * every_ms + after,
+        None => after,
+    };
+    Duration::from_millis(next - now_ms)
 }
 
 /// Drops every counter whose window has ended, on a blocking-pool thread. This runtime's
@@ -173,6 +188,25 @@ async fn keep_capacity(app: Arc<App>) {
 mod tests {
     use super::*;
     use crate::limiter::{CounterRef, Counts, Enforcement, Limits, ManualClock, Unit};
+
+    #[test]
+    fn sweeps_fall_just_after_the_ends_of_windows() {
+        let ten = Duration::from_secs(10);
+        let ms = |n| Duration::from_millis(n);
+        // Started 8 s into a minute: the next sweep is 200 ms past the minute's end.
+        assert_eq!(until_next_sweep(68_000, ten), ms(2_200));
+        assert_eq!(until_next_sweep(70_000, ten), ms(200));
+        // Just after one, the next is a whole interval on.
+        assert_eq!(until_next_sweep(70_200, ten), ms(10_000));
+        assert_eq!(until_next_sweep(70_230, ten), ms(9_970));
+        // Never more than one interval, never zero, at any interval.
+        for every in [1, 7, 250, 1_000, 3_600_000] {
+            for now in [0, 1, 99, 100, 101, 59_999, 60_000, 60_199, 60_200, 1 << 41] {
+                let wait = until_next_sweep(now, ms(every)).as_millis() as u64;
+                assert!(wait >= 1 && wait <= every, "{now} {every}: {wait}");
+            }
+        }
+    }
 
     /// While a large sweep runs, the runtime that started it (a one-thread runtime, as the
     /// server's is) goes on serving its other tasks: here one that watches the table shrink.

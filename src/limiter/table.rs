@@ -199,19 +199,33 @@ impl CounterTable {
         // at whatever moment a rebuild meets a peak again: on a request's insert, and with
         // keys churning minutes into a steady state (the soak's one step of resident memory).
         map.reserve(before / 2 + 1);
-        map.retain(|key, counter| !counter.retire_if_idle(key.unit.window_at(now_ms)));
+        // Counted as this sweep retires them: the table's length also moves with inserts and a
+        // reload's removals, and a rebuild under way shows the walk some counters twice.
+        let mut dropped = 0;
+        map.retain(|key, counter| {
+            let retired_before = counter.is_retired();
+            let idle = counter.retire_if_idle(key.unit.window_at(now_ms));
+            dropped += usize::from(idle && !retired_before);
+            !idle
+        });
         release_retired(&self.map.guard());
-        before.saturating_sub(map.len())
+        dropped
     }
 
     /// Removes the counters of one scope whose parts satisfy `matches`.
     pub fn remove_where(&self, mut matches: impl FnMut(&CounterKey) -> bool) -> usize {
         let map = self.map.pin();
-        let before = map.len();
-        map.retain(|key, _| !matches(key));
+        // Counted as they match: the table's length also moves with a sweep under way (a
+        // rebuild under way may show the walk one twice, and count it so).
+        let mut removed = 0;
+        map.retain(|key, _| {
+            let matched = matches(key);
+            removed += usize::from(matched);
+            !matched
+        });
         // A reload's walk may finish a rebuild on a thread that retires little else.
         release_retired(&self.map.guard());
-        before.saturating_sub(map.len())
+        removed
     }
 
     /// A view that may be held across an await: the sync task walks it over Redis round trips.
