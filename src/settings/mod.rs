@@ -488,7 +488,8 @@ pub struct Settings {
     )]
     pub redis_failure_policy: FailurePolicy,
 
-    /// How often counters of ended windows are dropped.
+    /// How often counters of ended windows are dropped: just after each multiple of it since
+    /// the epoch, where fixed windows end.
     #[arg(long, env = "SLUICE_SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
 
